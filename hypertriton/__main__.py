@@ -1,0 +1,3 @@
+from hypertriton.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The ops: validation, backend dispatch, autograd and the fast PyTorch paths."""

@@ -1,0 +1,116 @@
+"""Readable einsum definitions of every op: the oracle that tests and benchmarks compare against.
+
+These follow the original HSNet code's semantics (see ``shared/docs/hsnet-reference.md``) without its
+defects, and favour clarity over speed. They are differentiable with plain autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NORM_EPS = 1e-5  # the original adds eps to the L2 norm: f / (||f|| + 1e-5)
+
+
+def resize_mask(support_mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize a support mask ``[B, H, W]`` to a feature map's size, as the original does.
+
+    Returns ``[B, 1, h, w]`` (bilinear, ``align_corners=True``), in the mask's floating dtype (float32
+    for integer or boolean masks).
+    """
+    mask = support_mask.unsqueeze(1)
+    if not mask.is_floating_point():
+        mask = mask.float()
+    return F.interpolate(mask, size, mode="bilinear", align_corners=True)
+
+
+def normalize(features: torch.Tensor) -> torch.Tensor:
+    """``f / (||f||_2 + eps)`` over the channel dim of ``[B, C, H, W]``."""
+    return features / (features.norm(p=2, dim=1, keepdim=True) + NORM_EPS)
+
+
+def correlation(query: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """One layer: ``relu(<q(xq), s(xs)>)`` of normalized features.
+
+    Shape: query ``[B, C, Hq, Wq]``, support ``[B, C, Hs, Ws]`` -> ``[B, Hq, Wq, Hs, Ws]``.
+    """
+    corr = torch.einsum("bcij,bckl->bijkl", normalize(query), normalize(support))
+    return torch.relu(corr)
+
+
+def pyramid_levels(query_feats, support_feats) -> list[list[int]]:
+    """Indices of the layers of each pyramid level, deepest level first.
+
+    A level is a run of consecutive layers whose query and support maps keep the same spatial sizes;
+    within a level, layers stay in their given (shallow to deep) order. For ResNet-50 features
+    (4 x layer2, 6 x layer3, 3 x layer4) this gives ``[[10, 11, 12], [4..9], [0..3]]``, the original's
+    ``[layer4, layer3, layer2]`` stacking.
+    """
+    runs: list[list[int]] = []
+    previous = None
+    for index, (q, s) in enumerate(zip(query_feats, support_feats)):
+        key = (tuple(q.shape[-2:]), tuple(s.shape[-2:]))
+        if key != previous:
+            runs.append([])
+            previous = key
+        runs[-1].append(index)
+    return runs[::-1]
+
+
+def hypercorrelation(query_feats, support_feats, support_mask=None) -> list[torch.Tensor]:
+    """Multi-layer hypercorrelation, stacked by pyramid level, deepest first.
+
+    Args:
+        query_feats: list of ``[B, C_l, Hq_l, Wq_l]``, shallow to deep.
+        support_feats: list of ``[B, C_l, Hs_l, Ws_l]``, same length and channels.
+        support_mask: optional ``[B, H, W]``; resized to each support map (bilinear,
+            ``align_corners=True``) and multiplied into the support features.
+
+    Returns:
+        One ``[B, L_p, Hq, Wq, Hs, Ws]`` tensor per level, deepest level first.
+    """
+    if support_mask is not None:
+        support_feats = [s * resize_mask(support_mask, s.shape[-2:]).to(s.dtype) for s in support_feats]
+    corrs = [correlation(q, s) for q, s in zip(query_feats, support_feats)]
+    return [torch.stack([corrs[i] for i in level], dim=1) for level in pyramid_levels(query_feats, support_feats)]
+
+
+def center_pivot_conv4d(x, weight_query, bias_query, weight_support, bias_support, stride, padding):
+    """Center-pivot 4D convolution: a query-dim and a support-dim 2D convolution, summed.
+
+    Output position ``(i, j, u, v)`` pivots on input position ``(i*sqh, j*sqw, u*ssh, v*ssw)``:
+
+    - query branch: ``weight_query`` slides over the query dims (stride ``sq``, padding ``pq``) at the
+      pivot's support position only (the original's pruned support positions ``0, s, 2s, ...``);
+    - support branch: ``weight_support`` slides over the support dims (stride ``ss``, padding ``ps``) at
+      the pivot's query position only (all query positions when the query stride is 1, as in HSNet).
+
+    Args:
+        x: ``[B, Cin, Hq, Wq, Hs, Ws]``.
+        weight_query: ``[Cout, Cin, KQh, KQw]``; bias_query: ``[Cout]`` or None.
+        weight_support: ``[Cout, Cin, KSh, KSw]``; bias_support: ``[Cout]`` or None.
+        stride, padding: 4-tuples ``(query h, query w, support h, support w)``.
+
+    Returns:
+        ``[B, Cout, Hq', Wq', Hs', Ws']`` with ``Hq' = ceil(Hq / sqh)`` and ``Hs' = ceil(Hs / ssh)``
+        (the sizes both branches agree on; the caller checks that they do).
+    """
+    sqh, sqw, ssh, ssw = stride
+    pqh, pqw, psh, psw = padding
+    kqh, kqw = weight_query.shape[-2:]
+    ksh, ksw = weight_support.shape[-2:]
+
+    pivots_support = x[..., ::ssh, ::ssw]  # [B, C, Hq, Wq, Hs', Ws']
+    padded = F.pad(pivots_support, (0, 0, 0, 0, pqw, pqw, pqh, pqh))
+    windows = padded.unfold(2, kqh, sqh).unfold(3, kqw, sqw)  # [B, C, Hq', Wq', Hs', Ws', KQh, KQw]
+    out = torch.einsum("bcijuvkl,ockl->boijuv", windows, weight_query)
+
+    pivots_query = x[:, :, ::sqh, ::sqw]  # [B, C, Hq', Wq', Hs, Ws]
+    padded = F.pad(pivots_query, (psw, psw, psh, psh))
+    windows = padded.unfold(4, ksh, ssh).unfold(5, ksw, ssw)  # [B, C, Hq', Wq', Hs', Ws', KSh, KSw]
+    out = out + torch.einsum("bcijuvkl,ockl->boijuv", windows, weight_support)
+
+    for bias in (bias_query, bias_support):
+        if bias is not None:
+            out = out + bias.view(1, -1, 1, 1, 1, 1)
+    return out
