@@ -1,0 +1,91 @@
+"""Thin ``nn.Module`` wrappers over the ops: :class:`HyperCorr` and :class:`CenterPivotConv4d`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .ops._validation import as_quadruple, shape_of
+from .ops.center_pivot_conv4d import center_pivot_conv4d
+from .ops.hypercorrelation import hypercorrelation
+
+
+class HyperCorr(nn.Module):
+    """Multi-layer hypercorrelation as a module (no parameters); see :func:`hypertriton.hypercorrelation`.
+
+    Args:
+        backend: ``"triton"``, ``"torch"``, ``"reference"`` or None (automatic).
+
+    Shape:
+        - query_feats: list of ``[B, C_l, Hq_l, Wq_l]``, shallow to deep
+        - support_feats: list of ``[B, C_l, Hs_l, Ws_l]``
+        - support_mask: ``[B, H, W]`` (optional, any size)
+        - output: list of ``[B, L_p, Hq, Wq, Hs, Ws]``, deepest level first
+
+    Example:
+        >>> corr = HyperCorr()
+        >>> feats = [torch.randn(2, 16, 7, 7) for _ in range(3)]
+        >>> [t.shape for t in corr(feats, feats, torch.ones(2, 28, 28))]
+        [torch.Size([2, 3, 7, 7, 7, 7])]
+    """
+
+    def __init__(self, backend: str | None = None):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, query_feats, support_feats, support_mask=None) -> list[torch.Tensor]:
+        return hypercorrelation(query_feats, support_feats, support_mask, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"
+
+
+class CenterPivotConv4d(nn.Module):
+    """Center-pivot 4D convolution; see :func:`hypertriton.center_pivot_conv4d`.
+
+    Same arguments and parameter names as the original HSNet module (children ``conv1`` over the query
+    dims and ``conv2`` over the support dims), so original state_dicts load unchanged. Unlike the
+    original, nothing is cached between calls (input sizes may change) and batch 1 keeps its batch dim.
+
+    Args:
+        in_channels, out_channels: channel counts.
+        kernel_size: int or ``(query h, query w, support h, support w)``.
+        stride: int or 4-tuple; HSNet uses ``(1, 1, s, s)``.
+        padding: int, 4-tuple or None (``kernel // 2``).
+        bias: whether both convolutions have biases.
+        backend: ``"triton"``, ``"torch"``, ``"reference"`` or None (automatic).
+
+    Shape:
+        - input: ``[B, Cin, Hq, Wq, Hs, Ws]``
+        - output: ``[B, Cout, ceil(Hq/sqh), ceil(Wq/sqw), ceil(Hs/ssh), ceil(Ws/ssw)]``
+
+    Example:
+        >>> conv = CenterPivotConv4d(3, 16, 3, (1, 1, 2, 2), 1)
+        >>> conv(torch.randn(2, 3, 7, 7, 7, 7)).shape
+        torch.Size([2, 16, 7, 7, 4, 4])
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, padding=None,
+                 bias: bool = True, backend: str | None = None):
+        super().__init__()
+        kernel_size = as_quadruple(kernel_size, "kernel_size")
+        stride = as_quadruple(stride, "stride")
+        padding = tuple(k // 2 for k in kernel_size) if padding is None else as_quadruple(padding, "padding")
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size[:2], stride=stride[:2], padding=padding[:2],
+                               bias=bias)
+        self.conv2 = nn.Conv2d(in_channels, out_channels, kernel_size[2:], stride=stride[2:], padding=padding[2:],
+                               bias=bias)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and x.dim() == 6 and x.shape[1] != self.in_channels:
+            raise ValueError(f"x: {type(self).__name__} expects {self.in_channels} input channels "
+                             f"[B, {self.in_channels}, Hq, Wq, Hs, Ws], got shape {shape_of(x)}")
+        return center_pivot_conv4d(x, self.conv1.weight, self.conv1.bias, self.conv2.weight, self.conv2.bias,
+                                   self.stride, self.padding, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, backend={self.backend!r}")

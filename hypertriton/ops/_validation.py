@@ -1,0 +1,93 @@
+"""Input checks shared by the ops: every message names the argument, what came and what was expected."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def shape_of(tensor: torch.Tensor) -> str:
+    return "[" + ", ".join(str(size) for size in tensor.shape) + "]"
+
+
+def check_tensor(value, name: str, ndim: int, layout: str) -> torch.Tensor:
+    """``value`` must be a floating tensor with ``ndim`` dims (``layout`` names them, e.g. ``[B, C, H, W]``)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor {layout}, got {type(value).__name__}")
+    if value.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}D tensor {layout}, got shape {shape_of(value)}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {value.dtype}")
+    return value
+
+
+def check_same_device(tensors: dict[str, torch.Tensor]) -> torch.device:
+    items = [(name, t) for name, t in tensors.items() if t is not None]
+    first_name, first = items[0]
+    for name, tensor in items[1:]:
+        if tensor.device != first.device:
+            raise ValueError(f"{name} is on {tensor.device} but {first_name} is on {first.device}; "
+                             "expected all inputs on one device")
+    return first.device
+
+
+def check_feature_lists(query_feats, support_feats) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Query and support feature lists: same length, 4D floating, matching batch/channels/dtype/device."""
+    for name, feats in (("query_feats", query_feats), ("support_feats", support_feats)):
+        if isinstance(feats, torch.Tensor) or not isinstance(feats, Sequence):
+            raise TypeError(f"{name}: expected a list of [B, C, H, W] tensors, got {type(feats).__name__}")
+    if len(query_feats) != len(support_feats):
+        raise ValueError(f"query_feats has {len(query_feats)} layers but support_feats has "
+                         f"{len(support_feats)}; expected the same number of layers")
+    if len(query_feats) == 0:
+        raise ValueError("query_feats: expected at least one feature map, got an empty list")
+    layout = "[B, C, H, W]"
+    for layer, (q, s) in enumerate(zip(query_feats, support_feats)):
+        check_tensor(q, f"query_feats[{layer}]", 4, layout)
+        check_tensor(s, f"support_feats[{layer}]", 4, layout)
+        if q.shape[0] != s.shape[0]:
+            raise ValueError(f"layer {layer}: query_feats[{layer}] has batch {q.shape[0]} but "
+                             f"support_feats[{layer}] has batch {s.shape[0]} (shapes {shape_of(q)} and "
+                             f"{shape_of(s)}); expected equal batch sizes")
+        if q.shape[1] != s.shape[1]:
+            raise ValueError(f"layer {layer}: query_feats[{layer}] has {q.shape[1]} channels but "
+                             f"support_feats[{layer}] has {s.shape[1]} (shapes {shape_of(q)} and "
+                             f"{shape_of(s)}); expected equal channel counts")
+        if q.dtype != s.dtype:
+            raise TypeError(f"layer {layer}: query_feats[{layer}] is {q.dtype} but support_feats[{layer}] "
+                            f"is {s.dtype}; expected one dtype")
+    batch = query_feats[0].shape[0]
+    for layer, q in enumerate(query_feats):
+        if q.shape[0] != batch:
+            raise ValueError(f"query_feats[{layer}] has batch {q.shape[0]} but query_feats[0] has batch "
+                             f"{batch}; expected one batch size for all layers")
+    check_same_device({f"query_feats[{i}]": q for i, q in enumerate(query_feats)}
+                      | {f"support_feats[{i}]": s for i, s in enumerate(support_feats)})
+    return list(query_feats), list(support_feats)
+
+
+def check_support_mask(support_mask, batch: int, device: torch.device) -> torch.Tensor:
+    if not isinstance(support_mask, torch.Tensor):
+        raise TypeError(f"support_mask: expected a tensor [B, H, W], got {type(support_mask).__name__}")
+    if support_mask.dim() != 3:
+        raise ValueError(f"support_mask: expected a 3D tensor [B, H, W], got shape {shape_of(support_mask)}")
+    if support_mask.shape[0] != batch:
+        raise ValueError(f"support_mask has batch {support_mask.shape[0]} (shape {shape_of(support_mask)}) "
+                         f"but the features have batch {batch}; expected equal batch sizes")
+    if support_mask.device != device:
+        raise ValueError(f"support_mask is on {support_mask.device} but the features are on {device}")
+    if support_mask.is_complex():
+        raise TypeError(f"support_mask: expected a real, integer or boolean tensor, got {support_mask.dtype}")
+    return support_mask
+
+
+def as_quadruple(value, name: str) -> tuple[int, int, int, int]:
+    """An int or a 4-tuple ``(query h, query w, support h, support w)`` as a 4-tuple of ints."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,) * 4
+    if isinstance(value, Sequence) and len(value) == 4 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                               for v in value):
+        return tuple(value)
+    raise TypeError(f"{name}: expected an int or a 4-tuple of ints (query h, query w, support h, support w), "
+                    f"got {value!r}")

@@ -1,0 +1,204 @@
+"""Center-pivot 4D convolution: a 2D convolution over the query dims at pivot support positions plus a
+2D convolution over the support dims at pivot query positions (HSNet's 4D "conv").
+
+:func:`hypertriton.reference.center_pivot_conv4d` is the definition. Backends:
+
+- ``triton``: the custom op ``hypertriton::center_pivot_conv4d`` around
+  :func:`hypertriton.kernels.center_pivot_conv4d.center_pivot_conv4d_into` (both branches in one pass),
+  with a PyTorch backward;
+- ``torch``: two batched ``conv2d`` calls on the pivots only (a strided view picks them; no index
+  cache, so nothing goes stale when the input size changes).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import reference
+from ..backend import resolve_backend
+from ._alloc import new_output
+from ._validation import as_quadruple, check_same_device, check_tensor, shape_of
+
+
+def output_size(x_shape, kernel_query, kernel_support, stride, padding) -> tuple[int, int, int, int]:
+    """``(Hq', Wq', Hs', Ws')`` of the output, checking that both branches agree on it.
+
+    The query branch gives conv-sized query dims and one output per pivot support position
+    (``ceil(Hs / s)``); the support branch the converse. With odd kernels and padding ``k // 2`` they
+    always agree; any other padding is accepted only where they do.
+    """
+    sizes = []
+    for dim, (size, kernel, step, pad) in enumerate(zip(x_shape[2:], (*kernel_query, *kernel_support),
+                                                         stride, padding)):
+        conv = (size + 2 * pad - kernel) // step + 1
+        pivots = math.ceil(size / step)
+        if conv != pivots or conv <= 0:
+            branch = "query" if dim < 2 else "support"
+            axis = ("query h", "query w", "support h", "support w")[dim]
+            raise ValueError(
+                f"padding: along {axis} (size {size}) the {branch}-dim convolution (kernel {kernel}, "
+                f"stride {step}, padding {pad}) gives {conv} outputs but the other branch gives one per "
+                f"pivot, {pivots}; expected padding {kernel // 2} with an odd kernel")
+        sizes.append(conv)
+    return tuple(sizes)
+
+
+def _cp_conv_torch(x, weight_query, bias_query, weight_support, bias_support, stride, padding):
+    batch, channels, hq, wq, hs, ws = x.shape
+    sqh, sqw, ssh, ssw = stride
+    pqh, pqw, psh, psw = padding
+    out_channels = weight_query.shape[0]
+
+    # Query branch at pivot support positions only: [B*Hs'*Ws', C, Hq, Wq].
+    pivots = x[..., ::ssh, ::ssw]
+    hs2, ws2 = pivots.shape[-2:]
+    query_branch = F.conv2d(pivots.permute(0, 4, 5, 1, 2, 3).reshape(batch * hs2 * ws2, channels, hq, wq), weight_query,
+                            bias_query, (sqh, sqw), (pqh, pqw))
+    hq2, wq2 = query_branch.shape[-2:]
+    query_branch = query_branch.view(batch, hs2, ws2, out_channels, hq2, wq2).permute(0, 3, 4, 5, 1, 2)
+
+    # Support branch at pivot query positions only: [B*Hq'*Wq', C, Hs, Ws].
+    pivots = x[:, :, ::sqh, ::sqw]
+    support_branch = F.conv2d(pivots.permute(0, 2, 3, 1, 4, 5).reshape(batch * hq2 * wq2, channels, hs, ws),
+                              weight_support,
+                              bias_support, (ssh, ssw), (psh, psw))
+    support_branch = support_branch.view(batch, hq2, wq2, out_channels, hs2, ws2).permute(0, 3, 1, 2, 4, 5)
+    return (query_branch + support_branch).contiguous()
+
+
+@torch.library.custom_op("hypertriton::center_pivot_conv4d", mutates_args=())
+def center_pivot_conv4d_triton(x: torch.Tensor, weight_query: torch.Tensor, bias_query: Optional[torch.Tensor],
+                               weight_support: torch.Tensor, bias_support: Optional[torch.Tensor],
+                               stride: list[int], padding: list[int]) -> torch.Tensor:
+    """Triton: both branches in one kernel, ``[B, Cin, Hq, Wq, Hs, Ws] -> [B, Cout, Hq', Wq', Hs', Ws']``."""
+    from ..kernels.center_pivot_conv4d import center_pivot_conv4d_into
+
+    sizes = output_size(x.shape, weight_query.shape[-2:], weight_support.shape[-2:], stride, padding)
+    out = new_output((x.shape[0], weight_query.shape[0], *sizes), x.dtype, x.device)
+    return center_pivot_conv4d_into(x, weight_query, bias_query, weight_support, bias_support, tuple(stride),
+                                    tuple(padding), out)
+
+
+@center_pivot_conv4d_triton.register_fake
+def _(x, weight_query, bias_query, weight_support, bias_support, stride, padding):
+    sizes = output_size(x.shape, weight_query.shape[-2:], weight_support.shape[-2:], stride, padding)
+    return x.new_empty((x.shape[0], weight_query.shape[0], *sizes))
+
+
+def _cp_conv_setup(ctx, inputs, output):
+    x, weight_query, bias_query, weight_support, bias_support, stride, padding = inputs
+    ctx.save_for_backward(x, weight_query, weight_support)
+    ctx.stride, ctx.padding = tuple(stride), tuple(padding)
+    ctx.has_bias = (bias_query is not None, bias_support is not None)
+
+
+def _branch_backward(grad, inputs, weight, stride, padding, needs_input, needs_weight):
+    """Gradients of one 2D-conv branch written as ``[N, C, H, W]`` batches."""
+    return torch.ops.aten.convolution_backward(grad, inputs, weight, None, list(stride), list(padding), [1, 1],
+                                               False, [0, 0], 1, [needs_input, needs_weight, False])[:2]
+
+
+def _cp_conv_backward(ctx, grad):
+    x, weight_query, weight_support = ctx.saved_tensors
+    sqh, sqw, ssh, ssw = ctx.stride
+    batch, channels, hq, wq, hs, ws = x.shape
+    out_channels, hq2, wq2, hs2, ws2 = grad.shape[1:]
+    needs_x, needs_wq, needs_bq, needs_ws, needs_bs = ctx.needs_input_grad[:5]
+    grad = grad.to(x.dtype)
+
+    grad_x = torch.zeros_like(x) if needs_x else None
+    grad_wq = grad_ws = None
+    if needs_x or needs_wq:
+        pivots = x[..., ::ssh, ::ssw].permute(0, 4, 5, 1, 2, 3).reshape(batch * hs2 * ws2, channels, hq, wq)
+        g = grad.permute(0, 4, 5, 1, 2, 3).reshape(batch * hs2 * ws2, out_channels, hq2, wq2)
+        gi, grad_wq = _branch_backward(g, pivots, weight_query, (sqh, sqw), ctx.padding[:2], needs_x, needs_wq)
+        if needs_x:
+            grad_x[..., ::ssh, ::ssw] += gi.view(batch, hs2, ws2, channels, hq, wq).permute(0, 3, 4, 5, 1, 2)
+    if needs_x or needs_ws:
+        pivots = x[:, :, ::sqh, ::sqw].permute(0, 2, 3, 1, 4, 5).reshape(batch * hq2 * wq2, channels, hs, ws)
+        g = grad.permute(0, 2, 3, 1, 4, 5).reshape(batch * hq2 * wq2, out_channels, hs2, ws2)
+        gi, grad_ws = _branch_backward(g, pivots, weight_support, (ssh, ssw), ctx.padding[2:], needs_x, needs_ws)
+        if needs_x:
+            grad_x[:, :, ::sqh, ::sqw] += gi.view(batch, hq2, wq2, channels, hs, ws).permute(0, 3, 1, 2, 4, 5)
+    grad_bias = grad.sum(dim=(0, 2, 3, 4, 5))
+    grad_bq = grad_bias if needs_bq and ctx.has_bias[0] else None
+    grad_bs = grad_bias if needs_bs and ctx.has_bias[1] else None
+    return grad_x, grad_wq, grad_bq, grad_ws, grad_bs, None, None
+
+
+center_pivot_conv4d_triton.register_autograd(_cp_conv_backward, setup_context=_cp_conv_setup)
+
+
+def center_pivot_conv4d(x, weight_query, bias_query, weight_support, bias_support, stride=1, padding=None,
+                        backend: str | None = None) -> torch.Tensor:
+    """Center-pivot 4D convolution.
+
+    Output position ``(i, j, u, v)`` pivots on input position ``(i*sqh, j*sqw, u*ssh, v*ssw)``. The query
+    branch convolves ``weight_query`` over the query dims at the pivot's support position (the original's
+    pruned support positions ``0, s, 2s, ...``); the support branch convolves ``weight_support`` over
+    the support dims at the pivot's query position. Both biases are added. With query stride 1 (as in
+    HSNet) this is exactly the original ``CenterPivotConv4d``.
+
+    Args:
+        x: ``[B, Cin, Hq, Wq, Hs, Ws]`` floating tensor (any strides).
+        weight_query: ``[Cout, Cin, KQh, KQw]``; bias_query: ``[Cout]`` or None.
+        weight_support: ``[Cout, Cin, KSh, KSw]``; bias_support: ``[Cout]`` or None.
+        stride: int or ``(query h, query w, support h, support w)``.
+        padding: int, 4-tuple, or None for ``kernel // 2`` on every dim. Other paddings are accepted only
+            where both branches produce the same output size.
+        backend: ``"triton"``, ``"torch"``, ``"reference"`` or None (automatic).
+
+    Returns:
+        ``[B, Cout, ceil(Hq/sqh), ceil(Wq/sqw), ceil(Hs/ssh), ceil(Ws/ssw)]`` in ``x``'s dtype (weights
+        are cast to it).
+
+    Example:
+        >>> x = torch.randn(1, 4, 5, 5, 6, 6)
+        >>> wq, ws = torch.randn(8, 4, 3, 3), torch.randn(8, 4, 3, 3)
+        >>> center_pivot_conv4d(x, wq, None, ws, None, stride=(1, 1, 2, 2)).shape
+        torch.Size([1, 8, 5, 5, 3, 3])
+    """
+    check_tensor(x, "x", 6, "[B, Cin, Hq, Wq, Hs, Ws]")
+    check_tensor(weight_query, "weight_query", 4, "[Cout, Cin, KQh, KQw]")
+    check_tensor(weight_support, "weight_support", 4, "[Cout, Cin, KSh, KSw]")
+    for name, weight in (("weight_query", weight_query), ("weight_support", weight_support)):
+        if weight.shape[1] != x.shape[1]:
+            raise ValueError(f"{name} expects {weight.shape[1]} input channels (shape {shape_of(weight)}) but x "
+                             f"has {x.shape[1]} (shape {shape_of(x)}); expected equal channel counts")
+    if weight_support.shape[0] != weight_query.shape[0]:
+        raise ValueError(f"weight_query has {weight_query.shape[0]} output channels but weight_support has "
+                         f"{weight_support.shape[0]}; expected equal")
+    out_channels = weight_query.shape[0]
+    for name, bias in (("bias_query", bias_query), ("bias_support", bias_support)):
+        if bias is not None:
+            check_tensor(bias, name, 1, "[Cout]")
+            if bias.shape[0] != out_channels:
+                raise ValueError(f"{name}: expected shape [{out_channels}], got {shape_of(bias)}")
+    check_same_device({"x": x, "weight_query": weight_query, "bias_query": bias_query,
+                       "weight_support": weight_support, "bias_support": bias_support})
+    stride = as_quadruple(stride, "stride")
+    if min(stride) < 1:
+        raise ValueError(f"stride: expected positive values, got {stride}")
+    kernels = (*weight_query.shape[-2:], *weight_support.shape[-2:])
+    padding = tuple(k // 2 for k in kernels) if padding is None else as_quadruple(padding, "padding")
+    if min(padding) < 0:
+        raise ValueError(f"padding: expected non-negative values, got {padding}")
+    output_size(x.shape, weight_query.shape[-2:], weight_support.shape[-2:], stride, padding)
+
+    # Like an nn.Module called on another dtype: the input's dtype decides.
+    weight_query, weight_support = weight_query.to(x.dtype), weight_support.to(x.dtype)
+    bias_query = None if bias_query is None else bias_query.to(x.dtype)
+    bias_support = None if bias_support is None else bias_support.to(x.dtype)
+
+    name = resolve_backend(backend, x.device)
+    if name == "reference":
+        return reference.center_pivot_conv4d(x, weight_query, bias_query, weight_support, bias_support, stride,
+                                             padding)
+    if name == "triton":
+        return center_pivot_conv4d_triton(x, weight_query, bias_query, weight_support, bias_support, list(stride),
+                                          list(padding))
+    return _cp_conv_torch(x, weight_query, bias_query, weight_support, bias_support, stride, padding)
