@@ -1,0 +1,59 @@
+"""Helpers shared by the kernel launchers: autotune configs, dot precision, index width."""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from . import INTERPRETED
+
+TORCH_TO_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INT32_MAX = 2**31 - 1
+
+
+def autotune_configs(gpu_configs: list[triton.Config], interpreted_config: triton.Config) -> list[triton.Config]:
+    """The configs to autotune over: ``gpu_configs`` on a GPU, only ``interpreted_config`` under the
+    interpreter (it cannot benchmark, and autotuning several configs there fails)."""
+    return [interpreted_config] if INTERPRETED else gpu_configs
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` for ``tl.dot`` on inputs of ``dtype``.
+
+    fp32 products use TF32 tensor cores exactly when PyTorch's own matmuls would
+    (``torch.backends.cuda.matmul.allow_tf32``); the interpreter always computes in IEEE fp32.
+    The flag only affects fp32 inputs: fp16/bf16 products are exact in an fp32 accumulator.
+    """
+    if INTERPRETED or dtype != torch.float32:
+        return "ieee"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def check_float_dtype(name: str, tensor: torch.Tensor) -> None:
+    """Raise ``TypeError`` unless ``tensor`` is fp32, fp16 or bf16 (what ``tl.dot`` takes here)."""
+    if tensor.dtype not in TORCH_TO_TRITON_DTYPES:
+        raise TypeError(f"{name}: expected a float32, float16 or bfloat16 tensor, got {tensor.dtype}")
+
+
+def largest_offset(*tensors: torch.Tensor) -> int:
+    """The largest element offset (in elements) any of ``tensors`` can reach through its strides.
+
+    Kernels index with int32 arithmetic when this (and every flat position count) stays below 2^31,
+    and switch to int64 otherwise.
+    """
+    reach = 0
+    for t in tensors:
+        if t.numel() == 0:
+            continue
+        reach = max(reach, sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())))
+    return reach
+
+
+def needs_int64(*tensors: torch.Tensor, extra: int = 0) -> bool:
+    """Whether an offset into ``tensors`` or ``extra`` (a flat count) can pass int32.
+
+    Offsets of masked-off lanes may wrap in int32; they are never dereferenced.
+    """
+    # The margin keeps ``start + arange(BLOCK)`` of a last, partly masked tile from wrapping.
+    margin = 1 << 16
+    return max(largest_offset(*tensors), extra) + margin > INT32_MAX
