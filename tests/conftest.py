@@ -1,0 +1,44 @@
+"""Test set-up shared by every test module.
+
+Triton decides when a kernel is decorated whether to interpret it, so ``TRITON_INTERPRET=1`` is set
+here, before anything imports ``hypertriton.kernels``, whenever no GPU can compile the kernels.
+"""
+
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests choose backends explicitly; a developer's shell setting must not change what they check.
+os.environ.pop("HYPERTRITON_BACKEND", None)
+# Helper modules beside the tests (datagen.py, ...) are imported by name.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "default", deadline=None, max_examples=25, derandomize=True, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("thorough", deadline=None, max_examples=300, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def poison_op_outputs(monkeypatch):
+    """Every output an op allocates starts as NaN, so an element a kernel never writes fails the test."""
+    from hypertriton.ops import _alloc
+
+    monkeypatch.setattr(_alloc, "POISON_OUTPUTS", True)

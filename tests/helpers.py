@@ -1,0 +1,64 @@
+"""Helpers shared by the op tests: which backends can run here, and tensor builders for hypothesis."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import strategies as st
+
+from hypertriton.backend import triton_unavailable_reason
+
+
+def available_backends() -> list[tuple[str, str]]:
+    """``(backend, device)`` pairs that can run in this process."""
+    backends = [("reference", "cpu"), ("torch", "cpu")]
+    if torch.cuda.is_available():
+        backends.append(("triton", "cuda"))
+    elif triton_unavailable_reason(torch.device("cpu")) is None:
+        backends.append(("triton", "cpu"))
+    return backends
+
+
+BACKEND_IDS = [name for name, _ in available_backends()]
+LAYOUTS = ("contiguous", "channels_last", "strided")
+
+
+def make_tensor(shape, seed: int, layout: str = "contiguous", dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """A random tensor with the given memory layout (values drawn in float64, then cast).
+
+    ``channels_last`` stores the channel dim (dim 1) innermost; ``strided`` is a non-contiguous view
+    (every other element of a twice-as-large last dim).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    if layout == "strided":
+        big = torch.randn(*shape[:-1], 2 * shape[-1], generator=generator, dtype=torch.float64)
+        return big.to(dtype)[..., ::2].to(device)
+    values = torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)
+    if layout == "channels_last":
+        order = (0, *range(2, len(shape)), 1)
+        inverse = [order.index(i) for i in range(len(shape))]
+        values = values.permute(order).contiguous().permute(inverse)
+    return values.to(device)
+
+
+def make_mask(kind: str, batch: int, height: int, width: int, seed: int) -> torch.Tensor | None:
+    """Support masks of every kind: none, all zero, all one, random pixels, a single pixel, a blob."""
+    if kind == "none":
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "zero":
+        return torch.zeros(batch, height, width)
+    if kind == "full":
+        return torch.ones(batch, height, width)
+    if kind == "random":
+        return (torch.rand(batch, height, width, generator=generator) > 0.5).float()
+    mask = torch.zeros(batch, height, width)
+    if kind == "pixel":
+        mask[:, height // 2, width // 2] = 1
+        return mask
+    assert kind == "blob"
+    mask[:, height // 4: max(height // 4 + 1, 3 * height // 4), width // 3: max(width // 3 + 1, 2 * width // 3)] = 1
+    return mask
+
+
+MASK_KINDS = ("none", "zero", "full", "random", "pixel", "blob")
+seeds = st.integers(0, 2**31 - 1)

@@ -1,0 +1,147 @@
+"""hypertriton.center_pivot_conv4d and CenterPivotConv4d on every backend against the einsum reference."""
+
+import pytest
+import torch
+from helpers import BACKEND_IDS, LAYOUTS, available_backends, make_tensor, seeds
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+import hypertriton
+from hypertriton import reference
+from hypertriton.testing import assert_close_dtype
+
+DEVICES = dict(available_backends())
+
+
+def weights(cout, cin, kernels, seed, bias, dtype=torch.float32, device="cpu"):
+    wq = make_tensor((cout, cin, *kernels[:2]), seed, dtype=dtype, device=device)
+    ws = make_tensor((cout, cin, *kernels[2:]), seed + 1, dtype=dtype, device=device)
+    bq = make_tensor((cout,), seed + 2, dtype=dtype, device=device) if bias else None
+    bs = make_tensor((cout,), seed + 3, dtype=dtype, device=device) if bias else None
+    return wq, bq, ws, bs
+
+
+def expected(x, wq, bq, ws, bs, stride):
+    d = lambda t: None if t is None else t.double().cpu()  # noqa: E731
+    padding = tuple(k // 2 for k in (*wq.shape[-2:], *ws.shape[-2:]))
+    return reference.center_pivot_conv4d(d(x), d(wq), d(bq), d(ws), d(bs), stride, padding)
+
+
+odd_kernels = st.sampled_from([1, 3, 5])
+
+
+@pytest.mark.parametrize("backend", BACKEND_IDS)
+@given(batch=st.integers(1, 3), cin=st.integers(1, 8), cout=st.integers(1, 8),
+       sizes=st.tuples(*[st.integers(1, 9)] * 4), kernels=st.tuples(odd_kernels, odd_kernels, odd_kernels, odd_kernels),
+       stride=st.tuples(st.integers(1, 2), st.integers(1, 2), st.integers(1, 5), st.integers(1, 5)),
+       bias=st.booleans(), layout=st.sampled_from(LAYOUTS), dtype=st.sampled_from([torch.float32, torch.float16]),
+       seed=seeds)
+@example(batch=1, cin=1, cout=1, sizes=(1, 1, 1, 1), kernels=(1, 1, 1, 1), stride=(1, 1, 1, 1), bias=True,
+         layout="contiguous", dtype=torch.float32, seed=0)
+@example(batch=2, cin=3, cout=4, sizes=(5, 5, 7, 7), kernels=(3, 3, 3, 3), stride=(1, 1, 2, 2), bias=True,
+         layout="channels_last", dtype=torch.float32, seed=1)
+@example(batch=1, cin=8, cout=8, sizes=(3, 2, 3, 4), kernels=(5, 5, 5, 5), stride=(1, 1, 5, 5), bias=False,
+         layout="strided", dtype=torch.float16, seed=2)
+@example(batch=3, cin=2, cout=3, sizes=(9, 8, 6, 5), kernels=(5, 3, 1, 3), stride=(2, 1, 4, 3), bias=True,
+         layout="contiguous", dtype=torch.float32, seed=3)
+def test_matches_reference(backend, batch, cin, cout, sizes, kernels, stride, bias, layout, dtype, seed):
+    device = DEVICES[backend]
+    x = make_tensor((batch, cin, *sizes), seed, layout, dtype, device)
+    wq, bq, ws, bs = weights(cout, cin, kernels, seed + 10, bias, dtype, device)
+    got = hypertriton.center_pivot_conv4d(x, wq, bq, ws, bs, stride, backend=backend)
+    want = expected(x, wq, bq, ws, bs, stride)
+    assert got.shape == want.shape and got.dtype == dtype
+    taps = cin * (kernels[0] * kernels[1] + kernels[2] * kernels[3])
+    assert_close_dtype(got.cpu(), want, dtype, scale=max(1.0, taps / 25))
+
+
+@pytest.mark.parametrize("backend", BACKEND_IDS)
+@pytest.mark.parametrize("upstream", ["random", "sum"])
+@pytest.mark.parametrize("stride", [(1, 1, 2, 2), (2, 1, 3, 1)])
+def test_gradients_match_reference(backend, upstream, stride):
+    device = DEVICES[backend]
+    x = make_tensor((2, 3, 5, 4, 6, 5), 0, device=device).requires_grad_()
+    params = [p.requires_grad_() for p in weights(4, 3, (3, 3, 5, 3), 1, True, device=device)]
+    ref_inputs = [t.detach().double().cpu().requires_grad_() for t in (x, *params)]
+    out = hypertriton.center_pivot_conv4d(x, *params, stride, backend=backend)
+    ref_out = expected(*ref_inputs, stride)
+    if upstream == "sum":  # stride-0 upstream gradient
+        loss, ref_loss = out.sum(), ref_out.sum()
+    else:
+        w = torch.randn(ref_out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        loss, ref_loss = (out * w.to(out)).sum(), (ref_out * w).sum()
+    grads = torch.autograd.grad(loss, [x, *params])
+    ref_grads = torch.autograd.grad(ref_loss, ref_inputs)
+    for got, want in zip(grads, ref_grads):
+        assert_close_dtype(got.cpu(), want, torch.float32, scale=20)
+
+
+@pytest.mark.parametrize("backend", BACKEND_IDS)
+def test_nan_lands_where_reference_puts_it(backend):
+    device = DEVICES[backend]
+    x = make_tensor((1, 2, 5, 5, 6, 6), 3, device=device)
+    x[0, 1, 2, 2, 3, 3] = float("nan")
+    params = weights(3, 2, (3, 3, 3, 3), 4, True, device=device)
+    got = hypertriton.center_pivot_conv4d(x, *params, (1, 1, 2, 2), backend=backend).cpu()
+    want = expected(x, *params, (1, 1, 2, 2))
+    assert torch.equal(got.isnan(), want.isnan()) and got.isnan().any()
+    assert_close_dtype(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKEND_IDS)
+def test_empty_batch(backend):
+    device = DEVICES[backend]
+    x = torch.zeros(0, 2, 4, 4, 5, 5, device=device)
+    out = hypertriton.center_pivot_conv4d(x, *weights(3, 2, (3, 3, 3, 3), 0, True, device=device), (1, 1, 2, 2),
+                                          backend=backend)
+    assert out.shape == (0, 3, 4, 4, 3, 3)
+
+
+@pytest.mark.parametrize("backend", BACKEND_IDS)
+def test_module_regressions_of_the_original(backend):
+    """The original cached its pruning indices (wrong after a size change) and squeezed batch 1 away."""
+    device = DEVICES[backend]
+    conv = hypertriton.CenterPivotConv4d(2, 3, 3, (1, 1, 2, 2), 1, backend=backend).to(device)
+    params = (conv.conv1.weight, conv.conv1.bias, conv.conv2.weight, conv.conv2.bias)
+    for shape in [(2, 2, 4, 4, 7, 7), (1, 2, 3, 5, 4, 6), (1, 2, 4, 4, 7, 7)]:
+        x = make_tensor(shape, sum(shape), device=device)
+        with torch.no_grad():
+            got = conv(x)
+        assert got.shape[0] == shape[0]
+        assert_close_dtype(got.cpu(), expected(x, *params, (1, 1, 2, 2)), torch.float32)
+
+
+def test_module_loads_original_state_dict_keys():
+    conv = hypertriton.CenterPivotConv4d(4, 8, (5, 5, 5, 5), (1, 1, 4, 4), (2, 2, 2, 2))
+    assert sorted(conv.state_dict()) == ["conv1.bias", "conv1.weight", "conv2.bias", "conv2.weight"]
+    assert conv.conv1.weight.shape == (8, 4, 5, 5) and conv.conv2.stride == (4, 4)
+    assert conv.conv1.stride == (1, 1) and conv.conv2.padding == (2, 2)
+
+
+def test_bad_input_errors():
+    wq, bq, ws, bs = weights(3, 2, (3, 3, 3, 3), 0, True)
+    conv = hypertriton.CenterPivotConv4d(2, 3, 3, (1, 1, 2, 2), 1)
+    with pytest.raises(ValueError, match=r"6D.*\[2, 2, 4, 4, 5\]"):
+        hypertriton.center_pivot_conv4d(torch.zeros(2, 2, 4, 4, 5), wq, bq, ws, bs)
+    with pytest.raises(ValueError, match=r"expects 2 input channels.*\[1, 5, 4, 4, 4, 4\]"):
+        conv(torch.zeros(1, 5, 4, 4, 4, 4))
+    with pytest.raises(ValueError, match=r"weight_query expects 2 input channels.*x has 4"):
+        hypertriton.center_pivot_conv4d(torch.zeros(1, 4, 3, 3, 3, 3), wq, bq, ws, bs)
+    with pytest.raises(TypeError, match="floating"):
+        hypertriton.center_pivot_conv4d(torch.zeros(1, 2, 3, 3, 3, 3, dtype=torch.long), wq, bq, ws, bs)
+    with pytest.raises(ValueError, match=r"padding.*query h.*expected padding 1"):
+        hypertriton.center_pivot_conv4d(torch.zeros(1, 2, 4, 4, 4, 4), wq, bq, ws, bs, 1, (0, 1, 1, 1))
+    with pytest.raises(ValueError, match=r"bias_support.*\[3\].*\[4\]"):
+        hypertriton.center_pivot_conv4d(torch.zeros(1, 2, 3, 3, 3, 3), wq, bq, ws, torch.zeros(4))
+    with pytest.raises(ValueError, match="meta"):
+        hypertriton.center_pivot_conv4d(torch.zeros(1, 2, 3, 3, 3, 3, device="meta"), wq, bq, ws, bs)
+    with pytest.raises(TypeError, match="stride"):
+        hypertriton.center_pivot_conv4d(torch.zeros(1, 2, 3, 3, 3, 3), wq, bq, ws, bs, (1, 2))
+
+
+def test_other_padding_accepted_where_branches_agree():
+    """Kernel 1 with padding 0 is the original's non-k//2 case where both branches agree."""
+    x = make_tensor((1, 2, 3, 4, 5, 6), 0)
+    wq, bq, ws, bs = weights(3, 2, (1, 1, 1, 1), 1, True)
+    got = hypertriton.center_pivot_conv4d(x, wq, bq, ws, bs, (1, 1, 2, 2), 0, backend="torch")
+    assert_close_dtype(got, expected(x, wq, bq, ws, bs, (1, 1, 2, 2)), torch.float32)

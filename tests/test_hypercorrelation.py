@@ -1,0 +1,147 @@
+"""hypertriton.hypercorrelation on every backend against the einsum reference."""
+
+import pytest
+import torch
+from helpers import BACKEND_IDS, LAYOUTS, MASK_KINDS, available_backends, make_mask, make_tensor, seeds
+from hypothesis import assume, example, given
+from hypothesis import strategies as st
+
+import hypertriton
+from hypertriton import reference
+from hypertriton.testing import assert_close_dtype
+
+DEVICES = dict(available_backends())
+
+
+@st.composite
+def pyramids(draw):
+    """1-3 levels of 1-2 layers each, channels 1-8, query and support sides 1-9 chosen independently."""
+    levels = draw(st.integers(1, 3))
+    layers = []
+    for _ in range(levels):
+        query_size = (draw(st.integers(1, 9)), draw(st.integers(1, 9)))
+        support_size = (draw(st.integers(1, 9)), draw(st.integers(1, 9)))
+        for _ in range(draw(st.integers(1, 2))):
+            layers.append((draw(st.integers(1, 8)), query_size, support_size))
+    return layers
+
+
+def build(layers, batch, seed, layout, dtype, device):
+    query = [make_tensor((batch, c, *qs), seed + 2 * i, layout, dtype, device) for i, (c, qs, _) in enumerate(layers)]
+    support = [make_tensor((batch, c, *ss), seed + 2 * i + 1, layout, dtype, device)
+               for i, (c, _, ss) in enumerate(layers)]
+    return query, support
+
+
+def expected_levels(query, support, mask):
+    """The reference in float64 on the very same (already rounded) inputs."""
+    return reference.hypercorrelation([q.double().cpu() for q in query], [s.double().cpu() for s in support],
+                                      None if mask is None else mask.double().cpu())
+
+
+@pytest.mark.parametrize("backend", BACKEND_IDS)
+@given(layers=pyramids(), batch=st.integers(1, 3), seed=seeds, mask_kind=st.sampled_from(MASK_KINDS),
+       layout=st.sampled_from(LAYOUTS), dtype=st.sampled_from([torch.float32, torch.float16]))
+@example(layers=[(1, (1, 1), (1, 1))], batch=1, seed=0, mask_kind="none", layout="contiguous", dtype=torch.float32)
+@example(layers=[(3, (5, 5), (5, 5)), (3, (5, 5), (5, 5)), (4, (3, 3), (3, 3))], batch=2, seed=1,
+         mask_kind="blob", layout="channels_last", dtype=torch.float32)
+@example(layers=[(8, (7, 4), (2, 9))], batch=3, seed=2, mask_kind="zero", layout="strided", dtype=torch.float16)
+@example(layers=[(2, (9, 9), (9, 9))], batch=1, seed=3, mask_kind="pixel", layout="contiguous", dtype=torch.float32)
+def test_matches_reference(backend, layers, batch, seed, mask_kind, layout, dtype):
+    device = DEVICES[backend]
+    query, support = build(layers, batch, seed, layout, dtype, device)
+    mask = make_mask(mask_kind, batch, 11, 13, seed)
+    mask = None if mask is None else mask.to(device)
+    actual = hypertriton.hypercorrelation(query, support, mask, backend=backend)
+    expected = expected_levels(query, support, mask)
+    assert len(actual) == len(expected)
+    for got, want in zip(actual, expected):
+        assert got.shape == want.shape and got.dtype == dtype
+        assert_close_dtype(got.cpu(), want, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKEND_IDS)
+@pytest.mark.parametrize("upstream", ["random", "sum"])
+def test_gradients_match_reference(backend, upstream):
+    device = DEVICES[backend]
+    layers = [(3, (4, 3), (5, 2)), (3, (4, 3), (5, 2)), (5, (2, 2), (3, 3))]
+    query, support = build(layers, 2, 7, "contiguous", torch.float32, device)
+    mask = make_mask("blob", 2, 9, 9, 0).to(device)
+    leaves = [t.clone().requires_grad_() for t in query + support]
+    ref_leaves = [t.detach().double().cpu().requires_grad_() for t in leaves]
+    outputs = hypertriton.hypercorrelation(leaves[:3], leaves[3:], mask, backend=backend)
+    ref_outputs = reference.hypercorrelation(ref_leaves[:3], ref_leaves[3:], mask.double().cpu())
+    if upstream == "sum":  # stride-0 upstream gradients
+        loss = sum(o.sum() for o in outputs)
+        ref_loss = sum(o.sum() for o in ref_outputs)
+    else:
+        weights = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+                   for i, o in enumerate(ref_outputs)]
+        loss = sum((o * w.to(o)).sum() for o, w in zip(outputs, weights))
+        ref_loss = sum((o * w).sum() for o, w in zip(ref_outputs, weights))
+    grads = torch.autograd.grad(loss, leaves)
+    ref_grads = torch.autograd.grad(ref_loss, ref_leaves)
+    for got, want in zip(grads, ref_grads):
+        assert_close_dtype(got.cpu(), want, torch.float32, scale=10)
+
+
+@pytest.mark.parametrize("backend", BACKEND_IDS)
+def test_nan_lands_where_reference_puts_it(backend):
+    device = DEVICES[backend]
+    query, support = build([(4, (3, 3), (4, 4))], 2, 11, "contiguous", torch.float32, device)
+    query[0][1, 2, 1, 2] = float("nan")
+    support[0][0, 0, 3, 0] = float("nan")
+    mask = make_mask("random", 2, 6, 6, 1).to(device)
+    got = hypertriton.hypercorrelation(query, support, mask, backend=backend)[0].cpu()
+    want = expected_levels(query, support, mask)[0]
+    assert torch.equal(got.isnan(), want.isnan()) and got.isnan().any()
+    assert_close_dtype(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKEND_IDS)
+def test_empty_batch_gives_empty_levels(backend):
+    device = DEVICES[backend]
+    query, support = build([(2, (3, 3), (3, 3)), (2, (2, 2), (2, 2))], 0, 0, "contiguous", torch.float32, device)
+    levels = hypertriton.hypercorrelation(query, support, torch.zeros(0, 5, 5, device=device), backend=backend)
+    assert [tuple(t.shape) for t in levels] == [(0, 1, 2, 2, 2, 2), (0, 1, 3, 3, 3, 3)]
+
+
+def test_module_equals_functional():
+    query, support = build([(3, (4, 4), (4, 4)), (3, (2, 2), (2, 2))], 2, 5, "contiguous", torch.float32, "cpu")
+    mask = make_mask("blob", 2, 8, 8, 0)
+    module_out = hypertriton.HyperCorr(backend="torch")(query, support, mask)
+    functional_out = hypertriton.hypercorrelation(query, support, mask, backend="torch")
+    for a, b in zip(module_out, functional_out):
+        assert torch.equal(a, b)
+
+
+def test_boolean_and_integer_masks_equal_float_masks():
+    query, support = build([(3, (4, 4), (5, 5))], 2, 9, "contiguous", torch.float32, "cpu")
+    mask = make_mask("random", 2, 7, 7, 3)
+    want = hypertriton.hypercorrelation(query, support, mask, backend="torch")[0]
+    for variant in (mask.bool(), mask.long()):
+        assert torch.equal(hypertriton.hypercorrelation(query, support, variant, backend="torch")[0], want)
+
+
+def feats(*shapes, dtype=torch.float32, device="cpu"):
+    return [torch.randn(*shape, dtype=dtype, device=device) for shape in shapes]
+
+
+@pytest.mark.parametrize("query, support, mask, error, words", [
+    (feats((1, 2, 3, 3)), feats((1, 2, 3, 3), (1, 2, 2, 2)), None, ValueError, ["1 layers", "2"]),
+    (feats((2, 2, 3, 3)), feats((1, 2, 3, 3)), None, ValueError, ["batch 2", "batch 1", "[2, 2, 3, 3]"]),
+    (feats((1, 2, 3, 3)), feats((1, 4, 3, 3)), None, ValueError, ["2 channels", "4", "query_feats[0]"]),
+    (feats((1, 2, 3, 3)), feats((1, 2, 3, 3)), torch.ones(2, 5, 5), ValueError, ["support_mask", "batch 2", "1"]),
+    (feats((1, 2, 3, 3)), feats((1, 2, 3, 3)), torch.ones(1, 1, 5, 5), ValueError, ["support_mask", "[1, 1, 5, 5]"]),
+    ([torch.ones(1, 2, 3, 3, dtype=torch.long)], feats((1, 2, 3, 3)), None, TypeError, ["query_feats[0]", "int64"]),
+    (feats((1, 2, 3)), feats((1, 2, 3, 3)), None, ValueError, ["query_feats[0]", "[1, 2, 3]", "4D"]),
+    (torch.ones(1, 2, 3, 3), feats((1, 2, 3, 3)), None, TypeError, ["query_feats", "list"]),
+    ([], [], None, ValueError, ["empty"]),
+    (feats((1, 2, 3, 3)), feats((1, 2, 3, 3), device="meta"), None, ValueError, ["meta", "cpu"]),
+    (feats((1, 2, 3, 3)), feats((1, 2, 3, 3), dtype=torch.float16), None, TypeError, ["float16", "float32"]),
+])
+def test_bad_input_names_argument_and_shapes(query, support, mask, error, words):
+    with pytest.raises(error) as info:
+        hypertriton.hypercorrelation(query, support, mask, backend="torch")
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
