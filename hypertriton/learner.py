@@ -1,0 +1,151 @@
+"""HSNet's learner (``HPNLearner``): squeezes the hypercorrelation pyramid and decodes it to mask logits.
+
+Built from :class:`hypertriton.CenterPivotConv4d` with the original module names and layout, so the
+``hpn_learner.*`` part of an original checkpoint loads unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .modules import CenterPivotConv4d
+from .ops._validation import shape_of
+
+__all__ = ["HPNLearner", "make_building_block", "resize_4d"]
+
+SQUEEZE_CHANNELS = (16, 64, 128)
+GROUPS = 4
+
+
+def make_building_block(in_channels: int, out_channels, kernel_sizes, support_strides, group: int = GROUPS,
+                        backend: str | None = None) -> nn.Sequential:
+    """``len(out_channels)`` x [CenterPivotConv4d (kernel k^4, stride (1, 1, s, s), padding k//2) ->
+    GroupNorm(group) -> ReLU], as one ``nn.Sequential`` (conv at indices 0, 3, 6; GroupNorm at 1, 4, 7)."""
+    layers = []
+    for index, (channels, kernel, stride) in enumerate(zip(out_channels, kernel_sizes, support_strides)):
+        cin = in_channels if index == 0 else out_channels[index - 1]
+        layers.append(CenterPivotConv4d(cin, channels, kernel, (1, 1, stride, stride), kernel // 2, backend=backend))
+        layers.append(nn.GroupNorm(group, channels))
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+def _resize_pair(x: torch.Tensor, size: tuple[int, int], dims: str) -> torch.Tensor:
+    """Bilinear (``align_corners=True``) resize of the query (``dims="query"``) or support dims of
+    ``[B, C, Hq, Wq, Hs, Ws]``."""
+    b, c, hq, wq, hs, ws = x.shape
+    if dims == "query":
+        flat = x.permute(0, 4, 5, 1, 2, 3).reshape(b * hs * ws, c, hq, wq)
+        flat = F.interpolate(flat, size, mode="bilinear", align_corners=True)
+        return flat.view(b, hs, ws, c, *size).permute(0, 3, 4, 5, 1, 2)
+    flat = x.permute(0, 2, 3, 1, 4, 5).reshape(b * hq * wq, c, hs, ws)
+    flat = F.interpolate(flat, size, mode="bilinear", align_corners=True)
+    return flat.view(b, hq, wq, c, *size).permute(0, 3, 1, 2, 4, 5)
+
+
+def resize_4d(x: torch.Tensor, query_size: tuple[int, int], support_size: tuple[int, int]) -> torch.Tensor:
+    """Resize ``[B, C, Hq, Wq, Hs, Ws]`` to ``[B, C, *query_size, *support_size]``.
+
+    Bilinear with ``align_corners=True`` over the query dims (the original's misleadingly named
+    ``interpolate_support_dims``), then, only when they differ, the same over the support dims. A
+    resize to the same size is the identity, so dims that already match are left untouched. Resizing
+    support dims of size 1 replicates, which is what the original's broadcasting add did in the one
+    mismatched case it survived (1 vs n); other mismatches crashed the original.
+    """
+    if tuple(x.shape[2:4]) != tuple(query_size):
+        x = _resize_pair(x, tuple(query_size), "query")
+    if tuple(x.shape[4:6]) != tuple(support_size):
+        x = _resize_pair(x, tuple(support_size), "support")
+    return x
+
+
+class HPNLearner(nn.Module):
+    """The HSNet learner: squeeze each hypercorrelation level, mix deep into shallow, decode.
+
+    Args:
+        inch: layers per pyramid level, deepest first (``[3, 6, 4]`` for ResNet-50, ``[3, 23, 4]`` for
+            ResNet-101, ``[1, 3, 3]`` for VGG16): the ``L_p`` channels of each input level.
+        backend: backend of the center-pivot convolutions (``"triton"``, ``"torch"``, ``"reference"``
+            or None for automatic).
+
+    Differences from the original, on purpose (identical results wherever the original runs):
+
+    - the decoder upsamples to exactly twice each side of the query map (the original used twice the
+      width for both sides, assuming a square map);
+    - when two levels' support grids differ after squeezing (e.g. VGG16 at 272 px: 1x1 vs 2x2), the
+      deeper level's support dims are bilinearly resized (``align_corners=True``) to the shallower
+      level's before adding (see :func:`resize_4d`), instead of crashing.
+
+    Shape:
+        - input: ``[corr_l4, corr_l3, corr_l2]``, each ``[B, inch[i], Hq_i, Wq_i, Hs_i, Ws_i]``
+        - output: logits ``[B, 2, 2 * Hq_2, 2 * Wq_2]`` (layer2 level's query map, doubled)
+
+    Example:
+        >>> learner = HPNLearner([3, 6, 4])
+        >>> pyramid = [torch.rand(1, 3, 2, 2, 2, 2), torch.rand(1, 6, 4, 4, 4, 4), torch.rand(1, 4, 8, 8, 8, 8)]
+        >>> learner(pyramid).shape
+        torch.Size([1, 2, 16, 16])
+    """
+
+    def __init__(self, inch, backend: str | None = None):
+        super().__init__()
+        if len(inch) != 3 or not all(isinstance(c, int) and c > 0 for c in inch):
+            raise ValueError(f"inch: expected 3 positive ints (layers per level, deepest first), got {inch!r}")
+        self.inch = tuple(inch)
+        self.backend = backend
+        ch1, ch2, ch3 = SQUEEZE_CHANNELS
+
+        def block(cin, couts, kernels, strides):
+            return make_building_block(cin, couts, kernels, strides, backend=backend)
+
+        # squeezing blocks: support dims shrink, query dims keep their size
+        self.encoder_layer4 = block(inch[0], [ch1, ch2, ch3], [3, 3, 3], [2, 2, 2])
+        self.encoder_layer3 = block(inch[1], [ch1, ch2, ch3], [5, 3, 3], [4, 2, 2])
+        self.encoder_layer2 = block(inch[2], [ch1, ch2, ch3], [5, 5, 3], [4, 4, 2])
+        # mixing blocks
+        self.encoder_layer4to3 = block(ch3, [ch3] * 3, [3, 3, 3], [1, 1, 1])
+        self.encoder_layer3to2 = block(ch3, [ch3] * 3, [3, 3, 3], [1, 1, 1])
+        self.decoder1 = nn.Sequential(nn.Conv2d(ch3, ch3, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(ch3, ch2, 3, padding=1), nn.ReLU())
+        self.decoder2 = nn.Sequential(nn.Conv2d(ch2, ch2, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(ch2, 2, 3, padding=1))
+
+    def _check_pyramid(self, pyramid) -> None:
+        if not isinstance(pyramid, (list, tuple)) or len(pyramid) != 3:
+            got = f"{len(pyramid)} items" if isinstance(pyramid, (list, tuple)) else type(pyramid).__name__
+            raise ValueError(f"hypercorr_pyramid: expected a list of 3 levels [corr_l4, corr_l3, corr_l2], got {got}")
+        batch = None
+        for name, level, channels in zip(("corr_l4", "corr_l3", "corr_l2"), pyramid, self.inch):
+            if not isinstance(level, torch.Tensor) or level.dim() != 6 or level.shape[1] != channels:
+                raise ValueError(f"hypercorr_pyramid: {name} must be [B, {channels}, Hq, Wq, Hs, Ws], "
+                                 f"got {shape_of(level) if isinstance(level, torch.Tensor) else type(level).__name__}")
+            if batch is not None and level.shape[0] != batch:
+                raise ValueError(f"hypercorr_pyramid: batch sizes differ between levels "
+                                 f"({[shape_of(t) for t in pyramid]})")
+            batch = level.shape[0]
+
+    def encode(self, hypercorr_pyramid) -> torch.Tensor:
+        """Squeeze and mix the pyramid, then average over the support dims: ``[B, 128, Hq_2, Wq_2]``."""
+        self._check_pyramid(hypercorr_pyramid)
+        sqz4 = self.encoder_layer4(hypercorr_pyramid[0])
+        sqz3 = self.encoder_layer3(hypercorr_pyramid[1])
+        sqz2 = self.encoder_layer2(hypercorr_pyramid[2])
+
+        mix43 = self.encoder_layer4to3(resize_4d(sqz4, sqz3.shape[2:4], sqz3.shape[4:6]) + sqz3)
+        mix432 = self.encoder_layer3to2(resize_4d(mix43, sqz2.shape[2:4], sqz2.shape[4:6]) + sqz2)
+        return mix432.flatten(4).mean(dim=-1)
+
+    def decode(self, encoded: torch.Tensor) -> torch.Tensor:
+        """``[B, 128, h, w]`` -> logits ``[B, 2, 2h, 2w]``."""
+        decoded = self.decoder1(encoded)
+        decoded = F.interpolate(decoded, (2 * decoded.shape[-2], 2 * decoded.shape[-1]), mode="bilinear",
+                                align_corners=True)
+        return self.decoder2(decoded)
+
+    def forward(self, hypercorr_pyramid) -> torch.Tensor:
+        return self.decode(self.encode(hypercorr_pyramid))
+
+    def extra_repr(self) -> str:
+        return f"inch={list(self.inch)}, backend={self.backend!r}"
