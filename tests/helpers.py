@@ -62,3 +62,25 @@ def make_mask(kind: str, batch: int, height: int, width: int, seed: int) -> torc
 
 MASK_KINDS = ("none", "zero", "full", "random", "pixel", "blob")
 seeds = st.integers(0, 2**31 - 1)
+
+
+def assert_gradients_match(outputs, ref_outputs, inputs, ref_inputs, upstream: str, scale: float):
+    """Backpropagate the same upstream gradient through a backend and the float64 reference; compare.
+
+    ``upstream="sum"`` backpropagates ``.sum()``, whose gradient has stride 0; ``"random"`` a random
+    weighting.
+    """
+    from hypertriton.testing import assert_close_dtype
+
+    if upstream == "sum":
+        loss = sum(o.sum() for o in outputs)
+        ref_loss = sum(o.sum() for o in ref_outputs)
+    else:
+        weights = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+                   for i, o in enumerate(ref_outputs)]
+        loss = sum((o * w.to(o)).sum() for o, w in zip(outputs, weights))
+        ref_loss = sum((o * w).sum() for o, w in zip(ref_outputs, weights))
+    grads = torch.autograd.grad(loss, inputs)
+    ref_grads = torch.autograd.grad(ref_loss, ref_inputs)
+    for got, want in zip(grads, ref_grads):
+        assert_close_dtype(got.cpu(), want, torch.float32, scale=scale)

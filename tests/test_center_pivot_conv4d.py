@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import BACKEND_IDS, LAYOUTS, available_backends, make_tensor, seeds
+from helpers import BACKEND_IDS, LAYOUTS, assert_gradients_match, available_backends, make_tensor, seeds
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -65,15 +65,7 @@ def test_gradients_match_reference(backend, upstream, stride):
     ref_inputs = [t.detach().double().cpu().requires_grad_() for t in (x, *params)]
     out = hypertriton.center_pivot_conv4d(x, *params, stride, backend=backend)
     ref_out = expected(*ref_inputs, stride)
-    if upstream == "sum":  # stride-0 upstream gradient
-        loss, ref_loss = out.sum(), ref_out.sum()
-    else:
-        w = torch.randn(ref_out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-        loss, ref_loss = (out * w.to(out)).sum(), (ref_out * w).sum()
-    grads = torch.autograd.grad(loss, [x, *params])
-    ref_grads = torch.autograd.grad(ref_loss, ref_inputs)
-    for got, want in zip(grads, ref_grads):
-        assert_close_dtype(got.cpu(), want, torch.float32, scale=20)
+    assert_gradients_match([out], [ref_out], [x, *params], ref_inputs, upstream, scale=20)
 
 
 @pytest.mark.parametrize("backend", BACKEND_IDS)

@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from helpers import BACKEND_IDS, LAYOUTS, MASK_KINDS, available_backends, make_mask, make_tensor, seeds
+from helpers import (BACKEND_IDS, LAYOUTS, MASK_KINDS, assert_gradients_match, available_backends, make_mask,
+                     make_tensor, seeds)
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
@@ -71,18 +72,7 @@ def test_gradients_match_reference(backend, upstream):
     ref_leaves = [t.detach().double().cpu().requires_grad_() for t in leaves]
     outputs = hypertriton.hypercorrelation(leaves[:3], leaves[3:], mask, backend=backend)
     ref_outputs = reference.hypercorrelation(ref_leaves[:3], ref_leaves[3:], mask.double().cpu())
-    if upstream == "sum":  # stride-0 upstream gradients
-        loss = sum(o.sum() for o in outputs)
-        ref_loss = sum(o.sum() for o in ref_outputs)
-    else:
-        weights = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
-                   for i, o in enumerate(ref_outputs)]
-        loss = sum((o * w.to(o)).sum() for o, w in zip(outputs, weights))
-        ref_loss = sum((o * w).sum() for o, w in zip(ref_outputs, weights))
-    grads = torch.autograd.grad(loss, leaves)
-    ref_grads = torch.autograd.grad(ref_loss, ref_leaves)
-    for got, want in zip(grads, ref_grads):
-        assert_close_dtype(got.cpu(), want, torch.float32, scale=10)
+    assert_gradients_match(outputs, ref_outputs, leaves, ref_leaves, upstream, scale=10)
 
 
 @pytest.mark.parametrize("backend", BACKEND_IDS)
