@@ -1,0 +1,138 @@
+"""hypertriton.distributed: torchrun environment parsing, single-process fallbacks, and real 2-process
+gloo collectives (two Python processes with torchrun's environment variables)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from hypertriton import distributed as hdist
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_ranks(script: Path, world_size: int, args: list[str], timeout: float = 120) -> list[str]:
+    """Run ``script`` as ranks 0..world_size-1 of a gloo job, as torchrun would; returns their stdouts."""
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(script), *args], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outputs = []
+    try:
+        for rank, proc in enumerate(procs):
+            out, err = proc.communicate(timeout=timeout)
+            assert proc.returncode == 0, f"rank {rank} failed ({proc.returncode}):\n{err[-3000:]}"
+            outputs.append(out)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    return outputs
+
+
+@pytest.fixture
+def no_torchrun_env(monkeypatch):
+    for name in TORCHRUN_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_env_ranks_without_torchrun(no_torchrun_env):
+    assert hdist.env_ranks() == (0, 1, 0)
+
+
+def test_env_ranks_reads_torchrun_variables(no_torchrun_env, monkeypatch):
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert hdist.env_ranks() == (5, 8, 1)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK < WORLD_SIZE"),
+    ({"RANK": "0", "WORLD_SIZE": "0"}, "RANK < WORLD_SIZE"),
+    ({"RANK": "one", "WORLD_SIZE": "2"}, "RANK='one' is not an integer"),
+    ({"RANK": "1"}, "WORLD_SIZE is not"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "-1"}, "LOCAL_RANK >= 0"),
+], ids=["rank-too-large", "empty-world", "not-integer", "rank-without-world", "negative-local-rank"])
+def test_env_ranks_rejects_bad_environment(no_torchrun_env, monkeypatch, env, message):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
+        hdist.env_ranks()
+
+
+def test_single_process_context_and_identity_collectives(no_torchrun_env):
+    ctx = hdist.init_distributed("cpu")
+    assert (ctx.rank, ctx.world_size, ctx.backend, ctx.device) == (0, 1, None, torch.device("cpu"))
+    assert ctx.is_main and not ctx.is_distributed and not hdist.is_distributed()
+    values = torch.tensor([1.5, -2.0])
+    assert hdist.all_reduce_sum(values) is values and values.tolist() == [1.5, -2.0]
+    assert hdist.all_reduce_max(values).tolist() == [1.5, -2.0]
+    assert hdist.any_rank(True) is True and hdist.any_rank(False) is False
+    payload = {"a": [1, 2]}
+    assert hdist.broadcast_object(payload) is payload
+    assert (hdist.get_rank(), hdist.get_world_size(), hdist.is_main_process()) == (0, 1, True)
+    hdist.barrier()  # no process group: returns at once
+    hdist.cleanup_distributed()
+
+
+def test_cuda_device_without_cuda_is_an_error(no_torchrun_env):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        hdist.init_distributed("cuda")
+
+
+COLLECTIVES_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch
+    from hypertriton import distributed as hdist
+
+    ctx = hdist.init_distributed("cpu")
+    rank = ctx.rank
+    summed = hdist.all_reduce_sum(torch.tensor([rank + 1.0, 10.0 * (rank + 1)], dtype=torch.float64))
+    maxed = hdist.all_reduce_max(torch.tensor([float(rank), -float(rank)]))
+    result = {
+        "rank": rank, "world_size": ctx.world_size, "backend": ctx.backend, "is_main": ctx.is_main,
+        "sum": summed.tolist(), "max": maxed.tolist(),
+        "any_last": hdist.any_rank(rank == ctx.world_size - 1), "any_none": hdist.any_rank(False),
+        "broadcast": hdist.broadcast_object({"from": rank}),
+        "helpers": [hdist.get_rank(), hdist.get_world_size(), hdist.is_distributed()],
+    }
+    hdist.barrier()
+    hdist.cleanup_distributed()
+    result["after_cleanup"] = hdist.is_distributed()
+    print(json.dumps(result))
+""")
+
+
+def test_two_process_gloo_collectives(tmp_path):
+    script = tmp_path / "collectives.py"
+    script.write_text(COLLECTIVES_SCRIPT)
+    results = [json.loads(out.strip().splitlines()[-1]) for out in launch_ranks(script, 2, [])]
+    for rank, result in enumerate(results):
+        assert result["rank"] == rank and result["world_size"] == 2 and result["backend"] == "gloo"
+        assert result["is_main"] == (rank == 0)
+        assert result["sum"] == [1.0 + 2.0, 10.0 + 20.0]
+        assert result["max"] == [1.0, 0.0]
+        assert result["any_last"] is True and result["any_none"] is False
+        assert result["broadcast"] == {"from": 0}
+        assert result["helpers"] == [rank, 2, True]
+        assert result["after_cleanup"] is False
