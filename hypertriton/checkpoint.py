@@ -1,0 +1,175 @@
+"""Reading and writing HSNet checkpoints in the original training script's format.
+
+The original saves ``model.state_dict()`` of a ``DataParallel``-wrapped HSNet, usually from a GPU:
+every key starts with ``module.``, then ``backbone.*`` (the complete torchvision model, BN buffers and
+the unused ``fc``/``classifier`` included) and ``hpn_learner.*``. These helpers load such files on
+any device, work out the backbone from the keys, and explain precisely what does not fit.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["read_state_dict", "strip_prefix", "infer_backbone", "load_into", "save_checkpoint",
+           "CheckpointError"]
+
+PREFIX = "module."
+_LIST_LIMIT = 10
+
+
+class CheckpointError(ValueError):
+    """A file or state_dict that is not (or does not fit) an HSNet checkpoint."""
+
+
+def _describe(source) -> str:
+    return repr(str(source)) if isinstance(source, (str, os.PathLike)) else "the given state_dict"
+
+
+def read_state_dict(source) -> dict[str, torch.Tensor]:
+    """The state_dict in ``source``: a path to a ``torch.save`` file, or a mapping of name -> tensor.
+
+    Files are read with ``map_location="cpu"`` and ``weights_only=True`` (checkpoints saved from a GPU
+    load on a CPU-only machine; no code is unpickled). A mapping holding the state_dict under
+    ``"state_dict"`` or ``"model"`` is unwrapped.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        CheckpointError: the file is not a PyTorch checkpoint, or holds no state_dict.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint: no such file {str(path)!r}")
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # unpickling, zip and EOF errors all mean "not a checkpoint"
+            raise CheckpointError(f"checkpoint: {str(path)!r} is not a PyTorch checkpoint (torch.load failed: "
+                                  f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+                                  ) from error
+    elif isinstance(source, Mapping):
+        loaded = source
+    else:
+        raise TypeError(f"checkpoint: expected a file path or a state_dict mapping, got {type(source).__name__}")
+
+    for wrapper in ("state_dict", "model"):
+        if isinstance(loaded, Mapping) and isinstance(loaded.get(wrapper), Mapping):
+            loaded = loaded[wrapper]
+    if not isinstance(loaded, Mapping) or not loaded:
+        raise CheckpointError(f"checkpoint: {_describe(source)} holds no state_dict "
+                              f"(got {type(loaded).__name__}{' (empty)' if isinstance(loaded, Mapping) else ''})")
+    bad = [key for key, value in loaded.items() if not isinstance(key, str) or not isinstance(value, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"checkpoint: {_describe(source)} is not a state_dict: {len(bad)} entries are not "
+                              f"name -> tensor pairs, e.g. {bad[:3]!r}")
+    return dict(loaded)
+
+
+def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = PREFIX) -> dict[str, torch.Tensor]:
+    """``state_dict`` with a leading ``prefix`` (DataParallel's ``module.``) removed from every key."""
+    return {key.removeprefix(prefix): value for key, value in state_dict.items()}
+
+
+def _block_count(state_dict: Mapping[str, torch.Tensor], stage: str) -> int:
+    indices = {int(m.group(1)) for key in state_dict if (m := re.match(rf"backbone\.{stage}\.(\d+)\.", key))}
+    return max(indices) + 1 if indices else 0
+
+
+def infer_backbone(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """The backbone name of an HSNet state_dict (``module.`` prefix already stripped).
+
+    Read from the ``backbone.*`` keys (VGG's ``features``, or ResNet's block type and layer3 depth);
+    without them, from the learner's input channels (layers per level), which name the original
+    backbones unambiguously.
+
+    Raises:
+        CheckpointError: the keys match no known backbone, or are not HSNet's at all.
+    """
+    from .backbones import BACKBONES
+
+    if any(key.startswith("backbone.features.") for key in state_dict):
+        return "vgg16"
+    if "backbone.layer3.0.conv1.weight" in state_dict:
+        bottleneck = "backbone.layer3.0.conv3.weight" in state_dict
+        depth = _block_count(state_dict, "layer3")
+        names = {(True, 6): "resnet50", (True, 23): "resnet101", (False, 2): "resnet18", (False, 6): "resnet34"}
+        name = names.get((bottleneck, depth))
+        if name is None:
+            raise CheckpointError(f"checkpoint: backbone with {depth} {'Bottleneck' if bottleneck else 'BasicBlock'} "
+                                  f"blocks in layer3 matches none of {sorted(BACKBONES)}; pass backbone=")
+        return name
+    key = "hpn_learner.encoder_layer{}.0.conv1.weight"
+    if all(key.format(level) in state_dict for level in (4, 3, 2)):
+        inch = tuple(int(state_dict[key.format(level)].shape[1]) for level in (4, 3, 2))
+        for name in ("resnet50", "resnet101", "vgg16", "resnet18"):  # originals first (resnet34 = resnet50's)
+            if BACKBONES[name].layers_per_level == inch:
+                return name
+        raise CheckpointError(f"checkpoint: learner input channels {list(inch)} match none of {sorted(BACKBONES)}; "
+                              f"pass backbone=")
+    sample = list(state_dict)[:5]
+    raise CheckpointError(f"checkpoint: not an HSNet checkpoint: no 'backbone.*' or 'hpn_learner.*' keys "
+                          f"(after stripping '{PREFIX}'); first keys: {sample}")
+
+
+def _listing(title: str, items: list[str]) -> str:
+    more = f" ... and {len(items) - _LIST_LIMIT} more" if len(items) > _LIST_LIMIT else ""
+    return f"\n  {title} ({len(items)}): " + ", ".join(items[:_LIST_LIMIT]) + more
+
+
+def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True,
+              source: str = "the given state_dict") -> None:
+    """Copy ``state_dict`` (no prefix) into ``model``, or explain exactly what does not fit.
+
+    Args:
+        strict: when False, keys missing from ``state_dict`` keep the model's values (e.g. a learner-only
+            checkpoint on a pretrained backbone); unexpected and mis-shaped keys are always errors.
+
+    Raises:
+        CheckpointError: listing the missing, unexpected and mis-shaped keys (with both shapes).
+    """
+    own = model.state_dict()
+    missing = [key for key in own if key not in state_dict] if strict else []
+    unexpected = [key for key in state_dict if key not in own]
+    misshaped = [f"{key} (checkpoint {list(value.shape)}, model {list(own[key].shape)})"
+                 for key, value in state_dict.items() if key in own and value.shape != own[key].shape]
+    if missing or unexpected or misshaped:
+        message = f"checkpoint: {source} does not fit {type(model).__name__}"
+        if hasattr(model, "backbone_name"):
+            message += f"(backbone={model.backbone_name!r})"
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                             ("mis-shaped keys", misshaped)):
+            if items:
+                message += _listing(title, items)
+        raise CheckpointError(message)
+    model.load_state_dict(state_dict, strict=strict)
+
+
+def save_checkpoint(model: nn.Module, path, prefix: str = PREFIX) -> Path:
+    """Write ``model``'s state_dict in the original's format (``module.`` before every key), atomically.
+
+    Tensors are saved from the CPU; the file appears only once it is complete (temporary file in the
+    same folder, then a rename), so an interrupted save never leaves a truncated checkpoint.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state_dict = {prefix + key: value.detach().cpu() for key, value in model.state_dict().items()}
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(state_dict, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,324 @@
+"""HSNet: frozen backbone -> multi-layer hypercorrelation -> HPNLearner -> mask logits.
+
+Numerically the original model when given the same weights (see ``shared/docs/hsnet-reference.md``),
+with these additions: any image size from 64 px up (square or not), k-shot prediction that computes
+the query's backbone features once, multi-class segmentation against several classes' supports, and
+loading the original checkpoints on any device.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint as ckpt
+from .backbones import build_backbone, extract_features, get_spec
+from .learner import HPNLearner
+from .ops._validation import shape_of as _tensor_shape
+from .ops.hypercorrelation import hypercorrelation
+
+__all__ = ["HSNet", "vote_nshot"]
+
+MIN_IMAGE_SIZE = 32  # VGG16's pool5 is empty below this; 64 px and up is the supported range
+
+
+def vote_nshot(vote_sum: torch.Tensor, nshot: int) -> torch.Tensor:
+    """The original k-shot voting on the sum of per-shot argmax masks ``[B, H, W]`` (int).
+
+    ``nshot == 1``: ``vote_sum`` unchanged (the argmax mask). Otherwise each image's votes are divided
+    by ``max(max vote in the image, 1)`` and thresholded at 0.5 (``>= 0.5`` is foreground); returns a
+    float 0/1 mask, as the original.
+    """
+    if nshot == 1:
+        return vote_sum
+    batch = vote_sum.shape[0]
+    max_vote = vote_sum.reshape(batch, -1).max(dim=1).values.clamp(min=1).view(batch, 1, 1)
+    return (vote_sum.float() / max_vote >= 0.5).float()
+
+
+def _shape(value) -> str:
+    """A tensor's shape, or the type name of anything else, for error messages."""
+    return _tensor_shape(value) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def _check_images(img, name: str) -> torch.Tensor:
+    if not isinstance(img, torch.Tensor) or img.dim() != 4 or img.shape[1] != 3:
+        got = _shape(img)
+        raise ValueError(f"{name}: expected an image batch [B, 3, H, W], got {got}")
+    if min(img.shape[-2:]) < MIN_IMAGE_SIZE:
+        raise ValueError(f"{name}: images must be at least {MIN_IMAGE_SIZE} px on each side (64 px and up is "
+                         f"supported), got {_shape(img)}")
+    return img
+
+
+def _org_size(org_query_imsize) -> tuple[int, int]:
+    """``(H, W)`` from the original batch's ``org_query_imsize`` (PIL order: width, height; each an int or
+    a one-element tensor, as the original's collated batch of size 1 holds it)."""
+    if isinstance(org_query_imsize, torch.Tensor):
+        org_query_imsize = org_query_imsize.reshape(-1).tolist()
+    width, height = (int(v.item()) if isinstance(v, torch.Tensor) else int(v) for v in org_query_imsize)
+    return height, width
+
+
+class HSNet(nn.Module):
+    """Hypercorrelation Squeeze Network for few-shot segmentation.
+
+    Args:
+        backbone: ``"resnet50"``, ``"resnet101"``, ``"vgg16"`` (the original's), or ``"resnet18"``,
+            ``"resnet34"`` (small extras).
+        pretrained: load torchvision's ImageNet V1 backbone weights (from torch hub's cache, else a
+            download; offline, a message says how to provide the file).
+        backend: backend of the hypercorrelation and center-pivot convolutions (``"triton"``,
+            ``"torch"``, ``"reference"``, None for automatic).
+        backbone_weights: path of a torchvision weights file for the backbone (implies ``pretrained``).
+        allow_download: whether ``pretrained`` may download missing weights.
+
+    The backbone is frozen: no gradients, eval mode even under ``model.train()`` (BN statistics never
+    change). Only ``hpn_learner`` is trained. State_dict keys are ``backbone.*`` and ``hpn_learner.*``,
+    as in the original.
+
+    Shape:
+        - query_img, support_img: ``[B, 3, H, W]``, ImageNet-normalized, H and W >= 64
+        - support_mask: ``[B, H, W]`` (0/1, any numeric dtype)
+        - output: logits ``[B, 2, H, W]`` at the query image's size
+
+    Example:
+        >>> model = HSNet("resnet18")
+        >>> q, s, m = torch.randn(1, 3, 64, 80), torch.randn(1, 3, 64, 80), torch.ones(1, 64, 80)
+        >>> model(q, s, m).shape
+        torch.Size([1, 2, 64, 80])
+    """
+
+    def __init__(self, backbone: str = "resnet50", pretrained: bool = False, backend: str | None = None,
+                 backbone_weights: str | os.PathLike | None = None, allow_download: bool = True):
+        super().__init__()
+        self.spec = get_spec(backbone)
+        self.backbone_name = self.spec.name
+        self.backend = backend
+        self.backbone = build_backbone(backbone, pretrained, backbone_weights, allow_download)
+        self.hpn_learner = HPNLearner(list(self.spec.layers_per_level), backend=backend)
+
+    # ------------------------------------------------------------------ frozen backbone
+    def train(self, mode: bool = True) -> HSNet:
+        super().train(mode)
+        self.backbone.eval()  # BN statistics of the ImageNet backbone must never move
+        return self
+
+    def extract_features(self, img: torch.Tensor) -> list[torch.Tensor]:
+        """Backbone features of ``img`` ``[B, 3, H, W]``: list of ``[B, C_l, h_l, w_l]``, shallow to deep
+        (no gradients)."""
+        _check_images(img, "img")
+        with torch.no_grad():
+            return extract_features(self.backbone, self.spec, img)
+
+    # ------------------------------------------------------------------ forward
+    def hypercorrelation(self, query_feats, support_feats, support_mask) -> list[torch.Tensor]:
+        """The learner's input ``[corr_l4, corr_l3, corr_l2]``, each ``[B, L_p, Hq, Wq, Hs, Ws]``.
+
+        Levels are formed from the backbone's known layer counts (not from spatial sizes), so tiny or
+        oddly sized maps whose levels happen to coincide in size still give three levels.
+        """
+        expected = self.spec.num_features
+        for name, feats in (("query_feats", query_feats), ("support_feats", support_feats)):
+            if not isinstance(feats, (list, tuple)) or len(feats) != expected:
+                got = f"{len(feats)} tensors" if isinstance(feats, (list, tuple)) else type(feats).__name__
+                raise ValueError(f"{name}: {self.backbone_name} gives {expected} feature maps "
+                                 f"(channels {list(self.spec.channels)}), got {got}")
+        pyramid, end = [], expected
+        for layers in self.spec.layers_per_level:  # deepest level first
+            start = end - layers
+            level = hypercorrelation(list(query_feats[start:end]), list(support_feats[start:end]), support_mask,
+                                     backend=self.backend)
+            if len(level) != 1:
+                raise ValueError(f"query_feats/support_feats: layers {start}..{end - 1} form one pyramid level "
+                                 f"and must share a spatial size, got "
+                                 f"{[_shape(t) for t in query_feats[start:end]]}")
+            pyramid.append(level[0])
+            end = start
+        return pyramid
+
+    def forward_features(self, query_feats, support_feats, support_mask) -> torch.Tensor:
+        """Everything after the backbone: hypercorrelation, then the learner.
+
+        Args:
+            query_feats: list of ``[B, C_l, Hq_l, Wq_l]``, shallow to deep (as :meth:`extract_features`).
+            support_feats: list of ``[B, C_l, Hs_l, Ws_l]``.
+            support_mask: ``[B, H, W]``.
+
+        Returns:
+            Logits ``[B, 2, 2 * Hq_2, 2 * Wq_2]`` (twice the layer2 level's query map), before the final
+            resize to the image size.
+        """
+        return self.hpn_learner(self.hypercorrelation(query_feats, support_feats, support_mask))
+
+    def _logits(self, query_feats, support_img, support_mask, size) -> torch.Tensor:
+        _check_images(support_img, "support_img")
+        if not isinstance(support_mask, torch.Tensor) or support_mask.dim() != 3:
+            raise ValueError(f"support_mask: expected [B, H, W], got {_shape(support_mask)}")
+        logits = self.forward_features(query_feats, self.extract_features(support_img), support_mask)
+        return F.interpolate(logits, size, mode="bilinear", align_corners=True)
+
+    def forward(self, query_img: torch.Tensor, support_img: torch.Tensor, support_mask: torch.Tensor) -> torch.Tensor:
+        """One-shot logits ``[B, 2, H, W]`` at the query image's size (bilinear, ``align_corners=True``).
+
+        The original resized to the support image's size; the two are equal in its pipeline.
+        """
+        _check_images(query_img, "query_img")
+        if support_img.shape[0] != query_img.shape[0]:
+            raise ValueError(f"support_img: batch {support_img.shape[0]} differs from query_img's "
+                             f"{query_img.shape[0]}")
+        return self._logits(self.extract_features(query_img), support_img, support_mask, query_img.shape[-2:])
+
+    # ------------------------------------------------------------------ k-shot and multi-class
+    def _shots(self, support_imgs, support_masks, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Supports as ``[B, K, 3, H, W]`` and ``[B, K, H, W]`` (a single shot may omit K)."""
+        if isinstance(support_imgs, torch.Tensor) and support_imgs.dim() == 4:
+            support_imgs = support_imgs.unsqueeze(1)
+        if isinstance(support_masks, torch.Tensor) and support_masks.dim() == 3:
+            support_masks = support_masks.unsqueeze(1)
+        if not isinstance(support_imgs, torch.Tensor) or support_imgs.dim() != 5 or support_imgs.shape[2] != 3:
+            raise ValueError(f"support_imgs: expected [B, K, 3, H, W], got {_shape(support_imgs)}")
+        if not isinstance(support_masks, torch.Tensor) or support_masks.dim() != 4:
+            raise ValueError(f"support_masks: expected [B, K, H, W], got {_shape(support_masks)}")
+        if support_imgs.shape[:2] != support_masks.shape[:2] or support_imgs.shape[0] != batch:
+            raise ValueError(f"support_imgs {_shape(support_imgs)} and support_masks {_shape(support_masks)} "
+                             f"must share [B, K] with B = {batch} (the query batch)")
+        return support_imgs, support_masks
+
+    def predict_mask_nshot(self, batch: Mapping, nshot: int) -> torch.Tensor:
+        """The original's k-shot prediction on its batch dict.
+
+        Args:
+            batch: ``query_img`` ``[B, 3, H, W]``, ``support_imgs`` ``[B, K, 3, H, W]``, ``support_masks``
+                ``[B, K, H, W]``, optional ``org_query_imsize`` (PIL ``(width, height)``; when given, the
+                logits are resized to it instead of the query image's size, as the original's
+                ``use_original_imgsize``).
+            nshot: shots to use (the first ``nshot`` of K).
+
+        Returns:
+            ``nshot == 1``: the argmax mask ``[B, H, W]`` (int64); else the voted 0/1 mask (float), see
+            :func:`vote_nshot`. The query's backbone features are computed once for all shots.
+        """
+        query_img = _check_images(batch["query_img"], "batch['query_img']")
+        support_imgs, support_masks = self._shots(batch["support_imgs"], batch["support_masks"], query_img.shape[0])
+        if not isinstance(nshot, int) or not 1 <= nshot <= support_imgs.shape[1]:
+            raise ValueError(f"nshot: expected an int in [1, {support_imgs.shape[1]}] (shots in the batch), "
+                             f"got {nshot!r}")
+        org = batch.get("org_query_imsize")
+        size = _org_size(org) if org is not None else tuple(query_img.shape[-2:])
+        query_feats = self.extract_features(query_img)
+        vote_sum = 0
+        for shot in range(nshot):
+            logits = self._logits(query_feats, support_imgs[:, shot], support_masks[:, shot], size)
+            vote_sum = vote_sum + logits.argmax(dim=1)
+        return vote_nshot(vote_sum, nshot)
+
+    def predict(self, query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor) -> torch.Tensor:
+        """Foreground mask of the query from K supports (original voting), as int64 0/1.
+
+        Args:
+            query_img: ``[B, 3, H, W]``.
+            support_imgs: ``[B, K, 3, Hs, Ws]`` (or ``[B, 3, Hs, Ws]`` for one shot).
+            support_masks: ``[B, K, Hs, Ws]`` (or ``[B, Hs, Ws]``).
+
+        Returns:
+            ``[B, H, W]`` int64 mask at the query's size.
+        """
+        support_imgs, support_masks = self._shots(support_imgs, support_masks, _check_images(query_img, "query_img").shape[0])
+        batch = {"query_img": query_img, "support_imgs": support_imgs, "support_masks": support_masks}
+        return self.predict_mask_nshot(batch, support_imgs.shape[1]).long()
+
+    def segment(self, query_img: torch.Tensor, supports: Mapping, threshold: float = 0.5,
+                background: int = 0) -> torch.Tensor:
+        """Label map of the query against supports of several classes (query features computed once).
+
+        Rule: for each class, the foreground probability is the softmax of the logits averaged over
+        that class's shots; each pixel takes the class of highest probability if that probability is
+        ``>= threshold``, else ``background`` (ties go to the class listed first).
+
+        Args:
+            query_img: ``[B, 3, H, W]`` or one image ``[3, H, W]``.
+            supports: ``{class_id: (imgs, masks)}`` with int class ids other than ``background``; imgs
+                ``[K, 3, Hs, Ws]`` (shared by the whole batch) or ``[B, K, 3, Hs, Ws]``, masks
+                ``[K, Hs, Ws]`` or ``[B, K, Hs, Ws]``.
+            threshold: minimum foreground probability for a pixel to get a class.
+            background: label of pixels no class claims.
+
+        Returns:
+            int64 label map ``[B, H, W]`` (``[H, W]`` for a single query image).
+        """
+        single = isinstance(query_img, torch.Tensor) and query_img.dim() == 3
+        query_img = _check_images(query_img.unsqueeze(0) if single else query_img, "query_img")
+        if not isinstance(supports, Mapping) or not supports:
+            raise ValueError(f"supports: expected a non-empty dict {{class_id: (imgs, masks)}}, got {supports!r}")
+        for label in supports:
+            if not isinstance(label, int) or label == background:
+                raise ValueError(f"supports: class ids must be ints other than background={background}, got {label!r}")
+        batch, size = query_img.shape[0], tuple(query_img.shape[-2:])
+        query_feats = self.extract_features(query_img)
+        probabilities = []
+        for label, pair in supports.items():
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise ValueError(f"supports[{label}]: expected (imgs, masks), got {type(pair).__name__}")
+            imgs, masks = pair
+            if isinstance(imgs, torch.Tensor) and imgs.dim() == 4:  # shared by every query of the batch
+                imgs = imgs.unsqueeze(0).expand(batch, *imgs.shape)
+            if isinstance(masks, torch.Tensor) and masks.dim() == 3:
+                masks = masks.unsqueeze(0).expand(batch, *masks.shape)
+            imgs, masks = self._shots(imgs, masks, batch)
+            foreground = sum(self._logits(query_feats, imgs[:, k], masks[:, k], size).float().softmax(dim=1)[:, 1]
+                             for k in range(imgs.shape[1]))
+            probabilities.append(foreground / imgs.shape[1])
+        best, index = torch.stack(probabilities, dim=1).max(dim=1)
+        labels = torch.tensor(list(supports), dtype=torch.long, device=index.device)[index]
+        labels = torch.where(best >= threshold, labels, torch.full_like(labels, background))
+        return labels[0] if single else labels
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_checkpoint(cls, source, backbone: str | None = None, backend: str | None = None,
+                        strict: bool = True, **kwargs) -> HSNet:
+        """An HSNet holding the weights of an original (or :meth:`save_checkpoint`) checkpoint.
+
+        Args:
+            source: path of the file, or a state_dict; keys may carry DataParallel's ``module.``
+                prefix; tensors saved on a GPU load on the CPU.
+            backbone: the backbone name; inferred from the keys when None.
+            backend: as for :class:`HSNet`.
+            strict: when False, weights missing from the checkpoint keep their initial values
+                (e.g. a learner-only file with ``pretrained=True``).
+            kwargs: more :class:`HSNet` arguments (``pretrained``, ``backbone_weights``, ...).
+
+        Returns:
+            The model in eval mode, on the CPU.
+
+        Raises:
+            FileNotFoundError, CheckpointError (a ``ValueError``): a missing file, a file that is not a
+            checkpoint, or keys that do not fit, listed (missing, unexpected, mis-shaped).
+        """
+        state_dict = ckpt.strip_prefix(ckpt.read_state_dict(source))
+        name = backbone if backbone is not None else ckpt.infer_backbone(state_dict)
+        model = cls(name, backend=backend, **kwargs)
+        described = repr(str(source)) if isinstance(source, (str, os.PathLike)) else "the given state_dict"
+        try:
+            ckpt.load_into(model, state_dict, strict=strict, source=described)
+        except ckpt.CheckpointError as error:
+            try:
+                guess = ckpt.infer_backbone(state_dict)
+            except ckpt.CheckpointError:
+                raise error from None
+            if guess != name:
+                raise ckpt.CheckpointError(f"{error}\n  (its keys look like backbone={guess!r})") from None
+            raise
+        return model.eval()
+
+    def save_checkpoint(self, path) -> os.PathLike:
+        """Write the state_dict in the original's format (``module.`` prefix), atomically."""
+        return ckpt.save_checkpoint(self, path)
+
+    def extra_repr(self) -> str:
+        return f"backbone={self.backbone_name!r}, backend={self.backend!r}"
