@@ -1,0 +1,119 @@
+"""``hypertriton evaluate``: mIoU and FB-IoU of a checkpoint on a benchmark's test episodes.
+
+Prints a progress bar, then ``mIoU: xx.xx  FB-IoU: yy.yy``; ``--json FILE`` also writes the per-class
+IoU (atomically). Under ``torchrun`` the episodes are split over the processes and the counts summed,
+so the numbers are those of a single process.
+
+Examples::
+
+    hypertriton evaluate --benchmark pascal --fold 0 --nshot 1 --backbone resnet50 \\
+        --load pascal_fold0_r50.pt --datapath /data --splits /data/splits --json result.json
+    torchrun --nproc_per_node 4 -m hypertriton evaluate ... --visualize panels/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--benchmark", required=True, choices=["pascal", "coco", "fss", "synthetic"])
+    parser.add_argument("--fold", type=int, default=0, help="0..3 (ignored for fss; default: %(default)s)")
+    parser.add_argument("--nshot", type=int, default=1, help="supports per episode (default: %(default)s)")
+    parser.add_argument("--backbone", help="vgg16, resnet50, resnet101, ... (default: inferred from the checkpoint)")
+    parser.add_argument("--load", required=True, metavar="CKPT", help="checkpoint (original or hypertriton format)")
+    parser.add_argument("--datapath", metavar="DIR", help="data root holding VOC2012/, COCO2014/ or FSS-1000/")
+    parser.add_argument("--splits", metavar="DIR", help="folder with the original split files (pascal/, coco/, fss/)")
+    parser.add_argument("--split", default="test", choices=["test", "val"], help="(default: %(default)s)")
+    parser.add_argument("--img-size", type=int, default=400, help="side of the resized images (default: %(default)s)")
+    parser.add_argument("--use-original-imgsize", action="store_true",
+                        help="score at each query image's original size (logits resized to it)")
+    parser.add_argument("--visualize", metavar="DIR", help="write a PNG panel per episode (supports, query, "
+                        "prediction, truth)")
+    parser.add_argument("--json", metavar="FILE", help="write the result with per-class IoU as JSON")
+    parser.add_argument("--bsz", type=int, default=1, help="episodes per batch (default: %(default)s; must be 1 "
+                        "with --use-original-imgsize)")
+    parser.add_argument("--nworker", type=int, default=0, help="data-loader workers (default: %(default)s)")
+    parser.add_argument("--max-episodes", type=int, metavar="N", help="only the first N episodes (a quick check, "
+                        "not the protocol)")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when available; cuda:LOCAL_RANK under torchrun)")
+    parser.add_argument("--backend", help="hypertriton op backend (triton, torch, reference; default: automatic)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+
+
+def _check(args: argparse.Namespace) -> None:
+    for name in ("nshot", "img_size", "bsz"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.nworker < 0:
+        raise ValueError(f"--nworker must be >= 0, got {args.nworker}")
+    if args.max_episodes is not None and args.max_episodes < 1:
+        raise ValueError(f"--max-episodes must be >= 1, got {args.max_episodes}")
+    if args.use_original_imgsize and args.bsz != 1:
+        raise ValueError(f"--use-original-imgsize needs --bsz 1 (query sizes differ), got --bsz {args.bsz}")
+    if args.benchmark != "synthetic" and args.splits is None:
+        raise ValueError(f"--splits is required for {args.benchmark}")
+
+
+def write_json_atomic(data: dict, path: str | os.PathLike) -> Path:
+    """Write ``data`` as JSON to ``path`` via a temporary file renamed over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    from hypertriton import distributed as hdist
+    from hypertriton.data import build_dataset
+    from hypertriton.evaluation import evaluate, format_result
+    from hypertriton.model import HSNet
+
+    try:
+        _check(args)
+        ctx = hdist.init_distributed(args.device)
+        dataset = build_dataset(args.benchmark, args.datapath, args.splits, args.fold, args.split, args.nshot,
+                                img_size=args.img_size, use_original_imgsize=args.use_original_imgsize)
+        model = HSNet.from_checkpoint(args.load, backbone=args.backbone, backend=args.backend).to(ctx.device)
+    except (ValueError, FileNotFoundError) as error:  # DatasetError, CheckpointError included
+        print(f"hypertriton evaluate: error: {error}", file=sys.stderr)
+        return 2
+    from hypertriton.data import DatasetError
+
+    try:
+        if ctx.is_main:
+            print(f"{args.benchmark} fold {args.fold} {args.nshot}-shot: {len(dataset)} episodes, "
+                  f"{model.backbone_name} from {args.load}, {ctx.world_size} process(es) on {ctx.device}",
+                  file=sys.stderr)
+        result = evaluate(model, dataset, args.nshot, ctx.device, progress=args.progress,
+                          visualize_dir=args.visualize, bsz=args.bsz, nworker=args.nworker,
+                          max_episodes=args.max_episodes)
+        if ctx.is_main:
+            if args.json:
+                write_json_atomic({
+                    "benchmark": args.benchmark, "fold": args.fold, "nshot": args.nshot, "split": args.split,
+                    "backbone": model.backbone_name, "checkpoint": str(args.load), "img_size": args.img_size,
+                    "use_original_imgsize": args.use_original_imgsize, "episodes": result["episodes"],
+                    "miou": result["miou"], "fb_iou": result["fb_iou"],
+                    "per_class_iou": {str(c): v for c, v in result["per_class_iou"].items()},
+                }, args.json)
+            print(format_result(result))
+    except DatasetError as error:
+        print(f"hypertriton evaluate: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        hdist.cleanup_distributed()
+    return 0

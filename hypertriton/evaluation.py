@@ -1,0 +1,219 @@
+"""Evaluate a few-shot segmentation model on a benchmark's episodes: mIoU, FB-IoU, per-class IoU.
+
+Runs the original test loop: every episode in order, ``model.predict_mask_nshot(batch, nshot)``, bg/fg
+intersections and unions accumulated per class (:mod:`hypertriton.metrics`). Under ``torchrun`` (an
+initialized process group) rank ``r`` of ``n`` evaluates episodes ``r, r + n, r + 2n, ...`` (no padding,
+so no episode counts twice) and the counts are all-reduced, so every rank returns the numbers a single
+process would.
+
+Example::
+
+    >>> from hypertriton.data import build_dataset
+    >>> from hypertriton.evaluation import evaluate
+    >>> ds = build_dataset("fss", "/data", "splits", fold=0, split="test", nshot=1)          # doctest: +SKIP
+    >>> evaluate(model, ds, nshot=1, device="cuda")["miou"]                                   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from . import distributed as hdist
+from .data.common import IMAGENET_MEAN, IMAGENET_STD
+from .metrics import SegmentationMeter
+
+__all__ = ["ShardSampler", "evaluate", "format_result", "render_panel"]
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world_size, ...`` of ``range(length)``: a partition of the episodes with no
+    padding duplicates (ranks may get one episode fewer than others)."""
+
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"expected 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        self.length, self.rank, self.world_size = int(length), int(rank), int(world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.length, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.world_size))
+
+
+def _to_device(batch: Mapping, device: torch.device, original_size: bool) -> dict:
+    # The model resizes its logits to ``org_query_imsize`` whenever the batch has it; the datasets always
+    # carry it (as the original does), so it is passed on only when scoring at the original size.
+    return {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            for key, value in batch.items() if original_size or key != "org_query_imsize"}
+
+
+def _base_dataset(dataset):
+    """The benchmark dataset under wrappers such as ``Subset`` (which hide ``class_ids``)."""
+    while not hasattr(dataset, "class_ids") and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    return dataset
+
+
+def _loader(source, bsz: int, nworker: int, max_episodes: int | None) -> DataLoader:
+    """A loader over this rank's shard of the episodes (the first ``max_episodes`` when given)."""
+    if isinstance(source, DataLoader):
+        dataset = source.dataset
+        bsz = source.batch_size or bsz
+        nworker, collate = source.num_workers, source.collate_fn
+        if isinstance(source.sampler, ShardSampler) and max_episodes is None:
+            return source
+    elif isinstance(source, Dataset):
+        dataset, collate = source, None
+    else:
+        raise TypeError(f"dataset_or_loader must be a torch Dataset or DataLoader, got {type(source).__name__}")
+    length = len(dataset) if max_episodes is None else min(int(max_episodes), len(dataset))
+    sampler = ShardSampler(length, hdist.get_rank(), hdist.get_world_size())
+    kwargs = {} if collate is None else {"collate_fn": collate}
+    return DataLoader(dataset, batch_size=bsz, sampler=sampler, num_workers=nworker, **kwargs)
+
+
+def evaluate(model, dataset_or_loader, nshot: int, device, progress: bool = True,
+             visualize_dir: str | os.PathLike | None = None, bsz: int = 1, nworker: int = 0,
+             class_ids=None, max_episodes: int | None = None) -> dict:
+    """Evaluate ``model`` on every episode of a dataset (sharded across ranks under torchrun).
+
+    Args:
+        model: has ``predict_mask_nshot(batch, nshot) -> [B, H, W]`` 0/1 mask at the query mask's size
+            (an ``HSNet``, possibly wrapped in DistributedDataParallel).
+        dataset_or_loader: a benchmark dataset (``hypertriton.data.build_dataset``) or a DataLoader over
+            one; a loader is re-sharded unless its sampler is a :class:`ShardSampler`.
+        nshot: supports per episode used by the k-shot vote.
+        device: where batches go.
+        progress: show a tqdm bar (rank 0 only).
+        visualize_dir: write one PNG panel per episode there (supports with masks, query, prediction,
+            truth; see :func:`render_panel`).
+        bsz, nworker: loader batch size and workers when a dataset is given.
+        class_ids: classes the scores average over (default ``dataset.class_ids``).
+        max_episodes: evaluate only the first episodes (a quick check; not the protocol).
+
+    Returns:
+        ``{"miou", "fb_iou", "per_class_iou": {class_id: iou}, "episodes", "benchmark", "nshot"}`` with
+        IoUs in percent (``"fbiou"`` repeats ``fb_iou`` for callers using the original's spelling).
+    """
+    device = torch.device(device)
+    loader = _loader(dataset_or_loader, bsz, nworker, max_episodes)
+    dataset = _base_dataset(loader.dataset)
+    original_size = bool(getattr(dataset, "use_original_imgsize", False))
+    class_ids = getattr(dataset, "class_ids", None) if class_ids is None else class_ids
+    if class_ids is None:
+        raise ValueError("class_ids: the dataset has no class_ids attribute; pass the classes to average over")
+    meter = SegmentationMeter(class_ids)
+    net = model.module if hasattr(model, "module") else model
+    was_training = getattr(net, "training", False)
+    if hasattr(net, "eval"):
+        net.eval()
+    visualize_dir = Path(visualize_dir) if visualize_dir is not None else None
+    if visualize_dir is not None:
+        visualize_dir.mkdir(parents=True, exist_ok=True)
+
+    indices = iter(loader.sampler)  # a ShardSampler: this rank's episode indices in loader order
+    bar = tqdm(loader, desc=f"evaluate {getattr(dataset, 'benchmark', '')} {nshot}-shot".strip(),
+               disable=not progress or not hdist.is_main_process(), dynamic_ncols=True)
+    try:
+        with torch.no_grad():
+            for batch in bar:
+                batch_dev = _to_device(batch, device, original_size)
+                pred = net.predict_mask_nshot(batch_dev, nshot=nshot)
+                if pred.shape != batch_dev["query_mask"].shape:
+                    raise ValueError(
+                        f"the model predicted masks of shape {tuple(pred.shape)} but the query masks are "
+                        f"{tuple(batch_dev['query_mask'].shape)}; with use_original_imgsize the model must "
+                        f"resize its logits to batch['org_query_imsize']")
+                inter, union = meter.update(pred, batch_dev)
+                episode_index = [next(indices) for _ in range(pred.shape[0])]
+                if visualize_dir is not None:
+                    _write_panels(visualize_dir, batch, pred.cpu(), inter.cpu(), union.cpu(), episode_index)
+                if progress:
+                    bar.set_postfix(miou=f"{meter.miou():.2f}", refresh=False)
+    finally:
+        if was_training and hasattr(net, "train"):
+            net.train()
+    meter.all_reduce()
+    fb_iou = meter.fb_iou()
+    return {"benchmark": getattr(dataset, "benchmark", None), "nshot": nshot, "miou": meter.miou(),
+            "fb_iou": fb_iou, "fbiou": fb_iou, "per_class_iou": meter.per_class_iou(),
+            "episodes": meter.episodes}
+
+
+# --------------------------------------------------------------------------------------------------
+# Visualization
+
+_MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+_COLORS = {"support": (255, 64, 64), "pred": (64, 96, 255), "truth": (64, 200, 64)}
+
+
+def _to_rgb(image: torch.Tensor) -> np.ndarray:
+    """Normalized ``[3, H, W]`` -> uint8 ``[H, W, 3]``."""
+    rgb = (image.detach().cpu().float() * _STD + _MEAN).clamp(0, 1)
+    return (rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def _overlay(rgb: np.ndarray, mask: torch.Tensor | None, color, ignore: torch.Tensor | None = None) -> np.ndarray:
+    """Blend ``mask`` (any size, resized nearest to the image) over ``rgb`` in ``color``; ignore in grey."""
+    out = rgb.astype(np.float32)
+    height, width = rgb.shape[:2]
+    for layer, tint in ((mask, color), (ignore, (200, 200, 200))):
+        if layer is None:
+            continue
+        resized = torch.nn.functional.interpolate(layer[None, None].float().cpu(), size=(height, width),
+                                                  mode="nearest")[0, 0].numpy() > 0.5
+        out[resized] = 0.5 * out[resized] + 0.5 * np.array(tint, dtype=np.float32)
+    return out.round().astype(np.uint8)
+
+
+def render_panel(batch: Mapping, pred: torch.Tensor, row: int = 0) -> Image.Image:
+    """One episode as a PIL image: each support with its mask (red), the query, the query with the
+    prediction (blue) and with the truth (green; PASCAL boundary grey), side by side.
+
+    Args:
+        batch: a collated batch dict (CPU tensors).
+        pred: ``[B, H, W]`` predicted 0/1 masks.
+        row: which episode of the batch.
+    """
+    query = _to_rgb(batch["query_img"][row])
+    ignore = batch.get("query_ignore_idx")
+    ignore = ignore[row] if ignore is not None else None
+    tiles = [_overlay(_to_rgb(img), mask, _COLORS["support"])
+             for img, mask in zip(batch["support_imgs"][row], batch["support_masks"][row])]
+    tiles += [query, _overlay(query, pred[row], _COLORS["pred"]),
+              _overlay(query, batch["query_mask"][row], _COLORS["truth"], ignore)]
+    gap = np.full((query.shape[0], 4, 3), 255, dtype=np.uint8)
+    strip = [part for tile in tiles for part in (tile, gap)][:-1]
+    return Image.fromarray(np.concatenate(strip, axis=1))
+
+
+def _write_panels(folder: Path, batch, pred, inter, union, episode_index) -> None:
+    for row in range(pred.shape[0]):
+        fg_iou = float(inter[row, 1]) / max(float(union[row, 1]), 1.0) * 100
+        index, class_id = episode_index[row], int(batch["class_id"][row])
+        path = folder / f"episode{index:05d}_class{class_id}_iou{fg_iou:.1f}.png"
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                render_panel(batch, pred, row).save(handle, format="PNG")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def format_result(result: Mapping) -> str:
+    """The final line of an evaluation: ``mIoU: xx.xx  FB-IoU: yy.yy``."""
+    return f"mIoU: {result['miou']:.2f}  FB-IoU: {result['fb_iou']:.2f}"
+
