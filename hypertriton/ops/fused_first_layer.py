@@ -1,0 +1,480 @@
+"""Hypercorrelation fused with the first center-pivot 4D convolution of a squeeze block.
+
+HSNet's first step per pyramid level builds the hypercorrelation ``[B, L, Hq, Wq, Hs, Ws]`` (100 MB per
+episode at 400 px for ResNet's layer2 level) and immediately feeds it to a
+:class:`~hypertriton.CenterPivotConv4d`. That convolution reads it only in two thin ways:
+
+- the query branch reads it at the pivot support positions ``(u*ssh, v*ssw)`` only;
+- the support branch reads it at the pivot query positions, inside the support windows.
+
+So the same output is computed here without storing the 4D tensor: correlation tiles are computed on
+the fly (query branch: chunks of pivot support positions; support branch: chunks of query rows), and
+only for *active* support positions. Where the resized support mask is 0 the masked support feature
+is 0, its normalized form is exactly 0, and so is every correlation with it: skipping those positions
+is exact, not an approximation (``shared/docs/design-notes.md``). A pivot that is inactive contributes
+only the query conv's bias; a support window with no active position only the support conv's bias.
+
+Non-finite values keep the dense semantics: a support position whose feature is NaN/inf is active
+even where the mask is 0 (``NaN * 0`` is NaN in the dense path), and a batch element whose query
+features are non-finite anywhere is computed densely (its NaN rows reach every support position).
+
+Backward (``torch.autograd.Function``): nothing of the correlation is saved; each chunk is recomputed
+with a small local autograd graph and freed before the next one, so training also stays at
+``O(features + output + one chunk)`` memory. Gradients reach the conv weights and biases and the
+features (so a backbone can be fine-tuned); the support mask gets none.
+
+Layers: :func:`fused_hypercorrelation_cp_conv4d` (functional, explicit weights) and
+:func:`fused_hypercorrelation_cp_conv` (takes the ``CenterPivotConv4d`` module). Definition:
+``center_pivot_conv4d(hypercorrelation(q, s, mask)[0], ...)`` of :mod:`hypertriton.reference`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import reference
+from ..backend import resolve_backend
+from ._validation import as_quadruple, check_feature_lists, check_same_device, check_support_mask, check_tensor, \
+    shape_of
+from .center_pivot_conv4d import output_size
+
+# Elements of one chunk's dense correlation buffer (fp32: 16 MB). Large enough that the matrix
+# products stay efficient, small enough to stay far below the 4D tensor at every size.
+CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """Static description of one fused call (hashable, passed through autograd)."""
+
+    layers: int
+    stride: tuple[int, int, int, int]
+    padding: tuple[int, int, int, int]
+    out_size: tuple[int, int, int, int]  # (Hq', Wq', Hs', Ws')
+    compute_dtype: torch.dtype  # dtype of normalization, conv and accumulation
+    correlation_dtype: torch.dtype  # dtype of the correlation matrix products
+    chunk_elements: int
+
+
+# --------------------------------------------------------------------------------------------------
+# Preparation: O(features) work shared by forward and backward
+# --------------------------------------------------------------------------------------------------
+
+def _resized_mask(support_mask, support: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """The mask at the support map's size ``[B, Hs*Ws]`` (as the reference resizes it), or None."""
+    if support_mask is None:
+        return None
+    return reference.resize_mask(support_mask, support.shape[-2:]).to(dtype).flatten(1)
+
+
+def _active_positions(mask_b, support_b: list[torch.Tensor], query_finite: bool) -> torch.Tensor | None:
+    """Indices of the support positions whose correlations may be nonzero, or None for all of them.
+
+    Active: mask != 0 (NaN included), or a non-finite support feature (``NaN * 0`` stays NaN). When the
+    query is non-finite somewhere, every support position is active (its NaN reaches all of them).
+    """
+    if mask_b is None or not query_finite:
+        return None
+    active = mask_b != 0
+    for s in support_b:  # [C, Hs*Ws]
+        # One cheap reduction decides whether the per-position check is needed at all; an overflowing
+        # finite sum only costs that check.
+        if not torch.isfinite(s.sum()):
+            active |= ~torch.isfinite(s).all(dim=0)
+    if bool(active.all()):
+        return None
+    return active.nonzero().squeeze(1)
+
+
+def _normalized_active_support(support_b, mask_b, active):
+    """``normalize(s * mask)`` at the active positions: list of ``[C, N_act]`` per layer."""
+    out = []
+    for s in support_b:  # [C, Hs*Ws]
+        if active is not None:
+            s = s.index_select(1, active)
+            if mask_b is not None:
+                s = s * mask_b.index_select(0, active)
+        elif mask_b is not None:
+            s = s * mask_b
+        out.append(reference.normalize(s.unsqueeze(0)).squeeze(0))
+    return out
+
+
+def _pivot_query(query_normed: torch.Tensor, spec: _Spec) -> torch.Tensor:
+    """Normalized query ``[C, Hq, Wq]`` at the pivot query positions, ``[C, Hq'*Wq']``."""
+    sqh, sqw = spec.stride[:2]
+    return query_normed[:, ::sqh, ::sqw].reshape(query_normed.shape[0], -1)
+
+
+def _pivot_columns(active, hs: int, ws: int, spec: _Spec, device):
+    """Active pivot support positions: (their column in the active list, their output index ``u*Ws'+v``)."""
+    ssh, ssw = spec.stride[2:]
+    ws2 = spec.out_size[3]
+    positions = torch.arange(hs * ws, device=device) if active is None else active
+    rows, cols = positions // ws, positions % ws
+    is_pivot = (rows % ssh == 0) & (cols % ssw == 0)
+    columns = is_pivot.nonzero().squeeze(1)
+    out_index = (rows[columns] // ssh) * ws2 + cols[columns] // ssw
+    return columns, out_index
+
+
+# --------------------------------------------------------------------------------------------------
+# The two branches, one chunk at a time (plain tensor code; differentiable when inputs require grad)
+# --------------------------------------------------------------------------------------------------
+
+def _support_branch_chunk(query_chunk, support_active, active, weight, spec: _Spec, hs: int, ws: int,
+                          buffer=None):
+    """Support-dim branch for a chunk of pivot query positions.
+
+    Args:
+        query_chunk: list over layers of ``[C, n]`` normalized query features (pivot query positions).
+        support_active: list over layers of ``[C, N_act]`` normalized active support features.
+        active: ``[N_act]`` support indices (None: all positions, ``N_act = Hs*Ws``).
+        weight: ``[Cout, L, KSh, KSw]``.
+        buffer: optional reusable ``[>=n, L, Hs*Ws]`` buffer whose inactive columns are zero
+            (no-grad forward only); None allocates.
+
+    Returns:
+        ``[n, Cout, Hs', Ws']`` without bias.
+    """
+    n = query_chunk[0].shape[1]
+    layers = len(query_chunk)
+    cd = spec.correlation_dtype
+    differentiable = torch.is_grad_enabled()
+    if buffer is None or differentiable:
+        corr = torch.stack([torch.relu(torch.mm(q.t().to(cd), s.to(cd)).to(spec.compute_dtype))
+                            for q, s in zip(query_chunk, support_active)], dim=1)  # [n, L, N_act]
+        if active is not None:
+            corr = corr.new_zeros(n, layers, hs * ws).index_copy(2, active, corr)
+    else:
+        corr = buffer[:n]  # inactive columns stay exactly zero
+        for layer, (q, s) in enumerate(zip(query_chunk, support_active)):
+            product = torch.relu_(torch.mm(q.t().to(cd), s.to(cd)))
+            if active is None:
+                corr[:, layer].copy_(product)
+            else:
+                corr[:, layer].index_copy_(1, active, product.to(corr.dtype))
+    return F.conv2d(corr.view(n, layers, hs, ws), weight, None, spec.stride[2:], spec.padding[2:])
+
+
+def _query_branch_chunk(query_full, support_pivots, weight, spec: _Spec, hq: int, wq: int):
+    """Query-dim branch for a chunk of active pivot support positions.
+
+    Args:
+        query_full: list over layers of ``[C, Hq*Wq]`` normalized query features.
+        support_pivots: list over layers of ``[C, p]`` normalized support features at the pivots.
+        weight: ``[Cout, L, KQh, KQw]``.
+
+    Returns:
+        ``[p, Cout, Hq', Wq']`` without bias.
+    """
+    cd = spec.correlation_dtype
+    corr = torch.stack([torch.relu(torch.mm(s.t().to(cd), q.to(cd)).to(spec.compute_dtype))
+                        for q, s in zip(query_full, support_pivots)], dim=1)  # [p, L, Hq*Wq]
+    p = corr.shape[0]
+    return F.conv2d(corr.view(p, len(query_full), hq, wq), weight, None, spec.stride[:2], spec.padding[:2])
+
+
+def _chunk_size(per_item: int, spec: _Spec) -> int:
+    return max(1, spec.chunk_elements // max(per_item, 1))
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward and backward
+# --------------------------------------------------------------------------------------------------
+
+def _forward(query, support, mask, weight_query, bias_query, weight_support, bias_support, spec: _Spec):
+    """No-grad fused forward. query/support: lists of ``[B, C, H, W]`` in the compute dtype."""
+    batch, _, hq, wq = query[0].shape
+    hs, ws = support[0].shape[-2:]
+    hq2, wq2, hs2, ws2 = spec.out_size
+    out_channels = weight_query.shape[0]
+    out = query[0].new_empty(batch, out_channels, hq2 * wq2, hs2 * ws2)
+    bias = query[0].new_zeros(out_channels)
+    for b in (bias_query, bias_support):
+        if b is not None:
+            bias += b
+    bias = bias.view(-1, 1, 1)  # both biases reach every output position
+
+    query_normed = [reference.normalize(q) for q in query]  # [B, C, Hq, Wq]
+    query_finite = [bool(torch.isfinite(torch.stack([qn[b].sum() for qn in query_normed])).all())
+                    for b in range(batch)]
+    buffer = None
+    for b in range(batch):
+        support_b = [s[b].flatten(1) for s in support]
+        mask_b = None if mask is None else mask[b]
+        active = _active_positions(mask_b, support_b, query_finite[b])
+        support_active = _normalized_active_support(support_b, mask_b, active)
+        n_active = support_active[0].shape[1]
+        out_b = out[b]  # [Cout, Hq'*Wq', Hs'*Ws']
+        if n_active == 0:
+            out_b.copy_(bias.expand_as(out_b))  # every correlation is exactly zero: only the biases remain
+            continue
+
+        # Support branch, chunks of pivot query rows, into a dense buffer reused across chunks.
+        query_pivots = [_pivot_query(qn[b], spec) for qn in query_normed]
+        rows = _chunk_size(spec.layers * hs * ws, spec)
+        if buffer is None:
+            buffer = query[0].new_zeros(min(rows, hq2 * wq2), spec.layers, hs * ws)
+        elif active is not None:
+            buffer.zero_()  # the previous batch element may have written other columns
+        for start in range(0, hq2 * wq2, rows):
+            chunk = [q[:, start:start + rows] for q in query_pivots]
+            part = _support_branch_chunk(chunk, support_active, active, weight_support, spec, hs, ws, buffer)
+            # The support branch covers every output position once: write it with the biases.
+            torch.add(part.flatten(2).transpose(0, 1), bias, out=out_b[:, start:start + part.shape[0]])
+
+        # Query branch at the active pivot support positions, chunks of pivots.
+        columns, out_index = _pivot_columns(active, hs, ws, spec, out.device)
+        query_full = [qn[b].flatten(1) for qn in query_normed]
+        pivots = _chunk_size(spec.layers * hq * wq, spec)
+        for start in range(0, columns.numel(), pivots):
+            cols = columns[start:start + pivots]
+            part = _query_branch_chunk(query_full, [s.index_select(1, cols) for s in support_active],
+                                       weight_query, spec, hq, wq)
+            out_b.index_add_(2, out_index[start:start + pivots], part.flatten(2).permute(1, 2, 0))
+    return out.view(batch, out_channels, hq2, wq2, hs2, ws2)
+
+
+class _FusedFirstLayer(torch.autograd.Function):
+    """Autograd around :func:`_forward`; backward recomputes correlation chunks (nothing 4D saved)."""
+
+    @staticmethod
+    def forward(ctx, spec, mask, weight_query, bias_query, weight_support, bias_support, *features):
+        query, support = list(features[: spec.layers]), list(features[spec.layers:])
+        ctx.spec = spec
+        ctx.has_bias = (bias_query is not None, bias_support is not None)
+        ctx.save_for_backward(mask, weight_query, weight_support, *features)
+        return _forward(query, support, mask, weight_query, bias_query, weight_support, bias_support, spec)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        spec = ctx.spec
+        mask, weight_query, weight_support, *features = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_bias = grad.sum(dim=(0, 2, 3, 4, 5))
+        grad_bq = grad_bias if needs[3] and ctx.has_bias[0] else None
+        grad_bs = grad_bias if needs[5] and ctx.has_bias[1] else None
+        grads_features = _backward_features_and_weights(grad, features, mask, weight_query, weight_support, spec,
+                                                        needs_features=any(needs[6:]),
+                                                        needs_weights=(needs[2], needs[4]))
+        grad_features, grad_wq, grad_ws = grads_features
+        grad_features = [g if need else None for g, need in zip(grad_features, needs[6:])]
+        return (None, None, grad_wq if needs[2] else None, grad_bq, grad_ws if needs[4] else None, grad_bs,
+                *grad_features)
+
+
+def _backward_features_and_weights(grad, features, mask, weight_query, weight_support, spec: _Spec,
+                                   needs_features: bool, needs_weights: tuple[bool, bool]):
+    """Recompute the forward chunk by chunk with local autograd graphs and pull gradients through.
+
+    Leaves of each chunk's graph are the normalized features it reads and the conv weights; their
+    gradients are accumulated, then pushed through the O(features) normalization graph at the end.
+    """
+    layers = spec.layers
+    batch, _, hq, wq = features[0].shape
+    hs, ws = features[layers].shape[-2:]
+    hq2, wq2, hs2, ws2 = spec.out_size
+    out_channels = weight_query.shape[0]
+    grad = grad.to(spec.compute_dtype).reshape(batch, out_channels, hq2 * wq2, hs2 * ws2)
+    wq_leaf = weight_query.detach().requires_grad_(needs_weights[0])
+    ws_leaf = weight_support.detach().requires_grad_(needs_weights[1])
+    grad_wq = torch.zeros_like(weight_query) if needs_weights[0] else None
+    grad_ws = torch.zeros_like(weight_support) if needs_weights[1] else None
+
+    with torch.enable_grad():
+        leaves = [f.detach().requires_grad_(needs_features) for f in features]
+        query, support = leaves[:layers], leaves[layers:]
+        query_normed = [reference.normalize(q) for q in query]
+        # Differentiable graph outputs (normalization) and the gradients accumulated for them.
+        graph_outputs, graph_grads = [], []
+        for b in range(batch):
+            with torch.no_grad():
+                finite = bool(torch.isfinite(torch.stack([qn[b].sum() for qn in query_normed])).all())
+                mask_b = None if mask is None else mask[b]
+                active = _active_positions(mask_b, [s[b].detach().flatten(1) for s in support], finite)
+            support_active = _normalized_active_support([s[b].flatten(1) for s in support], mask_b, active)
+            if support_active[0].shape[1] == 0:
+                continue
+            query_pivots = [_pivot_query(qn[b], spec) for qn in query_normed]
+            query_full = [qn[b].flatten(1) for qn in query_normed]
+            s_leaf = [s.detach().requires_grad_() for s in support_active]
+            qp_grad = [torch.zeros_like(q) for q in query_pivots]
+            qf_grad = [torch.zeros_like(q) for q in query_full]
+            s_grad = [torch.zeros_like(s) for s in support_active]
+
+            rows = _chunk_size(layers * hs * ws, spec)
+            for start in range(0, hq2 * wq2, rows):
+                chunk = [q.detach()[:, start:start + rows].requires_grad_() for q in query_pivots]
+                part = _support_branch_chunk(chunk, s_leaf, active, ws_leaf, spec, hs, ws)
+                g = grad[b, :, start:start + part.shape[0]].transpose(0, 1).reshape(part.shape)
+                inputs = chunk + s_leaf + ([ws_leaf] if needs_weights[1] else [])
+                result = torch.autograd.grad(part, inputs, g, allow_unused=True)
+                for layer in range(layers):
+                    qp_grad[layer][:, start:start + rows] += result[layer]
+                    s_grad[layer] += result[layers + layer]
+                if needs_weights[1]:
+                    grad_ws += result[-1]
+
+            columns, out_index = _pivot_columns(active, hs, ws, spec, grad.device)
+            q_leaf = [q.detach().requires_grad_() for q in query_full]
+            pivots = _chunk_size(layers * hq * wq, spec)
+            for start in range(0, columns.numel(), pivots):
+                cols = columns[start:start + pivots]
+                s_piv = [s.index_select(1, cols) for s in s_leaf]
+                part = _query_branch_chunk(q_leaf, s_piv, wq_leaf, spec, hq, wq)
+                g = grad[b][:, :, out_index[start:start + pivots]].permute(2, 0, 1).reshape(part.shape)
+                inputs = q_leaf + s_leaf + ([wq_leaf] if needs_weights[0] else [])
+                result = torch.autograd.grad(part, inputs, g, allow_unused=True)
+                for layer in range(layers):
+                    qf_grad[layer] += result[layer]
+                    s_grad[layer] += result[layers + layer]
+                if needs_weights[0]:
+                    grad_wq += result[-1]
+            graph_outputs += query_pivots + query_full + support_active
+            graph_grads += qp_grad + qf_grad + s_grad
+
+        if not needs_features:
+            grad_features = [None] * len(features)
+        elif graph_outputs:
+            grad_features = torch.autograd.grad(graph_outputs, leaves, graph_grads, allow_unused=True)
+            grad_features = [torch.zeros_like(f) if g is None else g for g, f in zip(grad_features, features)]
+        else:
+            grad_features = [torch.zeros_like(f) for f in features]
+    return list(grad_features), grad_wq, grad_ws
+
+
+# --------------------------------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------------------------------
+
+def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, weight_query, bias_query,
+                                     weight_support, bias_support, stride=1, padding=None,
+                                     backend: str | None = None, correlation_dtype: torch.dtype | None = None):
+    """``center_pivot_conv4d(hypercorrelation(query_feats, support_feats, support_mask)[0], ...)``
+    without the 4D tensor.
+
+    Args:
+        query_feats: the layers of ONE pyramid level, list of ``[B, C_l, Hq, Wq]`` (shallow to deep).
+        support_feats: list of ``[B, C_l, Hs, Ws]`` (same length, batch, channels and dtype).
+        support_mask: ``[B, H, W]`` (any size; float, int or bool) or None.
+        weight_query: ``[Cout, L, KQh, KQw]``; bias_query: ``[Cout]`` or None (``conv1``).
+        weight_support: ``[Cout, L, KSh, KSw]``; bias_support: ``[Cout]`` or None (``conv2``).
+        stride: int or ``(query h, query w, support h, support w)``.
+        padding: int, 4-tuple or None (``kernel // 2``).
+        backend: ``"torch"`` (this fused path, any device), ``"reference"`` (dense einsum oracle: builds
+            the 4D tensor), ``"triton"`` or None (automatic). Until a fused Triton kernel exists,
+            ``"triton"`` runs the same fused PyTorch code on the GPU.
+        correlation_dtype: opt-in reduced precision (e.g. ``torch.bfloat16``) for the correlation
+            matrix products; normalization, ReLU, convolutions and accumulation stay in the compute
+            dtype. None: the compute dtype (exact path).
+
+    Returns:
+        ``[B, Cout, Hq', Wq', Hs', Ws']`` in the features' dtype, equal (up to rounding) to the dense
+        computation.
+
+    Example:
+        >>> q = [torch.randn(1, 8, 6, 6) for _ in range(2)]
+        >>> s = [torch.randn(1, 8, 6, 6) for _ in range(2)]
+        >>> w = torch.randn(4, 2, 3, 3)
+        >>> fused_hypercorrelation_cp_conv4d(q, s, torch.ones(1, 24, 24), w, None, w, None, (1, 1, 2, 2)).shape
+        torch.Size([1, 4, 6, 6, 3, 3])
+    """
+    query_feats, support_feats = check_feature_lists(query_feats, support_feats)
+    q0, s0 = query_feats[0], support_feats[0]
+    for layer, (q, s) in enumerate(zip(query_feats, support_feats)):
+        if q.shape[-2:] != q0.shape[-2:] or s.shape[-2:] != s0.shape[-2:]:
+            raise ValueError(f"layer {layer}: query {shape_of(q)} / support {shape_of(s)} differ in spatial size "
+                             f"from layer 0 ({shape_of(q0)} / {shape_of(s0)}); expected the layers of ONE "
+                             "pyramid level")
+    layers = len(query_feats)
+    device, dtype = q0.device, q0.dtype
+    if support_mask is not None:
+        check_support_mask(support_mask, q0.shape[0], device)
+    check_tensor(weight_query, "weight_query", 4, "[Cout, L, KQh, KQw]")
+    check_tensor(weight_support, "weight_support", 4, "[Cout, L, KSh, KSw]")
+    for name, weight in (("weight_query", weight_query), ("weight_support", weight_support)):
+        if weight.shape[1] != layers:
+            raise ValueError(f"{name} expects {weight.shape[1]} input channels (shape {shape_of(weight)}) but the "
+                             f"level has {layers} layers; expected one input channel per layer")
+    if weight_support.shape[0] != weight_query.shape[0]:
+        raise ValueError(f"weight_query has {weight_query.shape[0]} output channels but weight_support has "
+                         f"{weight_support.shape[0]}; expected equal")
+    for name, bias in (("bias_query", bias_query), ("bias_support", bias_support)):
+        if bias is not None:
+            check_tensor(bias, name, 1, "[Cout]")
+            if bias.shape[0] != weight_query.shape[0]:
+                raise ValueError(f"{name}: expected shape [{weight_query.shape[0]}], got {shape_of(bias)}")
+    check_same_device({"query_feats[0]": q0, "weight_query": weight_query, "bias_query": bias_query,
+                       "weight_support": weight_support, "bias_support": bias_support})
+    stride = as_quadruple(stride, "stride")
+    if min(stride) < 1:
+        raise ValueError(f"stride: expected positive values, got {stride}")
+    kernels = (*weight_query.shape[-2:], *weight_support.shape[-2:])
+    padding = tuple(k // 2 for k in kernels) if padding is None else as_quadruple(padding, "padding")
+    if min(padding) < 0:
+        raise ValueError(f"padding: expected non-negative values, got {padding}")
+    x_shape = (q0.shape[0], layers, *q0.shape[-2:], *s0.shape[-2:])
+    out_size = output_size(x_shape, weight_query.shape[-2:], weight_support.shape[-2:], stride, padding)
+    if correlation_dtype is not None and (not isinstance(correlation_dtype, torch.dtype)
+                                          or not correlation_dtype.is_floating_point):
+        raise TypeError(f"correlation_dtype: expected a floating torch.dtype or None, got {correlation_dtype!r}")
+
+    name = resolve_backend(backend, device)
+    if name == "reference":
+        if correlation_dtype is not None:
+            raise ValueError("correlation_dtype: the reference backend computes in the features' dtype only; "
+                             f"got {correlation_dtype}")
+        corr = reference.hypercorrelation(query_feats, support_feats, support_mask)[0]
+        cast = [None if t is None else t.to(dtype) for t in (weight_query, bias_query, weight_support, bias_support)]
+        return reference.center_pivot_conv4d(corr, *cast, stride, padding)
+
+    # Half-precision norms and CPU products lose accuracy: normalize, convolve and accumulate in fp32+.
+    compute = torch.promote_types(dtype, torch.float32)
+    spec = _Spec(layers=layers, stride=stride, padding=padding, out_size=out_size, compute_dtype=compute,
+                 correlation_dtype=compute if correlation_dtype is None else correlation_dtype,
+                 chunk_elements=CHUNK_ELEMENTS)
+    mask = _resized_mask(support_mask, s0, compute)
+    cast = [None if t is None else t.to(compute) for t in (weight_query, bias_query, weight_support, bias_support)]
+    features = [f.to(compute) for f in (*query_feats, *support_feats)]
+    out = _FusedFirstLayer.apply(spec, mask, *cast, *features)
+    return out.to(dtype)
+
+
+def fused_hypercorrelation_cp_conv(query_feats, support_feats, support_mask, conv, backend: str | None = None,
+                                   correlation_dtype: torch.dtype | None = None):
+    """``conv(hypercorrelation level)`` for a :class:`hypertriton.CenterPivotConv4d` ``conv``, fused.
+
+    Args:
+        query_feats, support_feats: one pyramid level's layers, lists of ``[B, C_l, Hq, Wq]`` and
+            ``[B, C_l, Hs, Ws]``.
+        support_mask: ``[B, H, W]`` or None.
+        conv: a ``CenterPivotConv4d`` (children ``conv1`` over the query dims and ``conv2`` over the
+            support dims, attributes ``stride`` and ``padding``) whose ``in_channels`` is the number of
+            layers.
+        backend: None follows ``conv.backend`` and then the automatic choice.
+        correlation_dtype: see :func:`fused_hypercorrelation_cp_conv4d`.
+
+    Returns:
+        ``[B, Cout, Hq', Wq', Hs', Ws']``, what ``conv(hypercorrelation(...)[0])`` returns.
+
+    Example:
+        >>> from hypertriton import CenterPivotConv4d
+        >>> conv = CenterPivotConv4d(3, 16, 3, (1, 1, 2, 2))
+        >>> feats = [torch.randn(1, 32, 7, 7) for _ in range(3)]
+        >>> fused_hypercorrelation_cp_conv(feats, feats, torch.ones(1, 28, 28), conv).shape
+        torch.Size([1, 16, 7, 7, 4, 4])
+    """
+    for attribute in ("conv1", "conv2", "stride", "padding"):
+        if not hasattr(conv, attribute):
+            raise TypeError(f"conv: expected a CenterPivotConv4d (with conv1, conv2, stride, padding), got "
+                            f"{type(conv).__name__} without {attribute!r}")
+    if backend is None:
+        backend = getattr(conv, "backend", None)
+    return fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, conv.conv1.weight,
+                                            conv.conv1.bias, conv.conv2.weight, conv.conv2.bias, conv.stride,
+                                            conv.padding, backend=backend, correlation_dtype=correlation_dtype)

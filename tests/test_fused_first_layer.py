@@ -1,0 +1,269 @@
+"""The fused hypercorrelation + first center-pivot layer against the dense einsum reference.
+
+Oracle: ``reference.center_pivot_conv4d(reference.hypercorrelation(q, s, mask)[0], ...)``, in float64.
+Masks of every kind (empty, full, blob, single pixel, random), support strides 1-4, kernels 1/3/5, odd
+sizes; forward and gradients; chunking forced down to a few elements so multi-chunk code runs too.
+"""
+
+from __future__ import annotations
+
+import math
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from hypertriton import reference
+from hypertriton.ops import fused_first_layer as ffl
+from hypertriton.testing import assert_close_dtype
+
+MASK_KINDS = ("empty", "full", "blob", "pixel", "random")
+
+
+def make_mask(kind: str, batch: int, h: int, w: int, gen: torch.Generator) -> torch.Tensor:
+    """A ``[B, h, w]`` float mask of the given kind."""
+    if kind == "empty":
+        return torch.zeros(batch, h, w, dtype=torch.float64)
+    if kind == "full":
+        return torch.ones(batch, h, w, dtype=torch.float64)
+    if kind == "pixel":
+        mask = torch.zeros(batch, h, w, dtype=torch.float64)
+        for b in range(batch):
+            i = int(torch.randint(h, (1,), generator=gen))
+            j = int(torch.randint(w, (1,), generator=gen))
+            mask[b, i, j] = 1.0
+        return mask
+    if kind == "blob":
+        yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                                indexing="ij")
+        masks = []
+        for _ in range(batch):
+            cy, cx = torch.rand(2, generator=gen, dtype=torch.float64) * torch.tensor([h, w])
+            radius = max(h, w) * (0.15 + 0.25 * float(torch.rand(1, generator=gen)))
+            masks.append((((yy - cy) ** 2 + (xx - cx) ** 2) <= radius ** 2).double())
+        return torch.stack(masks)
+    return (torch.rand(batch, h, w, generator=gen, dtype=torch.float64) > 0.6).double()
+
+
+def chunk_budget(elements: int):
+    """Temporarily set the fused op's chunk budget (elements per chunk) so tiny cases span many chunks."""
+    return mock.patch.object(ffl, "CHUNK_ELEMENTS", elements)
+
+
+def make_case(seed, batch, layers, channels, hq, wq, hs, ws, k_query, k_support, out_channels=3,
+              dtype=torch.float64, requires_grad=False):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_(requires_grad)
+
+    query = [rand(batch, channels, hq, wq) for _ in range(layers)]
+    support = [rand(batch, channels, hs, ws) for _ in range(layers)]
+    weights = (rand(out_channels, layers, k_query, k_query), rand(out_channels),
+               rand(out_channels, layers, k_support, k_support), rand(out_channels))
+    return gen, query, support, weights
+
+
+def dense(query, support, mask, weights, stride):
+    padding = (weights[0].shape[-1] // 2,) * 2 + (weights[2].shape[-1] // 2,) * 2
+    return reference.center_pivot_conv4d(reference.hypercorrelation(query, support, mask)[0], *weights, stride,
+                                         padding)
+
+
+shapes = dict(
+    seed=st.integers(0, 2**31 - 1),
+    batch=st.integers(1, 2),
+    layers=st.integers(1, 3),
+    channels=st.integers(1, 4),
+    hq=st.integers(1, 7), wq=st.integers(1, 7), hs=st.integers(1, 9), ws=st.integers(1, 9),
+    k_query=st.sampled_from([1, 3, 5]), k_support=st.sampled_from([1, 3, 5]),
+    support_stride=st.integers(1, 4), query_stride=st.sampled_from([1, 1, 2]),
+    mask_kind=st.sampled_from(MASK_KINDS), mask_size=st.integers(1, 12),
+    chunk_elements=st.sampled_from([1, 7, 64, ffl.CHUNK_ELEMENTS]),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(**shapes)
+@example(seed=0, batch=1, layers=3, channels=4, hq=7, wq=7, hs=9, ws=9, k_query=3, k_support=5, support_stride=4,
+         query_stride=1, mask_kind="empty", mask_size=12, chunk_elements=64)
+@example(seed=1, batch=2, layers=2, channels=3, hq=5, wq=6, hs=7, ws=5, k_query=5, k_support=3, support_stride=2,
+         query_stride=1, mask_kind="pixel", mask_size=7, chunk_elements=1)
+@example(seed=2, batch=2, layers=3, channels=2, hq=6, wq=5, hs=9, ws=8, k_query=3, k_support=3, support_stride=3,
+         query_stride=2, mask_kind="blob", mask_size=12, chunk_elements=7)
+@example(seed=3, batch=1, layers=1, channels=1, hq=1, wq=1, hs=1, ws=1, k_query=1, k_support=1, support_stride=1,
+         query_stride=1, mask_kind="full", mask_size=1, chunk_elements=1)
+def test_forward_matches_dense_reference(seed, batch, layers, channels, hq, wq, hs, ws, k_query, k_support,
+                                         support_stride, query_stride, mask_kind, mask_size, chunk_elements):
+    gen, query, support, weights = make_case(seed, batch, layers, channels, hq, wq, hs, ws, k_query, k_support)
+    mask = make_mask(mask_kind, batch, mask_size, mask_size, gen)
+    stride = (query_stride, query_stride, support_stride, support_stride)
+    with chunk_budget(chunk_elements):
+        out = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, stride, backend="torch")
+    assert_close_dtype(out, dense(query, support, mask, weights, stride))
+
+
+@settings(max_examples=15, deadline=None)
+@given(**shapes, upstream=st.sampled_from(["random", "sum"]))
+@example(seed=4, batch=2, layers=2, channels=3, hq=5, wq=4, hs=8, ws=7, k_query=3, k_support=5, support_stride=4,
+         query_stride=1, mask_kind="blob", mask_size=10, chunk_elements=7, upstream="sum")
+@example(seed=5, batch=1, layers=3, channels=2, hq=4, wq=4, hs=5, ws=5, k_query=5, k_support=3, support_stride=2,
+         query_stride=2, mask_kind="empty", mask_size=5, chunk_elements=64, upstream="random")
+def test_gradients_match_dense_reference(seed, batch, layers, channels, hq, wq, hs, ws, k_query, k_support,
+                                         support_stride, query_stride, mask_kind, mask_size, chunk_elements,
+                                         upstream):
+    gen, query, support, weights = make_case(seed, batch, layers, channels, hq, wq, hs, ws, k_query, k_support,
+                                             requires_grad=True)
+    mask = make_mask(mask_kind, batch, mask_size, mask_size, gen)
+    stride = (query_stride, query_stride, support_stride, support_stride)
+    inputs = [*query, *support, *weights]
+    expected = dense(query, support, mask, weights, stride)
+    with chunk_budget(chunk_elements):  # the backward pass recomputes in chunks too
+        out = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, stride, backend="torch")
+        if upstream == "sum":  # a stride-0 upstream gradient
+            got, want = torch.autograd.grad(out.sum(), inputs), torch.autograd.grad(expected.sum(), inputs)
+        else:
+            upstream_grad = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+            got = torch.autograd.grad(out, inputs, upstream_grad)
+            want = torch.autograd.grad(expected, inputs, upstream_grad)
+    for index, (g, w) in enumerate(zip(got, want)):
+        assert_close_dtype(g, w, msg=lambda m, i=index: f"gradient of input {i}: {m}")
+
+
+def test_gradcheck_float64():
+    """torch.autograd.gradcheck (finite differences) on a small multi-chunk case with a blob mask."""
+    gen, query, support, weights = make_case(7, 1, 2, 3, 4, 3, 5, 6, 3, 3, out_channels=2, requires_grad=True)
+    mask = make_mask("blob", 1, 5, 6, gen)
+
+    def fn(*inputs):
+        return ffl.fused_hypercorrelation_cp_conv4d(inputs[:2], inputs[2:4], mask, *inputs[4:], (1, 1, 2, 2),
+                                                    backend="torch")
+
+    assert torch.autograd.gradcheck(fn, (*query, *support, *weights))
+
+
+def test_module_form_equals_conv_of_hypercorrelation():
+    """``fused_hypercorrelation_cp_conv(..., conv)`` equals ``conv(hypercorrelation level)``."""
+    from hypertriton import CenterPivotConv4d
+
+    torch.manual_seed(0)
+    conv = CenterPivotConv4d(3, 8, (3, 3, 5, 5), (1, 1, 4, 4)).double()
+    query = [torch.randn(2, 6, 9, 8, dtype=torch.float64) for _ in range(3)]
+    support = [torch.randn(2, 6, 11, 10, dtype=torch.float64) for _ in range(3)]
+    mask = make_mask("blob", 2, 40, 40, torch.Generator().manual_seed(0))
+    out = ffl.fused_hypercorrelation_cp_conv(query, support, mask, conv, backend="torch")
+    want = conv(reference.hypercorrelation(query, support, mask)[0])
+    assert out.shape == (2, 8, 9, 8, 3, 3)
+    assert_close_dtype(out, want)
+    assert_close_dtype(ffl.fused_hypercorrelation_cp_conv(query, support, mask, conv, backend="reference"), want)
+
+
+@pytest.mark.parametrize("where", ["support_masked_out", "query"])
+def test_non_finite_features_keep_dense_semantics(where):
+    """A NaN support feature under a zero mask, or a NaN query feature, spreads NaN as in the dense path."""
+    gen, query, support, weights = make_case(11, 2, 2, 3, 5, 5, 8, 8, 3, 3)
+    mask = torch.zeros(2, 8, 8, dtype=torch.float64)
+    mask[:, :3, :3] = 1.0
+    if where == "support_masked_out":
+        support[1][0, 1, 6, 6] = float("nan")
+    else:
+        query[0][1, 2, 4, 0] = float("nan")
+    out = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, (1, 1, 2, 2), backend="torch")
+    expected = dense(query, support, mask, weights, (1, 1, 2, 2))
+    assert expected.isnan().any()  # the case exercises the property
+    assert_close_dtype(out, expected)  # NaNs at the same places, the rest close
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op produces while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for tensor in (result if isinstance(result, (tuple, list)) else (result,)):
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel())
+        return result
+
+
+@pytest.mark.parametrize("mask_kind", ["blob", "full"])
+def test_never_materializes_the_4d_tensor(mask_kind):
+    """No intermediate (forward or backward) comes near the ``[B, L, Hq, Wq, Hs, Ws]`` hypercorrelation."""
+    layers, side = 3, 12
+    gen, query, support, weights = make_case(3, 1, layers, 2, side, side, side, side, 3, 5, out_channels=4,
+                                             dtype=torch.float32, requires_grad=True)
+    mask = make_mask(mask_kind, 1, 48, 48, gen).float()
+    four_d = layers * side ** 4  # 62208 elements; output is 4 * 144 * 9 = 5184
+    with chunk_budget(2000), _LargestTensor() as tracker:
+        out = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, (1, 1, 4, 4), backend="torch")
+        out.square().sum().backward()
+    assert tracker.largest <= four_d / 8, (tracker.largest, four_d)
+
+
+def test_reduced_precision_correlation_is_close():
+    """bf16 correlation products: within the bf16 tolerance of the float64 dense result (fp32 output)."""
+    gen, query, support, weights = make_case(5, 1, 3, 16, 9, 9, 9, 9, 3, 5, out_channels=4, dtype=torch.float32)
+    mask = make_mask("blob", 1, 36, 36, gen).float()
+    out = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, (1, 1, 4, 4), backend="torch",
+                                               correlation_dtype=torch.bfloat16)
+    assert out.dtype == torch.float32
+    double = lambda ts: [t.double() for t in ts]  # noqa: E731
+    expected = dense(double(query), double(support), mask.double(), double(weights), (1, 1, 4, 4))
+    exact = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, (1, 1, 4, 4), backend="torch")
+    assert_close_dtype(exact, expected, dtype=torch.float32, scale=10)
+    assert_close_dtype(out, expected, dtype=torch.bfloat16)
+    assert not torch.equal(out, exact)  # the option does change the products
+
+
+def test_half_precision_features_return_their_dtype():
+    gen, query, support, weights = make_case(9, 1, 2, 4, 5, 5, 6, 6, 3, 3, dtype=torch.float32)
+    mask = make_mask("random", 1, 6, 6, gen)
+    out = ffl.fused_hypercorrelation_cp_conv4d([q.bfloat16() for q in query], [s.bfloat16() for s in support],
+                                               mask, *weights, (1, 1, 2, 2), backend="torch")
+    assert out.dtype == torch.bfloat16
+    expected = dense([q.bfloat16().double() for q in query], [s.bfloat16().double() for s in support], mask,
+                     [w.double() for w in weights], (1, 1, 2, 2))
+    assert_close_dtype(out, expected, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("case, error, match", [
+    ("level_sizes", ValueError, "ONE pyramid level"),
+    ("weight_channels", ValueError, "one input channel per layer"),
+    ("correlation_dtype", TypeError, "correlation_dtype"),
+    ("padding", ValueError, "padding"),
+    ("conv", TypeError, "CenterPivotConv4d"),
+])
+def test_bad_input_is_named(case, error, match):
+    gen, query, support, weights = make_case(0, 1, 2, 3, 5, 5, 6, 6, 3, 3)
+    kwargs = {}
+    if case == "level_sizes":
+        query[1] = torch.randn(1, 3, 4, 5, dtype=torch.float64)
+    if case == "weight_channels":
+        weights = (torch.randn(3, 3, 3, 3, dtype=torch.float64),) + weights[1:]
+    if case == "correlation_dtype":
+        kwargs["correlation_dtype"] = torch.int8
+    if case == "padding":
+        kwargs["padding"] = (0, 0, 1, 1)
+    with pytest.raises(error, match=match):
+        if case == "conv":
+            ffl.fused_hypercorrelation_cp_conv(query, support, None, object())
+        else:
+            ffl.fused_hypercorrelation_cp_conv4d(query, support, None, *weights, (1, 1, 2, 2), **kwargs)
+
+
+def test_blob_mask_skips_most_support_positions():
+    """The active set follows the object's area: a quarter-size blob leaves most positions inactive."""
+    mask = make_mask("blob", 1, 40, 40, torch.Generator().manual_seed(1))
+    resized = reference.resize_mask(mask, (20, 20)).flatten(1)
+    support = [torch.randn(1, 4, 20, 20, dtype=torch.float64).flatten(2)[0]]
+    active = ffl._active_positions(resized[0], support, query_finite=True)
+    assert active is not None
+    assert active.numel() == int((resized[0] != 0).sum())
+    assert active.numel() < 0.75 * 400
+    assert math.isclose(float(resized[0, active].abs().sum()), float(resized[0].abs().sum()))
