@@ -1,0 +1,120 @@
+"""``hypertriton train``: train HSNet with the original recipe (one process, or many with torchrun).
+
+Examples::
+
+    hypertriton train --benchmark pascal --fold 0 --backbone resnet50 \\
+        --datapath /data --splits /data/splits --logpath runs/pascal-f0-r50
+    hypertriton train --logpath runs/pascal-f0-r50 --resume ...        # continue after a stop
+    torchrun --nproc_per_node 4 -m hypertriton train --bsz 20 ...      # 4 GPUs, same global batch
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from hypertriton.training import TrainConfig
+
+_DEFAULTS = TrainConfig()
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from hypertriton.backbones import BACKBONES
+    from hypertriton.data import BENCHMARKS
+
+    parser.add_argument("--benchmark", default=_DEFAULTS.benchmark, choices=sorted(BENCHMARKS),
+                        help="few-shot benchmark (default: %(default)s)")
+    parser.add_argument("--fold", type=int, default=_DEFAULTS.fold, help="fold whose classes are held out "
+                        "(default: %(default)s)")
+    parser.add_argument("--backbone", default=_DEFAULTS.backbone, choices=sorted(BACKBONES),
+                        help="frozen feature extractor (default: %(default)s)")
+    parser.add_argument("--no-pretrained", dest="pretrained", action="store_false",
+                        help="keep the backbone's random initialisation instead of ImageNet weights")
+    parser.add_argument("--datapath", help="data root holding VOC2012/, COCO2014/ or FSS-1000/")
+    parser.add_argument("--splits", help="folder with the original split files (pascal/, coco/, fss/)")
+    parser.add_argument("--logpath", metavar="DIR", help="output folder for checkpoints and logs "
+                        "(default: logs/<benchmark>-fold<fold>-<backbone>)")
+    parser.add_argument("--epochs", type=_positive_int, default=_DEFAULTS.epochs,
+                        help="total epochs (default: %(default)s, as the original)")
+    parser.add_argument("--bsz", type=_positive_int, default=_DEFAULTS.bsz,
+                        help="global batch size, split over the torchrun processes (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=_DEFAULTS.lr, help="Adam learning rate (default: %(default)s)")
+    parser.add_argument("--nworker", type=_non_negative_int, default=min(8, os.cpu_count() or 1),
+                        help="data-loader workers per process (default: %(default)s)")
+    parser.add_argument("--img-size", type=_positive_int, default=_DEFAULTS.img_size,
+                        help="side of the resized square images (default: %(default)s)")
+    parser.add_argument("--nshot", type=_positive_int, default=_DEFAULTS.nshot,
+                        help="shots per episode (default: %(default)s, as the original)")
+    parser.add_argument("--amp", nargs="?", const="auto", default="off", choices=["off", "auto", "bf16", "fp16"],
+                        help="mixed precision; bare --amp means auto: bf16 on CPU, bf16 or fp16 on GPU")
+    parser.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
+                        help="continue a stopped run from CKPT (bare --resume: <logpath>/last.pt)")
+    parser.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="seed (default: %(default)s)")
+    parser.add_argument("--max-steps-per-epoch", type=_positive_int, help="cap optimizer steps per epoch "
+                        "(quick runs)")
+    parser.add_argument("--val-episodes", type=_non_negative_int,
+                        help="validation episodes per epoch (default: the whole val split; 0: no validation)")
+    parser.add_argument("--val-bsz", type=_positive_int, help="validation batch size (default: --bsz)")
+    parser.add_argument("--log-every", type=_positive_int, default=_DEFAULTS.log_every,
+                        help="write the step loss to log.jsonl every N steps (default: %(default)s)")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when available; cuda:LOCAL_RANK "
+                        "under torchrun)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`TrainConfig` the parsed command line describes."""
+    logpath = args.logpath or os.path.join("logs", f"{args.benchmark}-fold{args.fold}-{args.backbone}")
+    return TrainConfig(
+        benchmark=args.benchmark, fold=args.fold, backbone=args.backbone, pretrained=args.pretrained,
+        datapath=args.datapath, splits=args.splits, logpath=logpath, epochs=args.epochs, bsz=args.bsz,
+        lr=args.lr, nworker=args.nworker, img_size=args.img_size, nshot=args.nshot, amp=args.amp,
+        resume=args.resume, seed=args.seed, max_steps_per_epoch=args.max_steps_per_epoch,
+        val_episodes=args.val_episodes, val_bsz=args.val_bsz, log_every=args.log_every, device=args.device,
+        progress=args.progress)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hypertriton.distributed import env_ranks
+    from hypertriton.training import LAST_CHECKPOINT, train
+
+    config = config_from_args(args)
+    if config.benchmark != "synthetic" and (config.datapath is None or config.splits is None):
+        print(f"hypertriton train: error: --datapath and --splits are required for --benchmark "
+              f"{config.benchmark}", file=sys.stderr)
+        return 2
+    is_main = env_ranks()[0] == 0
+    try:
+        summary = train(config)
+    except KeyboardInterrupt:
+        if is_main:
+            print(f"interrupted; continue with --resume (state in {config.logpath}/{LAST_CHECKPOINT} "
+                  "if it was saved)", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError) as error:
+        print(f"hypertriton train: error: {error}", file=sys.stderr)
+        return 2
+    if is_main:
+        best = summary["best_miou"]
+        best_text = f"best mIoU {best:.2f} (epoch {summary['best_epoch']})" if best is not None else "no validation"
+        print(f"{summary['epochs_completed']} epochs, {summary['global_step']} steps, {best_text}; "
+              f"checkpoints in {config.logpath}")
+        if summary["interrupted"]:
+            print(f"stopped early; continue with: hypertriton train ... --logpath {config.logpath} --resume",
+                  file=sys.stderr)
+    return 130 if summary["interrupted"] else 0

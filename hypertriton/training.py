@@ -1,0 +1,737 @@
+"""Train HSNet with the original recipe, on one process or many (``torchrun`` + DDP).
+
+The defaults are the original recipe: 1-shot episodes, Adam with a constant learning rate of 1e-3, a
+batch of 20 episodes, cross-entropy over {background, foreground} averaged over the query pixels, and
+the checkpoint kept by best validation mIoU. Only the 4D learner and decoder train; the backbone is
+frozen.
+
+Files in ``logpath`` (written by rank 0 only, each checkpoint atomically: temp file + ``os.replace``):
+
+- ``best_model.pt``: the best model by validation mIoU, in the original checkpoint format (a
+  ``module.``-prefixed state_dict) that :meth:`hypertriton.HSNet.from_checkpoint` and the original code
+  load.
+- ``last.pt``: everything needed to continue exactly (model, optimizer, AMP scaler, epoch, step within
+  the epoch, best mIoU, python/numpy/torch/cuda RNG states). It is rewritten at the end of every epoch
+  and when the run is stopped (Ctrl-C or SIGTERM: the current step finishes, ``last.pt`` is saved, then
+  the run exits; a second Ctrl-C stops at once).
+- ``log.jsonl``: one JSON object per line (``event`` = ``start``, ``step``, ``epoch``, ``best``,
+  ``stop``, ``end``); ``config.json``; TensorBoard event files when ``tensorboard`` is installed.
+
+Exact resume: every training episode is drawn under its own seed, a function of ``(seed, epoch,
+episode index)`` only, and the epoch's episode order is a function of ``(seed, epoch)``. A run resumed
+from ``last.pt`` therefore sees the same batches in the same order as an uninterrupted run, whatever
+the number of data-loader workers, and ends with the same parameters.
+
+Distributed: ``bsz`` is the global batch, split evenly over the ranks (so ``--bsz 20`` is the original
+recipe on any number of GPUs: DDP averages the per-rank gradients of equal-sized shards). Validation
+is sharded over the ranks by :func:`hypertriton.evaluation.evaluate`, whose all-reduced counts equal a
+single-process evaluation.
+
+Example::
+
+    from hypertriton.training import TrainConfig, train
+    summary = train(TrainConfig(benchmark="synthetic", backbone="resnet18", pretrained=False,
+                                img_size=96, epochs=2, bsz=8, logpath="runs/demo"))
+    print(summary["best_miou"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import uuid
+import warnings
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from hypertriton import distributed as hdist
+
+__all__ = [
+    "TrainConfig",
+    "EpisodeSampler",
+    "SeededEpisodes",
+    "atomic_save",
+    "compute_loss",
+    "episode_seed",
+    "load_training_state",
+    "train",
+    "training_step",
+]
+
+LAST_CHECKPOINT = "last.pt"
+BEST_CHECKPOINT = "best_model.pt"
+LOG_FILE = "log.jsonl"
+STATE_FORMAT = "hypertriton-train-state"
+STATE_VERSION = 1
+
+# Config fields that change the training trajectory: resuming with a different value cannot continue
+# the same run.
+_TRAJECTORY_FIELDS = ("benchmark", "fold", "backbone", "bsz", "seed", "img_size", "nshot", "pretrained")
+
+
+@dataclass
+class TrainConfig:
+    """Everything :func:`train` needs; the defaults are the original recipe.
+
+    Attributes:
+        benchmark: ``"pascal"``, ``"coco"``, ``"fss"`` or ``"synthetic"``.
+        fold: cross-validation fold (PASCAL/COCO/synthetic 0..3; FSS-1000 0).
+        backbone: ``"vgg16"``, ``"resnet50"``, ``"resnet101"`` (or the small ``"resnet18"``/``"resnet34"``).
+        pretrained: start from ImageNet backbone weights (the original recipe). ``False`` keeps the
+            random initialisation (tests, synthetic experiments).
+        datapath: root folder of the datasets (original layouts).
+        splits: folder with the original split files.
+        logpath: output folder (checkpoints, logs).
+        epochs: total number of epochs (the run stops after epoch ``epochs - 1``).
+        bsz: global batch size (episodes per optimizer step, summed over all ranks).
+        lr: Adam learning rate (constant).
+        nworker: data-loader worker processes per rank.
+        img_size: side of the square training/validation images.
+        nshot: shots per training and validation episode (the original trains 1-shot).
+        amp: ``"off"``, ``"auto"`` (bf16 on CPU; bf16 on GPUs that support it, else fp16),
+            ``"bf16"`` or ``"fp16"`` (GPU only, with gradient scaling).
+        resume: path of a ``last.pt`` to continue from, ``"auto"`` for ``logpath/last.pt``, or ``None``.
+        seed: seeds model initialisation, episode order and episode draws.
+        max_steps_per_epoch: cap on optimizer steps per epoch (quick runs); ``None`` = full epochs.
+        val_episodes: validation episodes per epoch (``None``: the whole validation split; 0: no
+            validation, so no ``best_model.pt``).
+        val_bsz: validation batch size (``None``: ``bsz``).
+        log_every: write a ``step`` row to ``log.jsonl`` every this many optimizer steps.
+        device: ``"cuda"``, ``"cpu"`` or ``None`` (CUDA when available).
+        progress: show tqdm progress bars (rank 0 only).
+        tensorboard: also log to TensorBoard when it is installed.
+    """
+
+    benchmark: str = "pascal"
+    fold: int = 0
+    backbone: str = "resnet101"
+    pretrained: bool = True
+    datapath: str | None = None
+    splits: str | None = None
+    logpath: str = "logs/train"
+    epochs: int = 2000
+    bsz: int = 20
+    lr: float = 1e-3
+    nworker: int = 0
+    img_size: int = 400
+    nshot: int = 1
+    amp: str = "off"
+    resume: str | None = None
+    seed: int = 0
+    max_steps_per_epoch: int | None = None
+    val_episodes: int | None = None
+    val_bsz: int | None = None
+    log_every: int = 50
+    device: str | None = None
+    progress: bool = True
+    tensorboard: bool = True
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field with an impossible value."""
+        positive = {"epochs": self.epochs, "bsz": self.bsz, "img_size": self.img_size, "nshot": self.nshot,
+                    "log_every": self.log_every}
+        for name, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr: expected a positive finite number, got {self.lr!r}")
+        if not isinstance(self.nworker, int) or self.nworker < 0:
+            raise ValueError(f"nworker: expected an integer >= 0, got {self.nworker!r}")
+        for name in ("max_steps_per_epoch", "val_bsz"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}: expected a positive integer or None, got {value!r}")
+        if self.val_episodes is not None and (not isinstance(self.val_episodes, int) or self.val_episodes < 0):
+            raise ValueError(f"val_episodes: expected an integer >= 0 or None, got {self.val_episodes!r}")
+        if self.amp not in ("off", "auto", "bf16", "fp16"):
+            raise ValueError(f"amp: expected one of 'off', 'auto', 'bf16', 'fp16', got {self.amp!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
+
+
+@contextmanager
+def _atomic_file(path: Path, mode: str = "wb"):
+    """Yield a handle to a temporary file next to ``path``; on success it is synced and renamed over
+    ``path`` (``os.replace`` is atomic within one file system), so readers see the old or the complete
+    new file, never a truncated one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # open(..., "x") rather than mkstemp: the file gets the umask's permissions, not mkstemp's 0600.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, mode.replace("w", "x")) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj, path)``, atomically (temporary file in the same folder, then a rename)."""
+    path = Path(path)
+    with _atomic_file(path) as handle:
+        torch.save(obj, handle)
+    return path
+
+
+class _RunLog:
+    """JSON lines (and TensorBoard scalars when available); silent on ranks other than 0."""
+
+    def __init__(self, logdir: Path, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        logdir.mkdir(parents=True, exist_ok=True)
+        self._file = open(logdir / LOG_FILE, "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard not installed: JSON lines only
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self._tb = SummaryWriter(log_dir=str(logdir / "tensorboard"))
+
+    def write(self, event: str, **fields) -> None:
+        if not self.enabled:
+            return
+        row = {"event": event, "time": round(time.time(), 3), **fields}
+        self._file.write(json.dumps(row) + "\n")
+        # Flushed per row so a killed run keeps its log up to its last step.
+        self._file.flush()
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self._tb is None:
+            return
+        for name, value in values.items():
+            if value is not None:
+                self._tb.add_scalar(name, value, step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Randomness
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        states = state["cuda"][: torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all(states)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextmanager
+def _isolated_rng():
+    """Run a block (validation) without moving the global RNG streams of the training run."""
+    state = _rng_state()
+    try:
+        yield
+    finally:
+        _set_rng_state(state)
+
+
+def episode_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed a training episode is drawn under: a hash of ``(seed, epoch, index)``, in ``[0, 2**63)``.
+
+    Keying by the episode index (not its position in a batch or a rank) makes an episode's support draw
+    independent of the loader's workers, the number of ranks and where a run was resumed.
+    """
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint32).view(np.uint64)[0]
+               >> np.uint64(1))
+
+
+class SeededEpisodes(Dataset):
+    """Wrap a dataset so that item ``(index, seed)`` is ``dataset[index]`` drawn under ``seed``.
+
+    The original datasets draw supports from the global ``random``/``numpy``/``torch`` streams; this
+    wrapper seeds those streams for the one call and then restores them, so the draw depends on the
+    seed alone.
+    """
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        state = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        try:
+            return self.dataset[index]
+        finally:
+            random.setstate(state[0])
+            np.random.set_state(state[1])
+            torch.set_rng_state(state[2])
+
+
+class EpisodeSampler(DistributedSampler):
+    """:class:`~torch.utils.data.DistributedSampler` that yields ``(index, episode_seed)`` pairs and can
+    skip the episodes a resumed run has already trained on.
+
+    Works without a process group (pass ``num_replicas=1, rank=0``). The epoch order is the
+    DistributedSampler's (a permutation seeded by ``seed + epoch``), sharded ``rank::num_replicas``.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self.start = 0
+
+    def set_start(self, start: int) -> None:
+        """Skip this rank's first ``start`` episodes of the epoch (the steps already trained)."""
+        self.start = int(start)
+
+    def __iter__(self):
+        for position, index in enumerate(super().__iter__()):
+            if position >= self.start:
+                yield index, episode_seed(self.seed, self.epoch, index)
+
+    def __len__(self) -> int:
+        return max(super().__len__() - self.start, 0)
+
+
+def _ignore_sigint_in_worker(_worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group; the main process decides when to stop, so workers must
+    # not die mid-epoch and turn a clean stop into a "DataLoader worker exited" error.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# --------------------------------------------------------------------------------------------------
+# One step
+
+
+def compute_loss(logits: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+    """The original loss: cross-entropy over {background, foreground}, mean over all query pixels.
+
+    Shape:
+        logits ``[B, 2, H, W]``; query_mask ``[B, H, W]`` with values in {0, 1} (PASCAL boundary pixels
+        are background here, as in the original: no ignore index). Returns a 0-dim float32 tensor.
+    """
+    if logits.dim() != 4 or logits.shape[1] != 2:
+        raise ValueError(f"logits: expected shape [B, 2, H, W], got {tuple(logits.shape)}")
+    if query_mask.shape != (logits.shape[0], *logits.shape[2:]):
+        raise ValueError(f"query_mask: expected shape {(logits.shape[0], *logits.shape[2:])} to match "
+                         f"logits {tuple(logits.shape)}, got {tuple(query_mask.shape)}")
+    return F.cross_entropy(logits.float(), query_mask.long())
+
+
+def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    if amp_dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def training_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
+                  scaler: torch.amp.GradScaler | None = None, amp_dtype: torch.dtype | None = None) -> float:
+    """One optimizer step on a batch of 1-shot episodes; returns the loss (a Python float).
+
+    ``batch`` holds ``query_img`` ``[B, 3, H, W]``, ``query_mask`` ``[B, H, W]``, ``support_imgs``
+    ``[B, K, 3, H, W]`` and ``support_masks`` ``[B, K, H, W]`` on the model's device; the first shot is
+    used, as in the original training.
+    """
+    device = batch["query_img"].device
+    optimizer.zero_grad(set_to_none=True)
+    with _autocast(device, amp_dtype):
+        logits = model(batch["query_img"], batch["support_imgs"][:, 0], batch["support_masks"][:, 0])
+    loss = compute_loss(logits, batch["query_mask"])
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return float(loss.detach())
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    non_blocking = device.type == "cuda"
+    return {key: value.to(device, non_blocking=non_blocking) if torch.is_tensor(value) else value
+            for key, value in batch.items()}
+
+
+def _resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    if amp == "off":
+        return None
+    if device.type == "cpu":
+        if amp == "fp16":
+            raise ValueError("amp='fp16' needs a CUDA device; use amp='bf16' (or 'auto') on CPU")
+        return torch.bfloat16
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+# --------------------------------------------------------------------------------------------------
+# Stop requests (Ctrl-C / SIGTERM)
+
+
+class _StopRequest:
+    """First SIGINT/SIGTERM asks the loop to stop after the current step; a second one interrupts."""
+
+    def __init__(self, verbose: bool):
+        self.requested = False
+        self.verbose = verbose
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, _frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.verbose:
+            print(f"\n{signal.Signals(signum).name} received: finishing the current step and saving "
+                  f"{LAST_CHECKPOINT} (send it again to stop at once)", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building blocks (model, data, validation) -- replaceable through train()'s keyword arguments
+
+
+def _build_model(config: TrainConfig) -> torch.nn.Module:
+    from hypertriton.model import HSNet
+
+    return HSNet(backbone=config.backbone, pretrained=config.pretrained)
+
+
+def _build_dataset(config: TrainConfig, split: str, nshot: int) -> Dataset:
+    from hypertriton.data import build_dataset
+
+    return build_dataset(config.benchmark, config.datapath, config.splits, config.fold, split, nshot,
+                         img_size=config.img_size, use_original_imgsize=False)
+
+
+class _AtTrainingSize(Dataset):
+    """A validation dataset whose items drop ``org_query_imsize``: validation during training predicts at
+    the resized query size, as the original's (its loaders never use the original image size), and a
+    batch of several episodes then needs no per-episode output size."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        item = dict(self.dataset[index])
+        item.pop("org_query_imsize", None)
+        return item
+
+    def __getattr__(self, name: str):
+        # class_ids, benchmark, ... of the wrapped dataset (evaluate() reads them)
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def _validate(model: torch.nn.Module, dataset: Dataset, config: TrainConfig, device: torch.device,
+              show_progress: bool) -> dict[str, float]:
+    from hypertriton.evaluation import evaluate
+
+    # evaluate() shards the episodes over the ranks and all-reduces the counts itself.
+    result = evaluate(model, _AtTrainingSize(dataset), nshot=config.nshot, device=device, progress=show_progress,
+                      bsz=config.val_bsz or config.bsz, nworker=config.nworker, max_episodes=config.val_episodes)
+    return {"miou": float(result["miou"]), "fbiou": float(result["fb_iou"])}
+
+
+def load_training_state(path: str | os.PathLike) -> dict:
+    """Read a ``last.pt`` written by :func:`train` (on the CPU) and check its format."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"resume: no training state at {path}")
+    # The state holds numpy RNG arrays and Python tuples, so it cannot be read with weights_only=True;
+    # only resume from files you wrote yourself.
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ValueError(f"resume: {path} is not a hypertriton training state (expected a {LAST_CHECKPOINT} "
+                         f"written by 'hypertriton train'; {BEST_CHECKPOINT} holds weights only)")
+    if state.get("version") != STATE_VERSION:
+        raise ValueError(f"resume: {path} has state version {state.get('version')!r}, expected {STATE_VERSION}")
+    return state
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+
+
+def _check_resume_config(saved: dict, config: TrainConfig, world_size: int) -> None:
+    changed = [name for name in _TRAJECTORY_FIELDS if saved.get(name) != getattr(config, name)]
+    if changed:
+        details = ", ".join(f"{name}: {saved.get(name)!r} -> {getattr(config, name)!r}" for name in changed)
+        raise ValueError(f"resume: the run was started with different settings ({details}); "
+                         "resume with the original values or start a new run")
+    for name in ("lr", "amp", "max_steps_per_epoch"):
+        if saved.get(name) != getattr(config, name):
+            warnings.warn(f"resume: {name} changed from {saved.get(name)!r} to {getattr(config, name)!r}; "
+                          "the continued run will differ from an uninterrupted one", stacklevel=3)
+    if saved.get("world_size", world_size) != world_size:
+        warnings.warn(f"resume: the run used {saved.get('world_size')} processes, now {world_size}; the "
+                      "episodes are the same but float rounding in gradient averaging differs", stacklevel=3)
+
+
+def train(config: TrainConfig, *, model: torch.nn.Module | None = None, train_dataset: Dataset | None = None,
+          val_dataset: Dataset | None = None, on_step: Callable[[dict], None] | None = None,
+          validate_fn: Callable[..., dict] | None = None) -> dict:
+    """Train HSNet; returns a summary dict.
+
+    Args:
+        config: the run's settings (see :class:`TrainConfig`).
+        model: an HSNet to train instead of ``HSNet(config.backbone, config.pretrained)`` (its weights
+            are replaced by the saved ones when resuming).
+        train_dataset, val_dataset: datasets instead of ``hypertriton.data.build_dataset(...)``
+            (items as the original datasets return them).
+        on_step: called on every rank after every optimizer step with ``{"epoch", "step",
+            "global_step", "loss"}`` (``step`` counts the epoch's steps done, from 1).
+        validate_fn: ``validate_fn(model, dataset, config, device, show_progress) -> {"miou", "fbiou"}``
+            instead of :func:`hypertriton.evaluation.evaluate`.
+
+    Returns:
+        ``{"epochs_completed", "global_step", "best_miou", "best_epoch", "train_loss" (last epoch's
+        mean), "val" (last validation, or None), "interrupted", "logpath"}``.
+
+    Under torchrun (``WORLD_SIZE`` set) the process group is joined here and left at the end if this
+    call created it.
+    """
+    config.validate()
+    created_group = not hdist.is_distributed()
+    ctx = hdist.init_distributed(config.device)
+    try:
+        return _train(config, ctx, model, train_dataset, val_dataset, on_step, validate_fn or _validate)
+    finally:
+        if created_group:
+            hdist.cleanup_distributed()
+
+
+def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_dataset, val_dataset, on_step,
+           validate_fn) -> dict:
+    from tqdm.auto import tqdm
+
+    from hypertriton.checkpoint import save_checkpoint
+
+    device = ctx.device
+    logdir = Path(config.logpath)
+    if config.bsz % ctx.world_size:
+        raise ValueError(f"bsz: the global batch ({config.bsz}) must divide evenly over the "
+                         f"{ctx.world_size} processes")
+    rank_bsz = config.bsz // ctx.world_size
+    amp_dtype = _resolve_amp(config.amp, device)
+    show = config.progress and ctx.is_main
+
+    resume_path = None
+    if config.resume is not None:
+        resume_path = logdir / LAST_CHECKPOINT if config.resume == "auto" else Path(config.resume)
+    state = load_training_state(resume_path) if resume_path is not None else None
+    if state is not None:
+        _check_resume_config(state["config"], config, ctx.world_size)
+
+    # Every rank builds the same initial model (DDP would broadcast rank 0's anyway).
+    _seed_everything(config.seed)
+    if model is None:
+        model = _build_model(config)
+    model = model.to(device)
+    if train_dataset is None:
+        train_dataset = _build_dataset(config, "trn", config.nshot)
+    if config.val_episodes == 0:
+        val_dataset = None
+    elif val_dataset is None:
+        val_dataset = _build_dataset(config, "val", config.nshot)
+    val_count = 0 if val_dataset is None else min(len(val_dataset), config.val_episodes or len(val_dataset))
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model: no parameter requires a gradient; nothing to train")
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+
+    start_epoch, start_step, global_step = 0, 0, 0
+    best_miou, best_epoch = float("-inf"), None
+    loss_sum, loss_count = 0.0, 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr
+        if scaler is not None and state.get("scaler") is not None:
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, start_step, global_step = state["epoch"], state["step"], state["global_step"]
+        best_miou, best_epoch = state["best_miou"], state["best_epoch"]
+        loss_sum, loss_count = state["loss_sum"], state["loss_count"]  # totals over all ranks
+        _set_rng_state(state["rng"])
+
+    train_model = model
+    if ctx.is_distributed:
+        # Only the frozen backbone has buffers; they are equal on every rank after DDP's initial sync, so
+        # re-broadcasting them before every forward would be wasted traffic.
+        sync_kwarg = ("forward_sync_buffers" if "forward_sync_buffers" in
+                      inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters else "broadcast_buffers")
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, **{sync_kwarg: False})
+
+    sampler = EpisodeSampler(train_dataset, ctx.world_size, ctx.rank, config.seed)
+    loader = DataLoader(SeededEpisodes(train_dataset), batch_size=rank_bsz, sampler=sampler,
+                        num_workers=config.nworker, pin_memory=device.type == "cuda",
+                        worker_init_fn=_ignore_sigint_in_worker if config.nworker else None,
+                        persistent_workers=config.nworker > 0)
+    full_steps = math.ceil(math.ceil(len(train_dataset) / ctx.world_size) / rank_bsz)
+    steps_per_epoch = min(full_steps, config.max_steps_per_epoch or full_steps)
+
+    log = _RunLog(logdir, ctx.is_main, config.tensorboard)
+    if ctx.is_main:
+        with _atomic_file(logdir / "config.json", "w") as handle:
+            json.dump(dataclasses.asdict(config), handle, indent=2)
+    log.write("resume" if state is not None else "start", epoch=start_epoch, step=start_step,
+              global_step=global_step, world_size=ctx.world_size, device=str(device),
+              steps_per_epoch=steps_per_epoch, train_episodes=len(train_dataset), val_episodes=val_count,
+              amp=str(amp_dtype).replace("torch.", "") if amp_dtype else "off")
+
+    def save_last() -> None:
+        if not ctx.is_main:
+            return
+        atomic_save({"format": STATE_FORMAT, "version": STATE_VERSION,
+                     "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                     "epoch": epoch, "step": step, "global_step": global_step,
+                     "best_miou": best_miou, "best_epoch": best_epoch,
+                     "loss_sum": loss_sum, "loss_count": loss_count, "rng": _rng_state(),
+                     "config": {**dataclasses.asdict(config), "world_size": ctx.world_size}},
+                    logdir / LAST_CHECKPOINT)
+
+    stop = _StopRequest(verbose=ctx.is_main)
+    stop.install()
+    stopping = False
+    last_val, epoch_loss = None, None
+    epoch, step = start_epoch, start_step
+    # False only while an optimizer step is under way (model and optimizer then hold half an update).
+    consistent = True
+    try:
+        while epoch < config.epochs and not stopping:
+            sampler.set_epoch(epoch)
+            sampler.set_start(step * rank_bsz)
+            model.train()  # HSNet keeps its frozen backbone in eval mode
+            bar = tqdm(total=steps_per_epoch, initial=step, desc=f"epoch {epoch}", disable=not show,
+                       dynamic_ncols=True, leave=False)
+            for batch in (loader if step < steps_per_epoch else ()):
+                batch = _to_device(batch, device)
+                consistent = False
+                loss = training_step(train_model, batch, optimizer, scaler, amp_dtype)
+                consistent = True
+                step += 1
+                global_step += 1
+                # One collective per step: the batch's loss summed over ranks, and whether any rank was
+                # asked to stop (all ranks must leave the loop after the same step, or DDP deadlocks).
+                size = batch["query_img"].shape[0]
+                totals = hdist.all_reduce_sum(torch.tensor([loss * size, size, float(stop.requested)],
+                                                           dtype=torch.float64))
+                loss = float(totals[0] / totals[1])
+                loss_sum, loss_count = loss_sum + float(totals[0]), loss_count + int(totals[1])
+                stopping = bool(totals[2] > 0)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                if global_step % config.log_every == 0:
+                    log.write("step", epoch=epoch, step=step, global_step=global_step, loss=loss)
+                    log.scalars(global_step, {"train/step_loss": loss})
+                if on_step is not None:
+                    on_step({"epoch": epoch, "step": step, "global_step": global_step, "loss": loss})
+                if stopping or step >= steps_per_epoch:
+                    break
+            bar.close()
+            # A request that came during the epoch's last step must not wait for a whole validation.
+            stopping = stopping or hdist.any_rank(stop.requested, device)
+            if stopping:
+                save_last()
+                log.write("stop", epoch=epoch, step=step, global_step=global_step, reason="signal",
+                          checkpoint=LAST_CHECKPOINT)
+                break
+
+            epoch_loss = loss_sum / max(loss_count, 1)
+            if val_dataset is not None:
+                model.eval()
+                with _isolated_rng(), torch.no_grad():
+                    last_val = validate_fn(model, val_dataset, config, device, show)
+                if last_val["miou"] > best_miou:
+                    best_miou, best_epoch = last_val["miou"], epoch
+                    if ctx.is_main:
+                        save_checkpoint(model, logdir / BEST_CHECKPOINT)  # atomic, original format
+                    log.write("best", epoch=epoch, miou=best_miou, checkpoint=BEST_CHECKPOINT)
+            row = {"train_loss": epoch_loss, "val_miou": last_val["miou"] if last_val else None,
+                   "val_fbiou": last_val["fbiou"] if last_val else None,
+                   "best_miou": best_miou if best_epoch is not None else None}
+            log.write("epoch", epoch=epoch, global_step=global_step, lr=config.lr, **row)
+            log.scalars(epoch, {"train/loss": epoch_loss, "val/miou": row["val_miou"], "val/fbiou": row["val_fbiou"]})
+            if show:
+                val_text = f", val mIoU {row['val_miou']:.2f} FB-IoU {row['val_fbiou']:.2f}" if last_val else ""
+                tqdm.write(f"epoch {epoch}: loss {epoch_loss:.4f}{val_text}")
+            epoch, step, loss_sum, loss_count = epoch + 1, 0, 0.0, 0
+            save_last()
+    except KeyboardInterrupt:
+        # A second Ctrl-C: no collective is safe any more; rank 0 keeps what it has if it is whole.
+        if consistent:
+            save_last()
+            log.write("stop", epoch=epoch, step=step, global_step=global_step, reason="interrupt",
+                      checkpoint=LAST_CHECKPOINT)
+        log.close()
+        raise
+    finally:
+        stop.restore()
+
+    summary = {"epochs_completed": epoch, "global_step": global_step,
+               "best_miou": best_miou if best_epoch is not None else None, "best_epoch": best_epoch,
+               "train_loss": epoch_loss, "val": last_val, "interrupted": stopping, "logpath": str(logdir)}
+    log.write("end", **{k: v for k, v in summary.items() if k != "logpath"})
+    log.close()
+    hdist.barrier()
+    return summary

@@ -1,0 +1,329 @@
+"""Training loop: loss, overfitting one batch, exact resume after a stop, atomic checkpoints in the
+original format, best-checkpoint selection, AMP, the episode sampler and the ``hypertriton train`` CLI.
+
+Everything runs on the CPU with a randomly initialised resnet18 backbone, 64 px synthetic episodes and
+a few optimizer steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from hypertriton.data.synthetic import SyntheticDataset
+from hypertriton.model import HSNet
+from hypertriton.training import (BEST_CHECKPOINT, LAST_CHECKPOINT, LOG_FILE, EpisodeSampler, SeededEpisodes,
+                                  TrainConfig, atomic_save, compute_loss, episode_seed, load_training_state,
+                                  train, training_step)
+
+IMG = 64
+
+
+@pytest.fixture(autouse=True)
+def _single_process(monkeypatch):
+    # A test run under torchrun must not make these single-process runs join its group.
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def tiny_config(logpath, **overrides) -> TrainConfig:
+    values = dict(benchmark="synthetic", backbone="resnet18", pretrained=False, img_size=IMG, bsz=2, epochs=2,
+                  max_steps_per_epoch=3, val_episodes=2, val_bsz=2, log_every=1, device="cpu", progress=False,
+                  tensorboard=False, logpath=str(logpath))
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def tiny_data():
+    return (SyntheticDataset(split="trn", fold=0, img_size=IMG, episodes=8),
+            SyntheticDataset(split="val", fold=0, img_size=IMG, episodes=2))
+
+
+def read_log(logpath) -> list[dict]:
+    with open(os.path.join(logpath, LOG_FILE)) as handle:
+        return [json.loads(line) for line in handle]
+
+
+# --------------------------------------------------------------------------------------------------
+# loss and one step
+
+
+def test_compute_loss_is_pixel_mean_cross_entropy():
+    # Two pixels: logits (0, ln 3) with truth fg -> -log(3/4); logits (ln 2, 0) with truth bg -> -log(2/3).
+    logits = torch.tensor([[[[0.0, math.log(2.0)]], [[math.log(3.0), 0.0]]]])  # [1, 2, 1, 2]
+    mask = torch.tensor([[[1.0, 0.0]]])
+    expected = (-math.log(3 / 4) - math.log(2 / 3)) / 2
+    assert compute_loss(logits, mask).item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("logits_shape, mask_shape, message", [
+    ((1, 3, 2, 2), (1, 2, 2), r"logits: expected shape \[B, 2, H, W\]"),
+    ((1, 2, 2, 2), (1, 2, 3), "query_mask: expected shape"),
+], ids=["three-classes", "mask-size"])
+def test_compute_loss_rejects_bad_shapes(logits_shape, mask_shape, message):
+    with pytest.raises(ValueError, match=message):
+        compute_loss(torch.zeros(logits_shape), torch.zeros(mask_shape))
+
+
+def _fixed_batch(count: int = 2) -> dict:
+    dataset = SyntheticDataset(split="trn", fold=0, img_size=IMG, episodes=count)
+    return torch.utils.data.default_collate([dataset[i] for i in range(count)])
+
+
+def test_overfitting_one_batch_drives_the_loss_down():
+    torch.manual_seed(0)
+    model = HSNet("resnet18").train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    batch = _fixed_batch()
+    backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    losses = [training_step(model, batch, optimizer) for _ in range(12)]
+    assert all(math.isfinite(loss) for loss in losses)
+    assert losses[-1] < 0.5 * losses[0], losses
+    # The backbone is frozen: neither its weights nor its BatchNorm statistics move.
+    for key, value in model.backbone.state_dict().items():
+        assert torch.equal(value, backbone_before[key]), key
+
+
+def test_bf16_autocast_step_on_cpu():
+    torch.manual_seed(0)
+    model = HSNet("resnet18").train()
+    learner_before = [p.detach().clone() for p in model.hpn_learner.parameters()]
+    optimizer = torch.optim.Adam(model.hpn_learner.parameters(), lr=1e-3)
+    loss = training_step(model, _fixed_batch(1), optimizer, amp_dtype=torch.bfloat16)
+    assert math.isfinite(loss) and 0 < loss < 5
+    assert any(not torch.equal(p, q) for p, q in zip(model.hpn_learner.parameters(), learner_before))
+    assert all(p.dtype == torch.float32 for p in model.hpn_learner.parameters())  # master weights stay fp32
+
+
+# --------------------------------------------------------------------------------------------------
+# episode order and seeding
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_episode_sampler_shards_one_epoch_with_world_independent_seeds(world_size):
+    dataset = list(range(10))
+    shards = []
+    for rank in range(world_size):
+        sampler = EpisodeSampler(dataset, world_size, rank, seed=7)
+        sampler.set_epoch(3)
+        shards.append(list(sampler))
+    covered = {index for shard in shards for index, _ in shard}
+    assert covered == set(range(10))
+    assert sum(len(shard) for shard in shards) == math.ceil(10 / world_size) * world_size
+    for shard in shards:
+        for index, seed in shard:
+            assert seed == episode_seed(7, 3, index)
+    # Skipping the steps already trained leaves exactly the rest of this rank's order.
+    sampler = EpisodeSampler(dataset, world_size, 0, seed=7)
+    sampler.set_epoch(3)
+    sampler.set_start(2)
+    assert list(sampler) == shards[0][2:] and len(sampler) == len(shards[0]) - 2
+
+
+def test_episode_seed_depends_on_seed_epoch_and_index():
+    seeds = {episode_seed(s, e, i) for s in range(2) for e in range(3) for i in range(4)}
+    assert len(seeds) == 24 and all(0 <= value < 2**63 for value in seeds)
+    assert episode_seed(1, 2, 3) == episode_seed(1, 2, 3)
+
+
+class _GlobalRngDataset(torch.utils.data.Dataset):
+    """Draws from the three global streams, as the original datasets do for their supports."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        return (index, random.random(), float(np.random.rand()), float(torch.rand(())))
+
+
+def test_seeded_episodes_are_a_function_of_the_seed_and_leave_global_rng_alone():
+    dataset = SeededEpisodes(_GlobalRngDataset())
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    expected_next = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    first, again, other = dataset[(2, 123)], dataset[(2, 123)], dataset[(2, 124)]
+    assert first == again and first[0] == 2 and first[1:] != other[1:]
+    assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == expected_next
+
+
+# --------------------------------------------------------------------------------------------------
+# the loop: files, best checkpoint, resume
+
+
+class _ScriptedValidation:
+    """validate_fn returning a fixed mIoU sequence and remembering the learner weights it saw."""
+
+    def __init__(self, mious):
+        self.mious, self.seen = list(mious), []
+
+    def __call__(self, model, dataset, config, device, show_progress):
+        self.seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        miou = self.mious[len(self.seen) - 1]
+        return {"miou": miou, "fbiou": miou / 2}
+
+
+def test_best_checkpoint_is_the_best_validated_model_in_original_format(tmp_path):
+    trn, val = tiny_data()
+    validation = _ScriptedValidation([10.0, 30.0, 20.0])
+    summary = train(tiny_config(tmp_path, epochs=3, max_steps_per_epoch=1), train_dataset=trn, val_dataset=val,
+                    validate_fn=validation)
+    assert summary["best_epoch"] == 1 and summary["best_miou"] == 30.0 and summary["epochs_completed"] == 3
+    # Only the final files: every temporary file was renamed into place.
+    assert sorted(os.listdir(tmp_path)) == sorted([BEST_CHECKPOINT, LAST_CHECKPOINT, LOG_FILE, "config.json"])
+
+    raw = torch.load(tmp_path / BEST_CHECKPOINT, map_location="cpu", weights_only=True)
+    assert raw and all(key.startswith("module.") for key in raw)
+    loaded = HSNet.from_checkpoint(tmp_path / BEST_CHECKPOINT)
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, validation.seen[1][key]), key
+
+    state = load_training_state(tmp_path / LAST_CHECKPOINT)
+    assert (state["epoch"], state["step"], state["global_step"]) == (3, 0, 3)
+    assert state["best_miou"] == 30.0 and state["best_epoch"] == 1
+    for key, value in state["model"].items():
+        assert torch.equal(value, validation.seen[2][key]), key
+
+    rows = read_log(tmp_path)
+    epochs = [row for row in rows if row["event"] == "epoch"]
+    assert [row["val_miou"] for row in epochs] == [10.0, 30.0, 20.0]
+    assert [row["best_miou"] for row in epochs] == [10.0, 30.0, 30.0]
+    assert [row["epoch"] for row in rows if row["event"] == "best"] == [0, 1]
+    assert rows[0]["event"] == "start" and rows[-1]["event"] == "end"
+
+
+def _stop_at(global_step: int):
+    def on_step(info):
+        if info["global_step"] == global_step:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: handled after this step, then last.pt
+    return on_step
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    logpath = tmp_path_factory.mktemp("uninterrupted")
+    trn, val = tiny_data()
+    summary = train(tiny_config(logpath), train_dataset=trn, val_dataset=val)
+    return summary, load_training_state(logpath / LAST_CHECKPOINT), read_log(logpath)
+
+
+# global step 3 is the last step of epoch 0 (stopped before its validation); 4 is mid-epoch 1.
+@pytest.mark.parametrize("stop_step", [3, 4], ids=["end-of-epoch", "mid-epoch"])
+def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted, stop_step):
+    reference_summary, reference_state, reference_log = uninterrupted
+    trn, val = tiny_data()
+    stopped = train(tiny_config(tmp_path), train_dataset=trn, val_dataset=val, on_step=_stop_at(stop_step))
+    # The request is honoured at the next step boundary all ranks agree on: after this step or the next.
+    assert stopped["interrupted"] and stopped["global_step"] in (stop_step, stop_step + 1)
+    assert stopped["global_step"] < reference_summary["global_step"]
+    saved = load_training_state(tmp_path / LAST_CHECKPOINT)
+    assert saved["global_step"] == stopped["global_step"]
+    assert saved["epoch"] * 3 + saved["step"] == saved["global_step"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+    trn, val = tiny_data()
+    resumed = train(tiny_config(tmp_path, resume="auto"), train_dataset=trn, val_dataset=val)
+    assert not resumed["interrupted"] and resumed["global_step"] == reference_summary["global_step"]
+    assert resumed["best_miou"] == reference_summary["best_miou"]
+    assert resumed["train_loss"] == reference_summary["train_loss"]  # partial-epoch sums were kept
+    final = load_training_state(tmp_path / LAST_CHECKPOINT)
+    for key, value in reference_state["model"].items():
+        assert torch.equal(final["model"][key], value), key
+    for ref, got in zip(reference_state["optimizer"]["state"].values(), final["optimizer"]["state"].values()):
+        assert all(torch.equal(ref[name], got[name]) for name in ref)
+
+    rows = read_log(tmp_path)
+    assert [row["event"] for row in rows].count("stop") == 1 and any(row["event"] == "resume" for row in rows)
+    losses = [row["loss"] for row in rows if row["event"] == "step"]
+    assert losses == [row["loss"] for row in reference_log if row["event"] == "step"]
+
+
+def test_resume_refuses_a_different_recipe(tmp_path):
+    trn, val = tiny_data()
+    train(tiny_config(tmp_path, epochs=1, max_steps_per_epoch=1, val_episodes=0), train_dataset=trn)
+    with pytest.raises(ValueError, match=r"bsz: 2 -> 4"):
+        train(tiny_config(tmp_path, bsz=4, resume="auto", val_episodes=0), train_dataset=trn)
+    with pytest.raises(ValueError, match="not a hypertriton training state"):
+        atomic_save({"module.x": torch.zeros(1)}, tmp_path / "weights.pt")
+        train(tiny_config(tmp_path, resume=str(tmp_path / "weights.pt")), train_dataset=trn)
+
+
+class _Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("cannot pickle this")
+
+
+def test_atomic_save_never_leaves_a_partial_file(tmp_path):
+    path = tmp_path / "state.pt"
+    atomic_save({"value": torch.arange(3)}, path)
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        atomic_save({"value": _Unpicklable()}, path)
+    assert os.listdir(tmp_path) == ["state.pt"]
+    assert torch.equal(torch.load(path, weights_only=True)["value"], torch.arange(3))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("bsz", 0, "bsz: expected a positive integer"),
+    ("lr", float("nan"), "lr: expected a positive finite number"),
+    ("amp", "fp8", "amp: expected one of"),
+    ("val_episodes", -1, "val_episodes"),
+])
+def test_config_rejects_impossible_values(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        train(tiny_config(tmp_path, **{field: value}))
+
+
+def test_fp16_on_cpu_is_refused(tmp_path):
+    trn, _ = tiny_data()
+    with pytest.raises(ValueError, match="amp='fp16' needs a CUDA device"):
+        train(tiny_config(tmp_path, amp="fp16", val_episodes=0), train_dataset=trn)
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_train_on_the_synthetic_benchmark(tmp_path, capsys):
+    from hypertriton.cli import main
+
+    logpath = tmp_path / "run"
+    code = main(["train", "--benchmark", "synthetic", "--backbone", "resnet18", "--no-pretrained",
+                 "--img-size", str(IMG), "--bsz", "2", "--epochs", "1", "--max-steps-per-epoch", "2",
+                 "--val-episodes", "2", "--nworker", "1", "--logpath", str(logpath), "--no-progress",
+                 "--device", "cpu", "--amp", "bf16", "--log-every", "1"])
+    assert code == 0
+    assert "1 epochs, 2 steps, best mIoU" in capsys.readouterr().out
+    rows = read_log(logpath)
+    assert rows[0]["amp"] == "bfloat16" and rows[0]["val_episodes"] == 2
+    assert [row["global_step"] for row in rows if row["event"] == "step"] == [1, 2]
+    config = json.loads((logpath / "config.json").read_text())
+    assert (config["lr"], config["nshot"], config["bsz"]) == (1e-3, 1, 2)
+    HSNet.from_checkpoint(logpath / BEST_CHECKPOINT)
+
+
+def test_cli_defaults_are_the_original_recipe():
+    from hypertriton.cli import build_parser
+    from hypertriton.commands.train import config_from_args
+
+    config = config_from_args(build_parser().parse_args(["train", "--datapath", "d", "--splits", "s"]))
+    assert (config.lr, config.bsz, config.nshot, config.amp, config.pretrained) == (1e-3, 20, 1, "off", True)
+    assert config.img_size == 400 and config.resume is None
+    resume = config_from_args(build_parser().parse_args(["train", "--resume", "--amp"]))
+    assert resume.resume == "auto" and resume.amp == "auto"
+
+
+def test_cli_requires_data_for_real_benchmarks(capsys):
+    from hypertriton.cli import main
+
+    assert main(["train", "--benchmark", "pascal"]) == 2
+    assert "--datapath and --splits are required" in capsys.readouterr().err
