@@ -168,16 +168,42 @@ def build_backbone(name: str, pretrained: bool = False, weights: str | os.PathLi
         The complete torchvision model, frozen (no gradients, eval mode). Random weights unless
         ``pretrained``/``weights``.
     """
-    constructor = getattr(torchvision.models, _TORCHVISION[get_spec(name).name][0])
-    model = constructor(weights=None)
+    spec = get_spec(name)
+    constructor = getattr(torchvision.models, _TORCHVISION[spec.name][0])
     if pretrained or weights is not None:
         state_dict = load_imagenet_weights(name, weights, allow_download)
+        # built without initialization: every value is overwritten by the file
+        with torch.device("meta"):
+            model = constructor(weights=None)
+        model = model.to_empty(device="cpu")
         try:
             model.load_state_dict(state_dict)
         except RuntimeError as error:
             source = weights if weights is not None else imagenet_weights_url(name)
             raise ValueError(f"weights: {source} is not a {name} state_dict: {error}") from error
+    elif spec.family == "vgg":
+        model = _random_vgg(constructor)
+    else:
+        model = constructor(weights=None)
     return freeze(model)
+
+
+def _random_vgg(constructor) -> nn.Module:
+    """A randomly initialized VGG whose unused classifier (123M weights) is zero-filled.
+
+    Drawing the classifier's random weights takes seconds and HSNet never uses them; the convolutions
+    get torchvision's initialization (Kaiming normal, fan-out, zero bias).
+    """
+    with torch.device("meta"):
+        model = constructor(weights=None)
+    model = model.to_empty(device="cpu")
+    for module in model.features:
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+    for tensor in model.classifier.parameters():
+        nn.init.zeros_(tensor)
+    return model
 
 
 def _resnet_block_pre_relu(block: nn.Module, x: torch.Tensor) -> torch.Tensor:

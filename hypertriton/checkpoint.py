@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 __all__ = ["read_state_dict", "strip_prefix", "infer_backbone", "load_into", "save_checkpoint",
-           "CheckpointError"]
+           "atomic_save", "CheckpointError"]
 
 PREFIX = "module."
 _LIST_LIMIT = 10
@@ -150,22 +150,15 @@ def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: 
     model.load_state_dict(state_dict, strict=strict)
 
 
-def save_checkpoint(model: nn.Module, path, prefix: str = PREFIX) -> Path:
-    """Write ``model``'s state_dict in the original's format (``module.`` before every key), atomically.
-
-    Tensors are saved from the CPU; the file appears only once it is complete (temporary file in the
-    same folder, then a rename), so an interrupted save never leaves a truncated checkpoint.
-
-    Returns:
-        The path written.
-    """
+def atomic_save(obj, path) -> Path:
+    """``torch.save(obj, path)``, atomically: a temporary file in the same folder, synced, then renamed
+    over ``path``, so readers see the old or the complete new file, never a truncated one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state_dict = {prefix + key: value.detach().cpu() for key, value in model.state_dict().items()}
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as file:
-            torch.save(state_dict, file)
+            torch.save(obj, file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
@@ -173,3 +166,13 @@ def save_checkpoint(model: nn.Module, path, prefix: str = PREFIX) -> Path:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def save_checkpoint(model: nn.Module, path, prefix: str = PREFIX) -> Path:
+    """Write ``model``'s state_dict in the original's format (``module.`` before every key), atomically
+    (see :func:`atomic_save`), with every tensor moved to the CPU.
+
+    Returns:
+        The path written.
+    """
+    return atomic_save({prefix + key: value.detach().cpu() for key, value in model.state_dict().items()}, path)

@@ -1,0 +1,198 @@
+"""HPNLearner against our plain-PyTorch statement of the original (bench/original_hsnet.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import available_backends
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from hypertriton.learner import HPNLearner, resize_4d
+from hypertriton.testing import assert_close_dtype
+
+_SPEC = importlib.util.spec_from_file_location(
+    "original_hsnet", Path(__file__).resolve().parents[1] / "bench" / "original_hsnet.py")
+original = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(original)
+
+INCH = {"resnet50": [3, 6, 4], "resnet101": [3, 23, 4], "vgg16": [1, 3, 3]}
+BACKENDS = [name for name, device in available_backends() if device == "cpu"]
+
+
+def make_pair(inch, seed: int = 0, backend=None):
+    """An original learner with random weights, and ours holding the same state_dict."""
+    torch.manual_seed(seed)
+    reference = original.OriginalHPNLearner(inch)
+    ours = HPNLearner(inch, backend=backend)
+    ours.load_state_dict(reference.state_dict())
+    return reference, ours
+
+
+def make_pyramid(inch, query_sizes, support_sizes, batch: int, seed: int) -> list[torch.Tensor]:
+    """Random non-negative correlations (as after ReLU), one level per entry, deepest first."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.rand(batch, c, *q, *s, generator=generator) for c, q, s in zip(inch, query_sizes, support_sizes)]
+
+
+def resnet_like_sizes(layer2: tuple[int, int]) -> list[tuple[int, int]]:
+    """Deepest-first map sizes of a ResNet whose layer2 map is ``layer2`` (each stage halves, rounding up)."""
+    layer3 = tuple(-(-n // 2) for n in layer2)
+    layer4 = tuple(-(-n // 2) for n in layer3)
+    return [layer4, layer3, layer2]
+
+
+def decoded_by_original_steps(reference, pyramid):
+    """The original's forward, step by step, except the decoder upsamples each side to twice its own size
+    (the original doubled the width on both sides; equal for square maps)."""
+    sqz4, sqz3, sqz2 = (block(level) for block, level in zip(
+        (reference.encoder_layer4, reference.encoder_layer3, reference.encoder_layer2), pyramid))
+    mix = reference.encoder_layer4to3(reference.interpolate_support_dims(sqz4, sqz3.shape[-4:-2]) + sqz3)
+    mix = reference.encoder_layer3to2(reference.interpolate_support_dims(mix, sqz2.shape[-4:-2]) + sqz2)
+    decoded = reference.decoder1(mix.flatten(4).mean(-1))
+    decoded = F.interpolate(decoded, (2 * decoded.shape[-2], 2 * decoded.shape[-1]), mode="bilinear",
+                            align_corners=True)
+    return reference.decoder2(decoded)
+
+
+@pytest.mark.parametrize("backbone,count", [("resnet50", 2_573_794), ("resnet101", 2_587_394), ("vgg16", 2_570_018)])
+def test_parameter_count_is_the_originals(backbone, count):
+    ours = HPNLearner(INCH[backbone])
+    assert sum(p.numel() for p in ours.parameters() if p.requires_grad) == count
+    assert sum(p.numel() for p in original.OriginalHPNLearner(INCH[backbone]).parameters()) == count
+
+
+def test_state_dict_has_the_original_keys_and_shapes():
+    reference, ours = make_pair(INCH["resnet50"])
+    expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == expected
+    assert "encoder_layer2.6.conv2.weight" in expected and "encoder_layer3to2.7.bias" in expected
+    assert "decoder2.2.weight" in expected
+
+
+# triton: the whole learner only where it compiles (GPU); interpreted on CPU it takes about a minute
+@pytest.mark.parametrize("backend,device", [(b, d) for b, d in available_backends() if b != "triton" or d == "cuda"])
+@given(layer2=st.integers(1, 12), support2=st.integers(1, 12), batch=st.integers(1, 2), seed=st.integers(0, 2**16))
+@example(layer2=8, support2=8, batch=1, seed=0)  # 64-px ResNet
+@example(layer2=7, support2=13, batch=2, seed=1)  # odd sizes, query != support
+def test_forward_equals_the_original(backend, device, layer2, support2, batch, seed):
+    """Square query maps (the original's assumption); our decoder must then agree exactly with it."""
+    inch = INCH["resnet50"]
+    reference, ours = make_pair(inch, seed, backend)
+    reference, ours = reference.to(device), ours.to(device)
+    pyramid = make_pyramid(inch, resnet_like_sizes((layer2, layer2)), resnet_like_sizes((support2, support2)), batch, seed)
+    pyramid = [t.to(device) for t in pyramid]
+    with torch.no_grad():
+        expected = reference([t.clone() for t in pyramid])
+        actual = ours(pyramid)
+    assert actual.shape == (batch, 2, 2 * layer2, 2 * layer2)
+    # on a GPU both sides may run their fp32 convolutions in TF32
+    assert_close_dtype(actual, expected, dtype="tf32" if device == "cuda" else None, scale=10)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton kernels cannot run here (no GPU, no interpreter)")
+def test_squeeze_block_equals_the_original_triton():
+    """On CPU the kernels run interpreted (seconds per launch), so only the first squeezing block, on
+    the smallest grid, is compared; the whole learner is compared on GPU runs of the tests above."""
+    inch = INCH["vgg16"]
+    reference, ours = make_pair(inch, 3, "triton")
+    x = make_pyramid(inch, [(2, 1)], [(1, 2)], 1, 3)[0]
+    with torch.no_grad():
+        assert_close_dtype(ours.encoder_layer4(x), reference.encoder_layer4(x.clone()), scale=10)
+
+
+@given(layer2=st.tuples(st.integers(1, 10), st.integers(1, 10)), support=st.tuples(st.integers(1, 10), st.integers(1, 10)),
+       seed=st.integers(0, 2**16))
+@example(layer2=(8, 10), support=(8, 10), seed=0)  # 64 x 80 px ResNet
+@example(layer2=(1, 9), support=(9, 1), seed=1)
+def test_non_square_maps_decode_to_twice_each_side(layer2, support, seed):
+    inch = INCH["resnet50"]
+    reference, ours = make_pair(inch, seed, "torch")
+    pyramid = make_pyramid(inch, resnet_like_sizes(layer2), resnet_like_sizes(support), 1, seed)
+    with torch.no_grad():
+        actual = ours(pyramid)
+        expected = decoded_by_original_steps(reference, pyramid)
+    assert actual.shape == (1, 2, 2 * layer2[0], 2 * layer2[1])
+    assert_close_dtype(actual, expected, scale=10)
+
+
+def test_support_grids_one_versus_two_match_the_originals_broadcast():
+    """VGG16 at 272 px: pool5's support grid squeezes to 1x1, conv5's to 2x2; the original broadcast the
+    1x1 grid, which is what resizing it replicates."""
+    inch = INCH["vgg16"]
+    reference, ours = make_pair(inch, 5, "torch")
+    pyramid = make_pyramid(inch, [(8, 8), (17, 17), (34, 34)], [(8, 8), (17, 17), (34, 34)], 1, 5)
+    with torch.no_grad():
+        assert_close_dtype(ours(pyramid), reference(pyramid), scale=10)
+
+
+def test_support_grids_two_versus_three_run_where_the_original_crashes():
+    """VGG16 at 528 x 64 px: support grids (2, 1) and (3, 1) after squeezing."""
+    inch = INCH["vgg16"]
+    reference, ours = make_pair(inch, 6, "torch")
+    pyramid = make_pyramid(inch, [(16, 2), (33, 4), (66, 8)], [(16, 2), (33, 4), (66, 8)], 1, 6)
+    with torch.no_grad(), pytest.raises(RuntimeError):
+        reference(pyramid)
+    with torch.no_grad():
+        logits = ours(pyramid)
+    assert logits.shape == (1, 2, 132, 16) and torch.isfinite(logits).all()
+
+
+@given(sizes=st.tuples(*[st.integers(1, 5)] * 8), seed=st.integers(0, 2**16))
+@example(sizes=(1, 1, 1, 1, 3, 2, 4, 5), seed=0)  # size-1 grids replicate
+def test_resize_4d_reproduces_multilinear_functions(sizes, seed):
+    """Bilinear resizing with align_corners=True maps a function linear in each coordinate exactly onto the
+    same function at the resized grid's positions (corners pinned)."""
+    hq, wq, hs, ws, oq_h, oq_w, os_h, os_w = sizes
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(4, generator=g, dtype=torch.float64)
+
+    def coords(n_in, n_out):  # positions of the output samples in input index units
+        return torch.linspace(0, n_in - 1, n_out, dtype=torch.float64) if n_out > 1 else torch.zeros(1, dtype=torch.float64)
+
+    def field(c0, c1, c2, c3):
+        i, j, u, v = torch.meshgrid(c0, c1, c2, c3, indexing="ij")
+        return (a[0] * i + a[1] * j + a[2] * u + a[3] * v)[None, None]
+
+    grid = [torch.arange(n, dtype=torch.float64) for n in (hq, wq, hs, ws)]
+    x = field(*grid)
+    resized = resize_4d(x, (oq_h, oq_w), (os_h, os_w))
+    expected = field(coords(hq, oq_h), coords(wq, oq_w), coords(hs, os_h), coords(ws, os_w))
+    torch.testing.assert_close(resized, expected)
+
+
+def test_gradients_equal_the_originals():
+    inch = INCH["vgg16"]
+    reference, ours = make_pair(inch, 7, "torch")
+    pyramid = make_pyramid(inch, [(2, 2), (3, 3), (5, 5)], [(2, 2), (4, 4), (7, 7)], 2, 7)
+    target = torch.randint(0, 2, (2, 10, 10), generator=torch.Generator().manual_seed(7))
+    F.cross_entropy(reference(pyramid), target).backward()
+    F.cross_entropy(ours(pyramid), target).backward()
+    for (name, p), q in zip(reference.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_original_oracle_recomputes_pruning_indices_per_call():
+    """The only defect fixed in the oracle: pruning after a size change uses the new size."""
+    conv = original.OriginalCenterPivotConv4d(2, 3, (3,) * 4, (1, 1, 2, 2), (1,) * 4)
+    for support in (5, 8):
+        x = torch.randn(1, 2, 3, 3, support, support)
+        assert conv.prune(x).shape[-2:] == (-(-support // 2),) * 2
+        torch.testing.assert_close(conv.prune(x), x[..., ::2, ::2])
+
+
+def test_bad_pyramids_are_rejected_with_the_argument_named():
+    ours = HPNLearner(INCH["vgg16"])
+    good = make_pyramid(INCH["vgg16"], [(1, 1), (2, 2), (3, 3)], [(1, 1), (2, 2), (3, 3)], 1, 0)
+    with pytest.raises(ValueError, match="hypercorr_pyramid.*3 levels"):
+        ours(good[:2])
+    with pytest.raises(ValueError, match=r"hypercorr_pyramid: corr_l3 must be \[B, 3,"):
+        ours([good[0], good[2][:, :2], good[2]])
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        ours([good[0], good[1].expand(2, -1, -1, -1, -1, -1), good[2]])
+    with pytest.raises(ValueError, match="inch"):
+        HPNLearner([3, 6])
