@@ -1,0 +1,251 @@
+"""The Triton launchers alone (no autograd, no op layer) against the einsum references.
+
+On a machine without a GPU the kernels run under Triton's interpreter, which is slow: shapes stay
+tiny and hypothesis draws few examples. Every output buffer starts as NaN, so an element a kernel
+fails to write, or writes outside its slice, is caught.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must happen before hypertriton.kernels is first imported (tests/conftest.py does the same).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from helpers import make_tensor, seeds  # noqa: E402
+from hypothesis import example, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from hypertriton import kernels, reference  # noqa: E402
+from hypertriton.testing import assert_close_dtype  # noqa: E402
+
+if not kernels.INTERPRETED and not torch.cuda.is_available():
+    pytest.skip("the Triton kernels need a CUDA GPU or TRITON_INTERPRET=1 set before hypertriton.kernels "
+                "was first imported", allow_module_level=True)
+
+from hypertriton.kernels.center_pivot_conv4d import center_pivot_conv4d_into  # noqa: E402
+from hypertriton.kernels.hypercorrelation import correlation_into  # noqa: E402
+
+DEVICE = "cpu" if kernels.INTERPRETED else "cuda"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+NAN = float("nan")
+
+
+def nan_buffer(shape, dtype, order=None) -> torch.Tensor:
+    """A NaN-filled tensor of ``shape`` whose memory follows the dim permutation ``order``."""
+    order = list(range(len(shape))) if order is None else order
+    stored = torch.full([shape[d] for d in order], NAN, dtype=dtype, device=DEVICE)
+    return stored.permute([order.index(d) for d in range(len(shape))])
+
+
+def relayout(tensor: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values in the memory layout named as in ``helpers.make_tensor``."""
+    if layout == "channels_last":
+        return tensor.to(memory_format=torch.channels_last)
+    if layout == "strided":  # every other element of a twice-as-long last dim
+        return torch.stack([tensor, torch.full_like(tensor, NAN)], -1).flatten(-2)[..., ::2]
+    return tensor.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------
+# correlation_into
+
+
+sides = st.integers(1, 7)
+
+
+@settings(max_examples=15)
+@given(batch=st.integers(1, 2), channels=st.integers(1, 8), hq=sides, wq=sides, hs=sides, ws=sides,
+       layers=st.integers(1, 3), layout=st.sampled_from(["contiguous", "channels_last", "strided"]),
+       out_order=st.sampled_from(["standard", "support_major"]), dtype=st.sampled_from(sorted(DTYPES)),
+       nan_input=st.booleans(), seed=seeds)
+@example(batch=1, channels=1, hq=1, wq=1, hs=1, ws=1, layers=1, layout="contiguous", out_order="standard",
+         dtype="fp32", nan_input=False, seed=0).via("1x1 maps")
+@example(batch=2, channels=8, hq=5, wq=3, hs=7, ws=6, layers=3, layout="channels_last",
+         out_order="support_major", dtype="fp32", nan_input=False, seed=1).via("channels-last, permuted stack")
+@example(batch=2, channels=3, hq=4, wq=7, hs=2, ws=5, layers=2, layout="strided", out_order="standard",
+         dtype="fp16", nan_input=False, seed=2).via("fp16, non-contiguous")
+@example(batch=2, channels=5, hq=3, wq=4, hs=5, ws=2, layers=2, layout="contiguous", out_order="standard",
+         dtype="fp32", nan_input=True, seed=3).via("NaN in a query and a support feature")
+def test_correlation_matches_reference(batch, channels, hq, wq, hs, ws, layers, layout, out_order, dtype,
+                                       nan_input, seed):
+    dtype = DTYPES[dtype]
+    query = make_tensor((batch, channels, hq, wq), seed, layout, dtype)
+    support = make_tensor((batch, channels, hs, ws), seed + 1, layout, dtype)
+    if nan_input:
+        query[-1, channels // 2, hq // 2, wq // 2] = NAN
+        support[0, 0, hs - 1, 0] = NAN
+    expected = reference.correlation(query.double(), support.double())
+    # The launcher takes features the caller already normalized.
+    q, s = (relayout(reference.normalize(f.double()).to(dtype).to(DEVICE), layout) for f in (query, support))
+
+    order = [0, 1, 2, 3, 4, 5] if out_order == "standard" else [0, 4, 5, 1, 2, 3]
+    stacked = nan_buffer((batch, layers, hq, wq, hs, ws), dtype, order)
+    layer = layers // 2
+    result = correlation_into(q, s, stacked[:, layer])
+
+    assert result.data_ptr() == stacked[:, layer].data_ptr()
+    assert_close_dtype(stacked[:, layer].cpu(), expected, dtype)
+    others = torch.cat([stacked[:, :layer], stacked[:, layer + 1:]], 1)
+    assert others.isnan().all(), "the kernel wrote outside its layer's slice"
+    if nan_input:
+        got = stacked[:, layer].cpu()
+        assert got[-1, hq // 2, wq // 2].isnan().all()  # the ReLU keeps NaN (tl.maximum would not)
+        assert got[0, :, :, hs - 1, 0].isnan().all()
+
+
+def test_correlation_negative_products_are_zero_and_exact():
+    # Hand-computed: q = (1, 0), (0, 1), (1, 1); s = (1, -1), (-2, 0).
+    query = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]], device=DEVICE).view(1, 2, 1, 3)
+    support = torch.tensor([[1.0, -2.0], [-1.0, 0.0]], device=DEVICE).view(1, 2, 2, 1)
+    out = nan_buffer((1, 1, 3, 2, 1), torch.float32)
+    correlation_into(query, support, out)
+    expected = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]]).view(1, 1, 3, 2, 1)
+    assert torch.equal(out.cpu(), expected)
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 2, 2, 4, 4), (2, 3, 0, 2, 4, 4), (2, 3, 2, 2, 4, 0)],
+                         ids=["batch0", "empty-query", "empty-support"])
+def test_correlation_empty_returns_untouched_out(shape):
+    batch, channels, hq, wq, hs, ws = shape
+    out = nan_buffer((batch, hq, wq, hs, ws), torch.float32)
+    result = correlation_into(torch.zeros(batch, channels, hq, wq, device=DEVICE),
+                              torch.zeros(batch, channels, hs, ws, device=DEVICE), out)
+    assert result is out and result.shape == (batch, hq, wq, hs, ws)
+
+
+def test_correlation_bad_input_raises():
+    q = torch.zeros(1, 3, 2, 2, device=DEVICE)
+    with pytest.raises(ValueError, match="out: expected shape"):
+        correlation_into(q, q, torch.empty(1, 2, 2, 2, 3, device=DEVICE))
+    with pytest.raises(ValueError, match="support: expected batch and channels"):
+        correlation_into(q, torch.zeros(1, 4, 2, 2, device=DEVICE), torch.empty(1, 2, 2, 2, 2, device=DEVICE))
+    with pytest.raises(TypeError, match="support: expected dtype"):
+        correlation_into(q, q.half(), torch.empty(1, 2, 2, 2, 2, device=DEVICE))
+    with pytest.raises(TypeError, match="query: expected a float32"):
+        correlation_into(q.long(), q.long(), torch.empty(1, 2, 2, 2, 2, device=DEVICE))
+
+
+# ---------------------------------------------------------------------------------------------------
+# center_pivot_conv4d_into
+
+
+def conv_case(batch, cin, cout, shape, kernel_q, kernel_s, bias, seed, dtype, layout):
+    """x, weights and biases of a conv test: weights scaled like PyTorch's init (outputs ~ N(0, 1))."""
+    x = make_tensor((batch, cin, *shape), seed, layout, dtype)
+    generator = torch.Generator().manual_seed(seed + 7)
+    params = []
+    for kernel, has_bias in zip((kernel_q, kernel_s), bias):
+        fan_in = cin * kernel[0] * kernel[1]
+        weight = torch.randn(cout, cin, *kernel, generator=generator, dtype=torch.float64) / fan_in ** 0.5
+        b = torch.randn(cout, generator=generator, dtype=torch.float64) if has_bias else None
+        params += [weight.to(dtype), None if b is None else b.to(dtype)]
+    return x.to(DEVICE), [None if p is None else p.to(DEVICE) for p in params]
+
+
+def conv_expected(x, params, stride, padding):
+    return reference.center_pivot_conv4d(x.cpu().double(), *[None if p is None else p.cpu().double() for p in params],
+                                         stride, padding)
+
+
+kernel_sides = st.sampled_from([1, 3, 5])
+conv_sides = st.integers(1, 6)
+
+
+@settings(max_examples=15)
+@given(batch=st.integers(1, 2), cin=st.integers(1, 8), cout=st.integers(1, 6),
+       shape=st.tuples(conv_sides, conv_sides, conv_sides, conv_sides),
+       kernel=st.tuples(kernel_sides, kernel_sides, kernel_sides, kernel_sides),
+       stride=st.tuples(st.integers(1, 2), st.integers(1, 2), st.integers(1, 5), st.integers(1, 5)),
+       bias=st.tuples(st.booleans(), st.booleans()), layout=st.sampled_from(["contiguous", "channels_last", "strided"]),
+       out_layout=st.sampled_from(["contiguous", "slice", "channels_last"]), dtype=st.sampled_from(sorted(DTYPES)),
+       nan_input=st.booleans(), seed=seeds)
+@example(batch=1, cin=1, cout=1, shape=(1, 1, 1, 1), kernel=(3, 3, 3, 3), stride=(1, 1, 1, 1), bias=(True, True),
+         layout="contiguous", out_layout="contiguous", dtype="fp32", nan_input=False, seed=0).via("1x1 maps")
+@example(batch=2, cin=3, cout=4, shape=(3, 2, 2, 3), kernel=(3, 3, 5, 5), stride=(1, 1, 5, 5), bias=(True, False),
+         layout="channels_last", out_layout="slice", dtype="fp32", nan_input=False, seed=1).via(
+             "stride larger than the map, channels-last, output slice")
+@example(batch=1, cin=6, cout=5, shape=(5, 4, 6, 6), kernel=(5, 5, 5, 5), stride=(1, 1, 4, 4), bias=(True, True),
+         layout="strided", out_layout="channels_last", dtype="fp16", nan_input=False, seed=2).via(
+             "HSNet-like squeeze layer, fp16, non-contiguous")
+@example(batch=2, cin=2, cout=3, shape=(4, 5, 5, 4), kernel=(1, 3, 3, 5), stride=(2, 1, 2, 3), bias=(False, True),
+         layout="contiguous", out_layout="contiguous", dtype="fp32", nan_input=True, seed=3).via(
+             "NaN input, non-square kernels, query stride")
+def test_conv_matches_reference(batch, cin, cout, shape, kernel, stride, bias, layout, out_layout, dtype,
+                                nan_input, seed):
+    dtype = DTYPES[dtype]
+    kernel_q, kernel_s = kernel[:2], kernel[2:]
+    padding = tuple(k // 2 for k in kernel)
+    x, params = conv_case(batch, cin, cout, shape, kernel_q, kernel_s, bias, seed, dtype, layout)
+    if nan_input:
+        # At the pivot of output (0, 0, 0, 0), so both branches read it, and somewhere inside the map.
+        x[-1, cin - 1, 0, 0, 0, 0] = NAN
+        x[0, 0, shape[0] // 2, shape[1] - 1, shape[2] - 1, shape[3] // 2] = NAN
+    expected = conv_expected(x, params, stride, padding)
+
+    out_shape = expected.shape
+    if out_layout == "slice":
+        # One channel block of a wider NaN tensor: everything outside the slice must stay NaN.
+        parent = nan_buffer((batch, cout + 3, *out_shape[2:]), dtype)
+        out = parent[:, 1:1 + cout]
+    else:
+        out = nan_buffer(out_shape, dtype, None if out_layout == "contiguous" else [0, 2, 3, 4, 5, 1])
+    result = center_pivot_conv4d_into(x, params[0], params[1], params[2], params[3], stride, padding, out)
+
+    assert result.data_ptr() == out.data_ptr()
+    # fp16 outputs of unit scale: the table's fp16 tolerance; reductions are at most 8 * 50 terms.
+    assert_close_dtype(out.cpu(), expected, dtype)
+    if out_layout == "slice":
+        assert parent[:, 0].isnan().all() and parent[:, 1 + cout:].isnan().all(), "wrote outside the slice"
+    if nan_input:
+        assert out[-1, :, 0, 0, 0, 0].isnan().all()
+
+
+def test_conv_even_kernel_without_padding():
+    # Kernel 2, padding 0, stride 2 on even maps: both branches give ceil(H / 2).
+    x, params = conv_case(1, 3, 2, (4, 2, 4, 6), (2, 2), (2, 2), (True, True), 5, torch.float32, "contiguous")
+    stride, padding = (2, 2, 2, 2), (0, 0, 0, 0)
+    expected = conv_expected(x, params, stride, padding)
+    out = center_pivot_conv4d_into(x, *params, stride, padding, nan_buffer(expected.shape, torch.float32))
+    assert_close_dtype(out.cpu(), expected, torch.float32)
+
+
+def test_conv_hand_computed_1x1():
+    # 1x1 kernels, stride 1: out = (wq + ws) * x + bq + bs at every position.
+    x = torch.arange(2 * 1 * 2 * 1 * 1 * 3, dtype=torch.float32, device=DEVICE).view(2, 1, 2, 1, 1, 3)
+    wq, ws = torch.full((1, 1, 1, 1), 2.0, device=DEVICE), torch.full((1, 1, 1, 1), -0.5, device=DEVICE)
+    bq, bs = torch.tensor([1.0], device=DEVICE), torch.tensor([0.25], device=DEVICE)
+    out = center_pivot_conv4d_into(x, wq, bq, ws, bs, (1, 1, 1, 1), (0, 0, 0, 0),
+                                   nan_buffer((2, 1, 2, 1, 1, 3), torch.float32))
+    assert torch.equal(out, 1.5 * x + 1.25)
+
+
+def test_conv_empty_batch_and_no_input_channels():
+    out = nan_buffer((0, 4, 3, 3, 2, 2), torch.float32)
+    x = torch.zeros(0, 2, 3, 3, 3, 3, device=DEVICE)
+    w = torch.zeros(4, 2, 3, 3, device=DEVICE)
+    assert center_pivot_conv4d_into(x, w, None, w, None, (1, 1, 2, 2), (1, 1, 1, 1), out) is out
+    # Cin == 0: both sums are empty, only the biases remain (as in the reference's einsum).
+    x = torch.zeros(1, 0, 2, 2, 2, 2, device=DEVICE)
+    w = torch.zeros(4, 0, 3, 3, device=DEVICE)
+    bias = torch.arange(4.0, device=DEVICE)
+    out = center_pivot_conv4d_into(x, w, bias, w, bias, (1, 1, 1, 1), (1, 1, 1, 1),
+                                   nan_buffer((1, 4, 2, 2, 2, 2), torch.float32))
+    assert torch.equal(out.cpu(), (2 * torch.arange(4.0)).view(1, 4, 1, 1, 1, 1).expand(1, 4, 2, 2, 2, 2))
+
+
+def test_conv_bad_input_raises():
+    x = torch.zeros(1, 2, 3, 3, 3, 3, device=DEVICE)
+    w = torch.zeros(4, 2, 3, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="x: expected"):
+        center_pivot_conv4d_into(x[0], w, None, w, None, (1,) * 4, (1,) * 4, torch.empty(1))
+    with pytest.raises(ValueError, match="out: expected shape"):
+        center_pivot_conv4d_into(x, w, None, w, None, (1, 1, 2, 2), (1,) * 4, torch.empty(1, 4, 3, 3, 3, 3))
+    with pytest.raises(ValueError, match="weight_support: expected"):
+        center_pivot_conv4d_into(x, w, None, w[:, :1], None, (1,) * 4, (1,) * 4, torch.empty(1, 4, 3, 3, 3, 3))
+    with pytest.raises(ValueError, match="bias_query: expected shape"):
+        center_pivot_conv4d_into(x, w, torch.zeros(3), w, None, (1,) * 4, (1,) * 4, torch.empty(1, 4, 3, 3, 3, 3))
+    with pytest.raises(ValueError, match="stride: expected 4 ints"):
+        center_pivot_conv4d_into(x, w, None, w, None, (1, 1), (1,) * 4, torch.empty(1, 4, 3, 3, 3, 3))
