@@ -1,0 +1,344 @@
+"""HSNet end to end: backbone features, forward vs the original pipeline, k-shot voting, multi-class
+segmentation, frozen backbone, odd image sizes, autocast, pretrained weights (never downloaded)."""
+
+from __future__ import annotations
+
+import importlib.util
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from hypertriton import HSNet
+from hypertriton import backbones as bb
+from hypertriton.model import vote_nshot
+from hypertriton.testing import assert_close_dtype
+
+_SPEC = importlib.util.spec_from_file_location(
+    "original_hsnet", Path(__file__).resolve().parents[1] / "bench" / "original_hsnet.py")
+original = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(original)
+
+_MODELS: dict[str, HSNet] = {}
+
+
+def model_for(backbone: str) -> HSNet:
+    """One randomly initialized model per backbone for the whole module (vgg16/resnet101 build slowly)."""
+    if backbone not in _MODELS:
+        torch.manual_seed(0)
+        _MODELS[backbone] = HSNet(backbone, backend="torch").eval()
+    return _MODELS[backbone]
+
+
+def images(batch: int, height: int, width: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    query, support = torch.randn(2, batch, 3, height, width, generator=g)
+    mask = torch.zeros(batch, height, width)
+    mask[:, height // 4: 3 * height // 4, width // 3: 2 * width // 3] = 1  # an object-like blob
+    return query, support, mask
+
+
+# ----------------------------------------------------------------------------- backbone features
+@pytest.mark.parametrize("backbone", ["resnet50", "vgg16"])
+def test_features_equal_the_original_extraction(backbone):
+    model = model_for(backbone)
+    img = images(1, 67, 93, 1)[0]
+    ours = model.extract_features(img)
+    with torch.no_grad():
+        if backbone == "vgg16":
+            expected = original.extract_feat_vgg(img, model.backbone)
+        else:
+            expected = original.extract_feat_res(img, model.backbone, original.NBOTTLENECKS[backbone])
+    assert len(ours) == len(expected) == model.spec.num_features
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert [f.shape[1] for f in ours] == list(model.spec.channels)
+    assert any((f < 0).any() for f in ours)  # taken before the ReLU
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+def test_resnet_features_are_block_outputs_before_the_relu(backbone):
+    """Hooks on torchvision's own blocks see relu(feature) for every block of layer2..layer4."""
+    model = model_for(backbone)
+    seen = []
+    blocks = [b for layer in (model.backbone.layer2, model.backbone.layer3, model.backbone.layer4) for b in layer]
+    handles = [b.register_forward_hook(lambda m, i, o: seen.append(o.clone())) for b in blocks]
+    img = images(1, 64, 75, 2)[0]
+    try:
+        with torch.no_grad():
+            model.backbone(img)
+    finally:
+        for handle in handles:
+            handle.remove()
+    ours = model.extract_features(img)
+    assert len(ours) == len(seen) == sum(model.spec.layers_per_level)
+    for feature, hooked in zip(ours, seen):
+        torch.testing.assert_close(torch.relu(feature), hooked)
+
+
+@pytest.mark.parametrize("backbone", sorted(bb.BACKBONES))
+def test_spec_predicts_feature_sizes(backbone):
+    spec = bb.get_spec(backbone)
+    with torch.device("meta"):  # shapes only: no weights are drawn or used
+        backbone_module = getattr(torchvision.models, backbone)(weights=None)
+        for height, width in ((64, 64), (97, 65), (272, 129)):
+            feats = bb.extract_features(backbone_module, spec, torch.empty(1, 3, height, width))
+            sizes, end = [], len(feats)
+            for layers in spec.layers_per_level:
+                level = feats[end - layers: end]
+                assert len({tuple(f.shape[-2:]) for f in level}) == 1
+                sizes.append(tuple(level[0].shape[-2:]))
+                end -= layers
+            assert end == 0
+            assert sizes == spec.feature_sizes(height, width)
+            assert [f.shape[1] for f in feats] == list(spec.channels)
+
+
+# ----------------------------------------------------------------------------- forward
+def test_forward_equals_the_original_pipeline():
+    """Same weights in, same logits out: original feature extraction, correlation, learner, final resize."""
+    model = model_for("resnet50")
+    query, support, mask = images(2, 64, 64, 3)
+    with torch.no_grad():
+        ours = model(query, support, mask)
+        learner = original.original_learner_from_state_dict(model.state_dict())
+        feats = [original.extract_feat_res(img, model.backbone, original.NBOTTLENECKS["resnet50"])
+                 for img in (query, support)]
+        logits = original.original_forward_features(learner, *feats, mask, original.STACK_IDS["resnet50"])
+        expected = F.interpolate(logits, support.shape[-2:], mode="bilinear", align_corners=True)
+    assert ours.shape == (2, 2, 64, 64)
+    assert_close_dtype(ours, expected, scale=10)
+
+
+def test_forward_and_forward_features_agree():
+    model = model_for("resnet18")
+    query, support, mask = images(2, 72, 88, 4)
+    with torch.no_grad():
+        logits = model.forward_features(model.extract_features(query), model.extract_features(support), mask)
+        expected = F.interpolate(logits, (72, 88), mode="bilinear", align_corners=True)
+        actual = model(query, support, mask)
+    assert logits.shape == (2, 2, 2 * 9, 2 * 11)  # twice the layer2 map (72/8, 88/8)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backbone,size", [
+    ("resnet50", (64, 97)), ("resnet50", (65, 64)),
+    ("resnet101", (71, 64)),
+    ("vgg16", (97, 66)), ("vgg16", (64, 64)),
+])
+def test_odd_and_non_square_sizes_batch_one_and_empty_mask(backbone, size):
+    """With an all-zero support mask every correlation is 0, so the logits cannot depend on the query."""
+    model = model_for(backbone)
+    query, support, _ = images(1, *size, 5)
+    zero = torch.zeros(1, *size)
+    with torch.no_grad():
+        first = model(query, support, zero)
+        second = model(torch.randn_like(query), support, zero)
+        blob = model(query, support, images(1, *size, 5)[2])
+    assert first.shape == (1, 2, *size)
+    assert torch.isfinite(first).all() and torch.isfinite(blob).all()
+    torch.testing.assert_close(first, second, rtol=0, atol=1e-6)
+    assert not torch.allclose(first, blob)  # the mask matters when it is not empty
+
+
+def test_vgg_at_sizes_whose_support_grids_differ_after_squeezing():
+    """VGG16 at 528 x 64 px: pool5 squeezes to a (2, 1) support grid, conv5 to (3, 1); the original
+    crashed here."""
+    model = model_for("vgg16")
+    specs = model.spec.feature_sizes(528, 64)
+    assert specs == [(16, 2), (33, 4), (66, 8)]
+    g = torch.Generator().manual_seed(6)
+    feats = [torch.randn(1, 512, *size, generator=g) for layers, size in
+             zip(reversed(model.spec.layers_per_level), reversed(specs)) for _ in range(layers)]
+    with torch.no_grad():
+        logits = model.forward_features(feats, feats, torch.ones(1, 528, 64))
+    assert logits.shape == (1, 2, 132, 16) and torch.isfinite(logits).all()
+
+
+def test_autocast_bf16_on_cpu_stays_close_to_fp32():
+    model = model_for("resnet18")
+    query, support, mask = images(1, 64, 80, 7)
+    with torch.no_grad():
+        expected = model(query, support, mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            actual = model(query, support, mask)
+    assert actual.dtype in (torch.bfloat16, torch.float32)
+    error = (actual.float() - expected).norm() / expected.norm()
+    assert error < 0.05, f"relative error {error:.3g} of bf16 autocast against fp32"
+
+
+# ----------------------------------------------------------------------------- frozen backbone
+def test_backbone_stays_frozen_under_train():
+    model = HSNet("resnet18", backend="torch")
+    model.train()
+    assert not model.backbone.training and not any(m.training for m in model.backbone.modules())
+    assert model.hpn_learner.training
+    buffers = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    query, support, mask = images(2, 64, 64, 8)
+    loss = F.cross_entropy(model(query, support, mask), mask.long())
+    loss.backward()
+    for key, value in model.backbone.state_dict().items():
+        torch.testing.assert_close(value, buffers[key], rtol=0, atol=0, msg=key)  # BN statistics included
+    assert all(p.grad is None and not p.requires_grad for p in model.backbone.parameters())
+    assert all(p.grad is not None for p in model.hpn_learner.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == sum(p.numel() for p in model.hpn_learner.parameters())
+
+
+# ----------------------------------------------------------------------------- k-shot voting
+def test_vote_nshot_on_hand_computed_votes():
+    votes = torch.tensor([[[0, 1, 2, 3]], [[0, 0, 0, 0]], [[1, 1, 0, 0]], [[0, 2, 1, 1]]])
+    expected = torch.tensor([[[0.0, 0, 1, 1]],   # max 3: 1/3 < 0.5 <= 2/3
+                             [[0.0, 0, 0, 0]],   # empty: divided by max(0, 1)
+                             [[1.0, 1, 0, 0]],   # max 1 of 3 shots: a single vote suffices
+                             [[0.0, 1, 1, 1]]])  # max 2: a tie 1/2 counts as foreground
+    torch.testing.assert_close(vote_nshot(votes, 3), expected)
+    single = torch.tensor([[[0, 1], [1, 0]]])
+    assert vote_nshot(single, 1) is single
+
+
+def fake_learner(model, monkeypatch, margin=2.0):
+    """Make the learner's logits +-margin from the support mask (resized to the query), so per-shot
+    argmax masks are exactly the support masks."""
+    def forward_features(query_feats, support_feats, support_mask):
+        fg = margin * (2 * support_mask.float() - 1)
+        return torch.stack([-fg, fg], dim=1)
+    monkeypatch.setattr(model, "forward_features", forward_features)
+
+
+def crafted_shots(height=64, width=64):
+    masks = torch.zeros(2, 3, height, width)
+    masks[0, 0, :, :32] = 1      # left half
+    masks[0, 1, :, :16] = 1      # left quarter
+    masks[0, 2, :32] = 1         # top half
+    masks[1, 1, 10:20, 10:20] = 1  # batch item 1: one shot with a square, two empty
+    return masks
+
+
+@pytest.mark.parametrize("nshot", [1, 2, 3])
+def test_predict_mask_nshot_equals_the_original_voting(nshot, monkeypatch):
+    model = HSNet("resnet18", backend="torch").eval()
+    fake_learner(model, monkeypatch)
+    query, _, _ = images(2, 64, 64, 9)
+    batch = {"query_img": query, "support_imgs": torch.randn(2, 3, 3, 64, 64), "support_masks": crafted_shots()}
+
+    def original_forward(q, s, m):
+        return F.interpolate(model.forward_features(None, None, m), q.shape[-2:], mode="bilinear", align_corners=True)
+
+    ours = model.predict_mask_nshot(batch, nshot)
+    expected = original.original_predict_mask_nshot(original_forward, batch, nshot)
+    assert ours.dtype == expected.dtype
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+    if nshot == 1:
+        torch.testing.assert_close(ours, crafted_shots()[:, 0].long())
+    if nshot == 3:  # hand-computed: left half has 2 of max 3 votes, the top-right quarter 1
+        assert ours[0, 40, 10] == 1 and ours[0, 10, 50] == 0
+        torch.testing.assert_close(ours[1], crafted_shots()[1, 1])  # max vote 1: the square alone
+
+
+def test_predict_computes_the_query_features_once(monkeypatch):
+    model = HSNet("resnet18", backend="torch").eval()
+    calls = []
+    extract = model.extract_features
+    monkeypatch.setattr(model, "extract_features", lambda img: calls.append(img) or extract(img))
+    query, _, _ = images(1, 64, 64, 10)
+    supports = torch.randn(1, 3, 3, 64, 64)
+    masks = crafted_shots()[:1]
+    mask = model.predict(query, supports, masks)
+    assert len(calls) == 1 + 3 and calls[0] is query
+    assert mask.shape == (1, 64, 64) and mask.dtype == torch.int64
+    batch = {"query_img": query, "support_imgs": supports, "support_masks": masks}
+    torch.testing.assert_close(mask, model.predict_mask_nshot(batch, 3).long())
+
+
+def test_predict_mask_nshot_resizes_to_the_original_image_size(monkeypatch):
+    model = HSNet("resnet18", backend="torch").eval()
+    fake_learner(model, monkeypatch)
+    batch = {"query_img": torch.randn(1, 3, 64, 64), "support_imgs": torch.randn(1, 1, 3, 64, 64),
+             "support_masks": torch.ones(1, 1, 64, 64),
+             "org_query_imsize": [torch.tensor([90]), torch.tensor([70])]}  # PIL (width, height)
+    assert model.predict_mask_nshot(batch, 1).shape == (1, 70, 90)
+
+
+def test_nshot_and_shapes_are_checked():
+    model = model_for("resnet18")
+    batch = {"query_img": torch.randn(1, 3, 64, 64), "support_imgs": torch.randn(1, 2, 3, 64, 64),
+             "support_masks": torch.ones(1, 2, 64, 64)}
+    with pytest.raises(ValueError, match=r"nshot: expected an int in \[1, 2\]"):
+        model.predict_mask_nshot(batch, 3)
+    with pytest.raises(ValueError, match=r"query_img: expected an image batch \[B, 3, H, W\], got \[1, 64, 64\]"):
+        model(torch.randn(1, 64, 64), torch.randn(1, 3, 64, 64), torch.ones(1, 64, 64))
+    with pytest.raises(ValueError, match="at least 32 px"):
+        model(torch.randn(1, 3, 16, 64), torch.randn(1, 3, 16, 64), torch.ones(1, 16, 64))
+    with pytest.raises(ValueError, match="support_masks"):
+        model.predict(torch.randn(1, 3, 64, 64), torch.randn(1, 2, 3, 64, 64), torch.ones(1, 3, 64, 64))
+
+
+# ----------------------------------------------------------------------------- multi-class
+def test_segment_labels_by_highest_foreground_probability(monkeypatch):
+    model = HSNet("resnet18", backend="torch").eval()
+    fake_learner(model, monkeypatch)  # fg probability: sigmoid(4) = 0.982 inside a mask, 0.018 outside
+    left, right, empty = torch.zeros(1, 64, 64), torch.zeros(1, 64, 64), torch.zeros(1, 64, 64)
+    left[:, :, :32] = 1
+    right[:, :, 40:] = 1
+    support = torch.randn(1, 3, 64, 64)
+    query = torch.randn(3, 64, 64)
+    labels = model.segment(query, {7: (support, left), 3: (support, right), 5: (support, empty)})
+    expected = torch.zeros(64, 64, dtype=torch.long)
+    expected[:, :32], expected[:, 40:] = 7, 3
+    assert labels.shape == (64, 64)
+    torch.testing.assert_close(labels, expected)
+    # a threshold above every probability leaves only background; identical classes: the first listed wins
+    assert (model.segment(query, {7: (support, left)}, threshold=0.99, background=-1) == -1).all()
+    tie = model.segment(query[None], {4: (support[None], left[None]), 9: (support[None], left[None])})
+    assert tie.shape == (1, 64, 64) and set(tie.unique().tolist()) == {0, 4}
+    with pytest.raises(ValueError, match="class ids"):
+        model.segment(query, {0: (support, left)})
+
+
+def test_segment_with_one_class_matches_one_shot_prediction():
+    model = model_for("resnet18")
+    query, support, mask = images(2, 64, 72, 11)
+    labels = model.segment(query, {1: (support[:, None], mask[:, None])})
+    torch.testing.assert_close(labels, model.predict(query, support, mask))
+
+
+# ----------------------------------------------------------------------------- pretrained weights
+def test_pretrained_offline_explains_how_to_provide_weights(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    with pytest.raises(RuntimeError) as info:
+        HSNet("resnet18", pretrained=True)
+    message = str(info.value)
+    assert "resnet18-f37072fd.pth" in message and str(tmp_path / "hub" / "checkpoints") in message
+    assert "weights=PATH" in message and "download failed" in message
+    with pytest.raises(RuntimeError, match="downloading is off"):
+        bb.build_backbone("resnet18", pretrained=True, allow_download=False)
+
+
+def test_pretrained_loads_from_the_hub_cache_or_a_file(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: pytest.fail("tried to download"))
+    torch.manual_seed(12)
+    weights = torchvision.models.resnet18(weights=None).state_dict()
+    path = tmp_path / "mine.pth"
+    torch.save(weights, path)
+    from_file = HSNet("resnet18", backbone_weights=path)
+    cached = tmp_path / "hub" / "checkpoints" / Path(bb.imagenet_weights_url("resnet18")).name
+    cached.parent.mkdir(parents=True)
+    torch.save(weights, cached)
+    from_cache = bb.build_backbone("resnet18", pretrained=True)
+    for model in (from_file.backbone, from_cache):
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(value, weights[key], rtol=0, atol=0, msg=key)
+    with pytest.raises(FileNotFoundError, match="weights: no such file"):
+        bb.build_backbone("resnet18", weights=tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match="is not a resnet34 state_dict"):
+        bb.build_backbone("resnet34", weights=path)
