@@ -58,9 +58,12 @@ def _check_images(img, name: str) -> torch.Tensor:
 def _org_size(org_query_imsize) -> tuple[int, int]:
     """``(H, W)`` from the original batch's ``org_query_imsize`` (PIL order: width, height; each an int or
     a one-element tensor, as the original's collated batch of size 1 holds it)."""
-    if isinstance(org_query_imsize, torch.Tensor):
-        org_query_imsize = org_query_imsize.reshape(-1).tolist()
-    width, height = (int(v.item()) if isinstance(v, torch.Tensor) else int(v) for v in org_query_imsize)
+    values = org_query_imsize.reshape(-1).tolist() if isinstance(org_query_imsize, torch.Tensor) else org_query_imsize
+    try:
+        width, height = (int(v.item()) if isinstance(v, torch.Tensor) else int(v) for v in values)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"batch['org_query_imsize']: expected one (width, height) pair (a batch of one image, as "
+                         f"the original), got {org_query_imsize!r}") from error
     return height, width
 
 

@@ -261,6 +261,11 @@ def test_predict_mask_nshot_resizes_to_the_original_image_size(monkeypatch):
              "support_masks": torch.ones(1, 1, 64, 64),
              "org_query_imsize": [torch.tensor([90]), torch.tensor([70])]}  # PIL (width, height)
     assert model.predict_mask_nshot(batch, 1).shape == (1, 70, 90)
+    batch["org_query_imsize"] = torch.tensor([90, 70])
+    assert model.predict_mask_nshot(batch, 1).shape == (1, 70, 90)
+    batch["org_query_imsize"] = [torch.tensor([90, 91]), torch.tensor([70, 71])]
+    with pytest.raises(ValueError, match="org_query_imsize"):
+        model.predict_mask_nshot(batch, 1)
 
 
 def test_nshot_and_shapes_are_checked():
