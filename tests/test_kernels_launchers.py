@@ -249,3 +249,36 @@ def test_conv_bad_input_raises():
         center_pivot_conv4d_into(x, w, torch.zeros(3), w, None, (1,) * 4, (1,) * 4, torch.empty(1, 4, 3, 3, 3, 3))
     with pytest.raises(ValueError, match="stride: expected 4 ints"):
         center_pivot_conv4d_into(x, w, None, w, None, (1, 1), (1,) * 4, torch.empty(1, 4, 3, 3, 3, 3))
+
+
+# ---------------------------------------------------------------------------------------------------
+# int64 indexing
+
+
+def test_needs_int64_counts_strided_reach():
+    from hypertriton.kernels._config import needs_int64
+
+    assert not needs_int64(torch.empty(2, 3, 1000, 1000, device="meta"))
+    assert needs_int64(torch.empty(3, 2**30, device="meta"))  # last offset 3 * 2^30 - 1
+    assert needs_int64(torch.empty(4, device="meta"), extra=2**31)
+
+
+def test_int64_index_path_matches_reference(monkeypatch):
+    """The int64 variants of both kernels (used past 2^31 on GPUs) on tiny inputs."""
+    from hypertriton.kernels import center_pivot_conv4d, hypercorrelation
+
+    for module in (hypercorrelation, center_pivot_conv4d):
+        monkeypatch.setattr(module, "needs_int64", lambda *tensors, extra=0: True)
+    query = make_tensor((2, 5, 3, 4), 0, "channels_last").to(DEVICE)
+    support = make_tensor((2, 5, 6, 2), 1, "strided").to(DEVICE)
+    stacked = nan_buffer((2, 2, 3, 4, 6, 2), torch.float32)
+    correlation_into(query, support, stacked[:, 1])
+    expected = torch.relu(torch.einsum("bcij,bckl->bijkl", query.cpu().double(), support.cpu().double()))
+    assert_close_dtype(stacked[:, 1].cpu(), expected, torch.float32)
+    assert stacked[:, 0].isnan().all()
+
+    x, params = conv_case(2, 3, 4, (4, 3, 5, 6), (3, 3), (5, 5), (True, True), 2, torch.float32, "strided")
+    stride, padding = (1, 2, 2, 3), (1, 1, 2, 2)
+    expected = conv_expected(x, params, stride, padding)
+    out = center_pivot_conv4d_into(x, *params, stride, padding, nan_buffer(expected.shape, torch.float32))
+    assert_close_dtype(out.cpu(), expected, torch.float32)

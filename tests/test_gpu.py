@@ -1,0 +1,201 @@
+"""GPU-only checks of the Triton launchers: bf16/fp16/TF32 tolerances and flat indices past 2^31.
+
+Skipped without CUDA. The large-index tests allocate about 11 GiB (correlation) and 15 GiB (conv) of
+GPU memory and are skipped on devices under 24 GiB.
+"""
+
+import pytest
+import torch
+
+from hypertriton import kernels, reference
+from hypertriton.testing import assert_close_dtype
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the Triton kernels compile for GPUs)"),
+    pytest.mark.skipif(kernels.INTERPRETED, reason="TRITON_INTERPRET=1 is set: the kernels would not compile for the GPU"),
+]
+
+if torch.cuda.is_available() and not kernels.INTERPRETED:
+    from hypertriton.kernels.center_pivot_conv4d import center_pivot_conv4d_into
+    from hypertriton.kernels.hypercorrelation import correlation_into
+
+DEVICE = "cuda"
+NAN = float("nan")
+TWO_31 = 2**31
+
+
+@pytest.fixture
+def tf32(request):
+    """Set ``torch.backends.cuda.matmul.allow_tf32`` for one test, restoring it afterwards."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = request.param
+    yield request.param
+    torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def need_memory(gib: float):
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    if total < gib:
+        pytest.skip(f"needs {gib} GiB of GPU memory, the device has {total:.0f} GiB")
+
+
+def normalized(shape, dtype, seed):
+    generator = torch.Generator(device=DEVICE).manual_seed(seed)
+    features = torch.randn(shape, generator=generator, device=DEVICE, dtype=torch.float64)
+    return reference.normalize(features).to(dtype)
+
+
+def correlation_expected(query, support):
+    """float64 oracle on exactly the (rounded) values the kernel was given."""
+    return torch.relu(torch.einsum("bcij,bckl->bijkl", query.double(), support.double()))
+
+
+def conv_params(cin, cout, kernel, dtype, seed, bias=True):
+    """Weights scaled like PyTorch's init so that conv outputs are of unit scale."""
+    generator = torch.Generator(device=DEVICE).manual_seed(seed)
+    params = []
+    for _ in range(2):
+        w = torch.randn(cout, cin, kernel, kernel, generator=generator, device=DEVICE, dtype=torch.float64)
+        b = torch.randn(cout, generator=generator, device=DEVICE, dtype=torch.float64) if bias else None
+        params += [(w / (cin * kernel * kernel) ** 0.5).to(dtype), None if b is None else b.to(dtype)]
+    return params
+
+
+def conv_expected(x, params, stride, padding):
+    return reference.center_pivot_conv4d(x.double(), *[None if p is None else p.double() for p in params],
+                                         stride, padding)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tolerances per dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("sizes", [(2, 64, 13, 13, 13, 13), (3, 96, 25, 19, 23, 25)], ids=["13", "odd"])
+def test_correlation_half_precision(dtype, sizes):
+    batch, channels, hq, wq, hs, ws = sizes
+    query = normalized((batch, channels, hq, wq), dtype, 0)
+    support = normalized((batch, channels, hs, ws), dtype, 1).to(memory_format=torch.channels_last)
+    stacked = torch.full((batch, 3, hq, wq, hs, ws), NAN, dtype=dtype, device=DEVICE)
+    correlation_into(query, support, stacked[:, 2])
+    assert_close_dtype(stacked[:, 2], correlation_expected(query, support), dtype)
+    assert stacked[:, :2].isnan().all()
+
+
+@pytest.mark.parametrize("tf32", [False, True], ids=["ieee", "tf32"], indirect=True)
+def test_correlation_fp32_follows_allow_tf32(tf32):
+    # 512 channels: with TF32 the error (~1e-4) exceeds the fp32 tolerance, so the ieee case also
+    # checks that TF32 stays off when PyTorch's flag is off.
+    query = normalized((2, 512, 25, 25), torch.float32, 2)
+    support = normalized((2, 512, 25, 25), torch.float32, 3)
+    out = torch.full((2, 25, 25, 25, 25), NAN, device=DEVICE)
+    correlation_into(query, support, out)
+    assert_close_dtype(out, correlation_expected(query, support), "tf32" if tf32 else torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", [
+    # (batch, cin, cout, maps, kernel, stride): HSNet's squeeze layers at 400 px, and an odd case.
+    (2, 3, 16, (13, 13, 13, 13), 3, (1, 1, 2, 2)),
+    (1, 6, 16, (25, 25, 25, 25), 5, (1, 1, 4, 4)),
+    (2, 16, 64, (13, 13, 7, 7), 3, (1, 1, 2, 2)),
+    (1, 5, 7, (9, 6, 11, 8), 3, (2, 1, 3, 1)),
+], ids=["layer4-1", "layer3-1", "layer4-2", "odd"])
+def test_conv_half_precision(dtype, case):
+    batch, cin, cout, maps, kernel, stride = case
+    padding = (kernel // 2,) * 4
+    generator = torch.Generator(device=DEVICE).manual_seed(4)
+    x = torch.randn(batch, cin, *maps, generator=generator, device=DEVICE).to(dtype)
+    params = conv_params(cin, cout, kernel, dtype, 5)
+    expected = conv_expected(x, params, stride, padding)
+    out = torch.full(expected.shape, NAN, dtype=dtype, device=DEVICE)
+    center_pivot_conv4d_into(x, *params, stride, padding, out)
+    assert_close_dtype(out, expected, dtype)
+
+
+@pytest.mark.parametrize("tf32", [False, True], ids=["ieee", "tf32"], indirect=True)
+def test_conv_fp32_follows_allow_tf32(tf32):
+    generator = torch.Generator(device=DEVICE).manual_seed(6)
+    # Channels-last-like input: the channel dim is innermost in memory.
+    x = torch.randn(2, 9, 9, 9, 9, 16, generator=generator, device=DEVICE).permute(0, 5, 1, 2, 3, 4)
+    params = conv_params(16, 32, 3, torch.float32, 7)
+    stride, padding = (1, 1, 2, 2), (1, 1, 1, 1)
+    expected = conv_expected(x, params, stride, padding)
+    out = torch.full(expected.shape, NAN, device=DEVICE)
+    center_pivot_conv4d_into(x, *params, stride, padding, out)
+    # 288-term reductions of unit-scale values: TF32's truncation error adds up beyond the table's value.
+    assert_close_dtype(out, expected, "tf32" if tf32 else torch.float32, scale=2.0 if tf32 else 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Flat indices past 2^31
+
+
+def sample_indices(shape, count, generator):
+    """``count`` random multi-indices into ``shape`` plus its first and last element."""
+    picks = [torch.randint(0, size, (count,), generator=generator).tolist() for size in shape]
+    return [tuple(0 for _ in shape), tuple(size - 1 for size in shape), *zip(*picks)]
+
+
+def test_correlation_past_int32_offsets():
+    need_memory(24)
+    # Two layers of [2, 182, 182, 182, 182] fp16: 2 * 2 * 182^4 = 4.4e9 elements, so batch, layer and
+    # support offsets pass 2^31; one layer alone has 2.2e9 > 2^31 elements.
+    batch, channels, side = 2, 16, 182
+    assert batch * side**4 > TWO_31
+    query = normalized((batch, channels, side, side), torch.float16, 8)
+    support = normalized((batch, channels, side, side), torch.float16, 9)
+    stacked = torch.full((batch, 2, side, side, side, side), NAN, dtype=torch.float16, device=DEVICE)
+    correlation_into(query, support, stacked[:, 1])
+
+    out = stacked[:, 1]
+    generator = torch.Generator().manual_seed(0)
+    indices = sample_indices(out.shape, 64, generator)
+    got = torch.stack([out[i] for i in indices]).double()
+    q, s = query.double(), support.double()
+    expected = torch.stack([torch.relu(q[b, :, i, j] @ s[b, :, u, v]) for b, i, j, u, v in indices])
+    assert_close_dtype(got, expected, torch.float16)
+    assert not out.isnan().any(), "some elements past 2^31 were never written"
+    assert stacked[:, 0].isnan().all(), "the kernel wrote into the other layer"
+
+
+def conv_entry(x, params, stride, padding, index):
+    """One output element of the center-pivot conv, straight from its definition, in float64."""
+    wq, bq, ws, bs = (p.double() for p in params)
+    b, o, i, j, u, v = index
+    sqh, sqw, ssh, ssw = stride
+    pqh, pqw, psh, psw = padding
+    _, _, hq, wq_size, hs, ws_size = x.shape
+    total = bq[o] + bs[o]
+    for a in range(wq.shape[2]):
+        for e in range(wq.shape[3]):
+            r, c = i * sqh - pqh + a, j * sqw - pqw + e
+            if 0 <= r < hq and 0 <= c < wq_size:
+                total = total + wq[o, :, a, e] @ x[b, :, r, c, u * ssh, v * ssw].double()
+    for a in range(ws.shape[2]):
+        for e in range(ws.shape[3]):
+            r, c = u * ssh - psh + a, v * ssw - psw + e
+            if 0 <= r < hs and 0 <= c < ws_size:
+                total = total + ws[o, :, a, e] @ x[b, :, i * sqh, j * sqw, r, c].double()
+    return total
+
+
+def test_conv_past_int32_offsets():
+    need_memory(24)
+    # x [2, 3, 150, 150, 150, 150] and out [2, 3, ...] fp16 hold 3.0e9 elements each: input and output
+    # offsets pass 2^31.
+    batch, cin, cout, side = 2, 3, 3, 150
+    assert batch * cin * side**4 > TWO_31 and batch * cout * side**4 > TWO_31
+    generator = torch.Generator(device=DEVICE).manual_seed(10)
+    x = torch.randn(batch, cin, side, side, side, side, generator=generator, device=DEVICE, dtype=torch.float16)
+    params = conv_params(cin, cout, 3, torch.float16, 11)
+    stride, padding = (1, 1, 1, 1), (1, 1, 1, 1)
+    out = torch.full((batch, cout, side, side, side, side), NAN, dtype=torch.float16, device=DEVICE)
+    center_pivot_conv4d_into(x, *params, stride, padding, out)
+
+    indices = sample_indices(out.shape, 64, torch.Generator().manual_seed(1))
+    got = torch.stack([out[i] for i in indices]).double()
+    expected = torch.stack([conv_entry(x, params, stride, padding, i) for i in indices])
+    assert_close_dtype(got, expected, torch.float16)
+    assert not out.isnan().any(), "some elements past 2^31 were never written"
