@@ -70,6 +70,7 @@ def _image(rng: np.random.Generator, width: int, height: int, labels: np.ndarray
 
 
 def _object_mask(rng, width, height, labels_in_image, boundary: bool) -> np.ndarray:
+    """Boxes drawn in order (a later one covers an earlier one, so the image's own class goes last)."""
     labels = np.zeros((height, width), dtype=np.uint8)
     for label in labels_in_image:
         rows, cols = _box(rng, width, height)
@@ -108,7 +109,7 @@ def make_pascal(root, images_per_class: int = 3, seed: int = 0, second_object: f
                 if rng.random() < second_object:
                     classes.append(int((class_id + 1 + rng.integers(19)) % 20))
                 width, height = _size(rng)
-                labels = _object_mask(rng, width, height, [c + 1 for c in classes], boundary=True)
+                labels = _object_mask(rng, width, height, [c + 1 for c in reversed(classes)], boundary=True)
                 present = [c for c in classes if (labels == c + 1).any()]
                 _write(_image(rng, width, height, labels), labels,
                        voc / "JPEGImages" / f"{name}.jpg", voc / "SegmentationClassAug" / f"{name}.png")
@@ -144,7 +145,7 @@ def make_coco(root, folds=(0,), images_per_class: int = 3, seed: int = 0) -> Gen
                     if rng.random() < 0.3:
                         classes.append(int((class_id + 1 + rng.integers(79)) % 80))
                     width, height = _size(rng)
-                    labels = _object_mask(rng, width, height, [c + 1 for c in classes], boundary=False)
+                    labels = _object_mask(rng, width, height, [c + 1 for c in reversed(classes)], boundary=False)
                     _write(_image(rng, width, height, labels), labels, base / name,
                            base / "annotations" / name.replace(".jpg", ".png"))
                     data.images[name] = [c for c in classes if (labels == c + 1).any()]

@@ -1,0 +1,237 @@
+"""Datasets on tiny generated trees in the original layouts: items, transforms, masks, boundary,
+original image size, training episodes, and a clear error (naming the file) for each kind of bad data."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from datagen import make_coco, make_fss, make_pascal
+from PIL import Image
+
+from hypertriton.data import DatasetError, build_dataset
+from hypertriton.data.common import IMAGENET_MEAN, IMAGENET_STD
+
+SIZE = 24  # resized side: small, and not a multiple of the generated sizes
+
+
+@pytest.fixture(scope="module")
+def pascal_data(tmp_path_factory):
+    return make_pascal(tmp_path_factory.mktemp("pascal"), images_per_class=3)
+
+
+@pytest.fixture(scope="module")
+def coco_data(tmp_path_factory):
+    return make_coco(tmp_path_factory.mktemp("coco"), folds=(1,), images_per_class=2)
+
+
+@pytest.fixture(scope="module")
+def fss_data(tmp_path_factory):
+    return make_fss(tmp_path_factory.mktemp("fss"), {"test": ["zebra", "bus"], "trn": ["cat", "dog"]}, crlf=True)
+
+
+def copy_tree(data, tmp_path):
+    """A private copy to damage."""
+    shutil.copytree(data.datapath, tmp_path / "copy")
+    return tmp_path / "copy", tmp_path / "copy" / "splits"
+
+
+def expected_image(path, size=SIZE):
+    """Independent statement of the original transform: PIL bilinear resize, /255, ImageNet norm."""
+    rgb = np.asarray(Image.open(path).convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32) / 255
+    normalized = (rgb - np.array(IMAGENET_MEAN, dtype=np.float32)) / np.array(IMAGENET_STD, dtype=np.float32)
+    return torch.from_numpy(normalized).permute(2, 0, 1)
+
+
+def nearest(raw: np.ndarray, size=SIZE) -> np.ndarray:
+    """Nearest resize as F.interpolate(mode='nearest') picks sources: floor(dst * in / out)."""
+    rows = np.floor(np.arange(size) * raw.shape[0] / size).astype(int)
+    cols = np.floor(np.arange(size) * raw.shape[1] / size).astype(int)
+    return raw[rows][:, cols]
+
+
+def png(path) -> np.ndarray:
+    return np.array(Image.open(path))
+
+
+# -- items --------------------------------------------------------------------------------------------
+
+def test_pascal_item_matches_files(pascal_data):
+    ds = build_dataset("pascal", pascal_data.datapath, pascal_data.splits, 0, "test", nshot=2, img_size=SIZE)
+    assert len(ds) == 1000 and ds.class_ids == [0, 1, 2, 3, 4]
+    voc = pascal_data.datapath / "VOC2012"
+    for index in (0, 7):
+        item, episode = ds[index], ds.episodes[index]
+        assert item["query_name"] == episode.query and item["support_names"] == list(episode.supports)
+        assert int(item["class_id"]) == episode.class_id and item["class_id"].dtype == torch.int64
+        raw = png(voc / "SegmentationClassAug" / f"{episode.query}.png")
+        torch.testing.assert_close(item["query_img"], expected_image(voc / "JPEGImages" / f"{episode.query}.jpg"),
+                                   atol=1e-6, rtol=0)
+        resized = nearest(raw)
+        assert torch.equal(item["query_mask"], torch.from_numpy(resized == episode.class_id + 1).float())
+        assert torch.equal(item["query_ignore_idx"], torch.from_numpy(resized == 255).float())
+        assert item["org_query_imsize"] == (raw.shape[1], raw.shape[0])
+        assert item["support_imgs"].shape == (2, 3, SIZE, SIZE)
+        for k, name in enumerate(episode.supports):
+            support_raw = nearest(png(voc / "SegmentationClassAug" / f"{name}.png"))
+            assert torch.equal(item["support_masks"][k], torch.from_numpy(support_raw == episode.class_id + 1).float())
+            assert torch.equal(item["support_ignore_idxs"][k], torch.from_numpy(support_raw == 255).float())
+            torch.testing.assert_close(item["support_imgs"][k], expected_image(voc / "JPEGImages" / f"{name}.jpg"),
+                                       atol=1e-6, rtol=0)
+    assert item["query_ignore_idx"].sum() > 0  # the generated boundary ring survives the resize
+
+
+def test_pascal_original_imgsize_keeps_query_mask_size(pascal_data):
+    ds = build_dataset("pascal", pascal_data.datapath, pascal_data.splits, 0, "test", nshot=1, img_size=SIZE,
+                       use_original_imgsize=True)
+    item, episode = ds[3], ds.episodes[3]
+    raw = png(pascal_data.datapath / "VOC2012" / "SegmentationClassAug" / f"{episode.query}.png")
+    assert torch.equal(item["query_mask"], torch.from_numpy(raw == episode.class_id + 1).float())
+    assert torch.equal(item["query_ignore_idx"], torch.from_numpy(raw == 255).float())
+    assert item["query_img"].shape == (3, SIZE, SIZE) and item["support_masks"].shape == (1, SIZE, SIZE)
+
+
+def test_coco_mask_keeps_only_the_episode_class(coco_data):
+    ds = build_dataset("coco", coco_data.datapath, coco_data.splits, 1, "test", nshot=1, img_size=SIZE,
+                       use_original_imgsize=True)
+    assert ds.class_ids == [1 + 4 * k for k in range(20)]
+    multi = [i for i, e in enumerate(ds.episodes[:200]) if len(coco_data.images[e.query]) > 1]
+    assert multi, "the generator puts a second class in some images"
+    for index in multi[:3] + [0]:
+        item, episode = ds[index], ds.episodes[index]
+        raw = png(coco_data.datapath / "COCO2014" / "annotations" / episode.query.replace(".jpg", ".png"))
+        assert torch.equal(item["query_mask"], torch.from_numpy(raw == episode.class_id + 1).float())
+        assert item["query_ignore_idx"].sum() == 0
+
+
+def test_fss_threshold_and_crlf_split(fss_data):
+    ds = build_dataset("fss", fss_data.datapath, fss_data.splits, 0, "test", nshot=1, img_size=SIZE,
+                       use_original_imgsize=True)
+    assert len(ds) == 20 and ds.class_ids == [760, 761]  # sorted: bus, zebra
+    item = ds[0]
+    assert item["query_name"] == "bus/1.jpg" and int(item["class_id"]) == 760
+    raw = png(fss_data.datapath / "FSS-1000" / "bus" / "1.png")
+    assert raw[0, 0] == 127 and raw[0, 1] == 128
+    assert torch.equal(item["query_mask"], torch.from_numpy(raw >= 128).float())
+    assert item["query_mask"][0, 0] == 0 and item["query_mask"][0, 1] == 1
+
+
+# -- training episodes ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["pascal", "coco", "fss"])
+def test_training_episodes_are_random_within_the_class(name, pascal_data, coco_data, fss_data):
+    data = {"pascal": pascal_data, "coco": coco_data, "fss": fss_data}[name]
+    fold = 1 if name == "coco" else 0
+    ds = build_dataset(name, data.datapath, data.splits, fold, "trn", nshot=2, img_size=SIZE)
+    torch.manual_seed(3)
+    first = [ds.episode(i) for i in range(len(ds))]
+    torch.manual_seed(3)
+    assert [ds.episode(i) for i in range(len(ds))] == first
+    assert len({e.supports for e in first}) > 1
+    for episode in first:
+        assert episode.class_id in ds.class_ids and episode.query not in episode.supports
+        if name == "fss":
+            assert all(s.split("/")[0] == episode.query.split("/")[0] for s in episode.supports)
+        else:
+            assert all(episode.class_id in data.images[s] for s in episode.supports + (episode.query,))
+    if name == "pascal":
+        assert set(ds.class_ids) == set(range(5, 20))
+        assert [e.query for e in first] == [name for name, _ in ds.metadata]
+
+
+# -- bad data --------------------------------------------------------------------------------------------
+
+def fss_item(root, splits):
+    return build_dataset("fss", root, splits, 0, "test", nshot=1, img_size=SIZE)[0]
+
+
+def test_missing_image_and_mask_name_the_file(fss_data, tmp_path):
+    root, splits = copy_tree(fss_data, tmp_path)
+    (root / "FSS-1000" / "bus" / "1.png").unlink()
+    with pytest.raises(DatasetError, match=r"no mask file: .*bus/1\.png"):
+        fss_item(root, splits)
+    pascal_root = make_pascal(tmp_path / "p", images_per_class=2)
+    ds = build_dataset("pascal", pascal_root.datapath, pascal_root.splits, 0, "test", nshot=1, img_size=SIZE)
+    (pascal_root.datapath / "VOC2012" / "JPEGImages" / f"{ds.episodes[0].query}.jpg").unlink()
+    with pytest.raises(DatasetError, match=rf"split entry '{ds.episodes[0].query}' has no image file"):
+        ds[0]
+
+
+def test_unreadable_files_name_the_file(fss_data, tmp_path):
+    root, splits = copy_tree(fss_data, tmp_path)
+    (root / "FSS-1000" / "bus" / "1.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DatasetError, match=r"cannot read image file .*bus/1\.jpg"):
+        fss_item(root, splits)
+    shutil.copy(fss_data.datapath / "FSS-1000" / "bus" / "1.jpg", root / "FSS-1000" / "bus" / "1.jpg")
+    (root / "FSS-1000" / "bus" / "1.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(DatasetError, match=r"cannot read mask file .*bus/1\.png"):
+        fss_item(root, splits)
+
+
+def test_mask_of_another_size_is_refused(fss_data, tmp_path):
+    root, splits = copy_tree(fss_data, tmp_path)
+    width, height = Image.open(root / "FSS-1000" / "bus" / "1.jpg").size
+    Image.fromarray(np.zeros((height + 1, width), dtype=np.uint8)).save(root / "FSS-1000" / "bus" / "1.png")
+    with pytest.raises(DatasetError, match=rf"bus/1\.png is {width}x{height + 1} .* its image is {width}x{height}"):
+        fss_item(root, splits)
+
+
+def test_empty_class_and_missing_class_folder(fss_data, tmp_path):
+    root, splits = copy_tree(fss_data, tmp_path)
+    for path in (root / "FSS-1000" / "zebra").glob("*.jpg"):
+        path.unlink()
+    with pytest.raises(DatasetError, match=r"empty class: folder .*zebra"):
+        fss_item(root, splits)
+    shutil.rmtree(root / "FSS-1000" / "zebra")
+    with pytest.raises(DatasetError, match=r"class 'zebra' listed in .*test\.txt has no folder"):
+        fss_item(root, splits)
+
+
+def test_coco_empty_fold_class(coco_data, tmp_path):
+    path = tmp_path / "coco" / "val" / "fold1.pkl"
+    path.parent.mkdir(parents=True)
+    with open(coco_data.splits / "coco" / "val" / "fold1.pkl", "rb") as handle:
+        lists = pickle.load(handle)  # written by the test generator
+    lists[5] = []
+    path.write_bytes(pickle.dumps(lists))
+    with pytest.raises(DatasetError, match=r"empty class: split file .*fold1\.pkl lists no images for class 5"):
+        build_dataset("coco", coco_data.datapath, tmp_path, 1, "test", nshot=1)
+
+
+def test_split_entry_without_file_and_bad_split_lines(pascal_data, tmp_path):
+    root, splits = copy_tree(pascal_data, tmp_path)
+    val = splits / "pascal" / "val" / "fold0.txt"
+    val.write_text("2099_999999__01\n" + val.read_text())
+    ds = build_dataset("pascal", root, splits, 0, "test", nshot=1, img_size=SIZE)
+    with pytest.raises(DatasetError, match=r"split entry '2099_999999' has no image file: .*2099_999999\.jpg"):
+        ds[0]
+    val.write_text("2007_000000_01\n")
+    with pytest.raises(DatasetError, match=r"fold0\.txt, line 1: expected '<image id>__<class id>'"):
+        build_dataset("pascal", root, splits, 0, "test", nshot=1)
+    val.unlink()
+    with pytest.raises(DatasetError, match=r"split file not found: .*val/fold0\.txt"):
+        build_dataset("pascal", root, splits, 0, "test", nshot=1)
+    with pytest.raises(DatasetError, match="no pascal split files under"):
+        build_dataset("pascal", root, tmp_path / "nowhere", 0, "test", nshot=1)
+
+
+def test_bad_arguments(pascal_data):
+    args = (pascal_data.datapath, pascal_data.splits)
+    with pytest.raises(ValueError, match="benchmark must be one of"):
+        build_dataset("voc", *args, 0, "test", 1)
+    with pytest.raises(ValueError, match=r"fold must be an int in \[0, 3\], got 4"):
+        build_dataset("pascal", *args, 4, "test", 1)
+    with pytest.raises(ValueError, match="split must be one of"):
+        build_dataset("pascal", *args, 0, "train", 1)
+    with pytest.raises(ValueError, match="nshot must be a positive int, got 0"):
+        build_dataset("pascal", *args, 0, "test", 0)
+
+
+def test_synthetic_is_built_through_the_same_entry_point():
+    pytest.importorskip("hypertriton.data.synthetic")
+    ds = build_dataset("synthetic", None, None, 0, "test", nshot=2, img_size=64)
+    item = ds[0]
+    assert item["support_masks"].shape == (2, 64, 64) and int(item["class_id"]) in ds.class_ids

@@ -1,0 +1,216 @@
+"""evaluate(): known outcomes with fake models, batching, original image size, PNG panels, sharding
+over 2 gloo processes equal to one process, and the ``hypertriton evaluate`` command with a real model."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+from contextlib import redirect_stdout
+
+import numpy as np
+import pytest
+import torch
+from datagen import make_fss, make_pascal
+from hypothesis import example, given
+from hypothesis import strategies as st
+from PIL import Image
+from torch.utils.data import DataLoader, Subset
+
+from hypertriton.data import build_dataset
+from hypertriton.evaluation import ShardSampler, evaluate
+
+SIZE = 24
+EPISODES = 15  # odd: a 2-way shard is uneven, so padding duplicates would show
+
+
+class Truth:
+    """Predicts the true mask: every IoU is 100."""
+
+    def __init__(self):
+        self.keys = []
+
+    def predict_mask_nshot(self, batch, nshot):
+        self.keys.append(sorted(batch))
+        return batch["query_mask"].long()
+
+
+class Complement(Truth):
+    def predict_mask_nshot(self, batch, nshot):
+        return 1 - batch["query_mask"].long()
+
+
+class AllForeground(Truth):
+    def predict_mask_nshot(self, batch, nshot):
+        return torch.ones_like(batch["query_mask"], dtype=torch.long)
+
+
+@pytest.fixture(scope="module")
+def pascal_data(tmp_path_factory):
+    return make_pascal(tmp_path_factory.mktemp("pascal_eval"), images_per_class=3)
+
+
+@pytest.fixture(scope="module")
+def dataset(pascal_data):
+    return build_dataset("pascal", pascal_data.datapath, pascal_data.splits, 0, "test", nshot=1, img_size=SIZE)
+
+
+def all_foreground_expected(dataset, count):
+    """All-foreground scores by hand: per class fg IoU = true fg pixels / valid pixels; bg IoU = 0."""
+    fg, valid = {c: 0.0 for c in dataset.class_ids}, {c: 0.0 for c in dataset.class_ids}
+    for index in range(count):
+        item = dataset[index]
+        keep = item["query_ignore_idx"].numpy() == 0
+        fg[int(item["class_id"])] += float((item["query_mask"].numpy()[keep] == 1).sum())
+        valid[int(item["class_id"])] += float(keep.sum())
+    per_class = {c: 100 * fg[c] / max(valid[c], 1) for c in dataset.class_ids}
+    return float(np.mean(list(per_class.values()))), 50 * sum(fg.values()) / sum(valid.values()), per_class
+
+
+def test_truth_and_complement(dataset):
+    result = evaluate(Truth(), dataset, 1, "cpu", progress=False, max_episodes=EPISODES)
+    assert (result["miou"], result["fb_iou"], result["episodes"]) == (100.0, 100.0, EPISODES)
+    assert set(result["per_class_iou"]) == set(dataset.class_ids)
+    result = evaluate(Complement(), dataset, 1, "cpu", progress=False, max_episodes=EPISODES)
+    assert (result["miou"], result["fb_iou"]) == (0.0, 0.0)
+
+
+def test_all_foreground_matches_hand_count_and_batching(dataset):
+    miou, fb_iou, per_class = all_foreground_expected(dataset, EPISODES)
+    for bsz in (1, 4):
+        result = evaluate(AllForeground(), dataset, 1, "cpu", progress=False, max_episodes=EPISODES, bsz=bsz)
+        assert result["miou"] == pytest.approx(miou, abs=1e-9)
+        assert result["fb_iou"] == pytest.approx(fb_iou, abs=1e-9)
+        assert result["per_class_iou"] == pytest.approx(per_class, abs=1e-9)
+    assert 0 < miou < 100
+    loader = DataLoader(Subset(dataset, range(EPISODES)), batch_size=3)
+    assert evaluate(AllForeground(), loader, 1, "cpu", progress=False)["miou"] == pytest.approx(miou, abs=1e-9)
+
+
+def test_original_size_is_passed_only_when_asked(pascal_data, dataset):
+    model = Truth()
+    evaluate(model, dataset, 1, "cpu", progress=False, max_episodes=2)
+    assert "org_query_imsize" not in model.keys[0]
+    original = build_dataset("pascal", pascal_data.datapath, pascal_data.splits, 0, "test", nshot=1, img_size=SIZE,
+                             use_original_imgsize=True)
+    model = Truth()
+    result = evaluate(model, original, 1, "cpu", progress=False, max_episodes=3)
+    assert "org_query_imsize" in model.keys[0]
+    assert {original.episodes[i].class_id for i in range(3)} == {0} and result["per_class_iou"][0] == 100.0
+
+
+def test_prediction_of_another_size_is_refused(dataset):
+    class Wrong(Truth):
+        def predict_mask_nshot(self, batch, nshot):
+            return torch.zeros(1, SIZE + 1, SIZE, dtype=torch.long)
+
+    with pytest.raises(ValueError, match=r"predicted masks of shape \(1, 25, 24\) but the query masks are"):
+        evaluate(Wrong(), dataset, 1, "cpu", progress=False, max_episodes=1)
+
+
+def test_visualize_writes_one_panel_per_episode(dataset, tmp_path):
+    evaluate(Complement(), dataset, 1, "cpu", progress=False, max_episodes=4, visualize_dir=tmp_path / "vis", bsz=3)
+    files = sorted(p.name for p in (tmp_path / "vis").iterdir())
+    expected = [f"episode{i:05d}_class{dataset.episodes[i].class_id}_iou0.0.png" for i in range(4)]
+    assert files == expected
+    panel = Image.open(tmp_path / "vis" / files[0])
+    assert panel.size == (4 * SIZE + 3 * 4, SIZE)  # support, query, prediction, truth with 4-px gaps
+
+
+@given(st.integers(0, 40), st.integers(1, 5))
+@example(15, 2)
+@example(0, 3)
+def test_shards_partition_the_episodes(length, world_size):
+    shards = [list(ShardSampler(length, rank, world_size)) for rank in range(world_size)]
+    assert sorted(sum(shards, [])) == list(range(length))
+    assert [len(ShardSampler(length, rank, world_size)) for rank in range(world_size)] == [len(s) for s in shards]
+
+
+# One rank of a 2-process gloo job (the same all-foreground model as AllForeground above).
+WORKER = """
+import json
+import torch
+from hypertriton import distributed as hdist
+from hypertriton.data import build_dataset
+from hypertriton.evaluation import evaluate
+
+
+class AllForeground:
+    def predict_mask_nshot(self, batch, nshot):
+        return torch.ones_like(batch["query_mask"], dtype=torch.long)
+
+
+ctx = hdist.init_distributed("cpu")
+ds = build_dataset("pascal", {datapath!r}, {splits!r}, 0, "test", nshot=1, img_size={size})
+result = evaluate(AllForeground(), ds, 1, "cpu", progress=False, max_episodes={episodes}, bsz=2,
+                  visualize_dir={vis!r})
+with open({out!r} + str(ctx.rank), "w") as handle:
+    json.dump(result, handle)
+hdist.cleanup_distributed()
+"""
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_gloo_processes_equal_one(pascal_data, dataset, tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(datapath=str(pascal_data.datapath),
+                                    splits=str(pascal_data.splits), size=SIZE, episodes=EPISODES,
+                                    vis=str(tmp_path / "vis"), out=str(tmp_path / "rank")))
+    env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(script)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
+    outputs = [p.communicate(timeout=240)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
+    single = evaluate(AllForeground(), dataset, 1, "cpu", progress=False, max_episodes=EPISODES)
+    for rank in range(2):
+        result = json.loads((tmp_path / f"rank{rank}").read_text())
+        assert result["episodes"] == EPISODES
+        assert result["miou"] == pytest.approx(single["miou"], abs=1e-9)
+        assert result["fb_iou"] == pytest.approx(single["fb_iou"], abs=1e-9)
+        assert {int(c): v for c, v in result["per_class_iou"].items()} == pytest.approx(single["per_class_iou"])
+    panels = sorted(p.name[:12] for p in (tmp_path / "vis").iterdir())
+    assert panels == [f"episode{i:05d}" for i in range(EPISODES)]  # each episode once, across both ranks
+
+
+def test_cli_with_a_real_tiny_model(tmp_path):
+    model_module = pytest.importorskip("hypertriton.model")
+    from hypertriton.cli import main
+
+    data = make_fss(tmp_path / "fss", {"test": ["bus", "cat"]})
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "r18.pt"
+    model_module.HSNet("resnet18").save_checkpoint(checkpoint)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = main(["evaluate", "--benchmark", "fss", "--nshot", "1", "--load", str(checkpoint),
+                     "--datapath", str(data.datapath), "--splits", str(data.splits), "--img-size", "64",
+                     "--max-episodes", "2", "--device", "cpu", "--no-progress", "--json", str(tmp_path / "r.json")])
+    assert code == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["backbone"] == "resnet18" and result["episodes"] == 2
+    assert list(result["per_class_iou"]) == ["760", "761"]
+    # the two first episodes are both of class 760 ("bus/1.jpg", "bus/10.jpg"); 761 never seen counts 0
+    assert result["per_class_iou"]["761"] == 0.0
+    assert result["miou"] == pytest.approx(result["per_class_iou"]["760"] / 2)
+    assert out.getvalue().strip().splitlines()[-1] == f"mIoU: {result['miou']:.2f}  FB-IoU: {result['fb_iou']:.2f}"
+    assert not list(tmp_path.glob(".r.json*"))  # no temporary file left behind
+
+
+def test_cli_reports_bad_checkpoint(tmp_path, capsys):
+    pytest.importorskip("hypertriton.model")
+    from hypertriton.cli import main
+
+    data = make_fss(tmp_path / "fss", {"test": ["bus"]}, images_per_class=2)
+    (tmp_path / "bad.pt").write_bytes(b"junk")
+    code = main(["evaluate", "--benchmark", "fss", "--load", str(tmp_path / "bad.pt"), "--datapath",
+                 str(data.datapath), "--splits", str(data.splits), "--device", "cpu"])
+    assert code == 2 and "bad.pt" in capsys.readouterr().err
