@@ -79,7 +79,8 @@ def _loader(source, bsz: int, nworker: int, max_episodes: int | None) -> DataLoa
     length = len(dataset) if max_episodes is None else min(int(max_episodes), len(dataset))
     sampler = ShardSampler(length, hdist.get_rank(), hdist.get_world_size())
     kwargs = {} if collate is None else {"collate_fn": collate}
-    return DataLoader(dataset, batch_size=bsz, sampler=sampler, num_workers=nworker, **kwargs)
+    return DataLoader(dataset, batch_size=bsz, sampler=sampler, num_workers=nworker,
+                      pin_memory=torch.cuda.is_available(), **kwargs)
 
 
 def evaluate(model, dataset_or_loader, nshot: int, device, progress: bool = True,

@@ -203,6 +203,12 @@ def test_cli_with_a_real_tiny_model(tmp_path):
     assert result["miou"] == pytest.approx(result["per_class_iou"]["760"] / 2)
     assert out.getvalue().strip().splitlines()[-1] == f"mIoU: {result['miou']:.2f}  FB-IoU: {result['fb_iou']:.2f}"
     assert not list(tmp_path.glob(".r.json*"))  # no temporary file left behind
+    # at the original size the real model resizes its logits to each query's own size
+    model = model_module.HSNet.from_checkpoint(checkpoint)
+    original = build_dataset("fss", data.datapath, data.splits, 0, "test", nshot=1, img_size=64,
+                             use_original_imgsize=True)
+    assert original[0]["query_mask"].shape != (64, 64)
+    assert evaluate(model, original, 1, "cpu", progress=False, max_episodes=1)["episodes"] == 1
 
 
 def test_cli_reports_bad_checkpoint(tmp_path, capsys):

@@ -14,8 +14,9 @@ from __future__ import annotations
 import importlib
 
 from .common import DatasetError, Episode, FewShotDataset
+from .episodes import list_episodes
 
-__all__ = ["BENCHMARKS", "DatasetError", "Episode", "FewShotDataset", "build_dataset"]
+__all__ = ["BENCHMARKS", "DatasetError", "Episode", "FewShotDataset", "build_dataset", "list_episodes"]
 
 BENCHMARKS = {
     "pascal": ("hypertriton.data.pascal", "PascalDataset"),

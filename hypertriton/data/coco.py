@@ -124,14 +124,13 @@ class CocoDataset(FewShotDataset):
     nclass = NCLASS
 
     def __init__(self, datapath, splits, fold: int, split: str, nshot: int, img_size: int = 400,
-                 use_original_imgsize: bool = False, count: int | None = None):
+                 use_original_imgsize: bool = False):
         super().__init__(split, nshot, img_size, use_original_imgsize)
         self.fold = check_fold(fold, NFOLDS)
         self.base = (Path(datapath) if datapath is not None else Path(".")) / "COCO2014"
         self.lists, self.class_ids, self.split_file = read_metadata(splits, self.fold, self.split)
         if self.split != "trn":
-            self.episodes = draw_test_episodes(self.lists, self.class_ids, self.nshot,
-                                               TEST_EPISODES if count is None else count, source=str(self.split_file))
+            self.episodes = draw_test_episodes(self.lists, self.class_ids, self.nshot, source=str(self.split_file))
         else:
             self.num_images = len({name for names in self.lists.values() for name in names})
 

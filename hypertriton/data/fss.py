@@ -89,7 +89,7 @@ class FssDataset(FewShotDataset):
     grey_masks = True
 
     def __init__(self, datapath, splits, fold: int | None, split: str, nshot: int, img_size: int = 400,
-                 use_original_imgsize: bool = False, count: int | None = None):
+                 use_original_imgsize: bool = False):
         super().__init__(split, nshot, img_size, use_original_imgsize)
         self.fold = fold
         self.base = (Path(datapath) if datapath is not None else Path(".")) / "FSS-1000"
@@ -99,7 +99,7 @@ class FssDataset(FewShotDataset):
         self.class_ids = [offset + i for i in range(len(self.categories))]
         self.queries = list_queries(self.base, self.categories, self.split_file)
         if self.split != "trn":
-            self.episodes = draw_test_episodes(self.queries, self.class_index, self.nshot, count=count,
+            self.episodes = draw_test_episodes(self.queries, self.class_index, self.nshot,
                                                source=str(self.split_file))
 
     def image_path(self, name: str) -> Path:

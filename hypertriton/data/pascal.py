@@ -97,7 +97,7 @@ class PascalDataset(FewShotDataset):
     nclass = NCLASS
 
     def __init__(self, datapath, splits, fold: int, split: str, nshot: int, img_size: int = 400,
-                 use_original_imgsize: bool = False, count: int | None = None):
+                 use_original_imgsize: bool = False):
         super().__init__(split, nshot, img_size, use_original_imgsize)
         self.fold = check_fold(fold, NFOLDS)
         self.class_ids = fold_class_ids(self.fold, self.split)
@@ -108,8 +108,7 @@ class PascalDataset(FewShotDataset):
         self.source = ", ".join(str(p) for p in self.split_files)
         self.by_class = classwise(self.metadata)
         if self.split != "trn":
-            self.episodes = draw_test_episodes(self.metadata, self.nshot, TEST_EPISODES if count is None else count,
-                                          source=self.source)
+            self.episodes = draw_test_episodes(self.metadata, self.nshot, source=self.source)
         elif not self.metadata:
             raise DatasetError(f"{self.source} lists no images")
 
