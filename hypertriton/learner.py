@@ -126,16 +126,28 @@ class HPNLearner(nn.Module):
                                  f"({[shape_of(t) for t in pyramid]})")
             batch = level.shape[0]
 
-    def encode(self, hypercorr_pyramid) -> torch.Tensor:
-        """Squeeze and mix the pyramid, then average over the support dims: ``[B, 128, Hq_2, Wq_2]``."""
-        self._check_pyramid(hypercorr_pyramid)
-        sqz4 = self.encoder_layer4(hypercorr_pyramid[0])
-        sqz3 = self.encoder_layer3(hypercorr_pyramid[1])
-        sqz2 = self.encoder_layer2(hypercorr_pyramid[2])
+    @property
+    def squeeze_blocks(self) -> tuple[nn.Sequential, nn.Sequential, nn.Sequential]:
+        """The squeezing blocks, deepest level first (``encoder_layer4``, ``encoder_layer3``, ``encoder_layer2``)."""
+        return self.encoder_layer4, self.encoder_layer3, self.encoder_layer2
 
+    def mix(self, sqz4: torch.Tensor, sqz3: torch.Tensor, sqz2: torch.Tensor) -> torch.Tensor:
+        """Mix the squeezed levels deep into shallow, then average over the support dims.
+
+        Args:
+            sqz4, sqz3, sqz2: ``[B, 128, Hq_i, Wq_i, Hs_i, Ws_i]`` from the squeezing blocks.
+
+        Returns:
+            ``[B, 128, Hq_2, Wq_2]``.
+        """
         mix43 = self.encoder_layer4to3(resize_4d(sqz4, sqz3.shape[2:4], sqz3.shape[4:6]) + sqz3)
         mix432 = self.encoder_layer3to2(resize_4d(mix43, sqz2.shape[2:4], sqz2.shape[4:6]) + sqz2)
         return mix432.flatten(4).mean(dim=-1)
+
+    def encode(self, hypercorr_pyramid) -> torch.Tensor:
+        """Squeeze and mix the pyramid, then average over the support dims: ``[B, 128, Hq_2, Wq_2]``."""
+        self._check_pyramid(hypercorr_pyramid)
+        return self.mix(*(block(level) for block, level in zip(self.squeeze_blocks, hypercorr_pyramid)))
 
     def decode(self, encoded: torch.Tensor) -> torch.Tensor:
         """``[B, 128, h, w]`` -> logits ``[B, 2, 2h, 2w]``."""

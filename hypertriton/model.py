@@ -19,6 +19,7 @@ from . import checkpoint as ckpt
 from .backbones import build_backbone, extract_features, get_spec
 from .learner import HPNLearner
 from .ops._validation import shape_of as _tensor_shape
+from .ops.fused_first_layer import fused_hypercorrelation_cp_conv
 from .ops.hypercorrelation import hypercorrelation
 
 __all__ = ["HSNet", "vote_nshot"]
@@ -79,6 +80,11 @@ class HSNet(nn.Module):
             ``"torch"``, ``"reference"``, None for automatic).
         backbone_weights: path of a torchvision weights file for the backbone (implies ``pretrained``).
         allow_download: whether ``pretrained`` may download missing weights.
+        fused: compute each level's hypercorrelation inside the first center-pivot layer of its
+            squeezing block (:func:`hypertriton.ops.fused_first_layer.fused_hypercorrelation_cp_conv`):
+            the 4D correlation tensors are never stored and support positions outside the mask are
+            skipped (exact: their correlations are 0). Same result up to float rounding; False runs the
+            original's dense order of operations (hypercorrelation, then the learner).
 
     The backbone is frozen: no gradients, eval mode even under ``model.train()`` (BN statistics never
     change). Only ``hpn_learner`` is trained. State_dict keys are ``backbone.*`` and ``hpn_learner.*``,
@@ -97,11 +103,13 @@ class HSNet(nn.Module):
     """
 
     def __init__(self, backbone: str = "resnet50", pretrained: bool = False, backend: str | None = None,
-                 backbone_weights: str | os.PathLike | None = None, allow_download: bool = True):
+                 backbone_weights: str | os.PathLike | None = None, allow_download: bool = True,
+                 fused: bool = True):
         super().__init__()
         self.spec = get_spec(backbone)
         self.backbone_name = self.spec.name
         self.backend = backend
+        self.fused = fused
         self.backbone = build_backbone(backbone, pretrained, backbone_weights, allow_download)
         self.hpn_learner = HPNLearner(list(self.spec.layers_per_level), backend=backend)
 
@@ -119,30 +127,31 @@ class HSNet(nn.Module):
             return extract_features(self.backbone, self.spec, img)
 
     # ------------------------------------------------------------------ forward
-    def hypercorrelation(self, query_feats, support_feats, support_mask) -> list[torch.Tensor]:
-        """The learner's input ``[corr_l4, corr_l3, corr_l2]``, each ``[B, L_p, Hq, Wq, Hs, Ws]``.
-
-        Levels are formed from the backbone's known layer counts (not from spatial sizes), so tiny or
-        oddly sized maps whose levels happen to coincide in size still give three levels.
-        """
+    def _levels(self, query_feats, support_feats) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """The features split into pyramid levels, deepest first, by the backbone's known layer counts
+        (not by spatial size, so tiny maps whose levels coincide in size still give three levels)."""
         expected = self.spec.num_features
         for name, feats in (("query_feats", query_feats), ("support_feats", support_feats)):
             if not isinstance(feats, (list, tuple)) or len(feats) != expected:
                 got = f"{len(feats)} tensors" if isinstance(feats, (list, tuple)) else type(feats).__name__
                 raise ValueError(f"{name}: {self.backbone_name} gives {expected} feature maps "
                                  f"(channels {list(self.spec.channels)}), got {got}")
-        pyramid, end = [], expected
-        for layers in self.spec.layers_per_level:  # deepest level first
+        levels, end = [], expected
+        for layers in self.spec.layers_per_level:
             start = end - layers
-            level = hypercorrelation(list(query_feats[start:end]), list(support_feats[start:end]), support_mask,
-                                     backend=self.backend)
-            if len(level) != 1:
-                raise ValueError(f"query_feats/support_feats: layers {start}..{end - 1} form one pyramid level "
-                                 f"and must share a spatial size, got "
-                                 f"{[_shape(t) for t in query_feats[start:end]]}")
-            pyramid.append(level[0])
+            query, support = list(query_feats[start:end]), list(support_feats[start:end])
+            for name, level in (("query_feats", query), ("support_feats", support)):
+                if len({tuple(t.shape[-2:]) for t in level}) != 1:
+                    raise ValueError(f"{name}: layers {start}..{end - 1} form one pyramid level and must share "
+                                     f"a spatial size, got {[_shape(t) for t in level]}")
+            levels.append((query, support))
             end = start
-        return pyramid
+        return levels
+
+    def hypercorrelation(self, query_feats, support_feats, support_mask) -> list[torch.Tensor]:
+        """The learner's input ``[corr_l4, corr_l3, corr_l2]``, each ``[B, L_p, Hq, Wq, Hs, Ws]``."""
+        return [hypercorrelation(query, support, support_mask, backend=self.backend)[0]
+                for query, support in self._levels(query_feats, support_feats)]
 
     def forward_features(self, query_feats, support_feats, support_mask) -> torch.Tensor:
         """Everything after the backbone: hypercorrelation, then the learner.
@@ -156,7 +165,21 @@ class HSNet(nn.Module):
             Logits ``[B, 2, 2 * Hq_2, 2 * Wq_2]`` (twice the layer2 level's query map), before the final
             resize to the image size.
         """
-        return self.hpn_learner(self.hypercorrelation(query_feats, support_feats, support_mask))
+        learner = self.hpn_learner
+        if not self.fused:
+            return learner(self.hypercorrelation(query_feats, support_feats, support_mask))
+        device_type = query_feats[0].device.type if isinstance(query_feats[0], torch.Tensor) else "cpu"
+        autocast = torch.is_autocast_enabled(device_type)
+        # The fused op picks its own precisions (fp32 accumulation); under autocast only its correlation
+        # products take the autocast dtype, as autocast would give the dense path's matrix products.
+        correlation_dtype = torch.get_autocast_dtype(device_type) if autocast else None
+        squeezed = []
+        for (query, support), block in zip(self._levels(query_feats, support_feats), learner.squeeze_blocks):
+            with torch.autocast(device_type, enabled=False):
+                first = fused_hypercorrelation_cp_conv(query, support, support_mask, block[0], backend=self.backend,
+                                                       correlation_dtype=correlation_dtype)
+            squeezed.append(block[1:](first))
+        return learner.decode(learner.mix(*squeezed))
 
     def _logits(self, query_feats, support_img, support_mask, size) -> torch.Tensor:
         _check_images(support_img, "support_img")
@@ -324,4 +347,4 @@ class HSNet(nn.Module):
         return ckpt.save_checkpoint(self, path)
 
     def extra_repr(self) -> str:
-        return f"backbone={self.backbone_name!r}, backend={self.backend!r}"
+        return f"backbone={self.backbone_name!r}, backend={self.backend!r}, fused={self.fused}"

@@ -98,9 +98,11 @@ def test_spec_predicts_feature_sizes(backbone):
 
 
 # ----------------------------------------------------------------------------- forward
-def test_forward_equals_the_original_pipeline():
+@pytest.mark.parametrize("fused", [True, False])
+def test_forward_equals_the_original_pipeline(fused, monkeypatch):
     """Same weights in, same logits out: original feature extraction, correlation, learner, final resize."""
     model = model_for("resnet50")
+    monkeypatch.setattr(model, "fused", fused)
     query, support, mask = images(2, 64, 64, 3)
     with torch.no_grad():
         ours = model(query, support, mask)
@@ -129,19 +131,23 @@ def test_forward_and_forward_features_agree():
     ("resnet101", (71, 64)),
     ("vgg16", (97, 66)), ("vgg16", (64, 64)),
 ])
-def test_odd_and_non_square_sizes_batch_one_and_empty_mask(backbone, size):
-    """With an all-zero support mask every correlation is 0, so the logits cannot depend on the query."""
+def test_odd_and_non_square_sizes_batch_one_and_empty_mask(backbone, size, monkeypatch):
+    """With an all-zero support mask every correlation is 0, so the logits cannot depend on the query; the
+    fused and the dense paths agree."""
     model = model_for(backbone)
-    query, support, _ = images(1, *size, 5)
+    query, support, blob_mask = images(1, *size, 5)
     zero = torch.zeros(1, *size)
     with torch.no_grad():
         first = model(query, support, zero)
         second = model(torch.randn_like(query), support, zero)
-        blob = model(query, support, images(1, *size, 5)[2])
+        blob = model(query, support, blob_mask)
+        monkeypatch.setattr(model, "fused", False)
+        dense = model(query, support, blob_mask)
     assert first.shape == (1, 2, *size)
     assert torch.isfinite(first).all() and torch.isfinite(blob).all()
     torch.testing.assert_close(first, second, rtol=0, atol=1e-6)
     assert not torch.allclose(first, blob)  # the mask matters when it is not empty
+    assert_close_dtype(blob, dense, scale=10)
 
 
 def test_vgg_at_sizes_whose_support_grids_differ_after_squeezing():
@@ -158,8 +164,10 @@ def test_vgg_at_sizes_whose_support_grids_differ_after_squeezing():
     assert logits.shape == (1, 2, 132, 16) and torch.isfinite(logits).all()
 
 
-def test_autocast_bf16_on_cpu_stays_close_to_fp32():
+@pytest.mark.parametrize("fused", [True, False])
+def test_autocast_bf16_on_cpu_stays_close_to_fp32(fused, monkeypatch):
     model = model_for("resnet18")
+    monkeypatch.setattr(model, "fused", fused)
     query, support, mask = images(1, 64, 80, 7)
     with torch.no_grad():
         expected = model(query, support, mask)
