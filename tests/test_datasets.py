@@ -46,6 +46,17 @@ def expected_image(path, size=SIZE):
     return torch.from_numpy(normalized).permute(2, 0, 1)
 
 
+def test_transform_is_torchvisions_bit_for_bit(pascal_data):
+    transforms = pytest.importorskip("torchvision.transforms")
+    from hypertriton.data.common import build_transform
+
+    original = transforms.Compose([transforms.Resize(size=(SIZE, SIZE)), transforms.ToTensor(),
+                                   transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    for path in sorted((pascal_data.datapath / "VOC2012" / "JPEGImages").glob("*.jpg"))[:5]:
+        image = Image.open(path).convert("RGB")
+        assert torch.equal(build_transform(SIZE)(image), original(image))
+
+
 def nearest(raw: np.ndarray, size=SIZE) -> np.ndarray:
     """Nearest resize as F.interpolate(mode='nearest') picks sources: floor(dst * in / out)."""
     rows = np.floor(np.arange(size) * raw.shape[0] / size).astype(int)
