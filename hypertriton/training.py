@@ -240,19 +240,26 @@ class _RunLog:
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The global RNG streams as tensors and plain Python values (loadable with ``weights_only=True``)."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    numpy = state["numpy"]
+    np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        states = state["cuda"][: torch.cuda.device_count()]
-        torch.cuda.set_rng_state_all(states)
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
 
 
 def _seed_everything(seed: int) -> None:
@@ -493,9 +500,12 @@ def load_training_state(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"resume: no training state at {path}")
-    # The state holds numpy RNG arrays and Python tuples, so it cannot be read with weights_only=True;
-    # only resume from files you wrote yourself.
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        # weights_only: tensors and plain containers only, so a resumed file can run no code.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling, zip and EOF errors all mean "not a training state"
+        raise ValueError(f"resume: {path} is not a readable training state ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''})") from error
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise ValueError(f"resume: {path} is not a hypertriton training state (expected a {LAST_CHECKPOINT} "
                          f"written by 'hypertriton train'; {BEST_CHECKPOINT} holds weights only)")

@@ -253,9 +253,14 @@ def test_resume_refuses_a_different_recipe(tmp_path):
     train(tiny_config(tmp_path, epochs=1, max_steps_per_epoch=1, val_episodes=0), train_dataset=trn)
     with pytest.raises(ValueError, match=r"bsz: 2 -> 4"):
         train(tiny_config(tmp_path, bsz=4, resume="auto", val_episodes=0), train_dataset=trn)
-    with pytest.raises(ValueError, match="not a hypertriton training state"):
-        atomic_save({"module.x": torch.zeros(1)}, tmp_path / "weights.pt")
+    atomic_save({"module.x": torch.zeros(1)}, tmp_path / "weights.pt")
+    with pytest.raises(ValueError, match="weights.pt is not a hypertriton training state"):
         train(tiny_config(tmp_path, resume=str(tmp_path / "weights.pt")), train_dataset=trn)
+    (tmp_path / "garbage.pt").write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match="garbage.pt is not a readable training state"):
+        train(tiny_config(tmp_path, resume=str(tmp_path / "garbage.pt")), train_dataset=trn)
+    with pytest.raises(FileNotFoundError, match="no training state at"):
+        train(tiny_config(tmp_path / "elsewhere", resume="auto"), train_dataset=trn)
 
 
 class _Unpicklable:
@@ -293,21 +298,47 @@ def test_fp16_on_cpu_is_refused(tmp_path):
 # CLI
 
 
-def test_cli_train_on_the_synthetic_benchmark(tmp_path, capsys):
+def test_cli_ctrl_c_saves_state_and_resume_finishes_the_run(tmp_path, capsys):
+    import subprocess
+    import sys
+    import time
+
     from hypertriton.cli import main
 
     logpath = tmp_path / "run"
-    code = main(["train", "--benchmark", "synthetic", "--backbone", "resnet18", "--no-pretrained",
-                 "--img-size", str(IMG), "--bsz", "2", "--epochs", "1", "--max-steps-per-epoch", "2",
-                 "--val-episodes", "2", "--nworker", "1", "--logpath", str(logpath), "--no-progress",
-                 "--device", "cpu", "--amp", "bf16", "--log-every", "1"])
-    assert code == 0
-    assert "1 epochs, 2 steps, best mIoU" in capsys.readouterr().out
+    args = ["train", "--benchmark", "synthetic", "--backbone", "resnet18", "--no-pretrained", "--img-size",
+            str(IMG), "--bsz", "2", "--epochs", "3", "--max-steps-per-epoch", "2", "--val-episodes", "2",
+            "--nworker", "1", "--logpath", str(logpath), "--no-progress", "--device", "cpu", "--amp", "bf16",
+            "--log-every", "1"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    # Its own session, so that the SIGINT below reaches the whole process group (the main process and
+    # its data-loader worker) as a terminal's Ctrl-C does.
+    proc = subprocess.Popen([sys.executable, "-m", "hypertriton", *args], env={**env, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((logpath / LOG_FILE).exists() and '"step"' in (logpath / LOG_FILE).read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "SIGINT received" in err and "--resume" in err
+    stopped = load_training_state(logpath / LAST_CHECKPOINT)
+    assert 1 <= stopped["global_step"] < 6
     rows = read_log(logpath)
-    assert rows[0]["amp"] == "bfloat16" and rows[0]["val_episodes"] == 2
-    assert [row["global_step"] for row in rows if row["event"] == "step"] == [1, 2]
+    assert rows[0]["amp"] == "bfloat16" and rows[0]["val_episodes"] == 2 and rows[-2]["event"] == "stop"
+
+    assert main([*args, "--resume"]) == 0
+    assert "3 epochs, 6 steps, best mIoU" in capsys.readouterr().out
+    rows = read_log(logpath)
+    assert [row["global_step"] for row in rows if row["event"] == "step"] == list(range(1, 7))
+    assert [row["epoch"] for row in rows if row["event"] == "epoch"] == list(range(3))
     config = json.loads((logpath / "config.json").read_text())
-    assert (config["lr"], config["nshot"], config["bsz"]) == (1e-3, 1, 2)
+    assert (config["lr"], config["nshot"], config["bsz"], config["resume"]) == (1e-3, 1, 2, "auto")
     HSNet.from_checkpoint(logpath / BEST_CHECKPOINT)
 
 
@@ -327,3 +358,16 @@ def test_cli_requires_data_for_real_benchmarks(capsys):
 
     assert main(["train", "--benchmark", "pascal"]) == 2
     assert "--datapath and --splits are required" in capsys.readouterr().err
+
+
+def test_training_state_restores_every_rng_stream():
+    from hypertriton.training import _rng_state, _set_rng_state
+
+    random.seed(3)
+    np.random.seed(3)
+    np.random.standard_normal()  # leaves a cached Gaussian in numpy's state
+    torch.manual_seed(3)
+    state = _rng_state()
+    expected = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist())
+    _set_rng_state(state)
+    assert (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()) == expected
