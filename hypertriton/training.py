@@ -94,6 +94,9 @@ class TrainConfig:
         backbone: ``"vgg16"``, ``"resnet50"``, ``"resnet101"`` (or the small ``"resnet18"``/``"resnet34"``).
         pretrained: start from ImageNet backbone weights (the original recipe). ``False`` keeps the
             random initialisation (tests, synthetic experiments).
+        backbone_weights: path of a torchvision weights file for the backbone (offline machines;
+            implies ``pretrained``).
+        backend: op backend of the hypercorrelation and 4D convolutions (``None``: automatic).
         datapath: root folder of the datasets (original layouts).
         splits: folder with the original split files.
         logpath: output folder (checkpoints, logs).
@@ -121,6 +124,8 @@ class TrainConfig:
     fold: int = 0
     backbone: str = "resnet101"
     pretrained: bool = True
+    backbone_weights: str | None = None
+    backend: str | None = None
     datapath: str | None = None
     splits: str | None = None
     logpath: str = "logs/train"
@@ -452,7 +457,8 @@ class _StopRequest:
 def _build_model(config: TrainConfig) -> torch.nn.Module:
     from hypertriton.model import HSNet
 
-    return HSNet(backbone=config.backbone, pretrained=config.pretrained)
+    return HSNet(backbone=config.backbone, pretrained=config.pretrained, backend=config.backend,
+                 backbone_weights=config.backbone_weights)
 
 
 def _build_dataset(config: TrainConfig, split: str, nshot: int) -> Dataset:

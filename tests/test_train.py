@@ -263,6 +263,21 @@ def test_resume_refuses_a_different_recipe(tmp_path):
         train(tiny_config(tmp_path / "elsewhere", resume="auto"), train_dataset=trn)
 
 
+def test_backbone_weights_file_is_the_frozen_backbone(tmp_path):
+    import torchvision
+
+    torch.manual_seed(5)
+    weights = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save(weights, tmp_path / "resnet18.pth")
+    trn, _ = tiny_data()
+    train(tiny_config(tmp_path, pretrained=False, backbone_weights=str(tmp_path / "resnet18.pth"), epochs=1,
+                      max_steps_per_epoch=1, val_episodes=0), train_dataset=trn)
+    state = load_training_state(tmp_path / LAST_CHECKPOINT)
+    assert not (tmp_path / BEST_CHECKPOINT).exists()  # no validation, no best model
+    for key, value in weights.items():
+        assert torch.equal(state["model"][f"backbone.{key}"], value), key
+
+
 class _Unpicklable:
     def __reduce__(self):
         raise RuntimeError("cannot pickle this")
@@ -351,6 +366,9 @@ def test_cli_defaults_are_the_original_recipe():
     assert config.img_size == 400 and config.resume is None
     resume = config_from_args(build_parser().parse_args(["train", "--resume", "--amp"]))
     assert resume.resume == "auto" and resume.amp == "auto"
+    coco = config_from_args(build_parser().parse_args(["train", "--benchmark", "coco"]))
+    assert coco.bsz == 40 and coco.logpath == os.path.join("logs", "coco-fold0-resnet101")
+    assert config_from_args(build_parser().parse_args(["train", "--benchmark", "coco", "--bsz", "8"])).bsz == 8
 
 
 def test_cli_requires_data_for_real_benchmarks(capsys):

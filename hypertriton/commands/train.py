@@ -17,6 +17,8 @@ import sys
 from hypertriton.training import TrainConfig
 
 _DEFAULTS = TrainConfig()
+# The published models were trained with batch 40 on COCO-20i and 20 elsewhere.
+ORIGINAL_BSZ = {"coco": 40}
 
 
 def _positive_int(text: str) -> int:
@@ -45,14 +47,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="frozen feature extractor (default: %(default)s)")
     parser.add_argument("--no-pretrained", dest="pretrained", action="store_false",
                         help="keep the backbone's random initialisation instead of ImageNet weights")
+    parser.add_argument("--backbone-weights", metavar="FILE", help="torchvision ImageNet weights file for the "
+                        "backbone (default: torch hub's cache, downloaded if missing)")
+    parser.add_argument("--backend", help="hypertriton op backend (triton, torch, reference; default: automatic)")
     parser.add_argument("--datapath", help="data root holding VOC2012/, COCO2014/ or FSS-1000/")
     parser.add_argument("--splits", help="folder with the original split files (pascal/, coco/, fss/)")
     parser.add_argument("--logpath", metavar="DIR", help="output folder for checkpoints and logs "
                         "(default: logs/<benchmark>-fold<fold>-<backbone>)")
     parser.add_argument("--epochs", type=_positive_int, default=_DEFAULTS.epochs,
                         help="total epochs (default: %(default)s, as the original)")
-    parser.add_argument("--bsz", type=_positive_int, default=_DEFAULTS.bsz,
-                        help="global batch size, split over the torchrun processes (default: %(default)s)")
+    parser.add_argument("--bsz", type=_positive_int,
+                        help="global batch size, split over the torchrun processes (default: the original's, "
+                        f"{ORIGINAL_BSZ['coco']} for coco, {_DEFAULTS.bsz} otherwise)")
     parser.add_argument("--lr", type=float, default=_DEFAULTS.lr, help="Adam learning rate (default: %(default)s)")
     parser.add_argument("--nworker", type=_non_negative_int, default=min(8, os.cpu_count() or 1),
                         help="data-loader workers per process (default: %(default)s)")
@@ -82,7 +88,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     logpath = args.logpath or os.path.join("logs", f"{args.benchmark}-fold{args.fold}-{args.backbone}")
     return TrainConfig(
         benchmark=args.benchmark, fold=args.fold, backbone=args.backbone, pretrained=args.pretrained,
-        datapath=args.datapath, splits=args.splits, logpath=logpath, epochs=args.epochs, bsz=args.bsz,
+        backbone_weights=args.backbone_weights, backend=args.backend,
+        datapath=args.datapath, splits=args.splits, logpath=logpath, epochs=args.epochs,
+        bsz=args.bsz or ORIGINAL_BSZ.get(args.benchmark, _DEFAULTS.bsz),
         lr=args.lr, nworker=args.nworker, img_size=args.img_size, nshot=args.nshot, amp=args.amp,
         resume=args.resume, seed=args.seed, max_steps_per_epoch=args.max_steps_per_epoch,
         val_episodes=args.val_episodes, val_bsz=args.val_bsz, log_every=args.log_every, device=args.device,
