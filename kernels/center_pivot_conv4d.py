@@ -36,6 +36,16 @@ def _configs():
 
 
 @triton.jit
+def _split_position(o_flat, W1, H2, W2):
+    """Flat row-major index over ``[H1, W1, H2, W2]`` -> ``(h1, w1, h2, w2)``."""
+    o_w2 = o_flat % W2
+    o_t = o_flat // W2
+    o_h2 = o_t % H2
+    o_t = o_t // H2
+    return o_t // W1, o_t % W1, o_h2, o_w2
+
+
+@triton.jit
 def _accumulate_branch(
     b_acc,  # [BLOCK_P, BLOCK_O] fp32 accumulator
     p_xb,  # pointer to x[b] (this program's batch element)
@@ -111,13 +121,7 @@ def _center_pivot_conv4d_kernel(
     m_p = o_p < NP
     m_o = o_o < COUT
 
-    # Flat output position -> (i, j, u, v), output row-major order.
-    o_v = o_p % WSO
-    o_t = o_p // WSO
-    o_u = o_t % HSO
-    o_t = o_t // HSO
-    o_j = o_t % WQO
-    o_i = o_t // WQO
+    o_i, o_j, o_u, o_v = _split_position(o_p, WQO, HSO, WSO)
     # The pivot: input position this output position is centred on.
     o_pqh = o_i * SQH
     o_pqw = o_j * SQW
@@ -239,3 +243,321 @@ def center_pivot_conv4d_into(
             INPUT_PRECISION=precision, INT64=int64,
         )
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Backward: gradients for the input (one kernel, both branches) and for weights and biases (one kernel,
+# all taps of both branches, split over the reduction and summed deterministically by the launcher).
+
+
+def _grad_input_configs():
+    gpu = [
+        triton.Config({"BLOCK_P": bp, "BLOCK_C": bc, "BLOCK_O": bo}, num_warps=w, num_stages=st)
+        for bp, bc, bo, w, st in [
+            (64, 16, 16, 2, 3),
+            (128, 16, 16, 4, 3),
+            (64, 64, 32, 4, 3),
+            (128, 64, 32, 4, 3),
+            (128, 128, 32, 8, 3),
+        ]
+    ]
+    return autotune_configs(gpu, triton.Config({"BLOCK_P": 256, "BLOCK_C": 16, "BLOCK_O": 32}, num_warps=1))
+
+
+def _grad_weight_configs():
+    gpu = [
+        triton.Config({"BLOCK_P": bp, "BLOCK_O": bo, "BLOCK_C": bc}, num_warps=w, num_stages=st)
+        for bp, bo, bc, w, st in [
+            (64, 16, 16, 2, 3),
+            (128, 16, 16, 4, 3),
+            (128, 32, 32, 4, 3),
+            (64, 64, 64, 4, 3),
+            (128, 64, 64, 8, 3),
+        ]
+    ]
+    return autotune_configs(gpu, triton.Config({"BLOCK_P": 256, "BLOCK_O": 32, "BLOCK_C": 16}, num_warps=1))
+
+
+@triton.jit
+def _grad_input_branch(
+    b_acc,  # [BLOCK_P, BLOCK_C] fp32 accumulator of grad x
+    p_gb,  # pointer to grad_out[b]
+    p_w,  # weights of this branch arranged [KH*KW, COUT, CIN], contiguous, in the compute dtype
+    o_o,  # [BLOCK_O] arange over an output-channel chunk
+    o_c,  # [BLOCK_C] input channels of this tile
+    m_c,  # [BLOCK_C] valid input channels
+    m_fixed,  # [BLOCK_P] input position valid and a pivot along the two dims this branch does not slide
+    o_gfixed,  # [BLOCK_P] offset in grad_out of that pivot's output position along those two dims
+    o_r, o_col,  # [BLOCK_P] input row and column along the sliding dims
+    SH, SW, PH, PW,  # stride and padding of this branch along the sliding dims
+    HO, WO,  # output extent along the sliding dims
+    s_gh, s_gw, s_gc,  # grad_out strides over the sliding row, sliding column and output channel
+    CIN, COUT, KH, KW,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+):
+    for tap in range(KH * KW):
+        # Output row i reads input row i*SH - PH + a, so input row r is read by i = (r + PH - a) / SH.
+        t_r = o_r + PH - tap // KW
+        t_c = o_col + PW - tap % KW
+        # Negative numerators are masked before their quotient matters (// rounds differently on GPU and
+        # in the interpreter for them).
+        m_g = m_fixed & (t_r >= 0) & (t_c >= 0) & (t_r % SH == 0) & (t_c % SW == 0)
+        o_i = t_r // SH
+        o_j = t_c // SW
+        m_g = m_g & (o_i < HO) & (o_j < WO)
+        p_g = p_gb + (o_gfixed + o_i * s_gh + o_j * s_gw)[:, None] + o_o[None, :] * s_gc  # [BLOCK_P, BLOCK_O]
+        p_wt = p_w + tap * COUT * CIN + o_o[:, None] * CIN + o_c[None, :]  # [BLOCK_O, BLOCK_C]
+        for o0 in range(0, COUT, BLOCK_O):
+            m_o = o_o < COUT - o0
+            b_g = tl.load(p_g, mask=m_g[:, None] & m_o[None, :], other=0.0)
+            b_w = tl.load(p_wt, mask=m_o[:, None] & m_c[None, :], other=0.0)
+            b_acc = tl.dot(b_g.to(b_w.dtype), b_w, b_acc, input_precision=INPUT_PRECISION)
+            p_g += BLOCK_O * s_gc
+            p_wt += BLOCK_O * CIN
+    return b_acc
+
+
+@triton.autotune(configs=_grad_input_configs(),
+                 key=["CIN", "COUT", "NX", "KQH", "KQW", "KSH", "KSW", "INPUT_PRECISION"])
+@triton.jit
+def _center_pivot_conv4d_grad_input_kernel(
+    p_g,  # upstream gradient [B, COUT, HQO, WQO, HSO, WSO], any strides (0 after .sum()), s_g*
+    p_wq,  # query-branch weights arranged [KQH*KQW, COUT, CIN], contiguous
+    p_ws,  # support-branch weights arranged [KSH*KSW, COUT, CIN], contiguous
+    p_gx,  # grad input [B, CIN, HQ, WQ, HS, WS], strides s_gx*; every element is written
+    CIN, COUT,
+    HQ, WQ, HS, WS,  # input spatial sizes
+    HQO, WQO, HSO, WSO,  # output spatial sizes
+    NX,  # HQ * WQ * HS * WS, flat input positions
+    s_gb, s_gc, s_gqh, s_gqw, s_gsh, s_gsw,  # grad_out strides
+    s_xb, s_xc, s_xqh, s_xqw, s_xsh, s_xsw,  # grad input strides
+    SQH, SQW, SSH, SSW,
+    PQH, PQW, PSH, PSW,
+    KQH, KQW, KSH, KSW,
+    INPUT_PRECISION: tl.constexpr,
+    INT64: tl.constexpr,
+    BLOCK_P: tl.constexpr,  # input positions per tile
+    BLOCK_C: tl.constexpr,  # input channels per tile
+    BLOCK_O: tl.constexpr,  # output channels per step of the reduction
+):
+    i_p = tl.program_id(0)
+    i_c = tl.program_id(1)
+    i_b = tl.program_id(2)
+    o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    o_o = tl.arange(0, BLOCK_O)
+    if INT64:
+        i_b = i_b.to(tl.int64)
+        o_p = o_p.to(tl.int64)
+        o_o = o_o.to(tl.int64)
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_p = o_p < NX
+    m_c = o_c < CIN
+
+    # (r, s, p, q): input position over (query h, query w, support h, support w).
+    o_r, o_s, o_sp, o_q = _split_position(o_p, WQ, HS, WS)
+
+    p_gb = p_g + i_b * s_gb
+    b_acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    # Query branch: only inputs at pivot support positions (multiples of the support strides) are read.
+    m_fixed = m_p & (o_sp % SSH == 0) & (o_q % SSW == 0)
+    b_acc = _grad_input_branch(
+        b_acc, p_gb, p_wq, o_o, o_c, m_c, m_fixed, (o_sp // SSH) * s_gsh + (o_q // SSW) * s_gsw,
+        o_r, o_s, SQH, SQW, PQH, PQW, HQO, WQO, s_gqh, s_gqw, s_gc, CIN, COUT, KQH, KQW,
+        INPUT_PRECISION, BLOCK_O,
+    )
+    # Support branch: only inputs at pivot query positions are read.
+    m_fixed = m_p & (o_r % SQH == 0) & (o_s % SQW == 0)
+    b_acc = _grad_input_branch(
+        b_acc, p_gb, p_ws, o_o, o_c, m_c, m_fixed, (o_r // SQH) * s_gqh + (o_s // SQW) * s_gqw,
+        o_sp, o_q, SSH, SSW, PSH, PSW, HSO, WSO, s_gsh, s_gsw, s_gc, CIN, COUT, KSH, KSW,
+        INPUT_PRECISION, BLOCK_O,
+    )
+    p_x = (p_gx + i_b * s_xb + o_c[None, :] * s_xc
+           + (o_r * s_xqh + o_s * s_xqw + o_sp * s_xsh + o_q * s_xsw)[:, None])  # [BLOCK_P, BLOCK_C]
+    tl.store(p_x, b_acc.to(p_gx.dtype.element_ty), mask=m_p[:, None] & m_c[None, :])
+
+
+@triton.autotune(configs=_grad_weight_configs(),
+                 key=["CIN", "COUT", "NP", "CHUNK", "KQH", "KQW", "KSH", "KSW", "INPUT_PRECISION"])
+@triton.jit
+def _center_pivot_conv4d_grad_weight_kernel(
+    p_x,  # input [B, CIN, HQ, WQ, HS, WS], strides s_x*
+    p_g,  # upstream gradient [B, COUT, HQO, WQO, HSO, WSO], any strides (0 after .sum()), s_g*
+    p_pw,  # fp32 partial weight grads [SPLITS, KQH*KQW + KSH*KSW, COUT, CIN], contiguous
+    p_pb,  # fp32 partial bias grads [SPLITS, COUT], contiguous
+    CIN, COUT,
+    HQ, WQ, HS, WS,
+    HQO, WQO, HSO, WSO,
+    NP,  # HQO * WQO * HSO * WSO, output positions per batch element
+    R,  # B * NP, the length of the reduction over (batch, output position)
+    CHUNK,  # reduction elements per split (a multiple of every BLOCK_P)
+    s_xb, s_xc, s_xqh, s_xqw, s_xsh, s_xsw,
+    s_gb, s_gc, s_gqh, s_gqw, s_gsh, s_gsw,
+    SQH, SQW, SSH, SSW,
+    PQH, PQW, PSH, PSW,
+    KQH, KQW, KSH, KSW,
+    INPUT_PRECISION: tl.constexpr,
+    INT64: tl.constexpr,
+    BLOCK_P: tl.constexpr,  # (batch, output position) pairs per step of the reduction
+    BLOCK_O: tl.constexpr,  # output channels per tile
+    BLOCK_C: tl.constexpr,  # input channels per tile
+):
+    i_t = tl.program_id(0)  # tap: query-branch taps first, then support-branch taps
+    i_oc = tl.program_id(1)
+    i_split = tl.program_id(2)
+    n_c_tiles = tl.cdiv(CIN, BLOCK_C)
+    i_o = i_oc // n_c_tiles
+    i_c = i_oc % n_c_tiles
+    o_o = i_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_o = o_o < COUT
+    m_c = o_c < CIN
+
+    # This tap reads x at the pivot shifted by (dqh, dqw, dsh, dsw): only the query (support) dims
+    # move for a query (support) tap.
+    n_q_taps = KQH * KQW
+    is_q = i_t < n_q_taps
+    t_s = tl.maximum(i_t - n_q_taps, 0)
+    dqh = tl.where(is_q, i_t // KQW - PQH, 0)
+    dqw = tl.where(is_q, i_t % KQW - PQW, 0)
+    dsh = tl.where(is_q, 0, t_s // KSW - PSH)
+    dsw = tl.where(is_q, 0, t_s % KSW - PSW)
+
+    o_start = i_split * CHUNK
+    o_step = tl.arange(0, BLOCK_P)
+    if INT64:
+        o_start = o_start.to(tl.int64)
+        o_o = o_o.to(tl.int64)
+        o_c = o_c.to(tl.int64)
+    b_acc = tl.zeros((BLOCK_O, BLOCK_C), dtype=tl.float32)
+    b_bias = tl.zeros((BLOCK_O,), dtype=tl.float32)
+    for r0 in range(0, CHUNK, BLOCK_P):
+        o_red = o_start + r0 + o_step
+        m_red = o_red < R
+        # Reduction index -> (b, i, j, u, v).
+        o_b = o_red // NP
+        o_i, o_j, o_u, o_v = _split_position(o_red % NP, WQO, HSO, WSO)
+        o_xqh = o_i * SQH + dqh
+        o_xqw = o_j * SQW + dqw
+        o_xsh = o_u * SSH + dsh
+        o_xsw = o_v * SSW + dsw
+        m_x = (m_red & (o_xqh >= 0) & (o_xqh < HQ) & (o_xqw >= 0) & (o_xqw < WQ)
+               & (o_xsh >= 0) & (o_xsh < HS) & (o_xsw >= 0) & (o_xsw < WS))
+        p_xt = (p_x + (o_b * s_xb + o_xqh * s_xqh + o_xqw * s_xqw + o_xsh * s_xsh + o_xsw * s_xsw)[:, None]
+                + o_c[None, :] * s_xc)  # [BLOCK_P, BLOCK_C]
+        p_gt = (p_g + o_o[:, None] * s_gc
+                + (o_b * s_gb + o_i * s_gqh + o_j * s_gqw + o_u * s_gsh + o_v * s_gsw)[None, :])  # [BLOCK_O, BLOCK_P]
+        b_x = tl.load(p_xt, mask=m_x[:, None] & m_c[None, :], other=0.0)
+        b_g = tl.load(p_gt, mask=m_o[:, None] & m_red[None, :], other=0.0)
+        b_acc = tl.dot(b_g.to(b_x.dtype), b_x, b_acc, input_precision=INPUT_PRECISION)
+        b_bias += tl.sum(b_g.to(tl.float32), axis=1)
+
+    n_taps = n_q_taps + KSH * KSW
+    p_w = p_pw + ((i_split * n_taps + i_t) * COUT + o_o[:, None]) * CIN + o_c[None, :]
+    tl.store(p_w, b_acc, mask=m_o[:, None] & m_c[None, :])
+    # Every tap and input-channel tile sums the same bias gradient; the first one stores it.
+    tl.store(p_pb + i_split * COUT + o_o, b_bias, mask=m_o & (i_t == 0) & (i_c == 0))
+
+
+MIN_SPLIT = 4096  # reduction elements per split of the weight gradient at least
+MAX_GRID_PROGRAMS = 4096  # splits stop growing once the weight-gradient grid has about this many programs
+
+
+def center_pivot_conv4d_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight_query: torch.Tensor,
+    weight_support: torch.Tensor,
+    stride,
+    padding,
+    needs_input_grad=(True, True, True, True, True),
+):
+    """Gradients of :func:`center_pivot_conv4d_into` (no autograd; the op layer calls this).
+
+    Args:
+        grad_out: ``[B, Cout, Hq', Wq', Hs', Ws']``, any strides (stride 0 after ``.sum()`` is fine).
+        x: ``[B, Cin, Hq, Wq, Hs, Ws]`` the forward input, any strides.
+        weight_query, weight_support: ``[Cout, Cin, KH, KW]`` as in the forward.
+        stride, padding: the forward's 4-tuples.
+        needs_input_grad: 5 flags for ``(x, weight_query, bias_query, weight_support, bias_support)``.
+
+    Returns:
+        ``(grad_x, grad_weight_query, grad_bias_query, grad_weight_support, grad_bias_support)``, None
+        where not needed. ``grad_x`` has ``x``'s dtype; weight and bias gradients are reduced in fp32 and
+        returned in the weights' dtype (both bias gradients equal the sum of ``grad_out``).
+    """
+    sqh, sqw, ssh, ssw = _check_4tuple("stride", stride)
+    pqh, pqw, psh, psw = _check_4tuple("padding", padding)
+    batch, cin, hq, wq, hs, ws = x.shape
+    cout, _, kqh, kqw = weight_query.shape
+    _, _, ksh, ksw = weight_support.shape
+    expected = (batch, cout, -(-hq // sqh), -(-wq // sqw), -(-hs // ssh), -(-ws // ssw))
+    if tuple(grad_out.shape) != expected:
+        raise ValueError(f"grad_out: expected shape {expected}, got {tuple(grad_out.shape)}")
+    check_float_dtype("grad_out", grad_out)
+    need_x, need_wq, need_bq, need_ws, need_bs = (bool(n) for n in needs_input_grad)
+    _, _, hqo, wqo, hso, wso = expected
+    n_p = hqo * wqo * hso * wso
+    precision = dot_precision(x.dtype)
+    sizes = (hq, wq, hs, ws, hqo, wqo, hso, wso)
+    geometry = (sqh, sqw, ssh, ssw, pqh, pqw, psh, psw, kqh, kqw, ksh, ksw)
+
+    grad_x = None
+    if need_x:
+        grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+        if grad_x.numel():
+            n_x = hq * wq * hs * ws
+            int64 = needs_int64(grad_out, grad_x, extra=n_x)
+            # Weights [Cout, Cin, KH, KW] -> [KH*KW, Cout, Cin] in x's dtype (a tiny copy).
+            wq_t = weight_query.detach().to(x.dtype).permute(2, 3, 0, 1).reshape(kqh * kqw, cout, cin).contiguous()
+            ws_t = weight_support.detach().to(x.dtype).permute(2, 3, 0, 1).reshape(ksh * ksw, cout, cin).contiguous()
+            for start in range(0, batch, MAX_GRID_Z):
+                gb, xb = grad_out[start:start + MAX_GRID_Z], grad_x[start:start + MAX_GRID_Z]
+                # One program computes a BLOCK_P x BLOCK_C tile of (flat input position, input channel)
+                # of grad x for one batch element, gathering grad_out over both branches' taps.
+                grid = lambda meta: (triton.cdiv(n_x, meta["BLOCK_P"]), triton.cdiv(cin, meta["BLOCK_C"]), gb.shape[0])  # noqa: E731
+                _center_pivot_conv4d_grad_input_kernel[grid](
+                    gb, wq_t, ws_t, xb, cin, cout, *sizes, n_x, *gb.stride(), *xb.stride(), *geometry,
+                    INPUT_PRECISION=precision, INT64=int64,
+                )
+
+    grads_w = [None, None]
+    grads_b = [None, None]
+    if need_wq or need_ws or need_bq or need_bs:
+        n_taps = kqh * kqw + ksh * ksw
+        reduction = batch * n_p
+        splits = 1
+        if reduction > 0:
+            # Enough splits to fill the GPU, each long enough to amortize its partial store.
+            max_splits = max(1, MAX_GRID_PROGRAMS // n_taps)
+            splits = max(1, min(max_splits, reduction // MIN_SPLIT))
+        chunk = triton.cdiv(max(reduction, 1), splits)
+        chunk = triton.cdiv(chunk, 256) * 256  # a multiple of every BLOCK_P
+        splits = triton.cdiv(max(reduction, 1), chunk)
+        partial_w = torch.empty(splits, n_taps, cout, cin, device=x.device, dtype=torch.float32)
+        partial_b = torch.empty(splits, cout, device=x.device, dtype=torch.float32)
+        if reduction == 0 or cin == 0 or cout == 0:
+            # Nothing to launch (an empty grid would leave the bias partials unwritten).
+            partial_w.zero_()
+            partial_b.zero_()
+            partial_b[0] = grad_out.float().sum(dim=(0, 2, 3, 4, 5))
+        else:
+            int64 = needs_int64(x, grad_out, extra=reduction + chunk)
+            # One program reduces one split of the (batch, output position) pairs for one tap and one
+            # BLOCK_O x BLOCK_C tile of (output channel, input channel); axes: taps, channel tiles, splits.
+            grid = lambda meta: (n_taps, triton.cdiv(cout, meta["BLOCK_O"]) * triton.cdiv(cin, meta["BLOCK_C"]), splits)  # noqa: E731
+            _center_pivot_conv4d_grad_weight_kernel[grid](
+                x, grad_out, partial_w, partial_b, cin, cout, *sizes, n_p, reduction, chunk,
+                *x.stride(), *grad_out.stride(), *geometry,
+                INPUT_PRECISION=precision, INT64=int64,
+            )
+        grad_w = partial_w.sum(0)  # [taps, Cout, Cin], a fixed-order (deterministic) reduction
+        grad_b = partial_b.sum(0).to(weight_query.dtype)
+        split_at = kqh * kqw
+        if need_wq:
+            grads_w[0] = grad_w[:split_at].view(kqh, kqw, cout, cin).permute(2, 3, 0, 1).to(weight_query.dtype).contiguous()
+        if need_ws:
+            grads_w[1] = grad_w[split_at:].view(ksh, ksw, cout, cin).permute(2, 3, 0, 1).to(weight_support.dtype).contiguous()
+        grads_b = [grad_b if need_bq else None, grad_b.clone() if need_bs else None]
+    return grad_x, grads_w[0], grads_b[0], grads_w[1], grads_b[1]

@@ -25,7 +25,7 @@ if not kernels.INTERPRETED and not torch.cuda.is_available():
     pytest.skip("the Triton kernels need a CUDA GPU or TRITON_INTERPRET=1 set before hypertriton.kernels "
                 "was first imported", allow_module_level=True)
 
-from hypertriton.kernels.center_pivot_conv4d import center_pivot_conv4d_into  # noqa: E402
+from hypertriton.kernels.center_pivot_conv4d import center_pivot_conv4d_backward, center_pivot_conv4d_into  # noqa: E402
 from hypertriton.kernels.hypercorrelation import correlation_into  # noqa: E402
 
 DEVICE = "cpu" if kernels.INTERPRETED else "cuda"
@@ -282,3 +282,85 @@ def test_int64_index_path_matches_reference(monkeypatch):
     expected = conv_expected(x, params, stride, padding)
     out = center_pivot_conv4d_into(x, *params, stride, padding, nan_buffer(expected.shape, torch.float32))
     assert_close_dtype(out.cpu(), expected, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# center_pivot_conv4d_backward
+
+
+@settings(max_examples=8)
+@given(batch=st.integers(1, 2), cin=st.integers(1, 5), cout=st.integers(1, 5),
+       shape=st.tuples(*[st.integers(1, 5)] * 4), kernel=st.tuples(*[kernel_sides] * 4),
+       stride=st.tuples(st.integers(1, 2), st.integers(1, 2), st.integers(1, 5), st.integers(1, 5)),
+       layout=st.sampled_from(["contiguous", "channels_last", "strided"]), upstream=st.sampled_from(["random", "sum"]),
+       dtype=st.sampled_from(sorted(DTYPES)), nan_input=st.booleans(), seed=seeds)
+@example(batch=1, cin=1, cout=1, shape=(1, 1, 1, 1), kernel=(3, 3, 3, 3), stride=(1, 1, 1, 1), layout="contiguous",
+         upstream="random", dtype="fp32", nan_input=False, seed=0).via("1x1 maps")
+@example(batch=2, cin=3, cout=4, shape=(3, 2, 2, 3), kernel=(3, 3, 5, 5), stride=(1, 1, 5, 5), layout="channels_last",
+         upstream="sum", dtype="fp32", nan_input=False, seed=1).via("stride larger than the map, stride-0 upstream")
+@example(batch=1, cin=4, cout=5, shape=(4, 4, 5, 5), kernel=(5, 5, 5, 5), stride=(1, 1, 4, 4), layout="strided",
+         upstream="random", dtype="fp16", nan_input=False, seed=2).via("HSNet-like squeeze layer, fp16")
+@example(batch=2, cin=2, cout=3, shape=(4, 5, 5, 4), kernel=(1, 3, 3, 5), stride=(2, 1, 2, 3), layout="contiguous",
+         upstream="random", dtype="fp32", nan_input=True, seed=3).via("NaN input, non-square kernels, query stride")
+def test_conv_backward_matches_autograd(batch, cin, cout, shape, kernel, stride, layout, upstream, dtype, nan_input,
+                                        seed):
+    dtype = DTYPES[dtype]
+    kernel_q, kernel_s = kernel[:2], kernel[2:]
+    padding = tuple(k // 2 for k in kernel)
+    x, params = conv_case(batch, cin, cout, shape, kernel_q, kernel_s, (True, True), seed, dtype, layout)
+    if nan_input:
+        x[-1, cin - 1, 0, 0, 0, 0] = NAN
+    leaves = [t.cpu().double().requires_grad_() for t in (x, *params)]
+    expected_out = reference.center_pivot_conv4d(*leaves, stride, padding)
+    if upstream == "sum":  # what .sum() sends back: one element broadcast with stride 0
+        grad = torch.ones((), dtype=dtype, device=DEVICE).expand(expected_out.shape)
+    else:
+        grad = make_tensor(expected_out.shape, seed + 3, "contiguous", dtype).to(DEVICE)
+    expected = torch.autograd.grad(expected_out, leaves, grad.cpu().double())
+
+    got = center_pivot_conv4d_backward(grad, x, params[0], params[2], stride, padding)
+    names = ("grad_x", "grad_weight_query", "grad_bias_query", "grad_weight_support", "grad_bias_support")
+    for name, actual, wanted in zip(names, got, expected):
+        assert actual.dtype == dtype and actual.shape == wanted.shape, name
+        assert_close_dtype(actual.cpu(), wanted, dtype, msg=lambda m, name=name: f"{name}: {m}")
+    if nan_input:
+        assert got[1][:, cin - 1].isnan().any() and not got[0].isnan().any()
+
+
+def test_conv_backward_needs_and_degenerate_shapes():
+    x, params = conv_case(1, 2, 3, (3, 3, 4, 4), (3, 3), (3, 3), (True, True), 0, torch.float32, "contiguous")
+    grad = torch.randn(1, 3, 3, 3, 2, 2, device=DEVICE)
+    got = center_pivot_conv4d_backward(grad, x, params[0], params[2], (1, 1, 2, 2), (1, 1, 1, 1),
+                                       needs_input_grad=(False, True, False, False, True))
+    assert got[0] is None and got[2] is None and got[3] is None
+    assert torch.allclose(got[4].cpu(), grad.sum(dim=(0, 2, 3, 4, 5)).cpu())
+    # No input channels: weight gradients are empty, bias gradients still sum grad_out.
+    x = torch.zeros(1, 0, 3, 3, 4, 4, device=DEVICE)
+    w = torch.zeros(3, 0, 3, 3, device=DEVICE)
+    got = center_pivot_conv4d_backward(grad, x, w, w, (1, 1, 2, 2), (1, 1, 1, 1))
+    assert got[0].shape == x.shape and got[1].shape == w.shape
+    assert torch.allclose(got[2].cpu(), grad.sum(dim=(0, 2, 3, 4, 5)).cpu())
+    # Empty batch: zero weight and bias gradients.
+    got = center_pivot_conv4d_backward(grad[:0], x[:0].new_zeros(0, 2, 3, 3, 4, 4), params[0], params[2],
+                                       (1, 1, 2, 2), (1, 1, 1, 1))
+    assert got[0].shape == (0, 2, 3, 3, 4, 4) and not got[1].any() and not got[2].any()
+    with pytest.raises(ValueError, match="grad_out: expected shape"):
+        center_pivot_conv4d_backward(grad[..., :1], x, w, w, (1, 1, 2, 2), (1, 1, 1, 1))
+
+
+def test_conv_backward_split_reduction_and_int64(monkeypatch):
+    """Several splits of the weight-gradient reduction (as on GPUs) and the int64 index variants."""
+    from hypertriton.kernels import center_pivot_conv4d
+
+    monkeypatch.setattr(center_pivot_conv4d, "MIN_SPLIT", 1)  # 256-element splits: 4 here
+    monkeypatch.setattr(center_pivot_conv4d, "needs_int64", lambda *tensors, extra=0: True)
+    x, params = conv_case(2, 3, 4, (4, 3, 6, 6), (3, 3), (5, 3), (True, True), 4, torch.float32, "strided")
+    stride, padding = (1, 1, 1, 1), (1, 1, 2, 1)
+    leaves = [t.cpu().double().requires_grad_() for t in (x, *params)]
+    out = reference.center_pivot_conv4d(*leaves, stride, padding)
+    assert out[:, 0].numel() > 3 * 256  # 4 splits, the last one partly masked
+    grad = make_tensor(out.shape, 5, "channels_last").to(DEVICE)
+    expected = torch.autograd.grad(out, leaves, grad.cpu().double())
+    got = center_pivot_conv4d_backward(grad, x, params[0], params[2], stride, padding)
+    for actual, wanted in zip(got, expected):
+        assert_close_dtype(actual.cpu(), wanted, torch.float32)
