@@ -1,0 +1,159 @@
+"""``hypertriton predict``: segment your own images given K annotated supports.
+
+Every input is checked before anything runs (files exist and decode, each mask has its image's size,
+holds only 0 and 1 or 0 and 255 and marks at least one pixel, the checkpoint fits); then every query is
+segmented; only then are the outputs written, each through a temporary file, so a bad input or an
+interrupted run leaves no partial output.
+
+Outputs, per query ``NAME.ext``: ``OUT/NAME_mask.png`` (0 = background, 255 = object, the query's
+size) and ``OUT/NAME_overlay.png`` (the query with the mask tinted red and outlined).
+
+Examples::
+
+    hypertriton predict --support cat1.jpg --support-mask cat1.png --query photos/ --out masks/
+    hypertriton predict --support s1.jpg s2.jpg --support-mask s1.png s2.png --query q.jpg --out out/ \\
+        --checkpoint pascal_fold0_r50.pt          # an original HSNet checkpoint, images at 400 px
+    hypertriton predict --support supports/ --support-mask support_masks/ --query q.jpg --out out/
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--support", nargs="+", required=True, metavar="IMG",
+                        help="support images, or one folder of them (K supports)")
+    parser.add_argument("--support-mask", nargs="+", required=True, metavar="MASK",
+                        help="their binary masks in the same order, or one folder holding a mask named like "
+                        "each support image (NAME.png)")
+    parser.add_argument("--query", nargs="+", required=True, metavar="IMG",
+                        help="query images and/or folders of images")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--checkpoint", metavar="CKPT",
+                        help="HSNet checkpoint (default: the bundled synthetic-benchmark resnet18 checkpoint)")
+    parser.add_argument("--backbone", help="backbone of --checkpoint (default: inferred from its keys)")
+    parser.add_argument("--img-size", type=int, metavar="N",
+                        help="side the images are resized to for the model (default: the bundled "
+                        "checkpoint's training size, 400 for other checkpoints)")
+    parser.add_argument("--no-overlay", dest="overlay", action="store_false", help="write only the masks")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--backend", help="hypertriton op backend (triton, torch, reference; default: automatic)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+
+
+def _images_in(folder: Path) -> list[Path]:
+    from hypertriton.predict import IMAGE_SUFFIXES
+
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _expand(paths: list[str], role: str) -> tuple[list[Path], bool]:
+    """Files as given plus the images of every folder; ``True`` when a folder was among them."""
+    from hypertriton.predict import InputError
+
+    files, had_folder = [], False
+    for text in paths:
+        path = Path(text)
+        if path.is_dir():
+            had_folder = True
+            found = _images_in(path)
+            if not found:
+                raise InputError(f"{role}: folder {text!r} holds no image file")
+            files.extend(found)
+        elif not path.exists():
+            raise InputError(f"{role}: no such file or folder {text!r}")
+        else:
+            files.append(path)
+    return files, had_folder
+
+
+def _support_pairs(images: list[str], masks: list[str]) -> list[tuple[Path, Path]]:
+    from hypertriton.predict import InputError
+
+    if len(images) == 1 and len(masks) == 1 and Path(images[0]).is_dir():
+        image_dir, mask_dir = Path(images[0]), Path(masks[0])
+        if not mask_dir.is_dir():
+            raise InputError(f"--support-mask: {masks[0]!r} must be a folder when --support is a folder")
+        pairs = []
+        for image in _images_in(image_dir):
+            candidates = sorted(p for p in mask_dir.glob(f"{image.stem}.*") if p.is_file())
+            if not candidates:
+                raise InputError(f"--support-mask: no mask named {image.stem}.* in {str(mask_dir)!r} for support "
+                                 f"image {str(image)!r}")
+            pairs.append((image, candidates[0]))
+        if not pairs:
+            raise InputError(f"--support: folder {images[0]!r} holds no image file")
+        return pairs
+    if len(images) != len(masks):
+        raise InputError(f"--support gives {len(images)} images but --support-mask gives {len(masks)} masks; "
+                         "give one mask per support image, in the same order")
+    return [(Path(i), Path(m)) for i, m in zip(images, masks)]
+
+
+def run(args: argparse.Namespace) -> int:
+    from hypertriton.predict import InputError
+
+    try:
+        return _run(args)
+    except InputError as error:
+        print(f"hypertriton predict: error: {error}", file=sys.stderr)
+        print("nothing was written", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    from hypertriton.backend import resolve_backend
+    from hypertriton.predict import InputError, load_model, overlay, read_image, read_mask, segment, write_pngs
+
+    if args.img_size is not None and args.img_size < 64:
+        raise InputError(f"--img-size: expected an integer >= 64, got {args.img_size}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    # 1. Validate everything before computing anything.
+    pairs = _support_pairs(args.support, args.support_mask)
+    supports, masks = [], []
+    for image_path, mask_path in pairs:
+        image = read_image(image_path, role="--support")
+        supports.append(image)
+        masks.append(read_mask(mask_path, image.shape[:2], role="--support-mask", image_path=image_path))
+    queries, had_folder = _expand(args.query, "--query")
+    names: dict[str, Path] = {}
+    for query in queries:
+        read_image(query, role="--query")
+        if query.stem in names:
+            raise InputError(f"--query: {str(names[query.stem])!r} and {str(query)!r} would both write "
+                             f"{query.stem}_mask.png; rename one or run them separately")
+        names[query.stem] = query
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out: {args.out!r} exists and is not a folder")
+    try:
+        backend = resolve_backend(args.backend, device)
+    except (ValueError, RuntimeError) as error:
+        raise InputError(f"--backend: {error}") from None
+    model, img_size = load_model(args.checkpoint, args.backbone, backend=backend, device=device)
+    img_size = args.img_size or img_size
+
+    # 2. Segment every query (results kept in memory: one bool mask per query).
+    outputs = {}
+    bar = tqdm(queries, desc="segmenting", unit="image", disable=not args.progress or (len(queries) == 1 and not
+                                                                                       had_folder))
+    for query_path in bar:
+        query = read_image(query_path, role="--query")
+        mask = segment(model, query, supports, masks, img_size)
+        outputs[out / f"{query_path.stem}_mask.png"] = mask.astype(np.uint8) * 255
+        if args.overlay:
+            outputs[out / f"{query_path.stem}_overlay.png"] = overlay(query, mask)
+
+    # 3. Write all outputs or none.
+    written = write_pngs(outputs)
+    print(f"{len(queries)} queries segmented with {len(supports)} support(s) (backend {backend}, {img_size} px); "
+          f"wrote {len(written)} files to {out}")
+    return 0

@@ -1,0 +1,208 @@
+"""``hypertriton predict`` and its library: real predictions on generated images, every bad input
+refused with a clear message and nothing written, compact checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hypertriton import predict as lib
+from hypertriton.cli import main
+from hypertriton.data.synthetic import SyntheticDataset
+
+IMG_SIZE = 64  # model input side in these tests (small: fast)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A random-weights resnet18 HSNet in the original checkpoint format (predictions are arbitrary but
+    deterministic, which is all these tests compare)."""
+    from hypertriton.model import HSNet
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "random_resnet18.pt"
+    HSNet("resnet18").save_checkpoint(path)
+    return path
+
+
+def _save(path: Path, array: np.ndarray) -> Path:
+    Image.fromarray(array).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict:
+    """Support images + 0/255 masks and queries of different, non-square sizes, drawn from the
+    synthetic benchmark."""
+    root = tmp_path_factory.mktemp("inputs")
+    episode = SyntheticDataset(split="test", nshot=2, img_size=80, episodes=1).episode(0)
+    to_uint8 = lambda image: (image * 255).round().astype(np.uint8)
+    supports = [_save(root / f"s{k}.png", to_uint8(img)) for k, img in enumerate(episode.support_images)]
+    masks = [_save(root / f"s{k}_mask.png", (m * 255).astype(np.uint8)) for k, m in enumerate(episode.support_masks)]
+    queries = root / "queries"
+    queries.mkdir()
+    query = Image.fromarray(to_uint8(episode.query_image))
+    query.resize((120, 72)).save(queries / "wide.png")
+    query.resize((56, 90)).save(queries / "tall.jpg")
+    (queries / "notes.txt").write_text("not an image, and not picked up: wrong suffix")
+    return {"root": root, "supports": supports, "masks": masks, "queries": queries}
+
+
+def _predict(files, out, checkpoint, *extra, supports=None, masks=None, query=None) -> int:
+    supports = supports or files["supports"]
+    masks = masks or files["masks"]
+    query = query or [files["queries"]]
+    argv = ["predict", "--support", *map(str, supports), "--support-mask", *map(str, masks),
+            "--query", *map(str, query), "--out", str(out), "--checkpoint", str(checkpoint),
+            "--img-size", str(IMG_SIZE), "--no-progress", *extra]
+    return main(argv)
+
+
+def test_predict_writes_masks_and_overlays_at_each_query_size(files, checkpoint, tmp_path):
+    out = tmp_path / "out"
+    assert _predict(files, out, checkpoint) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["tall_mask.png", "tall_overlay.png", "wide_mask.png",
+                                                     "wide_overlay.png"]
+    model, _ = lib.load_model(checkpoint)
+    supports = [lib.read_image(p) for p in files["supports"]]
+    masks = [lib.read_mask(m, s.shape[:2]) for m, s in zip(files["masks"], supports)]
+    for name, size in (("wide", (72, 120)), ("tall", (90, 56))):
+        written = np.asarray(Image.open(out / f"{name}_mask.png"))
+        assert written.shape == size and set(np.unique(written)) <= {0, 255}
+        query = lib.read_image(next(files["queries"].glob(f"{name}.*")))
+        expected = lib.segment(model, query, supports, masks, IMG_SIZE)
+        np.testing.assert_array_equal(written > 0, expected)
+        np.testing.assert_array_equal(np.asarray(Image.open(out / f"{name}_overlay.png")), lib.overlay(query, expected))
+
+
+def test_support_folders_pair_images_and_masks_by_name(files, checkpoint, tmp_path):
+    image_dir, mask_dir = tmp_path / "imgs", tmp_path / "masks"
+    image_dir.mkdir(), mask_dir.mkdir()
+    for k, (image, mask) in enumerate(zip(files["supports"], files["masks"])):
+        (image_dir / f"shot{k}.png").write_bytes(image.read_bytes())
+        (mask_dir / f"shot{k}.png").write_bytes(mask.read_bytes())
+    query = files["queries"] / "wide.png"
+    assert _predict(files, tmp_path / "a", checkpoint, supports=[image_dir], masks=[mask_dir], query=[query]) == 0
+    assert _predict(files, tmp_path / "b", checkpoint, query=[query]) == 0
+    assert (tmp_path / "a" / "wide_mask.png").read_bytes() == (tmp_path / "b" / "wide_mask.png").read_bytes()
+
+
+def _bad_inputs(files, tmp_path, checkpoint):
+    """(name, keyword overrides for _predict, expected words in the error)."""
+    root = tmp_path / "bad"
+    root.mkdir()
+    support = files["supports"][0]
+    image = np.asarray(Image.open(support))
+    small_mask = _save(root / "small.png", np.zeros((10, 12), np.uint8))
+    grey = (np.asarray(Image.open(files["masks"][0])) // 2).astype(np.uint8)  # values 0 and 127
+    grey_mask = _save(root / "grey.png", grey)
+    empty_mask = _save(root / "empty.png", np.zeros(image.shape[:2], np.uint8))
+    garbage = root / "garbage.jpg"
+    garbage.write_bytes(b"\xff\xd8 this is not a jpeg")
+    truncated = root / "truncated.png"
+    truncated.write_bytes(support.read_bytes()[:200])
+    not_a_checkpoint = root / "ckpt.pt"
+    not_a_checkpoint.write_text("hello")
+    foreign = root / "foreign.pt"
+    torch.save({"conv.weight": torch.zeros(2, 2)}, foreign)
+    queries_with_bad = root / "queries"
+    queries_with_bad.mkdir()
+    (queries_with_bad / "a.png").write_bytes((files["queries"] / "wide.png").read_bytes())
+    (queries_with_bad / "b.png").write_bytes(b"broken")
+    return [
+        ("missing support", {"supports": [root / "nope.png"], "masks": [files["masks"][0]]}, ["no such file", "nope.png"]),
+        ("missing query", {"query": [root / "nope.png"]}, ["no such file", "nope.png"]),
+        ("mask size", {"supports": [support], "masks": [small_mask]}, ["12x10", "its image's size"]),
+        ("non-binary mask", {"supports": [support], "masks": [grey_mask]}, ["not a binary mask", "127"]),
+        ("empty mask", {"supports": [support], "masks": [empty_mask]}, ["no object pixel"]),
+        ("unreadable support", {"supports": [garbage], "masks": [files["masks"][0]]}, ["cannot read", "garbage.jpg"]),
+        ("truncated support", {"supports": [truncated], "masks": [files["masks"][0]]}, ["cannot read"]),
+        ("unreadable query in a folder", {"query": [queries_with_bad]}, ["cannot read", "b.png"]),
+        ("mask count", {"supports": files["supports"], "masks": files["masks"][:1]}, ["2 images", "1 masks"]),
+        ("not a checkpoint", {"checkpoint": not_a_checkpoint}, ["not a PyTorch checkpoint"]),
+        ("foreign checkpoint", {"checkpoint": foreign}, ["not an HSNet checkpoint"]),
+        ("missing checkpoint", {"checkpoint": root / "missing.pt"}, ["no such file", "missing.pt"]),
+    ]
+
+
+def test_every_bad_input_is_refused_and_nothing_is_written(files, checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("an earlier file")
+    for name, overrides, words in _bad_inputs(files, tmp_path, checkpoint):
+        ckpt = overrides.pop("checkpoint", checkpoint)
+        assert _predict(files, out, ckpt, **overrides) == 2, name
+        err = capsys.readouterr().err
+        assert "error:" in err and "nothing was written" in err, name
+        for word in words:
+            assert word in err, (name, word, err)
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"], name  # no output, no temporary file
+
+
+def test_wrong_backbone_for_a_checkpoint(files, checkpoint, tmp_path, capsys):
+    assert _predict(files, tmp_path / "out", checkpoint, "--backbone", "resnet34") == 2
+    err = capsys.readouterr().err
+    assert "does not fit" in err and "resnet18" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_read_mask_accepts_zero_one_palette_and_grey_rgb(tmp_path):
+    values = np.array([[0, 1, 1], [0, 0, 1]], np.uint8)
+    palette = Image.fromarray(values, mode="P")
+    palette.putpalette([0, 0, 0, 128, 0, 0] + [0] * 762)
+    palette.save(tmp_path / "p.png")
+    _save(tmp_path / "rgb.png", np.repeat(values[..., None] * 255, 3, axis=2))
+    for name in ("p.png", "rgb.png"):
+        np.testing.assert_array_equal(lib.read_mask(tmp_path / name, (2, 3)), values > 0)
+    _save(tmp_path / "colour.png", np.stack([values * 255, values * 0, values * 0], axis=2))
+    with pytest.raises(lib.InputError, match="colour image"):
+        lib.read_mask(tmp_path / "colour.png")
+
+
+def test_write_pngs_leaves_nothing_when_one_file_fails(tmp_path):
+    good = tmp_path / "a.png"
+    with pytest.raises(TypeError):
+        lib.write_pngs({good: np.zeros((4, 4), np.uint8), tmp_path / "b.png": np.zeros((4, 4), object)})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overlay_tints_and_outlines_only_the_mask():
+    image = np.full((5, 5, 3), 100, np.uint8)
+    mask = np.zeros((5, 5), bool)
+    mask[1:4, 1:4] = True
+    out = lib.overlay(image, mask, colour=(200, 0, 0), alpha=0.5)
+    np.testing.assert_array_equal(out[~mask], image[~mask])
+    np.testing.assert_array_equal(out[2, 2], [150, 50, 50])  # interior: half image, half colour
+    np.testing.assert_array_equal(out[1, 1], [200, 0, 0])  # border: the colour itself
+
+
+def test_compact_checkpoint_round_trip(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    levels16 = torch.linspace(-1, 1, 16)
+    levels256 = torch.linspace(-2, 2, 256)
+    state = {
+        "module.a.weight": levels16[torch.randint(0, 16, (4097,), generator=generator)].reshape(17, 241),  # odd count
+        "module.b.weight": levels256[torch.randint(0, 256, (64, 64, 2), generator=generator)],
+        "module.c.bias": torch.randn(10, generator=generator),
+        "module.bn.num_batches_tracked": torch.tensor(7),
+    }
+    path = lib.save_compact(state, tmp_path / "c.pt", bits={"": 4, "module.b.": 8}, metadata={"img_size": 80})
+    loaded, metadata = lib.load_compact(path)
+    assert metadata == {"img_size": 80} and loaded.keys() == state.keys()
+    # at most 2**bits distinct values are reproduced up to fp16 rounding of the codebook
+    torch.testing.assert_close(loaded["module.a.weight"], state["module.a.weight"], rtol=0, atol=1e-3)
+    torch.testing.assert_close(loaded["module.b.weight"], state["module.b.weight"], rtol=0, atol=2e-3)
+    torch.testing.assert_close(loaded["module.c.bias"], state["module.c.bias"].half().float(), rtol=0, atol=0)
+    assert loaded["module.bn.num_batches_tracked"].item() == 7 and loaded["module.a.weight"].dtype == torch.float32
+    # 4-bit indices: two per byte
+    assert torch.load(path, weights_only=True)["tensors"]["module.a.weight"]["index"].numel() == 2049
+
+
+def test_missing_bundled_checkpoint_is_explained(monkeypatch, tmp_path):
+    monkeypatch.setattr(lib, "BUNDLED_CHECKPOINT", tmp_path / "synthetic_resnet18.pt")
+    with pytest.raises(lib.InputError, match="bundled checkpoint .* is missing"):
+        lib.load_model()
