@@ -22,10 +22,13 @@ def dot_precision(dtype: torch.dtype) -> str:
 
     fp32 products use TF32 tensor cores exactly when PyTorch's own matmuls would
     (``torch.backends.cuda.matmul.allow_tf32``); the interpreter always computes in IEEE fp32.
-    The flag only affects fp32 inputs: fp16/bf16 products are exact in an fp32 accumulator.
+    The flag only affects fp32 inputs: fp16/bf16 products are exact in an fp32 accumulator, and for
+    them Triton's default ("tf32", ignored) is kept.
     """
-    if INTERPRETED or dtype != torch.float32:
+    if INTERPRETED:
         return "ieee"
+    if dtype != torch.float32:
+        return "tf32"
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hypertriton import kernels, reference
-from hypertriton.testing import assert_close_dtype
+from hypertriton.testing import assert_close_dtype, tolerance
 
 pytestmark = [
     pytest.mark.gpu,
@@ -17,7 +17,7 @@ pytestmark = [
 ]
 
 if torch.cuda.is_available() and not kernels.INTERPRETED:
-    from hypertriton.kernels.center_pivot_conv4d import center_pivot_conv4d_into
+    from hypertriton.kernels.center_pivot_conv4d import center_pivot_conv4d_backward, center_pivot_conv4d_into
     from hypertriton.kernels.hypercorrelation import correlation_into
 
 DEVICE = "cuda"
@@ -60,6 +60,13 @@ def conv_params(cin, cout, kernel, dtype, seed, bias=True):
         b = torch.randn(cout, generator=generator, device=DEVICE, dtype=torch.float64) if bias else None
         params += [(w / (cin * kernel * kernel) ** 0.5).to(dtype), None if b is None else b.to(dtype)]
     return params
+
+
+def assert_tf32_close(actual, expected, name=""):
+    """TF32 truncates each product's operands (~1e-3 relative, random sign), so over long sums the
+    error is small against the result's norm but not against every near-zero element: compare norms."""
+    relative = ((actual.double() - expected).norm() / expected.norm()).item()
+    assert relative < tolerance("tf32")[0], f"{name}: relative error {relative:.2e} in TF32"
 
 
 def conv_expected(x, params, stride, padding):
@@ -124,8 +131,10 @@ def test_conv_fp32_follows_allow_tf32(tf32):
     expected = conv_expected(x, params, stride, padding)
     out = torch.full(expected.shape, NAN, device=DEVICE)
     center_pivot_conv4d_into(x, *params, stride, padding, out)
-    # 288-term reductions of unit-scale values: TF32's truncation error adds up beyond the table's value.
-    assert_close_dtype(out, expected, "tf32" if tf32 else torch.float32, scale=2.0 if tf32 else 1.0)
+    if tf32:
+        assert_tf32_close(out, expected)
+    else:
+        assert_close_dtype(out, expected, torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -199,3 +208,61 @@ def test_conv_past_int32_offsets():
     expected = torch.stack([conv_entry(x, params, stride, padding, i) for i in indices])
     assert_close_dtype(got, expected, torch.float16)
     assert not out.isnan().any(), "some elements past 2^31 were never written"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Backward of the center-pivot conv
+
+
+BACKWARD_CASES = [
+    (2, 3, 16, (13, 13, 13, 13), 3, (1, 1, 2, 2)),
+    (1, 6, 16, (25, 25, 25, 25), 5, (1, 1, 4, 4)),
+    (1, 5, 7, (9, 6, 11, 8), 3, (2, 1, 3, 1)),
+]
+BACKWARD_IDS = ["layer4-1", "layer3-1", "odd"]
+GRAD_NAMES = ("grad_x", "grad_weight_query", "grad_bias_query", "grad_weight_support", "grad_bias_support")
+
+
+def backward_case(case, dtype, upstream="random"):
+    """Inputs, upstream gradient and float64 autograd gradients of the reference for one case."""
+    batch, cin, cout, maps, kernel, stride = case
+    padding = (kernel // 2,) * 4
+    generator = torch.Generator(device=DEVICE).manual_seed(12)
+    x = torch.randn(batch, cin, *maps, generator=generator, device=DEVICE).to(dtype)
+    params = conv_params(cin, cout, kernel, dtype, 13)
+    leaves = [t.double().requires_grad_() for t in (x, *params)]
+    out = reference.center_pivot_conv4d(*leaves, stride, padding)
+    if upstream == "sum":
+        grad = torch.ones((), device=DEVICE, dtype=dtype).expand(out.shape)
+    else:
+        grad = torch.randn(out.shape, generator=generator, device=DEVICE).to(dtype)
+    expected = torch.autograd.grad(out, leaves, grad.double())
+    got = center_pivot_conv4d_backward(grad, x, params[0], params[2], stride, padding)
+    # Weight and bias gradients reduce over every (batch, output position) pair.
+    return got, expected, out[:, 0].numel()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", BACKWARD_CASES, ids=BACKWARD_IDS)
+def test_conv_backward_half_precision(dtype, case):
+    # Half-precision inputs multiply exactly into fp32 accumulators: only the final rounding differs.
+    got, expected, _ = backward_case(case, dtype, upstream="random")
+    for name, actual, wanted in zip(GRAD_NAMES, got, expected):
+        assert actual.dtype == dtype, name
+        assert_close_dtype(actual, wanted, dtype, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("tf32", [False, True], ids=["ieee", "tf32"], indirect=True)
+@pytest.mark.parametrize("upstream", ["random", "sum"])
+@pytest.mark.parametrize("case", BACKWARD_CASES[:2], ids=BACKWARD_IDS[:2])
+def test_conv_backward_fp32_follows_allow_tf32(tf32, upstream, case):
+    got, expected, reduction = backward_case(case, torch.float32, upstream)
+    # Sums of `reduction` unit-scale terms: rounding errors grow with the partial sums (~sqrt(reduction)),
+    # not with the result, so the absolute tolerance of the weight and bias gradients grows likewise.
+    long_sum = max(1.0, reduction ** 0.5 / 4)
+    for name, actual, wanted in zip(GRAD_NAMES, got, expected):
+        if tf32 and "bias" not in name:  # bias gradients are plain fp32 sums, no tl.dot
+            assert_tf32_close(actual, wanted, name)
+            continue
+        assert_close_dtype(actual, wanted, torch.float32, scale=1.0 if name == "grad_x" else long_sum,
+                           msg=lambda m, name=name: f"{name}: {m}")
