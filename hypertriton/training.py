@@ -10,8 +10,9 @@ Files in ``logpath`` (written by rank 0 only, each checkpoint atomically: temp f
 - ``best_model.pt``: the best model by validation mIoU, in the original checkpoint format (a
   ``module.``-prefixed state_dict) that :meth:`hypertriton.HSNet.from_checkpoint` and the original code
   load.
-- ``last.pt``: everything needed to continue exactly (model, optimizer, AMP scaler, epoch, step within
-  the epoch, best mIoU, python/numpy/torch/cuda RNG states). It is rewritten at the end of every epoch
+- ``last.pt``: everything needed to continue exactly (the trained weights, optimizer, AMP scaler, epoch,
+  step within the epoch, best mIoU, python/numpy/torch/cuda RNG states; the frozen backbone is rebuilt
+  on resume and checked against a SHA-256 fingerprint instead of being stored). It is rewritten at the end of every epoch
   and when the run is stopped (Ctrl-C or SIGTERM: the current step finishes, ``last.pt`` is saved, then
   the run exits; a second Ctrl-C stops at once).
 - ``log.jsonl``: one JSON object per line (``event`` = ``start``, ``step``, ``epoch``, ``best``,
@@ -38,6 +39,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import json
 import math
@@ -520,6 +522,39 @@ def load_training_state(path: str | os.PathLike) -> dict:
     return state
 
 
+FROZEN_PREFIX = "backbone."
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state without the frozen backbone (CPU copies): what training changes."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if not k.startswith(FROZEN_PREFIX)}
+
+
+def backbone_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of the frozen backbone's names, shapes, dtypes and values.
+
+    ``last.pt`` stores this instead of the backbone itself (ResNet-101: 170 MB per save): the backbone
+    never changes, a resumed run rebuilds it from the same settings, and the fingerprint proves it did.
+    """
+    digest = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        if key.startswith(FROZEN_PREFIX):
+            value = value.detach().cpu().contiguous()
+            digest.update(f"{key}:{tuple(value.shape)}:{value.dtype};".encode())
+            digest.update(value.view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _load_trainable_state(model: torch.nn.Module, state: dict, path) -> None:
+    if state.get("backbone_sha256") != backbone_fingerprint(model):
+        raise ValueError(f"resume: the backbone differs from the one {path} was trained with (other "
+                         "--backbone-weights or ImageNet weights file?); resume with the same weights")
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    missing = [key for key in missing if not key.startswith(FROZEN_PREFIX)]
+    if missing or unexpected:
+        raise ValueError(f"resume: {path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
 # --------------------------------------------------------------------------------------------------
 # The loop
 
@@ -617,7 +652,7 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
     best_miou, best_epoch = float("-inf"), None
     loss_sum, loss_count = 0.0, 0
     if state is not None:
-        model.load_state_dict(state["model"])
+        _load_trainable_state(model, state, resume_path)
         optimizer.load_state_dict(state["optimizer"])
         for group in optimizer.param_groups:
             group["lr"] = config.lr
@@ -654,11 +689,13 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
               steps_per_epoch=steps_per_epoch, train_episodes=len(train_dataset), val_episodes=val_count,
               amp=str(amp_dtype).replace("torch.", "") if amp_dtype else "off")
 
+    backbone_sha256 = backbone_fingerprint(model) if ctx.is_main else None
+
     def save_last() -> None:
         if not ctx.is_main:
             return
         atomic_save({"format": STATE_FORMAT, "version": STATE_VERSION,
-                     "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                     "model": _trainable_state(model), "backbone_sha256": backbone_sha256,
                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                      "epoch": epoch, "step": step, "global_step": global_step,
                      "best_miou": best_miou, "best_epoch": best_epoch,

@@ -7,6 +7,7 @@ a few optimizer steps.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -263,19 +264,30 @@ def test_resume_refuses_a_different_recipe(tmp_path):
         train(tiny_config(tmp_path / "elsewhere", resume="auto"), train_dataset=trn)
 
 
-def test_backbone_weights_file_is_the_frozen_backbone(tmp_path):
+def test_backbone_weights_file_is_the_frozen_backbone_and_resume_checks_it(tmp_path):
     import torchvision
 
-    torch.manual_seed(5)
-    weights = torchvision.models.resnet18(weights=None).state_dict()
-    torch.save(weights, tmp_path / "resnet18.pth")
-    trn, _ = tiny_data()
-    train(tiny_config(tmp_path, pretrained=False, backbone_weights=str(tmp_path / "resnet18.pth"), epochs=1,
-                      max_steps_per_epoch=1, val_episodes=0), train_dataset=trn)
+    files = []
+    for seed in (5, 6):
+        torch.manual_seed(seed)
+        files.append((tmp_path / f"resnet18-{seed}.pth", torchvision.models.resnet18(weights=None).state_dict()))
+        torch.save(files[-1][1], files[-1][0])
+    trn, val = tiny_data()
+    config = tiny_config(tmp_path, pretrained=False, backbone_weights=str(files[0][0]), epochs=1,
+                         max_steps_per_epoch=1)
+    train(config, train_dataset=trn, val_dataset=val, validate_fn=_ScriptedValidation([1.0]))
+    best = torch.load(tmp_path / BEST_CHECKPOINT, weights_only=True)
+    for key, value in files[0][1].items():
+        assert torch.equal(best[f"module.backbone.{key}"], value), key
+    # last.pt keeps what training changes, not the 45 MB frozen backbone ...
     state = load_training_state(tmp_path / LAST_CHECKPOINT)
-    assert not (tmp_path / BEST_CHECKPOINT).exists()  # no validation, no best model
-    for key, value in weights.items():
-        assert torch.equal(state["model"][f"backbone.{key}"], value), key
+    assert state["model"] and not any(key.startswith("backbone.") for key in state["model"])
+    # ... and a resumed run must rebuild exactly that backbone.
+    config = dataclasses.replace(config, epochs=2, resume="auto", backbone_weights=str(files[1][0]))
+    with pytest.raises(ValueError, match="the backbone differs"):
+        train(config, train_dataset=trn, val_dataset=val, validate_fn=_ScriptedValidation([1.0]))
+    config = dataclasses.replace(config, backbone_weights=str(files[0][0]))
+    assert train(config, train_dataset=trn, val_dataset=val, validate_fn=_ScriptedValidation([1.0]))["global_step"] == 2
 
 
 class _Unpicklable:
@@ -332,7 +344,7 @@ def test_cli_ctrl_c_saves_state_and_resume_finishes_the_run(tmp_path, capsys):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while not ((logpath / LOG_FILE).exists() and '"step"' in (logpath / LOG_FILE).read_text()):
+        while not ((logpath / LOG_FILE).exists() and '"event": "step"' in (logpath / LOG_FILE).read_text()):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
             time.sleep(0.02)
         os.killpg(proc.pid, signal.SIGINT)
@@ -341,7 +353,7 @@ def test_cli_ctrl_c_saves_state_and_resume_finishes_the_run(tmp_path, capsys):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, err[-3000:]
-    assert "SIGINT received" in err and "--resume" in err
+    assert "SIGINT received" in err and "--resume" in err, err[-3000:]
     stopped = load_training_state(logpath / LAST_CHECKPOINT)
     assert 1 <= stopped["global_step"] < 6
     rows = read_log(logpath)
