@@ -21,18 +21,18 @@ MAX_GRID_Z = 65535  # CUDA's limit on the third grid dimension
 
 def _configs():
     gpu = [
-        triton.Config({"BLOCK_P": bp, "BLOCK_O": bo, "BLOCK_C": bc}, num_warps=w, num_stages=st)
-        for bp, bo, bc, w, st in [
-            (64, 16, 16, 2, 3),  # the first layers: few input (L_p <= 23) and output (16) channels
-            (128, 16, 16, 4, 3),
+        triton.Config({"BLOCK_P": bp, "BLOCK_O": bo, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+        for bp, bo, bk, w, st in [
+            (64, 16, 32, 2, 3),  # the first layers: few input (L_p <= 23) and output (16) channels
+            (128, 16, 32, 4, 3),
+            (128, 16, 64, 4, 3),
             (64, 64, 32, 4, 3),
             (128, 64, 32, 4, 3),
             (128, 128, 32, 8, 3),
-            (64, 128, 64, 4, 2),
         ]
     ]
     # Under the interpreter the cost is per program and op, not per element: few, large tiles.
-    return autotune_configs(gpu, triton.Config({"BLOCK_P": 256, "BLOCK_O": 16, "BLOCK_C": 8}, num_warps=1))
+    return autotune_configs(gpu, triton.Config({"BLOCK_P": 256, "BLOCK_O": 16, "BLOCK_K": 128}, num_warps=1))
 
 
 @triton.jit
@@ -49,10 +49,9 @@ def _split_position(o_flat, W1, H2, W2):
 def _accumulate_branch(
     b_acc,  # [BLOCK_P, BLOCK_O] fp32 accumulator
     p_xb,  # pointer to x[b] (this program's batch element)
-    p_w,  # weights of this branch arranged [KH*KW, CIN, COUT], contiguous
+    p_w,  # weights of this branch arranged [KH*KW*CIN, COUT] (tap-major, then input channel), contiguous
     o_o,  # [BLOCK_O] output channels of this tile
     m_o,  # [BLOCK_O] valid output channels
-    o_c,  # [BLOCK_C] arange over an input-channel chunk (int32 or int64)
     m_p,  # [BLOCK_P] valid output positions
     o_r0,  # [BLOCK_P] index of the window's first row along the sliding dims (before adding the tap)
     o_c0,  # [BLOCK_P] index of the window's first column, likewise
@@ -62,22 +61,29 @@ def _accumulate_branch(
     CIN, COUT,
     KH, KW,  # kernel size of this branch
     INPUT_PRECISION: tl.constexpr,
-    BLOCK_C: tl.constexpr,  # input channels per step (the length of o_c)
+    BLOCK_K: tl.constexpr,  # (tap, input channel) pairs per step of the reduction
 ):
-    for tap in range(KH * KW):
-        o_r = o_r0 + tap // KW
-        o_col = o_c0 + tap % KW
+    # Implicit GEMM: the reduction runs over k = tap * CIN + c, so few input channels (the first
+    # layers have 3 to 23) still fill whole tl.dot tiles instead of padding each tap's channels.
+    n_k = KH * KW * CIN
+    o_base = o_fixed + o_r0 * s_h + o_c0 * s_w  # [BLOCK_P] offset of the window's first tap
+    o_kr = tl.arange(0, BLOCK_K).to(o_r0.dtype)
+    for k0 in range(0, n_k, BLOCK_K):
+        o_k = k0 + o_kr
+        m_k = o_k < n_k
+        # Per-k quantities are 1D; the 2D tile only adds and compares.
+        o_tap = o_k // CIN
+        o_a = o_tap // KW
+        o_e = o_tap % KW
+        o_delta = o_a * s_h + o_e * s_w + (o_k % CIN) * s_xc  # [BLOCK_K]
+        o_row = o_r0[:, None] + o_a[None, :]
+        o_col = o_c0[:, None] + o_e[None, :]
         # Taps that fall outside the map read zero padding.
-        m_x = m_p & (o_r >= 0) & (o_r < H) & (o_col >= 0) & (o_col < W)
-        p_x = p_xb + (o_fixed + o_r * s_h + o_col * s_w)[:, None] + o_c[None, :] * s_xc  # [BLOCK_P, BLOCK_C]
-        p_wt = p_w + tap * CIN * COUT + o_c[:, None] * COUT + o_o[None, :]  # [BLOCK_C, BLOCK_O]
-        for c0 in range(0, CIN, BLOCK_C):
-            m_c = o_c < CIN - c0
-            b_x = tl.load(p_x, mask=m_x[:, None] & m_c[None, :], other=0.0)
-            b_w = tl.load(p_wt, mask=m_c[:, None] & m_o[None, :], other=0.0)
-            b_acc = tl.dot(b_x, b_w, b_acc, input_precision=INPUT_PRECISION)
-            p_x += BLOCK_C * s_xc
-            p_wt += BLOCK_C * COUT
+        m_x = (m_p[:, None] & m_k[None, :] & (o_row >= 0) & (o_row < H) & (o_col >= 0) & (o_col < W))
+        b_x = tl.load(p_xb + o_base[:, None] + o_delta[None, :], mask=m_x, other=0.0)  # [BLOCK_P, BLOCK_K]
+        b_w = tl.load(p_w + o_k[:, None] * COUT + o_o[None, :], mask=m_k[:, None] & m_o[None, :],
+                      other=0.0)  # [BLOCK_K, BLOCK_O]
+        b_acc = tl.dot(b_x, b_w, b_acc, input_precision=INPUT_PRECISION)
     return b_acc
 
 
@@ -85,8 +91,8 @@ def _accumulate_branch(
 @triton.jit
 def _center_pivot_conv4d_kernel(
     p_x,  # input [B, CIN, HQ, WQ, HS, WS], strides s_x*
-    p_wq,  # query-branch weights arranged [KQH*KQW, CIN, COUT], contiguous, x's dtype
-    p_ws,  # support-branch weights arranged [KSH*KSW, CIN, COUT], contiguous, x's dtype
+    p_wq,  # query-branch weights arranged [KQH*KQW*CIN, COUT] (tap-major), contiguous, x's dtype
+    p_ws,  # support-branch weights arranged [KSH*KSW*CIN, COUT], contiguous, x's dtype
     p_bq,  # query-branch bias [COUT] (not read unless HAS_BQ)
     p_bs,  # support-branch bias [COUT] (not read unless HAS_BS)
     p_out,  # output [B, COUT, HQO, WQO, HSO, WSO], strides s_o*
@@ -106,17 +112,15 @@ def _center_pivot_conv4d_kernel(
     INT64: tl.constexpr,  # whether offsets can pass 2^31 (then all index math is int64)
     BLOCK_P: tl.constexpr,  # output positions per tile
     BLOCK_O: tl.constexpr,  # output channels per tile
-    BLOCK_C: tl.constexpr,  # input channels per step of the reduction
+    BLOCK_K: tl.constexpr,  # (tap, input channel) pairs per step of the reduction
 ):
     i_p = tl.program_id(0)
     i_o = tl.program_id(1)
     i_b = tl.program_id(2)
     o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    o_c = tl.arange(0, BLOCK_C)
     if INT64:
         i_b = i_b.to(tl.int64)
         o_p = o_p.to(tl.int64)
-        o_c = o_c.to(tl.int64)
     o_o = i_o * BLOCK_O + tl.arange(0, BLOCK_O)
     m_p = o_p < NP
     m_o = o_o < COUT
@@ -132,15 +136,15 @@ def _center_pivot_conv4d_kernel(
     b_acc = tl.zeros((BLOCK_P, BLOCK_O), dtype=tl.float32)
     # Query branch: slide over (query h, query w) at the pivot's support position.
     b_acc = _accumulate_branch(
-        b_acc, p_xb, p_wq, o_o, m_o, o_c, m_p,
+        b_acc, p_xb, p_wq, o_o, m_o, m_p,
         o_pqh - PQH, o_pqw - PQW, o_psh * s_xsh + o_psw * s_xsw,
-        HQ, WQ, s_xqh, s_xqw, s_xc, CIN, COUT, KQH, KQW, INPUT_PRECISION, BLOCK_C,
+        HQ, WQ, s_xqh, s_xqw, s_xc, CIN, COUT, KQH, KQW, INPUT_PRECISION, BLOCK_K,
     )
     # Support branch: slide over (support h, support w) at the pivot's query position.
     b_acc = _accumulate_branch(
-        b_acc, p_xb, p_ws, o_o, m_o, o_c, m_p,
+        b_acc, p_xb, p_ws, o_o, m_o, m_p,
         o_psh - PSH, o_psw - PSW, o_pqh * s_xqh + o_pqw * s_xqw,
-        HS, WS, s_xsh, s_xsw, s_xc, CIN, COUT, KSH, KSW, INPUT_PRECISION, BLOCK_C,
+        HS, WS, s_xsh, s_xsw, s_xc, CIN, COUT, KSH, KSW, INPUT_PRECISION, BLOCK_K,
     )
     if HAS_BQ:
         b_acc += tl.load(p_bq + o_o, mask=m_o, other=0.0).to(tl.float32)[None, :]
@@ -153,7 +157,8 @@ def _center_pivot_conv4d_kernel(
 
 
 def _taps_cin_cout(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``[Cout, Cin, KH, KW]`` -> contiguous ``[KH*KW, Cin, Cout]`` in ``dtype`` (a tiny copy)."""
+    """``[Cout, Cin, KH, KW]`` -> contiguous ``[KH*KW, Cin, Cout]`` (read flat as ``[KH*KW*Cin, Cout]``) in
+    ``dtype`` (a tiny copy)."""
     cout, cin, kh, kw = weight.shape
     return weight.detach().to(dtype).permute(2, 3, 1, 0).reshape(kh * kw, cin, cout).contiguous()
 
