@@ -170,6 +170,13 @@ def _check_4tuple(name: str, value) -> tuple[int, int, int, int]:
     return value
 
 
+def _check_geometry(stride, padding) -> None:
+    if min(stride) < 1:
+        raise ValueError(f"stride: expected positive ints, got {stride}")
+    if min(padding) < 0:
+        raise ValueError(f"padding: expected non-negative ints, got {padding}")
+
+
 def center_pivot_conv4d_into(
     x: torch.Tensor,
     weight_query: torch.Tensor,
@@ -204,8 +211,7 @@ def center_pivot_conv4d_into(
     check_float_dtype("out", out)
     sqh, sqw, ssh, ssw = _check_4tuple("stride", stride)
     pqh, pqw, psh, psw = _check_4tuple("padding", padding)
-    if min(sqh, sqw, ssh, ssw) < 1:
-        raise ValueError(f"stride: expected positive ints, got {(sqh, sqw, ssh, ssw)}")
+    _check_geometry((sqh, sqw, ssh, ssw), (pqh, pqw, psh, psw))
     batch, cin, hq, wq, hs, ws = x.shape
     for name, w in (("weight_query", weight_query), ("weight_support", weight_support)):
         if w.dim() != 4 or w.shape[1] != cin or w.shape[0] != weight_query.shape[0]:
@@ -257,16 +263,16 @@ def center_pivot_conv4d_into(
 
 def _grad_input_configs():
     gpu = [
-        triton.Config({"BLOCK_P": bp, "BLOCK_C": bc, "BLOCK_O": bo}, num_warps=w, num_stages=st)
-        for bp, bc, bo, w, st in [
-            (64, 16, 16, 2, 3),
-            (128, 16, 16, 4, 3),
+        triton.Config({"BLOCK_P": bp, "BLOCK_C": bc, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+        for bp, bc, bk, w, st in [
+            (64, 16, 32, 2, 3),  # the first layers: few input channels
+            (128, 16, 32, 4, 3),
             (64, 64, 32, 4, 3),
             (128, 64, 32, 4, 3),
             (128, 128, 32, 8, 3),
         ]
     ]
-    return autotune_configs(gpu, triton.Config({"BLOCK_P": 256, "BLOCK_C": 16, "BLOCK_O": 32}, num_warps=1))
+    return autotune_configs(gpu, triton.Config({"BLOCK_P": 256, "BLOCK_C": 16, "BLOCK_K": 128}, num_warps=1))
 
 
 def _grad_weight_configs():
@@ -287,39 +293,47 @@ def _grad_weight_configs():
 def _grad_input_branch(
     b_acc,  # [BLOCK_P, BLOCK_C] fp32 accumulator of grad x
     p_gb,  # pointer to grad_out[b]
-    p_w,  # weights of this branch arranged [KH*KW, COUT, CIN], contiguous, in the compute dtype
-    o_o,  # [BLOCK_O] arange over an output-channel chunk
+    p_w,  # weights of this branch arranged [KH*KW*COUT, CIN] (tap-major), contiguous, in the compute dtype
     o_c,  # [BLOCK_C] input channels of this tile
     m_c,  # [BLOCK_C] valid input channels
     m_fixed,  # [BLOCK_P] input position valid and a pivot along the two dims this branch does not slide
     o_gfixed,  # [BLOCK_P] offset in grad_out of that pivot's output position along those two dims
     o_r, o_col,  # [BLOCK_P] input row and column along the sliding dims
-    SH, SW, PH, PW,  # stride and padding of this branch along the sliding dims
+    SH, SW, PH, PW,  # stride and padding of this branch along the sliding dims (padding >= 0)
     HO, WO,  # output extent along the sliding dims
     s_gh, s_gw, s_gc,  # grad_out strides over the sliding row, sliding column and output channel
     CIN, COUT, KH, KW,
     INPUT_PRECISION: tl.constexpr,
-    BLOCK_O: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # (tap, output channel) pairs per step of the reduction
 ):
-    for tap in range(KH * KW):
-        # Output row i reads input row i*SH - PH + a, so input row r is read by i = (r + PH - a) / SH.
-        t_r = o_r + PH - tap // KW
-        t_c = o_col + PW - tap % KW
-        # Negative numerators are masked before their quotient matters (// rounds differently on GPU and
-        # in the interpreter for them).
-        m_g = m_fixed & (t_r >= 0) & (t_c >= 0) & (t_r % SH == 0) & (t_c % SW == 0)
-        o_i = t_r // SH
-        o_j = t_c // SW
-        m_g = m_g & (o_i < HO) & (o_j < WO)
-        p_g = p_gb + (o_gfixed + o_i * s_gh + o_j * s_gw)[:, None] + o_o[None, :] * s_gc  # [BLOCK_P, BLOCK_O]
-        p_wt = p_w + tap * COUT * CIN + o_o[:, None] * CIN + o_c[None, :]  # [BLOCK_O, BLOCK_C]
-        for o0 in range(0, COUT, BLOCK_O):
-            m_o = o_o < COUT - o0
-            b_g = tl.load(p_g, mask=m_g[:, None] & m_o[None, :], other=0.0)
-            b_w = tl.load(p_wt, mask=m_o[:, None] & m_c[None, :], other=0.0)
-            b_acc = tl.dot(b_g.to(b_w.dtype), b_w, b_acc, input_precision=INPUT_PRECISION)
-            p_g += BLOCK_O * s_gc
-            p_wt += BLOCK_O * CIN
+    # Output row i reads input row i*SH - PH + a, so input row r is read by tap a of output row
+    # i = (r + PH - a) / SH when that divides exactly. Writing r + PH = SH*rq + rm and a = SH*aq + am
+    # (all >= 0), it divides iff rm == am and then i = rq - aq: only 1D divisions, 2D compares.
+    o_rq = (o_r + PH) // SH
+    o_rm = (o_r + PH) % SH
+    o_cq = (o_col + PW) // SW
+    o_cm = (o_col + PW) % SW
+    o_gbase = o_gfixed + o_rq * s_gh + o_cq * s_gw  # [BLOCK_P]
+    n_k = KH * KW * COUT
+    o_kr = tl.arange(0, BLOCK_K).to(o_r.dtype)
+    for k0 in range(0, n_k, BLOCK_K):
+        # Implicit GEMM over k = tap * COUT + o.
+        o_k = k0 + o_kr
+        m_k = o_k < n_k
+        o_tap = o_k // COUT
+        o_a = o_tap // KW
+        o_e = o_tap % KW
+        o_aq = o_a // SH
+        o_eq = o_e // SW
+        o_i = o_rq[:, None] - o_aq[None, :]
+        o_j = o_cq[:, None] - o_eq[None, :]
+        m_g = (m_fixed[:, None] & m_k[None, :] & (o_rm[:, None] == (o_a % SH)[None, :])
+               & (o_cm[:, None] == (o_e % SW)[None, :]) & (o_i >= 0) & (o_i < HO) & (o_j >= 0) & (o_j < WO))
+        o_delta = (o_k % COUT) * s_gc - o_aq * s_gh - o_eq * s_gw  # [BLOCK_K]
+        b_g = tl.load(p_gb + o_gbase[:, None] + o_delta[None, :], mask=m_g, other=0.0)  # [BLOCK_P, BLOCK_K]
+        b_w = tl.load(p_w + o_k[:, None] * CIN + o_c[None, :], mask=m_k[:, None] & m_c[None, :],
+                      other=0.0)  # [BLOCK_K, BLOCK_C]
+        b_acc = tl.dot(b_g.to(b_w.dtype), b_w, b_acc, input_precision=INPUT_PRECISION)
     return b_acc
 
 
@@ -328,8 +342,8 @@ def _grad_input_branch(
 @triton.jit
 def _center_pivot_conv4d_grad_input_kernel(
     p_g,  # upstream gradient [B, COUT, HQO, WQO, HSO, WSO], any strides (0 after .sum()), s_g*
-    p_wq,  # query-branch weights arranged [KQH*KQW, COUT, CIN], contiguous
-    p_ws,  # support-branch weights arranged [KSH*KSW, COUT, CIN], contiguous
+    p_wq,  # query-branch weights arranged [KQH*KQW*COUT, CIN] (tap-major), contiguous
+    p_ws,  # support-branch weights arranged [KSH*KSW*COUT, CIN], contiguous
     p_gx,  # grad input [B, CIN, HQ, WQ, HS, WS], strides s_gx*; every element is written
     CIN, COUT,
     HQ, WQ, HS, WS,  # input spatial sizes
@@ -344,17 +358,15 @@ def _center_pivot_conv4d_grad_input_kernel(
     INT64: tl.constexpr,
     BLOCK_P: tl.constexpr,  # input positions per tile
     BLOCK_C: tl.constexpr,  # input channels per tile
-    BLOCK_O: tl.constexpr,  # output channels per step of the reduction
+    BLOCK_K: tl.constexpr,  # (tap, output channel) pairs per step of the reduction
 ):
     i_p = tl.program_id(0)
     i_c = tl.program_id(1)
     i_b = tl.program_id(2)
     o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    o_o = tl.arange(0, BLOCK_O)
     if INT64:
         i_b = i_b.to(tl.int64)
         o_p = o_p.to(tl.int64)
-        o_o = o_o.to(tl.int64)
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_p = o_p < NX
     m_c = o_c < CIN
@@ -367,16 +379,16 @@ def _center_pivot_conv4d_grad_input_kernel(
     # Query branch: only inputs at pivot support positions (multiples of the support strides) are read.
     m_fixed = m_p & (o_sp % SSH == 0) & (o_q % SSW == 0)
     b_acc = _grad_input_branch(
-        b_acc, p_gb, p_wq, o_o, o_c, m_c, m_fixed, (o_sp // SSH) * s_gsh + (o_q // SSW) * s_gsw,
+        b_acc, p_gb, p_wq, o_c, m_c, m_fixed, (o_sp // SSH) * s_gsh + (o_q // SSW) * s_gsw,
         o_r, o_s, SQH, SQW, PQH, PQW, HQO, WQO, s_gqh, s_gqw, s_gc, CIN, COUT, KQH, KQW,
-        INPUT_PRECISION, BLOCK_O,
+        INPUT_PRECISION, BLOCK_K,
     )
     # Support branch: only inputs at pivot query positions are read.
     m_fixed = m_p & (o_r % SQH == 0) & (o_s % SQW == 0)
     b_acc = _grad_input_branch(
-        b_acc, p_gb, p_ws, o_o, o_c, m_c, m_fixed, (o_r // SQH) * s_gqh + (o_s // SQW) * s_gqw,
+        b_acc, p_gb, p_ws, o_c, m_c, m_fixed, (o_r // SQH) * s_gqh + (o_s // SQW) * s_gqw,
         o_sp, o_q, SSH, SSW, PSH, PSW, HSO, WSO, s_gsh, s_gsw, s_gc, CIN, COUT, KSH, KSW,
-        INPUT_PRECISION, BLOCK_O,
+        INPUT_PRECISION, BLOCK_K,
     )
     p_x = (p_gx + i_b * s_xb + o_c[None, :] * s_xc
            + (o_r * s_xqh + o_s * s_xqw + o_sp * s_xsh + o_q * s_xsw)[:, None])  # [BLOCK_P, BLOCK_C]
@@ -494,6 +506,7 @@ def center_pivot_conv4d_backward(
     """
     sqh, sqw, ssh, ssw = _check_4tuple("stride", stride)
     pqh, pqw, psh, psw = _check_4tuple("padding", padding)
+    _check_geometry((sqh, sqw, ssh, ssw), (pqh, pqw, psh, psw))
     batch, cin, hq, wq, hs, ws = x.shape
     cout, _, kqh, kqw = weight_query.shape
     _, _, ksh, ksw = weight_support.shape

@@ -364,3 +364,13 @@ def test_conv_backward_split_reduction_and_int64(monkeypatch):
     got = center_pivot_conv4d_backward(grad, x, params[0], params[2], stride, padding)
     for actual, wanted in zip(got, expected):
         assert_close_dtype(actual.cpu(), wanted, torch.float32)
+
+
+def test_conv_rejects_negative_padding_and_zero_stride():
+    x = torch.zeros(1, 2, 3, 3, 3, 3, device=DEVICE)
+    w = torch.zeros(4, 2, 1, 1, device=DEVICE)
+    out = torch.empty(1, 4, 3, 3, 3, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="padding: expected non-negative"):
+        center_pivot_conv4d_into(x, w, None, w, None, (1,) * 4, (0, 0, -1, 0), out)
+    with pytest.raises(ValueError, match="stride: expected positive"):
+        center_pivot_conv4d_backward(out, x, w, w, (1, 0, 1, 1), (0,) * 4)
