@@ -380,12 +380,14 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
 
 
 def training_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
-                  scaler: torch.amp.GradScaler | None = None, amp_dtype: torch.dtype | None = None) -> float:
+                  scaler: torch.amp.GradScaler | None = None, amp_dtype: torch.dtype | None = None,
+                  meter=None) -> float:
     """One optimizer step on a batch of 1-shot episodes; returns the loss (a Python float).
 
     ``batch`` holds ``query_img`` ``[B, 3, H, W]``, ``query_mask`` ``[B, H, W]``, ``support_imgs``
     ``[B, K, 3, H, W]`` and ``support_masks`` ``[B, K, H, W]`` on the model's device; the first shot is
-    used, as in the original training.
+    used, as in the original training. With a :class:`~hypertriton.metrics.SegmentationMeter`, the
+    argmax prediction of this step is counted into it (the original's training mIoU/FB-IoU).
     """
     device = batch["query_img"].device
     optimizer.zero_grad(set_to_none=True)
@@ -399,6 +401,8 @@ def training_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Op
     else:
         loss.backward()
         optimizer.step()
+    if meter is not None:
+        meter.update(logits.detach().argmax(dim=1), batch)
     return float(loss.detach())
 
 
@@ -559,6 +563,21 @@ def _load_trainable_state(model: torch.nn.Module, state: dict, path) -> None:
 # The loop
 
 
+def _train_meter(dataset: Dataset, counts: dict | None = None):
+    """A meter over the training classes (``dataset.class_ids``), or None for datasets without them;
+    ``counts`` restores a partly counted epoch."""
+    from hypertriton.metrics import SegmentationMeter
+
+    class_ids = getattr(dataset, "class_ids", None)
+    if class_ids is None:
+        return None
+    meter = SegmentationMeter(class_ids)
+    if counts is not None:
+        meter.intersection, meter.union = counts["intersection"].clone(), counts["union"].clone()
+        meter.episodes = counts["episodes"]
+    return meter
+
+
 def _check_resume_config(saved: dict, config: TrainConfig, world_size: int) -> None:
     changed = [name for name in _TRAJECTORY_FIELDS if saved.get(name) != getattr(config, name)]
     if changed:
@@ -650,7 +669,7 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
 
     start_epoch, start_step, global_step = 0, 0, 0
     best_miou, best_epoch = float("-inf"), None
-    loss_sum, loss_count = 0.0, 0
+    loss_sum, loss_count, train_counts = 0.0, 0, None
     if state is not None:
         _load_trainable_state(model, state, resume_path)
         optimizer.load_state_dict(state["optimizer"])
@@ -660,7 +679,9 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
             scaler.load_state_dict(state["scaler"])
         start_epoch, start_step, global_step = state["epoch"], state["step"], state["global_step"]
         best_miou, best_epoch = state["best_miou"], state["best_epoch"]
-        loss_sum, loss_count = state["loss_sum"], state["loss_count"]  # totals over all ranks
+        # Totals over all ranks so far in the epoch; rank 0 carries them, the others start from zero.
+        loss_sum, loss_count = state["loss_sum"], state["loss_count"]
+        train_counts = state["train_counts"] if ctx.is_main else None
         _set_rng_state(state["rng"])
 
     train_model = model
@@ -700,13 +721,15 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
                      "epoch": epoch, "step": step, "global_step": global_step,
                      "best_miou": best_miou, "best_epoch": best_epoch,
                      "loss_sum": loss_sum, "loss_count": loss_count, "rng": _rng_state(),
+                     "train_counts": None if meter is None else {"intersection": meter.intersection,
+                                                                 "union": meter.union, "episodes": meter.episodes},
                      "config": {**dataclasses.asdict(config), "world_size": ctx.world_size}},
                     logdir / LAST_CHECKPOINT)
 
     stop = _StopRequest(verbose=ctx.is_main)
     stop.install()
     stopping = False
-    last_val, epoch_loss = None, None
+    last_val, epoch_loss, meter = None, None, None
     epoch, step = start_epoch, start_step
     # False only while an optimizer step is under way (model and optimizer then hold half an update).
     consistent = True
@@ -715,12 +738,14 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
             sampler.set_epoch(epoch)
             sampler.set_start(step * rank_bsz)
             model.train()  # HSNet keeps its frozen backbone in eval mode
+            meter = _train_meter(train_dataset, train_counts)
+            train_counts = None
             bar = tqdm(total=steps_per_epoch, initial=step, desc=f"epoch {epoch}", disable=not show,
                        dynamic_ncols=True, leave=False)
             for batch in (loader if step < steps_per_epoch else ()):
                 batch = _to_device(batch, device)
                 consistent = False
-                loss = training_step(train_model, batch, optimizer, scaler, amp_dtype)
+                loss = training_step(train_model, batch, optimizer, scaler, amp_dtype, meter)
                 consistent = True
                 step += 1
                 global_step += 1
@@ -744,6 +769,8 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
             bar.close()
             # A request that came during the epoch's last step must not wait for a whole validation.
             stopping = stopping or hdist.any_rank(stop.requested, device)
+            if meter is not None:
+                meter.all_reduce()  # a collective: every rank gets here, stopping or not
             if stopping:
                 save_last()
                 log.write("stop", epoch=epoch, step=step, global_step=global_step, reason="signal",
@@ -760,15 +787,19 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
                     if ctx.is_main:
                         save_checkpoint(model, logdir / BEST_CHECKPOINT)  # atomic, original format
                     log.write("best", epoch=epoch, miou=best_miou, checkpoint=BEST_CHECKPOINT)
-            row = {"train_loss": epoch_loss, "val_miou": last_val["miou"] if last_val else None,
+            row = {"train_loss": epoch_loss, "train_miou": meter.miou() if meter else None,
+                   "train_fbiou": meter.fb_iou() if meter else None,
+                   "val_miou": last_val["miou"] if last_val else None,
                    "val_fbiou": last_val["fbiou"] if last_val else None,
                    "best_miou": best_miou if best_epoch is not None else None}
             log.write("epoch", epoch=epoch, global_step=global_step, lr=config.lr, **row)
-            log.scalars(epoch, {"train/loss": epoch_loss, "val/miou": row["val_miou"], "val/fbiou": row["val_fbiou"]})
+            log.scalars(epoch, {"train/loss": epoch_loss, "train/miou": row["train_miou"],
+                                "train/fbiou": row["train_fbiou"], "val/miou": row["val_miou"],
+                                "val/fbiou": row["val_fbiou"]})
             if show:
                 val_text = f", val mIoU {row['val_miou']:.2f} FB-IoU {row['val_fbiou']:.2f}" if last_val else ""
                 tqdm.write(f"epoch {epoch}: loss {epoch_loss:.4f}{val_text}")
-            epoch, step, loss_sum, loss_count = epoch + 1, 0, 0.0, 0
+            epoch, step, loss_sum, loss_count, meter = epoch + 1, 0, 0.0, 0, None
             save_last()
     except KeyboardInterrupt:
         # A second Ctrl-C: no collective is safe any more; rank 0 keeps what it has if it is whole.

@@ -248,6 +248,14 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted, st
     losses = [row["loss"] for row in rows if row["event"] == "step"]
     assert losses == [row["loss"] for row in reference_log if row["event"] == "step"]
 
+    # Epoch statistics too, including the training mIoU/FB-IoU counted partly before the stop.
+    def epoch_stats(log_rows):
+        return [(row["train_loss"], row["train_miou"], row["train_fbiou"], row["val_miou"], row["val_fbiou"])
+                for row in log_rows if row["event"] == "epoch"]
+
+    assert epoch_stats(rows) == epoch_stats(reference_log)
+    assert all(0 <= value <= 100 for stats in epoch_stats(rows) for value in stats[1:])
+
 
 def test_resume_refuses_a_different_recipe(tmp_path):
     trn, val = tiny_data()
