@@ -15,8 +15,10 @@ Files in ``logpath`` (written by rank 0 only, each checkpoint atomically: temp f
   on resume and checked against a SHA-256 fingerprint instead of being stored). It is rewritten at the end of every epoch
   and when the run is stopped (Ctrl-C or SIGTERM: the current step finishes, ``last.pt`` is saved, then
   the run exits; a second Ctrl-C stops at once).
-- ``log.jsonl``: one JSON object per line (``event`` = ``start``, ``step``, ``epoch``, ``best``,
-  ``stop``, ``end``); ``config.json``; TensorBoard event files when ``tensorboard`` is installed.
+- ``log.jsonl``: one JSON object per line, ``event`` = ``start``/``resume``, ``step`` (``loss``: the
+  step's mean over all ranks), ``epoch`` (``train_loss``, ``train_miou``, ``train_fbiou``, ``val_miou``,
+  ``val_fbiou``, ``best_miou``), ``best``, ``stop``, ``end``; ``config.json``; TensorBoard scalars
+  under ``tensorboard/`` when ``tensorboard`` is installed (skipped silently otherwise).
 
 Exact resume: every training episode is drawn under its own seed, a function of ``(seed, epoch,
 episode index)`` only, and the epoch's episode order is a function of ``(seed, epoch)``. A run resumed
