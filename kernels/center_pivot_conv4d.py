@@ -479,6 +479,7 @@ def _center_pivot_conv4d_grad_weight_kernel(
 
 MIN_SPLIT = 4096  # reduction elements per split of the weight gradient at least
 MAX_GRID_PROGRAMS = 4096  # splits stop growing once the weight-gradient grid has about this many programs
+MAX_PARTIALS = 1 << 22  # fp32 partial weight-gradient elements at most (16 MiB), unless one split needs more
 
 
 def center_pivot_conv4d_backward(
@@ -546,9 +547,11 @@ def center_pivot_conv4d_backward(
         n_taps = kqh * kqw + ksh * ksw
         reduction = batch * n_p
         splits = 1
-        if reduction > 0:
-            # Enough splits to fill the GPU, each long enough to amortize its partial store.
-            max_splits = max(1, MAX_GRID_PROGRAMS // n_taps)
+        if reduction > 0 and cin > 0 and cout > 0:
+            # Enough splits to fill the GPU, each long enough to amortize its partial store, and the
+            # fp32 partials kept small.
+            tiles = triton.cdiv(cout, 64) * triton.cdiv(cin, 64)
+            max_splits = min(MAX_GRID_PROGRAMS // (n_taps * tiles), MAX_PARTIALS // (n_taps * cout * cin))
             splits = max(1, min(max_splits, reduction // MIN_SPLIT))
         chunk = triton.cdiv(max(reduction, 1), splits)
         chunk = triton.cdiv(chunk, 256) * 256  # a multiple of every BLOCK_P
