@@ -243,7 +243,9 @@ def center_pivot_conv4d_into(
         xb, ob = x[start:start + MAX_GRID_Z], out[start:start + MAX_GRID_Z]  # views, no copy
         # One program computes a BLOCK_P x BLOCK_O tile of (flat output position, output channel)
         # of one batch element, both branches and biases; axes: position tiles, channel tiles, batch.
-        grid = lambda meta: (triton.cdiv(n_p, meta["BLOCK_P"]), triton.cdiv(cout, meta["BLOCK_O"]), xb.shape[0])  # noqa: E731
+        def grid(meta, programs_b=xb.shape[0]):
+            return triton.cdiv(n_p, meta["BLOCK_P"]), triton.cdiv(cout, meta["BLOCK_O"]), programs_b
+
         _center_pivot_conv4d_kernel[grid](
             xb, wq_arranged, ws_arranged, bq, bs, ob,
             cin, cout, hq, wq, hs, ws, hqo, wqo, hso, wso, n_p,
@@ -477,6 +479,12 @@ def _center_pivot_conv4d_grad_weight_kernel(
     tl.store(p_pb + i_split * COUT + o_o, b_bias, mask=m_o & (i_t == 0) & (i_c == 0))
 
 
+def _from_taps(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fp32 ``[KH*KW, Cout, Cin]`` -> ``[Cout, Cin, KH, KW]`` in ``weight``'s dtype."""
+    cout, cin, kh, kw = weight.shape
+    return grad.view(kh, kw, cout, cin).permute(2, 3, 0, 1).to(weight.dtype).contiguous()
+
+
 MIN_SPLIT = 4096  # reduction elements per split of the weight gradient at least
 MAX_GRID_PROGRAMS = 4096  # splits stop growing once the weight-gradient grid has about this many programs
 MAX_PARTIALS = 1 << 22  # fp32 partial weight-gradient elements at most (16 MiB), unless one split needs more
@@ -535,7 +543,9 @@ def center_pivot_conv4d_backward(
                 gb, xb = grad_out[start:start + MAX_GRID_Z], grad_x[start:start + MAX_GRID_Z]
                 # One program computes a BLOCK_P x BLOCK_C tile of (flat input position, input channel)
                 # of grad x for one batch element, gathering grad_out over both branches' taps.
-                grid = lambda meta: (triton.cdiv(n_x, meta["BLOCK_P"]), triton.cdiv(cin, meta["BLOCK_C"]), gb.shape[0])  # noqa: E731
+                def grid(meta, programs_b=gb.shape[0]):
+                    return triton.cdiv(n_x, meta["BLOCK_P"]), triton.cdiv(cin, meta["BLOCK_C"]), programs_b
+
                 _center_pivot_conv4d_grad_input_kernel[grid](
                     gb, wq_t, ws_t, xb, cin, cout, *sizes, n_x, *gb.stride(), *xb.stride(), *geometry,
                     INPUT_PRECISION=precision, INT64=int64,
@@ -567,7 +577,9 @@ def center_pivot_conv4d_backward(
             int64 = needs_int64(x, grad_out, extra=reduction + chunk)
             # One program reduces one split of the (batch, output position) pairs for one tap and one
             # BLOCK_O x BLOCK_C tile of (output channel, input channel); axes: taps, channel tiles, splits.
-            grid = lambda meta: (n_taps, triton.cdiv(cout, meta["BLOCK_O"]) * triton.cdiv(cin, meta["BLOCK_C"]), splits)  # noqa: E731
+            def grid(meta):
+                return n_taps, triton.cdiv(cout, meta["BLOCK_O"]) * triton.cdiv(cin, meta["BLOCK_C"]), splits
+
             _center_pivot_conv4d_grad_weight_kernel[grid](
                 x, grad_out, partial_w, partial_b, cin, cout, *sizes, n_p, reduction, chunk,
                 *x.stride(), *grad_out.stride(), *geometry,
@@ -577,8 +589,8 @@ def center_pivot_conv4d_backward(
         grad_b = partial_b.sum(0).to(weight_query.dtype)
         split_at = kqh * kqw
         if need_wq:
-            grads_w[0] = grad_w[:split_at].view(kqh, kqw, cout, cin).permute(2, 3, 0, 1).to(weight_query.dtype).contiguous()
+            grads_w[0] = _from_taps(grad_w[:split_at], weight_query)
         if need_ws:
-            grads_w[1] = grad_w[split_at:].view(ksh, ksw, cout, cin).permute(2, 3, 0, 1).to(weight_support.dtype).contiguous()
+            grads_w[1] = _from_taps(grad_w[split_at:], weight_support)
         grads_b = [grad_b if need_bq else None, grad_b.clone() if need_bs else None]
     return grad_x, grads_w[0], grads_b[0], grads_w[1], grads_b[1]

@@ -139,7 +139,9 @@ def correlation_into(query: torch.Tensor, support: torch.Tensor, out: torch.Tens
         q, s, o = (t[start:start + MAX_GRID_Y] for t in (query, support, out))
         # One program computes a BLOCK_Q x BLOCK_S tile of (query position, support position) pairs
         # of one batch element; axis 0 enumerates the tiles, axis 1 the batch elements.
-        grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_Q"]) * triton.cdiv(n_s, meta["BLOCK_S"]), q.shape[0])  # noqa: E731
+        def grid(meta, programs_b=q.shape[0]):
+            return triton.cdiv(n_q, meta["BLOCK_Q"]) * triton.cdiv(n_s, meta["BLOCK_S"]), programs_b
+
         _correlation_kernel[grid](
             q, s, o, channels, wq, ws, n_q, n_s,
             *q.stride(), *s.stride(), *o.stride(),

@@ -13,7 +13,8 @@ from hypertriton.testing import assert_close_dtype, tolerance
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the Triton kernels compile for GPUs)"),
-    pytest.mark.skipif(kernels.INTERPRETED, reason="TRITON_INTERPRET=1 is set: the kernels would not compile for the GPU"),
+    pytest.mark.skipif(kernels.INTERPRETED,
+                       reason="TRITON_INTERPRET=1 is set: the kernels would not compile for the GPU"),
 ]
 
 if torch.cuda.is_available() and not kernels.INTERPRETED:
