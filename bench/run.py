@@ -1,0 +1,441 @@
+"""Benchmark hypertriton against the original HSNet formulation, case by case.
+
+    python bench/run.py --size 50                      # ResNet-50, 400-px episode, every case
+    python bench/run.py --sweep 13,25,50,75,100 --cases learner_forward --masks object
+    python bench/run.py --device cuda --batch 8 --dtype float16
+
+Cases (``bench/cases.py``): ``hypercorrelation`` (all levels), ``cp_layer`` (the layer2 level's first
+center-pivot layer on a prebuilt hypercorrelation), ``fused_first_layer`` (that level's correlation +
+first layer), ``learner_forward`` (correlation + learner, no grad), ``forward_backward`` (the same in
+training with a loss and backward) and ``episode`` (backbone on query and support images too). Each
+runs with an object-like support mask (an ellipse over 22% of the image) and a full mask (no
+sparsity), for the original formulation (``bench/original_hsnet.py``) and every hypertriton backend
+available on the device (Triton's CPU interpreter only when ``--backend triton`` asks for it).
+
+Every (size, case, mask, variant) runs in its own subprocess, so peak memory is its own: on CUDA
+``torch.cuda.max_memory_allocated`` above what was allocated before the timed runs; on CPU the
+process's peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs``) above its RSS before the timed
+runs, with glibc told to return large blocks to the system so freed memory is not silently reused.
+Effective GFLOP/s count the original's (dense) FLOPs for every variant: the sparse and fused paths do
+less work, and this says how fast the same job got done.
+
+Writes ``<name>.json``, ``<name>.md`` and ``<name>.png`` (time and memory against size) to
+``bench/results/`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULT_MARK = "BENCH-RESULT "
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+# Targets from the issue, reported (never asserted): CPU, batch 1, fp32, correlation + learner forward.
+CPU_TARGETS = [("learner_forward", "object", "torch", "speedup", 3.0),
+               ("learner_forward", "full", "torch", "speedup", 1.5),
+               ("learner_forward", "object", "torch", "memory_ratio", 10.0),
+               ("learner_forward", "full", "torch", "memory_ratio", 10.0),
+               ("learner_forward", "object", "torch+bf16", "speedup", 5.0)]
+GPU_TARGETS = [("learner_forward", "object", "triton", "speedup", 5.0),
+               ("learner_forward", "object", "triton", "memory_ratio", 20.0)]
+
+
+# ---------------------------------------------------------------------------------------------- worker
+def _proc_status(field: str) -> int:
+    """A ``/proc/self/status`` field in bytes (``VmRSS``, ``VmHWM``)."""
+    with open("/proc/self/status") as handle:
+        match = re.search(rf"^{field}:\s+(\d+) kB", handle.read(), re.MULTILINE)
+    return int(match.group(1)) * 1024
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def _max_relative_error(output, expected) -> float:
+    """max |output - expected| / max |expected| over all tensors (NaN-free outputs expected)."""
+    import torch
+
+    outs = output if isinstance(output, (list, tuple)) else [output]
+    refs = expected if isinstance(expected, (list, tuple)) else [expected]
+    diff = max(float((o.double() - r.double()).abs().max()) for o, r in zip(outs, refs))
+    scale = max(float(r.double().abs().max()) for r in refs)
+    return diff / scale if scale > 0 else diff
+
+
+def worker(job: dict) -> dict:
+    """Run one (size, case, mask, variant) and measure it; called in a fresh subprocess."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(HERE))
+    import cases
+
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
+    device = torch.device(job["device"])
+    dtype = getattr(torch, job["dtype"])
+    torch.manual_seed(0)
+    inputs = cases.make_inputs(job["backbone"], job["size"], job["batch"], dtype, device, job["mask"])
+    run = cases.build(job["case"], job["variant"], inputs)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    for _ in range(job["warmup"]):
+        run()
+    sync()
+    gc.collect()
+    if cuda:
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = _proc_status("VmRSS")
+        if not _reset_peak_rss():
+            base = None
+    times = []
+    for _ in range(job["repeats"]):
+        start = time.perf_counter()
+        output = run()
+        sync()
+        times.append(time.perf_counter() - start)
+        del output
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = None if base is None else _proc_status("VmHWM") - base
+
+    result = {"times": times, "peak_bytes": peak}
+    if job["variant"] == "original":
+        with FlopCounterMode(display=False) as counter:
+            run()
+        result["flops"] = counter.get_total_flops()
+    elif job["case"] != "forward_backward" or job["compare_training"]:
+        torch.manual_seed(0)
+        output = run()
+        expected = cases.build(job["case"], "original", inputs)()
+        result["max_rel_error"] = _max_relative_error(output, expected)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            match = re.search(r"^model name\s*:\s*(.+)$", handle.read(), re.MULTILINE)
+        if match:
+            return match.group(1).strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_info(device: str) -> dict:
+    import torch
+
+    info = {
+        "device": device,
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "load_average_start": os.getloadavg(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    import hypertriton
+
+    info["hypertriton"] = hypertriton.__version__
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
+    return info
+
+
+def available_backends(device: str) -> list[str]:
+    """Backends that time meaningfully on ``device`` (never the CPU interpreter unless asked)."""
+    if device.startswith("cuda"):
+        from hypertriton.backend import triton_unavailable_reason
+        import torch
+
+        reason = triton_unavailable_reason(torch.device(device))
+        return (["triton"] if reason is None else []) + ["torch", "reference"]
+    return ["torch", "reference"]
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Median/p20/p80, speedup and memory ratio over the original of the same (size, case, mask)."""
+    originals = {(r["size"], r["case"], r["mask"]): r for r in rows if r["variant"] == "original" and "times" in r}
+    for row in rows:
+        if "times" not in row:
+            continue
+        times = row["times"]
+        row["median_s"] = statistics.median(times)
+        row["p20_s"], row["p80_s"] = _percentile(times, 0.2), _percentile(times, 0.8)
+    for row in rows:
+        base = originals.get((row["size"], row["case"], row["mask"]))
+        if base is None or "median_s" not in row:
+            continue
+        row["speedup"] = base["median_s"] / row["median_s"]
+        if base.get("peak_bytes") and row.get("peak_bytes"):
+            row["memory_ratio"] = base["peak_bytes"] / max(row["peak_bytes"], 1)
+        if base.get("flops"):
+            row["flops"] = base["flops"]
+            row["gflops_per_s"] = base["flops"] / row["median_s"] / 1e9
+    return rows
+
+
+def _fmt(value, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def markdown(report: dict) -> str:
+    info, args = report["machine"], report["args"]
+    lines = [f"# hypertriton benchmark: {args['backbone']}, batch {args['batch']}, {args['dtype']}, "
+             f"{info['device']}", ""]
+    lines.append(f"- machine: {args['machine'] or info['cpu']}" + (f", GPU {info['gpu']}" if info.get("gpu") else ""))
+    lines.append(f"- CPU: {info['cpu']}, {info['cpu_count']} cores visible, torch threads {info['torch_threads']}; "
+                 f"load average at start {tuple(round(x, 2) for x in info['load_average_start'])}, "
+                 f"at end {tuple(round(x, 2) for x in info['load_average_end'])}")
+    lines.append(f"- versions: python {info['python']}, torch {info['torch']}, triton {info['triton']}, "
+                 f"hypertriton {info['hypertriton']}")
+    lines.append(f"- backends timed: {', '.join(report['backends'])}; {args['repeats']} timed repeats after "
+                 f"{args['warmup']} warm-up per row, each row in its own process; date {report['date']}")
+    if args.get("note"):
+        lines.append(f"- note: {args['note']}")
+    lines += ["", "Size = side of the finest feature map (50 = 400-px images). Speedup and memory ratio are "
+              "the original's median time / peak extra memory divided by the row's. GFLOP/s count the "
+              "original's dense FLOPs (effective rate). Rel. error: max |row - original| / max |original|.", ""]
+    lines.append("| size | case | mask | variant | median ms | p20 ms | p80 ms | speedup | peak MB | mem ratio "
+                 "| eff. GFLOP/s | rel. error |")
+    lines.append("|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in report["rows"]:
+        if "median_s" not in row:
+            lines.append(f"| {row['size']} | {row['case']} | {row['mask']} | {row['variant']} | failed: "
+                         f"{row.get('error', '?')[:80]} | | | | | | | |")
+            continue
+        peak = row.get("peak_bytes")
+        lines.append(
+            f"| {row['size']} | {row['case']} | {row['mask']} | {row['variant']} | {row['median_s'] * 1e3:.1f} | "
+            f"{row['p20_s'] * 1e3:.1f} | {row['p80_s'] * 1e3:.1f} | {_fmt(row.get('speedup'), '.2f')}x | "
+            f"{_fmt(None if peak is None else peak / 2**20, '.1f')} | {_fmt(row.get('memory_ratio'), '.1f')}x | "
+            f"{_fmt(row.get('gflops_per_s'), '.1f')} | {_fmt(row.get('max_rel_error'), '.1e')} |")
+    if report["targets"]:
+        lines += ["", "## Targets (reported, not asserted)", "", "| size | case | mask | variant | metric | target "
+                  "| measured | met |", "|---:|---|---|---|---|---:|---:|---|"]
+        for t in report["targets"]:
+            lines.append(f"| {t['size']} | {t['case']} | {t['mask']} | {t['variant']} | {t['metric']} | "
+                         f">= {t['target']}x | {_fmt(t['measured'], '.2f')}x | "
+                         f"{'yes' if t['met'] else 'no' if t['measured'] is not None else '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def targets(report: dict) -> list[dict]:
+    args = report["args"]
+    if args["batch"] != 1 and not report["machine"]["device"].startswith("cuda"):
+        return []
+    table = CPU_TARGETS if not report["machine"]["device"].startswith("cuda") else GPU_TARGETS
+    out = []
+    for size in args["sizes"]:
+        for case, mask, variant, metric, goal in table:
+            match = [r for r in report["rows"] if (r["size"], r["case"], r["mask"], r["variant"]) ==
+                     (size, case, mask, variant)]
+            measured = match[0].get(metric) if match else None
+            if match or measured is not None:
+                out.append({"size": size, "case": case, "mask": mask, "variant": variant, "metric": metric,
+                            "target": goal, "measured": measured,
+                            "met": None if measured is None else measured >= goal})
+    return out
+
+
+def plot(report: dict, path: Path) -> None:
+    """Median time and peak extra memory against size, per variant, for the learner_forward case."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    case = "learner_forward" if any(r["case"] == "learner_forward" for r in report["rows"]) \
+        else report["rows"][0]["case"]
+    for mask, style in (("object", "-"), ("full", "--")):
+        rows = [r for r in report["rows"] if r["case"] == case and r["mask"] == mask and "median_s" in r]
+        for variant in dict.fromkeys(r["variant"] for r in rows):
+            points = sorted((r["size"], r["median_s"], r.get("peak_bytes")) for r in rows if r["variant"] == variant)
+            sizes = [p[0] for p in points]
+            axes[0].plot(sizes, [p[1] * 1e3 for p in points], style, marker="o", label=f"{variant} ({mask})")
+            if all(p[2] is not None for p in points):
+                axes[1].plot(sizes, [p[2] / 2**20 for p in points], style, marker="o", label=f"{variant} ({mask})")
+    for ax, label in zip(axes, ("median time (ms)", "peak extra memory (MB)")):
+        ax.set_xlabel("size (side of the finest feature map)")
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=7)
+    args = report["args"]
+    fig.suptitle(f"{case}: {args['backbone']}, batch {args['batch']}, {args['dtype']}, {report['machine']['device']}")
+    fig.tight_layout()
+    _atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110), binary=True)
+    plt.close(fig)
+
+
+def _atomic_write(path: Path, write, binary: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as handle:
+            write(handle)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=50, help="side of the finest feature map (50 = 400 px)")
+    parser.add_argument("--sweep", default=None, help="comma-separated sizes, e.g. 13,25,50,75,100 (overrides --size)")
+    parser.add_argument("--backbone", default="resnet50", help="resnet50, resnet101 or vgg16 (feature shapes)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--backend", default=None,
+                        help="comma-separated backends to time (default: all available on the device; the CPU "
+                             "interpreter only if 'triton' is named here with TRITON_INTERPRET=1)")
+    parser.add_argument("--cases", default=None, help="comma-separated subset of the cases")
+    parser.add_argument("--masks", default="object,full", help="object and/or full")
+    parser.add_argument("--variants", default=None, help="comma-separated subset of variants (e.g. original,torch)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads per row (default: torch's choice; 1 is steadier on a busy machine)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per row")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per row")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per row before it is reported failed")
+    parser.add_argument("--out", default=str(HERE / "results"), help="output folder")
+    parser.add_argument("--name", default=None, help="file name stem of the outputs")
+    parser.add_argument("--machine", default=None, help="free-text machine name written into the results")
+    parser.add_argument("--note", default=None, help="free-text note written into the results")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker is not None:
+        print(RESULT_MARK + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return 0
+
+    import torch
+    from tqdm import tqdm
+
+    sys.path.insert(0, str(HERE))
+    import cases
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: CUDA is not available on this machine")
+    sizes = [int(s) for s in args.sweep.split(",")] if args.sweep else [args.size]
+    backends = args.backend.split(",") if args.backend else available_backends(device)
+    chosen_cases = args.cases.split(",") if args.cases else list(cases.CASES)
+    for name in chosen_cases:
+        if name not in cases.CASES:
+            raise SystemExit(f"--cases: unknown case {name!r}; expected some of {', '.join(cases.CASES)}")
+    masks = args.masks.split(",")
+    for name in masks:
+        if name not in cases.MASKS:
+            raise SystemExit(f"--masks: unknown mask {name!r}; expected some of {', '.join(cases.MASKS)}")
+    dtype = DTYPES[args.dtype]
+
+    jobs = []
+    for size in sizes:
+        for case in chosen_cases:
+            for mask in masks:
+                for variant in cases.variants_for(case, torch.device(device), backends):
+                    if args.variants and variant not in args.variants.split(","):
+                        continue
+                    jobs.append({"size": size, "case": case, "mask": mask, "variant": variant, "device": device,
+                                 "dtype": dtype, "backbone": args.backbone, "batch": args.batch,
+                                 "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads,
+                                 "compare_training": False})
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = machine_info(device)
+    env = dict(os.environ)
+    # Large blocks always come from (and go back to) mmap, so a freed tensor's pages are not silently
+    # reused and peak RSS sees every allocation.
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+    env.setdefault("MALLOC_TRIM_THRESHOLD_", "131072")
+    rows = []
+    progress = tqdm(jobs, desc="bench", unit="row")
+    for job in progress:
+        progress.set_postfix_str(f"{job['size']} {job['case']} {job['mask']} {job['variant']}")
+        row = {k: job[k] for k in ("size", "case", "mask", "variant")}
+        try:
+            proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)],
+                                  env=env, capture_output=True, text=True, timeout=args.timeout)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
+            if proc.returncode != 0 or not lines:
+                tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                row["error"] = f"exit {proc.returncode}: {tail}"
+            else:
+                row.update(json.loads(lines[-1][len(RESULT_MARK):]))
+        except subprocess.TimeoutExpired:
+            row["error"] = f"timed out after {args.timeout:.0f} s"
+        if "error" in row:
+            tqdm.write(f"failed: {row}")
+        rows.append(row)
+    info["load_average_end"] = os.getloadavg()
+
+    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": info, "backends": backends,
+              "args": {"backbone": args.backbone, "batch": args.batch, "dtype": dtype, "sizes": sizes,
+                       "repeats": args.repeats, "warmup": args.warmup, "masks": masks, "cases": chosen_cases,
+                       "machine": args.machine, "note": args.note},
+              "rows": summarize(rows)}
+    report["targets"] = targets(report)
+    stem = args.name or (f"{device.split(':')[0]}-{args.backbone}-size{'_'.join(map(str, sizes))}-b{args.batch}-"
+                         f"{dtype}")
+    out = Path(args.out)
+    text = markdown(report)
+    _atomic_write(out / f"{stem}.json", lambda handle: json.dump(report, handle, indent=1))
+    _atomic_write(out / f"{stem}.md", lambda handle: handle.write(text))
+    plot(report, out / f"{stem}.png")
+    print(text)
+    print(f"wrote {out / stem}.{{json,md,png}}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
