@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import triton
+import triton.language as tl
 
 from . import INTERPRETED
 
@@ -60,3 +61,20 @@ def needs_int64(*tensors: torch.Tensor, extra: int = 0) -> bool:
     # The margin keeps ``start + arange(BLOCK)`` of a last, partly masked tile from wrapping.
     margin = 1 << 16
     return max(largest_offset(*tensors), extra) + margin > INT32_MAX
+
+
+_UPCAST_BF16 = tl.constexpr(INTERPRETED)
+
+
+@triton.jit
+def dot_acc(a, b, acc, INPUT_PRECISION: tl.constexpr):
+    """``acc + a @ b`` with ``tl.dot``, fp32 accumulator ``acc``.
+
+    Triton's interpreter multiplies bf16 tiles as raw integers, so there bf16 operands are widened to
+    fp32 first; bf16 products are exact in fp32, so this computes what a GPU's bf16 dot computes.
+    """
+    if _UPCAST_BF16:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)

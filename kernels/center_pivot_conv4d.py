@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import autotune_configs, check_float_dtype, dot_precision, needs_int64
+from ._config import autotune_configs, check_float_dtype, dot_acc, dot_precision, needs_int64
 
 MAX_GRID_Z = 65535  # CUDA's limit on the third grid dimension
 
@@ -83,7 +83,7 @@ def _accumulate_branch(
         b_x = tl.load(p_xb + o_base[:, None] + o_delta[None, :], mask=m_x, other=0.0)  # [BLOCK_P, BLOCK_K]
         b_w = tl.load(p_w + o_k[:, None] * COUT + o_o[None, :], mask=m_k[:, None] & m_o[None, :],
                       other=0.0)  # [BLOCK_K, BLOCK_O]
-        b_acc = tl.dot(b_x, b_w, b_acc, input_precision=INPUT_PRECISION)
+        b_acc = dot_acc(b_x, b_w, b_acc, INPUT_PRECISION)
     return b_acc
 
 
@@ -335,7 +335,7 @@ def _grad_input_branch(
         b_g = tl.load(p_gb + o_gbase[:, None] + o_delta[None, :], mask=m_g, other=0.0)  # [BLOCK_P, BLOCK_K]
         b_w = tl.load(p_w + o_k[:, None] * CIN + o_c[None, :], mask=m_k[:, None] & m_c[None, :],
                       other=0.0)  # [BLOCK_K, BLOCK_C]
-        b_acc = tl.dot(b_g.to(b_w.dtype), b_w, b_acc, input_precision=INPUT_PRECISION)
+        b_acc = dot_acc(b_g.to(b_w.dtype), b_w, b_acc, INPUT_PRECISION)
     return b_acc
 
 
@@ -469,7 +469,7 @@ def _center_pivot_conv4d_grad_weight_kernel(
                 + (o_b * s_gb + o_i * s_gqh + o_j * s_gqw + o_u * s_gsh + o_v * s_gsw)[None, :])  # [BLOCK_O, BLOCK_P]
         b_x = tl.load(p_xt, mask=m_x[:, None] & m_c[None, :], other=0.0)
         b_g = tl.load(p_gt, mask=m_o[:, None] & m_red[None, :], other=0.0)
-        b_acc = tl.dot(b_g.to(b_x.dtype), b_x, b_acc, input_precision=INPUT_PRECISION)
+        b_acc = dot_acc(b_g.to(b_x.dtype), b_x, b_acc, INPUT_PRECISION)
         b_bias += tl.sum(b_g.to(tl.float32), axis=1)
 
     n_taps = n_q_taps + KSH * KSW

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import autotune_configs, check_float_dtype, dot_precision, needs_int64
+from ._config import autotune_configs, check_float_dtype, dot_acc, dot_precision, needs_int64
 
 MAX_GRID_Y = 65535  # CUDA's limit on the second and third grid dimensions
 
@@ -81,7 +81,7 @@ def _correlation_kernel(
         m_c = o_c < C - c0
         b_q = tl.load(p_q, mask=m_q[:, None] & m_c[None, :], other=0.0)
         b_s = tl.load(p_s, mask=m_c[:, None] & m_s[None, :], other=0.0)
-        b_acc = tl.dot(b_q, b_s, b_acc, input_precision=INPUT_PRECISION)
+        b_acc = dot_acc(b_q, b_s, b_acc, INPUT_PRECISION)
         p_q += BLOCK_C * s_qc
         p_s += BLOCK_C * s_sc
 

@@ -1,7 +1,8 @@
 """The Triton launchers alone (no autograd, no op layer) against the einsum references.
 
 On a machine without a GPU the kernels run under Triton's interpreter, which is slow: shapes stay
-tiny and hypothesis draws few examples. Every output buffer starts as NaN, so an element a kernel
+tiny and hypothesis draws few examples. bf16 runs there too (the kernels widen bf16 tiles to fp32
+before ``tl.dot`` only under the interpreter, whose bf16 products are wrong). Every output buffer starts as NaN, so an element a kernel
 fails to write, or writes outside its slice, is caught.
 """
 
@@ -29,7 +30,7 @@ from hypertriton.kernels.center_pivot_conv4d import center_pivot_conv4d_backward
 from hypertriton.kernels.hypercorrelation import correlation_into  # noqa: E402
 
 DEVICE = "cpu" if kernels.INTERPRETED else "cuda"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NAN = float("nan")
 
 
@@ -69,6 +70,8 @@ sides = st.integers(1, 7)
          dtype="fp16", nan_input=False, seed=2).via("fp16, non-contiguous")
 @example(batch=2, channels=5, hq=3, wq=4, hs=5, ws=2, layers=2, layout="contiguous", out_order="standard",
          dtype="fp32", nan_input=True, seed=3).via("NaN in a query and a support feature")
+@example(batch=1, channels=7, hq=6, wq=5, hs=3, ws=7, layers=2, layout="channels_last", out_order="standard",
+         dtype="bf16", nan_input=False, seed=4).via("bf16")
 def test_correlation_matches_reference(batch, channels, hq, wq, hs, ws, layers, layout, out_order, dtype,
                                        nan_input, seed):
     dtype = DTYPES[dtype]
@@ -173,6 +176,8 @@ conv_sides = st.integers(1, 6)
 @example(batch=2, cin=2, cout=3, shape=(4, 5, 5, 4), kernel=(1, 3, 3, 5), stride=(2, 1, 2, 3), bias=(False, True),
          layout="contiguous", out_layout="contiguous", dtype="fp32", nan_input=True, seed=3).via(
              "NaN input, non-square kernels, query stride")
+@example(batch=2, cin=5, cout=6, shape=(3, 4, 5, 5), kernel=(3, 3, 3, 3), stride=(1, 1, 2, 2), bias=(True, True),
+         layout="contiguous", out_layout="slice", dtype="bf16", nan_input=False, seed=4).via("bf16")
 def test_conv_matches_reference(batch, cin, cout, shape, kernel, stride, bias, layout, out_layout, dtype,
                                 nan_input, seed):
     dtype = DTYPES[dtype]
@@ -302,6 +307,8 @@ def test_int64_index_path_matches_reference(monkeypatch):
          upstream="random", dtype="fp16", nan_input=False, seed=2).via("HSNet-like squeeze layer, fp16")
 @example(batch=2, cin=2, cout=3, shape=(4, 5, 5, 4), kernel=(1, 3, 3, 5), stride=(2, 1, 2, 3), layout="contiguous",
          upstream="random", dtype="fp32", nan_input=True, seed=3).via("NaN input, non-square kernels, query stride")
+@example(batch=2, cin=3, cout=4, shape=(3, 4, 4, 5), kernel=(3, 3, 3, 3), stride=(1, 1, 2, 2), layout="channels_last",
+         upstream="random", dtype="bf16", nan_input=False, seed=4).via("bf16")
 def test_conv_backward_matches_autograd(batch, cin, cout, shape, kernel, stride, layout, upstream, dtype, nan_input,
                                         seed):
     dtype = DTYPES[dtype]
