@@ -41,9 +41,9 @@ from ._validation import as_quadruple, check_feature_lists, check_same_device, c
     shape_of
 from .center_pivot_conv4d import output_size
 
-# Elements of one chunk's dense correlation buffer (fp32: 16 MB). Large enough that the matrix
+# Elements of one chunk's dense correlation buffer (fp32: 4 MB). Large enough that the matrix
 # products stay efficient, small enough to stay far below the 4D tensor at every size.
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True)
