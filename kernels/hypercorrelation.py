@@ -148,3 +148,141 @@ def correlation_into(query: torch.Tensor, support: torch.Tensor, out: torch.Tens
             INPUT_PRECISION=precision, INT64=int64,
         )
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Backward: grad_query = G @ support^T and grad_support = G^T @ query over positions, with
+# G = grad_out where the forward output is > 0 (torch's ReLU rule: zero where out <= 0). One kernel
+# serves both sides: the support side passes the position dims of grad_out/out swapped.
+
+
+def _grad_configs():
+    gpu = [
+        triton.Config({"BLOCK_X": bx, "BLOCK_Y": by, "BLOCK_C": bc}, num_warps=w, num_stages=st)
+        for bx, by, bc, w, st in [
+            (64, 64, 64, 4, 3),
+            (128, 64, 64, 4, 3),
+            (64, 64, 128, 4, 3),
+            (128, 32, 128, 8, 3),
+            (32, 32, 32, 2, 2),  # small maps
+        ]
+    ]
+    return autotune_configs(gpu, triton.Config({"BLOCK_X": 32, "BLOCK_Y": 32, "BLOCK_C": 16}, num_warps=1))
+
+
+@triton.autotune(configs=_grad_configs(), key=["C", "NX", "NY", "INPUT_PRECISION"])
+@triton.jit
+def _correlation_grad_kernel(
+    p_g,  # upstream gradient [B, HX, WX, HY, WY] seen from this side (query side: [B, Hq, Wq, Hs, Ws]), s_g*
+    p_out,  # forward output, same view and shape as p_g, s_o*
+    p_other,  # the other side's features [B, C, HY, WY], s_t*
+    p_grad,  # result: this side's feature gradient [B, C, HX, WX], s_r*
+    C,  # channels
+    WX, WY,  # map widths of this side (X) and the other side (Y)
+    NX, NY,  # flat positions of each side
+    s_gb, s_gxh, s_gxw, s_gyh, s_gyw,  # grad_out strides (0 after .sum() is fine)
+    s_ob, s_oxh, s_oxw, s_oyh, s_oyw,  # forward output strides
+    s_tb, s_tc, s_th, s_tw,  # other side's feature strides
+    s_rb, s_rc, s_rh, s_rw,  # result strides
+    INPUT_PRECISION: tl.constexpr,
+    INT64: tl.constexpr,
+    BLOCK_X: tl.constexpr,  # positions of this side per tile
+    BLOCK_Y: tl.constexpr,  # positions of the other side per step of the reduction
+    BLOCK_C: tl.constexpr,  # channels per tile
+):
+    i_tile = tl.program_id(0)
+    i_b = tl.program_id(1)
+    n_c_tiles = tl.cdiv(C, BLOCK_C)
+    i_x = i_tile // n_c_tiles
+    i_c = i_tile % n_c_tiles
+    o_x = i_x * BLOCK_X + tl.arange(0, BLOCK_X)
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    o_yr = tl.arange(0, BLOCK_Y)
+    if INT64:
+        i_b = i_b.to(tl.int64)
+        o_x = o_x.to(tl.int64)
+        o_c = o_c.to(tl.int64)
+        o_yr = o_yr.to(tl.int64)
+    m_x = o_x < NX
+    m_c = o_c < C
+    o_xh = o_x // WX
+    o_xw = o_x % WX
+
+    p_gx = p_g + i_b * s_gb + (o_xh * s_gxh + o_xw * s_gxw)[:, None]  # [BLOCK_X, 1]
+    p_ox = p_out + i_b * s_ob + (o_xh * s_oxh + o_xw * s_oxw)[:, None]
+    p_tb = p_other + i_b * s_tb + o_c[None, :] * s_tc  # [1, BLOCK_C]
+    b_acc = tl.zeros((BLOCK_X, BLOCK_C), dtype=tl.float32)
+    for y0 in range(0, NY, BLOCK_Y):
+        o_y = y0 + o_yr
+        m_y = o_y < NY
+        o_yh = o_y // WY
+        o_yw = o_y % WY
+        m_g = m_x[:, None] & m_y[None, :]
+        b_g = tl.load(p_gx + (o_yh * s_gyh + o_yw * s_gyw)[None, :], mask=m_g, other=0.0)  # [BLOCK_X, BLOCK_Y]
+        b_out = tl.load(p_ox + (o_yh * s_oyh + o_yw * s_oyw)[None, :], mask=m_g, other=0.0)
+        b_t = tl.load(p_tb + (o_yh * s_th + o_yw * s_tw)[:, None], mask=m_y[:, None] & m_c[None, :],
+                      other=0.0)  # [BLOCK_Y, BLOCK_C]
+        # ReLU's gradient as torch computes it: blocked where out <= 0 (NaN outputs pass it).
+        b_g = tl.where(b_out <= 0.0, 0.0, b_g)
+        b_acc = dot_acc(b_g.to(b_t.dtype), b_t, b_acc, INPUT_PRECISION)
+
+    p_r = p_grad + i_b * s_rb + o_c[None, :] * s_rc + (o_xh * s_rh + o_xw * s_rw)[:, None]
+    tl.store(p_r, b_acc.to(p_grad.dtype.element_ty), mask=m_x[:, None] & m_c[None, :])
+
+
+def correlation_backward(grad_out: torch.Tensor, out: torch.Tensor, query: torch.Tensor, support: torch.Tensor,
+                         needs_input_grad=(True, True)):
+    """Gradients of :func:`correlation_into` for its (already normalized) inputs (no autograd).
+
+    Args:
+        grad_out: ``[B, Hq, Wq, Hs, Ws]``, any strides (e.g. ``grad[:, l]`` of a stacked gradient, or
+            stride 0 after ``.sum()``).
+        out: the forward output ``[B, Hq, Wq, Hs, Ws]``; the ReLU passes the gradient where it is not
+            ``<= 0`` (torch's rule, so NaN outputs pass it).
+        query, support: the forward's ``[B, C, Hq, Wq]`` and ``[B, C, Hs, Ws]``.
+        needs_input_grad: flags for ``(query, support)``.
+
+    Returns:
+        ``(grad_query, grad_support)`` in the inputs' dtype, None where not needed. Accumulation is fp32
+        (TF32 on a GPU exactly when ``torch.backends.cuda.matmul.allow_tf32``, as in the forward).
+    """
+    batch, channels, hq, wq = query.shape
+    _, _, hs, ws = support.shape
+    expected = (batch, hq, wq, hs, ws)
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        if tuple(t.shape) != expected:
+            raise ValueError(f"{name}: expected shape {expected}, got {tuple(t.shape)}")
+    check_float_dtype("grad_out", grad_out)
+    n_q, n_s = hq * wq, hs * ws
+    precision = dot_precision(query.dtype)
+    g_strides, o_strides = grad_out.stride(), out.stride()
+    sides = (
+        # (this side's features, other side, strides of grad_out/out with this side's positions first)
+        (query, support, g_strides, o_strides, wq, ws, n_q, n_s),
+        (support, query, [g_strides[i] for i in (0, 3, 4, 1, 2)], [o_strides[i] for i in (0, 3, 4, 1, 2)],
+         ws, wq, n_s, n_q),
+    )
+    grads = []
+    for need, (mine, other, gs, os_, wx, wy, n_x, n_y) in zip(needs_input_grad, sides):
+        if not need:
+            grads.append(None)
+            continue
+        result = torch.empty_like(mine, memory_format=torch.contiguous_format)
+        grads.append(result)
+        if result.numel() == 0:
+            continue
+        int64 = needs_int64(grad_out, out, mine, other, extra=max(n_x, n_y) + channels)
+        for start in range(0, batch, MAX_GRID_Y):
+            stop = start + MAX_GRID_Y
+            g, o, t, r = grad_out[start:stop], out[start:stop], other[start:stop], result[start:stop]
+
+            # One program computes a BLOCK_X x BLOCK_C tile of (position, channel) of this side's
+            # gradient for one batch element, reducing over all positions of the other side.
+            def grid(meta, programs_b=g.shape[0]):
+                return triton.cdiv(n_x, meta["BLOCK_X"]) * triton.cdiv(channels, meta["BLOCK_C"]), programs_b
+
+            _correlation_grad_kernel[grid](
+                g, o, t, r, channels, wx, wy, n_x, n_y, *gs, *os_, *t.stride(), *r.stride(),
+                INPUT_PRECISION=precision, INT64=int64,
+            )
+    return grads[0], grads[1]

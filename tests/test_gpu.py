@@ -19,7 +19,7 @@ pytestmark = [
 
 if torch.cuda.is_available() and not kernels.INTERPRETED:
     from hypertriton.kernels.center_pivot_conv4d import center_pivot_conv4d_backward, center_pivot_conv4d_into
-    from hypertriton.kernels.hypercorrelation import correlation_into
+    from hypertriton.kernels.hypercorrelation import correlation_backward, correlation_into
 
 DEVICE = "cuda"
 NAN = float("nan")
@@ -100,6 +100,45 @@ def test_correlation_fp32_follows_allow_tf32(tf32):
     out = torch.full((2, 25, 25, 25, 25), NAN, device=DEVICE)
     correlation_into(query, support, out)
     assert_close_dtype(out, correlation_expected(query, support), "tf32" if tf32 else torch.float32)
+
+
+def correlation_backward_case(sizes, dtype, upstream):
+    """Kernel gradients and float64 autograd gradients (ReLU rule applied to the kernel's own output)."""
+    batch, channels, hq, wq, hs, ws = sizes
+    query = normalized((batch, channels, hq, wq), dtype, 14)
+    support = normalized((batch, channels, hs, ws), dtype, 15).to(memory_format=torch.channels_last)
+    stacked = torch.full((batch, 2, hq, wq, hs, ws), NAN, dtype=dtype, device=DEVICE)
+    out = correlation_into(query, support, stacked[:, 0])
+    if upstream == "sum":
+        grad = torch.ones((), dtype=dtype, device=DEVICE).expand(out.shape)
+    else:
+        generator = torch.Generator(device=DEVICE).manual_seed(16)
+        grad = torch.randn(out.shape, generator=generator, device=DEVICE).to(dtype)
+    leaves = [t.double().requires_grad_() for t in (query, support)]
+    grad_corr = torch.ops.aten.threshold_backward(grad.double(), out.double(), 0)
+    expected = torch.autograd.grad(torch.einsum("bcij,bckl->bijkl", *leaves), leaves, grad_corr)
+    return correlation_backward(grad, out, query, support), expected, hq * wq + hs * ws
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("sizes", [(2, 64, 13, 13, 13, 13), (3, 96, 25, 19, 23, 25)], ids=["13", "odd"])
+def test_correlation_backward_half_precision(dtype, sizes):
+    got, expected, _ = correlation_backward_case(sizes, dtype, "random")
+    for name, actual, wanted in zip(("grad_query", "grad_support"), got, expected):
+        assert actual.dtype == dtype, name
+        assert_close_dtype(actual, wanted, dtype, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("tf32", [False, True], ids=["ieee", "tf32"], indirect=True)
+@pytest.mark.parametrize("upstream", ["random", "sum"])
+def test_correlation_backward_fp32_follows_allow_tf32(tf32, upstream):
+    got, expected, positions = correlation_backward_case((2, 256, 25, 25, 25, 25), torch.float32, upstream)
+    for name, actual, wanted in zip(("grad_query", "grad_support"), got, expected):
+        if tf32:
+            assert_tf32_close(actual, wanted, name)
+        else:  # sums over ~600 positions of unit-scale terms
+            assert_close_dtype(actual, wanted, torch.float32, scale=max(1.0, positions ** 0.5 / 8),
+                               msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

@@ -1,9 +1,9 @@
-"""The Triton launchers alone (no autograd, no op layer) against the einsum references.
+"""The Triton launchers alone (no autograd, no op layer) against the einsum references and autograd.
 
 On a machine without a GPU the kernels run under Triton's interpreter, which is slow: shapes stay
-tiny and hypothesis draws few examples. bf16 runs there too (the kernels widen bf16 tiles to fp32
-before ``tl.dot`` only under the interpreter, whose bf16 products are wrong). Every output buffer starts as NaN, so an element a kernel
-fails to write, or writes outside its slice, is caught.
+tiny and hypothesis draws few examples. bf16 runs there too (under the interpreter only, the kernels
+widen bf16 tiles to fp32 before ``tl.dot``: the interpreter's bf16 products are wrong). Every output
+buffer starts as NaN, so an element a kernel fails to write, or writes outside its slice, is caught.
 """
 
 import os
@@ -27,7 +27,7 @@ if not kernels.INTERPRETED and not torch.cuda.is_available():
                 "was first imported", allow_module_level=True)
 
 from hypertriton.kernels.center_pivot_conv4d import center_pivot_conv4d_backward, center_pivot_conv4d_into  # noqa: E402
-from hypertriton.kernels.hypercorrelation import correlation_into  # noqa: E402
+from hypertriton.kernels.hypercorrelation import correlation_backward, correlation_into  # noqa: E402
 
 DEVICE = "cpu" if kernels.INTERPRETED else "cuda"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -129,6 +129,54 @@ def test_correlation_bad_input_raises():
         correlation_into(q, q.half(), torch.empty(1, 2, 2, 2, 2, device=DEVICE))
     with pytest.raises(TypeError, match="query: expected a float32"):
         correlation_into(q.long(), q.long(), torch.empty(1, 2, 2, 2, 2, device=DEVICE))
+
+
+@settings(max_examples=10)
+@given(batch=st.integers(1, 2), channels=st.integers(1, 8), hq=sides, wq=sides, hs=sides, ws=sides,
+       layout=st.sampled_from(["contiguous", "channels_last", "strided"]), upstream=st.sampled_from(["random", "sum"]),
+       dtype=st.sampled_from(sorted(DTYPES)), seed=seeds)
+@example(batch=1, channels=1, hq=1, wq=1, hs=1, ws=1, layout="contiguous", upstream="random", dtype="fp32",
+         seed=0).via("1x1 maps")
+@example(batch=2, channels=6, hq=5, wq=3, hs=4, ws=7, layout="channels_last", upstream="sum", dtype="fp32",
+         seed=1).via("stride-0 upstream, channels-last")
+@example(batch=2, channels=3, hq=4, wq=7, hs=2, ws=5, layout="strided", upstream="random", dtype="fp16",
+         seed=2).via("fp16, non-contiguous")
+@example(batch=1, channels=8, hq=6, wq=6, hs=5, ws=5, layout="contiguous", upstream="random", dtype="bf16",
+         seed=3).via("bf16")
+def test_correlation_backward_matches_autograd(batch, channels, hq, wq, hs, ws, layout, upstream, dtype, seed):
+    dtype = DTYPES[dtype]
+    query = relayout(make_tensor((batch, channels, hq, wq), seed, "contiguous", dtype).to(DEVICE), layout)
+    support = relayout(make_tensor((batch, channels, hs, ws), seed + 1, "contiguous", dtype).to(DEVICE), layout)
+    # The forward output as the op saves it: a slice of a stacked tensor.
+    stacked = nan_buffer((batch, 2, hq, wq, hs, ws), dtype)
+    out = correlation_into(query, support, stacked[:, 1])
+    if upstream == "sum":
+        grad = torch.ones((), dtype=dtype, device=DEVICE).expand(out.shape)
+    else:
+        grad = make_tensor((batch, 3, hq, wq, hs, ws), seed + 2, "contiguous", dtype).to(DEVICE)[:, 2]
+
+    leaves = [t.cpu().double().requires_grad_() for t in (query, support)]
+    corr = torch.einsum("bcij,bckl->bijkl", *leaves)
+    # torch's ReLU rule applied to the saved output: zero where out <= 0.
+    grad_corr = torch.ops.aten.threshold_backward(grad.cpu().double(), out.cpu().double(), 0)
+    expected = torch.autograd.grad(corr, leaves, grad_corr)
+
+    got = correlation_backward(grad, out, query, support)
+    for name, actual, wanted in zip(("grad_query", "grad_support"), got, expected):
+        assert actual.dtype == dtype and actual.shape == wanted.shape, name
+        assert_close_dtype(actual.cpu(), wanted, dtype, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_correlation_backward_relu_mask_hand_computed():
+    # q = (1, 0), (0, 1); s = (1, -1): out = relu(1, -1) = (1, 0), so only the first pair passes grad.
+    query = torch.tensor([[1.0, 0.0], [0.0, 1.0]], device=DEVICE).view(1, 2, 1, 2)
+    support = torch.tensor([1.0, -1.0], device=DEVICE).view(1, 2, 1, 1)
+    out = correlation_into(query, support, nan_buffer((1, 1, 2, 1, 1), torch.float32))
+    grad = torch.full((1, 1, 2, 1, 1), 3.0, device=DEVICE)
+    grad_query, grad_support = correlation_backward(grad, out, query, support, needs_input_grad=(True, True))
+    assert torch.equal(grad_query.cpu().flatten(), torch.tensor([3.0, 0.0, -3.0, 0.0]))  # [c, position]
+    assert torch.equal(grad_support.cpu().flatten(), torch.tensor([3.0, 0.0]))  # 3 * q(first position)
+    assert correlation_backward(grad, out, query, support, needs_input_grad=(False, True))[0] is None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -281,6 +329,12 @@ def test_int64_index_path_matches_reference(monkeypatch):
     expected = torch.relu(torch.einsum("bcij,bckl->bijkl", query.cpu().double(), support.cpu().double()))
     assert_close_dtype(stacked[:, 1].cpu(), expected, torch.float32)
     assert stacked[:, 0].isnan().all()
+    leaves = [t.cpu().double().requires_grad_() for t in (query, support)]
+    grad = make_tensor(expected.shape, 3, "strided").to(DEVICE)
+    grad_corr = torch.ops.aten.threshold_backward(grad.cpu().double(), stacked[:, 1].cpu().double(), 0)
+    wanted = torch.autograd.grad(torch.einsum("bcij,bckl->bijkl", *leaves), leaves, grad_corr)
+    for actual, want in zip(correlation_backward(grad, stacked[:, 1], query, support), wanted):
+        assert_close_dtype(actual.cpu(), want, torch.float32)
 
     x, params = conv_case(2, 3, 4, (4, 3, 5, 6), (3, 3), (5, 5), (True, True), 2, torch.float32, "strided")
     stride, padding = (1, 2, 2, 3), (1, 1, 2, 2)
