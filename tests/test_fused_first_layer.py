@@ -133,6 +133,46 @@ def test_gradients_match_dense_reference(seed, batch, layers, channels, hq, wq, 
         assert_close_dtype(g, w, msg=lambda m, i=index: f"gradient of input {i}: {m}")
 
 
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 2), layers=st.integers(1, 3), channels=st.integers(1, 20),
+       hq=st.integers(1, 6), wq=st.integers(1, 6), hs=st.integers(1, 8), ws=st.integers(1, 8),
+       kernel=st.sampled_from([1, 3, 5]), support_stride=st.integers(1, 4), query_stride=st.sampled_from([1, 2]),
+       mask_kind=st.sampled_from(MASK_KINDS), out_channels=st.sampled_from([3, 16, 17]))
+@example(seed=0, batch=2, layers=3, channels=20, hq=5, wq=6, hs=8, ws=7, kernel=5, support_stride=4, query_stride=1,
+         mask_kind="blob", out_channels=17)
+@example(seed=1, batch=2, layers=2, channels=3, hq=4, wq=4, hs=6, ws=6, kernel=3, support_stride=2, query_stride=1,
+         mask_kind="pixel", out_channels=16)
+@example(seed=2, batch=1, layers=1, channels=2, hq=3, wq=3, hs=5, ws=5, kernel=3, support_stride=2, query_stride=1,
+         mask_kind="empty", out_channels=3)
+def test_triton_backend_matches_dense_reference(seed, batch, layers, channels, hq, wq, hs, ws, kernel, support_stride,
+                                                query_stride, mask_kind, out_channels):
+    """The Triton support-branch kernel (interpreted on CPU) gives the dense result, in fp32."""
+    gen, query, support, weights = make_case(seed, batch, layers, channels, hq, wq, hs, ws, kernel, kernel,
+                                             out_channels=out_channels, dtype=torch.float32)
+    mask = make_mask(mask_kind, batch, 2 * hs, 2 * ws, gen).float()
+    stride = (query_stride, query_stride, support_stride, support_stride)
+    out = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, stride, backend="triton")
+    double = lambda ts: [t.double() for t in ts]  # noqa: E731
+    expected = dense(double(query), double(support), mask.double(), double(weights), stride)
+    assert_close_dtype(out, expected, dtype=torch.float32, scale=10)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("which", ["query", "support", "both"])
+def test_missing_biases_count_as_zero(backend, which):
+    gen, query, support, weights = make_case(13, 2, 2, 3, 5, 4, 6, 7, 3, 3, dtype=torch.float32)
+    weight_query, bias_query, weight_support, bias_support = weights
+    if which in ("query", "both"):
+        bias_query = None
+    if which in ("support", "both"):
+        bias_support = None
+    mask = make_mask("blob", 2, 12, 14, gen).float()
+    out = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, weight_query, bias_query, weight_support,
+                                               bias_support, (1, 1, 2, 2), backend=backend)
+    expected = dense(query, support, mask, (weight_query, bias_query, weight_support, bias_support), (1, 1, 2, 2))
+    assert_close_dtype(out, expected)
+
+
 def test_gradcheck_float64():
     """torch.autograd.gradcheck (finite differences) on a small multi-chunk case with a blob mask."""
     gen, query, support, weights = make_case(7, 1, 2, 3, 4, 3, 5, 6, 3, 3, out_channels=2, requires_grad=True)

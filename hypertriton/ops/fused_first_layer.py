@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from .. import reference
 from ..backend import resolve_backend
+from ._alloc import new_output
 from ._validation import as_quadruple, check_feature_lists, check_same_device, check_support_mask, check_tensor, \
     shape_of
 from .center_pivot_conv4d import output_size
@@ -54,9 +55,11 @@ class _Spec:
     stride: tuple[int, int, int, int]
     padding: tuple[int, int, int, int]
     out_size: tuple[int, int, int, int]  # (Hq', Wq', Hs', Ws')
+    in_size: tuple[int, int, int, int]  # (Hq, Wq, Hs, Ws)
     compute_dtype: torch.dtype  # dtype of normalization, conv and accumulation
     correlation_dtype: torch.dtype  # dtype of the correlation matrix products
     chunk_elements: int
+    triton: bool = False  # support-dim branch by the Triton kernel (query-dim branch stays in PyTorch)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -178,6 +181,10 @@ def _query_branch_chunk(query_full, support_pivots, weight, spec: _Spec, hq: int
     return F.conv2d(corr.view(p, len(query_full), hq, wq), weight, None, spec.stride[:2], spec.padding[:2])
 
 
+def _support_size(spec: _Spec) -> tuple[int, int]:
+    return spec.in_size[2], spec.in_size[3]
+
+
 def _chunk_size(per_item: int, spec: _Spec) -> int:
     return max(1, spec.chunk_elements // max(per_item, 1))
 
@@ -186,18 +193,22 @@ def _chunk_size(per_item: int, spec: _Spec) -> int:
 # Forward and backward
 # --------------------------------------------------------------------------------------------------
 
+def _bias_sum(bias_query, bias_support, weight: torch.Tensor) -> torch.Tensor:
+    """``bias_query + bias_support`` ``[Cout]`` (missing ones count as zero): both reach every output."""
+    present = [b for b in (bias_query, bias_support) if b is not None]
+    if not present:
+        return weight.new_zeros(weight.shape[0])
+    return present[0] if len(present) == 1 else present[0] + present[1]
+
+
 def _forward(query, support, mask, weight_query, bias_query, weight_support, bias_support, spec: _Spec):
     """No-grad fused forward. query/support: lists of ``[B, C, H, W]`` in the compute dtype."""
     batch, _, hq, wq = query[0].shape
     hs, ws = support[0].shape[-2:]
     hq2, wq2, hs2, ws2 = spec.out_size
     out_channels = weight_query.shape[0]
-    out = query[0].new_empty(batch, out_channels, hq2 * wq2, hs2 * ws2)
-    bias = query[0].new_zeros(out_channels)
-    for b in (bias_query, bias_support):
-        if b is not None:
-            bias += b
-    bias = bias.view(-1, 1, 1)  # both biases reach every output position
+    out = new_output((batch, out_channels, hq2 * wq2, hs2 * ws2), query[0].dtype, query[0].device)
+    bias = _bias_sum(bias_query, bias_support, weight_query).view(-1, 1, 1)
 
     query_normed = [reference.normalize(q) for q in query]  # [B, C, Hq, Wq]
     query_finite = [bool(torch.isfinite(torch.stack([qn[b].sum() for qn in query_normed])).all())
@@ -227,16 +238,78 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
             # The support branch covers every output position once: write it with the biases.
             torch.add(part.flatten(2).transpose(0, 1), bias, out=out_b[:, start:start + part.shape[0]])
 
-        # Query branch at the active pivot support positions, chunks of pivots.
-        columns, out_index = _pivot_columns(active, hs, ws, spec, out.device)
-        query_full = [qn[b].flatten(1) for qn in query_normed]
-        pivots = _chunk_size(spec.layers * hq * wq, spec)
-        for start in range(0, columns.numel(), pivots):
-            cols = columns[start:start + pivots]
-            part = _query_branch_chunk(query_full, [s.index_select(1, cols) for s in support_active],
-                                       weight_query, spec, hq, wq)
-            out_b.index_add_(2, out_index[start:start + pivots], part.flatten(2).permute(1, 2, 0))
+        _add_query_branch(out_b, [qn[b] for qn in query_normed], support_active, active, weight_query, spec)
     return out.view(batch, out_channels, hq2, wq2, hs2, ws2)
+
+
+def _add_query_branch(out_b, query_normed_b, support_active, active, weight, spec: _Spec) -> None:
+    """Add the query-dim branch at the active pivot support positions into ``out_b``
+    ``[Cout, Hq'*Wq', Hs'*Ws']`` (no grad), in chunks of pivots.
+
+    ``query_normed_b``: per layer ``[C, Hq, Wq]``; ``support_active``: per layer ``[C, N_act]``.
+    """
+    hq, wq = query_normed_b[0].shape[-2:]
+    hs, ws = _support_size(spec)
+    columns, out_index = _pivot_columns(active, hs, ws, spec, out_b.device)
+    query_full = [qn.flatten(1) for qn in query_normed_b]
+    pivots = _chunk_size(spec.layers * hq * wq, spec)
+    for start in range(0, columns.numel(), pivots):
+        cols = columns[start:start + pivots]
+        part = _query_branch_chunk(query_full, [s.index_select(1, cols) for s in support_active], weight, spec,
+                                   hq, wq)
+        out_b.index_add_(2, out_index[start:start + pivots], part.flatten(2).permute(1, 2, 0))
+
+
+def _forward_triton(query, support, mask, weight_query, bias_query, weight_support, bias_support, spec: _Spec):
+    """Fused forward with the support-dim branch in :mod:`hypertriton.kernels.fused_first_layer`.
+
+    Same inputs and output as :func:`_forward`; needs equal channel counts across the level's layers
+    and a square support kernel, stride and padding (HSNet's case).
+    """
+    from ..kernels.fused_first_layer import support_branch_into
+
+    batch, _, hq, wq = query[0].shape
+    hs, ws = support[0].shape[-2:]
+    hq2, wq2, hs2, ws2 = spec.out_size
+    out_channels = weight_query.shape[0]
+    stride, padding, kernel = spec.stride[2], spec.padding[2], weight_support.shape[-1]
+    out = new_output((batch, out_channels, hq2 * wq2, hs2 * ws2), query[0].dtype, query[0].device)
+    out.copy_(_bias_sum(bias_query, bias_support, weight_query).view(1, -1, 1, 1).expand_as(out))
+
+    query_normed = [reference.normalize(q) for q in query]
+    flat_mask = None if mask is None else mask.view(batch, 1, hs * ws)
+    support_normed = [reference.normalize(s.flatten(2) if flat_mask is None else s.flatten(2) * flat_mask)
+                      for s in support]  # [B, C, Hs*Ws], exactly zero at inactive positions
+    windows = []
+    for b in range(batch):
+        finite = bool(torch.isfinite(torch.stack([qn[b].sum() for qn in query_normed])).all())
+        mask_b = None if mask is None else mask[b]
+        active = _active_positions(mask_b, [s[b].flatten(1) for s in support], finite)
+        grid = torch.ones(hs * ws, device=out.device) if active is None else \
+            torch.zeros(hs * ws, device=out.device).index_fill_(0, active, 1.0)
+        # A window is active when any of its taps is an active position.
+        hit = F.max_pool2d(grid.view(1, 1, hs, ws), kernel, stride, padding).flatten()
+        windows.append(hit.nonzero().squeeze(1))
+
+        # Query-dim branch at the active pivots (a 1/s^2 slice of the correlations) in PyTorch.
+        support_active = [s[b] if active is None else s[b].index_select(1, active) for s in support_normed]
+        _add_query_branch(out[b], [qn[b] for qn in query_normed], support_active, active, weight_query, spec)
+
+    counts = torch.tensor([w.numel() for w in windows], dtype=torch.int32, device=out.device)
+    padded = torch.zeros(batch, max(int(counts.max()), 1), dtype=torch.int32, device=out.device)
+    for b, w in enumerate(windows):
+        padded[b, : w.numel()] = w.to(torch.int32)
+    query_pivots = torch.stack([_pivot_query_batch(qn, spec) for qn in query_normed], dim=1)  # [B, L, C, NQ]
+    cd = spec.correlation_dtype
+    support_branch_into(query_pivots.to(cd), torch.stack(support_normed, dim=1).to(cd), weight_support, padded,
+                        counts, (hs, ws), stride, padding, out)
+    return out.view(batch, out_channels, hq2, wq2, hs2, ws2)
+
+
+def _pivot_query_batch(query_normed: torch.Tensor, spec: _Spec) -> torch.Tensor:
+    """``[B, C, Hq, Wq]`` -> ``[B, C, Hq'*Wq']`` at the pivot query positions."""
+    sqh, sqw = spec.stride[:2]
+    return query_normed[:, :, ::sqh, ::sqw].flatten(2)
 
 
 class _FusedFirstLayer(torch.autograd.Function):
@@ -248,7 +321,8 @@ class _FusedFirstLayer(torch.autograd.Function):
         ctx.spec = spec
         ctx.has_bias = (bias_query is not None, bias_support is not None)
         ctx.save_for_backward(mask, weight_query, weight_support, *features)
-        return _forward(query, support, mask, weight_query, bias_query, weight_support, bias_support, spec)
+        forward = _forward_triton if spec.triton else _forward
+        return forward(query, support, mask, weight_query, bias_query, weight_support, bias_support, spec)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -367,8 +441,10 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
         stride: int or ``(query h, query w, support h, support w)``.
         padding: int, 4-tuple or None (``kernel // 2``).
         backend: ``"torch"`` (this fused path, any device), ``"reference"`` (dense einsum oracle: builds
-            the 4D tensor), ``"triton"`` or None (automatic). Until a fused Triton kernel exists,
-            ``"triton"`` runs the same fused PyTorch code on the GPU.
+            the 4D tensor), ``"triton"`` or None (automatic). ``"triton"`` runs the support-dim
+            branch in :mod:`hypertriton.kernels.fused_first_layer` (square support conv, one channel
+            count per level; otherwise the fused PyTorch code) and the query-dim branch and the
+            backward pass in PyTorch.
         correlation_dtype: opt-in reduced precision (e.g. ``torch.bfloat16``) for the correlation
             matrix products; normalization, ReLU, convolutions and accumulation stay in the compute
             dtype. None: the compute dtype (exact path).
@@ -435,9 +511,14 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
 
     # Half-precision norms and CPU products lose accuracy: normalize, convolve and accumulate in fp32+.
     compute = torch.promote_types(dtype, torch.float32)
-    spec = _Spec(layers=layers, stride=stride, padding=padding, out_size=out_size, compute_dtype=compute,
+    # The kernel covers HSNet's squeeze layers: one channel count per level, square support conv.
+    use_kernel = (name == "triton" and len({f.shape[1] for f in query_feats}) == 1
+                  and stride[2] == stride[3] and padding[2] == padding[3]
+                  and weight_support.shape[-1] == weight_support.shape[-2])
+    spec = _Spec(layers=layers, stride=stride, padding=padding, out_size=out_size, in_size=x_shape[2:],
+                 compute_dtype=compute,
                  correlation_dtype=compute if correlation_dtype is None else correlation_dtype,
-                 chunk_elements=CHUNK_ELEMENTS)
+                 chunk_elements=CHUNK_ELEMENTS, triton=use_kernel)
     mask = _resized_mask(support_mask, s0, compute)
     cast = [None if t is None else t.to(compute) for t in (weight_query, bias_query, weight_support, bias_support)]
     features = [f.to(compute) for f in (*query_feats, *support_feats)]
