@@ -50,7 +50,7 @@ NFOLDS = 4
 NCLASS = len(SHAPES) * len(TEXTURES) * len(COLOURS)
 
 # Object radius as a fraction of the image side.
-_RADIUS_RANGE = (0.11, 0.19)
+_RADIUS_RANGE = (0.13, 0.22)
 _QUERY_DISTRACTORS = 3
 _SUPPORT_DISTRACTORS = (1, 2)
 
@@ -101,7 +101,7 @@ def seen_classes(fold: int) -> list[int]:
 # --------------------------------------------------------------------------------------------------
 # Drawing. Shapes are tested in object-local coordinates (u, v): rotated, scaled so the object's
 # circumradius is 1. Textures are evaluated in image pixels so that their period does not shrink
-# with the object (a stripe is always 5-7 px wide, whatever the object's size). Objects turn freely,
+# with the object (a stripe period is always 6-8 px, whatever the object's size). Objects turn freely,
 # so no two shapes may be rotations of each other (hence no "diamond" next to the square).
 
 
@@ -152,13 +152,13 @@ def _texture_pattern(texture: int, x: np.ndarray, y: np.ndarray, rng: np.random.
     if name == "solid":
         return np.ones(np.broadcast(x, y).shape, dtype=bool)
     if name == "striped":
-        period = rng.uniform(5.0, 7.0)
+        period = rng.uniform(6.0, 8.0)
         return np.mod(xr / period + phase[0], 1.0) < 0.5
     if name == "checkered":
-        cell = rng.uniform(3.0, 4.5)
+        cell = rng.uniform(3.5, 4.5)
         return (np.floor(xr / cell + phase[0]) + np.floor(yr / cell + phase[1])) % 2 == 0
     if name == "dotted":
-        spacing = rng.uniform(6.5, 8.0)
+        spacing = rng.uniform(7.0, 8.5)
         fx = np.mod(xr / spacing + phase[0], 1.0) - 0.5
         fy = np.mod(yr / spacing + phase[1], 1.0) - 0.5
         return fx * fx + fy * fy > 0.28 ** 2
