@@ -320,7 +320,8 @@ class SyntheticDataset(Dataset):
         img_size: side of the square images.
         use_original_imgsize: accepted for interface parity; images are drawn at ``img_size``, which
             is also their original size.
-        episodes: number of episodes (the dataset's length).
+        episodes: number of episodes, the dataset's length (default: 100000 for ``trn``, an endless
+            supply in practice; 1000 for ``val`` and ``test``, as the original test runs).
         seed: episodes are a pure function of ``(seed, fold, split, index)``.
 
     Each item is a dict: ``query_img`` ``[3, H, W]`` (ImageNet-normalised), ``query_mask``
@@ -343,7 +344,7 @@ class SyntheticDataset(Dataset):
         if not isinstance(img_size, (int, np.integer)) or img_size < 32:
             raise ValueError(f"img_size: expected an integer >= 32 (objects must stay visible), got {img_size!r}")
         if episodes is None:
-            episodes = 20000 if split == "trn" else 1000
+            episodes = 100_000 if split == "trn" else 1000
         if not isinstance(episodes, (int, np.integer)) or episodes < 1:
             raise ValueError(f"episodes: expected a positive integer, got {episodes!r}")
         self.fold, self.split, self.nshot = int(fold), split, int(nshot)
