@@ -119,6 +119,18 @@ def test_item_has_the_original_format():
     assert [int(dataset[i]["class_id"]) for i in range(2)] == unseen_classes(2)[:2]
 
 
+def test_episode_names_match_the_items():
+    for split in ("test", "trn"):
+        dataset = SyntheticDataset(split=split, fold=1, nshot=2, img_size=SIZE, episodes=5)
+        names = dataset.episode_names(count=3)
+        assert len(names) == 3
+        for index, episode in enumerate(names):
+            item = dataset[index]
+            assert episode.query == item["query_name"] and list(episode.supports) == item["support_names"]
+            assert episode.class_id == int(item["class_id"])
+    assert len(SyntheticDataset(split="val", episodes=7, img_size=SIZE).episode_names()) == 7
+
+
 def test_build_dataset_makes_the_synthetic_benchmark():
     dataset = build_dataset("synthetic", None, None, fold=3, split="val", nshot=1, img_size=SIZE)
     assert isinstance(dataset, SyntheticDataset) and dataset.class_ids == unseen_classes(3)

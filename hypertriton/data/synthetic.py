@@ -385,12 +385,31 @@ class SyntheticDataset(Dataset):
             support_masks.append((labels == 1).astype(np.float32))
         return SyntheticEpisode(target, query_image, query_labels, classes, support_images, support_masks)
 
+    def _name(self, index: int) -> str:
+        return f"synthetic/fold{self.fold}/{self.split}/{self.seed}/{index:06d}"
+
+    def episode_names(self, count: int | None = None) -> list:
+        """The first ``count`` (default: all) episodes by name, as :class:`~hypertriton.data.common.Episode`
+        (what ``hypertriton episodes`` prints); names equal the items' ``query_name``/``support_names``.
+        No image is drawn except for ``trn``, whose target class is a random draw."""
+        from .common import Episode
+
+        total = self.episodes if count is None else min(int(count), self.episodes)
+        episodes = []
+        for index in range(total):
+            class_id = self.class_ids[index % len(self.class_ids)] if self.split != "trn" else \
+                self.episode(index).class_id
+            name = self._name(index)
+            episodes.append(Episode(f"{name}/query", tuple(f"{name}/support{k}" for k in range(self.nshot)),
+                                    int(class_id)))
+        return episodes
+
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.episodes:
             raise IndexError(f"episode index {index} out of range [0, {self.episodes})")
         ep = self.episode(index)
         size = self.img_size
-        name = f"synthetic/fold{self.fold}/{self.split}/{self.seed}/{index:06d}"
+        name = self._name(index)
         return {
             "query_img": normalize_image(ep.query_image),
             "query_mask": torch.from_numpy(ep.query_mask()),
