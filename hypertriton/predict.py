@@ -286,6 +286,8 @@ def load_model(checkpoint=None, backbone: str | None = None, backend: str | None
         img_size = int(metadata.get("img_size", img_size))
         backbone = backbone or metadata.get("backbone")
         source = state_dict
+    elif isinstance(loaded, Mapping):
+        source = loaded  # read once, not twice
     try:
         model = HSNet.from_checkpoint(source, backbone=backbone, backend=backend)
     except (CheckpointError, FileNotFoundError, TypeError) as error:
