@@ -8,7 +8,7 @@ import triton.language as tl
 
 from . import INTERPRETED
 
-TORCH_TO_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INT32_MAX = 2**31 - 1
 
 
@@ -35,7 +35,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def check_float_dtype(name: str, tensor: torch.Tensor) -> None:
     """Raise ``TypeError`` unless ``tensor`` is fp32, fp16 or bf16 (what ``tl.dot`` takes here)."""
-    if tensor.dtype not in TORCH_TO_TRITON_DTYPES:
+    if tensor.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name}: expected a float32, float16 or bfloat16 tensor, got {tensor.dtype}")
 
 
