@@ -5,7 +5,7 @@
 
 - ``triton``: the custom op ``hypertriton::center_pivot_conv4d`` around
   :func:`hypertriton.kernels.center_pivot_conv4d.center_pivot_conv4d_into` (both branches in one pass),
-  with a PyTorch backward;
+  with Triton backward kernels;
 - ``torch``: two batched ``conv2d`` calls on the pivots only (a strided view picks them; no index
   cache, so nothing goes stale when the input size changes).
 """
@@ -96,38 +96,33 @@ def _cp_conv_setup(ctx, inputs, output):
     ctx.has_bias = (bias_query is not None, bias_support is not None)
 
 
-def _branch_backward(grad, inputs, weight, stride, padding, needs_input, needs_weight):
-    """Gradients of one 2D-conv branch written as ``[N, C, H, W]`` batches."""
-    return torch.ops.aten.convolution_backward(grad, inputs, weight, None, list(stride), list(padding), [1, 1],
-                                               False, [0, 0], 1, [needs_input, needs_weight, False])[:2]
+@torch.library.custom_op("hypertriton::center_pivot_conv4d_backward", mutates_args=())
+def center_pivot_conv4d_backward_triton(grad: torch.Tensor, x: torch.Tensor, weight_query: torch.Tensor,
+                                        weight_support: torch.Tensor, stride: list[int], padding: list[int],
+                                        needs: list[bool]) -> list[torch.Tensor]:
+    """Triton backward: ``[grad_x, grad_wq, grad_bq, grad_ws, grad_bs]``, empty tensors where not needed
+    (a custom op cannot return None)."""
+    from ..kernels.center_pivot_conv4d import center_pivot_conv4d_backward
+
+    grads = center_pivot_conv4d_backward(grad, x, weight_query, weight_support, tuple(stride), tuple(padding),
+                                         tuple(needs))
+    return [x.new_empty(0) if g is None else g for g in grads]
+
+
+@center_pivot_conv4d_backward_triton.register_fake
+def _(grad, x, weight_query, weight_support, stride, padding, needs):
+    like = (x, weight_query, weight_query[:, 0, 0, 0], weight_support, weight_support[:, 0, 0, 0])
+    return [t.new_empty(t.shape) if need else x.new_empty(0) for t, need in zip(like, needs)]
 
 
 def _cp_conv_backward(ctx, grad):
     x, weight_query, weight_support = ctx.saved_tensors
-    sqh, sqw, ssh, ssw = ctx.stride
-    batch, channels, hq, wq, hs, ws = x.shape
-    out_channels, hq2, wq2, hs2, ws2 = grad.shape[1:]
-    needs_x, needs_wq, needs_bq, needs_ws, needs_bs = ctx.needs_input_grad[:5]
-    grad = grad.to(x.dtype)
-
-    grad_x = torch.zeros_like(x) if needs_x else None
-    grad_wq = grad_ws = None
-    if needs_x or needs_wq:
-        pivots = x[..., ::ssh, ::ssw].permute(0, 4, 5, 1, 2, 3).reshape(batch * hs2 * ws2, channels, hq, wq)
-        g = grad.permute(0, 4, 5, 1, 2, 3).reshape(batch * hs2 * ws2, out_channels, hq2, wq2)
-        gi, grad_wq = _branch_backward(g, pivots, weight_query, (sqh, sqw), ctx.padding[:2], needs_x, needs_wq)
-        if needs_x:
-            grad_x[..., ::ssh, ::ssw] += gi.view(batch, hs2, ws2, channels, hq, wq).permute(0, 3, 4, 5, 1, 2)
-    if needs_x or needs_ws:
-        pivots = x[:, :, ::sqh, ::sqw].permute(0, 2, 3, 1, 4, 5).reshape(batch * hq2 * wq2, channels, hs, ws)
-        g = grad.permute(0, 2, 3, 1, 4, 5).reshape(batch * hq2 * wq2, out_channels, hs2, ws2)
-        gi, grad_ws = _branch_backward(g, pivots, weight_support, (ssh, ssw), ctx.padding[2:], needs_x, needs_ws)
-        if needs_x:
-            grad_x[:, :, ::sqh, ::sqw] += gi.view(batch, hq2, wq2, channels, hs, ws).permute(0, 3, 1, 2, 4, 5)
-    grad_bias = grad.sum(dim=(0, 2, 3, 4, 5))
-    grad_bq = grad_bias if needs_bq and ctx.has_bias[0] else None
-    grad_bs = grad_bias if needs_bs and ctx.has_bias[1] else None
-    return grad_x, grad_wq, grad_bq, grad_ws, grad_bs, None, None
+    needs = list(ctx.needs_input_grad[:5])
+    needs[2] = needs[2] and ctx.has_bias[0]
+    needs[4] = needs[4] and ctx.has_bias[1]
+    grads = center_pivot_conv4d_backward_triton(grad, x, weight_query, weight_support, list(ctx.stride),
+                                                list(ctx.padding), needs)
+    return (*[g if need else None for g, need in zip(grads, needs)], None, None)
 
 
 center_pivot_conv4d_triton.register_autograd(_cp_conv_backward, setup_context=_cp_conv_setup)

@@ -7,7 +7,7 @@ with the chosen backend, writing each level's stacked output directly:
 
 - ``triton``: the custom op ``hypertriton::correlation_stack`` around
   :func:`hypertriton.kernels.hypercorrelation.correlation_into` (``tl.dot`` tiles, ReLU fused, stored
-  straight into the stacked tensor), with a PyTorch backward;
+  straight into the stacked tensor), with a Triton backward;
 - ``torch``: batched matrix products written into the stacked tensor.
 """
 
@@ -67,17 +67,26 @@ def _correlation_stack_setup(ctx, inputs, output):
     ctx.layers = len(query)
 
 
+@torch.library.custom_op("hypertriton::correlation_stack_backward", mutates_args=())
+def correlation_stack_backward_triton(grad: torch.Tensor, output: torch.Tensor, query: list[torch.Tensor],
+                                      support: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Triton backward of :func:`correlation_stack_triton`: the query gradients, then the support ones."""
+    from ..kernels.hypercorrelation import correlation_backward
+
+    grads = [correlation_backward(grad[:, layer], output[:, layer], q, s) for layer, (q, s) in
+             enumerate(zip(query, support))]
+    return [g for g, _ in grads] + [g for _, g in grads]
+
+
+@correlation_stack_backward_triton.register_fake
+def _(grad, output, query, support):
+    return [t.new_empty(t.shape) for t in query + support]
+
+
 def _correlation_stack_backward(ctx, grad):
     output, *features = ctx.saved_tensors
-    query, support = features[: ctx.layers], features[ctx.layers:]
-    # ReLU passes gradient where the correlation was positive.
-    grad = (grad * (output > 0)).flatten(2, 3).flatten(3, 4).float()  # [B, L, Nq, Ns]
-    grad_query, grad_support = [], []
-    for layer, (q, s) in enumerate(zip(query, support)):
-        g = grad[:, layer]
-        grad_query.append(torch.bmm(s.flatten(2).float(), g.transpose(1, 2)).view(q.shape).to(q.dtype))
-        grad_support.append(torch.bmm(q.flatten(2).float(), g).view(s.shape).to(s.dtype))
-    return grad_query, grad_support
+    grads = correlation_stack_backward_triton(grad, output, features[: ctx.layers], features[ctx.layers:])
+    return grads[: ctx.layers], grads[ctx.layers:]
 
 
 correlation_stack_triton.register_autograd(_correlation_stack_backward, setup_context=_correlation_stack_setup)
