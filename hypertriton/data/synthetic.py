@@ -550,7 +550,25 @@ def _main(argv=None) -> int:
     base.add_argument("--img-size", type=int, default=96)
     base.add_argument("--episodes", type=int, default=1000)
     base.add_argument("--seed", type=int, default=0)
+    bundle = sub.add_parser("bundle", help="compress a trained checkpoint into the package's bundled-weights format")
+    bundle.add_argument("checkpoint", help="best_model.pt written by 'hypertriton train --benchmark synthetic'")
+    bundle.add_argument("--out", required=True, help="e.g. hypertriton/weights/synthetic_resnet18.pt")
+    bundle.add_argument("--backbone", default="resnet18")
+    bundle.add_argument("--fold", type=int, default=0)
+    bundle.add_argument("--img-size", type=int, default=96)
     args = parser.parse_args(argv)
+    if args.tool == "bundle":
+        import os
+
+        from ..checkpoint import read_state_dict, strip_prefix
+        from ..predict import save_compact
+
+        metadata = {"backbone": args.backbone, "img_size": args.img_size, "benchmark": "synthetic", "fold": args.fold}
+        # 4-bit codebooks for the backbone, 8-bit for the learner: a resnet18 HSNet fits in about 9 MB.
+        state_dict = {"module." + key: value for key, value in strip_prefix(read_state_dict(args.checkpoint)).items()}
+        path = save_compact(state_dict, args.out, bits={"": 4, "module.hpn_learner.": 8}, metadata=metadata)
+        print(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
+        return 0
     if args.tool == "baselines":
         dataset = SyntheticDataset(fold=args.fold, split="test", img_size=args.img_size, episodes=args.episodes,
                                    seed=args.seed)
