@@ -12,10 +12,13 @@ runs with an object-like support mask (an ellipse over 22% of the image) and a f
 sparsity), for the original formulation (``bench/original_hsnet.py``) and every hypertriton backend
 available on the device (Triton's CPU interpreter only when ``--backend triton`` asks for it).
 
-Every (size, case, mask, variant) runs in its own subprocess, so peak memory is its own: on CUDA
-``torch.cuda.max_memory_allocated`` above what was allocated before the timed runs; on CPU the
-process's peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs``) above its RSS before the timed
-runs, with glibc told to return large blocks to the system so freed memory is not silently reused.
+Timing: all variants of one (size, case, mask) run in one subprocess, interleaved round-robin, so
+that load drifting on a shared machine hits them alike. Memory: each variant then runs once more in a
+fresh subprocess of its own, which also records the original's FLOPs and every other variant's error
+against the original. Peak memory is on CUDA ``torch.cuda.max_memory_allocated`` above what was
+allocated before the measured run; on CPU the process's peak RSS (``VmHWM``, reset through
+``/proc/self/clear_refs``) above its RSS before the measured run, with glibc told to return large
+blocks to the system so freed memory is not silently reused.
 Effective GFLOP/s count the original's (dense) FLOPs for every variant: the sparse and fused paths do
 less work, and this says how fast the same job got done.
 
@@ -81,10 +84,9 @@ def _max_relative_error(output, expected) -> float:
     return diff / scale if scale > 0 else diff
 
 
-def worker(job: dict) -> dict:
-    """Run one (size, case, mask, variant) and measure it; called in a fresh subprocess."""
+def _setup(job: dict):
+    """(torch, cases, inputs, sync) for a job, with its thread count and seed applied."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     sys.path.insert(0, str(HERE))
     import cases
@@ -92,14 +94,49 @@ def worker(job: dict) -> dict:
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
     device = torch.device(job["device"])
-    dtype = getattr(torch, job["dtype"])
     torch.manual_seed(0)
-    inputs = cases.make_inputs(job["backbone"], job["size"], job["batch"], dtype, device, job["mask"])
-    run = cases.build(job["case"], job["variant"], inputs)
-    cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    inputs = cases.make_inputs(job["backbone"], job["size"], job["batch"], getattr(torch, job["dtype"]), device,
+                               job["mask"])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    return torch, cases, inputs, sync
 
+
+def time_variants(job: dict) -> dict:
+    """Time every variant of one (size, case, mask) in one process, interleaved round-robin.
+
+    On a shared machine the load drifts during a run; interleaving makes every variant see the same
+    drift, so their ratios hold even when absolute times wander.
+    """
+    torch, cases, inputs, sync = _setup(job)
+    runs = {variant: cases.build(job["case"], variant, inputs) for variant in job["variants"]}
     for _ in range(job["warmup"]):
+        for run in runs.values():
+            run()
+    sync()
+    times = {variant: [] for variant in runs}
+    order = list(runs)
+    for round_index in range(job["repeats"]):
+        # Rotate the order each round so that no variant always runs right after the same neighbour.
+        shift = round_index % len(order)
+        for variant in order[shift:] + order[:shift]:
+            gc.collect()
+            start = time.perf_counter()
+            output = runs[variant]()
+            sync()
+            times[variant].append(time.perf_counter() - start)
+            del output
+    return {"times": times}
+
+
+def measure_variant(job: dict) -> dict:
+    """Peak extra memory of one variant (fresh process), and its FLOPs (original) or its error against
+    the original's output (others)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch, cases, inputs, sync = _setup(job)
+    run = cases.build(job["case"], job["variant"], inputs)
+    cuda = inputs.device.type == "cuda"
+    for _ in range(max(job["warmup"], 1)):
         run()
     sync()
     gc.collect()
@@ -110,26 +147,18 @@ def worker(job: dict) -> dict:
         base = _proc_status("VmRSS")
         if not _reset_peak_rss():
             base = None
-    times = []
-    for _ in range(job["repeats"]):
-        start = time.perf_counter()
-        output = run()
-        sync()
-        times.append(time.perf_counter() - start)
-        del output
+    output = run()
+    sync()
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = None if base is None else _proc_status("VmHWM") - base
-
-    result = {"times": times, "peak_bytes": peak}
+    result = {"peak_bytes": peak}
     if job["variant"] == "original":
         with FlopCounterMode(display=False) as counter:
             run()
         result["flops"] = counter.get_total_flops()
-    elif job["case"] != "forward_backward" or job["compare_training"]:
-        torch.manual_seed(0)
-        output = run()
+    elif job["case"] != "forward_backward":  # training steps move the weights: outputs differ by design
         expected = cases.build(job["case"], "original", inputs)()
         result["max_rel_error"] = _max_relative_error(output, expected)
     return result
@@ -231,7 +260,8 @@ def markdown(report: dict) -> str:
     lines.append(f"- versions: python {info['python']}, torch {info['torch']}, triton {info['triton']}, "
                  f"hypertriton {info['hypertriton']}")
     lines.append(f"- backends timed: {', '.join(report['backends'])}; {args['repeats']} timed repeats after "
-                 f"{args['warmup']} warm-up per row, each row in its own process; date {report['date']}")
+                 f"{args['warmup']} warm-up per row, variants of a case interleaved in one process; peak memory from "
+                 f"one run per row in a fresh process; date {report['date']}")
     if args.get("note"):
         lines.append(f"- note: {args['note']}")
     lines += ["", "Size = side of the finest feature map (50 = 400-px images). Speedup and memory ratio are "
@@ -347,13 +377,15 @@ def parse_args(argv=None):
     parser.add_argument("--machine", default=None, help="free-text machine name written into the results")
     parser.add_argument("--note", default=None, help="free-text note written into the results")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-mode", default=None, choices=["time", "measure"], help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker is not None:
-        print(RESULT_MARK + json.dumps(worker(json.loads(args.worker))), flush=True)
+        work = time_variants if args.worker_mode == "time" else measure_variant
+        print(RESULT_MARK + json.dumps(work(json.loads(args.worker))), flush=True)
         return 0
 
     import torch
@@ -377,17 +409,15 @@ def main(argv=None) -> int:
             raise SystemExit(f"--masks: unknown mask {name!r}; expected some of {', '.join(cases.MASKS)}")
     dtype = DTYPES[args.dtype]
 
-    jobs = []
+    groups = []  # one per (size, case, mask): timed together, then each variant measured alone
     for size in sizes:
         for case in chosen_cases:
             for mask in masks:
-                for variant in cases.variants_for(case, torch.device(device), backends):
-                    if args.variants and variant not in args.variants.split(","):
-                        continue
-                    jobs.append({"size": size, "case": case, "mask": mask, "variant": variant, "device": device,
-                                 "dtype": dtype, "backbone": args.backbone, "batch": args.batch,
-                                 "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads,
-                                 "compare_training": False})
+                variants = [v for v in cases.variants_for(case, torch.device(device), backends)
+                            if not args.variants or v in args.variants.split(",")]
+                groups.append({"size": size, "case": case, "mask": mask, "variants": variants, "device": device,
+                               "dtype": dtype, "backbone": args.backbone, "batch": args.batch,
+                               "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads})
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -397,25 +427,44 @@ def main(argv=None) -> int:
     # reused and peak RSS sees every allocation.
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     env.setdefault("MALLOC_TRIM_THRESHOLD_", "131072")
-    rows = []
-    progress = tqdm(jobs, desc="bench", unit="row")
-    for job in progress:
-        progress.set_postfix_str(f"{job['size']} {job['case']} {job['mask']} {job['variant']}")
-        row = {k: job[k] for k in ("size", "case", "mask", "variant")}
+
+    def launch(mode: str, job: dict) -> dict:
         try:
-            proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)],
-                                  env=env, capture_output=True, text=True, timeout=args.timeout)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
-            if proc.returncode != 0 or not lines:
-                tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                row["error"] = f"exit {proc.returncode}: {tail}"
-            else:
-                row.update(json.loads(lines[-1][len(RESULT_MARK):]))
+            proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job),
+                                   "--worker-mode", mode], env=env, capture_output=True, text=True,
+                                  timeout=args.timeout)
         except subprocess.TimeoutExpired:
-            row["error"] = f"timed out after {args.timeout:.0f} s"
-        if "error" in row:
-            tqdm.write(f"failed: {row}")
-        rows.append(row)
+            return {"error": f"timed out after {args.timeout:.0f} s"}
+        lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
+        if proc.returncode != 0 or not lines:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            return {"error": f"exit {proc.returncode}: {tail}"}
+        return json.loads(lines[-1][len(RESULT_MARK):])
+
+    rows = []
+    progress = tqdm(total=sum(len(g["variants"]) + 1 for g in groups), desc="bench", unit="run")
+    for group in groups:
+        label = f"{group['size']} {group['case']} {group['mask']}"
+        progress.set_postfix_str(f"{label} timing")
+        timing = launch("time", group)
+        progress.update(1)
+        for variant in group["variants"]:
+            progress.set_postfix_str(f"{label} {variant} memory")
+            row = {k: group[k] for k in ("size", "case", "mask")} | {"variant": variant}
+            if "error" in timing:
+                row["error"] = timing["error"]
+            else:
+                row["times"] = timing["times"][variant]
+                measured = launch("measure", {k: v for k, v in group.items() if k != "variants"}
+                                  | {"variant": variant})
+                if "error" in measured:
+                    row["measure_error"] = measured["error"]
+                row.update({k: v for k, v in measured.items() if k != "error"})
+            if "error" in row or "measure_error" in row:
+                tqdm.write(f"failed: {row}")
+            rows.append(row)
+            progress.update(1)
+    progress.close()
     info["load_average_end"] = os.getloadavg()
 
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
