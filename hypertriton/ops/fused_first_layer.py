@@ -42,9 +42,9 @@ from ._validation import as_quadruple, check_feature_lists, check_same_device, c
     shape_of
 from .center_pivot_conv4d import output_size
 
-# Elements of one chunk's dense correlation buffer (fp32: 4 MB). Large enough that the matrix
+# Elements of one chunk's dense correlation buffer (fp32: 8 MB). Large enough that the matrix
 # products stay efficient, small enough to stay far below the 4D tensor at every size.
-CHUNK_ELEMENTS = 1 << 20
+CHUNK_ELEMENTS = 1 << 21
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,25 @@ def _resized_mask(support_mask, support: torch.Tensor, dtype: torch.dtype) -> to
     if support_mask is None:
         return None
     return reference.resize_mask(support_mask, support.shape[-2:]).to(dtype).flatten(1)
+
+
+def _normalize(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(f / (||f|| + eps), ||f||)`` over dim 1, as :func:`hypertriton.reference.normalize` (the norm as
+    ``sqrt(sum(f*f))``, about twice as fast as a strided ``norm``; equal up to rounding). Differentiable."""
+    norms = (features * features).sum(dim=1, keepdim=True).sqrt()
+    return features / (norms + reference.NORM_EPS), norms
+
+
+def _normalized_query(query: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[bool]]:
+    """Normalized query features per layer, and per batch element whether they are all finite.
+
+    A norm is finite only if every entry of its vector is, so the check reads the ``[B, 1, H, W]`` norms
+    instead of the features (an overflowing norm of finite entries only costs a dense fallback).
+    """
+    pairs = [_normalize(q) for q in query]
+    with torch.no_grad():
+        finite = torch.stack([torch.isfinite(norms).flatten(1).all(dim=1) for _, norms in pairs]).all(dim=0)
+    return [normed for normed, _ in pairs], finite.tolist()
 
 
 def _active_positions(mask_b, support_b: list[torch.Tensor], query_finite: bool) -> torch.Tensor | None:
@@ -102,7 +121,7 @@ def _normalized_active_support(support_b, mask_b, active):
                 s = s * mask_b.index_select(0, active)
         elif mask_b is not None:
             s = s * mask_b
-        out.append(reference.normalize(s.unsqueeze(0)).squeeze(0))
+        out.append(_normalize(s.unsqueeze(0))[0].squeeze(0))
     return out
 
 
@@ -210,9 +229,7 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
     out = new_output((batch, out_channels, hq2 * wq2, hs2 * ws2), query[0].dtype, query[0].device)
     bias = _bias_sum(bias_query, bias_support, weight_query).view(-1, 1, 1)
 
-    query_normed = [reference.normalize(q) for q in query]  # [B, C, Hq, Wq]
-    query_finite = [bool(torch.isfinite(torch.stack([qn[b].sum() for qn in query_normed])).all())
-                    for b in range(batch)]
+    query_normed, query_finite = _normalized_query(query)  # [B, C, Hq, Wq] per layer
     buffer = None
     for b in range(batch):
         support_b = [s[b].flatten(1) for s in support]
@@ -226,7 +243,9 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
             continue
 
         # Support branch, chunks of pivot query rows, into a dense buffer reused across chunks.
-        query_pivots = [_pivot_query(qn[b], spec) for qn in query_normed]
+        # Operands are cast to the correlation dtype once here, not per chunk.
+        query_pivots = [_pivot_query(qn[b], spec).to(spec.correlation_dtype) for qn in query_normed]
+        support_active_cd = [s.to(spec.correlation_dtype) for s in support_active]
         rows = _chunk_size(spec.layers * hs * ws, spec)
         if buffer is None:
             buffer = query[0].new_zeros(min(rows, hq2 * wq2), spec.layers, hs * ws)
@@ -234,7 +253,7 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
             buffer.zero_()  # the previous batch element may have written other columns
         for start in range(0, hq2 * wq2, rows):
             chunk = [q[:, start:start + rows] for q in query_pivots]
-            part = _support_branch_chunk(chunk, support_active, active, weight_support, spec, hs, ws, buffer)
+            part = _support_branch_chunk(chunk, support_active_cd, active, weight_support, spec, hs, ws, buffer)
             # The support branch covers every output position once: write it with the biases.
             torch.add(part.flatten(2).transpose(0, 1), bias, out=out_b[:, start:start + part.shape[0]])
 
@@ -276,15 +295,14 @@ def _forward_triton(query, support, mask, weight_query, bias_query, weight_suppo
     out = new_output((batch, out_channels, hq2 * wq2, hs2 * ws2), query[0].dtype, query[0].device)
     out.copy_(_bias_sum(bias_query, bias_support, weight_query).view(1, -1, 1, 1).expand_as(out))
 
-    query_normed = [reference.normalize(q) for q in query]
+    query_normed, query_finite = _normalized_query(query)
     flat_mask = None if mask is None else mask.view(batch, 1, hs * ws)
-    support_normed = [reference.normalize(s.flatten(2) if flat_mask is None else s.flatten(2) * flat_mask)
+    support_normed = [_normalize(s.flatten(2) if flat_mask is None else s.flatten(2) * flat_mask)[0]
                       for s in support]  # [B, C, Hs*Ws], exactly zero at inactive positions
     windows = []
     for b in range(batch):
-        finite = bool(torch.isfinite(torch.stack([qn[b].sum() for qn in query_normed])).all())
         mask_b = None if mask is None else mask[b]
-        active = _active_positions(mask_b, [s[b].flatten(1) for s in support], finite)
+        active = _active_positions(mask_b, [s[b].flatten(1) for s in support], query_finite[b])
         grid = torch.ones(hs * ws, device=out.device) if active is None else \
             torch.zeros(hs * ws, device=out.device).index_fill_(0, active, 1.0)
         # A window is active when any of its taps is an active position.
@@ -363,14 +381,13 @@ def _backward_features_and_weights(grad, features, mask, weight_query, weight_su
     with torch.enable_grad():
         leaves = [f.detach().requires_grad_(needs_features) for f in features]
         query, support = leaves[:layers], leaves[layers:]
-        query_normed = [reference.normalize(q) for q in query]
+        query_normed, query_finite = _normalized_query(query)
         # Differentiable graph outputs (normalization) and the gradients accumulated for them.
         graph_outputs, graph_grads = [], []
         for b in range(batch):
             with torch.no_grad():
-                finite = bool(torch.isfinite(torch.stack([qn[b].sum() for qn in query_normed])).all())
                 mask_b = None if mask is None else mask[b]
-                active = _active_positions(mask_b, [s[b].detach().flatten(1) for s in support], finite)
+                active = _active_positions(mask_b, [s[b].detach().flatten(1) for s in support], query_finite[b])
             support_active = _normalized_active_support([s[b].flatten(1) for s in support], mask_b, active)
             if support_active[0].shape[1] == 0:
                 continue
