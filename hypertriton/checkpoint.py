@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from ._io import atomic_save
 
 __all__ = ["read_state_dict", "strip_prefix", "infer_backbone", "load_into", "save_checkpoint",
            "atomic_save", "CheckpointError"]
@@ -148,24 +149,6 @@ def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: 
                 message += _listing(title, items)
         raise CheckpointError(message)
     model.load_state_dict(state_dict, strict=strict)
-
-
-def atomic_save(obj, path) -> Path:
-    """``torch.save(obj, path)``, atomically: a temporary file in the same folder, synced, then renamed
-    over ``path``, so readers see the old or the complete new file, never a truncated one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_checkpoint(model: nn.Module, path, prefix: str = PREFIX) -> Path:

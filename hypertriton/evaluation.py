@@ -17,7 +17,6 @@ Example::
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -28,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from . import distributed as hdist
+from ._io import atomic_file
 from .data.common import IMAGENET_MEAN, IMAGENET_STD
 from .metrics import SegmentationMeter
 
@@ -204,14 +204,8 @@ def _write_panels(folder: Path, batch, pred, inter, union, episode_index) -> Non
         fg_iou = float(inter[row, 1]) / max(float(union[row, 1]), 1.0) * 100
         index, class_id = episode_index[row], int(batch["class_id"][row])
         path = folder / f"episode{index:05d}_class{class_id}_iou{fg_iou:.1f}.png"
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                render_panel(batch, pred, row).save(handle, format="PNG")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path) as handle:
+            render_panel(batch, pred, row).save(handle, format="PNG")
 
 
 def format_result(result: Mapping) -> str:

@@ -220,9 +220,9 @@ class HSNet(nn.Module):
 
         Args:
             batch: ``query_img`` ``[B, 3, H, W]``, ``support_imgs`` ``[B, K, 3, H, W]``, ``support_masks``
-                ``[B, K, H, W]``, optional ``org_query_imsize`` (PIL ``(width, height)``; when given, the
-                logits are resized to it instead of the query image's size, as the original's
-                ``use_original_imgsize``).
+                ``[B, K, H, W]``, optional ``query_mask`` (the logits are resized to its size, the
+                evaluated resolution) or else ``org_query_imsize`` (PIL ``(width, height)``, as the
+                original's ``use_original_imgsize``).
             nshot: shots to use (the first ``nshot`` of K).
 
         Returns:
@@ -234,8 +234,15 @@ class HSNet(nn.Module):
         if not isinstance(nshot, int) or not 1 <= nshot <= support_imgs.shape[1]:
             raise ValueError(f"nshot: expected an int in [1, {support_imgs.shape[1]}] (shots in the batch), "
                              f"got {nshot!r}")
+        # The truth mask's size is the evaluated resolution (the original size under
+        # use_original_imgsize, else the resized one) and works for any batch size.
         org = batch.get("org_query_imsize")
-        size = _org_size(org) if org is not None else tuple(query_img.shape[-2:])
+        if isinstance(batch.get("query_mask"), torch.Tensor):
+            size = tuple(batch["query_mask"].shape[-2:])
+        elif org is not None:
+            size = _org_size(org)
+        else:
+            size = tuple(query_img.shape[-2:])
         query_feats = self.extract_features(query_img)
         vote_sum = 0
         for shot in range(nshot):

@@ -51,7 +51,6 @@ import signal
 import sys
 import threading
 import time
-import uuid
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -64,6 +63,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from hypertriton import distributed as hdist
+from hypertriton._io import atomic_file, atomic_save
 
 __all__ = [
     "TrainConfig",
@@ -173,33 +173,6 @@ class TrainConfig:
 
 # --------------------------------------------------------------------------------------------------
 # Files
-
-
-@contextmanager
-def _atomic_file(path: Path, mode: str = "wb"):
-    """Yield a handle to a temporary file next to ``path``; on success it is synced and renamed over
-    ``path`` (``os.replace`` is atomic within one file system), so readers see the old or the complete
-    new file, never a truncated one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # open(..., "x") rather than mkstemp: the file gets the umask's permissions, not mkstemp's 0600.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, mode.replace("w", "x")) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj, path)``, atomically (temporary file in the same folder, then a rename)."""
-    path = Path(path)
-    with _atomic_file(path) as handle:
-        torch.save(obj, handle)
-    return path
 
 
 class _RunLog:
@@ -476,35 +449,12 @@ def _build_dataset(config: TrainConfig, split: str, nshot: int) -> Dataset:
                          img_size=config.img_size, use_original_imgsize=False)
 
 
-class _AtTrainingSize(Dataset):
-    """A validation dataset whose items drop ``org_query_imsize``: validation during training predicts at
-    the resized query size, as the original's (its loaders never use the original image size), and a
-    batch of several episodes then needs no per-episode output size."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict:
-        item = dict(self.dataset[index])
-        item.pop("org_query_imsize", None)
-        return item
-
-    def __getattr__(self, name: str):
-        # class_ids, benchmark, ... of the wrapped dataset (evaluate() reads them)
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
-
 def _validate(model: torch.nn.Module, dataset: Dataset, config: TrainConfig, device: torch.device,
               show_progress: bool) -> dict[str, float]:
     from hypertriton.evaluation import evaluate
 
     # evaluate() shards the episodes over the ranks and all-reduces the counts itself.
-    result = evaluate(model, _AtTrainingSize(dataset), nshot=config.nshot, device=device, progress=show_progress,
+    result = evaluate(model, dataset, nshot=config.nshot, device=device, progress=show_progress,
                       bsz=config.val_bsz or config.bsz, nworker=config.nworker, max_episodes=config.val_episodes)
     return {"miou": float(result["miou"]), "fbiou": float(result["fb_iou"])}
 
@@ -705,7 +655,7 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
 
     log = _RunLog(logdir, ctx.is_main, config.tensorboard)
     if ctx.is_main:
-        with _atomic_file(logdir / "config.json", "w") as handle:
+        with atomic_file(logdir / "config.json", "w") as handle:
             json.dump(dataclasses.asdict(config), handle, indent=2)
     log.write("resume" if state is not None else "start", epoch=start_epoch, step=start_step,
               global_step=global_step, world_size=ctx.world_size, device=str(device),

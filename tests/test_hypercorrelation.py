@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import (BACKEND_IDS, LAYOUTS, MASK_KINDS, assert_gradients_match, available_backends, make_mask,
                      make_tensor, seeds)
-from hypothesis import assume, example, given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import hypertriton

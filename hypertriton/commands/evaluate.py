@@ -17,8 +17,9 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
+
+from hypertriton._io import atomic_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,18 +63,10 @@ def _check(args: argparse.Namespace) -> None:
 
 def write_json_atomic(data: dict, path: str | os.PathLike) -> Path:
     """Write ``data`` as JSON to ``path`` via a temporary file renamed over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_file(path, "w") as handle:
+        json.dump(data, handle, indent=2)
+        handle.write("\n")
+    return Path(path)
 
 
 def run(args: argparse.Namespace) -> int:
