@@ -6,6 +6,7 @@ but before the first kernel runs):
 
 - ops: :func:`hypercorrelation`, :func:`center_pivot_conv4d`
 - modules: :class:`HyperCorr`, :class:`CenterPivotConv4d`, :class:`HPNLearner`, :class:`HSNet`
+- workflows: :func:`evaluate`, :func:`train` with :class:`TrainConfig`, :func:`save_checkpoint`
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ _EXPORTS = {
     "CenterPivotConv4d": "hypertriton.modules",
     "HPNLearner": "hypertriton.learner",
     "HSNet": "hypertriton.model",
+    "save_checkpoint": "hypertriton.checkpoint",
+    "evaluate": "hypertriton.evaluation",
+    "train": "hypertriton.training",
+    "TrainConfig": "hypertriton.training",
     "resolve_backend": "hypertriton.backend",
     "BACKENDS": "hypertriton.backend",
 }
