@@ -6,8 +6,9 @@
 - ``triton``: the custom op ``hypertriton::center_pivot_conv4d`` around
   :func:`hypertriton.kernels.center_pivot_conv4d.center_pivot_conv4d_into` (both branches in one pass),
   with Triton backward kernels;
-- ``torch``: two batched ``conv2d`` calls on the pivots only (a strided view picks them; no index
-  cache, so nothing goes stale when the input size changes).
+- ``torch``: a ``conv3d`` for the support branch that writes the output layout directly, plus a
+  batched ``conv2d`` on the pivot support positions (a strided view picks them; no index cache, so
+  nothing goes stale when the input size changes).
 """
 
 from __future__ import annotations
@@ -51,23 +52,24 @@ def _cp_conv_torch(x, weight_query, bias_query, weight_support, bias_support, st
     batch, channels, hq, wq, hs, ws = x.shape
     sqh, sqw, ssh, ssw = stride
     pqh, pqw, psh, psw = padding
-    out_channels = weight_query.shape[0]
 
-    # Query branch at pivot support positions only: [B*Hs'*Ws', C, Hq, Wq].
-    pivots = x[..., ::ssh, ::ssw]
-    hs2, ws2 = pivots.shape[-2:]
-    query_branch = F.conv2d(pivots.permute(0, 4, 5, 1, 2, 3).reshape(batch * hs2 * ws2, channels, hq, wq), weight_query,
-                            bias_query, (sqh, sqw), (pqh, pqw))
-    hq2, wq2 = query_branch.shape[-2:]
-    query_branch = query_branch.view(batch, hs2, ws2, out_channels, hq2, wq2).permute(0, 3, 4, 5, 1, 2)
-
-    # Support branch at pivot query positions only: [B*Hq'*Wq', C, Hs, Ws].
+    # Support branch at pivot query positions: a 3D convolution with a (1, k, k) kernel over
+    # [B, C, Hq'*Wq', Hs, Ws] slides over the support dims only and writes the output layout directly
+    # (no permuted copy of x in, none of the result out).
     pivots = x[:, :, ::sqh, ::sqw]
-    support_branch = F.conv2d(pivots.permute(0, 2, 3, 1, 4, 5).reshape(batch * hq2 * wq2, channels, hs, ws),
-                              weight_support,
-                              bias_support, (ssh, ssw), (psh, psw))
-    support_branch = support_branch.view(batch, hq2, wq2, out_channels, hs2, ws2).permute(0, 3, 1, 2, 4, 5)
-    return (query_branch + support_branch).contiguous()
+    hq2, wq2 = pivots.shape[2:4]
+    out = F.conv3d(pivots.reshape(batch, channels, hq2 * wq2, hs, ws), weight_support.unsqueeze(2), bias_support,
+                   (1, ssh, ssw), (0, psh, psw))
+    out_channels, hs2, ws2 = out.shape[1], *out.shape[-2:]
+    out = out.view(batch, out_channels, hq2, wq2, hs2, ws2)
+
+    # Query branch at pivot support positions: batched 2D convolutions over [B*Hs'*Ws', C, Hq, Wq]. The
+    # pivots are few (1/s^2 of x), so gathering them costs little; a (k, k, 1) 3D kernel here runs
+    # slower on CPU than this.
+    pivots = x[..., ::ssh, ::ssw]
+    query_branch = F.conv2d(pivots.permute(0, 4, 5, 1, 2, 3).reshape(batch * hs2 * ws2, channels, hq, wq),
+                            weight_query, bias_query, (sqh, sqw), (pqh, pqw))
+    return out.add_(query_branch.view(batch, hs2, ws2, out_channels, hq2, wq2).permute(0, 3, 4, 5, 1, 2))
 
 
 @torch.library.custom_op("hypertriton::center_pivot_conv4d", mutates_args=())
