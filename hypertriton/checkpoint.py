@@ -59,6 +59,10 @@ def read_state_dict(source) -> dict[str, torch.Tensor]:
     else:
         raise TypeError(f"checkpoint: expected a file path or a state_dict mapping, got {type(source).__name__}")
 
+    from .compact import is_compact, load_compact
+
+    if is_compact(loaded):  # the bundled weights' codebook format
+        loaded = load_compact(loaded)[0]
     for wrapper in ("state_dict", "model"):
         if isinstance(loaded, Mapping) and isinstance(loaded.get(wrapper), Mapping):
             loaded = loaded[wrapper]

@@ -257,3 +257,23 @@ def test_coco_pickle_of_plain_data_loads_and_shape_is_checked(tmp_path):
 def test_empty_class_is_an_error_not_an_endless_loop():
     with pytest.raises(DatasetError, match="empty class"):
         pascal.draw_test_episodes([("a", 0), ("b", 1)], nshot=1, source="fold.txt")
+
+
+def test_cli_lists_synthetic_episodes_by_the_names_its_items_carry():
+    from hypertriton.data.synthetic import SyntheticDataset
+
+    buffer = io.StringIO()
+    with redirect_stdout(buffer):
+        assert cli_main(["episodes", "--benchmark", "synthetic", "--nshot", "2", "--count", "3"]) == 0
+    rows = [json.loads(line) for line in buffer.getvalue().splitlines()]
+    dataset = SyntheticDataset(split="test", nshot=2)
+    assert len(rows) == 3
+    for index, row in enumerate(rows):
+        item = dataset[index]
+        assert row == {"query": item["query_name"], "supports": list(item["support_names"]),
+                       "class_id": int(item["class_id"])}
+
+
+def test_cli_real_benchmarks_need_splits(capsys):
+    assert cli_main(["episodes", "--benchmark", "pascal", "--count", "1"]) == 2
+    assert "--splits" in capsys.readouterr().err

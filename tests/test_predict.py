@@ -206,3 +206,20 @@ def test_missing_bundled_checkpoint_is_explained(monkeypatch, tmp_path):
     monkeypatch.setattr(lib, "BUNDLED_CHECKPOINT", tmp_path / "synthetic_resnet18.pt")
     with pytest.raises(lib.InputError, match="bundled checkpoint .* is missing"):
         lib.load_model()
+
+
+def test_bundled_compact_checkpoint_loads_through_from_checkpoint_and_evaluate(tmp_path, capsys):
+    """The bundled file is in the compact format; the generic loaders expand it transparently."""
+    from hypertriton import HSNet
+    from hypertriton.cli import main as cli_main
+    from hypertriton.compact import load_compact
+
+    model = HSNet.from_checkpoint(lib.BUNDLED_CHECKPOINT)
+    expanded, _ = load_compact(lib.BUNDLED_CHECKPOINT)
+    state = model.state_dict()
+    key = "hpn_learner.encoder_layer2.0.conv1.weight"
+    assert torch.equal(state[key], expanded["module." + key])
+    out = tmp_path / "result.json"
+    assert cli_main(["evaluate", "--benchmark", "synthetic", "--nshot", "1", "--load", str(lib.BUNDLED_CHECKPOINT),
+                     "--img-size", "96", "--max-episodes", "4", "--json", str(out)]) == 0
+    assert "mIoU:" in capsys.readouterr().out and out.is_file()

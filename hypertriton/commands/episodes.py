@@ -17,11 +17,11 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--benchmark", required=True, choices=["pascal", "coco", "fss"])
+    parser.add_argument("--benchmark", required=True, choices=["pascal", "coco", "fss", "synthetic"])
     parser.add_argument("--fold", type=int, default=0, help="0..3 (ignored for fss; default: %(default)s)")
     parser.add_argument("--nshot", type=int, default=1, help="supports per episode (default: %(default)s)")
-    parser.add_argument("--splits", required=True, metavar="DIR",
-                        help="folder with the original split files (pascal/, coco/, fss/)")
+    parser.add_argument("--splits", metavar="DIR",
+                        help="folder with the original split files (pascal/, coco/, fss/); not for synthetic")
     parser.add_argument("--datapath", metavar="DIR", help="data root (needed for fss: FSS-1000/ is listed)")
     parser.add_argument("--split", default="test", choices=["test", "val"],
                         help="which fixed episodes (default: %(default)s; differs only for fss)")
@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from hypertriton.data.episodes import list_episodes
 
+    if args.splits is None and args.benchmark != "synthetic":
+        print(f"hypertriton episodes: error: --splits DIR is required for {args.benchmark}", file=sys.stderr)
+        return 2
     try:
         episodes = list_episodes(args.benchmark, args.splits, args.fold, args.nshot, datapath=args.datapath,
                                  split=args.split, count=args.count)

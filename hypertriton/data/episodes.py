@@ -25,7 +25,7 @@ from .common import Episode, check_split
 
 __all__ = ["Episode", "list_episodes"]
 
-BENCHMARKS = ("pascal", "coco", "fss")
+BENCHMARKS = ("pascal", "coco", "fss", "synthetic")
 
 
 def list_episodes(benchmark: str, splits, fold: int, nshot: int, datapath=None, split: str = "test",
@@ -33,8 +33,9 @@ def list_episodes(benchmark: str, splits, fold: int, nshot: int, datapath=None, 
     """The first ``count`` (default: all) episodes of a benchmark's val/test run.
 
     Args:
-        benchmark: "pascal", "coco" or "fss".
-        splits: folder holding the split files (``pascal/``, ``coco/``, ``fss/`` or one of them).
+        benchmark: "pascal", "coco", "fss" or "synthetic".
+        splits: folder holding the split files (``pascal/``, ``coco/``, ``fss/`` or one of them); not
+            used by the synthetic benchmark, whose episodes are generated.
         fold: 0..3 (ignored for FSS-1000).
         nshot: supports per episode.
         datapath: data root; needed only for FSS-1000 (its episodes come from the folder listing).
@@ -70,4 +71,8 @@ def list_episodes(benchmark: str, splits, fold: int, nshot: int, datapath=None, 
         offset = fss.CLASS_OFFSET[split]
         index = {name: offset + i for i, name in enumerate(categories)}
         return fss.draw_test_episodes(queries, index, nshot, count=count, source=str(path))
+    if benchmark == "synthetic":
+        from .synthetic import SyntheticDataset
+
+        return SyntheticDataset(fold=fold, split=split, nshot=nshot).episode_names(count)
     raise ValueError(f"benchmark must be one of {BENCHMARKS}, got {benchmark!r}")
