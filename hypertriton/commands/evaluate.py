@@ -88,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         if ctx.is_main:
-            print(f"{args.benchmark} fold {args.fold} {args.nshot}-shot: {len(dataset)} episodes, "
+            print(f"{args.benchmark} fold {args.fold} {args.nshot}-shot: "
+                  f"{min(len(dataset), args.max_episodes or len(dataset))} episodes, "
                   f"{model.backbone_name} from {args.load}, {ctx.world_size} process(es) on {ctx.device}",
                   file=sys.stderr)
         result = evaluate(model, dataset, args.nshot, ctx.device, progress=args.progress,
