@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import hypertriton
 from hypertriton.backbones import build_backbone, extract_features, get_spec
-from hypertriton.learner import HPNLearner, resize_4d
+from hypertriton.learner import HPNLearner
 from hypertriton.ops.fused_first_layer import fused_hypercorrelation_cp_conv
 
 CASES = ("hypercorrelation", "cp_layer", "fused_first_layer", "learner_forward", "forward_backward", "episode")
@@ -137,16 +137,12 @@ def fused_forward_features(learner: HPNLearner, query_feats, support_feats, supp
     Each squeeze block's first center-pivot layer runs fused with that level's correlation; the rest
     is the learner's own modules (same result as ``learner(hypercorrelation(...))``).
     """
-    blocks = (learner.encoder_layer4, learner.encoder_layer3, learner.encoder_layer2)
     squeezed = []
-    for block, level in zip(blocks, level_slices(layers_per_level)):
+    for block, level in zip(learner.squeeze_blocks, level_slices(layers_per_level)):
         first = fused_hypercorrelation_cp_conv(query_feats[level], support_feats[level], support_mask, block[0],
                                                backend=backend, correlation_dtype=correlation_dtype)
         squeezed.append(block[1:](first))
-    sqz4, sqz3, sqz2 = squeezed
-    mix43 = learner.encoder_layer4to3(resize_4d(sqz4, sqz3.shape[2:4], sqz3.shape[4:6]) + sqz3)
-    mix432 = learner.encoder_layer3to2(resize_4d(mix43, sqz2.shape[2:4], sqz2.shape[4:6]) + sqz2)
-    return learner.decode(mix432.flatten(4).mean(dim=-1))
+    return learner.decode(learner.mix(*squeezed))
 
 
 def original_level_correlation(query_feats, support_feats, support_mask) -> torch.Tensor:

@@ -271,7 +271,8 @@ def _add_query_branch(out_b, query_normed_b, support_active, active, weight, spe
     hs, ws = _support_size(spec)
     columns, out_index = _pivot_columns(active, hs, ws, spec, out_b.device)
     query_full = [qn.flatten(1) for qn in query_normed_b]
-    pivots = _chunk_size(spec.layers * hq * wq, spec)
+    # A chunk holds its correlations [p, L, Hq*Wq] and its conv output [p, Cout, Hq'*Wq'].
+    pivots = _chunk_size(spec.layers * hq * wq + weight.shape[0] * spec.out_size[0] * spec.out_size[1], spec)
     for start in range(0, columns.numel(), pivots):
         cols = columns[start:start + pivots]
         part = _query_branch_chunk(query_full, [s.index_select(1, cols) for s in support_active], weight, spec,
@@ -413,7 +414,7 @@ def _backward_features_and_weights(grad, features, mask, weight_query, weight_su
 
             columns, out_index = _pivot_columns(active, hs, ws, spec, grad.device)
             q_leaf = [q.detach().requires_grad_() for q in query_full]
-            pivots = _chunk_size(layers * hq * wq, spec)
+            pivots = _chunk_size(layers * hq * wq + out_channels * hq2 * wq2, spec)
             for start in range(0, columns.numel(), pivots):
                 cols = columns[start:start + pivots]
                 s_piv = [s.index_select(1, cols) for s in s_leaf]
