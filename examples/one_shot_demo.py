@@ -140,11 +140,20 @@ def run_own(args, model, img_size: int) -> list[list[Image.Image]]:
 
 def main(argv=None) -> int:
     args = _parse(argv)
-    start = time.time()
-    torch.set_grad_enabled(False)
     # 96-px episodes are small tensors: extra threads gain little, and on a busy machine OpenMP's
-    # waiting threads made this demo 15x slower (80 s instead of 5 s on 2 shared cores).
+    # waiting threads made this demo 15x slower (80 s instead of 5 s on 2 shared cores). The previous
+    # setting is restored so that calling main() from Python leaves the process as it was.
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args) -> int:
+    start = time.time()
     try:
         backend = resolve_backend(args.backend, torch.device("cpu"))
         model, img_size = load_model(args.checkpoint, args.backbone, backend=backend)
