@@ -76,7 +76,7 @@ def test_demo_refuses_partial_own_image_arguments(demo, capsys):
     assert "go together" in capsys.readouterr().err
 
 
-def test_main_leaves_the_process_as_it_was(tmp_path):
+def test_main_leaves_the_process_as_it_was(demo, tmp_path):
     """main() is called in-process by these tests: it must not switch autograd off or change threads."""
     threads = torch.get_num_threads()
     assert demo.main(["--episodes", "1", "--out", str(tmp_path / "d.png")]) == 0
