@@ -4,7 +4,8 @@ memory-lean with Triton kernels.
 Public API (imported lazily so that ``TRITON_INTERPRET`` may be set after ``import hypertriton``
 but before the first kernel runs):
 
-- ops: :func:`hypercorrelation`, :func:`center_pivot_conv4d`
+- ops: :func:`hypercorrelation`, :func:`center_pivot_conv4d`, and the fused first squeeze layer
+  :func:`fused_hypercorrelation_cp_conv` (no 4D tensor stored)
 - modules: :class:`HyperCorr`, :class:`CenterPivotConv4d`, :class:`HPNLearner`, :class:`HSNet`
 - workflows: :func:`evaluate`, :func:`train` with :class:`TrainConfig`, :func:`save_checkpoint`
 """
@@ -18,6 +19,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "hypercorrelation": "hypertriton.ops.hypercorrelation",
     "center_pivot_conv4d": "hypertriton.ops.center_pivot_conv4d",
+    "fused_hypercorrelation_cp_conv": "hypertriton.ops.fused_first_layer",
+    "fused_hypercorrelation_cp_conv4d": "hypertriton.ops.fused_first_layer",
     "HyperCorr": "hypertriton.modules",
     "CenterPivotConv4d": "hypertriton.modules",
     "HPNLearner": "hypertriton.learner",

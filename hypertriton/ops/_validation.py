@@ -91,3 +91,39 @@ def as_quadruple(value, name: str) -> tuple[int, int, int, int]:
         return tuple(value)
     raise TypeError(f"{name}: expected an int or a 4-tuple of ints (query h, query w, support h, support w), "
                     f"got {value!r}")
+
+
+def check_cp_conv_args(weight_query, bias_query, weight_support, bias_support, stride, padding, *,
+                       in_channels: int, channels_of: str, anchor: tuple[str, object]):
+    """Checks of a center-pivot conv's parameters; returns ``(stride, padding)`` as 4-tuples.
+
+    Args:
+        in_channels: the input channels the weights must expect; ``channels_of`` says where that count
+            comes from, for the message (e.g. ``"x has 4 (shape [1, 4, ...])"``).
+        anchor: ``(name, tensor)`` of the input the parameters must share a device with.
+        padding: None for ``kernel // 2`` on every dim.
+    """
+    check_tensor(weight_query, "weight_query", 4, "[Cout, Cin, KQh, KQw]")
+    check_tensor(weight_support, "weight_support", 4, "[Cout, Cin, KSh, KSw]")
+    for name, weight in (("weight_query", weight_query), ("weight_support", weight_support)):
+        if weight.shape[1] != in_channels:
+            raise ValueError(f"{name} expects {weight.shape[1]} input channels (shape {shape_of(weight)}) but "
+                             f"{channels_of}; expected equal channel counts")
+    if weight_support.shape[0] != weight_query.shape[0]:
+        raise ValueError(f"weight_query has {weight_query.shape[0]} output channels but weight_support has "
+                         f"{weight_support.shape[0]}; expected equal")
+    for name, bias in (("bias_query", bias_query), ("bias_support", bias_support)):
+        if bias is not None:
+            check_tensor(bias, name, 1, "[Cout]")
+            if bias.shape[0] != weight_query.shape[0]:
+                raise ValueError(f"{name}: expected shape [{weight_query.shape[0]}], got {shape_of(bias)}")
+    check_same_device({anchor[0]: anchor[1], "weight_query": weight_query, "bias_query": bias_query,
+                       "weight_support": weight_support, "bias_support": bias_support})
+    stride = as_quadruple(stride, "stride")
+    if min(stride) < 1:
+        raise ValueError(f"stride: expected positive values, got {stride}")
+    kernels = (*weight_query.shape[-2:], *weight_support.shape[-2:])
+    padding = tuple(k // 2 for k in kernels) if padding is None else as_quadruple(padding, "padding")
+    if min(padding) < 0:
+        raise ValueError(f"padding: expected non-negative values, got {padding}")
+    return stride, padding

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .. import reference
 from ..backend import resolve_backend
 from ._alloc import new_output
-from ._validation import as_quadruple, check_same_device, check_tensor, shape_of
+from ._validation import check_cp_conv_args, check_tensor, shape_of
 
 
 def output_size(x_shape, kernel_query, kernel_support, stride, padding) -> tuple[int, int, int, int]:
@@ -160,30 +160,9 @@ def center_pivot_conv4d(x, weight_query, bias_query, weight_support, bias_suppor
         torch.Size([1, 8, 5, 5, 3, 3])
     """
     check_tensor(x, "x", 6, "[B, Cin, Hq, Wq, Hs, Ws]")
-    check_tensor(weight_query, "weight_query", 4, "[Cout, Cin, KQh, KQw]")
-    check_tensor(weight_support, "weight_support", 4, "[Cout, Cin, KSh, KSw]")
-    for name, weight in (("weight_query", weight_query), ("weight_support", weight_support)):
-        if weight.shape[1] != x.shape[1]:
-            raise ValueError(f"{name} expects {weight.shape[1]} input channels (shape {shape_of(weight)}) but x "
-                             f"has {x.shape[1]} (shape {shape_of(x)}); expected equal channel counts")
-    if weight_support.shape[0] != weight_query.shape[0]:
-        raise ValueError(f"weight_query has {weight_query.shape[0]} output channels but weight_support has "
-                         f"{weight_support.shape[0]}; expected equal")
-    out_channels = weight_query.shape[0]
-    for name, bias in (("bias_query", bias_query), ("bias_support", bias_support)):
-        if bias is not None:
-            check_tensor(bias, name, 1, "[Cout]")
-            if bias.shape[0] != out_channels:
-                raise ValueError(f"{name}: expected shape [{out_channels}], got {shape_of(bias)}")
-    check_same_device({"x": x, "weight_query": weight_query, "bias_query": bias_query,
-                       "weight_support": weight_support, "bias_support": bias_support})
-    stride = as_quadruple(stride, "stride")
-    if min(stride) < 1:
-        raise ValueError(f"stride: expected positive values, got {stride}")
-    kernels = (*weight_query.shape[-2:], *weight_support.shape[-2:])
-    padding = tuple(k // 2 for k in kernels) if padding is None else as_quadruple(padding, "padding")
-    if min(padding) < 0:
-        raise ValueError(f"padding: expected non-negative values, got {padding}")
+    stride, padding = check_cp_conv_args(weight_query, bias_query, weight_support, bias_support, stride, padding,
+                                         in_channels=x.shape[1], anchor=("x", x),
+                                         channels_of=f"x has {x.shape[1]} (shape {shape_of(x)})")
     output_size(x.shape, weight_query.shape[-2:], weight_support.shape[-2:], stride, padding)
 
     # Like an nn.Module called on another dtype: the input's dtype decides.

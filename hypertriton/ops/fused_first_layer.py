@@ -38,8 +38,7 @@ import torch.nn.functional as F
 from .. import reference
 from ..backend import resolve_backend
 from ._alloc import new_output
-from ._validation import as_quadruple, check_feature_lists, check_same_device, check_support_mask, check_tensor, \
-    shape_of
+from ._validation import check_cp_conv_args, check_feature_lists, check_support_mask, shape_of
 from .center_pivot_conv4d import output_size
 
 # Elements of one chunk's dense correlation buffer (fp32: 8 MB). Large enough that the matrix
@@ -489,29 +488,9 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
     device, dtype = q0.device, q0.dtype
     if support_mask is not None:
         check_support_mask(support_mask, q0.shape[0], device)
-    check_tensor(weight_query, "weight_query", 4, "[Cout, L, KQh, KQw]")
-    check_tensor(weight_support, "weight_support", 4, "[Cout, L, KSh, KSw]")
-    for name, weight in (("weight_query", weight_query), ("weight_support", weight_support)):
-        if weight.shape[1] != layers:
-            raise ValueError(f"{name} expects {weight.shape[1]} input channels (shape {shape_of(weight)}) but the "
-                             f"level has {layers} layers; expected one input channel per layer")
-    if weight_support.shape[0] != weight_query.shape[0]:
-        raise ValueError(f"weight_query has {weight_query.shape[0]} output channels but weight_support has "
-                         f"{weight_support.shape[0]}; expected equal")
-    for name, bias in (("bias_query", bias_query), ("bias_support", bias_support)):
-        if bias is not None:
-            check_tensor(bias, name, 1, "[Cout]")
-            if bias.shape[0] != weight_query.shape[0]:
-                raise ValueError(f"{name}: expected shape [{weight_query.shape[0]}], got {shape_of(bias)}")
-    check_same_device({"query_feats[0]": q0, "weight_query": weight_query, "bias_query": bias_query,
-                       "weight_support": weight_support, "bias_support": bias_support})
-    stride = as_quadruple(stride, "stride")
-    if min(stride) < 1:
-        raise ValueError(f"stride: expected positive values, got {stride}")
-    kernels = (*weight_query.shape[-2:], *weight_support.shape[-2:])
-    padding = tuple(k // 2 for k in kernels) if padding is None else as_quadruple(padding, "padding")
-    if min(padding) < 0:
-        raise ValueError(f"padding: expected non-negative values, got {padding}")
+    stride, padding = check_cp_conv_args(weight_query, bias_query, weight_support, bias_support, stride, padding,
+                                         in_channels=layers, anchor=("query_feats[0]", q0),
+                                         channels_of=f"the level has {layers} layers (one input channel per layer)")
     x_shape = (q0.shape[0], layers, *q0.shape[-2:], *s0.shape[-2:])
     out_size = output_size(x_shape, weight_query.shape[-2:], weight_support.shape[-2:], stride, padding)
     if correlation_dtype is not None and (not isinstance(correlation_dtype, torch.dtype)
