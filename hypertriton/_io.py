@@ -36,3 +36,15 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     with atomic_file(path) as handle:
         torch.save(obj, handle)
     return Path(path)
+
+
+def load_on_cpu(path: str | os.PathLike) -> Any:
+    """``torch.load`` onto the CPU, tensors and plain containers only (``weights_only``: a loaded file
+    can run no code; a checkpoint saved on a GPU loads on a machine without one)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_error_summary(error: BaseException) -> str:
+    """``"Type: first line"`` of a failed load, for messages that name the file."""
+    text = str(error)
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from ._io import load_on_cpu
+
 __all__ = ["BackboneSpec", "BACKBONES", "get_spec", "build_backbone", "extract_features", "freeze",
            "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -135,10 +137,10 @@ def load_imagenet_weights(name: str, weights: str | os.PathLike | None = None,
         if not path.is_file():
             raise FileNotFoundError(f"weights: no such file {str(path)!r} (expected torchvision's "
                                     f"{os.path.basename(url)} for {name})")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_on_cpu(path)
     cached = _hub_cache_path(url)
     if cached.is_file():
-        return torch.load(cached, map_location="cpu", weights_only=True)
+        return load_on_cpu(cached)
     if not allow_download:
         raise RuntimeError(_missing_weights_message(name, url, f"{cached} does not exist and downloading is off"))
     try:

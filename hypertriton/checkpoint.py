@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._io import atomic_save
+from ._io import atomic_save, load_error_summary, load_on_cpu
 
 __all__ = ["read_state_dict", "strip_prefix", "infer_backbone", "load_into", "save_checkpoint",
            "atomic_save", "CheckpointError"]
@@ -49,11 +49,10 @@ def read_state_dict(source) -> dict[str, torch.Tensor]:
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint: no such file {str(path)!r}")
         try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            loaded = load_on_cpu(path)
         except Exception as error:  # unpickling, zip and EOF errors all mean "not a checkpoint"
             raise CheckpointError(f"checkpoint: {str(path)!r} is not a PyTorch checkpoint (torch.load failed: "
-                                  f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
-                                  ) from error
+                                  f"{load_error_summary(error)})") from error
     elif isinstance(source, Mapping):
         loaded = source
     else:

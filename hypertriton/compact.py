@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ._io import atomic_save
+from ._io import atomic_save, load_on_cpu
 from .checkpoint import CheckpointError
 
 __all__ = ["COMPACT_FORMAT", "save_compact", "is_compact", "load_compact"]
@@ -97,7 +97,7 @@ def is_compact(loaded) -> bool:
 def load_compact(source) -> tuple[dict[str, torch.Tensor], dict]:
     """Expand a compact checkpoint (a path or the loaded object) to ``(state_dict, metadata)``; every
     floating tensor comes back as float32 (or its saved dtype)."""
-    loaded = torch.load(source, map_location="cpu", weights_only=True) if isinstance(source, (str, os.PathLike)) \
+    loaded = load_on_cpu(source) if isinstance(source, (str, os.PathLike)) \
         else source
     if not is_compact(loaded):
         raise CheckpointError(f"checkpoint: {source!r} is not a compact hypertriton checkpoint")

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ._io import load_on_cpu
 from .compact import is_compact, load_compact, save_compact  # noqa: F401  (part of this module's API)
 
 __all__ = [
@@ -174,7 +175,7 @@ def load_model(checkpoint=None, backbone: str | None = None, backend: str | None
     img_size = DEFAULT_IMG_SIZE
     source = path
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = load_on_cpu(path)
     except Exception:  # not even a torch file: let from_checkpoint phrase the error
         loaded = None
     if is_compact(loaded):

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from hypertriton import distributed as hdist
-from hypertriton._io import atomic_file, atomic_save
+from hypertriton._io import atomic_file, atomic_save, load_error_summary, load_on_cpu
 
 __all__ = [
     "TrainConfig",
@@ -465,11 +465,9 @@ def load_training_state(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"resume: no training state at {path}")
     try:
-        # weights_only: tensors and plain containers only, so a resumed file can run no code.
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_on_cpu(path)
     except Exception as error:  # unpickling, zip and EOF errors all mean "not a training state"
-        raise ValueError(f"resume: {path} is not a readable training state ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else ''})") from error
+        raise ValueError(f"resume: {path} is not a readable training state ({load_error_summary(error)})") from error
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise ValueError(f"resume: {path} is not a hypertriton training state (expected a {LAST_CHECKPOINT} "
                          f"written by 'hypertriton train'; {BEST_CHECKPOINT} holds weights only)")
