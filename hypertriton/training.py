@@ -85,6 +85,21 @@ STATE_VERSION = 1
 
 # Config fields that change the training trajectory: resuming with a different value cannot continue
 # the same run.
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def scheduled_lr(lr: float, schedule: str, step: int, total_steps: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based) of ``total_steps``: ``lr`` throughout for
+    ``"constant"``; for ``"cosine"``, ``lr * (1 + cos(pi * step / total_steps)) / 2`` (``lr`` at step 0,
+    near 0 at the last step)."""
+    if schedule == "constant":
+        return lr
+    if schedule != "cosine":
+        raise ValueError(f"schedule: expected one of {LR_SCHEDULES}, got {schedule!r}")
+    progress = min(max(step, 0), total_steps) / max(total_steps, 1)
+    return 0.5 * lr * (1.0 + math.cos(math.pi * progress))
+
+
 _TRAJECTORY_FIELDS = ("benchmark", "fold", "backbone", "bsz", "seed", "img_size", "nshot", "pretrained")
 
 
@@ -106,7 +121,10 @@ class TrainConfig:
         logpath: output folder (checkpoints, logs).
         epochs: total number of epochs (the run stops after epoch ``epochs - 1``).
         bsz: global batch size (episodes per optimizer step, summed over all ranks).
-        lr: Adam learning rate (constant).
+        lr: Adam learning rate (the peak rate under ``lr_schedule="cosine"``).
+        lr_schedule: ``"constant"`` (the original recipe) or ``"cosine"``: the rate falls from ``lr``
+            to 0 along half a cosine over the run's ``epochs * steps_per_epoch`` optimizer steps. The
+            rate is a function of the global step alone, so a resumed run follows the same schedule.
         nworker: data-loader worker processes per rank.
         img_size: side of the square training/validation images.
         nshot: shots per training and validation episode (the original trains 1-shot).
@@ -136,6 +154,7 @@ class TrainConfig:
     epochs: int = 2000
     bsz: int = 20
     lr: float = 1e-3
+    lr_schedule: str = "constant"
     nworker: int = 0
     img_size: int = 400
     nshot: int = 1
@@ -167,6 +186,8 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected a positive integer or None, got {value!r}")
         if self.val_episodes is not None and (not isinstance(self.val_episodes, int) or self.val_episodes < 0):
             raise ValueError(f"val_episodes: expected an integer >= 0 or None, got {self.val_episodes!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule: expected one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.amp not in ("off", "auto", "bf16", "fp16"):
             raise ValueError(f"amp: expected one of 'off', 'auto', 'bf16', 'fp16', got {self.amp!r}")
 
@@ -534,7 +555,7 @@ def _check_resume_config(saved: dict, config: TrainConfig, world_size: int) -> N
         details = ", ".join(f"{name}: {saved.get(name)!r} -> {getattr(config, name)!r}" for name in changed)
         raise ValueError(f"resume: the run was started with different settings ({details}); "
                          "resume with the original values or start a new run")
-    for name in ("lr", "amp", "max_steps_per_epoch"):
+    for name in ("lr", "lr_schedule", "amp", "max_steps_per_epoch"):
         if saved.get(name) != getattr(config, name):
             warnings.warn(f"resume: {name} changed from {saved.get(name)!r} to {getattr(config, name)!r}; "
                           "the continued run will differ from an uninterrupted one", stacklevel=3)
@@ -650,6 +671,7 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
                         persistent_workers=config.nworker > 0)
     full_steps = math.ceil(math.ceil(len(train_dataset) / ctx.world_size) / rank_bsz)
     steps_per_epoch = min(full_steps, config.max_steps_per_epoch or full_steps)
+    total_steps = config.epochs * steps_per_epoch
 
     log = _RunLog(logdir, ctx.is_main, config.tensorboard)
     if ctx.is_main:
@@ -694,6 +716,8 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
                        dynamic_ncols=True, leave=False)
             for batch in (loader if step < steps_per_epoch else ()):
                 batch = _to_device(batch, device)
+                for group in optimizer.param_groups:
+                    group["lr"] = scheduled_lr(config.lr, config.lr_schedule, global_step, total_steps)
                 consistent = False
                 loss = training_step(train_model, batch, optimizer, scaler, amp_dtype, meter)
                 consistent = True
@@ -742,7 +766,7 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
                    "val_miou": last_val["miou"] if last_val else None,
                    "val_fbiou": last_val["fbiou"] if last_val else None,
                    "best_miou": best_miou if best_epoch is not None else None}
-            log.write("epoch", epoch=epoch, global_step=global_step, lr=config.lr, **row)
+            log.write("epoch", epoch=epoch, global_step=global_step, lr=optimizer.param_groups[0]["lr"], **row)
             log.scalars(epoch, {"train/loss": epoch_loss, "train/miou": row["train_miou"],
                                 "train/fbiou": row["train_fbiou"], "val/miou": row["val_miou"],
                                 "val/fbiou": row["val_fbiou"]})

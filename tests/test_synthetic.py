@@ -179,3 +179,21 @@ def test_drawing_an_episode_takes_milliseconds():
     for index in range(40):
         dataset[index]
     assert (time.perf_counter() - start) / 40 < 0.05  # about 3 ms here; generous for a loaded CI machine
+
+
+def test_pretrain_backbone_writes_torchvision_weights_that_hsnet_loads(tmp_path):
+    from hypertriton.data.synthetic import pretrain_backbone
+    from hypertriton.model import HSNet
+
+    out = tmp_path / "backbone.pth"
+    summary = pretrain_backbone(out, "resnet18", fold=0, img_size=32, steps=2, bsz=2, lr=1e-3, progress=False,
+                                lr_schedule="cosine")
+    assert summary["steps"] == 2 and np.isfinite(summary["loss"])
+    weights = torch.load(out, map_location="cpu", weights_only=True)
+    model = HSNet("resnet18", backbone_weights=str(out))
+    for name, value in model.backbone.state_dict().items():
+        assert torch.equal(value, weights[name]), name
+    # Training changed the random initialisation it started from.
+    torch.manual_seed(0)
+    untrained = HSNet("resnet18").backbone.state_dict()
+    assert not torch.equal(untrained["conv1.weight"], weights["conv1.weight"])

@@ -22,7 +22,7 @@ from hypertriton.data.synthetic import SyntheticDataset
 from hypertriton.model import HSNet
 from hypertriton.training import (BEST_CHECKPOINT, LAST_CHECKPOINT, LOG_FILE, EpisodeSampler, SeededEpisodes,
                                   TrainConfig, atomic_save, compute_loss, episode_seed, load_training_state,
-                                  train, training_step)
+                                  scheduled_lr, train, training_step)
 
 IMG = 64
 
@@ -257,6 +257,41 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted, st
     assert all(0 <= value <= 100 for stats in epoch_stats(rows) for value in stats[1:])
 
 
+def test_scheduled_lr_hand_computed_values():
+    assert [scheduled_lr(0.1, "constant", step, 10) for step in (0, 5, 10)] == [0.1, 0.1, 0.1]
+    # cos(0) = 1, cos(pi/2) = 0, cos(pi) = -1, cos(pi/4) = sqrt(2)/2
+    assert scheduled_lr(0.1, "cosine", 0, 8) == pytest.approx(0.1)
+    assert scheduled_lr(0.1, "cosine", 4, 8) == pytest.approx(0.05)
+    assert scheduled_lr(0.1, "cosine", 2, 8) == pytest.approx(0.05 * (1 + math.sqrt(2) / 2))
+    assert scheduled_lr(0.1, "cosine", 8, 8) == pytest.approx(0.0, abs=1e-12)
+    assert scheduled_lr(0.1, "cosine", 9, 8) == pytest.approx(0.0, abs=1e-12)  # past the end: stays at 0
+    with pytest.raises(ValueError, match="schedule: expected one of"):
+        scheduled_lr(0.1, "linear", 0, 8)
+
+
+def test_cosine_schedule_is_followed_and_survives_a_stop(tmp_path):
+    trn, val = tiny_data()
+    reference_path = tmp_path / "reference"
+    reference = train(tiny_config(reference_path, lr_schedule="cosine"), train_dataset=trn, val_dataset=val)
+    epochs = [row for row in read_log(reference_path) if row["event"] == "epoch"]
+    # Each epoch row holds the rate of its last step: global steps 2 and 5 of 6.
+    assert [row["lr"] for row in epochs] == pytest.approx([scheduled_lr(1e-3, "cosine", step, 6) for step in (2, 5)])
+
+    trn, val = tiny_data()
+    stopped_path = tmp_path / "stopped"
+    stopped = train(tiny_config(stopped_path, lr_schedule="cosine"), train_dataset=trn, val_dataset=val,
+                    on_step=_stop_at(4))
+    assert stopped["interrupted"]
+    trn, val = tiny_data()
+    resumed = train(tiny_config(stopped_path, lr_schedule="cosine", resume="auto"), train_dataset=trn,
+                    val_dataset=val)
+    assert resumed["global_step"] == reference["global_step"]
+    expected = load_training_state(reference_path / LAST_CHECKPOINT)["model"]
+    final = load_training_state(stopped_path / LAST_CHECKPOINT)["model"]
+    for key, value in expected.items():
+        assert torch.equal(final[key], value), key
+
+
 def test_resume_refuses_a_different_recipe(tmp_path):
     trn, val = tiny_data()
     train(tiny_config(tmp_path, epochs=1, max_steps_per_epoch=1, val_episodes=0), train_dataset=trn)
@@ -316,6 +351,7 @@ def test_atomic_save_never_leaves_a_partial_file(tmp_path):
     ("bsz", 0, "bsz: expected a positive integer"),
     ("lr", float("nan"), "lr: expected a positive finite number"),
     ("amp", "fp8", "amp: expected one of"),
+    ("lr_schedule", "linear", "lr_schedule: expected one of"),
     ("val_episodes", -1, "val_episodes"),
 ])
 def test_config_rejects_impossible_values(tmp_path, field, value, message):
@@ -386,6 +422,9 @@ def test_cli_defaults_are_the_original_recipe():
     assert config.img_size == 400 and config.resume is None
     resume = config_from_args(build_parser().parse_args(["train", "--resume", "--amp"]))
     assert resume.resume == "auto" and resume.amp == "auto"
+    assert config.lr_schedule == "constant"
+    cosine = config_from_args(build_parser().parse_args(["train", "--lr-schedule", "cosine"]))
+    assert cosine.lr_schedule == "cosine"
     coco = config_from_args(build_parser().parse_args(["train", "--benchmark", "coco"]))
     assert coco.bsz == 40 and coco.logpath == os.path.join("logs", "coco-fold0-resnet101")
     assert config_from_args(build_parser().parse_args(["train", "--benchmark", "coco", "--bsz", "8"])).bsz == 8

@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from hypertriton.training import TrainConfig
+from hypertriton.training import LR_SCHEDULES, TrainConfig
 
 _DEFAULTS = TrainConfig()
 # The published models were trained with batch 40 on COCO-20i and 20 elsewhere.
@@ -60,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="global batch size, split over the torchrun processes (default: the original's, "
                         f"{ORIGINAL_BSZ['coco']} for coco, {_DEFAULTS.bsz} otherwise)")
     parser.add_argument("--lr", type=float, default=_DEFAULTS.lr, help="Adam learning rate (default: %(default)s)")
+    parser.add_argument("--lr-schedule", default=_DEFAULTS.lr_schedule, choices=LR_SCHEDULES,
+                        help="constant (the original) or cosine decay to 0 over the run (default: %(default)s)")
     parser.add_argument("--nworker", type=_non_negative_int, default=min(8, os.cpu_count() or 1),
                         help="data-loader workers per process (default: %(default)s)")
     parser.add_argument("--img-size", type=_positive_int, default=_DEFAULTS.img_size,
@@ -91,7 +93,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         backbone_weights=args.backbone_weights, backend=args.backend,
         datapath=args.datapath, splits=args.splits, logpath=logpath, epochs=args.epochs,
         bsz=args.bsz or ORIGINAL_BSZ.get(args.benchmark, _DEFAULTS.bsz),
-        lr=args.lr, nworker=args.nworker, img_size=args.img_size, nshot=args.nshot, amp=args.amp,
+        lr=args.lr, lr_schedule=args.lr_schedule, nworker=args.nworker, img_size=args.img_size, nshot=args.nshot, amp=args.amp,
         resume=args.resume, seed=args.seed, max_steps_per_epoch=args.max_steps_per_epoch,
         val_episodes=args.val_episodes, val_bsz=args.val_bsz, log_every=args.log_every, device=args.device,
         progress=args.progress)

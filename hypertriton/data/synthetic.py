@@ -469,7 +469,8 @@ def attribute_labels(labels: np.ndarray, classes: list[int]) -> np.ndarray:
 
 
 def pretrain_backbone(out, backbone: str = "resnet18", fold: int = 0, img_size: int = 96, steps: int = 600,
-                      bsz: int = 16, lr: float = 1e-3, seed: int = 0, progress: bool = True) -> dict:
+                      bsz: int = 16, lr: float = 1e-3, seed: int = 0, progress: bool = True,
+                      lr_schedule: str = "constant") -> dict:
     """Train a torchvision backbone from scratch on seen-class images (per-pixel attribute labels) and
     save its state_dict in torchvision's format (loadable by ``HSNet(backbone, backbone_weights=out)``).
 
@@ -479,6 +480,8 @@ def pretrain_backbone(out, backbone: str = "resnet18", fold: int = 0, img_size: 
         backbone: a ResNet name of :data:`hypertriton.backbones.BACKBONES`.
         fold: which classes are seen (only those are drawn).
         steps, bsz, lr: Adam steps, images per step, learning rate.
+        lr_schedule: ``"constant"`` or ``"cosine"`` (decay to 0 over ``steps``; see
+            :func:`hypertriton.training.scheduled_lr`).
 
     Returns:
         ``{"steps", "loss" (mean of the last 50 steps), "seconds"}``.
@@ -490,6 +493,7 @@ def pretrain_backbone(out, backbone: str = "resnet18", fold: int = 0, img_size: 
 
     from ..backbones import build_backbone, extract_features, get_spec
     from ..checkpoint import atomic_save
+    from ..training import scheduled_lr
 
     spec = get_spec(backbone)
     if spec.family != "resnet":
@@ -514,6 +518,8 @@ def pretrain_backbone(out, backbone: str = "resnet18", fold: int = 0, img_size: 
             image, labels = _render(classes, img_size, rng)
             images.append(normalize_image(image))
             targets.append(torch.from_numpy(attribute_labels(labels, classes)))
+        for group in optimizer.param_groups:
+            group["lr"] = scheduled_lr(lr, lr_schedule, step, steps)
         images, targets = torch.stack(images), torch.stack(targets).permute(0, 3, 1, 2).float()
         feats = extract_features(model, spec, images)
         loss = 0.0
@@ -544,6 +550,7 @@ def _main(argv=None) -> int:
     pre.add_argument("--steps", type=int, default=600)
     pre.add_argument("--bsz", type=int, default=16)
     pre.add_argument("--lr", type=float, default=1e-3)
+    pre.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"))
     pre.add_argument("--seed", type=int, default=0)
     base = sub.add_parser("baselines", help="mIoU of one-cue segmenters on test episodes")
     base.add_argument("--fold", type=int, default=0)
@@ -577,7 +584,7 @@ def _main(argv=None) -> int:
             print(f"{label:<36} mIoU {result['miou']:6.2f}  FB-IoU {result['fb_iou']:6.2f}")
         return 0
     summary = pretrain_backbone(args.out, args.backbone, args.fold, args.img_size, args.steps, args.bsz, args.lr,
-                                args.seed)
+                                args.seed, lr_schedule=args.lr_schedule)
     print(f"{summary['steps']} steps in {summary['seconds']:.0f} s, final loss {summary['loss']:.3f}; "
           f"weights in {args.out}")
     return 0
