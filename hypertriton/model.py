@@ -168,16 +168,10 @@ class HSNet(nn.Module):
         learner = self.hpn_learner
         if not self.fused:
             return learner(self.hypercorrelation(query_feats, support_feats, support_mask))
-        device_type = query_feats[0].device.type if isinstance(query_feats[0], torch.Tensor) else "cpu"
-        autocast = torch.is_autocast_enabled(device_type)
-        # The fused op picks its own precisions (fp32 accumulation); under autocast only its correlation
-        # products take the autocast dtype, as autocast would give the dense path's matrix products.
-        correlation_dtype = torch.get_autocast_dtype(device_type) if autocast else None
         squeezed = []
         for (query, support), block in zip(self._levels(query_feats, support_feats), learner.squeeze_blocks):
-            with torch.autocast(device_type, enabled=False):
-                first = fused_hypercorrelation_cp_conv(query, support, support_mask, block[0], backend=self.backend,
-                                                       correlation_dtype=correlation_dtype)
+            # Under autocast the fused op takes the autocast dtype for its correlation products only.
+            first = fused_hypercorrelation_cp_conv(query, support, support_mask, block[0], backend=self.backend)
             squeezed.append(block[1:](first))
         return learner.decode(learner.mix(*squeezed))
 

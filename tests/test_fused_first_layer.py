@@ -107,19 +107,24 @@ def test_forward_matches_dense_reference(seed, batch, layers, channels, hq, wq, 
 
 
 @settings(max_examples=15, deadline=None)
-@given(**shapes, upstream=st.sampled_from(["random", "sum"]))
+@given(**shapes, upstream=st.sampled_from(["random", "sum"]), frozen=st.booleans())
 @example(seed=4, batch=2, layers=2, channels=3, hq=5, wq=4, hs=8, ws=7, k_query=3, k_support=5, support_stride=4,
-         query_stride=1, mask_kind="blob", mask_size=10, chunk_elements=7, upstream="sum")
+         query_stride=1, mask_kind="blob", mask_size=10, chunk_elements=7, upstream="sum", frozen=False)
 @example(seed=5, batch=1, layers=3, channels=2, hq=4, wq=4, hs=5, ws=5, k_query=5, k_support=3, support_stride=2,
-         query_stride=2, mask_kind="empty", mask_size=5, chunk_elements=64, upstream="random")
+         query_stride=2, mask_kind="empty", mask_size=5, chunk_elements=64, upstream="random", frozen=False)
+@example(seed=6, batch=2, layers=2, channels=3, hq=5, wq=5, hs=9, ws=9, k_query=3, k_support=5, support_stride=4,
+         query_stride=1, mask_kind="blob", mask_size=9, chunk_elements=16, upstream="random", frozen=True)
 def test_gradients_match_dense_reference(seed, batch, layers, channels, hq, wq, hs, ws, k_query, k_support,
                                          support_stride, query_stride, mask_kind, mask_size, chunk_elements,
-                                         upstream):
+                                         upstream, frozen):
+    """``frozen``: the features need no gradient (HSNet's frozen backbone), only the conv weights do."""
     gen, query, support, weights = make_case(seed, batch, layers, channels, hq, wq, hs, ws, k_query, k_support,
                                              requires_grad=True)
+    if frozen:
+        query, support = [q.detach() for q in query], [s.detach() for s in support]
     mask = make_mask(mask_kind, batch, mask_size, mask_size, gen)
     stride = (query_stride, query_stride, support_stride, support_stride)
-    inputs = [*query, *support, *weights]
+    inputs = [*weights] if frozen else [*query, *support, *weights]
     expected = dense(query, support, mask, weights, stride)
     with chunk_budget(chunk_elements):  # the backward pass recomputes in chunks too
         out = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, stride, backend="torch")
@@ -259,6 +264,24 @@ def test_reduced_precision_correlation_is_close():
     assert_close_dtype(exact, expected, dtype=torch.float32, scale=10)
     assert_close_dtype(out, expected, dtype=torch.bfloat16)
     assert not torch.equal(out, exact)  # the option does change the products
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_under_autocast_only_the_correlation_takes_the_autocast_dtype(grad):
+    """Under ``torch.autocast`` the op runs (no bf16/fp32 mix inside), returns the features' dtype, and
+    equals an explicit ``correlation_dtype`` of the autocast dtype."""
+    gen, query, support, weights = make_case(6, 2, 2, 8, 6, 6, 7, 7, 3, 3, out_channels=4, dtype=torch.float32,
+                                             requires_grad=grad)
+    mask = make_mask("blob", 2, 14, 14, gen).float()
+    explicit = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, (1, 1, 2, 2), backend="torch",
+                                                    correlation_dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, (1, 1, 2, 2), backend="torch")
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, explicit, rtol=0, atol=0)
+    if grad:
+        out.sum().backward()
+        assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (*query, weights[0], weights[2]))
 
 
 def test_half_precision_features_return_their_dtype():

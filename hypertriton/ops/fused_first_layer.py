@@ -393,35 +393,41 @@ def _backward_features_and_weights(grad, features, mask, weight_query, weight_su
                 continue
             query_pivots = [_pivot_query(qn[b], spec) for qn in query_normed]
             query_full = [qn[b].flatten(1) for qn in query_normed]
-            s_leaf = [s.detach().requires_grad_() for s in support_active]
+            # With frozen features (HSNet's backbone) only the weights need gradients: the chunks' matrix
+            # products are then recomputed but never differentiated.
+            s_leaf = [s.detach().requires_grad_(needs_features) for s in support_active]
             qp_grad = [torch.zeros_like(q) for q in query_pivots]
             qf_grad = [torch.zeros_like(q) for q in query_full]
             s_grad = [torch.zeros_like(s) for s in support_active]
 
             rows = _chunk_size(layers * hs * ws, spec)
             for start in range(0, hq2 * wq2, rows):
-                chunk = [q.detach()[:, start:start + rows].requires_grad_() for q in query_pivots]
+                chunk = [q.detach()[:, start:start + rows].requires_grad_(needs_features) for q in query_pivots]
                 part = _support_branch_chunk(chunk, s_leaf, active, ws_leaf, spec, hs, ws)
+                if not part.requires_grad:
+                    continue
                 g = grad[b, :, start:start + part.shape[0]].transpose(0, 1).reshape(part.shape)
-                inputs = chunk + s_leaf + ([ws_leaf] if needs_weights[1] else [])
+                inputs = (chunk + s_leaf if needs_features else []) + ([ws_leaf] if needs_weights[1] else [])
                 result = torch.autograd.grad(part, inputs, g, allow_unused=True)
-                for layer in range(layers):
+                for layer in range(layers if needs_features else 0):
                     qp_grad[layer][:, start:start + rows] += result[layer]
                     s_grad[layer] += result[layers + layer]
                 if needs_weights[1]:
                     grad_ws += result[-1]
 
             columns, out_index = _pivot_columns(active, hs, ws, spec, grad.device)
-            q_leaf = [q.detach().requires_grad_() for q in query_full]
+            q_leaf = [q.detach().requires_grad_(needs_features) for q in query_full]
             pivots = _chunk_size(layers * hq * wq + out_channels * hq2 * wq2, spec)
             for start in range(0, columns.numel(), pivots):
                 cols = columns[start:start + pivots]
                 s_piv = [s.index_select(1, cols) for s in s_leaf]
                 part = _query_branch_chunk(q_leaf, s_piv, wq_leaf, spec, hq, wq)
+                if not part.requires_grad:
+                    continue
                 g = grad[b][:, :, out_index[start:start + pivots]].permute(2, 0, 1).reshape(part.shape)
-                inputs = q_leaf + s_leaf + ([wq_leaf] if needs_weights[0] else [])
+                inputs = (q_leaf + s_leaf if needs_features else []) + ([wq_leaf] if needs_weights[0] else [])
                 result = torch.autograd.grad(part, inputs, g, allow_unused=True)
-                for layer in range(layers):
+                for layer in range(layers if needs_features else 0):
                     qf_grad[layer] += result[layer]
                     s_grad[layer] += result[layers + layer]
                 if needs_weights[0]:
@@ -464,7 +470,8 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
             backward pass in PyTorch.
         correlation_dtype: opt-in reduced precision (e.g. ``torch.bfloat16``) for the correlation
             matrix products; normalization, ReLU, convolutions and accumulation stay in the compute
-            dtype. None: the compute dtype (exact path).
+            dtype. None: the autocast dtype under ``torch.autocast``, else the compute dtype (exact
+            path).
 
     Returns:
         ``[B, Cout, Hq', Wq', Hs', Ws']`` in the features' dtype, equal (up to rounding) to the dense
@@ -506,6 +513,10 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
         cast = [None if t is None else t.to(dtype) for t in (weight_query, bias_query, weight_support, bias_support)]
         return reference.center_pivot_conv4d(corr, *cast, stride, padding)
 
+    # Under autocast only the correlation products take the autocast dtype (as autocast gives the dense
+    # path's matrix products); the rest keeps the precisions chosen below, so autocast is off inside.
+    if correlation_dtype is None and torch.is_autocast_enabled(device.type):
+        correlation_dtype = torch.get_autocast_dtype(device.type)
     # Half-precision norms and CPU products lose accuracy: normalize, convolve and accumulate in fp32+.
     compute = torch.promote_types(dtype, torch.float32)
     # The kernel covers HSNet's squeeze layers: one channel count per level, square support conv.
@@ -519,7 +530,8 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
     mask = _resized_mask(support_mask, s0, compute)
     cast = [None if t is None else t.to(compute) for t in (weight_query, bias_query, weight_support, bias_support)]
     features = [f.to(compute) for f in (*query_feats, *support_feats)]
-    out = _FusedFirstLayer.apply(spec, mask, *cast, *features)
+    with torch.autocast(device.type, enabled=False):
+        out = _FusedFirstLayer.apply(spec, mask, *cast, *features)
     return out.to(dtype)
 
 
