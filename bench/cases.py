@@ -141,7 +141,7 @@ def fused_forward_features(learner: HPNLearner, query_feats, support_feats, supp
     for block, level in zip(learner.squeeze_blocks, level_slices(layers_per_level)):
         first = fused_hypercorrelation_cp_conv(query_feats[level], support_feats[level], support_mask, block[0],
                                                backend=backend, correlation_dtype=correlation_dtype)
-        squeezed.append(block[1:](first))
+        squeezed.append(learner.squeeze_rest(block, first))
     return learner.decode(learner.mix(*squeezed))
 
 

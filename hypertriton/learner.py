@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modules import CenterPivotConv4d
+from .backend import resolve_backend
+from .modules import CenterPivotConv4d, GroupNorm4d
 from .ops._validation import shape_of
+from .ops.layout import is_query_major, resize_query_dims, to_query_major
 
 __all__ = ["HPNLearner", "make_building_block", "resize_4d"]
 
@@ -27,7 +29,7 @@ def make_building_block(in_channels: int, out_channels, kernel_sizes, support_st
     for index, (channels, kernel, stride) in enumerate(zip(out_channels, kernel_sizes, support_strides)):
         cin = in_channels if index == 0 else out_channels[index - 1]
         layers.append(CenterPivotConv4d(cin, channels, kernel, (1, 1, stride, stride), kernel // 2, backend=backend))
-        layers.append(nn.GroupNorm(group, channels))
+        layers.append(GroupNorm4d(group, channels))
         layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
 
@@ -36,6 +38,8 @@ def _resize_pair(x: torch.Tensor, size: tuple[int, int], dims: str) -> torch.Ten
     """Bilinear (``align_corners=True``) resize of the query (``dims="query"``) or support dims of
     ``[B, C, Hq, Wq, Hs, Ws]``."""
     b, c, hq, wq, hs, ws = x.shape
+    if dims == "query" and is_query_major(x):
+        return resize_query_dims(x, size)
     if dims == "query":
         flat = x.permute(0, 4, 5, 1, 2, 3).reshape(b * hs * ws, c, hq, wq)
         flat = F.interpolate(flat, size, mode="bilinear", align_corners=True)
@@ -131,6 +135,18 @@ class HPNLearner(nn.Module):
         """The squeezing blocks, deepest level first (``encoder_layer4``, ``encoder_layer3``, ``encoder_layer2``)."""
         return self.encoder_layer4, self.encoder_layer3, self.encoder_layer2
 
+    def query_major(self, device: torch.device) -> bool:
+        """Whether the learner runs in the query-major layout on ``device`` (the ``torch`` backend; see
+        :mod:`hypertriton.ops.layout`)."""
+        return resolve_backend(self.backend, device) == "torch"
+
+    def squeeze_rest(self, block: nn.Sequential, first: torch.Tensor) -> torch.Tensor:
+        """Finish a squeezing block from its first center-pivot layer's output ``first``
+        ``[B, 16, Hq, Wq, Hs', Ws']``: ``block[1:]``, query-major on the ``torch`` backend."""
+        if self.query_major(first.device):
+            first = to_query_major(first)
+        return block[1:](first)
+
     def mix(self, sqz4: torch.Tensor, sqz3: torch.Tensor, sqz2: torch.Tensor) -> torch.Tensor:
         """Mix the squeezed levels deep into shallow, then average over the support dims.
 
@@ -147,14 +163,16 @@ class HPNLearner(nn.Module):
     def encode(self, hypercorr_pyramid) -> torch.Tensor:
         """Squeeze and mix the pyramid, then average over the support dims: ``[B, 128, Hq_2, Wq_2]``."""
         self._check_pyramid(hypercorr_pyramid)
-        return self.mix(*(block(level) for block, level in zip(self.squeeze_blocks, hypercorr_pyramid)))
+        return self.mix(*(self.squeeze_rest(block, block[0](level))
+                          for block, level in zip(self.squeeze_blocks, hypercorr_pyramid)))
 
     def decode(self, encoded: torch.Tensor) -> torch.Tensor:
         """``[B, 128, h, w]`` -> logits ``[B, 2, 2h, 2w]``."""
         decoded = self.decoder1(encoded)
         decoded = F.interpolate(decoded, (2 * decoded.shape[-2], 2 * decoded.shape[-1]), mode="bilinear",
                                 align_corners=True)
-        return self.decoder2(decoded)
+        # Contiguous whatever layout the encoder ran in, so callers may .view() the logits.
+        return self.decoder2(decoded).contiguous()
 
     def forward(self, hypercorr_pyramid) -> torch.Tensor:
         return self.decode(self.encode(hypercorr_pyramid))

@@ -172,7 +172,7 @@ class HSNet(nn.Module):
         for (query, support), block in zip(self._levels(query_feats, support_feats), learner.squeeze_blocks):
             # Under autocast the fused op takes the autocast dtype for its correlation products only.
             first = fused_hypercorrelation_cp_conv(query, support, support_mask, block[0], backend=self.backend)
-            squeezed.append(block[1:](first))
+            squeezed.append(learner.squeeze_rest(block, first))
         return learner.decode(learner.mix(*squeezed))
 
     def _logits(self, query_feats, support_img, support_mask, size) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Thin ``nn.Module`` wrappers over the ops: :class:`HyperCorr` and :class:`CenterPivotConv4d`."""
+"""Thin ``nn.Module`` wrappers over the ops: :class:`HyperCorr`, :class:`CenterPivotConv4d` and
+:class:`GroupNorm4d`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from torch import nn
 from .ops._validation import as_quadruple, shape_of
 from .ops.center_pivot_conv4d import center_pivot_conv4d
 from .ops.hypercorrelation import hypercorrelation
+from .ops.layout import group_norm
 
 
 class HyperCorr(nn.Module):
@@ -89,3 +91,19 @@ class CenterPivotConv4d(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, backend={self.backend!r}")
+
+
+class GroupNorm4d(nn.GroupNorm):
+    """``nn.GroupNorm`` that keeps a query-major ``[B, C, Hq, Wq, Hs, Ws]`` input query-major (see
+    :mod:`hypertriton.ops.layout`); same parameters and state_dict keys as ``nn.GroupNorm``, so original
+    checkpoints load unchanged. Other layouts and ranks behave exactly as ``nn.GroupNorm``.
+
+    Example:
+        >>> from hypertriton.ops.layout import to_query_major, is_query_major
+        >>> norm = GroupNorm4d(2, 4)
+        >>> is_query_major(norm(to_query_major(torch.randn(1, 4, 3, 3, 2, 2))))
+        True
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)

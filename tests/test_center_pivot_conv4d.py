@@ -44,6 +44,10 @@ odd_kernels = st.sampled_from([1, 3, 5])
          layout="strided", dtype=torch.float16, seed=2)
 @example(batch=3, cin=2, cout=3, sizes=(9, 8, 6, 5), kernels=(5, 3, 1, 3), stride=(2, 1, 4, 3), bias=True,
          layout="contiguous", dtype=torch.float32, seed=3)
+@example(batch=2, cin=4, cout=3, sizes=(4, 3, 2, 2), kernels=(3, 3, 3, 3), stride=(1, 1, 1, 1), bias=True,
+         layout="channels_last", dtype=torch.float32, seed=4)  # query-major: support map as one matrix product
+@example(batch=1, cin=3, cout=2, sizes=(3, 3, 4, 4), kernels=(3, 3, 3, 3), stride=(1, 1, 5, 5), bias=False,
+         layout="channels_last", dtype=torch.float16, seed=5)  # query-major, stride past the map
 def test_matches_reference(backend, batch, cin, cout, sizes, kernels, stride, bias, layout, dtype, seed):
     device = DEVICES[backend]
     x = make_tensor((batch, cin, *sizes), seed, layout, dtype, device)

@@ -8,11 +8,14 @@
   with Triton backward kernels;
 - ``torch``: a ``conv3d`` for the support branch that writes the output layout directly, plus a
   batched ``conv2d`` on the pivot support positions (a strided view picks them; no index cache, so
-  nothing goes stale when the input size changes).
+  nothing goes stale when the input size changes). A query-major input
+  (:mod:`hypertriton.ops.layout`) takes channels-last ``conv2d``s instead, or one matrix product for
+  support maps no larger than the kernel, and gives a query-major output.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -23,6 +26,7 @@ from .. import reference
 from ..backend import resolve_backend
 from ._alloc import new_output
 from ._validation import check_cp_conv_args, check_tensor, shape_of
+from .layout import is_query_major
 
 
 def output_size(x_shape, kernel_query, kernel_support, stride, padding) -> tuple[int, int, int, int]:
@@ -49,6 +53,9 @@ def output_size(x_shape, kernel_query, kernel_support, stride, padding) -> tuple
 
 
 def _cp_conv_torch(x, weight_query, bias_query, weight_support, bias_support, stride, padding):
+    if is_query_major(x) and x.shape[1] > 1:
+        return _cp_conv_torch_query_major(x, weight_query, bias_query, weight_support, bias_support, stride,
+                                          padding)
     batch, channels, hq, wq, hs, ws = x.shape
     sqh, sqw, ssh, ssw = stride
     pqh, pqw, psh, psw = padding
@@ -70,6 +77,67 @@ def _cp_conv_torch(x, weight_query, bias_query, weight_support, bias_support, st
     query_branch = F.conv2d(pivots.permute(0, 4, 5, 1, 2, 3).reshape(batch * hs2 * ws2, channels, hq, wq),
                             weight_query, bias_query, (sqh, sqw), (pqh, pqw))
     return out.add_(query_branch.view(batch, hs2, ws2, out_channels, hq2, wq2).permute(0, 3, 4, 5, 1, 2))
+
+
+@functools.lru_cache(maxsize=64)
+def _support_taps(hs: int, ws: int, kh: int, kw: int, stride: tuple[int, int], padding: tuple[int, int]) -> torch.Tensor:
+    """``[Hs*Ws, Hs'*Ws']`` int64: which kernel tap (``dy*kw + dx``) joins input position ``p`` to output
+    position ``t`` of a strided, padded 2D convolution, or ``kh*kw`` (a zero tap) where none does."""
+    (sh, sw), (ph, pw) = stride, padding
+    hs2, ws2 = (hs + 2 * ph - kh) // sh + 1, (ws + 2 * pw - kw) // sw + 1
+    dy = torch.arange(hs)[:, None] - torch.arange(hs2)[None, :] * sh + ph  # [Hs, Hs']
+    dx = torch.arange(ws)[:, None] - torch.arange(ws2)[None, :] * sw + pw  # [Ws, Ws']
+    valid = ((dy >= 0) & (dy < kh))[:, None, :, None] & ((dx >= 0) & (dx < kw))[None, :, None, :]
+    taps = dy[:, None, :, None] * kw + dx[None, :, None, :]
+    return torch.where(valid, taps, torch.full_like(taps, kh * kw)).reshape(hs * ws, hs2 * ws2)
+
+
+def support_conv_matrix(weight: torch.Tensor, support_size: tuple[int, int], stride, padding) -> torch.Tensor:
+    """The support-dim 2D convolution on an ``[Hs, Ws, C]`` map as one matrix ``[Hs*Ws*Cin, Hs'*Ws'*Cout]``
+    (rows: input position-major, channel-minor; columns likewise), gathered from ``weight``
+    ``[Cout, Cin, kh, kw]`` (differentiable). Worth it when the map is no larger than the kernel (the
+    mixing blocks' 2x2 maps under a 3x3 kernel), where the convolution would mostly multiply padding."""
+    cout, cin, kh, kw = weight.shape
+    taps = _support_taps(*support_size, kh, kw, tuple(stride), tuple(padding)).to(weight.device)
+    table = torch.cat([weight.permute(1, 2, 3, 0).reshape(cin, kh * kw, cout), weight.new_zeros(cin, 1, cout)], 1)
+    matrix = table[:, taps]  # [Cin, Hs*Ws, Hs'*Ws', Cout]
+    return matrix.permute(1, 0, 2, 3).reshape(taps.shape[0] * cin, taps.shape[1] * cout)
+
+
+def _cp_conv_torch_query_major(x, weight_query, bias_query, weight_support, bias_support, stride, padding):
+    """``_cp_conv_torch`` for a query-major ``x`` (see :mod:`hypertriton.ops.layout`); query-major output."""
+    batch, channels, hq, wq, hs, ws = x.shape
+    sqh, sqw, ssh, ssw = stride
+    pqh, pqw, psh, psw = padding
+    out_channels, _, ksh, ksw = weight_support.shape
+    rows = x.permute(0, 2, 3, 4, 5, 1)[:, ::sqh, ::sqw]  # [B, Hq', Wq', Hs, Ws, C]: pivot query positions
+    hq2, wq2 = rows.shape[1:3]
+    n = batch * hq2 * wq2
+
+    # Support branch: Hq'*Wq' maps [Hs, Ws, C], already channels-last in memory.
+    if hs * ws <= ksh * ksw:
+        matrix = support_conv_matrix(weight_support, (hs, ws), (ssh, ssw), (psh, psw))
+        flat = rows.reshape(n, hs * ws * channels)
+        hs2, ws2 = (hs + 2 * psh - ksh) // ssh + 1, (ws + 2 * psw - ksw) // ssw + 1
+        if bias_support is None:
+            out = flat @ matrix
+        else:
+            out = torch.addmm(bias_support.repeat(hs2 * ws2), flat, matrix)
+        out = out.view(batch, hq2, wq2, hs2, ws2, out_channels)
+    else:
+        maps = rows.reshape(n, hs, ws, channels).permute(0, 3, 1, 2)
+        out = F.conv2d(maps, weight_support, bias_support, (ssh, ssw), (psh, psw))
+        hs2, ws2 = out.shape[-2:]
+        out = out.permute(0, 2, 3, 1).reshape(batch, hq2, wq2, hs2, ws2, out_channels)
+
+    # Query branch at the pivot support positions: gather them support-major, channels-last conv2d.
+    # An explicit gather: a strided view would reach conv2d as an odd layout that it copies far slower.
+    pivots = x.permute(0, 4, 5, 2, 3, 1)[:, ::ssh, ::ssw].contiguous()  # [B, Hs', Ws', Hq, Wq, C]
+    maps = pivots.view(batch * hs2 * ws2, hq, wq, channels).permute(0, 3, 1, 2)
+    query_branch = F.conv2d(maps, weight_query, bias_query, (sqh, sqw), (pqh, pqw))
+    query_branch = query_branch.permute(0, 2, 3, 1).reshape(batch, hs2, ws2, hq2, wq2, out_channels)
+    out = out + query_branch.permute(0, 3, 4, 1, 2, 5)
+    return out.permute(0, 5, 1, 2, 3, 4)
 
 
 @torch.library.custom_op("hypertriton::center_pivot_conv4d", mutates_args=())

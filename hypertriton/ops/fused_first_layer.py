@@ -225,7 +225,10 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
     hs, ws = support[0].shape[-2:]
     hq2, wq2, hs2, ws2 = spec.out_size
     out_channels = weight_query.shape[0]
-    out = new_output((batch, out_channels, hq2 * wq2, hs2 * ws2), query[0].dtype, query[0].device)
+    # Query-major memory [B, Hq'*Wq', Hs'*Ws', Cout] (see hypertriton.ops.layout), where the learner's
+    # next layers run; the writes below cost the same in either layout.
+    storage = new_output((batch, hq2 * wq2, hs2 * ws2, out_channels), query[0].dtype, query[0].device)
+    out = storage.permute(0, 3, 1, 2)  # [B, Cout, Hq'*Wq', Hs'*Ws']
     bias = _bias_sum(bias_query, bias_support, weight_query).view(-1, 1, 1)
 
     query_normed, query_finite = _normalized_query(query)  # [B, C, Hq, Wq] per layer
@@ -257,7 +260,9 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
             torch.add(part.flatten(2).transpose(0, 1), bias, out=out_b[:, start:start + part.shape[0]])
 
         _add_query_branch(out_b, [qn[b] for qn in query_normed], support_active, active, weight_query, spec)
-    return out.view(batch, out_channels, hq2, wq2, hs2, ws2)
+    # The storage itself: a custom Function must not return a view (in-place ops on it would be
+    # refused); _logical_output views it as [B, Cout, Hq', Wq', Hs', Ws'].
+    return storage
 
 
 def _add_query_branch(out_b, query_normed_b, support_active, active, weight, spec: _Spec) -> None:
@@ -292,7 +297,9 @@ def _forward_triton(query, support, mask, weight_query, bias_query, weight_suppo
     hq2, wq2, hs2, ws2 = spec.out_size
     out_channels = weight_query.shape[0]
     stride, padding, kernel = spec.stride[2], spec.padding[2], weight_support.shape[-1]
-    out = new_output((batch, out_channels, hq2 * wq2, hs2 * ws2), query[0].dtype, query[0].device)
+    # Returned itself (not a view of it): in-place ops on a custom Function's output must stay allowed.
+    result = new_output((batch, out_channels, hq2, wq2, hs2, ws2), query[0].dtype, query[0].device)
+    out = result.view(batch, out_channels, hq2 * wq2, hs2 * ws2)
     out.copy_(_bias_sum(bias_query, bias_support, weight_query).view(1, -1, 1, 1).expand_as(out))
 
     query_normed, query_finite = _normalized_query(query)
@@ -321,13 +328,23 @@ def _forward_triton(query, support, mask, weight_query, bias_query, weight_suppo
     cd = spec.correlation_dtype
     support_branch_into(query_pivots.to(cd), torch.stack(support_normed, dim=1).to(cd), weight_support, padded,
                         counts, (hs, ws), stride, padding, out)
-    return out.view(batch, out_channels, hq2, wq2, hs2, ws2)
+    return result
 
 
 def _pivot_query_batch(query_normed: torch.Tensor, spec: _Spec) -> torch.Tensor:
     """``[B, C, Hq, Wq]`` -> ``[B, C, Hq'*Wq']`` at the pivot query positions."""
     sqh, sqw = spec.stride[:2]
     return query_normed[:, :, ::sqh, ::sqw].flatten(2)
+
+
+def _logical_output(raw: torch.Tensor, spec: _Spec) -> torch.Tensor:
+    """What the forward returns (the Triton path: ``[B, Cout, Hq', Wq', Hs', Ws']``; the torch path: its
+    query-major storage ``[B, Hq'*Wq', Hs'*Ws', Cout]``), or a gradient shaped like it, as
+    ``[B, Cout, Hq', Wq', Hs', Ws']``."""
+    if spec.triton:
+        return raw
+    batch, _, _, out_channels = raw.shape
+    return raw.permute(0, 3, 1, 2).reshape(batch, out_channels, *spec.out_size)
 
 
 class _FusedFirstLayer(torch.autograd.Function):
@@ -346,6 +363,7 @@ class _FusedFirstLayer(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         spec = ctx.spec
+        grad = _logical_output(grad, spec)
         mask, weight_query, weight_support, *features = ctx.saved_tensors
         needs = ctx.needs_input_grad
         grad_bias = grad.sum(dim=(0, 2, 3, 4, 5))
@@ -475,7 +493,7 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
 
     Returns:
         ``[B, Cout, Hq', Wq', Hs', Ws']`` in the features' dtype, equal (up to rounding) to the dense
-        computation.
+        computation; stored query-major (:mod:`hypertriton.ops.layout`) on the ``torch`` backend.
 
     Example:
         >>> q = [torch.randn(1, 8, 6, 6) for _ in range(2)]
@@ -531,7 +549,7 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
     cast = [None if t is None else t.to(compute) for t in (weight_query, bias_query, weight_support, bias_support)]
     features = [f.to(compute) for f in (*query_feats, *support_feats)]
     with torch.autocast(device.type, enabled=False):
-        out = _FusedFirstLayer.apply(spec, mask, *cast, *features)
+        out = _logical_output(_FusedFirstLayer.apply(spec, mask, *cast, *features), spec)
     return out.to(dtype)
 
 

@@ -1,0 +1,164 @@
+"""The query-major memory layout of 4D activations, and layout-preserving GroupNorm and resizing.
+
+A 4D activation is logically ``[B, C, Hq, Wq, Hs, Ws]``. *Query-major* stores it as
+``[B, Hq, Wq, Hs, Ws, C]`` (channels innermost: a "channels-last" 6D tensor, i.e.
+``x.permute(0, 2, 3, 4, 5, 1)`` is contiguous); the logical shape and every value are unchanged.
+
+Why the ``torch`` backend keeps HSNet's learner in this layout after each squeeze block's first layer:
+
+- the support branch of a center-pivot convolution is a batch of ``Hq*Wq`` small 2D convolutions over
+  ``[Hs, Ws, C]`` maps, which is exactly a channels-last ``conv2d`` over that memory, or, for the 2x2
+  support maps of the mixing blocks, one matrix product (no copy in or out);
+- the query branch reads the pivot support positions: one small gather, then a channels-last
+  ``conv2d``;
+- GroupNorm and bilinear resizing run on views of the same memory.
+
+The original permutes the whole tensor twice inside every 4D convolution.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["is_query_major", "to_query_major", "empty_query_major", "group_norm", "resize_query_dims"]
+
+
+def is_query_major(x: torch.Tensor) -> bool:
+    """Whether ``[B, C, Hq, Wq, Hs, Ws]`` ``x`` is stored as a contiguous ``[B, Hq, Wq, Hs, Ws, C]``."""
+    return x.dim() == 6 and x.permute(0, 2, 3, 4, 5, 1).is_contiguous()
+
+
+def to_query_major(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[B, C, Hq, Wq, Hs, Ws]`` in the query-major layout (``x`` itself when it already is)."""
+    if is_query_major(x):
+        return x
+    return x.permute(0, 2, 3, 4, 5, 1).contiguous().permute(0, 5, 1, 2, 3, 4)
+
+
+def empty_query_major(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialized ``[B, C, Hq, Wq, Hs, Ws]`` tensor in the query-major layout."""
+    b, c, hq, wq, hs, ws = shape
+    return torch.empty(b, hq, wq, hs, ws, c, dtype=dtype, device=device).permute(0, 5, 1, 2, 3, 4)
+
+
+def _channels_last_rows(x: torch.Tensor) -> torch.Tensor:
+    """``[B, C, ...]`` whose channels are innermost in memory as a ``[B, N, C]`` view."""
+    return x.movedim(1, -1).reshape(x.shape[0], -1, x.shape[1])
+
+
+def _wide(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``[B, N, C]`` as ``[B, N/k, k*C]`` (and ``k``) with ``k*C >= 128`` where ``N`` allows: per-channel
+    broadcasts over a 16-wide inner dim vectorize poorly; over whole cache lines they run at full speed."""
+    batch, count, channels = rows.shape
+    k = 1
+    while k * channels < 128 and count % (2 * k) == 0:
+        k *= 2
+    return rows.view(batch, count // k, k * channels), k
+
+
+def _tile(per_channel: torch.Tensor, k: int) -> torch.Tensor:
+    """``[B, C]`` -> ``[B, 1, k*C]`` matching :func:`_wide`."""
+    return per_channel.repeat(1, k).unsqueeze(1)
+
+
+# Elements per chunk of the variance pass: the temporary (x - mean) stays in cache.
+_VARIANCE_CHUNK = 1 << 16
+
+
+class _GroupNormChannelsLast(torch.autograd.Function):
+    """GroupNorm over ``[B, N, C]`` rows (channels innermost), with an explicit backward that saves only
+    the input and the per-group statistics (autograd through the elementwise ops would keep temporaries
+    of the input's size).
+
+    The statistics are two-pass (means first, then squared deviations), because the one-pass
+    ``E[x^2] - E[x]^2`` loses most of its digits in fp32 when a group holds millions of values with a
+    mean far from zero.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, groups: int, weight, bias, eps: float):
+        batch, count, channels = rows.shape
+        per_group = channels // groups
+        acc = torch.promote_types(rows.dtype, torch.float32)
+        wide, k = _wide(rows)
+        mean_c = wide.sum(dim=1, dtype=acc).view(batch, k, channels).sum(dim=1) / count  # [B, C]
+        mean_wide = _tile(mean_c, k)
+        centered_sq = torch.zeros_like(mean_wide)
+        step = max(1, _VARIANCE_CHUNK // wide.shape[2])
+        for start in range(0, wide.shape[1], step):
+            part = wide[:, start:start + step].to(acc) - mean_wide
+            centered_sq += (part * part).sum(dim=1, keepdim=True)
+        centered_sq = centered_sq.view(batch, k, channels).sum(dim=1)
+        mean_cg = mean_c.view(batch, groups, per_group)
+        mean_g = mean_cg.mean(dim=2, keepdim=True)  # [B, G, 1]
+        # Law of total variance over the channels of a group (exact, no cancellation).
+        var_g = (centered_sq.view(batch, groups, per_group) / count + (mean_cg - mean_g) ** 2).mean(dim=2, keepdim=True)
+        rstd_g = torch.rsqrt(var_g + eps)
+        gamma = torch.ones(channels, dtype=acc, device=rows.device) if weight is None else weight.to(acc)
+        beta = torch.zeros(channels, dtype=acc, device=rows.device) if bias is None else bias.to(acc)
+        scale = (rstd_g * gamma.view(1, groups, per_group)).view(batch, channels)
+        shift = beta.view(1, channels) - (mean_g * rstd_g * gamma.view(1, groups, per_group)).view(batch, channels)
+        ctx.save_for_backward(rows, mean_g, rstd_g, gamma)
+        ctx.groups, ctx.has_affine = groups, (weight is not None, bias is not None)
+        # Written through a view into a fresh tensor that is returned itself: a custom Function must not
+        # return a view (the ReLU after it runs in place).
+        out = torch.empty_like(rows)
+        torch.addcmul(_tile(shift, k).to(rows.dtype), wide, _tile(scale, k).to(rows.dtype), out=out.view(wide.shape))
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        rows, mean_g, rstd_g, gamma = ctx.saved_tensors
+        groups = ctx.groups
+        batch, count, channels = rows.shape
+        per_group = channels // groups
+        acc = mean_g.dtype
+        wide, k = _wide(rows)
+        grad_wide = grad.reshape(wide.shape)
+        sum_dy = grad_wide.sum(dim=1, dtype=acc).view(batch, k, channels).sum(dim=1)  # [B, C]
+        sum_dy_x = torch.zeros(batch, 1, wide.shape[2], dtype=acc, device=rows.device)
+        step = max(1, _VARIANCE_CHUNK // wide.shape[2])
+        for start in range(0, wide.shape[1], step):  # cache-sized chunks, as the variance pass
+            sum_dy_x += (grad_wide[:, start:start + step].to(acc) * wide[:, start:start + step]).sum(dim=1, keepdim=True)
+        sum_dy_x = sum_dy_x.view(batch, k, channels).sum(dim=1)
+        mean_gc = mean_g.expand(batch, groups, per_group).reshape(batch, channels)
+        rstd_gc = rstd_g.expand(batch, groups, per_group).reshape(batch, channels)
+        dy_xhat_c = (sum_dy_x - mean_gc * sum_dy) * rstd_gc  # [B, C]: sum over positions of dy * xhat
+        n = count * per_group
+        a_g = (gamma * sum_dy).view(batch, groups, per_group).sum(dim=2, keepdim=True) / n  # mean(dy*gamma)
+        b_g = (gamma * dy_xhat_c).view(batch, groups, per_group).sum(dim=2, keepdim=True) / n  # mean(dy*gamma*xhat)
+        # dx = rstd * (dy*gamma - a - xhat * b), with xhat = (x - mean) * rstd
+        coef_dy = (rstd_g * gamma.view(1, groups, per_group)).view(batch, channels)
+        coef_x = (-(rstd_g * rstd_g) * b_g).expand(batch, groups, per_group).reshape(batch, channels)
+        const = (rstd_g * (-a_g + mean_g * rstd_g * b_g)).expand(batch, groups, per_group).reshape(batch, channels)
+        dtype = rows.dtype
+        grad_rows = torch.addcmul(torch.addcmul(_tile(const, k).to(dtype), wide, _tile(coef_x, k).to(dtype)),
+                                  grad_wide, _tile(coef_dy, k).to(dtype)).view(batch, count, channels)
+        grad_weight = dy_xhat_c.sum(dim=0).to(dtype) if ctx.has_affine[0] else None
+        grad_bias = sum_dy.sum(dim=0).to(dtype) if ctx.has_affine[1] else None
+        return grad_rows, None, grad_weight, grad_bias, None
+
+
+def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+               eps: float = 1e-5) -> torch.Tensor:
+    """``F.group_norm`` that keeps ``x``'s layout: a query-major ``[B, C, Hq, Wq, Hs, Ws]`` comes back
+    query-major (``F.group_norm`` would return a contiguous copy); any other input goes to
+    ``F.group_norm``."""
+    values_per_group = x[0].numel() // groups if x.shape[0] and groups else 0
+    # Everything this path does not cover goes to F.group_norm, with its errors (e.g. one value per group).
+    if not is_query_major(x) or x.shape[1] % groups or values_per_group <= 1 or x.shape[1] == 1:
+        return F.group_norm(x, groups, weight, bias, eps)
+    rows = _GroupNormChannelsLast.apply(_channels_last_rows(x), groups, weight, bias, eps)
+    b, c, hq, wq, hs, ws = x.shape
+    return rows.view(b, hq, wq, hs, ws, c).permute(0, 5, 1, 2, 3, 4)
+
+
+def resize_query_dims(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear (``align_corners=True``) resize of the query dims of a query-major ``[B, C, Hq, Wq, Hs, Ws]``,
+    returned query-major: one channels-last ``interpolate`` with ``Hs*Ws*C`` channels, no copy around it."""
+    b, c, hq, wq, hs, ws = x.shape
+    planes = x.permute(0, 2, 3, 4, 5, 1).reshape(b, hq, wq, hs * ws * c).permute(0, 3, 1, 2)
+    resized = F.interpolate(planes, tuple(size), mode="bilinear", align_corners=True)
+    return resized.permute(0, 2, 3, 1).reshape(b, *size, hs, ws, c).permute(0, 5, 1, 2, 3, 4)

@@ -1,0 +1,144 @@
+"""The query-major layout (hypertriton.ops.layout): conversions, GroupNorm, query-dim resizing, the
+support convolution as a matrix, and that the torch backend's learner stays in the layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import make_tensor, seeds
+from hypothesis import assume, example, given, settings
+from hypothesis import strategies as st
+
+from hypertriton.learner import HPNLearner, _resize_pair
+from hypertriton.modules import GroupNorm4d
+from hypertriton.ops.center_pivot_conv4d import support_conv_matrix
+from hypertriton.ops.fused_first_layer import fused_hypercorrelation_cp_conv4d
+from hypertriton.ops.layout import group_norm, is_query_major, resize_query_dims, to_query_major
+from hypertriton.testing import assert_close_dtype
+
+sides = st.integers(1, 5)
+
+
+def test_to_query_major_keeps_values_and_is_idempotent():
+    x = torch.randn(2, 3, 4, 5, 2, 3)
+    q = to_query_major(x)
+    assert torch.equal(q, x) and q.shape == x.shape
+    assert is_query_major(q) and not is_query_major(x)
+    assert to_query_major(q) is q
+    assert q.permute(0, 2, 3, 4, 5, 1).is_contiguous()
+
+
+@settings(max_examples=20, deadline=None)
+@given(batch=st.integers(1, 2), groups=st.integers(1, 4), per_group=st.integers(1, 4), sizes=st.tuples(*[sides] * 4),
+       offset=st.sampled_from([0.0, 100.0]), affine=st.booleans(), seed=seeds)
+@example(batch=1, groups=4, per_group=4, sizes=(5, 5, 3, 3), offset=100.0, affine=True, seed=0)
+@example(batch=2, groups=2, per_group=1, sizes=(2, 1, 1, 1), offset=0.0, affine=False, seed=1)
+def test_group_norm_matches_torch_values_and_gradients(batch, groups, per_group, sizes, offset, affine, seed):
+    assume(per_group * sizes[0] * sizes[1] * sizes[2] * sizes[3] > 1)  # one value per group: next test
+    channels = groups * per_group
+    x = make_tensor((batch, channels, *sizes), seed, "channels_last", torch.float64) + offset
+    gen = torch.Generator().manual_seed(seed + 1)
+    weight = torch.randn(channels, generator=gen, dtype=torch.float64, requires_grad=True) if affine else None
+    bias = torch.randn(channels, generator=gen, dtype=torch.float64, requires_grad=True) if affine else None
+    upstream = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    ours_x, want_x = x.clone().requires_grad_(), x.contiguous().requires_grad_()
+    ours = group_norm(ours_x, groups, weight, bias)
+    want = F.group_norm(want_x, groups, weight, bias)
+    assert is_query_major(ours) or channels == 1
+    torch.testing.assert_close(ours, want, rtol=1e-10, atol=1e-10)
+    params = [p for p in (weight, bias) if p is not None]
+    got_grads = torch.autograd.grad(ours, [ours_x, *params], upstream)
+    want_grads = torch.autograd.grad(want, [want_x, *params], upstream)
+    for got, expected in zip(got_grads, want_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-9)
+
+
+def test_group_norm_refuses_one_value_per_group_as_torch_does():
+    x = to_query_major(torch.randn(1, 4, 1, 1, 1, 1))
+    with pytest.raises(ValueError, match="more than 1 value"):
+        F.group_norm(x, 4)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        group_norm(x, 4)
+
+
+def test_group_norm_float32_keeps_its_digits_for_a_large_offset():
+    """Two-pass statistics: a mean of 1000 over 160k values costs the one-pass formula most digits."""
+    x = make_tensor((1, 8, 20, 20, 10, 10), 3, "channels_last", torch.float64) + 1000.0
+    exact = F.group_norm(x, 4)
+    ours = group_norm(x.float(), 4)
+    assert is_query_major(ours)
+    assert (ours.double() - exact).abs().max() < 1e-3  # fp32 input rounding alone is ~6e-5 / std 1
+
+
+def test_group_norm_module_output_accepts_inplace_relu_and_loads_groupnorm_state():
+    norm = GroupNorm4d(2, 4)
+    norm.load_state_dict(torch.nn.GroupNorm(2, 4).state_dict())
+    x = to_query_major(torch.randn(2, 4, 3, 3, 2, 2)).requires_grad_()
+    y = torch.relu_(norm(x))  # a custom Function's output must not be a view, or this is refused
+    y.sum().backward()
+    expected = torch.relu(torch.nn.functional.group_norm(x.detach().contiguous(), 2, norm.weight, norm.bias))
+    torch.testing.assert_close(y.detach(), expected)
+    assert x.grad is not None
+
+
+@settings(max_examples=15, deadline=None)
+@given(batch=st.integers(1, 2), channels=st.integers(1, 3), sizes=st.tuples(*[sides] * 4),
+       target=st.tuples(st.integers(1, 7), st.integers(1, 7)), seed=seeds)
+def test_resize_query_dims_equals_the_channels_first_resize(batch, channels, sizes, target, seed):
+    x = make_tensor((batch, channels, *sizes), seed, "contiguous", torch.float64)
+    got = resize_query_dims(to_query_major(x), target)
+    assert is_query_major(got) or channels == 1
+    torch.testing.assert_close(got, _resize_pair(x, target, "query"), rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=20, deadline=None)
+@given(cin=st.integers(1, 4), cout=st.integers(1, 4), size=st.tuples(sides, sides),
+       kernel=st.tuples(st.sampled_from([1, 3, 5]), st.sampled_from([1, 3, 5])),
+       stride=st.tuples(st.integers(1, 3), st.integers(1, 3)), seed=seeds)
+@example(cin=3, cout=2, size=(2, 2), kernel=(3, 3), stride=(1, 1), seed=0)  # the mixing blocks' case
+def test_support_conv_matrix_is_the_convolution(cin, cout, size, kernel, stride, seed):
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(cout, cin, *kernel, generator=gen, dtype=torch.float64)
+    maps = torch.randn(3, cin, *size, generator=gen, dtype=torch.float64)
+    padding = (kernel[0] // 2, kernel[1] // 2)
+    want = F.conv2d(maps, weight, None, stride, padding)  # [3, Cout, Hs', Ws']
+    matrix = support_conv_matrix(weight, size, stride, padding)
+    got = maps.permute(0, 2, 3, 1).reshape(3, -1) @ matrix
+    torch.testing.assert_close(got.view(3, *want.shape[2:], cout).permute(0, 3, 1, 2), want)
+
+
+def test_torch_backend_learner_runs_query_major_and_equals_the_reference_backend():
+    torch.manual_seed(0)
+    ours = HPNLearner([3, 6, 4], backend="torch").double()
+    reference = HPNLearner([3, 6, 4], backend="reference").double()
+    reference.load_state_dict(ours.state_dict())
+    pyramid = [torch.rand(2, c, s, s, s, s, dtype=torch.float64) for c, s in ((3, 2), (6, 4), (4, 8))]
+    seen = []
+    for module in ours.modules():
+        if isinstance(module, GroupNorm4d):
+            module.register_forward_hook(lambda _m, _i, out: seen.append(is_query_major(out)))
+    torch.testing.assert_close(ours(pyramid), reference(pyramid), rtol=1e-9, atol=1e-10)
+    # every GroupNorm after each block's first layer saw (and returned) the query-major layout
+    assert len(seen) == 15 and all(seen)
+
+
+def test_fused_first_layer_returns_query_major_and_allows_inplace_ops():
+    gen = torch.Generator().manual_seed(0)
+    query = [torch.randn(1, 4, 5, 5, generator=gen, requires_grad=True) for _ in range(2)]
+    support = [torch.randn(1, 4, 6, 6, generator=gen) for _ in range(2)]
+    wq, ws = torch.randn(3, 2, 3, 3, generator=gen), torch.randn(3, 2, 3, 3, generator=gen)
+    out = fused_hypercorrelation_cp_conv4d(query, support, torch.ones(1, 6, 6), wq, None, ws, None, (1, 1, 2, 2),
+                                           backend="torch")
+    assert is_query_major(out) and out.shape == (1, 3, 5, 5, 3, 3)
+    doubled = out * 2
+    torch.relu_(out)
+    out.sum().backward()
+    assert_close_dtype(out, torch.relu(doubled / 2))
+    assert query[0].grad is not None
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_group_norm_falls_back_to_torch_for_other_layouts_and_ranks(layout):
+    x = make_tensor((2, 4, 3, 3), 0, layout)
+    torch.testing.assert_close(group_norm(x, 2), F.group_norm(x, 2))
