@@ -158,6 +158,12 @@ class HPNLearner(nn.Module):
         """
         mix43 = self.encoder_layer4to3(resize_4d(sqz4, sqz3.shape[2:4], sqz3.shape[4:6]) + sqz3)
         mix432 = self.encoder_layer3to2(resize_4d(mix43, sqz2.shape[2:4], sqz2.shape[4:6]) + sqz2)
+        if is_query_major(mix432):
+            # Averaged over a middle dim of the memory with channels innermost (a reduction over the
+            # logical last dims would walk memory with stride C); the result is channels-last 2D.
+            b, c, hq, wq = mix432.shape[:4]
+            rows = mix432.permute(0, 2, 3, 4, 5, 1).reshape(b, hq, wq, -1, c)
+            return rows.mean(dim=3).permute(0, 3, 1, 2)
         return mix432.flatten(4).mean(dim=-1)
 
     def encode(self, hypercorr_pyramid) -> torch.Tensor:
