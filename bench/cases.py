@@ -8,7 +8,10 @@ A *case* is one piece of HSNet after (or with) the backbone; a *variant* is one 
   center-pivot layer of a squeeze block, the hypertriton variants use the fused op
   (:func:`hypertriton.ops.fused_first_layer.fused_hypercorrelation_cp_conv`) and never build the
   hypercorrelation; ``<backend>-unfused`` builds it as the original does (then hypertriton's layers);
-- ``torch+bf16``: the fused ``torch`` path with bf16 correlation products (opt-in reduced precision).
+- ``torch+bf16``: the fused ``torch`` path under ``torch.autocast(bfloat16)`` (opt-in reduced
+  precision): the correlation products, convolutions and matrix products in bf16 with fp32
+  accumulation; normalization and GroupNorm statistics stay fp32. The rel. error column reports its
+  effect on the logits.
 
 Every case is built by :func:`build` as a zero-argument callable (what is timed) from an
 :class:`Inputs` (made by :func:`make_inputs`; not timed).
@@ -179,19 +182,33 @@ def _split(variant: str):
     """``"torch+bf16"`` -> ("torch", bfloat16, fused); ``"torch-unfused"`` -> ("torch", None, unfused)."""
     fused = not variant.endswith("-unfused")
     name = variant.removesuffix("-unfused")
-    correlation_dtype = None
+    autocast_dtype = None
     if name.endswith("+bf16"):
-        name, correlation_dtype = name.removesuffix("+bf16"), torch.bfloat16
-    return name, correlation_dtype, fused
+        name, autocast_dtype = name.removesuffix("+bf16"), torch.bfloat16
+    return name, autocast_dtype, fused
 
 
 def build(case: str, variant: str, inputs: Inputs):
     """A zero-argument callable that does the timed work once and returns its output (a tensor or a
     list of tensors, comparable with the ``original`` variant's)."""
+    run = _build(case, variant, inputs)
+    autocast_dtype = None if variant == "original" else _split(variant)[1]
+    if autocast_dtype is None:
+        return run
+
+    def run_autocast():
+        with torch.autocast(inputs.device.type, dtype=autocast_dtype):
+            return run()
+    return run_autocast
+
+
+def _build(case: str, variant: str, inputs: Inputs):
     original = load_original()
     stack_ids = original.stack_ids_for(original.NBOTTLENECKS[inputs.backbone])
     qf, sf, mask = inputs.query_feats, inputs.support_feats, inputs.mask
-    backend, correlation_dtype, fused = (None, None, False) if variant == "original" else _split(variant)
+    # Under autocast (torch+bf16) the fused op takes bf16 correlation products by itself.
+    backend, _, fused = (None, None, False) if variant == "original" else _split(variant)
+    correlation_dtype = None
     layer2 = level_slices(inputs.layers_per_level)[2]
 
     if case == "hypercorrelation":
