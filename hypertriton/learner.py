@@ -29,7 +29,8 @@ def make_building_block(in_channels: int, out_channels, kernel_sizes, support_st
     for index, (channels, kernel, stride) in enumerate(zip(out_channels, kernel_sizes, support_strides)):
         cin = in_channels if index == 0 else out_channels[index - 1]
         layers.append(CenterPivotConv4d(cin, channels, kernel, (1, 1, stride, stride), kernel // 2, backend=backend))
-        layers.append(GroupNorm4d(group, channels))
+        # The conv's output is fresh and read by nothing else: inference may normalize it in place.
+        layers.append(GroupNorm4d(group, channels, inplace=True))
         layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
 
@@ -142,7 +143,8 @@ class HPNLearner(nn.Module):
 
     def squeeze_rest(self, block: nn.Sequential, first: torch.Tensor) -> torch.Tensor:
         """Finish a squeezing block from its first center-pivot layer's output ``first``
-        ``[B, 16, Hq, Wq, Hs', Ws']``: ``block[1:]``, query-major on the ``torch`` backend."""
+        ``[B, 16, Hq, Wq, Hs', Ws']``: ``block[1:]``, query-major on the ``torch`` backend. In inference
+        (no gradient recorded) ``first`` may be overwritten (its GroupNorm runs in place)."""
         if self.query_major(first.device):
             first = to_query_major(first)
         return block[1:](first)

@@ -97,6 +97,8 @@ class GroupNorm4d(nn.GroupNorm):
     """``nn.GroupNorm`` that keeps a query-major ``[B, C, Hq, Wq, Hs, Ws]`` input query-major (see
     :mod:`hypertriton.ops.layout`); same parameters and state_dict keys as ``nn.GroupNorm``, so original
     checkpoints load unchanged. Other layouts and ranks behave exactly as ``nn.GroupNorm``.
+    ``inplace=True``: in inference (no gradient recorded) a query-major input is overwritten with the
+    result (HSNet's blocks use it on the fresh output of the convolution before it).
 
     Example:
         >>> from hypertriton.ops.layout import to_query_major, is_query_major
@@ -105,5 +107,10 @@ class GroupNorm4d(nn.GroupNorm):
         True
     """
 
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
+                 inplace: bool = False, **factory_kwargs):
+        super().__init__(num_groups, num_channels, eps, affine, **factory_kwargs)
+        self.inplace = inplace
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, inplace=self.inplace)

@@ -142,3 +142,22 @@ def test_fused_first_layer_returns_query_major_and_allows_inplace_ops():
 def test_group_norm_falls_back_to_torch_for_other_layouts_and_ranks(layout):
     x = make_tensor((2, 4, 3, 3), 0, layout)
     torch.testing.assert_close(group_norm(x, 2), F.group_norm(x, 2))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_group_norm_inference_path_and_inplace_option(inplace):
+    x = make_tensor((2, 8, 3, 4, 3, 2), 11, "channels_last") + 5
+    weight, bias = torch.randn(8), torch.randn(8)
+    expected = F.group_norm(x.contiguous(), 4, weight, bias)
+    before = x.clone()
+    with torch.no_grad():
+        out = group_norm(x, 4, weight, bias, inplace=inplace)
+    torch.testing.assert_close(out, expected)
+    assert is_query_major(out)
+    assert (out.data_ptr() == x.data_ptr()) == inplace
+    if not inplace:
+        assert torch.equal(x, before)
+    # With a gradient being recorded the input is never overwritten.
+    y = x.clone().requires_grad_()
+    group_norm(y, 4, weight, bias, inplace=True).sum().backward()
+    assert torch.equal(y.detach(), x)

@@ -66,45 +66,56 @@ def _tile(per_channel: torch.Tensor, k: int) -> torch.Tensor:
 _VARIANCE_CHUNK = 1 << 16
 
 
+def _group_statistics(rows: torch.Tensor, groups: int, weight, bias, eps: float):
+    """Per-group mean and 1/std ``[B, G, 1]``, the affine weight ``gamma`` ``[C]`` (ones when None) and the
+    per-channel ``shift``/``scale`` ``[B, C]`` with ``normalized = rows * scale + shift``.
+
+    Two-pass (means first, then squared deviations), because the one-pass ``E[x^2] - E[x]^2`` loses
+    most of its digits in fp32 when a group holds millions of values with a mean far from zero."""
+    batch, count, channels = rows.shape
+    per_group = channels // groups
+    acc = torch.promote_types(rows.dtype, torch.float32)
+    wide, k = _wide(rows)
+    mean_c = wide.sum(dim=1, dtype=acc).view(batch, k, channels).sum(dim=1) / count  # [B, C]
+    mean_wide = _tile(mean_c, k)
+    centered_sq = torch.zeros_like(mean_wide)
+    step = max(1, _VARIANCE_CHUNK // wide.shape[2])
+    for start in range(0, wide.shape[1], step):
+        part = wide[:, start:start + step].to(acc) - mean_wide
+        centered_sq += (part * part).sum(dim=1, keepdim=True)
+    centered_sq = centered_sq.view(batch, k, channels).sum(dim=1)
+    mean_cg = mean_c.view(batch, groups, per_group)
+    mean_g = mean_cg.mean(dim=2, keepdim=True)  # [B, G, 1]
+    # Law of total variance over the channels of a group (exact, no cancellation).
+    var_g = (centered_sq.view(batch, groups, per_group) / count + (mean_cg - mean_g) ** 2).mean(dim=2, keepdim=True)
+    rstd_g = torch.rsqrt(var_g + eps)
+    gamma = torch.ones(channels, dtype=acc, device=rows.device) if weight is None else weight.to(acc)
+    beta = torch.zeros(channels, dtype=acc, device=rows.device) if bias is None else bias.to(acc)
+    scale = (rstd_g * gamma.view(1, groups, per_group)).view(batch, channels)
+    shift = beta.view(1, channels) - (mean_g * rstd_g * gamma.view(1, groups, per_group)).view(batch, channels)
+    return mean_g, rstd_g, gamma, shift, scale
+
+
+def _normalize_into(rows: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = rows * scale + shift`` per channel (``out`` may be ``rows`` itself)."""
+    wide, k = _wide(rows)
+    torch.addcmul(_tile(shift, k).to(rows.dtype), wide, _tile(scale, k).to(rows.dtype), out=out.view(wide.shape))
+
+
 class _GroupNormChannelsLast(torch.autograd.Function):
     """GroupNorm over ``[B, N, C]`` rows (channels innermost), with an explicit backward that saves only
     the input and the per-group statistics (autograd through the elementwise ops would keep temporaries
-    of the input's size).
-
-    The statistics are two-pass (means first, then squared deviations), because the one-pass
-    ``E[x^2] - E[x]^2`` loses most of its digits in fp32 when a group holds millions of values with a
-    mean far from zero.
-    """
+    of the input's size)."""
 
     @staticmethod
     def forward(ctx, rows, groups: int, weight, bias, eps: float):
-        batch, count, channels = rows.shape
-        per_group = channels // groups
-        acc = torch.promote_types(rows.dtype, torch.float32)
-        wide, k = _wide(rows)
-        mean_c = wide.sum(dim=1, dtype=acc).view(batch, k, channels).sum(dim=1) / count  # [B, C]
-        mean_wide = _tile(mean_c, k)
-        centered_sq = torch.zeros_like(mean_wide)
-        step = max(1, _VARIANCE_CHUNK // wide.shape[2])
-        for start in range(0, wide.shape[1], step):
-            part = wide[:, start:start + step].to(acc) - mean_wide
-            centered_sq += (part * part).sum(dim=1, keepdim=True)
-        centered_sq = centered_sq.view(batch, k, channels).sum(dim=1)
-        mean_cg = mean_c.view(batch, groups, per_group)
-        mean_g = mean_cg.mean(dim=2, keepdim=True)  # [B, G, 1]
-        # Law of total variance over the channels of a group (exact, no cancellation).
-        var_g = (centered_sq.view(batch, groups, per_group) / count + (mean_cg - mean_g) ** 2).mean(dim=2, keepdim=True)
-        rstd_g = torch.rsqrt(var_g + eps)
-        gamma = torch.ones(channels, dtype=acc, device=rows.device) if weight is None else weight.to(acc)
-        beta = torch.zeros(channels, dtype=acc, device=rows.device) if bias is None else bias.to(acc)
-        scale = (rstd_g * gamma.view(1, groups, per_group)).view(batch, channels)
-        shift = beta.view(1, channels) - (mean_g * rstd_g * gamma.view(1, groups, per_group)).view(batch, channels)
+        mean_g, rstd_g, gamma, shift, scale = _group_statistics(rows, groups, weight, bias, eps)
         ctx.save_for_backward(rows, mean_g, rstd_g, gamma)
         ctx.groups, ctx.has_affine = groups, (weight is not None, bias is not None)
         # Written through a view into a fresh tensor that is returned itself: a custom Function must not
         # return a view (the ReLU after it runs in place).
         out = torch.empty_like(rows)
-        torch.addcmul(_tile(shift, k).to(rows.dtype), wide, _tile(scale, k).to(rows.dtype), out=out.view(wide.shape))
+        _normalize_into(rows, shift, scale, out)
         return out
 
     @staticmethod
@@ -142,16 +153,25 @@ class _GroupNormChannelsLast(torch.autograd.Function):
 
 
 def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-               eps: float = 1e-5) -> torch.Tensor:
+               eps: float = 1e-5, inplace: bool = False) -> torch.Tensor:
     """``F.group_norm`` that keeps ``x``'s layout: a query-major ``[B, C, Hq, Wq, Hs, Ws]`` comes back
     query-major (``F.group_norm`` would return a contiguous copy); any other input goes to
-    ``F.group_norm``."""
+    ``F.group_norm``.
+
+    ``inplace=True`` lets a query-major ``x`` be overwritten with the result when no gradient is being
+    recorded (inference), saving one activation-sized buffer; otherwise it is ignored."""
     values_per_group = x[0].numel() // groups if x.shape[0] and groups else 0
     # Everything this path does not cover goes to F.group_norm, with its errors (e.g. one value per group).
     if not is_query_major(x) or x.shape[1] % groups or values_per_group <= 1 or x.shape[1] == 1:
         return F.group_norm(x, groups, weight, bias, eps)
-    rows = _GroupNormChannelsLast.apply(_channels_last_rows(x), groups, weight, bias, eps)
     b, c, hq, wq, hs, ws = x.shape
+    if not torch.is_grad_enabled():
+        rows = _channels_last_rows(x)
+        shift, scale = _group_statistics(rows, groups, weight, bias, eps)[3:]
+        out = rows if inplace else torch.empty_like(rows)
+        _normalize_into(rows, shift, scale, out)
+        return out.view(b, hq, wq, hs, ws, c).permute(0, 5, 1, 2, 3, 4)
+    rows = _GroupNormChannelsLast.apply(_channels_last_rows(x), groups, weight, bias, eps)
     return rows.view(b, hq, wq, hs, ws, c).permute(0, 5, 1, 2, 3, 4)
 
 
