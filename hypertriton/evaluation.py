@@ -85,7 +85,7 @@ def _loader(source, bsz: int, nworker: int, max_episodes: int | None) -> DataLoa
 
 def evaluate(model, dataset_or_loader, nshot: int, device, progress: bool = True,
              visualize_dir: str | os.PathLike | None = None, bsz: int = 1, nworker: int = 0,
-             class_ids=None, max_episodes: int | None = None) -> dict:
+             class_ids=None, max_episodes: int | None = None, amp: torch.dtype | None = None) -> dict:
     """Evaluate ``model`` on every episode of a dataset (sharded across ranks under torchrun).
 
     Args:
@@ -101,6 +101,8 @@ def evaluate(model, dataset_or_loader, nshot: int, device, progress: bool = True
         bsz, nworker: loader batch size and workers when a dataset is given.
         class_ids: classes the scores average over (default ``dataset.class_ids``).
         max_episodes: evaluate only the first episodes (a quick check; not the protocol).
+        amp: run the model under ``torch.autocast`` with this dtype (``torch.bfloat16`` on CPU or GPU,
+            ``torch.float16`` on GPU); None: full precision.
 
     Returns:
         ``{"miou", "fb_iou", "per_class_iou": {class_id: iou}, "episodes", "benchmark", "nshot"}`` with
@@ -129,7 +131,8 @@ def evaluate(model, dataset_or_loader, nshot: int, device, progress: bool = True
         with torch.no_grad():
             for batch in bar:
                 batch_dev = _to_device(batch, device, original_size)
-                pred = net.predict_mask_nshot(batch_dev, nshot=nshot)
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    pred = net.predict_mask_nshot(batch_dev, nshot=nshot)
                 if pred.shape != batch_dev["query_mask"].shape:
                     raise ValueError(
                         f"the model predicted masks of shape {tuple(pred.shape)} but the query masks are "

@@ -223,3 +223,28 @@ def test_bundled_compact_checkpoint_loads_through_from_checkpoint_and_evaluate(t
     assert cli_main(["evaluate", "--benchmark", "synthetic", "--nshot", "1", "--load", str(lib.BUNDLED_CHECKPOINT),
                      "--img-size", "96", "--max-episodes", "4", "--json", str(out)]) == 0
     assert "mIoU:" in capsys.readouterr().out and out.is_file()
+
+
+def test_evaluate_amp_bf16_runs_under_autocast_and_stays_close(tmp_path, capsys, monkeypatch):
+    from hypertriton import HSNet
+    from hypertriton.cli import main as cli_main
+    from hypertriton.data.synthetic import SyntheticDataset
+    from hypertriton.evaluation import evaluate
+
+    model = HSNet.from_checkpoint(lib.BUNDLED_CHECKPOINT)
+    dataset = SyntheticDataset(split="test", fold=0, nshot=1, img_size=96, episodes=8)
+    dtypes = []
+    original = type(model).predict_mask_nshot
+
+    def spy(self, batch, nshot):
+        dtypes.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return original(self, batch, nshot)
+
+    monkeypatch.setattr(type(model), "predict_mask_nshot", spy)
+    full = evaluate(model, dataset, 1, "cpu", progress=False, bsz=4)
+    reduced = evaluate(model, dataset, 1, "cpu", progress=False, bsz=4, amp=torch.bfloat16)
+    assert dtypes == [None, None, torch.bfloat16, torch.bfloat16]
+    assert abs(full["miou"] - reduced["miou"]) < 5.0
+    assert cli_main(["evaluate", "--benchmark", "synthetic", "--load", str(lib.BUNDLED_CHECKPOINT), "--img-size",
+                     "96", "--max-episodes", "2", "--amp", "fp16", "--device", "cpu", "--no-progress"]) == 2
+    assert "fp16" in capsys.readouterr().err

@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "not the protocol)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available; cuda:LOCAL_RANK under torchrun)")
     parser.add_argument("--backend", help="hypertriton op backend (triton, torch, reference; default: automatic)")
+    parser.add_argument("--amp", default="off", choices=["off", "auto", "bf16", "fp16"],
+                        help="reduced-precision inference under torch.autocast: bf16 (CPU or GPU), fp16 (GPU), "
+                        "auto (bf16 where supported, else fp16) (default: %(default)s)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
 
@@ -74,10 +77,12 @@ def run(args: argparse.Namespace) -> int:
     from hypertriton.data import build_dataset
     from hypertriton.evaluation import evaluate, format_result
     from hypertriton.model import HSNet
+    from hypertriton.training import _resolve_amp
 
     try:
         _check(args)
         ctx = hdist.init_distributed(args.device)
+        amp = _resolve_amp(args.amp, ctx.device)
         dataset = build_dataset(args.benchmark, args.datapath, args.splits, args.fold, args.split, args.nshot,
                                 img_size=args.img_size, use_original_imgsize=args.use_original_imgsize)
         model = HSNet.from_checkpoint(args.load, backbone=args.backbone, backend=args.backend).to(ctx.device)
@@ -94,13 +99,13 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         result = evaluate(model, dataset, args.nshot, ctx.device, progress=args.progress,
                           visualize_dir=args.visualize, bsz=args.bsz, nworker=args.nworker,
-                          max_episodes=args.max_episodes)
+                          max_episodes=args.max_episodes, amp=amp)
         if ctx.is_main:
             if args.json:
                 write_json_atomic({
                     "benchmark": args.benchmark, "fold": args.fold, "nshot": args.nshot, "split": args.split,
                     "backbone": model.backbone_name, "checkpoint": str(args.load), "img_size": args.img_size,
-                    "use_original_imgsize": args.use_original_imgsize, "episodes": result["episodes"],
+                    "use_original_imgsize": args.use_original_imgsize, "amp": args.amp, "episodes": result["episodes"],
                     "miou": result["miou"], "fb_iou": result["fb_iou"],
                     "per_class_iou": {str(c): v for c, v in result["per_class_iou"].items()},
                 }, args.json)
