@@ -215,10 +215,12 @@ def test_two_process_training_matches_a_single_process(tmp_path, monkeypatch):
     initial = HSNet("resnet18").state_dict()
     learner_change = 0.0
     for key, value in single_weights.items():
-        # Sharded and whole-batch gradients are summed in different orders: a few ulps apart.
-        torch.testing.assert_close(ddp_weights[key], value, rtol=1e-6, atol=1e-7,
+        # Sharded and whole-batch gradients are summed in different orders: a few ulps apart. Adam's
+        # step lr * m / (sqrt(v) + eps) turns that into up to a few percent of lr where a gradient is
+        # itself near eps (a sum that nearly cancels), hence atol = 5e-7 = lr / 20.
+        torch.testing.assert_close(ddp_weights[key], value, rtol=1e-6, atol=5e-7,
                                    msg=lambda message, key=key: f"{key}: {message}")
         if key.startswith("module.hpn_learner."):
             learner_change = max(learner_change, float((value - initial[key[len("module."):]]).abs().max()))
-    # Two Adam steps move weights by about 2 lr = 2e-5: far more than the tolerances above (1e-6 at 1.0).
+    # Two Adam steps move weights by about 2 lr = 2e-5: far more than the tolerances above.
     assert learner_change > 5e-6
