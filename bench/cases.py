@@ -208,7 +208,6 @@ def _build(case: str, variant: str, inputs: Inputs):
     qf, sf, mask = inputs.query_feats, inputs.support_feats, inputs.mask
     # Under autocast (torch+bf16) the fused op takes bf16 correlation products by itself.
     backend, _, fused = (None, None, False) if variant == "original" else _split(variant)
-    correlation_dtype = None
     layer2 = level_slices(inputs.layers_per_level)[2]
 
     if case == "hypercorrelation":
@@ -234,8 +233,7 @@ def _build(case: str, variant: str, inputs: Inputs):
             return lambda: theirs_conv(original_level_correlation(qf[layer2], sf[layer2], mask))
         if not fused:
             return lambda: ours_conv(hypertriton.hypercorrelation(qf[layer2], sf[layer2], mask, backend=backend)[0])
-        return lambda: fused_hypercorrelation_cp_conv(qf[layer2], sf[layer2], mask, ours_conv, backend=backend,
-                                                      correlation_dtype=correlation_dtype)
+        return lambda: fused_hypercorrelation_cp_conv(qf[layer2], sf[layer2], mask, ours_conv, backend=backend)
 
     if case in ("learner_forward", "forward_backward", "episode"):
         ours, theirs = _learners(inputs)
@@ -247,7 +245,7 @@ def _build(case: str, variant: str, inputs: Inputs):
 
         def ours_logits(q, s):
             if fused:
-                return fused_forward_features(ours, q, s, mask, lpl, correlation_dtype, backend)
+                return fused_forward_features(ours, q, s, mask, lpl, backend=backend)
             with torch.no_grad():
                 pyramid = [hypertriton.hypercorrelation(q[level], s[level], mask, backend=backend)[0]
                            for level in level_slices(lpl)]
