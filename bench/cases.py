@@ -133,19 +133,12 @@ def level_slices(layers_per_level) -> list[slice]:
     return slices
 
 
-def fused_forward_features(learner: HPNLearner, query_feats, support_feats, support_mask, layers_per_level,
-                           correlation_dtype=None, backend=None) -> torch.Tensor:
-    """The learner's logits ``[B, 2, 2*Hq2, 2*Wq2]`` from backbone features, never building a hypercorrelation.
-
-    Each squeeze block's first center-pivot layer runs fused with that level's correlation; the rest
-    is the learner's own modules (same result as ``learner(hypercorrelation(...))``).
-    """
-    squeezed = []
-    for block, level in zip(learner.squeeze_blocks, level_slices(layers_per_level)):
-        first = fused_hypercorrelation_cp_conv(query_feats[level], support_feats[level], support_mask, block[0],
-                                               backend=backend, correlation_dtype=correlation_dtype)
-        squeezed.append(learner.squeeze_rest(block, first))
-    return learner.decode(learner.mix(*squeezed))
+def fused_forward_features(learner: HPNLearner, query_feats, support_feats, support_mask,
+                           layers_per_level) -> torch.Tensor:
+    """The learner's logits ``[B, 2, 2*Hq2, 2*Wq2]`` from backbone features, never building a hypercorrelation
+    (:meth:`HPNLearner.forward_fused` on the feature lists split into levels)."""
+    levels = [(query_feats[level], support_feats[level]) for level in level_slices(layers_per_level)]
+    return learner.forward_fused(levels, support_mask)
 
 
 def original_level_correlation(query_feats, support_feats, support_mask) -> torch.Tensor:
@@ -245,7 +238,7 @@ def _build(case: str, variant: str, inputs: Inputs):
 
         def ours_logits(q, s):
             if fused:
-                return fused_forward_features(ours, q, s, mask, lpl, backend=backend)
+                return fused_forward_features(ours, q, s, mask, lpl)
             with torch.no_grad():
                 pyramid = [hypertriton.hypercorrelation(q[level], s[level], mask, backend=backend)[0]
                            for level in level_slices(lpl)]

@@ -13,6 +13,7 @@ from torch import nn
 from .backend import resolve_backend
 from .modules import CenterPivotConv4d, GroupNorm4d
 from .ops._validation import shape_of
+from .ops.fused_first_layer import fused_hypercorrelation_cp_conv
 from .ops.layout import is_query_major, resize_query_dims, to_query_major
 
 __all__ = ["HPNLearner", "make_building_block", "resize_4d"]
@@ -184,6 +185,23 @@ class HPNLearner(nn.Module):
 
     def forward(self, hypercorr_pyramid) -> torch.Tensor:
         return self.decode(self.encode(hypercorr_pyramid))
+
+    def forward_fused(self, levels, support_mask) -> torch.Tensor:
+        """Logits ``[B, 2, 2*Hq_2, 2*Wq_2]`` from backbone features without building the hypercorrelation:
+        each squeeze block's first layer runs fused with its level's correlation
+        (:func:`hypertriton.ops.fused_first_layer.fused_hypercorrelation_cp_conv`; under autocast its
+        correlation products take the autocast dtype). Same result as ``self(hypercorrelation(...))``.
+
+        Args:
+            levels: per pyramid level, deepest first, ``(query_feats, support_feats)``: lists of
+                ``[B, C_l, Hq, Wq]`` and ``[B, C_l, Hs, Ws]``.
+            support_mask: ``[B, H, W]`` or None.
+        """
+        squeezed = []
+        for (query, support), block in zip(levels, self.squeeze_blocks):
+            first = fused_hypercorrelation_cp_conv(query, support, support_mask, block[0], backend=self.backend)
+            squeezed.append(self.squeeze_rest(block, first))
+        return self.decode(self.mix(*squeezed))
 
     def extra_repr(self) -> str:
         return f"inch={list(self.inch)}, backend={self.backend!r}"

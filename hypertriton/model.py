@@ -19,7 +19,6 @@ from . import checkpoint as ckpt
 from .backbones import build_backbone, extract_features, get_spec
 from .learner import HPNLearner
 from .ops._validation import shape_of as _tensor_shape
-from .ops.fused_first_layer import fused_hypercorrelation_cp_conv
 from .ops.hypercorrelation import hypercorrelation
 
 __all__ = ["HSNet", "vote_nshot"]
@@ -168,12 +167,7 @@ class HSNet(nn.Module):
         learner = self.hpn_learner
         if not self.fused:
             return learner(self.hypercorrelation(query_feats, support_feats, support_mask))
-        squeezed = []
-        for (query, support), block in zip(self._levels(query_feats, support_feats), learner.squeeze_blocks):
-            # Under autocast the fused op takes the autocast dtype for its correlation products only.
-            first = fused_hypercorrelation_cp_conv(query, support, support_mask, block[0], backend=self.backend)
-            squeezed.append(learner.squeeze_rest(block, first))
-        return learner.decode(learner.mix(*squeezed))
+        return learner.forward_fused(self._levels(query_feats, support_feats), support_mask)
 
     def _logits(self, query_feats, support_img, support_mask, size) -> torch.Tensor:
         _check_images(support_img, "support_img")

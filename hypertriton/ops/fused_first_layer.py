@@ -79,16 +79,24 @@ def _normalize(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return features / (norms + reference.NORM_EPS), norms
 
 
-def _normalized_query(query: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[bool]]:
-    """Normalized query features per layer, and per batch element whether they are all finite.
+def _query_norms(query: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[bool]]:
+    """``||q||`` ``[B, 1, Hq, Wq]`` per layer (differentiable), and per batch element whether the query is
+    finite.
 
-    A norm is finite only if every entry of its vector is, so the check reads the ``[B, 1, H, W]`` norms
-    instead of the features (an overflowing norm of finite entries only costs a dense fallback).
+    A norm is finite only if every entry of its vector is, so the check reads the norms instead of the
+    features (an overflowing norm of finite entries only costs a dense fallback).
     """
-    pairs = [_normalize(q) for q in query]
+    norms = [(q * q).sum(dim=1, keepdim=True).sqrt() for q in query]
     with torch.no_grad():
-        finite = torch.stack([torch.isfinite(norms).flatten(1).all(dim=1) for _, norms in pairs]).all(dim=0)
-    return [normed for normed, _ in pairs], finite.tolist()
+        finite = torch.stack([torch.isfinite(n).flatten(1).all(dim=1) for n in norms]).all(dim=0)
+    return norms, finite.tolist()
+
+
+def _normalized_query(query: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[bool]]:
+    """Normalized query features per layer (as :func:`_normalize`), and per batch element whether they
+    are all finite."""
+    norms, finite = _query_norms(query)
+    return [q / (n + reference.NORM_EPS) for q, n in zip(query, norms)], finite
 
 
 def _inverse_query_norms(query: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[bool]]:
@@ -97,9 +105,8 @@ def _inverse_query_norms(query: list[torch.Tensor]) -> tuple[list[torch.Tensor],
     The no-grad forward scales the correlation products by these instead of storing normalized copies
     of the query features (4 x 5 MB at ResNet-50's 400-px layer2 level); equal up to rounding.
     """
-    norms = [(q * q).sum(dim=1).sqrt() for q in query]
-    finite = torch.stack([torch.isfinite(n).flatten(1).all(dim=1) for n in norms]).all(dim=0)
-    return [1.0 / (n + reference.NORM_EPS) for n in norms], finite.tolist()
+    norms, finite = _query_norms(query)
+    return [1.0 / (n[:, 0] + reference.NORM_EPS) for n in norms], finite
 
 
 def _active_positions(mask_b, support_b: list[torch.Tensor], query_finite: bool) -> torch.Tensor | None:
