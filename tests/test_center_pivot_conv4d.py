@@ -48,6 +48,8 @@ odd_kernels = st.sampled_from([1, 3, 5])
          layout="channels_last", dtype=torch.float32, seed=4)  # query-major: support map as one matrix product
 @example(batch=1, cin=3, cout=2, sizes=(3, 3, 4, 4), kernels=(3, 3, 3, 3), stride=(1, 1, 5, 5), bias=False,
          layout="channels_last", dtype=torch.float16, seed=5)  # query-major, stride past the map
+@example(batch=2, cin=3, cout=5, sizes=(4, 3, 5, 4), kernels=(3, 1, 3, 3), stride=(1, 1, 1, 1), bias=True,
+         layout="channels_last", dtype=torch.float32, seed=6)  # query-major, support stride 1: 3D conv + conv2d
 def test_matches_reference(backend, batch, cin, cout, sizes, kernels, stride, bias, layout, dtype, seed):
     device = DEVICES[backend]
     x = make_tensor((batch, cin, *sizes), seed, layout, dtype, device)
@@ -61,10 +63,18 @@ def test_matches_reference(backend, batch, cin, cout, sizes, kernels, stride, bi
 
 @pytest.mark.parametrize("backend", BACKEND_IDS)
 @pytest.mark.parametrize("upstream", ["random", "sum"])
-@pytest.mark.parametrize("stride", [(1, 1, 2, 2), (2, 1, 3, 1)])
-def test_gradients_match_reference(backend, upstream, stride):
+@pytest.mark.parametrize("stride, layout, support", [
+    ((1, 1, 2, 2), "contiguous", (6, 5)),
+    ((2, 1, 3, 1), "contiguous", (6, 5)),
+    # query-major (the torch backend's learner layout): strided support branch, and with support stride 1
+    # the 3D-conv query branch with the support branch added in place, as a conv and as a matrix product
+    ((1, 1, 2, 2), "channels_last", (6, 5)),
+    ((1, 1, 1, 1), "channels_last", (6, 5)),
+    ((1, 1, 1, 1), "channels_last", (2, 3)),
+])
+def test_gradients_match_reference(backend, upstream, stride, layout, support):
     device = DEVICES[backend]
-    x = make_tensor((2, 3, 5, 4, 6, 5), 0, device=device).requires_grad_()
+    x = make_tensor((2, 3, 5, 4, *support), 0, layout, device=device).requires_grad_()
     params = [p.requires_grad_() for p in weights(4, 3, (3, 3, 5, 3), 1, True, device=device)]
     ref_inputs = [t.detach().double().cpu().requires_grad_() for t in (x, *params)]
     out = hypertriton.center_pivot_conv4d(x, *params, stride, backend=backend)

@@ -9,8 +9,10 @@
 - ``torch``: a ``conv3d`` for the support branch that writes the output layout directly, plus a
   batched ``conv2d`` on the pivot support positions (a strided view picks them; no index cache, so
   nothing goes stale when the input size changes). A query-major input
-  (:mod:`hypertriton.ops.layout`) takes channels-last ``conv2d``s instead, or one matrix product for
-  support maps no larger than the kernel, and gives a query-major output.
+  (:mod:`hypertriton.ops.layout`) gives a query-major output: its support branch is a channels-last
+  ``conv2d`` over its own memory, or one matrix product for support maps no larger than the kernel; its
+  query branch is a channels-last ``conv3d`` over all support positions when the support stride is 1
+  (HSNet's mixing blocks), else a ``conv2d`` on the gathered pivots, added in place.
 """
 
 from __future__ import annotations
@@ -112,32 +114,64 @@ def _cp_conv_torch_query_major(x, weight_query, bias_query, weight_support, bias
     out_channels, _, ksh, ksw = weight_support.shape
     rows = x.permute(0, 2, 3, 4, 5, 1)[:, ::sqh, ::sqw]  # [B, Hq', Wq', Hs, Ws, C]: pivot query positions
     hq2, wq2 = rows.shape[1:3]
+    hs2, ws2 = (hs + 2 * psh - ksh) // ssh + 1, (ws + 2 * psw - ksw) // ssw + 1
     n = batch * hq2 * wq2
 
-    # Support branch: Hq'*Wq' maps [Hs, Ws, C], already channels-last in memory.
-    if hs * ws <= ksh * ksw:
-        matrix = support_conv_matrix(weight_support, (hs, ws), (ssh, ssw), (psh, psw))
-        flat = rows.reshape(n, hs * ws * channels)
-        hs2, ws2 = (hs + 2 * psh - ksh) // ssh + 1, (ws + 2 * psw - ksw) // ssw + 1
-        if bias_support is None:
-            out = flat @ matrix
-        else:
-            out = torch.addmm(bias_support.repeat(hs2 * ws2), flat, matrix)
-        out = out.view(batch, hq2, wq2, hs2, ws2, out_channels)
-    else:
-        maps = rows.reshape(n, hs, ws, channels).permute(0, 3, 1, 2)
-        out = F.conv2d(maps, weight_support, bias_support, (ssh, ssw), (psh, psw))
-        hs2, ws2 = out.shape[-2:]
-        out = out.permute(0, 2, 3, 1).reshape(batch, hq2, wq2, hs2, ws2, out_channels)
+    if ssh == ssw == 1:
+        # Every support position is a pivot: the query branch is one 3D convolution with a (k, k, 1)
+        # kernel over [C, Hq, Wq, Hs*Ws], whose channels-last memory is x's own; its channels-last
+        # output is already query-major. It carries both biases; the support branch is added in place.
+        volume = x.permute(0, 2, 3, 4, 5, 1).reshape(batch, hq, wq, hs * ws, channels).permute(0, 4, 1, 2, 3)
+        out = F.conv3d(volume, weight_query.unsqueeze(-1), _bias_sum(bias_query, bias_support),
+                       (sqh, sqw, 1), (pqh, pqw, 0))
+        out = out.permute(0, 2, 3, 4, 1)  # [B, Hq', Wq', Hs*Ws, Cout]
+        if not out.is_contiguous():  # conv3d kept another layout (it does not on CPU)
+            out = out.contiguous()
+        flat_out = out.view(n, hs2 * ws2 * out_channels)
+        _support_branch(rows, n, weight_support, None, (ssh, ssw), (psh, psw), into=flat_out)
+        return flat_out.view(batch, hq2, wq2, hs2, ws2, out_channels).permute(0, 5, 1, 2, 3, 4)
 
-    # Query branch at the pivot support positions: gather them support-major, channels-last conv2d.
-    # An explicit gather: a strided view would reach conv2d as an odd layout that it copies far slower.
+    out = _support_branch(rows, n, weight_support, bias_support, (ssh, ssw), (psh, psw))
+    out = out.view(batch, hq2, wq2, hs2, ws2, out_channels)
+
+    # Query branch at the pivot support positions (1/s^2 of them): gather them support-major,
+    # channels-last conv2d, added in place. An explicit gather: a strided view would reach conv2d as an
+    # odd layout that it copies far slower.
     pivots = x.permute(0, 4, 5, 2, 3, 1)[:, ::ssh, ::ssw].contiguous()  # [B, Hs', Ws', Hq, Wq, C]
     maps = pivots.view(batch * hs2 * ws2, hq, wq, channels).permute(0, 3, 1, 2)
     query_branch = F.conv2d(maps, weight_query, bias_query, (sqh, sqw), (pqh, pqw))
     query_branch = query_branch.permute(0, 2, 3, 1).reshape(batch, hs2, ws2, hq2, wq2, out_channels)
-    out = out + query_branch.permute(0, 3, 4, 1, 2, 5)
+    out.add_(query_branch.permute(0, 3, 4, 1, 2, 5))
     return out.permute(0, 5, 1, 2, 3, 4)
+
+
+def _bias_sum(bias_query, bias_support):
+    """``bias_query + bias_support`` (one of them when the other is None; None when both are)."""
+    present = [b for b in (bias_query, bias_support) if b is not None]
+    if len(present) < 2:
+        return present[0] if present else None
+    return present[0] + present[1]
+
+
+def _support_branch(rows, n, weight_support, bias_support, stride, padding, into=None):
+    """The support branch over ``rows`` ``[B, Hq', Wq', Hs, Ws, C]`` (``n = B*Hq'*Wq'`` maps ``[Hs, Ws, C]``, already
+    channels-last in memory) as ``[n, Hs'*Ws'*Cout]`` (position-major, channel-minor): one matrix product
+    when the map is no larger than the kernel, else a channels-last ``conv2d``. With ``into`` (a tensor of
+    that shape) it is added there in place and ``into`` is returned."""
+    batch, hq2, wq2, hs, ws, channels = rows.shape
+    out_channels, _, ksh, ksw = weight_support.shape
+    if hs * ws <= ksh * ksw:
+        matrix = support_conv_matrix(weight_support, (hs, ws), stride, padding)
+        flat = rows.reshape(n, hs * ws * channels)
+        if into is not None:
+            return into.addmm_(flat, matrix)
+        if bias_support is None:
+            return flat @ matrix
+        return torch.addmm(bias_support.repeat(matrix.shape[1] // out_channels), flat, matrix)
+    maps = rows.reshape(n, hs, ws, channels).permute(0, 3, 1, 2)
+    support = F.conv2d(maps, weight_support, bias_support, stride, padding)  # channels-last [n, Hs', Ws', Cout]
+    support = support.permute(0, 2, 3, 1).reshape(n, support.shape[1] * support.shape[2] * support.shape[3])
+    return support if into is None else into.add_(support)
 
 
 @torch.library.custom_op("hypertriton::center_pivot_conv4d", mutates_args=())
