@@ -96,6 +96,10 @@ shapes = dict(
          query_stride=2, mask_kind="blob", mask_size=12, chunk_elements=7)
 @example(seed=3, batch=1, layers=1, channels=1, hq=1, wq=1, hs=1, ws=1, k_query=1, k_support=1, support_stride=1,
          query_stride=1, mask_kind="full", mask_size=1, chunk_elements=1)
+@example(seed=7, batch=2, layers=2, channels=3, hq=4, wq=5, hs=9, ws=8, k_query=3, k_support=1, support_stride=3,
+         query_stride=1, mask_kind="random", mask_size=9, chunk_elements=16)  # active positions in no window
+@example(seed=8, batch=1, layers=2, channels=2, hq=3, wq=3, hs=9, ws=9, k_query=1, k_support=3, support_stride=4,
+         query_stride=1, mask_kind="blob", mask_size=9, chunk_elements=ffl.CHUNK_ELEMENTS)  # gaps between windows
 def test_forward_matches_dense_reference(seed, batch, layers, channels, hq, wq, hs, ws, k_query, k_support,
                                          support_stride, query_stride, mask_kind, mask_size, chunk_elements):
     gen, query, support, weights = make_case(seed, batch, layers, channels, hq, wq, hs, ws, k_query, k_support)
@@ -114,6 +118,8 @@ def test_forward_matches_dense_reference(seed, batch, layers, channels, hq, wq, 
          query_stride=2, mask_kind="empty", mask_size=5, chunk_elements=64, upstream="random", frozen=False)
 @example(seed=6, batch=2, layers=2, channels=3, hq=5, wq=5, hs=9, ws=9, k_query=3, k_support=5, support_stride=4,
          query_stride=1, mask_kind="blob", mask_size=9, chunk_elements=16, upstream="random", frozen=True)
+@example(seed=9, batch=2, layers=2, channels=2, hq=4, wq=3, hs=8, ws=9, k_query=3, k_support=1, support_stride=3,
+         query_stride=1, mask_kind="random", mask_size=8, chunk_elements=16, upstream="random", frozen=False)
 def test_gradients_match_dense_reference(seed, batch, layers, channels, hq, wq, hs, ws, k_query, k_support,
                                          support_stride, query_stride, mask_kind, mask_size, chunk_elements,
                                          upstream, frozen):
@@ -330,3 +336,22 @@ def test_blob_mask_skips_most_support_positions():
     assert active.numel() == int((resized[0] != 0).sum())
     assert active.numel() < 0.75 * 400
     assert math.isclose(float(resized[0, active].abs().sum()), float(resized[0].abs().sum()))
+
+
+@pytest.mark.parametrize("pixel, computed", [((1, 1), False), ((2, 4), True)])
+def test_support_windows_cover_exactly_what_an_active_position_reaches(pixel, computed):
+    """One active pixel: only the conv windows that contain it are computed (none when it falls between
+    windows), and the output still equals the dense reference (the other windows hold the biases)."""
+    gen, query, support, weights = make_case(10, 1, 2, 3, 4, 4, 5, 6, 3, 1)
+    mask = torch.zeros(1, 5, 6, dtype=torch.float64)
+    mask[0, pixel[0], pixel[1]] = 1.0
+    stride = (1, 1, 2, 2)
+    spec = ffl._Spec(layers=2, stride=stride, padding=(1, 1, 0, 0), out_size=(4, 4, 3, 3), in_size=(4, 4, 5, 6),
+                     compute_dtype=torch.float64, correlation_dtype=torch.float64, chunk_elements=64)
+    active = torch.tensor([pixel[0] * 6 + pixel[1]])
+    windows = ffl._support_windows(active, 5, 6, (1, 1), spec)
+    assert windows.empty != computed
+    if computed:  # the 1x1 window at output (1, 2) reads exactly input (2, 4)
+        assert (windows.rows, windows.cols, windows.grid) == (slice(1, 2), slice(2, 3), (1, 1))
+    out = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, stride, backend="torch")
+    assert_close_dtype(out, dense(query, support, mask, weights, stride))

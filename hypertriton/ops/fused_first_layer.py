@@ -12,7 +12,8 @@ the fly (query branch: chunks of pivot support positions; support branch: chunks
 only for *active* support positions. Where the resized support mask is 0 the masked support feature
 is 0, its normalized form is exactly 0, and so is every correlation with it: skipping those positions
 is exact, not an approximation (``shared/docs/design-notes.md``). A pivot that is inactive contributes
-only the query conv's bias; a support window with no active position only the support conv's bias.
+only the query conv's bias; a support window with no active position only the support conv's bias, so
+the support branch is convolved only over the windows around the active positions' bounding box.
 
 Non-finite values keep the dense semantics: a support position whose feature is NaN/inf is active
 even where the mask is 0 (``NaN * 0`` is NaN in the dense path), and a batch element whose query
@@ -164,44 +165,100 @@ def _pivot_columns(active, hs: int, ws: int, spec: _Spec, device):
 # The two branches, one chunk at a time (plain tensor code; differentiable when inputs require grad)
 # --------------------------------------------------------------------------------------------------
 
-def _support_branch_chunk(query_chunk, support_active, active, weight, spec: _Spec, hs: int, ws: int,
+@dataclass(frozen=True)
+class _SupportWindows:
+    """Where one batch element's support-dim branch is computed.
+
+    Only the conv windows that can see an active position need computing (the others give only the bias):
+    for a compact object, the windows over its bounding box. The correlations are scattered into a
+    zero grid ``[n, L, *grid]`` at ``positions`` and convolved with ``padding``; the result covers the
+    output windows ``rows x cols`` of ``Hs' x Ws'``. ``columns`` selects the active positions that lie
+    in the grid (None: all of them).
+    """
+
+    grid: tuple[int, int]
+    padding: tuple[int, int]
+    rows: slice
+    cols: slice
+    positions: torch.Tensor | None  # flat grid index per selected active position; None: identity
+    columns: torch.Tensor | None
+
+    @property
+    def full(self) -> bool:
+        return self.positions is None
+
+    @property
+    def empty(self) -> bool:
+        return self.rows.start >= self.rows.stop or self.cols.start >= self.cols.stop
+
+
+def _window_range(low: int, high: int, kernel: int, stride: int, pad: int, count: int) -> slice:
+    """Output windows (``u*stride - pad`` .. ``+ kernel - 1``) of a 1D conv that overlap input ``[low, high]``."""
+    first = max(0, -(-(low + pad - kernel + 1) // stride))
+    return slice(first, min(count - 1, (high + pad) // stride) + 1)
+
+
+def _support_windows(active, hs: int, ws: int, kernel: tuple[int, int], spec: _Spec) -> _SupportWindows:
+    """The :class:`_SupportWindows` of the active support positions ``active`` (None: all of them)."""
+    hs2, ws2 = spec.out_size[2:]
+    (sh, sw), (ph, pw) = spec.stride[2:], spec.padding[2:]
+    if active is None:
+        return _SupportWindows((hs, ws), (ph, pw), slice(0, hs2), slice(0, ws2), None, None)
+    rows, cols = active // ws, active % ws
+    window_rows = _window_range(int(rows.min()), int(rows.max()), kernel[0], sh, ph, hs2)
+    window_cols = _window_range(int(cols.min()), int(cols.max()), kernel[1], sw, pw, ws2)
+    # The grid is the input region those windows read, padding included (it stays zero).
+    top, left = window_rows.start * sh - ph, window_cols.start * sw - pw
+    height = (window_rows.stop - window_rows.start - 1) * sh + kernel[0]
+    width = (window_cols.stop - window_cols.start - 1) * sw + kernel[1]
+    local_rows, local_cols = rows - top, cols - left
+    inside = (local_rows >= 0) & (local_rows < height) & (local_cols >= 0) & (local_cols < width)
+    columns = None if bool(inside.all()) else inside.nonzero().squeeze(1)
+    positions = local_rows * width + local_cols
+    if columns is not None:
+        positions = positions[columns]
+    return _SupportWindows((max(height, 1), max(width, 1)), (0, 0), window_rows, window_cols, positions, columns)
+
+
+def _support_branch_chunk(query_chunk, support_active, windows: _SupportWindows, weight, spec: _Spec,
                           buffer=None, row_scale=None):
-    """Support-dim branch for a chunk of pivot query positions.
+    """Support-dim branch for a chunk of pivot query positions, over ``windows``.
 
     Args:
         query_chunk: list over layers of ``[C, n]`` normalized query features (pivot query positions).
-        support_active: list over layers of ``[C, N_act]`` normalized active support features.
-        active: ``[N_act]`` support indices (None: all positions, ``N_act = Hs*Ws``).
+        support_active: list over layers of ``[C, N]`` normalized support features at the active positions
+            that ``windows`` selects (``windows.columns`` already applied).
+        windows: see :class:`_SupportWindows`.
         weight: ``[Cout, L, KSh, KSw]``.
-        buffer: optional reusable ``[>=n, L, Hs*Ws]`` buffer whose inactive columns are zero
+        buffer: optional reusable ``[>=n, L, grid h * grid w]`` buffer whose other columns are zero
             (no-grad forward only); None allocates.
         row_scale: with a buffer, list over layers of ``[n]`` factors for the products' rows (the
             inverse norms of an unnormalized ``query_chunk``); None: ``query_chunk`` is normalized.
 
     Returns:
-        ``[n, Cout, Hs', Ws']`` without bias.
+        ``[n, Cout, rows, cols]`` of ``windows``, without bias.
     """
     n = query_chunk[0].shape[1]
     layers = len(query_chunk)
     cd = spec.correlation_dtype
-    differentiable = torch.is_grad_enabled()
-    if buffer is None or differentiable:
+    cells = windows.grid[0] * windows.grid[1]
+    if buffer is None or torch.is_grad_enabled():
         corr = torch.stack([torch.relu(torch.mm(q.t().to(cd), s.to(cd)).to(spec.compute_dtype))
-                            for q, s in zip(query_chunk, support_active)], dim=1)  # [n, L, N_act]
-        if active is not None:
-            corr = corr.new_zeros(n, layers, hs * ws).index_copy(2, active, corr)
+                            for q, s in zip(query_chunk, support_active)], dim=1)  # [n, L, N]
+        if not windows.full:
+            corr = corr.new_zeros(n, layers, cells).index_copy(2, windows.positions, corr)
     else:
-        corr = buffer[:n]  # inactive columns stay exactly zero
+        corr = buffer[:n]  # the other columns stay exactly zero
         for layer, (q, s) in enumerate(zip(query_chunk, support_active)):
             product = torch.mm(q.t().to(cd), s.to(cd)).to(corr.dtype)
             if row_scale is not None:
                 product.mul_(row_scale[layer][:, None])
             product = torch.relu_(product)
-            if active is None:
+            if windows.full:
                 corr[:, layer].copy_(product)
             else:
-                corr[:, layer].index_copy_(1, active, product)
-    return F.conv2d(corr.view(n, layers, hs, ws), weight, None, spec.stride[2:], spec.padding[2:])
+                corr[:, layer].index_copy_(1, windows.positions, product)
+    return F.conv2d(corr.view(n, layers, *windows.grid), weight, None, spec.stride[2:], windows.padding)
 
 
 def _query_branch_chunk(query_full, support_pivots, weight, spec: _Spec, hq: int, wq: int, column_scale=None):
@@ -259,7 +316,6 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
     bias = _bias_sum(bias_query, bias_support, weight_query).view(-1, 1, 1)
 
     inverse_norms, query_finite = _inverse_query_norms(query)  # [B, Hq, Wq] per layer
-    buffer = None
     for b in range(batch):
         support_b = [s[b].flatten(1) for s in support]
         mask_b = None if mask is None else mask[b]
@@ -271,22 +327,26 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
             out_b.copy_(bias.expand_as(out_b))  # every correlation is exactly zero: only the biases remain
             continue
 
-        # Support branch, chunks of pivot query rows, into a dense buffer reused across chunks.
-        # Operands are cast to the correlation dtype once here, not per chunk.
-        query_pivots = [_pivot_query(q[b], spec).to(spec.correlation_dtype) for q in query]
-        pivot_scales = [_pivot_query(n[b][None], spec)[0] for n in inverse_norms]
-        support_active_cd = [s.to(spec.correlation_dtype) for s in support_active]
-        rows = _chunk_size(spec.layers * hs * ws, spec)
-        if buffer is None:
-            buffer = query[0].new_zeros(min(rows, hq2 * wq2), spec.layers, hs * ws)
-        elif active is not None:
-            buffer.zero_()  # the previous batch element may have written other columns
-        for start in range(0, hq2 * wq2, rows):
-            chunk = [q[:, start:start + rows] for q in query_pivots]
-            part = _support_branch_chunk(chunk, support_active_cd, active, weight_support, spec, hs, ws, buffer,
-                                         [scale[start:start + rows] for scale in pivot_scales])
-            # The support branch covers every output position once: write it with the biases.
-            torch.add(part.flatten(2).transpose(0, 1), bias, out=out_b[:, start:start + part.shape[0]])
+        # Support branch, chunks of pivot query rows, into a zero buffer reused across chunks, over the
+        # windows that see an active position; the others hold the biases only. Operands are cast to the
+        # correlation dtype once here, not per chunk.
+        windows = _support_windows(active, hs, ws, weight_support.shape[-2:], spec)
+        out_windows = out_b.view(out_channels, hq2 * wq2, hs2, ws2)[:, :, windows.rows, windows.cols]
+        if not windows.full:
+            out_b.copy_(bias.expand_as(out_b))
+        if not windows.empty:
+            query_pivots = [_pivot_query(q[b], spec).to(spec.correlation_dtype) for q in query]
+            pivot_scales = [_pivot_query(n[b][None], spec)[0] for n in inverse_norms]
+            support_cd = [(s if windows.columns is None else s.index_select(1, windows.columns))
+                          .to(spec.correlation_dtype) for s in support_active]
+            cells = windows.grid[0] * windows.grid[1]
+            rows = _chunk_size(spec.layers * cells, spec)
+            buffer = query[0].new_zeros(min(rows, hq2 * wq2), spec.layers, cells)
+            for start in range(0, hq2 * wq2, rows):
+                chunk = [q[:, start:start + rows] for q in query_pivots]
+                part = _support_branch_chunk(chunk, support_cd, windows, weight_support, spec, buffer,
+                                             [scale[start:start + rows] for scale in pivot_scales])
+                torch.add(part.transpose(0, 1), bias.unsqueeze(-1), out=out_windows[:, start:start + part.shape[0]])
 
         _add_query_branch(out_b, [q[b] for q in query], support_active, active, weight_query, spec,
                           [n[b] for n in inverse_norms])
@@ -450,20 +510,29 @@ def _backward_features_and_weights(grad, features, mask, weight_query, weight_su
             qf_grad = [torch.zeros_like(q) for q in query_full]
             s_grad = [torch.zeros_like(s) for s in support_active]
 
-            rows = _chunk_size(layers * hs * ws, spec)
-            for start in range(0, hq2 * wq2, rows):
+            windows = _support_windows(active, hs, ws, weight_support.shape[-2:], spec)
+            # Their own leaves: a chunk's backward must not run through a graph node shared by all chunks.
+            s_windows = s_leaf if windows.columns is None else \
+                [s.detach().index_select(1, windows.columns).requires_grad_(needs_features) for s in s_leaf]
+            sw_grad = s_grad if windows.columns is None else [torch.zeros_like(s) for s in s_windows]
+            grad_windows = grad[b].view(out_channels, hq2 * wq2, hs2, ws2)[:, :, windows.rows, windows.cols]
+            rows = _chunk_size(layers * windows.grid[0] * windows.grid[1], spec)
+            for start in range(0 if not windows.empty else hq2 * wq2, hq2 * wq2, rows):
                 chunk = [q.detach()[:, start:start + rows].requires_grad_(needs_features) for q in query_pivots]
-                part = _support_branch_chunk(chunk, s_leaf, active, ws_leaf, spec, hs, ws)
+                part = _support_branch_chunk(chunk, s_windows, windows, ws_leaf, spec)
                 if not part.requires_grad:
                     continue
-                g = grad[b, :, start:start + part.shape[0]].transpose(0, 1).reshape(part.shape)
-                inputs = (chunk + s_leaf if needs_features else []) + ([ws_leaf] if needs_weights[1] else [])
+                g = grad_windows[:, start:start + part.shape[0]].transpose(0, 1)
+                inputs = (chunk + s_windows if needs_features else []) + ([ws_leaf] if needs_weights[1] else [])
                 result = torch.autograd.grad(part, inputs, g, allow_unused=True)
                 for layer in range(layers if needs_features else 0):
                     qp_grad[layer][:, start:start + rows] += result[layer]
-                    s_grad[layer] += result[layers + layer]
+                    sw_grad[layer] += result[layers + layer]
                 if needs_weights[1]:
                     grad_ws += result[-1]
+            if sw_grad is not s_grad and needs_features:
+                for layer in range(layers):
+                    s_grad[layer].index_add_(1, windows.columns, sw_grad[layer])
 
             columns, out_index = _pivot_columns(active, hs, ws, spec, grad.device)
             q_leaf = [q.detach().requires_grad_(needs_features) for q in query_full]
