@@ -273,9 +273,10 @@ def test_reduced_precision_correlation_is_close():
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
-def test_under_autocast_only_the_correlation_takes_the_autocast_dtype(grad):
-    """Under ``torch.autocast`` the op runs (no bf16/fp32 mix inside), returns the features' dtype, and
-    equals an explicit ``correlation_dtype`` of the autocast dtype."""
+def test_under_autocast_the_correlation_and_convs_take_the_autocast_dtype(grad):
+    """Under ``torch.autocast`` the op runs (no bf16/fp32 mix inside), returns the features' dtype, equals
+    an explicit ``correlation_dtype`` of the autocast dtype, and stays within bf16 accuracy of the fp64
+    reference."""
     gen, query, support, weights = make_case(6, 2, 2, 8, 6, 6, 7, 7, 3, 3, out_channels=4, dtype=torch.float32,
                                              requires_grad=grad)
     mask = make_mask("blob", 2, 14, 14, gen).float()
@@ -285,6 +286,9 @@ def test_under_autocast_only_the_correlation_takes_the_autocast_dtype(grad):
         out = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, (1, 1, 2, 2), backend="torch")
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, explicit, rtol=0, atol=0)
+    want = dense([q.detach().double() for q in query], [s.detach().double() for s in support], mask.double(),
+                 [w.detach().double() for w in weights], (1, 1, 2, 2))
+    assert_close_dtype(out, want, dtype=torch.bfloat16, scale=4)
     if grad:
         out.sum().backward()
         assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (*query, weights[0], weights[2]))

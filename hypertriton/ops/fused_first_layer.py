@@ -56,8 +56,8 @@ class _Spec:
     padding: tuple[int, int, int, int]
     out_size: tuple[int, int, int, int]  # (Hq', Wq', Hs', Ws')
     in_size: tuple[int, int, int, int]  # (Hq, Wq, Hs, Ws)
-    compute_dtype: torch.dtype  # dtype of normalization, conv and accumulation
-    correlation_dtype: torch.dtype  # dtype of the correlation matrix products
+    compute_dtype: torch.dtype  # dtype of normalization and accumulation
+    correlation_dtype: torch.dtype  # dtype of the correlation matrix products and the convs over them
     chunk_elements: int
     triton: bool = False  # support-dim branch by the Triton kernel (query-dim branch stays in PyTorch)
 
@@ -80,6 +80,23 @@ def _normalize(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return features / (norms + reference.NORM_EPS), norms
 
 
+# Channels per step of the no-grad squared norm: its temporary stays in cache.
+_NORM_CHANNELS = 32
+
+
+def _squared_norm(features: torch.Tensor) -> torch.Tensor:
+    """``sum(f * f)`` over dim 1 of ``[B, C, H, W]``, keepdim; without gradients in steps of channels (the
+    temporary of the features' size costs more than the arithmetic)."""
+    if torch.is_grad_enabled() and features.requires_grad:
+        return (features * features).sum(dim=1, keepdim=True)
+    total = None
+    for start in range(0, features.shape[1], _NORM_CHANNELS):
+        part = features[:, start:start + _NORM_CHANNELS]
+        step = (part * part).sum(dim=1, keepdim=True)
+        total = step if total is None else total.add_(step)
+    return total
+
+
 def _query_norms(query: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[bool]]:
     """``||q||`` ``[B, 1, Hq, Wq]`` per layer (differentiable), and per batch element whether the query is
     finite.
@@ -87,7 +104,7 @@ def _query_norms(query: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[bo
     A norm is finite only if every entry of its vector is, so the check reads the norms instead of the
     features (an overflowing norm of finite entries only costs a dense fallback).
     """
-    norms = [(q * q).sum(dim=1, keepdim=True).sqrt() for q in query]
+    norms = [_squared_norm(q).sqrt() for q in query]
     with torch.no_grad():
         finite = torch.stack([torch.isfinite(n).flatten(1).all(dim=1) for n in norms]).all(dim=0)
     return norms, finite.tolist()
@@ -231,7 +248,8 @@ def _support_branch_chunk(query_chunk, support_active, windows: _SupportWindows,
         windows: see :class:`_SupportWindows`.
         weight: ``[Cout, L, KSh, KSw]``.
         buffer: optional reusable ``[>=n, L, grid h * grid w]`` buffer whose other columns are zero
-            (no-grad forward only); None allocates.
+            (no-grad forward only; in the correlation dtype, as ``weight``, so the conv runs in it); None
+            allocates in the compute dtype.
         row_scale: with a buffer, list over layers of ``[n]`` factors for the products' rows (the
             inverse norms of an unnormalized ``query_chunk``); None: ``query_chunk`` is normalized.
 
@@ -261,7 +279,8 @@ def _support_branch_chunk(query_chunk, support_active, windows: _SupportWindows,
     return F.conv2d(corr.view(n, layers, *windows.grid), weight, None, spec.stride[2:], windows.padding)
 
 
-def _query_branch_chunk(query_full, support_pivots, weight, spec: _Spec, hq: int, wq: int, column_scale=None):
+def _query_branch_chunk(query_full, support_pivots, weight, spec: _Spec, hq: int, wq: int, column_scale=None,
+                        conv_dtype: torch.dtype | None = None):
     """Query-dim branch for a chunk of active pivot support positions.
 
     Args:
@@ -270,17 +289,22 @@ def _query_branch_chunk(query_full, support_pivots, weight, spec: _Spec, hq: int
         weight: ``[Cout, L, KQh, KQw]``.
         column_scale: list over layers of ``[Hq*Wq]`` factors for the products' columns when
             ``query_full`` is unnormalized (its inverse norms); None: it is normalized.
+        conv_dtype: dtype of the ReLU and the conv (``weight``'s); None: the compute dtype.
 
     Returns:
         ``[p, Cout, Hq', Wq']`` without bias.
     """
     cd = spec.correlation_dtype
-    products = [torch.mm(s.t().to(cd), q.to(cd)).to(spec.compute_dtype) for q, s in zip(query_full, support_pivots)]
+    conv_dtype = spec.compute_dtype if conv_dtype is None else conv_dtype
+    products = [torch.mm(s.t().to(cd), q.to(cd)).to(conv_dtype) for q, s in zip(query_full, support_pivots)]
     if column_scale is not None:
-        products = [product * scale for product, scale in zip(products, column_scale)]
-    corr = torch.stack([torch.relu(product) for product in products], dim=1)  # [p, L, Hq*Wq]
+        products = [product * scale.to(conv_dtype) for product, scale in zip(products, column_scale)]
+    # Channels-last [p, Hq*Wq, L]: the conv's output is then channels-last too, [p, Hq', Wq', Cout] in
+    # memory, which the forward adds into its query-major output along contiguous rows of Cout.
+    corr = torch.stack([torch.relu(product) for product in products], dim=2)
     p = corr.shape[0]
-    return F.conv2d(corr.view(p, len(query_full), hq, wq), weight, None, spec.stride[:2], spec.padding[:2])
+    maps = corr.view(p, hq, wq, len(query_full)).permute(0, 3, 1, 2)
+    return F.conv2d(maps, weight, None, spec.stride[:2], spec.padding[:2])
 
 
 def _support_size(spec: _Spec) -> tuple[int, int]:
@@ -316,6 +340,11 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
     bias = _bias_sum(bias_query, bias_support, weight_query).view(-1, 1, 1)
 
     inverse_norms, query_finite = _inverse_query_norms(query)  # [B, Hq, Wq] per layer
+    # Products, ReLU and both convs in the correlation dtype (reduced precision: as autocast runs a
+    # conv); operands cast once here, not per chunk.
+    cd = spec.correlation_dtype
+    query = [q.to(cd) for q in query]
+    weight_query, weight_support = weight_query.to(cd), weight_support.to(cd)
     for b in range(batch):
         support_b = [s[b].flatten(1) for s in support]
         mask_b = None if mask is None else mask[b]
@@ -328,20 +357,19 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
             continue
 
         # Support branch, chunks of pivot query rows, into a zero buffer reused across chunks, over the
-        # windows that see an active position; the others hold the biases only. Operands are cast to the
-        # correlation dtype once here, not per chunk.
+        # windows that see an active position; the others hold the biases only.
         windows = _support_windows(active, hs, ws, weight_support.shape[-2:], spec)
         out_windows = out_b.view(out_channels, hq2 * wq2, hs2, ws2)[:, :, windows.rows, windows.cols]
         if not windows.full:
             out_b.copy_(bias.expand_as(out_b))
         if not windows.empty:
-            query_pivots = [_pivot_query(q[b], spec).to(spec.correlation_dtype) for q in query]
-            pivot_scales = [_pivot_query(n[b][None], spec)[0] for n in inverse_norms]
-            support_cd = [(s if windows.columns is None else s.index_select(1, windows.columns))
-                          .to(spec.correlation_dtype) for s in support_active]
+            query_pivots = [_pivot_query(q[b], spec) for q in query]
+            pivot_scales = [_pivot_query(n[b][None], spec)[0].to(cd) for n in inverse_norms]
+            support_cd = [(s if windows.columns is None else s.index_select(1, windows.columns)).to(cd)
+                          for s in support_active]
             cells = windows.grid[0] * windows.grid[1]
             rows = _chunk_size(spec.layers * cells, spec)
-            buffer = query[0].new_zeros(min(rows, hq2 * wq2), spec.layers, cells)
+            buffer = query[0].new_zeros(min(rows, hq2 * wq2), spec.layers, cells, dtype=cd)
             for start in range(0, hq2 * wq2, rows):
                 chunk = [q[:, start:start + rows] for q in query_pivots]
                 part = _support_branch_chunk(chunk, support_cd, windows, weight_support, spec, buffer,
@@ -372,8 +400,10 @@ def _add_query_branch(out_b, query_normed_b, support_active, active, weight, spe
     for start in range(0, columns.numel(), pivots):
         cols = columns[start:start + pivots]
         part = _query_branch_chunk(query_full, [s.index_select(1, cols) for s in support_active], weight, spec,
-                                   hq, wq, None if inverse_norms_b is None else [n.flatten() for n in inverse_norms_b])
-        out_b.index_add_(2, out_index[start:start + pivots], part.flatten(2).permute(1, 2, 0))
+                                   hq, wq, None if inverse_norms_b is None else [n.flatten() for n in inverse_norms_b],
+                                   conv_dtype=weight.dtype)
+        rows = part.permute(2, 3, 0, 1).reshape(-1, part.shape[0], part.shape[1])  # [Hq'*Wq', p, Cout]
+        out_b.permute(1, 2, 0).index_add_(1, out_index[start:start + pivots], rows.to(out_b.dtype))
 
 
 def _forward_triton(query, support, mask, weight_query, bias_query, weight_support, bias_support, spec: _Spec):
@@ -588,13 +618,14 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
             count per level; otherwise the fused PyTorch code) and the query-dim branch and the
             backward pass in PyTorch.
         correlation_dtype: opt-in reduced precision (e.g. ``torch.bfloat16``) for the correlation
-            matrix products; normalization, ReLU, convolutions and accumulation stay in the compute
-            dtype. None: the autocast dtype under ``torch.autocast``, else the compute dtype (exact
-            path).
+            matrix products and the ReLU and convolutions over them (which accumulate in fp32);
+            normalization and the output stay in the compute dtype. None: the autocast dtype under
+            ``torch.autocast``, else the compute dtype (exact path).
 
     Returns:
-        ``[B, Cout, Hq', Wq', Hs', Ws']`` in the features' dtype, equal (up to rounding) to the dense
-        computation; stored query-major (:mod:`hypertriton.ops.layout`) on the ``torch`` backend.
+        ``[B, Cout, Hq', Wq', Hs', Ws']`` in the features' dtype (also under ``torch.autocast``), equal
+        (up to rounding) to the dense computation; stored query-major (:mod:`hypertriton.ops.layout`) on
+        the ``torch`` backend.
 
     Example:
         >>> q = [torch.randn(1, 8, 6, 6) for _ in range(2)]
@@ -632,8 +663,9 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
         cast = [None if t is None else t.to(dtype) for t in (weight_query, bias_query, weight_support, bias_support)]
         return reference.center_pivot_conv4d(corr, *cast, stride, padding)
 
-    # Under autocast only the correlation products take the autocast dtype (as autocast gives the dense
-    # path's matrix products); the rest keeps the precisions chosen below, so autocast is off inside.
+    # Under autocast the correlation products and the convs over them take the autocast dtype (as
+    # autocast runs the dense path's matrix products and convs); normalization, accumulation and the
+    # output keep the precisions chosen below, so autocast is off inside.
     if correlation_dtype is None and torch.is_autocast_enabled(device.type):
         correlation_dtype = torch.get_autocast_dtype(device.type)
     # Half-precision norms and CPU products lose accuracy: normalize, convolve and accumulate in fp32+.
