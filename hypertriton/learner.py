@@ -25,14 +25,16 @@ GROUPS = 4
 def make_building_block(in_channels: int, out_channels, kernel_sizes, support_strides, group: int = GROUPS,
                         backend: str | None = None) -> nn.Sequential:
     """``len(out_channels)`` x [CenterPivotConv4d (kernel k^4, stride (1, 1, s, s), padding k//2) ->
-    GroupNorm(group) -> ReLU], as one ``nn.Sequential`` (conv at indices 0, 3, 6; GroupNorm at 1, 4, 7)."""
+    GroupNorm(group) -> ReLU], as one ``nn.Sequential`` (conv at indices 0, 3, 6; GroupNorm at 1, 4, 7, the
+    original's indices and state_dict keys). Each ReLU runs inside the GroupNorm before it
+    (:class:`GroupNorm4d` ``relu=True``, one pass over memory); its own slot holds an ``nn.Identity``."""
     layers = []
     for index, (channels, kernel, stride) in enumerate(zip(out_channels, kernel_sizes, support_strides)):
         cin = in_channels if index == 0 else out_channels[index - 1]
         layers.append(CenterPivotConv4d(cin, channels, kernel, (1, 1, stride, stride), kernel // 2, backend=backend))
         # The conv's output is fresh and read by nothing else: inference may normalize it in place.
-        layers.append(GroupNorm4d(group, channels, inplace=True))
-        layers.append(nn.ReLU(inplace=True))
+        layers.append(GroupNorm4d(group, channels, inplace=True, relu=True))
+        layers.append(nn.Identity())
     return nn.Sequential(*layers)
 
 

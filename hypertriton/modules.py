@@ -98,7 +98,11 @@ class GroupNorm4d(nn.GroupNorm):
     :mod:`hypertriton.ops.layout`); same parameters and state_dict keys as ``nn.GroupNorm``, so original
     checkpoints load unchanged. Other layouts and ranks behave exactly as ``nn.GroupNorm``.
     ``inplace=True``: in inference (no gradient recorded) a query-major input is overwritten with the
-    result (HSNet's blocks use it on the fresh output of the convolution before it).
+    result (HSNet's blocks use it on the fresh output of the convolution before it). ``relu=True``: a ReLU
+    follows, fused into the same pass over memory in inference (HSNet's blocks: the ``nn.ReLU`` after it
+    becomes an ``nn.Identity``; neither has state, so checkpoints are unaffected). Under
+    ``torch.autocast`` a query-major result comes in the autocast dtype (statistics stay fp32): the
+    next convolution would round it so anyway, and the ReLU between commutes with that rounding.
 
     Example:
         >>> from hypertriton.ops.layout import to_query_major, is_query_major
@@ -108,9 +112,16 @@ class GroupNorm4d(nn.GroupNorm):
     """
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
-                 inplace: bool = False, **factory_kwargs):
+                 inplace: bool = False, relu: bool = False, **factory_kwargs):
         super().__init__(num_groups, num_channels, eps, affine, **factory_kwargs)
-        self.inplace = inplace
+        self.inplace, self.relu = inplace, relu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, inplace=self.inplace)
+        out_dtype = None
+        if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32:
+            out_dtype = torch.get_autocast_dtype(x.device.type)
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, inplace=self.inplace,
+                          out_dtype=out_dtype, relu=self.relu)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", relu=True" if self.relu else "")

@@ -71,6 +71,34 @@ def test_group_norm_float32_keeps_its_digits_for_a_large_offset():
     assert (ours.double() - exact).abs().max() < 1e-3  # fp32 input rounding alone is ~6e-5 / std 1
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_group_norm_bfloat16_takes_fp32_statistics(inplace):
+    """bf16 input (as under autocast): statistics accumulate in fp32 over many cache-sized chunks; only the
+    output's own rounding is left, large offset included."""
+    x = (make_tensor((1, 8, 20, 20, 10, 10), 4, "channels_last", torch.float64) + 50.0).bfloat16()
+    exact = F.group_norm(x.double(), 4)
+    with torch.no_grad():
+        ours = group_norm(x.clone(), 4, inplace=inplace)
+    assert ours.dtype == torch.bfloat16 and is_query_major(ours)
+    torch.testing.assert_close(ours.double(), exact, rtol=2 ** -7, atol=2 ** -7)
+
+
+def test_group_norm_bfloat16_gradients_in_fp32_arithmetic():
+    """The explicit backward on bf16 rows (training under autocast) with a large offset: fp32 weights get
+    fp32 gradients, and every gradient is within bf16 rounding of the fp64 one."""
+    x = (make_tensor((1, 8, 12, 12, 6, 6), 5, "channels_last", torch.float64) + 50.0).bfloat16()
+    gen = torch.Generator().manual_seed(6)
+    weight, bias = torch.randn(8, generator=gen), torch.randn(8, generator=gen)
+    upstream = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    ours_in = [x.clone().requires_grad_(), weight.clone().requires_grad_(), bias.clone().requires_grad_()]
+    want_in = [t.detach().double().contiguous().requires_grad_() for t in ours_in]
+    got = torch.autograd.grad(group_norm(ours_in[0], 4, ours_in[1], ours_in[2]), ours_in, upstream.bfloat16())
+    want = torch.autograd.grad(F.group_norm(want_in[0], 4, want_in[1], want_in[2]), want_in, upstream)
+    assert [g.dtype for g in got] == [torch.bfloat16, torch.float32, torch.float32]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=2 ** -6, atol=2 ** -6 * float(w.abs().max()))
+
+
 def test_group_norm_module_output_accepts_inplace_relu_and_loads_groupnorm_state():
     norm = GroupNorm4d(2, 4)
     norm.load_state_dict(torch.nn.GroupNorm(2, 4).state_dict())

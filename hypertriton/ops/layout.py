@@ -76,12 +76,18 @@ def _group_statistics(rows: torch.Tensor, groups: int, weight, bias, eps: float)
     per_group = channels // groups
     acc = torch.promote_types(rows.dtype, torch.float32)
     wide, k = _wide(rows)
-    mean_c = wide.sum(dim=1, dtype=acc).view(batch, k, channels).sum(dim=1) / count  # [B, C]
+    step = max(1, _VARIANCE_CHUNK // wide.shape[2])
+    if rows.dtype == acc:
+        sums = wide.sum(dim=1)
+    else:  # in cache-sized chunks: a whole-tensor sum with dtype= would first copy all of it to acc
+        sums = torch.zeros(batch, wide.shape[2], dtype=acc, device=rows.device)
+        for start in range(0, wide.shape[1], step):
+            sums += wide[:, start:start + step].sum(dim=1, dtype=acc)
+    mean_c = sums.view(batch, k, channels).sum(dim=1) / count  # [B, C]
     mean_wide = _tile(mean_c, k)
     centered_sq = torch.zeros_like(mean_wide)
-    step = max(1, _VARIANCE_CHUNK // wide.shape[2])
     for start in range(0, wide.shape[1], step):
-        part = wide[:, start:start + step].to(acc) - mean_wide
+        part = wide[:, start:start + step] - mean_wide  # promoted to acc on the fly
         centered_sq += (part * part).sum(dim=1, keepdim=True)
     centered_sq = centered_sq.view(batch, k, channels).sum(dim=1)
     mean_cg = mean_c.view(batch, groups, per_group)
@@ -96,10 +102,43 @@ def _group_statistics(rows: torch.Tensor, groups: int, weight, bias, eps: float)
     return mean_g, rstd_g, gamma, shift, scale
 
 
-def _normalize_into(rows: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
-    """``out = rows * scale + shift`` per channel (``out`` may be ``rows`` itself)."""
-    wide, k = _wide(rows)
-    torch.addcmul(_tile(shift, k).to(rows.dtype), wide, _tile(scale, k).to(rows.dtype), out=out.view(wide.shape))
+def _affine(const: torch.Tensor, *terms, out: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
+    """``const + sum(x * coef for x, coef in terms)`` (then ReLU if ``relu``) with per-channel ``const`` and
+    ``coef`` ``[B, C]`` (accumulation dtype) and ``x`` ``[B, N, C]`` rows, into ``out`` (any dtype; may be
+    the first term's ``x``; None: a new tensor of the rows' dtype).
+
+    Computed in the accumulation dtype and rounded once: in bf16 itself, ``x * scale + shift`` would
+    cancel most of its digits when the mean is far from 0. Other dtypes and the ReLU take cache-sized
+    chunks, so each element goes through memory once."""
+    first = terms[0][0]
+    out = torch.empty_like(first) if out is None else out
+    wide, k = _wide(out)
+    const_w, terms_w = _tile(const, k), [(x.reshape(wide.shape), _tile(coef, k)) for x, coef in terms]
+    if out.dtype == const.dtype and all(x.dtype == const.dtype for x, _ in terms) and not relu:
+        (x, coef), *rest = terms_w
+        torch.addcmul(const_w, x, coef, out=wide)
+        for x, coef in rest:
+            wide.addcmul_(x, coef)
+        return out
+    step = max(1, _VARIANCE_CHUNK // wide.shape[2])
+    direct = out.dtype == const.dtype  # accumulate in out itself: no temporary
+    for start in range(0, wide.shape[1], step):
+        (x, coef), *rest = terms_w
+        target = wide[:, start:start + step]
+        part = torch.addcmul(const_w, x[:, start:start + step], coef, out=target if direct else None)
+        for x, coef in rest:
+            part.addcmul_(x[:, start:start + step], coef)
+        if relu:
+            part.clamp_min_(0)
+        if not direct:
+            target.copy_(part)
+    return out
+
+
+def _normalize_into(rows: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, out: torch.Tensor,
+                    relu: bool = False) -> None:
+    """``out = rows * scale + shift`` per channel, then ReLU if ``relu`` (``out`` may be ``rows`` itself)."""
+    _affine(shift, (rows, scale), out=out, relu=relu)
 
 
 class _GroupNormChannelsLast(torch.autograd.Function):
@@ -108,13 +147,14 @@ class _GroupNormChannelsLast(torch.autograd.Function):
     of the input's size)."""
 
     @staticmethod
-    def forward(ctx, rows, groups: int, weight, bias, eps: float):
+    def forward(ctx, rows, groups: int, weight, bias, eps: float, out_dtype: torch.dtype):
         mean_g, rstd_g, gamma, shift, scale = _group_statistics(rows, groups, weight, bias, eps)
         ctx.save_for_backward(rows, mean_g, rstd_g, gamma)
         ctx.groups, ctx.has_affine = groups, (weight is not None, bias is not None)
+        ctx.param_dtypes = tuple(None if p is None else p.dtype for p in (weight, bias))
         # Written through a view into a fresh tensor that is returned itself: a custom Function must not
         # return a view (the ReLU after it runs in place).
-        out = torch.empty_like(rows)
+        out = torch.empty_like(rows, dtype=out_dtype)
         _normalize_into(rows, shift, scale, out)
         return out
 
@@ -144,34 +184,40 @@ class _GroupNormChannelsLast(torch.autograd.Function):
         coef_dy = (rstd_g * gamma.view(1, groups, per_group)).view(batch, channels)
         coef_x = (-(rstd_g * rstd_g) * b_g).expand(batch, groups, per_group).reshape(batch, channels)
         const = (rstd_g * (-a_g + mean_g * rstd_g * b_g)).expand(batch, groups, per_group).reshape(batch, channels)
-        dtype = rows.dtype
-        grad_rows = torch.addcmul(torch.addcmul(_tile(const, k).to(dtype), wide, _tile(coef_x, k).to(dtype)),
-                                  grad_wide, _tile(coef_dy, k).to(dtype)).view(batch, count, channels)
-        grad_weight = dy_xhat_c.sum(dim=0).to(dtype) if ctx.has_affine[0] else None
-        grad_bias = sum_dy.sum(dim=0).to(dtype) if ctx.has_affine[1] else None
-        return grad_rows, None, grad_weight, grad_bias, None
+        grad_rows = _affine(const, (rows, coef_x), (grad.reshape(rows.shape), coef_dy))
+        grad_weight = dy_xhat_c.sum(dim=0).to(ctx.param_dtypes[0]) if ctx.has_affine[0] else None
+        grad_bias = sum_dy.sum(dim=0).to(ctx.param_dtypes[1]) if ctx.has_affine[1] else None
+        return grad_rows, None, grad_weight, grad_bias, None, None
 
 
 def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-               eps: float = 1e-5, inplace: bool = False) -> torch.Tensor:
+               eps: float = 1e-5, inplace: bool = False, out_dtype: torch.dtype | None = None,
+               relu: bool = False) -> torch.Tensor:
     """``F.group_norm`` that keeps ``x``'s layout: a query-major ``[B, C, Hq, Wq, Hs, Ws]`` comes back
     query-major (``F.group_norm`` would return a contiguous copy); any other input goes to
     ``F.group_norm``.
 
     ``inplace=True`` lets a query-major ``x`` be overwritten with the result when no gradient is being
-    recorded (inference), saving one activation-sized buffer; otherwise it is ignored."""
+    recorded (inference), saving one activation-sized buffer; otherwise it is ignored.
+    ``out_dtype``: a query-major result is rounded to it once at the end (statistics and arithmetic stay
+    in fp32 or wider); None: ``x``'s dtype. ``relu=True``: followed by a ReLU, in the same pass over
+    memory in inference."""
     values_per_group = x[0].numel() // groups if x.shape[0] and groups else 0
     # Everything this path does not cover goes to F.group_norm, with its errors (e.g. one value per group).
     if not is_query_major(x) or x.shape[1] % groups or values_per_group <= 1 or x.shape[1] == 1:
-        return F.group_norm(x, groups, weight, bias, eps)
+        out = F.group_norm(x, groups, weight, bias, eps)
+        return torch.relu_(out) if relu else out
     b, c, hq, wq, hs, ws = x.shape
+    out_dtype = x.dtype if out_dtype is None else out_dtype
     if not torch.is_grad_enabled():
         rows = _channels_last_rows(x)
         shift, scale = _group_statistics(rows, groups, weight, bias, eps)[3:]
-        out = rows if inplace else torch.empty_like(rows)
-        _normalize_into(rows, shift, scale, out)
+        out = rows if inplace and out_dtype == x.dtype else torch.empty_like(rows, dtype=out_dtype)
+        _normalize_into(rows, shift, scale, out, relu=relu)
         return out.view(b, hq, wq, hs, ws, c).permute(0, 5, 1, 2, 3, 4)
-    rows = _GroupNormChannelsLast.apply(_channels_last_rows(x), groups, weight, bias, eps)
+    rows = _GroupNormChannelsLast.apply(_channels_last_rows(x), groups, weight, bias, eps, out_dtype)
+    if relu:  # the Function saves its input, not its output: the output may be overwritten
+        rows = torch.relu_(rows)
     return rows.view(b, hq, wq, hs, ws, c).permute(0, 5, 1, 2, 3, 4)
 
 
