@@ -148,9 +148,13 @@ class HPNLearner(nn.Module):
         """Finish a squeezing block from its first center-pivot layer's output ``first``
         ``[B, 16, Hq, Wq, Hs', Ws']``: ``block[1:]``, query-major on the ``torch`` backend. In inference
         (no gradient recorded) ``first`` may be overwritten (its GroupNorm runs in place)."""
-        if self.query_major(first.device):
-            first = to_query_major(first)
-        return block[1:](first)
+        x = to_query_major(first) if self.query_major(first.device) else first
+        # The largest activation of the learner: no reference may outlive the conv that reads it (the
+        # caller passes it as a temporary; a Sequential call would hold it to the end of the block).
+        del first
+        for module in block[1:]:
+            x = module(x)
+        return x
 
     def mix(self, sqz4: torch.Tensor, sqz3: torch.Tensor, sqz2: torch.Tensor) -> torch.Tensor:
         """Mix the squeezed levels deep into shallow, then average over the support dims.
@@ -201,8 +205,9 @@ class HPNLearner(nn.Module):
         """
         squeezed = []
         for (query, support), block in zip(levels, self.squeeze_blocks):
-            first = fused_hypercorrelation_cp_conv(query, support, support_mask, block[0], backend=self.backend)
-            squeezed.append(self.squeeze_rest(block, first))
+            # A temporary (no name holds it): squeeze_rest frees it as soon as its next layer is done.
+            squeezed.append(self.squeeze_rest(block, fused_hypercorrelation_cp_conv(
+                query, support, support_mask, block[0], backend=self.backend)))
         return self.decode(self.mix(*squeezed))
 
     def extra_repr(self) -> str:

@@ -31,6 +31,10 @@ from ._validation import check_cp_conv_args, check_tensor, shape_of
 from .layout import is_query_major
 
 
+# Elements of one step of the strided query branch's temporaries (fp32: 4 MB).
+QUERY_BRANCH_ELEMENTS = 1 << 20
+
+
 def output_size(x_shape, kernel_query, kernel_support, stride, padding) -> tuple[int, int, int, int]:
     """``(Hq', Wq', Hs', Ws')`` of the output, checking that both branches agree on it.
 
@@ -135,13 +139,18 @@ def _cp_conv_torch_query_major(x, weight_query, bias_query, weight_support, bias
     out = out.view(batch, hq2, wq2, hs2, ws2, out_channels)
 
     # Query branch at the pivot support positions (1/s^2 of them): gather them support-major,
-    # channels-last conv2d, added in place. An explicit gather: a strided view would reach conv2d as an
-    # odd layout that it copies far slower.
-    pivots = x.permute(0, 4, 5, 2, 3, 1)[:, ::ssh, ::ssw].contiguous()  # [B, Hs', Ws', Hq, Wq, C]
-    maps = pivots.view(batch * hs2 * ws2, hq, wq, channels).permute(0, 3, 1, 2)
-    query_branch = F.conv2d(maps, weight_query, bias_query, (sqh, sqw), (pqh, pqw))
-    query_branch = query_branch.permute(0, 2, 3, 1).reshape(batch, hs2, ws2, hq2, wq2, out_channels)
-    out.add_(query_branch.permute(0, 3, 4, 1, 2, 5))
+    # channels-last conv2d, added in place; a few pivot rows at a time, so that its temporaries stay
+    # small beside the output. An explicit gather: a strided view would reach conv2d as an odd layout
+    # that it copies far slower.
+    pivot_rows = x.permute(0, 4, 5, 2, 3, 1)[:, ::ssh, ::ssw]  # [B, Hs', Ws', Hq, Wq, C]
+    step = max(1, QUERY_BRANCH_ELEMENTS // max(1, batch * ws2 * hq * wq * max(channels, out_channels)))
+    for start in range(0, hs2, step):
+        pivots = pivot_rows[:, start:start + step].contiguous()
+        rows_here = pivots.shape[1]
+        maps = pivots.view(batch * rows_here * ws2, hq, wq, channels).permute(0, 3, 1, 2)
+        query_branch = F.conv2d(maps, weight_query, bias_query, (sqh, sqw), (pqh, pqw))
+        query_branch = query_branch.permute(0, 2, 3, 1).reshape(batch, rows_here, ws2, hq2, wq2, out_channels)
+        out[:, :, :, start:start + rows_here].add_(query_branch.permute(0, 3, 4, 1, 2, 5))
     return out.permute(0, 5, 1, 2, 3, 4)
 
 
