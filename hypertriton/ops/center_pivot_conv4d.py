@@ -105,9 +105,14 @@ def support_conv_matrix(weight: torch.Tensor, support_size: tuple[int, int], str
     mixing blocks' 2x2 maps under a 3x3 kernel), where the convolution would mostly multiply padding."""
     cout, cin, kh, kw = weight.shape
     taps = _support_taps(*support_size, kh, kw, tuple(stride), tuple(padding)).to(weight.device)
-    table = torch.cat([weight.permute(1, 2, 3, 0).reshape(cin, kh * kw, cout), weight.new_zeros(cin, 1, cout)], 1)
-    matrix = table[:, taps]  # [Cin, Hs*Ws, Hs'*Ws', Cout]
-    return matrix.permute(1, 0, 2, 3).reshape(taps.shape[0] * cin, taps.shape[1] * cout)
+    inputs, outputs = taps.shape
+    # Tap-major and contiguous (a strided view would make the gather below several times slower).
+    table = weight.permute(2, 3, 1, 0).reshape(kh * kw, cin, cout).contiguous()
+    blocks = table.index_select(0, taps.clamp(max=kh * kw - 1).flatten())  # [Hs*Ws * Hs'*Ws', Cin, Cout]
+    valid = taps < kh * kw
+    if not bool(valid.all()):  # pairs no tap joins (beyond the kernel): zero blocks
+        blocks = blocks * valid.flatten().to(blocks.dtype)[:, None, None]
+    return blocks.view(inputs, outputs, cin, cout).permute(0, 2, 1, 3).reshape(inputs * cin, outputs * cout)
 
 
 def _cp_conv_torch_query_major(x, weight_query, bias_query, weight_support, bias_support, stride, padding):

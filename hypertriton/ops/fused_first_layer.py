@@ -80,8 +80,8 @@ def _normalize(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return features / (norms + reference.NORM_EPS), norms
 
 
-# Channels per step of the no-grad squared norm: its temporary stays in cache.
-_NORM_CHANNELS = 32
+# Elements per step of the no-grad squared norm: its temporary stays in cache.
+_NORM_STEP_ELEMENTS = 1 << 16
 
 
 def _squared_norm(features: torch.Tensor) -> torch.Tensor:
@@ -90,10 +90,11 @@ def _squared_norm(features: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and features.requires_grad:
         return (features * features).sum(dim=1, keepdim=True)
     total = None
-    for start in range(0, features.shape[1], _NORM_CHANNELS):
-        part = features[:, start:start + _NORM_CHANNELS]
-        step = (part * part).sum(dim=1, keepdim=True)
-        total = step if total is None else total.add_(step)
+    step = max(1, _NORM_STEP_ELEMENTS // max(1, features[0, 0].numel()))
+    for start in range(0, features.shape[1], step):
+        part = features[:, start:start + step]
+        partial = (part * part).sum(dim=1, keepdim=True)
+        total = partial if total is None else total.add_(partial)
     return total
 
 

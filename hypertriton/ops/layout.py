@@ -114,11 +114,14 @@ def _affine(const: torch.Tensor, *terms, out: torch.Tensor | None = None, relu: 
     out = torch.empty_like(first) if out is None else out
     wide, k = _wide(out)
     const_w, terms_w = _tile(const, k), [(x.reshape(wide.shape), _tile(coef, k)) for x, coef in terms]
-    if out.dtype == const.dtype and all(x.dtype == const.dtype for x, _ in terms) and not relu:
+    small = wide.numel() <= 4 * _VARIANCE_CHUNK  # a few chunks: whole-tensor ops cost fewer calls
+    if out.dtype == const.dtype and all(x.dtype == const.dtype for x, _ in terms) and (small or not relu):
         (x, coef), *rest = terms_w
         torch.addcmul(const_w, x, coef, out=wide)
         for x, coef in rest:
             wide.addcmul_(x, coef)
+        if relu:
+            wide.clamp_min_(0)
         return out
     step = max(1, _VARIANCE_CHUNK // wide.shape[2])
     direct = out.dtype == const.dtype  # accumulate in out itself: no temporary
