@@ -257,10 +257,13 @@ def test_never_materializes_the_4d_tensor(mask_kind):
     assert tracker.largest <= four_d / 8, (tracker.largest, four_d)
 
 
-def test_reduced_precision_correlation_is_close():
-    """bf16 correlation products: within the bf16 tolerance of the float64 dense result (fp32 output)."""
+@pytest.mark.parametrize("mask_kind", ["blob", "full", "pixel"])
+def test_reduced_precision_correlation_is_close(mask_kind):
+    """bf16 correlation products (and its channels-last buffer, over windows or the whole map): within the
+    bf16 tolerance of the float64 dense result (fp32 output)."""
     gen, query, support, weights = make_case(5, 1, 3, 16, 9, 9, 9, 9, 3, 5, out_channels=4, dtype=torch.float32)
-    mask = make_mask("blob", 1, 36, 36, gen).float()
+    side = 9 if mask_kind == "pixel" else 36  # a pixel at the support map's own size survives the resize
+    mask = make_mask(mask_kind, 1, side, side, gen).float()
     out = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, (1, 1, 4, 4), backend="torch",
                                                correlation_dtype=torch.bfloat16)
     assert out.dtype == torch.float32

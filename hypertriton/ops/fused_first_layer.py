@@ -265,7 +265,8 @@ def _support_branch_chunk(query_chunk, support_active, windows: _SupportWindows,
             that ``windows`` selects (``windows.columns`` already applied).
         windows: see :class:`_SupportWindows`.
         weight: ``[Cout, L, KSh, KSw]``.
-        buffer: optional reusable ``[>=n, L, grid h * grid w]`` buffer whose other columns are zero
+        buffer: optional reusable ``[>=n, L, grid h * grid w]`` or channels-last ``[>=n, grid h * grid w, L]``
+            buffer whose other cells are zero
             (no-grad forward only; in the correlation dtype, as ``weight``, so the conv runs in it); None
             allocates in the compute dtype.
         scales: with a buffer, per layer ``([n], [N])`` factors for the products' rows and columns (the
@@ -284,8 +285,12 @@ def _support_branch_chunk(query_chunk, support_active, windows: _SupportWindows,
                             for q, s in zip(query_chunk, support_active)], dim=1)  # [n, L, N]
         if not windows.full:
             corr = corr.new_zeros(n, layers, cells).index_copy(2, windows.positions, corr)
+        maps = corr.view(n, layers, *windows.grid)
     else:
-        corr = buffer[:n]  # the other columns stay exactly zero
+        corr = buffer[:n]  # the other cells stay exactly zero
+        # The layout is read off the shape (when L == cells either reading is self-consistent: the buffer
+        # is written and read only here).
+        channels_last = corr.shape[1] == cells and corr.shape[2] == layers
         for layer, (q, s) in enumerate(zip(query_chunk, support_active)):
             if scales is not None:  # the rows scaled on the chunk's features: [C, n] is smaller than [n, N]
                 q = q * scales[layer][0]
@@ -293,11 +298,14 @@ def _support_branch_chunk(query_chunk, support_active, windows: _SupportWindows,
             if scales is not None:
                 product.mul_(scales[layer][1])
             product = torch.relu_(product)
+            target = corr[:, :, layer] if channels_last else corr[:, layer]
             if windows.full:
-                corr[:, layer].copy_(product)
+                target.copy_(product)
             else:
-                corr[:, layer].index_copy_(1, windows.positions, product)
-    return F.conv2d(corr.view(n, layers, *windows.grid), weight, None, spec.stride[2:], windows.padding)
+                target.index_copy_(1, windows.positions, product)
+        maps = corr.view(n, *windows.grid, layers).permute(0, 3, 1, 2) if channels_last else \
+            corr.view(n, layers, *windows.grid)
+    return F.conv2d(maps, weight, None, spec.stride[2:], windows.padding)
 
 
 def _query_branch_chunk(query_full, support_pivots, weight, spec: _Spec, hq: int, wq: int, column_scale=None,
@@ -392,7 +400,11 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
                              for c in support_scales]
             cells = windows.grid[0] * windows.grid[1]
             rows = _chunk_size(spec.layers * cells, spec)
-            buffer = query[0].new_zeros(min(rows, hq2 * wq2), spec.layers, cells, dtype=cd)
+            # Reduced precision: channels-last, where the conv over few input channels runs much faster
+            # (1.8x in bf16 on this CPU) and its output adds into the query-major result along rows of
+            # Cout. fp32: channels-first, where scattering the products' columns costs less.
+            shape = (cells, spec.layers) if cd != spec.compute_dtype else (spec.layers, cells)
+            buffer = query[0].new_zeros(min(rows, hq2 * wq2), *shape, dtype=cd)
             for start in range(0, hq2 * wq2, rows):
                 chunk = [q[:, start:start + rows] for q in query_pivots]
                 part = _support_branch_chunk(chunk, support_cd, windows, weight_support, spec, buffer,
