@@ -269,9 +269,9 @@ def _support_branch_chunk(query_chunk, support_active, windows: _SupportWindows,
             buffer whose other cells are zero
             (no-grad forward only; in the correlation dtype, as ``weight``, so the conv runs in it); None
             allocates in the compute dtype.
-        scales: with a buffer, per layer ``([n], [N])`` factors for the products' rows and columns (the
-            inverse norms of an unnormalized ``query_chunk`` and the normalizing factors of an
-            unnormalized ``support_active``); None: both are normalized.
+        scales: with a buffer, per layer ``([n] or None, [N])`` factors for the products' rows and columns
+            (the inverse norms of an unnormalized ``query_chunk``, None when it is normalized, and the
+            normalizing factors of an unnormalized ``support_active``); None: both are normalized.
 
     Returns:
         ``[n, Cout, rows, cols]`` of ``windows``, without bias.
@@ -292,8 +292,8 @@ def _support_branch_chunk(query_chunk, support_active, windows: _SupportWindows,
         # is written and read only here).
         channels_last = corr.shape[1] == cells and corr.shape[2] == layers
         for layer, (q, s) in enumerate(zip(query_chunk, support_active)):
-            if scales is not None:  # the rows scaled on the chunk's features: [C, n] is smaller than [n, N]
-                q = q * scales[layer][0]
+            if scales is not None and scales[layer][0] is not None:
+                q = q * scales[layer][0]  # the rows scaled on the chunk's features: [C, n] is smaller than [n, N]
             product = torch.mm(q.t().to(cd), s.to(cd)).to(corr.dtype)
             if scales is not None:
                 product.mul_(scales[layer][1])
@@ -372,7 +372,11 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
     # Products, ReLU and both convs in the correlation dtype (reduced precision: as autocast runs a
     # conv); operands cast once here, not per chunk.
     cd = spec.correlation_dtype
-    query = [q.to(cd) for q in query]
+    if cd != spec.compute_dtype:
+        # The products need a reduced-precision copy of the query anyway: make it the normalized one, so
+        # no product or chunk is scaled in reduced precision (slow elementwise there).
+        query = [(q * n[:, None]).to(cd) for q, n in zip(query, inverse_norms)]
+        inverse_norms = None
     weight_query, weight_support = weight_query.to(cd), weight_support.to(cd)
     for b in range(batch):
         support_b = [s[b].flatten(1) for s in support]
@@ -393,7 +397,8 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
             out_b.copy_(bias.expand_as(out_b))
         if not windows.empty:
             query_pivots = [_pivot_query(q[b], spec) for q in query]
-            pivot_scales = [_pivot_query(n[b][None], spec)[0].to(cd) for n in inverse_norms]
+            pivot_scales = [None] * spec.layers if inverse_norms is None else \
+                [_pivot_query(n[b][None], spec)[0].to(cd) for n in inverse_norms]
             support_cd = [(s if windows.columns is None else s.index_select(1, windows.columns)).to(cd)
                           for s in support_active]
             column_scales = [(c if windows.columns is None else c.index_select(0, windows.columns)).to(cd)
@@ -408,14 +413,14 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
             for start in range(0, hq2 * wq2, rows):
                 chunk = [q[:, start:start + rows] for q in query_pivots]
                 part = _support_branch_chunk(chunk, support_cd, windows, weight_support, spec, buffer,
-                                             [(scale[start:start + rows], columns)
+                                             [(None if scale is None else scale[start:start + rows], columns)
                                               for scale, columns in zip(pivot_scales, column_scales)])
                 torch.add(part.transpose(0, 1), bias.unsqueeze(-1), out=out_windows[:, start:start + part.shape[0]])
                 del part  # before the next chunk's: peak memory is the output plus one chunk
             del buffer  # before the query branch's own chunks
 
         _add_query_branch(out_b, [q[b] for q in query], support_active, active, weight_query, spec,
-                          [n[b] for n in inverse_norms], support_scales)
+                          None if inverse_norms is None else [n[b] for n in inverse_norms], support_scales)
     # The storage itself: a custom Function must not return a view (in-place ops on it would be
     # refused); _logical_output views it as [B, Cout, Hq', Wq', Hs', Ws'].
     return storage
