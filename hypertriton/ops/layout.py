@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["is_query_major", "to_query_major", "empty_query_major", "group_norm", "resize_query_dims"]
+__all__ = ["is_query_major", "to_query_major", "empty_query_major", "group_norm", "resize_query_dims",
+           "channel_moments", "merge_moments", "group_affine", "query_major_moments", "normalize_query_major"]
 
 
 def is_query_major(x: torch.Tensor) -> bool:
@@ -66,14 +67,13 @@ def _tile(per_channel: torch.Tensor, k: int) -> torch.Tensor:
 _VARIANCE_CHUNK = 1 << 16
 
 
-def _group_statistics(rows: torch.Tensor, groups: int, weight, bias, eps: float):
-    """Per-group mean and 1/std ``[B, G, 1]``, the affine weight ``gamma`` ``[C]`` (ones when None) and the
-    per-channel ``shift``/``scale`` ``[B, C]`` with ``normalized = rows * scale + shift``.
+def channel_moments(rows: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """``(count, mean, m2)`` per channel of ``[B, N, C]`` rows: ``N``, the means ``[B, C]`` and the sums of
+    squared deviations from them ``[B, C]`` (accumulation dtype).
 
     Two-pass (means first, then squared deviations), because the one-pass ``E[x^2] - E[x]^2`` loses
-    most of its digits in fp32 when a group holds millions of values with a mean far from zero."""
+    most of its digits in fp32 when a channel holds millions of values with a mean far from zero."""
     batch, count, channels = rows.shape
-    per_group = channels // groups
     acc = torch.promote_types(rows.dtype, torch.float32)
     wide, k = _wide(rows)
     step = max(1, _VARIANCE_CHUNK // wide.shape[2])
@@ -89,17 +89,43 @@ def _group_statistics(rows: torch.Tensor, groups: int, weight, bias, eps: float)
     for start in range(0, wide.shape[1], step):
         part = wide[:, start:start + step] - mean_wide  # promoted to acc on the fly
         centered_sq += (part * part).sum(dim=1, keepdim=True)
-    centered_sq = centered_sq.view(batch, k, channels).sum(dim=1)
+    return count, mean_c, centered_sq.view(batch, k, channels).sum(dim=1)
+
+
+def merge_moments(first, second) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """The :func:`channel_moments` of two sets of rows together (Chan et al.'s pairwise update; exact up to
+    rounding, no cancellation). Either may be None."""
+    if first is None or second is None:
+        return second if first is None else first
+    (n_a, mean_a, m2_a), (n_b, mean_b, m2_b) = first, second
+    total = n_a + n_b
+    delta = mean_b - mean_a
+    return total, mean_a + delta * (n_b / total), m2_a + m2_b + delta * delta * (n_a * n_b / total)
+
+
+def group_affine(moments, groups: int, weight, bias, eps: float):
+    """GroupNorm from per-channel :func:`channel_moments`: per-group mean and 1/std ``[B, G, 1]``, the affine
+    weight ``gamma`` ``[C]`` (ones when None) and the per-channel ``shift``/``scale`` ``[B, C]`` with
+    ``normalized = rows * scale + shift``."""
+    count, mean_c, m2_c = moments
+    batch, channels = mean_c.shape
+    per_group = channels // groups
+    acc, device = mean_c.dtype, mean_c.device
     mean_cg = mean_c.view(batch, groups, per_group)
     mean_g = mean_cg.mean(dim=2, keepdim=True)  # [B, G, 1]
     # Law of total variance over the channels of a group (exact, no cancellation).
-    var_g = (centered_sq.view(batch, groups, per_group) / count + (mean_cg - mean_g) ** 2).mean(dim=2, keepdim=True)
+    var_g = (m2_c.view(batch, groups, per_group) / count + (mean_cg - mean_g) ** 2).mean(dim=2, keepdim=True)
     rstd_g = torch.rsqrt(var_g + eps)
-    gamma = torch.ones(channels, dtype=acc, device=rows.device) if weight is None else weight.to(acc)
-    beta = torch.zeros(channels, dtype=acc, device=rows.device) if bias is None else bias.to(acc)
+    gamma = torch.ones(channels, dtype=acc, device=device) if weight is None else weight.to(acc)
+    beta = torch.zeros(channels, dtype=acc, device=device) if bias is None else bias.to(acc)
     scale = (rstd_g * gamma.view(1, groups, per_group)).view(batch, channels)
     shift = beta.view(1, channels) - (mean_g * rstd_g * gamma.view(1, groups, per_group)).view(batch, channels)
     return mean_g, rstd_g, gamma, shift, scale
+
+
+def _group_statistics(rows: torch.Tensor, groups: int, weight, bias, eps: float):
+    """:func:`group_affine` of ``[B, N, C]`` rows."""
+    return group_affine(channel_moments(rows), groups, weight, bias, eps)
 
 
 def _affine(const: torch.Tensor, *terms, out: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
@@ -213,15 +239,30 @@ def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None = None,
     b, c, hq, wq, hs, ws = x.shape
     out_dtype = x.dtype if out_dtype is None else out_dtype
     if not torch.is_grad_enabled():
-        rows = _channels_last_rows(x)
-        shift, scale = _group_statistics(rows, groups, weight, bias, eps)[3:]
-        out = rows if inplace and out_dtype == x.dtype else torch.empty_like(rows, dtype=out_dtype)
-        _normalize_into(rows, shift, scale, out, relu=relu)
-        return out.view(b, hq, wq, hs, ws, c).permute(0, 5, 1, 2, 3, 4)
+        affine = _group_statistics(_channels_last_rows(x), groups, weight, bias, eps)[3:]
+        return normalize_query_major(x, affine, inplace=inplace, out_dtype=out_dtype, relu=relu)
     rows = _GroupNormChannelsLast.apply(_channels_last_rows(x), groups, weight, bias, eps, out_dtype)
     if relu:  # the Function saves its input, not its output: the output may be overwritten
         rows = torch.relu_(rows)
     return rows.view(b, hq, wq, hs, ws, c).permute(0, 5, 1, 2, 3, 4)
+
+
+def query_major_moments(x: torch.Tensor):
+    """:func:`channel_moments` of ``[B, C, Hq, Wq, Hs, Ws]`` (any layout; a query-major one is read in place)."""
+    return channel_moments(_channels_last_rows(to_query_major(x)))
+
+
+def normalize_query_major(x: torch.Tensor, affine, inplace: bool = False, out_dtype: torch.dtype | None = None,
+                          relu: bool = False) -> torch.Tensor:
+    """``x * scale + shift`` per channel (``affine = (shift, scale)``, each ``[B, C]``, from
+    :func:`group_affine`), then ReLU if ``relu``, for a query-major ``x`` (no gradient), returned
+    query-major; ``inplace``/``out_dtype`` as in :func:`group_norm`."""
+    b, c, hq, wq, hs, ws = x.shape
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    rows = _channels_last_rows(x)
+    out = rows if inplace and out_dtype == x.dtype else torch.empty_like(rows, dtype=out_dtype)
+    _normalize_into(rows, *affine, out, relu=relu)
+    return out.view(b, hq, wq, hs, ws, c).permute(0, 5, 1, 2, 3, 4)
 
 
 def resize_query_dims(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
