@@ -8,6 +8,8 @@ A *case* is one piece of HSNet after (or with) the backbone; a *variant* is one 
   center-pivot layer of a squeeze block, the hypertriton variants use the fused op
   (:func:`hypertriton.ops.fused_first_layer.fused_hypercorrelation_cp_conv`) and never build the
   hypercorrelation; ``<backend>-unfused`` builds it as the original does (then hypertriton's layers);
+  ``<backend>-lean`` (inference cases) streams each squeeze block's first two layers over query rows
+  (:meth:`HPNLearner.squeeze_streamed`: least memory, the fused layer computed about three times);
 - ``torch+bf16``: the fused ``torch`` path under ``torch.autocast(bfloat16)`` (opt-in reduced
   precision): the correlation products, convolutions and matrix products in bf16 with fp32
   accumulation; normalization and GroupNorm statistics stay fp32. The rel. error column reports its
@@ -38,6 +40,8 @@ MASKS = ("object", "full")
 OBJECT_AREA = 0.22  # fraction of the image a typical PASCAL object covers
 # Cases whose first center-pivot layer can be fused with the correlation.
 FUSABLE = ("fused_first_layer", "learner_forward", "forward_backward", "episode")
+# Inference cases that run the whole learner, where its squeeze blocks can be streamed.
+STREAMABLE = ("learner_forward", "episode")
 
 
 def load_original():
@@ -60,6 +64,8 @@ def variants_for(case: str, device: torch.device, backends: list[str]) -> list[s
             variants.append(backend)
             if backend != "reference":
                 variants.append(f"{backend}-unfused")
+                if case in STREAMABLE:
+                    variants.append(f"{backend}-lean")
             if backend == "torch" and device.type == "cpu":
                 variants.append("torch+bf16")
         else:
@@ -134,11 +140,11 @@ def level_slices(layers_per_level) -> list[slice]:
 
 
 def fused_forward_features(learner: HPNLearner, query_feats, support_feats, support_mask,
-                           layers_per_level) -> torch.Tensor:
+                           layers_per_level, lean: bool = False) -> torch.Tensor:
     """The learner's logits ``[B, 2, 2*Hq2, 2*Wq2]`` from backbone features, never building a hypercorrelation
-    (:meth:`HPNLearner.forward_fused` on the feature lists split into levels)."""
+    (:meth:`HPNLearner.forward_fused` on the feature lists split into levels; ``lean``: streamed)."""
     levels = [(query_feats[level], support_feats[level]) for level in level_slices(layers_per_level)]
-    return learner.forward_fused(levels, support_mask)
+    return learner.forward_fused(levels, support_mask, lean=lean)
 
 
 def original_level_correlation(query_feats, support_feats, support_mask) -> torch.Tensor:
@@ -172,9 +178,10 @@ def _set_backend(module, backend):
 
 
 def _split(variant: str):
-    """``"torch+bf16"`` -> ("torch", bfloat16, fused); ``"torch-unfused"`` -> ("torch", None, unfused)."""
-    fused = not variant.endswith("-unfused")
-    name = variant.removesuffix("-unfused")
+    """``"torch+bf16"`` -> ("torch", bfloat16, fused); ``"torch-unfused"`` -> ("torch", None, unfused);
+    ``"torch-lean"`` -> ("torch", None, "lean")."""
+    fused = "lean" if variant.endswith("-lean") else not variant.endswith("-unfused")
+    name = variant.removesuffix("-unfused").removesuffix("-lean")
     autocast_dtype = None
     if name.endswith("+bf16"):
         name, autocast_dtype = name.removesuffix("+bf16"), torch.bfloat16
@@ -238,7 +245,7 @@ def _build(case: str, variant: str, inputs: Inputs):
 
         def ours_logits(q, s):
             if fused:
-                return fused_forward_features(ours, q, s, mask, lpl)
+                return fused_forward_features(ours, q, s, mask, lpl, lean=fused == "lean")
             with torch.no_grad():
                 pyramid = [hypertriton.hypercorrelation(q[level], s[level], mask, backend=backend)[0]
                            for level in level_slices(lpl)]

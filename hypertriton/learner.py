@@ -14,11 +14,16 @@ from .backend import resolve_backend
 from .modules import CenterPivotConv4d, GroupNorm4d
 from .ops._validation import shape_of
 from .ops.fused_first_layer import fused_hypercorrelation_cp_conv
-from .ops.layout import is_query_major, resize_query_dims, to_query_major
+from .ops.layout import (empty_query_major, group_affine, is_query_major, merge_moments, normalize_query_major,
+                         query_major_moments, resize_query_dims, to_query_major)
 
 __all__ = ["HPNLearner", "make_building_block", "resize_4d"]
 
 SQUEEZE_CHANNELS = (16, 64, 128)
+# Working chunk of the fused layer in a streamed squeeze block (fp32: 2 MB), and its slabs' height as a
+# fraction of the query map: both small beside the second layer's output, the one tensor held whole.
+STREAM_CHUNK_ELEMENTS = 1 << 19
+STREAM_SLABS = 8
 GROUPS = 4
 
 
@@ -192,7 +197,8 @@ class HPNLearner(nn.Module):
     def forward(self, hypercorr_pyramid) -> torch.Tensor:
         return self.decode(self.encode(hypercorr_pyramid))
 
-    def forward_fused(self, levels, support_mask) -> torch.Tensor:
+    def forward_fused(self, levels, support_mask, lean: bool = False, rows_per_step: int | None = None
+                      ) -> torch.Tensor:
         """Logits ``[B, 2, 2*Hq_2, 2*Wq_2]`` from backbone features without building the hypercorrelation:
         each squeeze block's first layer runs fused with its level's correlation
         (:func:`hypertriton.ops.fused_first_layer.fused_hypercorrelation_cp_conv`; under autocast its
@@ -202,13 +208,83 @@ class HPNLearner(nn.Module):
             levels: per pyramid level, deepest first, ``(query_feats, support_feats)``: lists of
                 ``[B, C_l, Hq, Wq]`` and ``[B, C_l, Hs, Ws]``.
             support_mask: ``[B, H, W]`` or None.
+            lean: in inference (no gradient recorded), stream each squeeze block's first two layers over
+                query rows (:meth:`squeeze_streamed`): no first-layer output is ever held whole, for
+                about half the peak memory, at the cost of computing each fused layer about three times.
+                With gradients it is ignored.
+            rows_per_step: query rows per streamed step (None: automatic).
         """
         squeezed = []
         for (query, support), block in zip(levels, self.squeeze_blocks):
+            if lean and not torch.is_grad_enabled():
+                squeezed.append(self.squeeze_streamed(block, query, support, support_mask, rows_per_step))
+                continue
             # A temporary (no name holds it): squeeze_rest frees it as soon as its next layer is done.
             squeezed.append(self.squeeze_rest(block, fused_hypercorrelation_cp_conv(
                 query, support, support_mask, block[0], backend=self.backend)))
         return self.decode(self.mix(*squeezed))
+
+    def squeeze_streamed(self, block: nn.Sequential, query, support, support_mask,
+                         rows_per_step: int | None = None) -> torch.Tensor:
+        """What ``squeeze_rest(block, fused first layer)`` returns, inference only, without ever holding the
+        first layer's whole output ``[B, 16, Hq, Wq, Hs', Ws']`` (the learner's largest activation).
+
+        Its GroupNorm statistics span all of it, so two passes over slabs of query rows: the first
+        accumulates them (:func:`hypertriton.ops.layout.merge_moments`, exact up to rounding); the
+        second recomputes each slab, normalizes it and runs the second layer on it. A slab carries the
+        rows that the query-dim kernels reach beyond it (the first layer's for its own output, the
+        second layer's for its input), so every kept row is exact; only the second layer's output is
+        ever whole. Equal to the unstreamed block up to rounding.
+
+        Args:
+            block: a squeezing block (conv, GroupNorm, ReLU slot, conv, ...; query stride 1).
+            query, support: the level's feature lists ``[B, C_l, Hq, Wq]`` and ``[B, C_l, Hs, Ws]``.
+            support_mask: ``[B, H, W]`` or None.
+            rows_per_step: output rows per slab (None: an eighth of the map, at least the two layers' reach).
+        """
+        conv1, norm1, conv2 = block[0], block[1], block[3]
+        if torch.is_grad_enabled():
+            raise RuntimeError("squeeze_streamed: inference only (run under torch.no_grad())")
+        if tuple(conv1.stride[:2]) != (1, 1) or tuple(conv2.stride[:2]) != (1, 1):
+            raise ValueError(f"block: streaming needs query stride 1, got {conv1.stride[:2]} and {conv2.stride[:2]}")
+        hq = query[0].shape[-2]
+        reach1, reach2 = conv1.padding[0], conv2.padding[0]  # rows a query-dim kernel reaches (k = 2p + 1)
+        if rows_per_step is not None and (not isinstance(rows_per_step, int) or rows_per_step < 1):
+            raise ValueError(f"rows_per_step: expected a positive int or None, got {rows_per_step!r}")
+        step = rows_per_step or max(reach1 + reach2, -(-hq // STREAM_SLABS))
+
+        def first_rows(lo: int, hi: int) -> torch.Tensor:
+            """The first layer's exact output rows ``[lo, hi)``, query-major."""
+            a, b = max(0, lo - reach1), min(hq, hi + reach1)
+            out = fused_hypercorrelation_cp_conv([q[:, :, a:b] for q in query], support, support_mask, conv1,
+                                                 backend=self.backend, chunk_elements=STREAM_CHUNK_ELEMENTS)
+            return to_query_major(out[:, :, lo - a:hi - a])
+
+        moments = None
+        # Nothing else is held yet in the first pass: slabs twice as tall there (less halo to recompute).
+        for lo in range(0, hq, 2 * step):
+            moments = merge_moments(moments, query_major_moments(first_rows(lo, min(hq, lo + 2 * step))))
+        affine = group_affine(moments, norm1.num_groups, norm1.weight, norm1.bias, norm1.eps)[3:]
+        out_dtype = None  # as GroupNorm4d: under autocast the next conv's dtype
+        if torch.is_autocast_enabled(query[0].device.type) and moments[1].dtype == torch.float32:
+            out_dtype = torch.get_autocast_dtype(query[0].device.type)
+
+        second = None
+        for lo in range(0, hq, step):
+            hi = min(hq, lo + step)
+            a, b = max(0, lo - reach2), min(hq, hi + reach2)
+            x = normalize_query_major(first_rows(a, b), affine, inplace=True, out_dtype=out_dtype,
+                                      relu=getattr(norm1, "relu", False))
+            y = conv2(block[2](x))
+            del x
+            if second is None:
+                second = empty_query_major((y.shape[0], y.shape[1], hq, *y.shape[3:]), y.dtype, y.device)
+            second[:, :, lo:hi].copy_(y[:, :, lo - a:hi - a])
+            del y
+        x, second = second, None
+        for module in block[4:]:
+            x = module(x)
+        return x
 
     def extra_repr(self) -> str:
         return f"inch={list(self.inch)}, backend={self.backend!r}"

@@ -362,3 +362,16 @@ def test_support_windows_cover_exactly_what_an_active_position_reaches(pixel, co
         assert (windows.rows, windows.cols, windows.grid) == (slice(1, 2), slice(2, 3), (1, 1))
     out = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, stride, backend="torch")
     assert_close_dtype(out, dense(query, support, mask, weights, stride))
+
+
+def test_chunk_elements_argument_bounds_the_chunks_and_is_checked():
+    """An explicit working-chunk size gives the same result (here one row per chunk), and a bad one is named."""
+    gen, query, support, weights = make_case(11, 1, 2, 3, 5, 4, 6, 6, 3, 3)
+    mask = make_mask("blob", 1, 12, 12, gen)
+    want = dense(query, support, mask, weights, (1, 1, 2, 2))
+    got = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, (1, 1, 2, 2), backend="torch",
+                                               chunk_elements=1)
+    assert_close_dtype(got, want)
+    with pytest.raises(ValueError, match="chunk_elements"):
+        ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, (1, 1, 2, 2), backend="torch",
+                                             chunk_elements=0)

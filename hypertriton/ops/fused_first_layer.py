@@ -647,7 +647,8 @@ def _backward_features_and_weights(grad, features, mask, weight_query, weight_su
 
 def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, weight_query, bias_query,
                                      weight_support, bias_support, stride=1, padding=None,
-                                     backend: str | None = None, correlation_dtype: torch.dtype | None = None):
+                                     backend: str | None = None, correlation_dtype: torch.dtype | None = None,
+                                     chunk_elements: int | None = None):
     """``center_pivot_conv4d(hypercorrelation(query_feats, support_feats, support_mask)[0], ...)``
     without the 4D tensor.
 
@@ -668,6 +669,8 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
             matrix products and the ReLU and convolutions over them (which accumulate in fp32);
             normalization and the output stay in the compute dtype. None: the autocast dtype under
             ``torch.autocast``, else the compute dtype (exact path).
+        chunk_elements: elements of one working chunk of correlations (None: ``CHUNK_ELEMENTS``, 2^21);
+            smaller lowers the peak memory above the output, at some speed.
 
     Returns:
         ``[B, Cout, Hq', Wq', Hs', Ws']`` in the features' dtype (also under ``torch.autocast``), equal
@@ -697,6 +700,8 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
                                          channels_of=f"the level has {layers} layers (one input channel per layer)")
     x_shape = (q0.shape[0], layers, *q0.shape[-2:], *s0.shape[-2:])
     out_size = output_size(x_shape, weight_query.shape[-2:], weight_support.shape[-2:], stride, padding)
+    if chunk_elements is not None and (not isinstance(chunk_elements, int) or chunk_elements < 1):
+        raise ValueError(f"chunk_elements: expected a positive int or None, got {chunk_elements!r}")
     if correlation_dtype is not None and (not isinstance(correlation_dtype, torch.dtype)
                                           or not correlation_dtype.is_floating_point):
         raise TypeError(f"correlation_dtype: expected a floating torch.dtype or None, got {correlation_dtype!r}")
@@ -724,7 +729,7 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
     spec = _Spec(layers=layers, stride=stride, padding=padding, out_size=out_size, in_size=x_shape[2:],
                  compute_dtype=compute,
                  correlation_dtype=compute if correlation_dtype is None else correlation_dtype,
-                 chunk_elements=CHUNK_ELEMENTS, triton=use_kernel)
+                 chunk_elements=chunk_elements or CHUNK_ELEMENTS, triton=use_kernel)
     mask = _resized_mask(support_mask, s0, compute)
     cast = [None if t is None else t.to(compute) for t in (weight_query, bias_query, weight_support, bias_support)]
     features = [f.to(compute) for f in (*query_feats, *support_feats)]
@@ -734,7 +739,7 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
 
 
 def fused_hypercorrelation_cp_conv(query_feats, support_feats, support_mask, conv, backend: str | None = None,
-                                   correlation_dtype: torch.dtype | None = None):
+                                   correlation_dtype: torch.dtype | None = None, chunk_elements: int | None = None):
     """``conv(hypercorrelation level)`` for a :class:`hypertriton.CenterPivotConv4d` ``conv``, fused.
 
     Args:
@@ -745,7 +750,7 @@ def fused_hypercorrelation_cp_conv(query_feats, support_feats, support_mask, con
             support dims, attributes ``stride`` and ``padding``) whose ``in_channels`` is the number of
             layers.
         backend: None follows ``conv.backend`` and then the automatic choice.
-        correlation_dtype: see :func:`fused_hypercorrelation_cp_conv4d`.
+        correlation_dtype, chunk_elements: see :func:`fused_hypercorrelation_cp_conv4d`.
 
     Returns:
         ``[B, Cout, Hq', Wq', Hs', Ws']``, what ``conv(hypercorrelation(...)[0])`` returns.
@@ -765,4 +770,5 @@ def fused_hypercorrelation_cp_conv(query_feats, support_feats, support_mask, con
         backend = getattr(conv, "backend", None)
     return fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, conv.conv1.weight,
                                             conv.conv1.bias, conv.conv2.weight, conv.conv2.bias, conv.stride,
-                                            conv.padding, backend=backend, correlation_dtype=correlation_dtype)
+                                            conv.padding, backend=backend, correlation_dtype=correlation_dtype,
+                                            chunk_elements=chunk_elements)
