@@ -203,6 +203,15 @@ def test_cli_with_a_real_tiny_model(tmp_path):
     assert result["miou"] == pytest.approx(result["per_class_iou"]["760"] / 2)
     assert out.getvalue().strip().splitlines()[-1] == f"mIoU: {result['miou']:.2f}  FB-IoU: {result['fb_iou']:.2f}"
     assert not list(tmp_path.glob(".r.json*"))  # no temporary file left behind
+    # --lean streams the squeeze blocks: the same scores
+    with redirect_stdout(io.StringIO()):
+        code = main(["evaluate", "--benchmark", "fss", "--nshot", "1", "--load", str(checkpoint),
+                     "--datapath", str(data.datapath), "--splits", str(data.splits), "--img-size", "64",
+                     "--max-episodes", "2", "--device", "cpu", "--no-progress", "--lean",
+                     "--json", str(tmp_path / "lean.json")])
+    assert code == 0
+    lean = json.loads((tmp_path / "lean.json").read_text())
+    assert lean["per_class_iou"] == pytest.approx(result["per_class_iou"], abs=1e-6)
     # at the original size the real model resizes its logits to each query's own size
     model = model_module.HSNet.from_checkpoint(checkpoint)
     original = build_dataset("fss", data.datapath, data.splits, 0, "test", nshot=1, img_size=64,

@@ -91,6 +91,14 @@ def test_support_folders_pair_images_and_masks_by_name(files, checkpoint, tmp_pa
     assert (tmp_path / "a" / "wide_mask.png").read_bytes() == (tmp_path / "b" / "wide_mask.png").read_bytes()
 
 
+def test_lean_flag_writes_the_same_masks(files, checkpoint, tmp_path):
+    query = files["queries"] / "wide.png"
+    assert _predict(files, tmp_path / "a", checkpoint, query=[query]) == 0
+    assert _predict(files, tmp_path / "b", checkpoint, "--lean", query=[query]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a" / "wide_mask.png")),
+                                  np.asarray(Image.open(tmp_path / "b" / "wide_mask.png")))
+
+
 def _bad_inputs(files, tmp_path, checkpoint):
     """(name, keyword overrides for _predict, expected words in the error)."""
     root = tmp_path / "bad"

@@ -47,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", default="off", choices=["off", "auto", "bf16", "fp16"],
                         help="reduced-precision inference under torch.autocast: bf16 (CPU or GPU), fp16 (GPU), "
                         "auto (bf16 where supported, else fp16) (default: %(default)s)")
+    parser.add_argument("--lean", action="store_true", help="stream the squeeze blocks over query rows: about "
+                        "half the learner's peak memory, about 2.5x its time, same results (HSNet(lean=True))")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
 
@@ -86,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         dataset = build_dataset(args.benchmark, args.datapath, args.splits, args.fold, args.split, args.nshot,
                                 img_size=args.img_size, use_original_imgsize=args.use_original_imgsize)
         model = HSNet.from_checkpoint(args.load, backbone=args.backbone, backend=args.backend).to(ctx.device)
+        model.lean = args.lean
     except (ValueError, FileNotFoundError) as error:  # DatasetError, CheckpointError included
         print(f"hypertriton evaluate: error: {error}", file=sys.stderr)
         return 2

@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-overlay", dest="overlay", action="store_false", help="write only the masks")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--backend", help="hypertriton op backend (triton, torch, reference; default: automatic)")
+    parser.add_argument("--lean", action="store_true", help="stream the squeeze blocks over query rows: about "
+                        "half the learner's peak memory, about 2.5x its time, same masks (HSNet(lean=True))")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
 
@@ -139,6 +141,7 @@ def _run(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError) as error:
         raise InputError(f"--backend: {error}") from None
     model, img_size = load_model(args.checkpoint, args.backbone, backend=backend, device=device)
+    model.lean = args.lean
     img_size = args.img_size or img_size
 
     # 2. Segment every query (results kept in memory: one bool mask per query).
