@@ -131,7 +131,7 @@ def _cp_conv_torch_query_major(x, weight_query, bias_query, weight_support, bias
         # kernel over [C, Hq, Wq, Hs*Ws], whose channels-last memory is x's own; its channels-last
         # output is already query-major. It carries both biases; the support branch is added in place.
         volume = x.permute(0, 2, 3, 4, 5, 1).reshape(batch, hq, wq, hs * ws, channels).permute(0, 4, 1, 2, 3)
-        out = F.conv3d(volume, weight_query.unsqueeze(-1), _bias_sum(bias_query, bias_support),
+        out = F.conv3d(volume, weight_query.unsqueeze(-1), bias_sum(bias_query, bias_support),
                        (sqh, sqw, 1), (pqh, pqw, 0))
         out = out.permute(0, 2, 3, 4, 1)  # [B, Hq', Wq', Hs*Ws, Cout]
         if not out.is_contiguous():  # conv3d kept another layout (it does not on CPU)
@@ -159,12 +159,13 @@ def _cp_conv_torch_query_major(x, weight_query, bias_query, weight_support, bias
     return out.permute(0, 5, 1, 2, 3, 4)
 
 
-def _bias_sum(bias_query, bias_support):
-    """``bias_query + bias_support`` (one of them when the other is None; None when both are)."""
+def bias_sum(bias_query, bias_support, out_channels: int | None = None):
+    """``bias_query + bias_support`` ``[Cout]``: both reach every output of a center-pivot conv. A missing
+    one counts as zero; when both are missing, None, or zeros of ``out_channels`` when given."""
     present = [b for b in (bias_query, bias_support) if b is not None]
-    if len(present) < 2:
-        return present[0] if present else None
-    return present[0] + present[1]
+    if not present:
+        return None if out_channels is None else torch.zeros(out_channels)
+    return present[0] if len(present) == 1 else present[0] + present[1]
 
 
 def _support_branch(rows, n, weight_support, bias_support, stride, padding, into=None):

@@ -40,7 +40,7 @@ from .. import reference
 from ..backend import resolve_backend
 from ._alloc import new_output
 from ._validation import check_cp_conv_args, check_feature_lists, check_support_mask, shape_of
-from .center_pivot_conv4d import output_size
+from .center_pivot_conv4d import bias_sum, output_size
 
 # Elements of one chunk's dense correlation buffer (fp32: 8 MB). Large enough that the matrix
 # products stay efficient, small enough to stay far below the 4D tensor at every size.
@@ -348,14 +348,6 @@ def _chunk_size(per_item: int, spec: _Spec) -> int:
 # Forward and backward
 # --------------------------------------------------------------------------------------------------
 
-def _bias_sum(bias_query, bias_support, weight: torch.Tensor) -> torch.Tensor:
-    """``bias_query + bias_support`` ``[Cout]`` (missing ones count as zero): both reach every output."""
-    present = [b for b in (bias_query, bias_support) if b is not None]
-    if not present:
-        return weight.new_zeros(weight.shape[0])
-    return present[0] if len(present) == 1 else present[0] + present[1]
-
-
 def _forward(query, support, mask, weight_query, bias_query, weight_support, bias_support, spec: _Spec):
     """No-grad fused forward. query/support: lists of ``[B, C, H, W]`` in the compute dtype."""
     batch, _, hq, wq = query[0].shape
@@ -366,7 +358,7 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
     # next layers run; the writes below cost the same in either layout.
     storage = new_output((batch, hq2 * wq2, hs2 * ws2, out_channels), query[0].dtype, query[0].device)
     out = storage.permute(0, 3, 1, 2)  # [B, Cout, Hq'*Wq', Hs'*Ws']
-    bias = _bias_sum(bias_query, bias_support, weight_query).view(-1, 1, 1)
+    bias = bias_sum(bias_query, bias_support, weight_query.shape[0]).to(weight_query).view(-1, 1, 1)
 
     inverse_norms, query_finite = _inverse_query_norms(query)  # [B, Hq, Wq] per layer
     # Products, ReLU and both convs in the correlation dtype (reduced precision: as autocast runs a
@@ -469,7 +461,8 @@ def _forward_triton(query, support, mask, weight_query, bias_query, weight_suppo
     # Returned itself (not a view of it): in-place ops on a custom Function's output must stay allowed.
     result = new_output((batch, out_channels, hq2, wq2, hs2, ws2), query[0].dtype, query[0].device)
     out = result.view(batch, out_channels, hq2 * wq2, hs2 * ws2)
-    out.copy_(_bias_sum(bias_query, bias_support, weight_query).view(1, -1, 1, 1).expand_as(out))
+    out.copy_(bias_sum(bias_query, bias_support, weight_query.shape[0]).to(weight_query).view(1, -1, 1, 1)
+              .expand_as(out))
 
     query_normed, query_finite = _normalized_query(query)
     flat_mask = None if mask is None else mask.view(batch, 1, hs * ws)
