@@ -367,7 +367,8 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
     if cd != spec.compute_dtype:
         # The products need a reduced-precision copy of the query anyway: make it the normalized one, so
         # no product or chunk is scaled in reduced precision (slow elementwise there).
-        query = [(q * n[:, None]).to(cd) for q, n in zip(query, inverse_norms)]
+        query = [torch.mul(q, n[:, None], out=torch.empty_like(q, dtype=cd))  # no fp32 temporary
+                 for q, n in zip(query, inverse_norms)]
         inverse_norms = None
     weight_query, weight_support = weight_query.to(cd), weight_support.to(cd)
     for b in range(batch):
