@@ -208,21 +208,33 @@ class HPNLearner(nn.Module):
             levels: per pyramid level, deepest first, ``(query_feats, support_feats)``: lists of
                 ``[B, C_l, Hq, Wq]`` and ``[B, C_l, Hs, Ws]``.
             support_mask: ``[B, H, W]`` or None.
-            lean: in inference (no gradient recorded), stream each squeeze block's first two layers over
-                query rows (:meth:`squeeze_streamed`): no first-layer output is ever held whole, for
-                about half the peak memory, at the cost of computing each fused layer about three times.
-                With gradients it is ignored.
+            lean: in inference (no gradient recorded), stream the squeeze blocks with the largest
+                first-layer outputs over query rows (:meth:`squeeze_streamed`): none is ever held whole,
+                for about half the peak memory, at the cost of computing those fused layers about three
+                times. With gradients it is ignored.
             rows_per_step: query rows per streamed step (None: automatic).
         """
         squeezed = []
-        for (query, support), block in zip(levels, self.squeeze_blocks):
-            if lean and not torch.is_grad_enabled():
+        streamed = self._streamed_levels(levels) if lean and not torch.is_grad_enabled() else [False] * 3
+        for (query, support), block, stream in zip(levels, self.squeeze_blocks, streamed):
+            if stream:
                 squeezed.append(self.squeeze_streamed(block, query, support, support_mask, rows_per_step))
                 continue
             # A temporary (no name holds it): squeeze_rest frees it as soon as its next layer is done.
             squeezed.append(self.squeeze_rest(block, fused_hypercorrelation_cp_conv(
                 query, support, support_mask, block[0], backend=self.backend)))
         return self.decode(self.mix(*squeezed))
+
+    def _streamed_levels(self, levels) -> list[bool]:
+        """Which levels a lean forward streams: those whose first-layer output would be at least a quarter
+        of the largest one's (at 400 px only layer2's, 14x layer3's); streaming a small one saves
+        nothing worth its recomputation."""
+        sizes = []
+        for (query, support), block in zip(levels, self.squeeze_blocks):
+            conv = block[0]
+            hs, ws = support[0].shape[-2:]
+            sizes.append(query[0][0, 0].numel() * -(-hs // conv.stride[2]) * -(-ws // conv.stride[3]))
+        return [size * 4 >= max(sizes) for size in sizes]
 
     def squeeze_streamed(self, block: nn.Sequential, query, support, support_mask,
                          rows_per_step: int | None = None) -> torch.Tensor:
