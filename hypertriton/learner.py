@@ -265,11 +265,19 @@ class HPNLearner(nn.Module):
             raise ValueError(f"rows_per_step: expected a positive int or None, got {rows_per_step!r}")
         step = rows_per_step or max(reach1 + reach2, -(-hq // STREAM_SLABS))
 
+        rows_only = self.query_major(query[0].device)  # the torch backend computes the kept rows only
+
         def first_rows(lo: int, hi: int) -> torch.Tensor:
-            """The first layer's exact output rows ``[lo, hi)``, query-major."""
+            """The first layer's exact output rows ``[lo, hi)``, query-major: the fused layer on the query
+            rows its query-dim kernel reaches, keeping the middle ones."""
             a, b = max(0, lo - reach1), min(hq, hi + reach1)
-            out = fused_hypercorrelation_cp_conv([q[:, :, a:b] for q in query], support, support_mask, conv1,
-                                                 backend=self.backend, chunk_elements=STREAM_CHUNK_ELEMENTS)
+            slab = [q[:, :, a:b] for q in query]
+            if rows_only:
+                return fused_hypercorrelation_cp_conv(slab, support, support_mask, conv1, backend=self.backend,
+                                                      chunk_elements=STREAM_CHUNK_ELEMENTS,
+                                                      output_rows=(lo - a, hi - a))
+            out = fused_hypercorrelation_cp_conv(slab, support, support_mask, conv1, backend=self.backend,
+                                                 chunk_elements=STREAM_CHUNK_ELEMENTS)
             return to_query_major(out[:, :, lo - a:hi - a])
 
         moments = None

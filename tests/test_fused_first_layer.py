@@ -375,3 +375,30 @@ def test_chunk_elements_argument_bounds_the_chunks_and_is_checked():
     with pytest.raises(ValueError, match="chunk_elements"):
         ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, (1, 1, 2, 2), backend="torch",
                                              chunk_elements=0)
+
+
+@pytest.mark.parametrize("mask_kind, rows", [("blob", (0, 3)), ("full", (2, 5)), ("empty", (1, 2)), ("random", (4, 7))])
+def test_output_rows_are_the_full_outputs_rows(mask_kind, rows):
+    """``output_rows``: the kept rows of the full output, exactly what a slab with halo rows needs."""
+    gen, query, support, weights = make_case(12, 2, 2, 3, 7, 5, 8, 6, 5, 3)
+    mask = make_mask(mask_kind, 2, 16, 12, gen)
+    stride = (1, 1, 2, 2)
+    full = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, stride, backend="torch")
+    with chunk_budget(16):
+        got = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, stride, backend="torch",
+                                                   output_rows=rows)
+    assert got.shape == (2, 3, rows[1] - rows[0], *full.shape[3:])
+    assert_close_dtype(got, full[:, :, rows[0]:rows[1]])
+
+
+def test_output_rows_refuses_what_it_cannot_do():
+    gen, query, support, weights = make_case(13, 1, 2, 3, 5, 5, 6, 6, 3, 3)
+    args = (query, support, None, *weights, (1, 1, 2, 2))
+    for bad in [(3, 3), (-1, 2), (0, 6)]:
+        with pytest.raises(ValueError, match="output_rows"):
+            ffl.fused_hypercorrelation_cp_conv4d(*args, backend="torch", output_rows=bad)
+    with pytest.raises(ValueError, match="torch backend without gradients"):
+        ffl.fused_hypercorrelation_cp_conv4d(*args, backend="reference", output_rows=(0, 2))
+    with pytest.raises(ValueError, match="torch backend without gradients"):
+        ffl.fused_hypercorrelation_cp_conv4d([q.requires_grad_() for q in query], support, None, *weights,
+                                             (1, 1, 2, 2), backend="torch", output_rows=(0, 2))

@@ -60,6 +60,9 @@ class _Spec:
     correlation_dtype: torch.dtype  # dtype of the correlation matrix products and the convs over them
     chunk_elements: int
     triton: bool = False  # support-dim branch by the Triton kernel (query-dim branch stays in PyTorch)
+    # First output query row computed (query stride 1): out_size[0] rows from there; the rows around
+    # them are only read by the query-dim branch (a streamed slab's halo).
+    row_start: int = 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -389,9 +392,10 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
         if not windows.full:
             out_b.copy_(bias.expand_as(out_b))
         if not windows.empty:
-            query_pivots = [_pivot_query(q[b], spec) for q in query]
+            kept = slice(spec.row_start * wq2, (spec.row_start + hq2) * wq2)
+            query_pivots = [_pivot_query(q[b], spec)[:, kept] for q in query]
             pivot_scales = [None] * spec.layers if inverse_norms is None else \
-                [_pivot_query(n[b][None], spec)[0].to(cd) for n in inverse_norms]
+                [_pivot_query(n[b][None], spec)[0, kept].to(cd) for n in inverse_norms]
             support_cd = [(s if windows.columns is None else s.index_select(1, windows.columns)).to(cd)
                           for s in support_active]
             column_scales = [(c if windows.columns is None else c.index_select(0, windows.columns)).to(cd)
@@ -442,6 +446,7 @@ def _add_query_branch(out_b, query_normed_b, support_active, active, weight, spe
         part = _query_branch_chunk(query_full, pivots_normed, weight, spec,
                                    hq, wq, None if inverse_norms_b is None else [n.flatten() for n in inverse_norms_b],
                                    conv_dtype=weight.dtype)
+        part = part[:, :, spec.row_start:spec.row_start + spec.out_size[0]]  # the kept rows
         rows = part.permute(2, 3, 0, 1).reshape(-1, part.shape[0], part.shape[1])  # [Hq'*Wq', p, Cout]
         out_b.permute(1, 2, 0).index_add_(1, out_index[start:start + pivots], rows.to(out_b.dtype))
 
@@ -642,7 +647,7 @@ def _backward_features_and_weights(grad, features, mask, weight_query, weight_su
 def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, weight_query, bias_query,
                                      weight_support, bias_support, stride=1, padding=None,
                                      backend: str | None = None, correlation_dtype: torch.dtype | None = None,
-                                     chunk_elements: int | None = None):
+                                     chunk_elements: int | None = None, output_rows: tuple[int, int] | None = None):
     """``center_pivot_conv4d(hypercorrelation(query_feats, support_feats, support_mask)[0], ...)``
     without the 4D tensor.
 
@@ -665,6 +670,10 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
             ``torch.autocast``, else the compute dtype (exact path).
         chunk_elements: elements of one working chunk of correlations (None: ``CHUNK_ELEMENTS``, 2^21);
             smaller lowers the peak memory above the output, at some speed.
+        output_rows: ``(lo, hi)``: compute only output query rows ``[lo, hi)`` (query stride 1, ``torch``
+            backend, no gradient); the other rows are read by the query-dim branch only, so a slab of
+            query rows with the kernel's reach on both sides gives its middle rows exactly (what
+            :meth:`hypertriton.HPNLearner.squeeze_streamed` does). None: all rows.
 
     Returns:
         ``[B, Cout, Hq', Wq', Hs', Ws']`` in the features' dtype (also under ``torch.autocast``), equal
@@ -701,6 +710,17 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
         raise TypeError(f"correlation_dtype: expected a floating torch.dtype or None, got {correlation_dtype!r}")
 
     name = resolve_backend(backend, device)
+    row_start = 0
+    if output_rows is not None:
+        lo, hi = output_rows
+        if not (0 <= lo < hi <= out_size[0]) or stride[0] != 1:
+            raise ValueError(f"output_rows: expected (lo, hi) with 0 <= lo < hi <= {out_size[0]} (the query "
+                             f"height) and query stride 1, got {output_rows!r} with stride {stride[:2]}")
+        if name != "torch" or (torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad
+                for t in (*query_feats, *support_feats, weight_query, bias_query, weight_support, bias_support))):
+            raise ValueError(f"output_rows: the torch backend without gradients only (backend {name!r})")
+        row_start, out_size = lo, (hi - lo, *out_size[1:])
     if name == "reference":
         if correlation_dtype is not None:
             raise ValueError("correlation_dtype: the reference backend computes in the features' dtype only; "
@@ -723,7 +743,7 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
     spec = _Spec(layers=layers, stride=stride, padding=padding, out_size=out_size, in_size=x_shape[2:],
                  compute_dtype=compute,
                  correlation_dtype=compute if correlation_dtype is None else correlation_dtype,
-                 chunk_elements=chunk_elements or CHUNK_ELEMENTS, triton=use_kernel)
+                 chunk_elements=chunk_elements or CHUNK_ELEMENTS, triton=use_kernel, row_start=row_start)
     mask = _resized_mask(support_mask, s0, compute)
     cast = [None if t is None else t.to(compute) for t in (weight_query, bias_query, weight_support, bias_support)]
     features = [f.to(compute) for f in (*query_feats, *support_feats)]
@@ -733,7 +753,8 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
 
 
 def fused_hypercorrelation_cp_conv(query_feats, support_feats, support_mask, conv, backend: str | None = None,
-                                   correlation_dtype: torch.dtype | None = None, chunk_elements: int | None = None):
+                                   correlation_dtype: torch.dtype | None = None, chunk_elements: int | None = None,
+                                   output_rows: tuple[int, int] | None = None):
     """``conv(hypercorrelation level)`` for a :class:`hypertriton.CenterPivotConv4d` ``conv``, fused.
 
     Args:
@@ -744,7 +765,7 @@ def fused_hypercorrelation_cp_conv(query_feats, support_feats, support_mask, con
             support dims, attributes ``stride`` and ``padding``) whose ``in_channels`` is the number of
             layers.
         backend: None follows ``conv.backend`` and then the automatic choice.
-        correlation_dtype, chunk_elements: see :func:`fused_hypercorrelation_cp_conv4d`.
+        correlation_dtype, chunk_elements, output_rows: see :func:`fused_hypercorrelation_cp_conv4d`.
 
     Returns:
         ``[B, Cout, Hq', Wq', Hs', Ws']``, what ``conv(hypercorrelation(...)[0])`` returns.
@@ -765,4 +786,4 @@ def fused_hypercorrelation_cp_conv(query_feats, support_feats, support_mask, con
     return fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, conv.conv1.weight,
                                             conv.conv1.bias, conv.conv2.weight, conv.conv2.bias, conv.stride,
                                             conv.padding, backend=backend, correlation_dtype=correlation_dtype,
-                                            chunk_elements=chunk_elements)
+                                            chunk_elements=chunk_elements, output_rows=output_rows)
