@@ -86,8 +86,9 @@ class HSNet(nn.Module):
             original's dense order of operations (hypercorrelation, then the learner).
         lean: with ``fused``, in inference (no gradient), stream each squeezing block's first two
             layers over query rows (:meth:`HPNLearner.squeeze_streamed`): about half the peak memory
-            of the fused path (about 10x below the original's at 400 px), at about 2.5x its time
-            (the original's speed). Same result up to float rounding; an attribute, settable later.
+            of the fused path (11x below the original's at 400 px), at about 1.7x its time with an
+            object mask, 2.2x with a full one. Same result up to float rounding; an attribute, settable
+            later.
 
     The backbone is frozen: no gradients, eval mode even under ``model.train()`` (BN statistics never
     change). Only ``hpn_learner`` is trained. State_dict keys are ``backbone.*`` and ``hpn_learner.*``,

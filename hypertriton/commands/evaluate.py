@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reduced-precision inference under torch.autocast: bf16 (CPU or GPU), fp16 (GPU), "
                         "auto (bf16 where supported, else fp16) (default: %(default)s)")
     parser.add_argument("--lean", action="store_true", help="stream the squeeze blocks over query rows: about "
-                        "half the learner's peak memory, about 2.5x its time, same results (HSNet(lean=True))")
+                        "half the learner's peak memory, about 2x its time, same results (HSNet(lean=True))")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
 
