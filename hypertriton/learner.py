@@ -58,6 +58,18 @@ def _resize_pair(x: torch.Tensor, size: tuple[int, int], dims: str) -> torch.Ten
     return flat.view(b, hq, wq, c, *size).permute(0, 3, 1, 2, 4, 5)
 
 
+def _cat_query_rows(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """Query-major ``[B, C, Hq_i, Wq, Hs, Ws]`` pieces stacked along the query rows, query-major."""
+    first = pieces[0]
+    rows = sum(p.shape[2] for p in pieces)
+    out = empty_query_major((first.shape[0], first.shape[1], rows, *first.shape[3:]), first.dtype, first.device)
+    start = 0
+    for piece in pieces:
+        out[:, :, start:start + piece.shape[2]].copy_(piece)
+        start += piece.shape[2]
+    return out
+
+
 def resize_4d(x: torch.Tensor, query_size: tuple[int, int], support_size: tuple[int, int]) -> torch.Tensor:
     """Resize ``[B, C, Hq, Wq, Hs, Ws]`` to ``[B, C, *query_size, *support_size]``.
 
@@ -289,12 +301,20 @@ class HPNLearner(nn.Module):
         if torch.is_autocast_enabled(query[0].device.type) and moments[1].dtype == torch.float32:
             out_dtype = torch.get_autocast_dtype(query[0].device.type)
 
-        second = None
+        second, carry = None, None  # carry: the normalized rows [a, ...) this slab shares with the last one
         for lo in range(0, hq, step):
             hi = min(hq, lo + step)
             a, b = max(0, lo - reach2), min(hq, hi + reach2)
-            x = normalize_query_major(first_rows(a, b), affine, inplace=True, out_dtype=out_dtype,
-                                      relu=getattr(norm1, "relu", False))
+            fresh_from = a if carry is None else a + carry.shape[2]
+            pieces = [] if carry is None else [carry]
+            if fresh_from < b:
+                pieces.append(normalize_query_major(first_rows(fresh_from, b), affine, inplace=True,
+                                                    out_dtype=out_dtype, relu=getattr(norm1, "relu", False)))
+            x = pieces[0] if len(pieces) == 1 else _cat_query_rows(pieces)
+            del pieces
+            # The next slab starts reach2 rows above this one's end: keep those rows (a small copy, so that
+            # this slab's storage goes) instead of recomputing them.
+            carry = to_query_major(x[:, :, max(0, hi - reach2) - a:].clone())
             y = conv2(block[2](x))
             del x
             if second is None:
