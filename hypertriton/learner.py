@@ -222,8 +222,8 @@ class HPNLearner(nn.Module):
             support_mask: ``[B, H, W]`` or None.
             lean: in inference (no gradient recorded), stream the squeeze blocks with the largest
                 first-layer outputs over query rows (:meth:`squeeze_streamed`): none is ever held whole,
-                for about half the peak memory, at the cost of computing those fused layers about two
-                and a half times. With gradients it is ignored.
+                for about half the peak memory, at the cost of computing those fused layers about twice.
+                With gradients it is ignored.
             rows_per_step: query rows per streamed step (None: automatic).
         """
         squeezed = []

@@ -86,8 +86,8 @@ class HSNet(nn.Module):
             original's dense order of operations (hypercorrelation, then the learner).
         lean: with ``fused``, in inference (no gradient), stream each squeezing block's first two
             layers over query rows (:meth:`HPNLearner.squeeze_streamed`): about half the peak memory
-            of the fused path (11x below the original's at 400 px), at about 1.7x its time with an
-            object mask, 2.2x with a full one. Same result up to float rounding; an attribute, settable
+            of the fused path (11x below the original's at 400 px), at about 1.6x its time with an
+            object mask, 1.9x with a full one. Same result up to float rounding; an attribute, settable
             later.
 
     The backbone is frozen: no gradients, eval mode even under ``model.train()`` (BN statistics never
