@@ -255,10 +255,11 @@ class HPNLearner(nn.Module):
 
         Its GroupNorm statistics span all of it, so two passes over slabs of query rows: the first
         accumulates them (:func:`hypertriton.ops.layout.merge_moments`, exact up to rounding); the
-        second recomputes each slab, normalizes it and runs the second layer on it. A slab carries the
+        second computes each slab again, normalizes it and runs the second layer on it. A slab reads the
         rows that the query-dim kernels reach beyond it (the first layer's for its own output, the
-        second layer's for its input), so every kept row is exact; only the second layer's output is
-        ever whole. Equal to the unstreamed block up to rounding.
+        second layer's for its input; the latter are carried over from the previous slab), so every
+        kept row is exact; only the second layer's output is ever whole. Equal to the unstreamed block
+        up to rounding.
 
         Args:
             block: a squeezing block (conv, GroupNorm, ReLU slot, conv, ...; query stride 1).
