@@ -14,8 +14,8 @@ from .backend import resolve_backend
 from .modules import CenterPivotConv4d, GroupNorm4d
 from .ops._validation import shape_of
 from .ops.fused_first_layer import fused_hypercorrelation_cp_conv
-from .ops.layout import (empty_query_major, group_affine, is_query_major, merge_moments, normalize_query_major,
-                         query_major_moments, resize_query_dims, to_query_major)
+from .ops.layout import (autocast_output_dtype, empty_query_major, group_affine, is_query_major, merge_moments,
+                         normalize_query_major, query_major_moments, resize_query_dims, to_query_major)
 
 __all__ = ["HPNLearner", "make_building_block", "resize_4d"]
 
@@ -298,9 +298,6 @@ class HPNLearner(nn.Module):
         for lo in range(0, hq, 2 * step):
             moments = merge_moments(moments, query_major_moments(first_rows(lo, min(hq, lo + 2 * step))))
         affine = group_affine(moments, norm1.num_groups, norm1.weight, norm1.bias, norm1.eps)[3:]
-        out_dtype = None  # as GroupNorm4d: under autocast the next conv's dtype
-        if torch.is_autocast_enabled(query[0].device.type) and moments[1].dtype == torch.float32:
-            out_dtype = torch.get_autocast_dtype(query[0].device.type)
 
         second, carry = None, None  # carry: the normalized rows [a, ...) this slab shares with the last one
         for lo in range(0, hq, step):
@@ -309,8 +306,10 @@ class HPNLearner(nn.Module):
             fresh_from = a if carry is None else a + carry.shape[2]
             pieces = [] if carry is None else [carry]
             if fresh_from < b:
-                pieces.append(normalize_query_major(first_rows(fresh_from, b), affine, inplace=True,
-                                                    out_dtype=out_dtype, relu=getattr(norm1, "relu", False)))
+                fresh = first_rows(fresh_from, b)
+                pieces.append(normalize_query_major(fresh, affine, inplace=True, out_dtype=autocast_output_dtype(fresh),
+                                                    relu=getattr(norm1, "relu", False)))  # as GroupNorm4d
+                del fresh
             x = pieces[0] if len(pieces) == 1 else _cat_query_rows(pieces)
             del pieces
             # The next slab starts reach2 rows above this one's end: keep those rows (a small copy, so that

@@ -9,7 +9,7 @@ from torch import nn
 from .ops._validation import as_quadruple, shape_of
 from .ops.center_pivot_conv4d import center_pivot_conv4d
 from .ops.hypercorrelation import hypercorrelation
-from .ops.layout import group_norm
+from .ops.layout import autocast_output_dtype, group_norm
 
 
 class HyperCorr(nn.Module):
@@ -117,9 +117,7 @@ class GroupNorm4d(nn.GroupNorm):
         self.inplace, self.relu = inplace, relu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out_dtype = None
-        if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32:
-            out_dtype = torch.get_autocast_dtype(x.device.type)
+        out_dtype = autocast_output_dtype(x) if isinstance(x, torch.Tensor) else None
         return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, inplace=self.inplace,
                           out_dtype=out_dtype, relu=self.relu)
 

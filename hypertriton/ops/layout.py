@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["is_query_major", "to_query_major", "empty_query_major", "group_norm", "resize_query_dims",
-           "channel_moments", "merge_moments", "group_affine", "query_major_moments", "normalize_query_major"]
+           "channel_moments", "merge_moments", "group_affine", "query_major_moments", "normalize_query_major",
+           "autocast_output_dtype"]
 
 
 def is_query_major(x: torch.Tensor) -> bool:
@@ -245,6 +246,14 @@ def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None = None,
     if relu:  # the Function saves its input, not its output: the output may be overwritten
         rows = torch.relu_(rows)
     return rows.view(b, hq, wq, hs, ws, c).permute(0, 5, 1, 2, 3, 4)
+
+
+def autocast_output_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype a GroupNorm over fp32 ``x`` returns under ``torch.autocast`` (the next conv's: it would
+    round to it anyway), or None (``x``'s own) outside autocast or for other dtypes."""
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return None
 
 
 def query_major_moments(x: torch.Tensor):
