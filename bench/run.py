@@ -20,7 +20,10 @@ allocated before the measured run; on CPU the process's peak RSS (``VmHWM``, res
 ``/proc/self/clear_refs``) above its RSS before the measured run, with glibc told to return large
 blocks to the system so freed memory is not silently reused.
 Effective GFLOP/s count the original's (dense) FLOPs for every variant: the sparse and fused paths do
-less work, and this says how fast the same job got done.
+less work, and this says how fast the same job got done. Executed GFLOP/s count each variant's own
+matrix-product and convolution FLOPs (``torch.utils.flop_counter``), also as a share of one large
+matrix product's rate on the same device and threads (measured first): how close a row runs to the
+compute-bound ceiling, i.e. whether it can get faster by running faster or only by doing less.
 
 Writes ``<name>.json``, ``<name>.md`` and ``<name>.png`` (time and memory against size) to
 ``bench/results/`` (or ``--out``).
@@ -154,14 +157,42 @@ def measure_variant(job: dict) -> dict:
     else:
         peak = None if base is None else _proc_status("VmHWM") - base
     result = {"peak_bytes": peak}
-    if job["variant"] == "original":
-        with FlopCounterMode(display=False) as counter:
-            run()
-        result["flops"] = counter.get_total_flops()
-    elif job["case"] != "forward_backward":  # training steps move the weights: outputs differ by design
+    if job["case"] != "forward_backward" and job["variant"] != "original":
+        # Before the FLOP count below: a training step there would move the weights.
         expected = cases.build(job["case"], "original", inputs)()
         result["max_rel_error"] = _max_relative_error(output, expected)
+    # The matrix-product and convolution FLOPs this variant executes (sparse and fused paths run fewer).
+    with FlopCounterMode(display=False) as counter:
+        run()
+    result["flops_run"] = counter.get_total_flops()
     return result
+
+
+def gemm_peak(job: dict) -> dict:
+    """GFLOP/s of one large square matrix product per dtype on the job's device and threads: the rate the
+    convolutions and matrix products of every variant are compared with (a compute-bound ceiling)."""
+    import torch
+
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
+    device = torch.device(job["device"])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sides = (4096, 8192) if device.type == "cuda" else (512, 1024)
+    out = {}
+    for name in job["dtypes"]:
+        rates = []
+        for side in sides:  # the best of two sizes: the library's choice of kernel varies with the shape
+            a, b, c = (torch.randn(side, side, device=device).to(getattr(torch, name)) for _ in range(3))
+            times = []
+            for _ in range(10):
+                sync()
+                start = time.perf_counter()
+                torch.mm(a, b, out=c)  # into one buffer: no fresh pages to fault in
+                sync()
+                times.append(time.perf_counter() - start)
+            rates.append(2 * side**3 / statistics.median(times[3:]) / 1e9)
+        out[name] = max(rates)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -223,8 +254,10 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    """Median/p20/p80, speedup and memory ratio over the original of the same (size, case, mask)."""
+def summarize(rows: list[dict], peaks: dict | None = None, dtype: str = "float32") -> list[dict]:
+    """Median/p20/p80, speedup and memory ratio over the original of the same (size, case, mask); effective
+    GFLOP/s (the original's FLOPs in the row's time) and executed GFLOP/s (the row's own FLOPs), also as a
+    fraction of ``peaks`` (GEMM GFLOP/s per dtype, from :func:`gemm_peak`)."""
     originals = {(r["size"], r["case"], r["mask"]): r for r in rows if r["variant"] == "original" and "times" in r}
     for row in rows:
         if "times" not in row:
@@ -239,10 +272,25 @@ def summarize(rows: list[dict]) -> list[dict]:
         row["speedup"] = base["median_s"] / row["median_s"]
         if base.get("peak_bytes") and row.get("peak_bytes"):
             row["memory_ratio"] = base["peak_bytes"] / max(row["peak_bytes"], 1)
-        if base.get("flops"):
-            row["flops"] = base["flops"]
-            row["gflops_per_s"] = base["flops"] / row["median_s"] / 1e9
+        if base.get("flops_run"):
+            row["flops"] = base["flops_run"]
+            row["gflops_per_s"] = base["flops_run"] / row["median_s"] / 1e9
+    for row in rows:
+        if row.get("flops_run") and "median_s" in row:
+            row["run_gflops_per_s"] = row["flops_run"] / row["median_s"] / 1e9
+            rate = (peaks or {}).get(_compute_dtype(row["variant"], dtype))
+            if rate:
+                row["peak_fraction"] = row["run_gflops_per_s"] / rate
     return rows
+
+
+def _compute_dtype(variant: str, dtype: str) -> str:
+    """The dtype a variant's matrix products run in (``+bf16`` variants: bfloat16 under autocast)."""
+    return "bfloat16" if variant.endswith("+bf16") else dtype
+
+
+def _scaled(value, factor: float):
+    return None if value is None else value * factor
 
 
 def _fmt(value, spec: str, missing: str = "-") -> str:
@@ -264,23 +312,31 @@ def markdown(report: dict) -> str:
                  f"one run per row in a fresh process; date {report['date']}")
     if args.get("note"):
         lines.append(f"- note: {args['note']}")
+    peaks = info.get("gemm_peak_gflops") or {}
+    if peaks:
+        lines.append("- GEMM peak on this device and thread count (one large square matrix product): " +
+                     ", ".join(f"{name} {rate:.0f} GFLOP/s" for name, rate in peaks.items()))
     lines += ["", "Size = side of the finest feature map (50 = 400-px images). Speedup and memory ratio are "
-              "the original's median time / peak extra memory divided by the row's. GFLOP/s count the "
-              "original's dense FLOPs (effective rate). Rel. error: max |row - original| / max |original|.", ""]
+              "the original's median time / peak extra memory divided by the row's. Eff. GFLOP/s: the "
+              "original's (dense) FLOPs in the row's time. GFLOP run: the matrix-product and convolution FLOPs "
+              "the row itself executes (torch's FlopCounterMode); % peak: their rate against the GEMM peak "
+              "above, in the dtype they run in (a row near 100% can only get faster by doing fewer FLOPs). "
+              "Rel. error: max |row - original| / max |original|.", ""]
     lines.append("| size | case | mask | variant | median ms | p20 ms | p80 ms | speedup | peak MB | mem ratio "
-                 "| eff. GFLOP/s | rel. error |")
-    lines.append("|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+                 "| eff. GFLOP/s | GFLOP run | % peak | rel. error |")
+    lines.append("|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in report["rows"]:
         if "median_s" not in row:
             lines.append(f"| {row['size']} | {row['case']} | {row['mask']} | {row['variant']} | failed: "
-                         f"{row.get('error', '?')[:80]} | | | | | | | |")
+                         f"{row.get('error', '?')[:80]} | | | | | | | | | |")
             continue
         peak = row.get("peak_bytes")
         lines.append(
             f"| {row['size']} | {row['case']} | {row['mask']} | {row['variant']} | {row['median_s'] * 1e3:.1f} | "
             f"{row['p20_s'] * 1e3:.1f} | {row['p80_s'] * 1e3:.1f} | {_fmt(row.get('speedup'), '.2f')}x | "
             f"{_fmt(None if peak is None else peak / 2**20, '.1f')} | {_fmt(row.get('memory_ratio'), '.1f')}x | "
-            f"{_fmt(row.get('gflops_per_s'), '.1f')} | {_fmt(row.get('max_rel_error'), '.1e')} |")
+            f"{_fmt(row.get('gflops_per_s'), '.1f')} | {_fmt(_scaled(row.get('flops_run'), 1e-9), '.2f')} | "
+            f"{_fmt(_scaled(row.get('peak_fraction'), 100), '.0f')} | {_fmt(row.get('max_rel_error'), '.1e')} |")
     if report["targets"]:
         lines += ["", "## Targets (reported, not asserted)", "", "| size | case | mask | variant | metric | target "
                   "| measured | met |", "|---:|---|---|---|---|---:|---:|---|"]
@@ -377,14 +433,15 @@ def parse_args(argv=None):
     parser.add_argument("--machine", default=None, help="free-text machine name written into the results")
     parser.add_argument("--note", default=None, help="free-text note written into the results")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--worker-mode", default=None, choices=["time", "measure"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker-mode", default=None, choices=["time", "measure", "peak"],
+                        help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker is not None:
-        work = time_variants if args.worker_mode == "time" else measure_variant
+        work = {"time": time_variants, "measure": measure_variant, "peak": gemm_peak}[args.worker_mode]
         print(RESULT_MARK + json.dumps(work(json.loads(args.worker))), flush=True)
         return 0
 
@@ -445,6 +502,14 @@ def main(argv=None) -> int:
             return {"error": f"exit {proc.returncode}: {tail}"}
         return json.loads(lines[-1][len(RESULT_MARK):])
 
+    peak_dtypes = list(dict.fromkeys([dtype] + (["bfloat16"] if any(v.endswith("+bf16") for g in groups
+                                                                   for v in g["variants"]) else [])))
+    peaks = launch("peak", {"device": device, "threads": args.threads, "dtypes": peak_dtypes})
+    if "error" in peaks:
+        print(f"GEMM peak not measured: {peaks['error']}", file=sys.stderr)
+        peaks = {}
+    info["gemm_peak_gflops"] = peaks
+
     rows = []
     progress = tqdm(total=sum(len(g["variants"]) + 1 for g in groups), desc="bench", unit="run")
     for group in groups:
@@ -476,7 +541,7 @@ def main(argv=None) -> int:
               "args": {"backbone": args.backbone, "batch": args.batch, "dtype": dtype, "sizes": sizes,
                        "repeats": args.repeats, "warmup": args.warmup, "masks": masks, "cases": chosen_cases,
                        "machine": args.machine, "note": args.note},
-              "rows": summarize(rows)}
+              "rows": summarize(rows, peaks, dtype)}
     report["targets"] = targets(report)
     stem = args.name or (f"{device.split(':')[0]}-{args.backbone}-size{'_'.join(map(str, sizes))}-b{args.batch}-"
                          f"{dtype}")

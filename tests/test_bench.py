@@ -1,0 +1,77 @@
+"""bench/run.py's bookkeeping: the ratios and rates it reports, from hand-made rows (no timing here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+RUN_PY = Path(__file__).resolve().parents[1] / "bench" / "run.py"
+
+
+@pytest.fixture(scope="module")
+def bench_run():
+    spec = importlib.util.spec_from_file_location("bench_run_under_test", RUN_PY)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def _rows():
+    # The original: 0.4 s, 100 MB, 40 GFLOP; ours: 0.1 s, 10 MB, 8 GFLOP; ours in bf16: 0.05 s, 8 GFLOP.
+    return [
+        {"size": 50, "case": "learner_forward", "mask": "object", "variant": "original",
+         "times": [0.5, 0.4, 0.3], "peak_bytes": 100 * 2**20, "flops_run": 40e9},
+        {"size": 50, "case": "learner_forward", "mask": "object", "variant": "torch",
+         "times": [0.1, 0.2, 0.05], "peak_bytes": 10 * 2**20, "flops_run": 8e9},
+        {"size": 50, "case": "learner_forward", "mask": "object", "variant": "torch+bf16",
+         "times": [0.05], "peak_bytes": 20 * 2**20, "flops_run": 8e9},
+        {"size": 50, "case": "learner_forward", "mask": "object", "variant": "reference", "error": "exit 1: boom"},
+    ]
+
+
+def test_summarize_ratios_and_rates(bench_run):
+    rows = bench_run.summarize(_rows(), peaks={"float32": 100.0, "bfloat16": 320.0}, dtype="float32")
+    original, ours, ours_bf16, failed = rows
+    assert original["median_s"] == pytest.approx(0.4)
+    assert ours["median_s"] == pytest.approx(0.1)
+    assert ours["speedup"] == pytest.approx(4.0)
+    assert ours["memory_ratio"] == pytest.approx(10.0)
+    # Effective rate: the original's 40 GFLOP in our 0.1 s; executed rate: our own 8 GFLOP in 0.1 s.
+    assert ours["gflops_per_s"] == pytest.approx(400.0)
+    assert ours["run_gflops_per_s"] == pytest.approx(80.0)
+    assert ours["peak_fraction"] == pytest.approx(0.8)
+    # The +bf16 variant is compared with the bf16 peak: 8 GFLOP in 0.05 s = 160 of 320.
+    assert ours_bf16["peak_fraction"] == pytest.approx(0.5)
+    assert original["peak_fraction"] == pytest.approx(1.0)
+    assert "median_s" not in failed and "speedup" not in failed
+
+
+def test_summarize_without_peaks_reports_no_fraction(bench_run):
+    rows = bench_run.summarize(_rows(), peaks={}, dtype="float32")
+    assert rows[1]["run_gflops_per_s"] == pytest.approx(80.0)
+    assert all("peak_fraction" not in row for row in rows)
+
+
+def test_markdown_shows_the_peak_and_each_row(bench_run):
+    rows = bench_run.summarize(_rows(), peaks={"float32": 100.0, "bfloat16": 320.0}, dtype="float32")
+    machine = {"device": "cpu", "cpu": "test CPU", "cpu_count": 2, "torch_threads": 1, "python": "3",
+               "torch": "t", "triton": None, "hypertriton": "h", "load_average_start": (0, 0, 0),
+               "load_average_end": (0, 0, 0), "gemm_peak_gflops": {"float32": 100.0, "bfloat16": 320.0}}
+    report = {"date": "d", "machine": machine, "backends": ["torch"], "rows": rows,
+              "args": {"backbone": "resnet50", "batch": 1, "dtype": "float32", "sizes": [50], "repeats": 3,
+                       "warmup": 1, "machine": None, "note": None}}
+    report["targets"] = bench_run.targets(report)
+    text = bench_run.markdown(report)
+    assert "float32 100 GFLOP/s, bfloat16 320 GFLOP/s" in text
+    torch_row = next(line for line in text.splitlines() if "| torch |" in line)
+    cells = [cell.strip() for cell in torch_row.strip("|").split("|")]
+    # ... | speedup | peak MB | mem ratio | eff. GFLOP/s | GFLOP run | % peak | rel. error
+    assert cells[7:13] == ["4.00x", "10.0", "10.0x", "400.0", "8.00", "80"]
+    assert "failed: exit 1: boom" in text
+    speed_target = next(t for t in report["targets"] if t["variant"] == "torch" and t["metric"] == "speedup")
+    assert speed_target["measured"] == pytest.approx(4.0) and speed_target["met"] is True
