@@ -13,7 +13,7 @@ from torch import nn
 from .backend import resolve_backend
 from .modules import CenterPivotConv4d, GroupNorm4d
 from .ops._validation import shape_of
-from .ops.fused_first_layer import SupportPlan, fused_hypercorrelation_cp_conv
+from .ops.fused_first_layer import fused_hypercorrelation_cp_conv
 from .ops.layout import (autocast_output_dtype, empty_query_major, group_affine, is_query_major, merge_moments,
                          normalize_query_major, query_major_moments, resize_query_dims, to_query_major)
 
@@ -279,7 +279,6 @@ class HPNLearner(nn.Module):
         step = rows_per_step or max(reach1 + reach2, -(-hq // STREAM_SLABS))
 
         rows_only = self.query_major(query[0].device)  # the torch backend computes the kept rows only
-        plan = SupportPlan()  # every slab meets the same support: prepare it once
 
         def first_rows(lo: int, hi: int) -> torch.Tensor:
             """The first layer's exact output rows ``[lo, hi)``, query-major: the fused layer on the query
@@ -289,9 +288,9 @@ class HPNLearner(nn.Module):
             if rows_only:
                 return fused_hypercorrelation_cp_conv(slab, support, support_mask, conv1, backend=self.backend,
                                                       chunk_elements=STREAM_CHUNK_ELEMENTS,
-                                                      output_rows=(lo - a, hi - a), plan=plan)
+                                                      output_rows=(lo - a, hi - a))
             out = fused_hypercorrelation_cp_conv(slab, support, support_mask, conv1, backend=self.backend,
-                                                 chunk_elements=STREAM_CHUNK_ELEMENTS, plan=plan)
+                                                 chunk_elements=STREAM_CHUNK_ELEMENTS)
             return to_query_major(out[:, :, lo - a:hi - a])
 
         moments = None

@@ -402,35 +402,3 @@ def test_output_rows_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="torch backend without gradients"):
         ffl.fused_hypercorrelation_cp_conv4d([q.requires_grad_() for q in query], support, None, *weights,
                                              (1, 1, 2, 2), backend="torch", output_rows=(0, 2))
-
-
-def test_support_plan_prepares_once_and_never_serves_stale_support():
-    """One plan over query slabs prepares the support once; a different support, mask, or a mask changed
-    in place gets its own preparation, so every call still equals the dense reference."""
-    gen, query, support, weights = make_case(14, 2, 2, 3, 6, 5, 8, 7, 3, 3)
-    mask = make_mask("blob", 2, 16, 14, gen)
-    stride = (1, 1, 2, 2)
-    plan = ffl.SupportPlan()
-    calls = []
-    real = ffl._prepare_support
-    with mock.patch.object(ffl, "_prepare_support", side_effect=lambda *a: calls.append(1) or real(*a)):
-        with torch.no_grad():
-            full = dense(query, support, mask, weights, stride)
-            for rows in [(0, 2), (2, 4), (4, 6)]:
-                got = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, stride, backend="torch",
-                                                           output_rows=rows, plan=plan)
-                assert_close_dtype(got, full[:, :, rows[0]:rows[1]])
-            assert len(calls) == 2  # once per batch element, not per slab
-
-            other_support = [torch.randn_like(s) for s in support]
-            got = ffl.fused_hypercorrelation_cp_conv4d(query, other_support, mask, *weights, stride, backend="torch",
-                                                       plan=plan)
-            assert_close_dtype(got, dense(query, other_support, mask, weights, stride))
-
-            mask[:, :8] = 1 - mask[:, :8]  # in place: same tensor, new contents
-            got = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, stride, backend="torch",
-                                                       plan=plan)
-            assert_close_dtype(got, dense(query, support, mask, weights, stride))
-            assert len(calls) == 6
-    with pytest.raises(TypeError, match="plan"):
-        ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, stride, backend="torch", plan={})

@@ -65,32 +65,6 @@ class _Spec:
     row_start: int = 0
 
 
-class SupportPlan:
-    """What the fused forward prepares from the support side (active positions, their features and
-    normalizing factors, the support windows), kept for the next call with the same support.
-
-    :meth:`hypertriton.HPNLearner.squeeze_streamed` runs the fused layer once per slab of query rows
-    against one support set; passing one plan to all those calls (``plan=``) prepares the support once.
-    A plan is a cache, never a source of truth: each entry is keyed by the support features, the mask
-    and the conv geometry (tensor identity, version and shape), so a call with anything else prepares
-    afresh. Used by the ``torch`` backend's forward; the others ignore it.
-    """
-
-    def __init__(self):
-        self._entries: dict = {}
-
-    def get(self, key, build):
-        """The entry for ``key``, built by ``build()`` the first time."""
-        if key not in self._entries:
-            self._entries[key] = build()
-        return self._entries[key]
-
-
-def _tensor_key(t: torch.Tensor | None):
-    """Identity of a tensor's current contents, for :class:`SupportPlan` keys."""
-    return None if t is None else (id(t), t._version, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
-
-
 # --------------------------------------------------------------------------------------------------
 # Preparation: O(features) work shared by forward and backward
 # --------------------------------------------------------------------------------------------------
@@ -383,27 +357,8 @@ def _chunk_size(per_item: int, spec: _Spec) -> int:
 # Forward and backward
 # --------------------------------------------------------------------------------------------------
 
-def _prepare_support(support_b, mask_b, query_finite: bool, hs: int, ws: int, kernel, spec: _Spec):
-    """One batch element's support-side preparation for :func:`_forward`: the active positions, the raw
-    support features there and their normalizing factors (:func:`_active_support_and_scales`), the
-    :class:`_SupportWindows`, and the features and factors inside those windows in the correlation dtype."""
-    cd = spec.correlation_dtype
-    active = _active_positions(mask_b, support_b, query_finite)
-    support_active, support_scales = _active_support_and_scales(support_b, mask_b, active)
-    if support_active[0].shape[1] == 0:
-        return active, support_active, support_scales, None, None, None
-    windows = _support_windows(active, hs, ws, kernel, spec)
-    support_cd = [(s if windows.columns is None else s.index_select(1, windows.columns)).to(cd)
-                  for s in support_active]
-    column_scales = [(c if windows.columns is None else c.index_select(0, windows.columns)).to(cd)
-                     for c in support_scales]
-    return active, support_active, support_scales, windows, support_cd, column_scales
-
-
-def _forward(query, support, mask, weight_query, bias_query, weight_support, bias_support, spec: _Spec,
-             plan: SupportPlan | None = None):
-    """No-grad fused forward. query/support: lists of ``[B, C, H, W]`` in the compute dtype; ``plan``: see
-    :class:`SupportPlan`."""
+def _forward(query, support, mask, weight_query, bias_query, weight_support, bias_support, spec: _Spec):
+    """No-grad fused forward. query/support: lists of ``[B, C, H, W]`` in the compute dtype."""
     batch, _, hq, wq = query[0].shape
     hs, ws = support[0].shape[-2:]
     hq2, wq2, hs2, ws2 = spec.out_size
@@ -425,14 +380,11 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
                  for q, n in zip(query, inverse_norms)]
         inverse_norms = None
     weight_query, weight_support = weight_query.to(cd), weight_support.to(cd)
-    plan = SupportPlan() if plan is None else plan
-    support_key = (tuple(_tensor_key(s) for s in support), _tensor_key(mask), spec.stride[2:], spec.padding[2:],
-                   tuple(weight_support.shape[-2:]), cd)
     for b in range(batch):
+        support_b = [s[b].flatten(1) for s in support]
         mask_b = None if mask is None else mask[b]
-        prepared = plan.get((support_key, b, query_finite[b]), lambda: _prepare_support(
-            [s[b].flatten(1) for s in support], mask_b, query_finite[b], hs, ws, weight_support.shape[-2:], spec))
-        active, support_active, support_scales, windows, support_cd, column_scales = prepared
+        active = _active_positions(mask_b, support_b, query_finite[b])
+        support_active, support_scales = _active_support_and_scales(support_b, mask_b, active)
         n_active = support_active[0].shape[1]
         out_b = out[b]  # [Cout, Hq'*Wq', Hs'*Ws']
         if n_active == 0:
@@ -441,6 +393,7 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
 
         # Support branch, chunks of pivot query rows, into a zero buffer reused across chunks, over the
         # windows that see an active position; the others hold the biases only.
+        windows = _support_windows(active, hs, ws, weight_support.shape[-2:], spec)
         out_windows = out_b.view(out_channels, hq2 * wq2, hs2, ws2)[:, :, windows.rows, windows.cols]
         if not windows.full:
             out_b.copy_(bias.expand_as(out_b))
@@ -449,6 +402,10 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
             query_pivots = [_pivot_query(q[b], spec)[:, kept] for q in query]
             pivot_scales = [None] * spec.layers if inverse_norms is None else \
                 [_pivot_query(n[b][None], spec)[0, kept].to(cd) for n in inverse_norms]
+            support_cd = [(s if windows.columns is None else s.index_select(1, windows.columns)).to(cd)
+                          for s in support_active]
+            column_scales = [(c if windows.columns is None else c.index_select(0, windows.columns)).to(cd)
+                             for c in support_scales]
             cells = windows.grid[0] * windows.grid[1]
             rows = _chunk_size(spec.layers * cells, spec)
             shape = (cells, spec.layers) if _channels_last_buffer(spec) else (spec.layers, cells)
@@ -565,14 +522,13 @@ class _FusedFirstLayer(torch.autograd.Function):
     """Autograd around :func:`_forward`; backward recomputes correlation chunks (nothing 4D saved)."""
 
     @staticmethod
-    def forward(ctx, spec, plan, mask, weight_query, bias_query, weight_support, bias_support, *features):
+    def forward(ctx, spec, mask, weight_query, bias_query, weight_support, bias_support, *features):
         query, support = list(features[: spec.layers]), list(features[spec.layers:])
         ctx.spec = spec
         ctx.has_bias = (bias_query is not None, bias_support is not None)
         ctx.save_for_backward(mask, weight_query, weight_support, *features)
-        if spec.triton:
-            return _forward_triton(query, support, mask, weight_query, bias_query, weight_support, bias_support, spec)
-        return _forward(query, support, mask, weight_query, bias_query, weight_support, bias_support, spec, plan)
+        forward = _forward_triton if spec.triton else _forward
+        return forward(query, support, mask, weight_query, bias_query, weight_support, bias_support, spec)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -580,16 +536,16 @@ class _FusedFirstLayer(torch.autograd.Function):
         spec = ctx.spec
         grad = _logical_output(grad, spec)
         mask, weight_query, weight_support, *features = ctx.saved_tensors
-        needs = ctx.needs_input_grad  # (spec, plan, mask, wq, bq, ws, bs, *features)
+        needs = ctx.needs_input_grad
         grad_bias = grad.sum(dim=(0, 2, 3, 4, 5))
-        grad_bq = grad_bias if needs[4] and ctx.has_bias[0] else None
-        grad_bs = grad_bias if needs[6] and ctx.has_bias[1] else None
+        grad_bq = grad_bias if needs[3] and ctx.has_bias[0] else None
+        grad_bs = grad_bias if needs[5] and ctx.has_bias[1] else None
         grads_features = _backward_features_and_weights(grad, features, mask, weight_query, weight_support, spec,
-                                                        needs_features=any(needs[7:]),
-                                                        needs_weights=(needs[3], needs[5]))
+                                                        needs_features=any(needs[6:]),
+                                                        needs_weights=(needs[2], needs[4]))
         grad_features, grad_wq, grad_ws = grads_features
-        grad_features = [g if need else None for g, need in zip(grad_features, needs[7:])]
-        return (None, None, None, grad_wq if needs[3] else None, grad_bq, grad_ws if needs[5] else None, grad_bs,
+        grad_features = [g if need else None for g, need in zip(grad_features, needs[6:])]
+        return (None, None, grad_wq if needs[2] else None, grad_bq, grad_ws if needs[4] else None, grad_bs,
                 *grad_features)
 
 
@@ -694,8 +650,7 @@ def _backward_features_and_weights(grad, features, mask, weight_query, weight_su
 def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, weight_query, bias_query,
                                      weight_support, bias_support, stride=1, padding=None,
                                      backend: str | None = None, correlation_dtype: torch.dtype | None = None,
-                                     chunk_elements: int | None = None, output_rows: tuple[int, int] | None = None,
-                                     plan: SupportPlan | None = None):
+                                     chunk_elements: int | None = None, output_rows: tuple[int, int] | None = None):
     """``center_pivot_conv4d(hypercorrelation(query_feats, support_feats, support_mask)[0], ...)``
     without the 4D tensor.
 
@@ -722,8 +677,6 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
             backend, no gradient); the other rows are read by the query-dim branch only, so a slab of
             query rows with the kernel's reach on both sides gives its middle rows exactly (what
             :meth:`hypertriton.HPNLearner.squeeze_streamed` does). None: all rows.
-        plan: a :class:`SupportPlan` shared by calls with the same support features, mask and conv (e.g.
-            one per slab of query rows): the support side is prepared once. None: prepared per call.
 
     Returns:
         ``[B, Cout, Hq', Wq', Hs', Ws']`` in the features' dtype (also under ``torch.autocast``), equal
@@ -755,8 +708,6 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
     out_size = output_size(x_shape, weight_query.shape[-2:], weight_support.shape[-2:], stride, padding)
     if chunk_elements is not None and (not isinstance(chunk_elements, int) or chunk_elements < 1):
         raise ValueError(f"chunk_elements: expected a positive int or None, got {chunk_elements!r}")
-    if plan is not None and not isinstance(plan, SupportPlan):
-        raise TypeError(f"plan: expected a SupportPlan or None, got {type(plan).__name__}")
     if correlation_dtype is not None and (not isinstance(correlation_dtype, torch.dtype)
                                           or not correlation_dtype.is_floating_point):
         raise TypeError(f"correlation_dtype: expected a floating torch.dtype or None, got {correlation_dtype!r}")
@@ -796,21 +747,17 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
                  compute_dtype=compute,
                  correlation_dtype=compute if correlation_dtype is None else correlation_dtype,
                  chunk_elements=chunk_elements or CHUNK_ELEMENTS, triton=use_kernel, row_start=row_start)
-    if plan is None:
-        mask = _resized_mask(support_mask, s0, compute)
-    else:  # the same resized mask object on every call: the plan's entries are keyed by it
-        mask = plan.get(("resized mask", _tensor_key(support_mask), tuple(s0.shape[-2:]), compute),
-                        lambda: _resized_mask(support_mask, s0, compute))
+    mask = _resized_mask(support_mask, s0, compute)
     cast = [None if t is None else t.to(compute) for t in (weight_query, bias_query, weight_support, bias_support)]
     features = [f.to(compute) for f in (*query_feats, *support_feats)]
     with torch.autocast(device.type, enabled=False):
-        out = _logical_output(_FusedFirstLayer.apply(spec, plan, mask, *cast, *features), spec)
+        out = _logical_output(_FusedFirstLayer.apply(spec, mask, *cast, *features), spec)
     return out.to(dtype)
 
 
 def fused_hypercorrelation_cp_conv(query_feats, support_feats, support_mask, conv, backend: str | None = None,
                                    correlation_dtype: torch.dtype | None = None, chunk_elements: int | None = None,
-                                   output_rows: tuple[int, int] | None = None, plan: SupportPlan | None = None):
+                                   output_rows: tuple[int, int] | None = None):
     """``conv(hypercorrelation level)`` for a :class:`hypertriton.CenterPivotConv4d` ``conv``, fused.
 
     Args:
@@ -821,7 +768,7 @@ def fused_hypercorrelation_cp_conv(query_feats, support_feats, support_mask, con
             support dims, attributes ``stride`` and ``padding``) whose ``in_channels`` is the number of
             layers.
         backend: None follows ``conv.backend`` and then the automatic choice.
-        correlation_dtype, chunk_elements, output_rows, plan: see :func:`fused_hypercorrelation_cp_conv4d`.
+        correlation_dtype, chunk_elements, output_rows: see :func:`fused_hypercorrelation_cp_conv4d`.
 
     Returns:
         ``[B, Cout, Hq', Wq', Hs', Ws']``, what ``conv(hypercorrelation(...)[0])`` returns.
@@ -842,4 +789,4 @@ def fused_hypercorrelation_cp_conv(query_feats, support_feats, support_mask, con
     return fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, conv.conv1.weight,
                                             conv.conv1.bias, conv.conv2.weight, conv.conv2.bias, conv.stride,
                                             conv.padding, backend=backend, correlation_dtype=correlation_dtype,
-                                            chunk_elements=chunk_elements, output_rows=output_rows, plan=plan)
+                                            chunk_elements=chunk_elements, output_rows=output_rows)
