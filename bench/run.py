@@ -157,6 +157,8 @@ def measure_variant(job: dict) -> dict:
     else:
         peak = None if base is None else _proc_status("VmHWM") - base
     result = {"peak_bytes": peak}
+    if job.get("fit_only"):  # the largest-size search: does it run, and in how much memory
+        return result
     if job["case"] != "forward_backward" and job["variant"] != "original":
         # Before the FLOP count below: a training step there would move the weights.
         expected = cases.build(job["case"], "original", inputs)()
@@ -193,6 +195,44 @@ def gemm_peak(job: dict) -> dict:
             rates.append(2 * side**3 / statistics.median(times[3:]) / 1e9)
         out[name] = max(rates)
     return out
+
+
+def largest_fitting(fits, start: int, limit: int) -> tuple[int | None, dict[int, bool]]:
+    """The largest size in ``[1, limit]`` for which ``fits(size)`` holds, and every size tried.
+
+    ``fits`` is assumed monotone (true up to some size, false above). From ``start`` the size grows by
+    half each step until one fails (or ``limit`` fits), then a bisection between the last size that
+    fitted and the first that did not; when ``start`` itself fails, the bisection runs below it. None
+    when even size 1 fails. Each size is tried at most once.
+    """
+    if not 1 <= start <= limit:
+        raise ValueError(f"start: expected 1 <= start <= limit ({limit}), got {start}")
+    tried: dict[int, bool] = {}
+
+    def check(size: int) -> bool:
+        if size not in tried:
+            tried[size] = bool(fits(size))
+        return tried[size]
+
+    if check(start):
+        low, high = start, None
+        while high is None:
+            if low == limit:
+                return low, tried
+            step = min(limit, max(low + 1, low * 3 // 2))
+            if check(step):
+                low = step
+            else:
+                high = step
+    else:
+        low, high = 0, start
+    while high - low > 1:
+        middle = (low + high) // 2
+        if check(middle):
+            low = middle
+        else:
+            high = middle
+    return (low or None), tried
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -312,6 +352,8 @@ def markdown(report: dict) -> str:
                  f"one run per row in a fresh process; date {report['date']}")
     if args.get("note"):
         lines.append(f"- note: {args['note']}")
+    if report.get("partial"):
+        lines.append(f"- **partial results**: {report['partial']} (the run was interrupted or is still going)")
     peaks = info.get("gemm_peak_gflops") or {}
     if peaks:
         lines.append("- GEMM peak on this device and thread count (one large square matrix product): " +
@@ -408,6 +450,91 @@ def _atomic_write(path: Path, write, binary: bool = False) -> None:
         raise
 
 
+def search_max_sizes(args, groups: list[dict], info: dict, launch, device: str, dtype: str) -> int:
+    """``--max-size``: per (case, mask, variant), the largest size that runs (:func:`largest_fitting`), each
+    try one fresh process running the case once after a warm-up; written as ``<name>-max-size.{json,md}``."""
+    from tqdm import tqdm
+
+    if args.max_size < args.size:
+        raise SystemExit(f"--max-size: expected at least --size ({args.size}), got {args.max_size}")
+    limit_bytes = None if args.memory_limit is None else args.memory_limit * 2**30
+    progress = tqdm(desc="largest size", unit="try")
+    found = []
+    stem = args.name or f"{device.split(':')[0]}-{args.backbone}-b{args.batch}-{dtype}-max-size"
+    out = Path(args.out)
+
+    def write() -> tuple[dict, str]:
+        """JSON and markdown of the searches done so far (rewritten after each: an interrupted run keeps them)."""
+        report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "machine": dict(info, load_average_end=os.getloadavg()),
+                  "args": {"backbone": args.backbone, "batch": args.batch, "dtype": dtype, "start": args.size,
+                           "max_size": args.max_size, "memory_limit_gib": args.memory_limit,
+                           "machine": args.machine, "note": args.note},
+                  "max_sizes": found}
+        text = max_size_markdown(report)
+        _atomic_write(out / f"{stem}.json", lambda handle: json.dump(report, handle, indent=1))
+        _atomic_write(out / f"{stem}.md", lambda handle: handle.write(text))
+        return report, text
+    for group in [g for g in groups if g["size"] == groups[0]["size"]]:
+        for variant in group["variants"]:
+            peaks, errors = {}, {}
+
+            def fits(size: int) -> bool:
+                progress.set_postfix_str(f"{group['case']} {group['mask']} {variant} size {size}")
+                job = {k: v for k, v in group.items() if k != "variants"} | {"variant": variant, "size": size,
+                                                                            "fit_only": True}
+                result = launch("measure", job)
+                progress.update(1)
+                if "error" in result:
+                    errors[size] = result["error"]
+                    return False
+                peaks[size] = peak = result.get("peak_bytes")
+                if limit_bytes is not None and peak is not None and peak > limit_bytes:
+                    errors[size] = f"peak {peak / 2**20:.1f} MB > limit {limit_bytes / 2**20:.1f} MB"
+                    return False
+                return True
+
+            largest, tried = largest_fitting(fits, args.size, args.max_size)
+            found.append({"case": group["case"], "mask": group["mask"], "variant": variant, "largest": largest,
+                          "at_limit": largest == args.max_size, "peak_bytes": peaks.get(largest),
+                          "tried": {str(k): v for k, v in sorted(tried.items())},
+                          "first_failure": errors.get(min((k for k, v in tried.items() if not v), default=-1))})
+            write()
+    progress.close()
+    report, text = write()
+    print(text)
+    print(f"wrote {out / stem}.{{json,md}}")
+    return 0
+
+
+def max_size_markdown(report: dict) -> str:
+    info, args = report["machine"], report["args"]
+    limit = "" if args["memory_limit_gib"] is None else f", counting only runs under {args['memory_limit_gib']} GiB"
+    lines = [f"# hypertriton: largest size that runs, {args['backbone']}, batch {args['batch']}, {args['dtype']}, "
+             f"{info['device']}", "",
+             f"- machine: {args['machine'] or info['cpu']}" + (f", GPU {info['gpu']}" if info.get("gpu") else ""),
+             f"- versions: python {info['python']}, torch {info['torch']}, triton {info['triton']}, "
+             f"hypertriton {info['hypertriton']}; date {report['date']}",
+             f"- search from size {args['start']} up to {args['max_size']}{limit}; one fresh process per try",
+             ""]
+    if args.get("note"):
+        lines.insert(4, f"- note: {args['note']}")
+    lines += ["Size = side of the finest feature map (image side = 8 x size px). A size runs when the case "
+              "completes (on CUDA: without running out of memory); the search assumes that every smaller "
+              "size runs too.", "",
+              "| case | mask | variant | largest size | image px | peak MB there | first failure |",
+              "|---|---|---|---:|---:|---:|---|"]
+    for row in report["max_sizes"]:
+        largest = row["largest"]
+        shown = "none" if largest is None else f"{largest}" + (" (the limit)" if row["at_limit"] else "")
+        peak = row.get("peak_bytes")
+        failure = (row.get("first_failure") or "-")[:90].replace("|", "/")
+        lines.append(f"| {row['case']} | {row['mask']} | {row['variant']} | {shown} | "
+                     f"{'-' if largest is None else 8 * largest} | "
+                     f"{_fmt(None if peak is None else peak / 2**20, '.0f')} | {failure} |")
+    return "\n".join(lines) + "\n"
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -432,6 +559,12 @@ def parse_args(argv=None):
     parser.add_argument("--name", default=None, help="file name stem of the outputs")
     parser.add_argument("--machine", default=None, help="free-text machine name written into the results")
     parser.add_argument("--note", default=None, help="free-text note written into the results")
+    parser.add_argument("--max-size", type=int, default=None,
+                        help="instead of timing: find, per variant, the largest size (up to this one) that runs "
+                             "(on CUDA: fits in GPU memory), starting from --size; default cases: learner_forward")
+    parser.add_argument("--memory-limit", type=float, default=None,
+                        help="with --max-size: also count a run as not fitting when its peak extra memory "
+                             "exceeds this many GiB (e.g. to emulate a smaller device)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-mode", default=None, choices=["time", "measure", "peak"],
                         help=argparse.SUPPRESS)
@@ -456,7 +589,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--device {device}: CUDA is not available on this machine")
     sizes = [int(s) for s in args.sweep.split(",")] if args.sweep else [args.size]
     backends = args.backend.split(",") if args.backend else available_backends(device)
-    chosen_cases = args.cases.split(",") if args.cases else list(cases.CASES)
+    chosen_cases = args.cases.split(",") if args.cases else (["learner_forward"] if args.max_size else list(cases.CASES))
     for name in chosen_cases:
         if name not in cases.CASES:
             raise SystemExit(f"--cases: unknown case {name!r}; expected some of {', '.join(cases.CASES)}")
@@ -502,6 +635,9 @@ def main(argv=None) -> int:
             return {"error": f"exit {proc.returncode}: {tail}"}
         return json.loads(lines[-1][len(RESULT_MARK):])
 
+    if args.max_size is not None:
+        return search_max_sizes(args, groups, info, launch, device, dtype)
+
     peak_dtypes = list(dict.fromkeys([dtype] + (["bfloat16"] if any(v.endswith("+bf16") for g in groups
                                                                    for v in g["variants"]) else [])))
     peaks = launch("peak", {"device": device, "threads": args.threads, "dtypes": peak_dtypes})
@@ -510,9 +646,30 @@ def main(argv=None) -> int:
         peaks = {}
     info["gemm_peak_gflops"] = peaks
 
+    stem = args.name or (f"{device.split(':')[0]}-{args.backbone}-size{'_'.join(map(str, sizes))}-b{args.batch}-"
+                         f"{dtype}")
+    out = Path(args.out)
+
+    def write_report(rows: list[dict], groups_done: int) -> tuple[dict, str]:
+        """JSON and markdown of the rows so far: rewritten after every group, so that an interrupted run
+        (a time limit, Ctrl-C) keeps what it measured."""
+        report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "machine": dict(info, load_average_end=os.getloadavg()), "backends": backends,
+                  "args": {"backbone": args.backbone, "batch": args.batch, "dtype": dtype, "sizes": sizes,
+                           "repeats": args.repeats, "warmup": args.warmup, "masks": masks, "cases": chosen_cases,
+                           "machine": args.machine, "note": args.note},
+                  "rows": summarize(rows, peaks, dtype)}
+        if groups_done < len(groups):
+            report["partial"] = f"{groups_done} of {len(groups)} (size, case, mask) groups measured so far"
+        report["targets"] = targets(report)
+        text = markdown(report)
+        _atomic_write(out / f"{stem}.json", lambda handle: json.dump(report, handle, indent=1))
+        _atomic_write(out / f"{stem}.md", lambda handle: handle.write(text))
+        return report, text
+
     rows = []
     progress = tqdm(total=sum(len(g["variants"]) + 1 for g in groups), desc="bench", unit="run")
-    for group in groups:
+    for done, group in enumerate(groups):
         label = f"{group['size']} {group['case']} {group['mask']}"
         progress.set_postfix_str(f"{label} timing")
         timing = launch("time", group)
@@ -533,22 +690,10 @@ def main(argv=None) -> int:
                 tqdm.write(f"failed: {row}")
             rows.append(row)
             progress.update(1)
+        if done + 1 < len(groups):
+            write_report(rows, done + 1)
     progress.close()
-    info["load_average_end"] = os.getloadavg()
-
-    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": info, "backends": backends,
-              "args": {"backbone": args.backbone, "batch": args.batch, "dtype": dtype, "sizes": sizes,
-                       "repeats": args.repeats, "warmup": args.warmup, "masks": masks, "cases": chosen_cases,
-                       "machine": args.machine, "note": args.note},
-              "rows": summarize(rows, peaks, dtype)}
-    report["targets"] = targets(report)
-    stem = args.name or (f"{device.split(':')[0]}-{args.backbone}-size{'_'.join(map(str, sizes))}-b{args.batch}-"
-                         f"{dtype}")
-    out = Path(args.out)
-    text = markdown(report)
-    _atomic_write(out / f"{stem}.json", lambda handle: json.dump(report, handle, indent=1))
-    _atomic_write(out / f"{stem}.md", lambda handle: handle.write(text))
+    report, text = write_report(rows, len(groups))
     print(text)
     try:
         plot(report, out / f"{stem}.png")

@@ -75,3 +75,61 @@ def test_markdown_shows_the_peak_and_each_row(bench_run):
     assert "failed: exit 1: boom" in text
     speed_target = next(t for t in report["targets"] if t["variant"] == "torch" and t["metric"] == "speedup")
     assert speed_target["measured"] == pytest.approx(4.0) and speed_target["met"] is True
+
+
+@pytest.mark.parametrize("threshold, start, limit", [(37, 13, 100), (13, 13, 100), (100, 13, 100), (150, 13, 100),
+                                                      (5, 13, 100), (1, 1, 9), (0, 4, 9), (12, 12, 12)])
+def test_largest_fitting_finds_the_boundary(bench_run, threshold, start, limit):
+    """With runs that fit up to ``threshold``: that size (capped at the limit), None when nothing fits,
+    and each size tried once."""
+    calls = []
+
+    def fits(size):
+        calls.append(size)
+        return size <= threshold
+
+    largest, tried = bench_run.largest_fitting(fits, start, limit)
+    expected = min(threshold, limit) if threshold >= 1 else None
+    assert largest == expected
+    assert len(calls) == len(set(calls)) == len(tried)
+    assert all(ok == (size <= threshold) for size, ok in tried.items())
+    assert max(tried) <= limit
+
+
+def test_largest_fitting_checks_its_start(bench_run):
+    with pytest.raises(ValueError, match="start"):
+        bench_run.largest_fitting(lambda size: True, 20, 10)
+
+
+def test_max_size_table_names_each_outcome(bench_run):
+    machine = {"device": "cuda", "cpu": "c", "gpu": "Test GPU", "python": "3", "torch": "t", "triton": "3",
+               "hypertriton": "h"}
+    report = {"date": "d", "machine": machine,
+              "args": {"backbone": "resnet50", "batch": 8, "dtype": "float32", "start": 50, "max_size": 256,
+                       "memory_limit_gib": None, "machine": None, "note": None},
+              "max_sizes": [
+                  {"case": "learner_forward", "mask": "object", "variant": "original", "largest": 112,
+                   "at_limit": False, "peak_bytes": 90 * 2**30, "first_failure": "exit 1: CUDA out of memory"},
+                  {"case": "learner_forward", "mask": "object", "variant": "triton", "largest": 256,
+                   "at_limit": True, "peak_bytes": 2**30, "first_failure": None},
+                  {"case": "learner_forward", "mask": "object", "variant": "torch", "largest": None,
+                   "at_limit": False, "peak_bytes": None, "first_failure": "exit 1: boom"}]}
+    lines = bench_run.max_size_markdown(report).splitlines()
+    rows = {line.split("|")[3].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in lines if line.startswith("| learner_forward")}
+    assert rows["original"][3:7] == ["112", "896", "92160", "exit 1: CUDA out of memory"]
+    assert rows["triton"][3:6] == ["256 (the limit)", "2048", "1024"]
+    assert rows["torch"][3:5] == ["none", "-"]
+    assert any("GPU Test GPU" in line for line in lines)
+
+
+def test_partial_results_say_so(bench_run):
+    rows = bench_run.summarize(_rows(), peaks={}, dtype="float32")
+    machine = {"device": "cpu", "cpu": "c", "cpu_count": 2, "torch_threads": 1, "python": "3", "torch": "t",
+               "triton": None, "hypertriton": "h", "load_average_start": (0, 0, 0), "load_average_end": (0, 0, 0)}
+    report = {"date": "d", "machine": machine, "backends": ["torch"], "rows": rows, "targets": [],
+              "args": {"backbone": "resnet50", "batch": 1, "dtype": "float32", "sizes": [50], "repeats": 3,
+                       "warmup": 1, "machine": None, "note": None}}
+    assert "partial" not in bench_run.markdown(report)
+    report["partial"] = "1 of 4 (size, case, mask) groups measured so far"
+    assert "**partial results**: 1 of 4" in bench_run.markdown(report)
