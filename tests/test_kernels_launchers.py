@@ -448,10 +448,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from hypertriton import kernels
-from hypertriton.kernels import center_pivot_conv4d as conv, hypercorrelation as corr
+from hypertriton.kernels import center_pivot_conv4d as conv, fused_first_layer as fused, hypercorrelation as corr
 
 assert not kernels.INTERPRETED
-# One variant per kernel, together covering each dtype, both precisions and both index widths.
+# One variant per kernel, together covering each dtype, both precisions and both index widths; every
+# autotune config of each (the autotuner may pick any of them on a GPU).
 cases = [
     (corr._correlation_kernel, "fp16", {"INPUT_PRECISION": "tf32", "INT64": False}),
     (corr._correlation_grad_kernel, "bf16", {"INPUT_PRECISION": "tf32", "INT64": True}),
@@ -459,21 +460,27 @@ cases = [
                                                 "HAS_BS": True}),
     (conv._center_pivot_conv4d_grad_input_kernel, "fp32", {"INPUT_PRECISION": "tf32", "INT64": False}),
     (conv._center_pivot_conv4d_grad_weight_kernel, "bf16", {"INPUT_PRECISION": "tf32", "INT64": True}),
+    # HSNet's layer2-level first layer under autocast: bf16 operands, fp32 output.
+    (fused._support_branch_kernel, "bf16", {"INPUT_PRECISION": "tf32", "INT64": False, "COUT": 16, "KS": 5,
+                                            "BLOCK_T": 32, "BLOCK_O": 16}),
 ]
 for autotuned, dtype, constexprs in cases:
-    fn, config = autotuned.fn, autotuned.configs[0]
-    constexprs = {**constexprs, **config.kwargs}
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in ("p_pw", "p_pb"):  # the weight gradient's fp32 partial sums
-            signature[name] = "*fp32"
-        else:
-            signature[name] = "*" + dtype if name.startswith("p_") else "i32"
-    triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": config.num_warps, "num_stages": config.num_stages})
-    print("compiled", fn.__name__, dtype)
+    fn = autotuned.fn
+    for config in autotuned.configs:
+        all_constexprs = {**constexprs, **config.kwargs}
+        signature = {}
+        for name in fn.arg_names:
+            if name in all_constexprs:
+                signature[name] = "constexpr"
+            elif name in ("p_pw", "p_pb") or (name == "p_out" and autotuned is fused._support_branch_kernel):
+                signature[name] = "*fp32"  # the weight gradient's partial sums; the fused layer's output
+            elif name in ("p_windows", "p_counts"):
+                signature[name] = "*i32"
+            else:
+                signature[name] = "*" + dtype if name.startswith("p_") else "i32"
+        triton.compile(ASTSource(fn, signature, constexprs=all_constexprs), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+        print("compiled", fn.__name__, dtype, config.kwargs)
 """
 
 
@@ -491,4 +498,5 @@ def test_kernels_compile_for_hopper():
     result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("compiled") == 5, result.stdout
+    # Every GPU config of the six kernels (31 in all).
+    assert result.stdout.count("compiled") == 31, result.stdout
