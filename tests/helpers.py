@@ -8,6 +8,20 @@ from hypothesis import strategies as st
 from hypertriton.backend import triton_unavailable_reason
 
 
+def kernel_device() -> str:
+    """Where the Triton kernels run in this process: ``"cpu"`` under the interpreter (``tests/conftest.py``
+    sets ``TRITON_INTERPRET=1`` without a GPU, before anything imports them), else ``"cuda"``. Skips the
+    calling test module when neither is possible (the variable set too late, no GPU)."""
+    import pytest
+
+    from hypertriton import kernels
+
+    if not kernels.INTERPRETED and not torch.cuda.is_available():
+        pytest.skip("the Triton kernels need a CUDA GPU or TRITON_INTERPRET=1 set before hypertriton.kernels "
+                    "was first imported", allow_module_level=True)
+    return "cpu" if kernels.INTERPRETED else "cuda"
+
+
 def available_backends() -> list[tuple[str, str]]:
     """``(backend, device)`` pairs that can run in this process."""
     backends = [("reference", "cpu"), ("torch", "cpu")]

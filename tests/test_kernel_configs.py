@@ -8,30 +8,20 @@ it without benchmarking) on a case with full and partial tiles in every tiled di
 Interpreted on CPU (fp32 products exact there), compiled on a GPU (with TF32 off).
 """
 
-import os
-
+import pytest
 import torch
+from helpers import kernel_device
 
-if not torch.cuda.is_available():
-    # Must happen before hypertriton.kernels is first imported (tests/conftest.py does the same).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from hypertriton import reference
+from hypertriton.testing import assert_close_dtype
 
-import pytest  # noqa: E402
-
-from hypertriton import kernels, reference  # noqa: E402
-from hypertriton.testing import assert_close_dtype  # noqa: E402
-
-if not kernels.INTERPRETED and not torch.cuda.is_available():
-    pytest.skip("the Triton kernels need a CUDA GPU or TRITON_INTERPRET=1 set before hypertriton.kernels "
-                "was first imported", allow_module_level=True)
+DEVICE = kernel_device()  # skips this module where no kernel can run
 
 from hypertriton.kernels import _config  # noqa: E402
 from hypertriton.kernels import center_pivot_conv4d as conv  # noqa: E402
 from hypertriton.kernels import fused_first_layer as fused  # noqa: E402
 from hypertriton.kernels import hypercorrelation as corr  # noqa: E402
 from hypertriton.ops.fused_first_layer import fused_hypercorrelation_cp_conv4d  # noqa: E402
-
-DEVICE = "cpu" if kernels.INTERPRETED else "cuda"
 NAN = float("nan")
 
 

@@ -10,28 +10,19 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
+from helpers import kernel_device, make_tensor, seeds
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
-if not torch.cuda.is_available():
-    # Must happen before hypertriton.kernels is first imported (tests/conftest.py does the same).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from hypertriton import reference
+from hypertriton.testing import assert_close_dtype
 
-import pytest  # noqa: E402
-from helpers import make_tensor, seeds  # noqa: E402
-from hypothesis import example, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from hypertriton import kernels, reference  # noqa: E402
-from hypertriton.testing import assert_close_dtype  # noqa: E402
-
-if not kernels.INTERPRETED and not torch.cuda.is_available():
-    pytest.skip("the Triton kernels need a CUDA GPU or TRITON_INTERPRET=1 set before hypertriton.kernels "
-                "was first imported", allow_module_level=True)
+DEVICE = kernel_device()  # skips this module where no kernel can run
 
 from hypertriton.kernels.center_pivot_conv4d import center_pivot_conv4d_backward, center_pivot_conv4d_into  # noqa: E402
 from hypertriton.kernels.hypercorrelation import correlation_backward, correlation_into  # noqa: E402
-
-DEVICE = "cpu" if kernels.INTERPRETED else "cuda"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NAN = float("nan")
 
