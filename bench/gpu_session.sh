@@ -7,10 +7,13 @@
 #   bash bench/gpu_session.sh            # results under $OUT (the device tool's folder) or bench/results/gpu-session
 #
 # Stage limits in seconds (environment): GPU_TESTS_S (150), BENCH_S (200), MAX_SIZE_S (150), OP_TESTS_S (120).
+# PYTHON: the interpreter that holds torch and triton (default python3: on the lent machine's image
+# that is the one; a bare "python" may not exist there).
 # Copy the benchmark's .json/.md into bench/results/ afterwards and name the device in the commit.
 set -u
 cd "$(dirname "$0")/.."
 out="${OUT:-bench/results/gpu-session}"
+py="${PYTHON:-python3}"
 mkdir -p "$out"
 stage() {  # stage NAME LIMIT_S COMMAND...: run under a time limit, log to $out/NAME.txt, never stop the script
     local name=$1 limit=$2
@@ -21,19 +24,19 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run under a time limit, log to $out/
     echo "$name: exit $status after $((SECONDS - start)) s (limit $limit s)" | tee -a "$out/stages.txt"
 }
 
-pip install --no-deps --no-build-isolation -e . >"$out/install.txt" 2>&1 || echo "install failed" | tee -a "$out/stages.txt"
+"$py" -m pip install --no-deps --no-build-isolation -e . >"$out/install.txt" 2>&1 || echo "install failed" | tee -a "$out/stages.txt"
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-    python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+    "$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 } >"$out/device.txt" 2>&1
 
-stage gpu-tests "${GPU_TESTS_S:-150}" python -m pytest -m gpu -q -p no:cacheprovider -x
-stage bench "${BENCH_S:-200}" python bench/run.py --device cuda --batch 8 --size 50 \
+stage gpu-tests "${GPU_TESTS_S:-150}" "$py" -m pytest -m gpu -q -p no:cacheprovider -x
+stage bench "${BENCH_S:-200}" "$py" bench/run.py --device cuda --batch 8 --size 50 \
     --cases fused_first_layer,learner_forward,forward_backward --repeats 5 --timeout 120 \
     --out "$out" --name cuda-resnet50-size50-b8-float32
-stage max-size "${MAX_SIZE_S:-150}" python bench/run.py --device cuda --batch 8 --size 50 --max-size 256 \
+stage max-size "${MAX_SIZE_S:-150}" "$py" bench/run.py --device cuda --batch 8 --size 50 --max-size 256 \
     --masks object --variants original,triton --timeout 60 --out "$out" --name cuda-resnet50-b8-float32-max-size
-stage op-tests "${OP_TESTS_S:-120}" python -m pytest -q -p no:cacheprovider -k triton \
+stage op-tests "${OP_TESTS_S:-120}" "$py" -m pytest -q -p no:cacheprovider -k triton \
     tests/test_hypercorrelation.py tests/test_center_pivot_conv4d.py tests/test_fused_first_layer.py
 tail -n 3 "$out"/gpu-tests.txt "$out"/op-tests.txt 2>/dev/null
 cat "$out/stages.txt"
