@@ -31,9 +31,11 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run under a time limit, log to $out/
 } >"$out/device.txt" 2>&1
 
 stage gpu-tests "${GPU_TESTS_S:-150}" "$py" -m pytest -m gpu -q -p no:cacheprovider -x
+# The GPU targets first (learner forward, batch 8, size 50); one process per group and variant,
+# so few variants: each process pays CUDA's start-up.
 stage bench "${BENCH_S:-200}" "$py" bench/run.py --device cuda --batch 8 --size 50 \
-    --cases fused_first_layer,learner_forward,forward_backward --repeats 5 --timeout 120 \
-    --out "$out" --name cuda-resnet50-size50-b8-float32
+    --cases learner_forward,fused_first_layer --variants original,triton,torch,triton-lean --repeats 5 \
+    --timeout 120 --out "$out" --name cuda-resnet50-size50-b8-float32
 stage max-size "${MAX_SIZE_S:-150}" "$py" bench/run.py --device cuda --batch 8 --size 50 --max-size 256 \
     --masks object --variants original,triton --timeout 60 --out "$out" --name cuda-resnet50-b8-float32-max-size
 stage op-tests "${OP_TESTS_S:-120}" "$py" -m pytest -q -p no:cacheprovider -k triton \
