@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Everything a session with a borrowed GPU should run, in one call that fits a short device budget:
-# install the tree, the GPU tests, the batch-8 benchmark against the original, the largest size each
-# variant fits in GPU memory, then the Triton op tests. Every stage has its own time limit and writes
-# its output as it goes, so a stage cut short keeps what it measured and the next one still runs.
+# install the tree, the GPU tests and every kernel config, the batch-8 benchmark against the original,
+# the largest size each variant fits in GPU memory, then the Triton op tests. Every stage has its own
+# time limit and writes its output as it goes, so a stage cut short keeps what it measured and the next
+# one still runs. The default limits add up to 510 s: one device call (at most 600 s) with room to spare.
 #
 #   bash bench/gpu_session.sh            # results under $OUT (the device tool's folder) or bench/results/gpu-session
 #
-# Stage limits in seconds (environment): GPU_TESTS_S (150), BENCH_S (200), MAX_SIZE_S (150), OP_TESTS_S (120).
+# Stage limits in seconds (environment): GPU_TESTS_S (150), BENCH_S (180), MAX_SIZE_S (120), OP_TESTS_S (60).
 # PYTHON: the interpreter that holds torch and triton (default python3: on the lent machine's image
 # that is the one; a bare "python" may not exist there).
 # Copy the benchmark's .json/.md into bench/results/ afterwards and name the device in the commit.
@@ -30,15 +31,16 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run under a time limit, log to $out/
     "$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 } >"$out/device.txt" 2>&1
 
-stage gpu-tests "${GPU_TESTS_S:-150}" "$py" -m pytest -m gpu -q -p no:cacheprovider -x
+# The GPU-only tests, then every autotune config run alone (on a GPU each compiles and runs for real).
+stage gpu-tests "${GPU_TESTS_S:-150}" "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernel_configs.py
 # The GPU targets first (learner forward, batch 8, size 50); one process per group and variant,
 # so few variants: each process pays CUDA's start-up.
-stage bench "${BENCH_S:-200}" "$py" bench/run.py --device cuda --batch 8 --size 50 \
+stage bench "${BENCH_S:-180}" "$py" bench/run.py --device cuda --batch 8 --size 50 \
     --cases learner_forward,fused_first_layer --variants original,triton,torch,triton-lean --repeats 5 \
     --timeout 120 --out "$out" --name cuda-resnet50-size50-b8-float32
-stage max-size "${MAX_SIZE_S:-150}" "$py" bench/run.py --device cuda --batch 8 --size 50 --max-size 256 \
+stage max-size "${MAX_SIZE_S:-120}" "$py" bench/run.py --device cuda --batch 8 --size 50 --max-size 256 \
     --masks object --variants original,triton --timeout 60 --out "$out" --name cuda-resnet50-b8-float32-max-size
-stage op-tests "${OP_TESTS_S:-120}" "$py" -m pytest -q -p no:cacheprovider -k triton \
+stage op-tests "${OP_TESTS_S:-60}" "$py" -m pytest -q -p no:cacheprovider -k triton \
     tests/test_hypercorrelation.py tests/test_center_pivot_conv4d.py tests/test_fused_first_layer.py
 tail -n 3 "$out"/gpu-tests.txt "$out"/op-tests.txt 2>/dev/null
 cat "$out/stages.txt"
