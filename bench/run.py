@@ -475,6 +475,7 @@ def search_max_sizes(args, groups: list[dict], info: dict, launch, device: str, 
         _atomic_write(out / f"{stem}.json", lambda handle: json.dump(report, handle, indent=1))
         _atomic_write(out / f"{stem}.md", lambda handle: handle.write(text))
         return report, text
+
     for group in [g for g in groups if g["size"] == groups[0]["size"]]:
         for variant in group["variants"]:
             peaks, errors = {}, {}
@@ -515,11 +516,10 @@ def max_size_markdown(report: dict) -> str:
              f"- machine: {args['machine'] or info['cpu']}" + (f", GPU {info['gpu']}" if info.get("gpu") else ""),
              f"- versions: python {info['python']}, torch {info['torch']}, triton {info['triton']}, "
              f"hypertriton {info['hypertriton']}; date {report['date']}",
-             f"- search from size {args['start']} up to {args['max_size']}{limit}; one fresh process per try",
-             ""]
+             f"- search from size {args['start']} up to {args['max_size']}{limit}; one fresh process per try"]
     if args.get("note"):
-        lines.insert(4, f"- note: {args['note']}")
-    lines += ["Size = side of the finest feature map (image side = 8 x size px). A size runs when the case "
+        lines.append(f"- note: {args['note']}")
+    lines += ["", "Size = side of the finest feature map (image side = 8 x size px). A size runs when the case "
               "completes (on CUDA: without running out of memory); the search assumes that every smaller "
               "size runs too.", "",
               "| case | mask | variant | largest size | image px | peak MB there | first failure |",
