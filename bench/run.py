@@ -408,31 +408,65 @@ def targets(report: dict) -> list[dict]:
 
 
 def plot(report: dict, path: Path) -> None:
-    """Median time and peak extra memory against size, per variant, for the learner_forward case."""
+    """A PNG of the report: across sizes, median time and peak extra memory against size for the learner
+    forward (one colour per variant, solid for the object mask, dashed for the full one); at one size,
+    speedup and memory ratio over the original for every case, mask and variant."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    case = "learner_forward" if any(r["case"] == "learner_forward" for r in report["rows"]) \
-        else report["rows"][0]["case"]
-    for mask, style in (("object", "-"), ("full", "--")):
-        rows = [r for r in report["rows"] if r["case"] == case and r["mask"] == mask and "median_s" in r]
-        for variant in dict.fromkeys(r["variant"] for r in rows):
-            points = sorted((r["size"], r["median_s"], r.get("peak_bytes")) for r in rows if r["variant"] == variant)
-            sizes = [p[0] for p in points]
-            axes[0].plot(sizes, [p[1] * 1e3 for p in points], style, marker="o", label=f"{variant} ({mask})")
-            if all(p[2] is not None for p in points):
-                axes[1].plot(sizes, [p[2] / 2**20 for p in points], style, marker="o", label=f"{variant} ({mask})")
-    for ax, label in zip(axes, ("median time (ms)", "peak extra memory (MB)")):
-        ax.set_xlabel("size (side of the finest feature map)")
-        ax.set_ylabel(label)
-        ax.set_yscale("log")
-        ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=7)
+    rows = [r for r in report["rows"] if "median_s" in r]
+    sizes = sorted({r["size"] for r in rows})
     args = report["args"]
-    fig.suptitle(f"{case}: {args['backbone']}, batch {args['batch']}, {args['dtype']}, {report['machine']['device']}")
+    title = f"{args['backbone']}, batch {args['batch']}, {args['dtype']}, {report['machine']['device']}"
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    colours = {v: plt.get_cmap("tab10")(i % 10) for i, v in enumerate(variants)}
+    if len(sizes) > 1:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        case = "learner_forward" if any(r["case"] == "learner_forward" for r in rows) else rows[0]["case"]
+        for mask, style in (("object", "-"), ("full", "--")):
+            for variant in variants:
+                points = sorted((r["size"], r["median_s"], r.get("peak_bytes")) for r in rows
+                                if (r["case"], r["mask"], r["variant"]) == (case, mask, variant))
+                if not points:
+                    continue
+                xs, label = [p[0] for p in points], f"{variant} ({mask})"
+                axes[0].plot(xs, [p[1] * 1e3 for p in points], style, marker="o", color=colours[variant], label=label)
+                if all(p[2] is not None for p in points):
+                    axes[1].plot(xs, [p[2] / 2**20 for p in points], style, marker="o", color=colours[variant],
+                                 label=label)
+        for ax, label in zip(axes, ("median time (ms)", "peak extra memory (MB)")):
+            ax.set_xlabel("size (side of the finest feature map)")
+            ax.set_ylabel(label)
+            ax.set_yscale("log")
+            ax.grid(True, alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"{case}: {title}")
+    else:
+        bars = [r for r in rows if r["variant"] != "original" and r.get("speedup")]
+        fig, axes = plt.subplots(1, 2, figsize=(12, 0.9 + 0.22 * max(len(bars), 1)), sharey=True)
+        positions = list(range(len(bars)))[::-1]
+        labels = [f"{r['case']} / {r['mask']} / {r['variant']}" for r in bars]
+        for ax, key, name in zip(axes, ("speedup", "memory_ratio"), ("speedup over the original",
+                                                                     "peak memory: original / row")):
+            values = [r.get(key) or 0 for r in bars]
+            ax.barh(positions, values, color=[colours[r["variant"]] for r in bars])
+            for y, value in zip(positions, values):
+                if value:
+                    ax.text(value, y, f" {value:.2f}x", va="center", fontsize=6)
+            ax.axvline(1.0, color="black", linewidth=0.8)
+            ax.set_xscale("log")
+            ax.set_xlim(right=max(values + [1.0]) * 1.6)  # room for the value labels
+            ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=2))
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xlabel(f"{name} (log scale; 1x = same)")
+            ax.grid(True, axis="x", alpha=0.3)
+        axes[0].set_yticks(positions)
+        axes[0].set_yticklabels(labels, fontsize=7)
+        fig.suptitle(f"size {sizes[0]}: {title}")
     fig.tight_layout()
     _atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110), binary=True)
     plt.close(fig)
@@ -565,6 +599,8 @@ def parse_args(argv=None):
     parser.add_argument("--memory-limit", type=float, default=None,
                         help="with --max-size: also count a run as not fitting when its peak extra memory "
                              "exceeds this many GiB (e.g. to emulate a smaller device)")
+    parser.add_argument("--replot", default=None, metavar="RESULTS.json",
+                        help="instead of measuring: redraw the PNG plot (beside it) from an earlier run's JSON")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-mode", default=None, choices=["time", "measure", "peak"],
                         help=argparse.SUPPRESS)
@@ -576,6 +612,17 @@ def main(argv=None) -> int:
     if args.worker is not None:
         work = {"time": time_variants, "measure": measure_variant, "peak": gemm_peak}[args.worker_mode]
         print(RESULT_MARK + json.dumps(work(json.loads(args.worker))), flush=True)
+        return 0
+    if args.replot is not None:
+        source = Path(args.replot)
+        try:
+            report = json.loads(source.read_text())
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"--replot: cannot read {source}: {error}")
+        if not report.get("rows"):
+            raise SystemExit(f"--replot: {source} holds no timed rows (a --max-size search has nothing to plot)")
+        plot(report, source.with_suffix(".png"))
+        print(f"wrote {source.with_suffix('.png')}")
         return 0
 
     import torch

@@ -133,3 +133,30 @@ def test_partial_results_say_so(bench_run):
     assert "partial" not in bench_run.markdown(report)
     report["partial"] = "1 of 4 (size, case, mask) groups measured so far"
     assert "**partial results**: 1 of 4" in bench_run.markdown(report)
+
+
+def _report(rows):
+    machine = {"device": "cpu", "cpu": "c", "cpu_count": 2, "torch_threads": 1, "python": "3", "torch": "t",
+               "triton": None, "hypertriton": "h", "load_average_start": (0, 0, 0), "load_average_end": (0, 0, 0)}
+    return {"date": "d", "machine": machine, "backends": ["torch"], "rows": rows, "targets": [],
+            "args": {"backbone": "resnet50", "batch": 1, "dtype": "float32", "sizes": sorted({r["size"] for r in rows}),
+                     "repeats": 3, "warmup": 1, "machine": None, "note": None}}
+
+
+@pytest.mark.parametrize("sizes", [[50], [13, 25, 50]])
+def test_plot_writes_a_png_for_one_size_and_for_a_sweep(bench_run, tmp_path, sizes):
+    pytest.importorskip("matplotlib")
+    rows = [dict(row, size=size) for size in sizes for row in _rows()]
+    report = _report(bench_run.summarize(rows, peaks={}, dtype="float32"))
+    path = tmp_path / "plot.png"
+    bench_run.plot(report, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_replot_names_what_it_cannot_plot(bench_run, tmp_path):
+    search = tmp_path / "search.json"
+    search.write_text('{"max_sizes": []}')
+    with pytest.raises(SystemExit, match="no timed rows"):
+        bench_run.main(["--replot", str(search)])
+    with pytest.raises(SystemExit, match="cannot read"):
+        bench_run.main(["--replot", str(tmp_path / "missing.json")])
