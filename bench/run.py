@@ -472,6 +472,12 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _write_results(stem: Path, report: dict, text: str) -> None:
+    """``<stem>.json`` (the report) and ``<stem>.md`` (its table), each replaced atomically."""
+    _atomic_write(stem.with_name(stem.name + ".json"), lambda handle: json.dump(report, handle, indent=1))
+    _atomic_write(stem.with_name(stem.name + ".md"), lambda handle: handle.write(text))
+
+
 def _atomic_write(path: Path, write, binary: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -506,8 +512,7 @@ def search_max_sizes(args, groups: list[dict], info: dict, launch, device: str, 
                            "machine": args.machine, "note": args.note},
                   "max_sizes": found}
         text = max_size_markdown(report)
-        _atomic_write(out / f"{stem}.json", lambda handle: json.dump(report, handle, indent=1))
-        _atomic_write(out / f"{stem}.md", lambda handle: handle.write(text))
+        _write_results(out / stem, report, text)
         return report, text
 
     for group in [g for g in groups if g["size"] == groups[0]["size"]]:
@@ -710,8 +715,7 @@ def main(argv=None) -> int:
             report["partial"] = f"{groups_done} of {len(groups)} (size, case, mask) groups measured so far"
         report["targets"] = targets(report)
         text = markdown(report)
-        _atomic_write(out / f"{stem}.json", lambda handle: json.dump(report, handle, indent=1))
-        _atomic_write(out / f"{stem}.md", lambda handle: handle.write(text))
+        _write_results(out / stem, report, text)
         return report, text
 
     rows = []

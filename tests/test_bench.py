@@ -34,6 +34,14 @@ def _rows():
     ]
 
 
+def _report(rows):
+    machine = {"device": "cpu", "cpu": "c", "cpu_count": 2, "torch_threads": 1, "python": "3", "torch": "t",
+               "triton": None, "hypertriton": "h", "load_average_start": (0, 0, 0), "load_average_end": (0, 0, 0)}
+    return {"date": "d", "machine": machine, "backends": ["torch"], "rows": rows, "targets": [],
+            "args": {"backbone": "resnet50", "batch": 1, "dtype": "float32", "sizes": sorted({r["size"] for r in rows}),
+                     "repeats": 3, "warmup": 1, "machine": None, "note": None}}
+
+
 def test_summarize_ratios_and_rates(bench_run):
     rows = bench_run.summarize(_rows(), peaks={"float32": 100.0, "bfloat16": 320.0}, dtype="float32")
     original, ours, ours_bf16, failed = rows
@@ -59,12 +67,8 @@ def test_summarize_without_peaks_reports_no_fraction(bench_run):
 
 def test_markdown_shows_the_peak_and_each_row(bench_run):
     rows = bench_run.summarize(_rows(), peaks={"float32": 100.0, "bfloat16": 320.0}, dtype="float32")
-    machine = {"device": "cpu", "cpu": "test CPU", "cpu_count": 2, "torch_threads": 1, "python": "3",
-               "torch": "t", "triton": None, "hypertriton": "h", "load_average_start": (0, 0, 0),
-               "load_average_end": (0, 0, 0), "gemm_peak_gflops": {"float32": 100.0, "bfloat16": 320.0}}
-    report = {"date": "d", "machine": machine, "backends": ["torch"], "rows": rows,
-              "args": {"backbone": "resnet50", "batch": 1, "dtype": "float32", "sizes": [50], "repeats": 3,
-                       "warmup": 1, "machine": None, "note": None}}
+    report = _report(rows)
+    report["machine"]["gemm_peak_gflops"] = {"float32": 100.0, "bfloat16": 320.0}
     report["targets"] = bench_run.targets(report)
     text = bench_run.markdown(report)
     assert "float32 100 GFLOP/s, bfloat16 320 GFLOP/s" in text
@@ -125,22 +129,10 @@ def test_max_size_table_names_each_outcome(bench_run):
 
 def test_partial_results_say_so(bench_run):
     rows = bench_run.summarize(_rows(), peaks={}, dtype="float32")
-    machine = {"device": "cpu", "cpu": "c", "cpu_count": 2, "torch_threads": 1, "python": "3", "torch": "t",
-               "triton": None, "hypertriton": "h", "load_average_start": (0, 0, 0), "load_average_end": (0, 0, 0)}
-    report = {"date": "d", "machine": machine, "backends": ["torch"], "rows": rows, "targets": [],
-              "args": {"backbone": "resnet50", "batch": 1, "dtype": "float32", "sizes": [50], "repeats": 3,
-                       "warmup": 1, "machine": None, "note": None}}
+    report = _report(rows)
     assert "partial" not in bench_run.markdown(report)
     report["partial"] = "1 of 4 (size, case, mask) groups measured so far"
     assert "**partial results**: 1 of 4" in bench_run.markdown(report)
-
-
-def _report(rows):
-    machine = {"device": "cpu", "cpu": "c", "cpu_count": 2, "torch_threads": 1, "python": "3", "torch": "t",
-               "triton": None, "hypertriton": "h", "load_average_start": (0, 0, 0), "load_average_end": (0, 0, 0)}
-    return {"date": "d", "machine": machine, "backends": ["torch"], "rows": rows, "targets": [],
-            "args": {"backbone": "resnet50", "batch": 1, "dtype": "float32", "sizes": sorted({r["size"] for r in rows}),
-                     "repeats": 3, "warmup": 1, "machine": None, "note": None}}
 
 
 @pytest.mark.parametrize("sizes", [[50], [13, 25, 50]])

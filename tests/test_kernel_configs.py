@@ -22,6 +22,7 @@ from hypertriton.kernels import center_pivot_conv4d as conv  # noqa: E402
 from hypertriton.kernels import fused_first_layer as fused  # noqa: E402
 from hypertriton.kernels import hypercorrelation as corr  # noqa: E402
 from hypertriton.ops.fused_first_layer import fused_hypercorrelation_cp_conv4d  # noqa: E402
+
 NAN = float("nan")
 
 
