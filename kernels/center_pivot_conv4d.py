@@ -118,10 +118,11 @@ def _center_pivot_conv4d_kernel(
     i_o = tl.program_id(1)
     i_b = tl.program_id(2)
     o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    o_o = i_o * BLOCK_O + tl.arange(0, BLOCK_O)
     if INT64:
         i_b = i_b.to(tl.int64)
         o_p = o_p.to(tl.int64)
-    o_o = i_o * BLOCK_O + tl.arange(0, BLOCK_O)
+        o_o = o_o.to(tl.int64)  # channel * channel stride passes 2^31 in a large output
     m_p = o_p < NP
     m_o = o_o < COUT
 

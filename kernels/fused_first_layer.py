@@ -77,6 +77,8 @@ def _support_branch_kernel(
         o_t = tl.arange(0, BLOCK_T)
         o_o = tl.arange(0, BLOCK_O)
         o_c = tl.arange(0, BLOCK_C)
+        if INT64:
+            o_c = o_c.to(tl.int64)  # channel * positions passes 2^31 in a large feature map
         m_q = o_q < NQ
         m_o = o_o < COUT
         # Support position of each tap; taps in the zero padding are masked off.

@@ -336,6 +336,151 @@ def test_int64_index_path_matches_reference(monkeypatch):
     assert_close_dtype(out.cpu(), expected, torch.float32)
 
 
+# Offsets past 2^31 for real, on any device: a tiny tensor's view with one far stride into a large
+# allocation of which only the view's elements are ever touched (the pages behind the rest are never
+# backed), so this runs under the interpreter too. The far stride stays below 2^31, so Triton passes it
+# as int32 and only the kernel's own int64 index math keeps ``index * stride`` from wrapping; a wrapped
+# offset lands outside the view: a wrong value, or a crash (the interpreter's int32 arithmetic wraps).
+
+PAST_INT32 = 2**31 + 2**16  # past needs_int64's margin, so the last offset is truly out of int32 range
+
+
+def far_view(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """``values`` copied into a view whose ``dim`` has a stride taking its last index past 2^31
+    elements (the other dims packed below that stride, last dim innermost)."""
+    size = values.shape[dim]
+    assert size >= 3, "with 2 entries the far stride itself would pass 2^31 (an int64 argument)"
+    far_stride = -(-PAST_INT32 // (size - 1))
+    assert far_stride < 2**31
+    strides, packed = [0] * values.dim(), 1
+    for d in reversed(range(values.dim())):
+        if d != dim:
+            strides[d], packed = packed, packed * values.shape[d]
+    strides[dim] = far_stride
+    storage = torch.empty((size - 1) * far_stride + packed, dtype=values.dtype, device=values.device)
+    view = storage.as_strided(values.shape, strides)
+    view.copy_(values)
+    return view
+
+
+def far_cases(shapes: dict) -> list:
+    """pytest params: every (tensor name, dim) of ``shapes`` (dims all >= 3), with readable ids."""
+    return [pytest.param((name, dim), id=f"{name}-dim{dim}") for name, shape in shapes.items()
+            for dim in range(len(shape))]
+
+
+CORRELATION_SHAPES = {"query": (3, 3, 3, 4), "support": (3, 3, 4, 3), "out": (3, 3, 4, 4, 3)}
+
+
+def correlation_case():
+    """The inputs of a correlation test (``{"query": ..., "support": ...}``) and the expected output
+    (float64)."""
+    query = make_tensor(CORRELATION_SHAPES["query"], 20).to(DEVICE)
+    support = make_tensor(CORRELATION_SHAPES["support"], 21).to(DEVICE)
+    tensors = {"query": query, "support": support}
+    expected = torch.relu(torch.einsum("bcij,bckl->bijkl", query.cpu().double(), support.cpu().double()))
+    return tensors, expected
+
+
+@pytest.mark.parametrize("far", far_cases(CORRELATION_SHAPES))
+def test_correlation_offsets_past_int32(far):
+    tensors, expected = correlation_case()
+    tensors["out"] = torch.full(expected.shape, NAN, device=DEVICE)
+    tensors[far[0]] = far_view(tensors[far[0]], far[1])
+    out = correlation_into(tensors["query"], tensors["support"], tensors["out"])
+    assert_close_dtype(out.cpu(), expected, torch.float32)
+
+
+@pytest.mark.parametrize("far", far_cases({**CORRELATION_SHAPES, "grad_out": CORRELATION_SHAPES["out"]}))
+def test_correlation_backward_offsets_past_int32(far):
+    tensors, expected_out = correlation_case()
+    leaves = [tensors[name].cpu().double().requires_grad_() for name in ("query", "support")]
+    forward = torch.einsum("bcij,bckl->bijkl", *leaves)
+    tensors["out"] = expected_out.float().to(DEVICE)
+    tensors["grad_out"] = make_tensor(expected_out.shape, 24).to(DEVICE)
+    grad_corr = torch.ops.aten.threshold_backward(tensors["grad_out"].cpu().double(), expected_out, 0)
+    expected = torch.autograd.grad(forward, leaves, grad_corr)
+    tensors[far[0]] = far_view(tensors[far[0]], far[1])
+    got = correlation_backward(tensors["grad_out"], tensors["out"], tensors["query"], tensors["support"])
+    for name, actual, wanted in zip(("grad_query", "grad_support"), got, expected):
+        assert_close_dtype(actual.cpu(), wanted, torch.float32, msg=lambda m, name=name: f"{name}: {m}")
+
+
+# batch, Cin, Cout 3; a support stride of 2 along one dim: the output is (3, 3, 3, 4) too.
+CONV_SHAPES = {"x": (3, 3, 3, 3, 5, 4), "out": (3, 3, 3, 3, 3, 4)}
+CONV_STRIDE, CONV_PADDING = (1, 1, 2, 1), (1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("far", far_cases(CONV_SHAPES))
+def test_conv_offsets_past_int32(far):
+    x, params = conv_case(3, 3, 3, CONV_SHAPES["x"][2:], (3, 3), (3, 3), (True, True), 25, torch.float32,
+                          "contiguous")
+    expected = conv_expected(x, params, CONV_STRIDE, CONV_PADDING)
+    tensors = {"x": x, "out": torch.full(expected.shape, NAN, device=DEVICE)}
+    tensors[far[0]] = far_view(tensors[far[0]], far[1])
+    out = center_pivot_conv4d_into(tensors["x"], *params, CONV_STRIDE, CONV_PADDING, tensors["out"])
+    assert_close_dtype(out.cpu(), expected, torch.float32)
+
+
+@pytest.mark.parametrize("far", far_cases({"x": CONV_SHAPES["x"], "grad_out": CONV_SHAPES["out"]}))
+def test_conv_backward_offsets_past_int32(far):
+    x, params = conv_case(3, 3, 3, CONV_SHAPES["x"][2:], (3, 3), (3, 3), (True, True), 26, torch.float32,
+                          "contiguous")
+    leaves = [t.cpu().double().requires_grad_() for t in (x, *params)]
+    out = reference.center_pivot_conv4d(*leaves, CONV_STRIDE, CONV_PADDING)
+    tensors = {"x": x, "grad_out": make_tensor(out.shape, 27).to(DEVICE)}
+    expected = torch.autograd.grad(out, leaves, tensors["grad_out"].cpu().double())
+    tensors[far[0]] = far_view(tensors[far[0]], far[1])
+    got = center_pivot_conv4d_backward(tensors["grad_out"], tensors["x"], params[0], params[2], CONV_STRIDE,
+                                       CONV_PADDING)
+    names = ("grad_x", "grad_weight_query", "grad_bias_query", "grad_weight_support", "grad_bias_support")
+    for name, actual, wanted in zip(names, got, expected):
+        assert_close_dtype(actual.cpu(), wanted, torch.float32, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("far", ["out", "support"])
+def test_fused_support_branch_offsets_past_int32(far):
+    """The fused kernel takes contiguous tensors only, so here one of them truly has 2^31 elements: the
+    output (16 channels x 3 query positions x a 3-row support map, millions wide) or the support features
+    (1024 channels over such a map). Only the active windows' taps and outputs are ever touched."""
+    from hypertriton.kernels.fused_first_layer import support_branch_into
+
+    cout, nq, height = 16, 3, 3
+    channels = 3 if far == "out" else 1024
+    # The last output entry, or the last channel's row of support features, lies past 2^31.
+    width = PAST_INT32 // (cout * nq * height if far == "out" else (channels - 1) * height) + 1
+    generator = torch.Generator().manual_seed(30)
+    query = torch.randn(1, 1, channels, nq, generator=generator).to(DEVICE)
+    weight = torch.randn(cout, 1, 3, 3, generator=generator).to(DEVICE)
+    support = torch.empty(1, 1, channels, height * width, device=DEVICE)
+    out = torch.empty(1, cout, nq, height * width, device=DEVICE)
+    assert max(t.numel() for t in (support, out)) > PAST_INT32
+    # Stride 1, padding 1: window (u, v) is centred on support position (u, v); its taps are all that is read.
+    windows = [(0, 0), (1, width // 2), (2, width - 1)]
+    taps = {}
+    for u, v in windows:
+        taps[u, v] = [(u + dy) * width + v + dx if 0 <= u + dy < height and 0 <= v + dx < width else None
+                      for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+        for position in taps[u, v]:
+            if position is not None:
+                support[0, 0, :, position] = torch.randn(channels, generator=generator).to(DEVICE)
+        out[0, :, :, u * width + v] = torch.randn(cout, nq, generator=generator).to(DEVICE)  # prefilled
+    expected = {}
+    q, w = query[0, 0].cpu().double(), weight[:, 0].flatten(1).cpu().double()  # [C, NQ], [Cout, 9]
+    for (u, v), positions in taps.items():
+        columns = [support[0, 0, :, p].cpu().double() if p is not None else torch.zeros(channels, dtype=torch.float64)
+                   for p in positions]
+        corr = torch.relu(q.t() @ torch.stack(columns, 1))  # [NQ, 9]; padding taps are zero
+        expected[u, v] = out[0, :, :, u * width + v].cpu().double() + w @ corr.t()
+
+    flat = torch.tensor([[u * width + v for u, v in windows]], dtype=torch.int32, device=DEVICE)
+    support_branch_into(query, support, weight, flat, torch.tensor([len(windows)], device=DEVICE), (height, width),
+                        1, 1, out)
+    for (u, v), wanted in expected.items():
+        assert_close_dtype(out[0, :, :, u * width + v].cpu(), wanted, torch.float32,
+                           msg=lambda m, u=u, v=v: f"window {(u, v)}: {m}")
+
+
 # ---------------------------------------------------------------------------------------------------
 # center_pivot_conv4d_backward
 
