@@ -481,6 +481,37 @@ def test_fused_support_branch_offsets_past_int32(far):
                            msg=lambda m, u=u, v=v: f"window {(u, v)}: {m}")
 
 
+def test_batches_beyond_the_launch_grid(monkeypatch):
+    """Batches larger than CUDA's grid limit run in slices of it: with the limit set to 2, a batch of 5
+    runs as 2 + 2 + 1, forward and backward, and gives the references' results."""
+    from hypertriton.kernels import center_pivot_conv4d, hypercorrelation
+
+    monkeypatch.setattr(hypercorrelation, "MAX_GRID_Y", 2)
+    monkeypatch.setattr(center_pivot_conv4d, "MAX_GRID_Z", 2)
+    query = make_tensor((5, 3, 2, 3), 40, "channels_last").to(DEVICE)
+    support = make_tensor((5, 3, 3, 2), 41, "strided").to(DEVICE)
+    leaves = [t.cpu().double().requires_grad_() for t in (query, support)]
+    forward = torch.einsum("bcij,bckl->bijkl", *leaves)
+    out = correlation_into(query, support, nan_buffer(forward.shape, torch.float32))
+    assert_close_dtype(out.cpu(), torch.relu(forward.detach()), torch.float32)
+    grad = make_tensor(forward.shape, 42).to(DEVICE)
+    grad_corr = torch.ops.aten.threshold_backward(grad.cpu().double(), out.cpu().double(), 0)
+    for actual, wanted in zip(correlation_backward(grad, out, query, support),
+                              torch.autograd.grad(forward, leaves, grad_corr)):
+        assert_close_dtype(actual.cpu(), wanted, torch.float32)
+
+    x, params = conv_case(5, 2, 3, (3, 2, 4, 3), (3, 3), (3, 3), (True, True), 43, torch.float32, "strided")
+    stride, padding = (1, 1, 2, 1), (1, 1, 1, 1)
+    leaves = [t.cpu().double().requires_grad_() for t in (x, *params)]
+    expected = reference.center_pivot_conv4d(*leaves, stride, padding)
+    out = center_pivot_conv4d_into(x, *params, stride, padding, nan_buffer(expected.shape, torch.float32))
+    assert_close_dtype(out.cpu(), expected.detach(), torch.float32)
+    grad = make_tensor(expected.shape, 44).to(DEVICE)
+    got = center_pivot_conv4d_backward(grad, x, params[0], params[2], stride, padding)
+    for actual, wanted in zip(got, torch.autograd.grad(expected, leaves, grad.cpu().double())):
+        assert_close_dtype(actual.cpu(), wanted, torch.float32)
+
+
 # ---------------------------------------------------------------------------------------------------
 # center_pivot_conv4d_backward
 
