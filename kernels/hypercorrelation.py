@@ -2,7 +2,9 @@
 
 The launcher writes straight into a caller-provided output with any strides, so a pyramid level's
 ``[B, L, Hq, Wq, Hs, Ws]`` tensor is filled layer by layer through its slices ``stacked[:, l]``,
-with no per-layer temporary and no stack copy.
+with no per-layer temporary and no stack copy. Given the active support positions (where the masked
+support features may be nonzero), tiles of support positions with none active are written as zeros
+without a product: the cost follows the object's area.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ def _correlation_kernel(
     s_qb, s_qc, s_qh, s_qw,  # query strides (elements) over batch, channel, row, column
     s_sb, s_sc, s_sh, s_sw,  # support strides, likewise
     s_ob, s_oqh, s_oqw, s_osh, s_osw,  # output strides over batch, query row/col, support row/col
+    p_active,  # int8 [B, NS] (batch stride s_ab, positions contiguous): support positions to compute
+    s_ab,
+    HAS_ACTIVE: tl.constexpr,  # without it every tile is computed (p_active is not read)
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32", for fp32 inputs only
     INT64: tl.constexpr,  # whether offsets can pass 2^31 (then all index math is int64)
     BLOCK_Q: tl.constexpr,  # query positions per tile
@@ -77,13 +82,20 @@ def _correlation_kernel(
     p_q = p_query + i_b * s_qb + (o_qh * s_qh + o_qw * s_qw)[:, None] + o_c[None, :] * s_qc  # [BLOCK_Q, BLOCK_C]
     p_s = p_support + i_b * s_sb + o_c[:, None] * s_sc + (o_sh * s_sh + o_sw * s_sw)[None, :]  # [BLOCK_C, BLOCK_S]
     b_acc = tl.zeros((BLOCK_Q, BLOCK_S), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        m_c = o_c < C - c0
-        b_q = tl.load(p_q, mask=m_q[:, None] & m_c[None, :], other=0.0)
-        b_s = tl.load(p_s, mask=m_c[:, None] & m_s[None, :], other=0.0)
-        b_acc = dot_acc(b_q, b_s, b_acc, INPUT_PRECISION)
-        p_q += BLOCK_C * s_qc
-        p_s += BLOCK_C * s_sc
+    compute = True
+    if HAS_ACTIVE:
+        # Every correlation at an inactive position is exactly zero (the caller's guarantee): a tile
+        # with none active keeps its zeros and skips the reduction.
+        b_active = tl.load(p_active + i_b * s_ab + o_s, mask=m_s, other=0)
+        compute = tl.max(b_active.to(tl.int32), axis=0) > 0
+    if compute:
+        for c0 in range(0, C, BLOCK_C):
+            m_c = o_c < C - c0
+            b_q = tl.load(p_q, mask=m_q[:, None] & m_c[None, :], other=0.0)
+            b_s = tl.load(p_s, mask=m_c[:, None] & m_s[None, :], other=0.0)
+            b_acc = dot_acc(b_q, b_s, b_acc, INPUT_PRECISION)
+            p_q += BLOCK_C * s_qc
+            p_s += BLOCK_C * s_sc
 
     # ReLU that keeps NaN (tl.maximum would turn NaN into 0, unlike torch.relu).
     b_acc = tl.where(b_acc < 0.0, 0.0, b_acc)
@@ -91,7 +103,8 @@ def _correlation_kernel(
     tl.store(p_o, b_acc.to(p_out.dtype.element_ty), mask=m_q[:, None] & m_s[None, :])
 
 
-def correlation_into(query: torch.Tensor, support: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def correlation_into(query: torch.Tensor, support: torch.Tensor, out: torch.Tensor,
+                     active: torch.Tensor | None = None) -> torch.Tensor:
     """Write ``relu(einsum("bcij,bckl->bijkl", query, support))`` into ``out`` and return it.
 
     The products accumulate in fp32 (TF32 for fp32 inputs on a GPU exactly when
@@ -103,6 +116,11 @@ def correlation_into(query: torch.Tensor, support: torch.Tensor, out: torch.Tens
         support: ``[B, C, Hs, Ws]``, same dtype (fp32, fp16 or bf16) and device; any strides.
         out: ``[B, Hq, Wq, Hs, Ws]`` with any strides, typically ``stacked[:, l]`` of a level's
             ``[B, L, Hq, Wq, Hs, Ws]`` tensor; a floating dtype.
+        active: optional ``[B, Hs*Ws]`` (bool or integer, nonzero = active) support positions whose
+            correlations may be nonzero. Tiles of support positions with none active are written as
+            zeros without reading the features, so the caller guarantees that every correlation at an
+            inactive position is exactly zero (masked-out support: zero features, and a finite query).
+            None: every position is computed.
 
     Returns:
         ``out``, filled. Empty shapes return it untouched without launching.
@@ -132,11 +150,18 @@ def correlation_into(query: torch.Tensor, support: torch.Tensor, out: torch.Tens
         return out.zero_()
 
     n_q, n_s = hq * wq, hs * ws
+    if active is not None:
+        if tuple(active.shape) != (batch, n_s) or active.device != query.device:
+            raise ValueError(f"active: expected a [B, Hs*Ws] = {[batch, n_s]} tensor on {query.device}, got "
+                             f"{list(active.shape)} on {active.device}")
+        active = (active != 0).to(torch.int8).contiguous()
     int64 = needs_int64(query, support, out, extra=max(n_q, n_s))
     precision = dot_precision(query.dtype)
     for start in range(0, batch, MAX_GRID_Y):
         # Slicing along batch is a view: no copy, same strides.
         q, s, o = (t[start:start + MAX_GRID_Y] for t in (query, support, out))
+        # Without active positions the kernel never reads its pointer: any tensor will do.
+        a = o if active is None else active[start:start + MAX_GRID_Y]
         # One program computes a BLOCK_Q x BLOCK_S tile of (query position, support position) pairs
         # of one batch element; axis 0 enumerates the tiles, axis 1 the batch elements.
         def grid(meta, programs_b=q.shape[0]):
@@ -144,8 +169,8 @@ def correlation_into(query: torch.Tensor, support: torch.Tensor, out: torch.Tens
 
         _correlation_kernel[grid](
             q, s, o, channels, wq, ws, n_q, n_s,
-            *q.stride(), *s.stride(), *o.stride(),
-            INPUT_PRECISION=precision, INT64=int64,
+            *q.stride(), *s.stride(), *o.stride(), a, 0 if active is None else a.stride(0),
+            HAS_ACTIVE=active is not None, INPUT_PRECISION=precision, INT64=int64,
         )
     return out
 

@@ -102,6 +102,48 @@ def test_correlation_negative_products_are_zero_and_exact():
     assert torch.equal(out.cpu(), expected)
 
 
+@settings(max_examples=10)
+@given(batch=st.integers(1, 3), channels=st.integers(1, 6), hq=sides, wq=sides, hs=st.integers(1, 9),
+       ws=st.integers(1, 9), pattern=st.sampled_from(["random", "none", "all", "one", "block"]),
+       layout=st.sampled_from(["contiguous", "channels_last", "strided"]), seed=seeds)
+@example(batch=2, channels=3, hq=2, wq=3, hs=9, ws=9, pattern="block", layout="contiguous", seed=0).via(
+    "a block: whole tiles skipped, others partly active")
+@example(batch=1, channels=1, hq=1, wq=1, hs=1, ws=1, pattern="none", layout="contiguous", seed=1).via("1x1, none active")
+def test_correlation_with_active_positions_matches_reference(batch, channels, hq, wq, hs, ws, pattern, layout, seed):
+    """Active support positions (inactive ones have zero features, as a mask leaves them): the same output
+    as the dense product, every element written."""
+    generator = torch.Generator().manual_seed(seed)
+    if pattern == "random":
+        active = torch.rand(batch, hs * ws, generator=generator) < 0.4
+    elif pattern == "block":  # rows from the middle on: the first tiles have no active position
+        active = (torch.arange(hs * ws) >= (hs // 2) * ws).expand(batch, -1)
+    else:
+        active = torch.zeros(batch, hs * ws, dtype=torch.bool)
+        active[:, :{"none": 0, "all": hs * ws, "one": 1}[pattern]] = True
+    query = make_tensor((batch, channels, hq, wq), seed, layout).to(DEVICE)
+    support = make_tensor((batch, channels, hs, ws), seed + 1, layout).to(DEVICE)
+    support = support * active.view(batch, 1, hs, ws).to(DEVICE)
+    out = correlation_into(query, support, nan_buffer((batch, hq, wq, hs, ws), torch.float32), active.to(DEVICE))
+    expected = torch.relu(torch.einsum("bcij,bckl->bijkl", query.cpu().double(), support.cpu().double()))
+    assert_close_dtype(out.cpu(), expected, torch.float32)
+
+
+def test_correlation_skips_tiles_without_active_positions():
+    """No product is computed where no position of a tile is active: with nonzero features left there
+    (breaking the caller's guarantee on purpose), those outputs are still exactly zero; the active batch
+    element is computed in full."""
+    query = make_tensor((2, 4, 3, 3), 3).to(DEVICE)
+    support = make_tensor((2, 4, 5, 5), 4).to(DEVICE)
+    active = torch.tensor([[False] * 25, [True] * 25], device=DEVICE)
+    out = correlation_into(query, support, nan_buffer((2, 3, 3, 5, 5), torch.float32), active)
+    expected = torch.relu(torch.einsum("bcij,bckl->bijkl", query.cpu().double(), support.cpu().double()))
+    assert expected[0].any(), "the skipped element would have had nonzero correlations"
+    assert torch.equal(out[0].cpu(), torch.zeros(3, 3, 5, 5))
+    assert_close_dtype(out[1].cpu(), expected[1], torch.float32)
+    with pytest.raises(ValueError, match=r"active: expected a \[B, Hs\*Ws\]"):
+        correlation_into(query, support, out, active[:, :24])
+
+
 @pytest.mark.parametrize("shape", [(0, 3, 2, 2, 4, 4), (2, 3, 0, 2, 4, 4), (2, 3, 2, 2, 4, 0)],
                          ids=["batch0", "empty-query", "empty-support"])
 def test_correlation_empty_returns_untouched_out(shape):
