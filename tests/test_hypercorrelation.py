@@ -63,16 +63,43 @@ def test_matches_reference(backend, layers, batch, seed, mask_kind, layout, dtyp
 
 @pytest.mark.parametrize("backend", BACKEND_IDS)
 @pytest.mark.parametrize("upstream", ["random", "sum"])
-def test_gradients_match_reference(backend, upstream):
+@pytest.mark.parametrize("mask_kind", ["blob", "pixel"])  # pixel: few active positions, the sparse path
+def test_gradients_match_reference(backend, upstream, mask_kind):
     device = DEVICES[backend]
     layers = [(3, (4, 3), (5, 2)), (3, (4, 3), (5, 2)), (5, (2, 2), (3, 3))]
     query, support = build(layers, 2, 7, "contiguous", torch.float32, device)
-    mask = make_mask("blob", 2, 9, 9, 0).to(device)
+    mask = make_mask(mask_kind, 2, 9, 9, 0).to(device)
     leaves = [t.clone().requires_grad_() for t in query + support]
     ref_leaves = [t.detach().double().cpu().requires_grad_() for t in leaves]
     outputs = hypertriton.hypercorrelation(leaves[:3], leaves[3:], mask, backend=backend)
     ref_outputs = reference.hypercorrelation(ref_leaves[:3], ref_leaves[3:], mask.double().cpu())
     assert_gradients_match(outputs, ref_outputs, leaves, ref_leaves, upstream, scale=10)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_torch_backend_multiplies_active_support_positions_only(grad):
+    """The cost follows the object's area: the matrix products cover the active support positions (mask
+    != 0 after resizing) of each batch element, none for an empty mask, all of them for a mask past
+    SPARSE_SHARE (where the dense product costs less)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hypertriton.ops.hypercorrelation import SPARSE_SHARE
+
+    channels, query_size, support_size = 6, (5, 4), (8, 8)
+    query, support = build([(channels, query_size, support_size)] * 2, 2, 3, "contiguous", torch.float32, "cpu")
+    leaves = [t.requires_grad_(grad) for t in query + support]
+    positions = support_size[0] * support_size[1]
+    counts = {}
+    for kind in ("zero", "pixel", "blob", "full"):
+        mask = make_mask(kind, 2, 16, 16, 0)
+        active = counts[kind] = (reference.resize_mask(mask, support_size) != 0).flatten(1).sum(dim=1).tolist()
+        multiplied = [n if n <= SPARSE_SHARE * positions else positions for n in active]
+        expected = sum(2 * 20 * channels * n for n in multiplied) * 2  # 20 query positions, 2 layers
+        with FlopCounterMode(display=False) as counter:
+            levels = hypertriton.hypercorrelation(leaves[:2], leaves[2:], mask, backend="torch")
+        assert counter.get_total_flops() == expected, (kind, active)
+        assert_close_dtype(levels[0].detach(), expected_levels(query, support, mask)[0], torch.float32)
+    assert 0 < counts["blob"][0] <= SPARSE_SHARE * positions  # the blob: a partly active support map
 
 
 @pytest.mark.parametrize("backend", BACKEND_IDS)

@@ -8,10 +8,18 @@ with the chosen backend, writing each level's stacked output directly:
 - ``triton``: the custom op ``hypertriton::correlation_stack`` around
   :func:`hypertriton.kernels.hypercorrelation.correlation_into` (``tl.dot`` tiles, ReLU fused, stored
   straight into the stacked tensor), with a Triton backward;
-- ``torch``: batched matrix products written into the stacked tensor.
+- ``torch``: matrix products written into the stacked tensor.
+
+Sparse: where the resized support mask is 0 the masked support features are 0, and so is every
+correlation with them (``shared/docs/design-notes.md``). With a mask, both backends compute products
+for the active support positions only (the kernel skips tiles with none; the ``torch`` backend
+multiplies the active columns and scatters them into zeros), so the cost follows the object's area.
+Exact: non-finite features keep the dense result (see :func:`active_positions`).
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -30,39 +38,107 @@ def _level_shape(query: torch.Tensor, support: torch.Tensor, layers: int) -> tup
     return (query.shape[0], layers, *query.shape[-2:], *support.shape[-2:])
 
 
-def _correlation_stack_torch(query: list[torch.Tensor], support: list[torch.Tensor]) -> torch.Tensor:
-    """``relu(<q, s>)`` of normalized features, layer by layer into one ``[B, L, Hq, Wq, Hs, Ws]``."""
+# The torch backend multiplies only the active columns while at most this share of the support positions
+# is active; above it the dense product (exact as well) costs less than the scatter of the products.
+SPARSE_SHARE = 0.75
+
+
+def active_positions(mask: torch.Tensor, query: list[torch.Tensor], support: list[torch.Tensor]
+                     ) -> torch.Tensor | None:
+    """``[B, Hs*Ws]`` bool: the support positions of one level whose correlations may be nonzero, or
+    None when all may be.
+
+    Args:
+        mask: the support mask resized to the level's support map, ``[B, 1, Hs, Ws]``.
+        query, support: the level's normalized (support: masked) features, ``[B, C_l, H, W]`` per layer.
+
+    Active: mask != 0 (NaN included), or a non-finite normalized support feature there in any layer
+    (``NaN * 0`` stays NaN), and every position of a batch element whose normalized query is non-finite
+    anywhere (its NaN reaches all of them). Elsewhere the normalized support is the zero vector and each
+    correlation exactly 0. Normalized entries lie in [-1, 1], so one sum per tensor tells whether any is
+    non-finite; the per-position check runs only then.
+    """
+    active = mask.flatten(1) != 0
+    for s in support:
+        if not bool(torch.isfinite(s.sum())):
+            active |= ~torch.isfinite(s).all(dim=1).flatten(1)
+    for q in query:
+        active |= ~torch.isfinite(q.flatten(1).sum(dim=1))[:, None]
+    return None if bool(active.all()) else active
+
+
+def _active_columns(active: torch.Tensor | None, batch: int, positions: int) -> list[torch.Tensor | None]:
+    """Per batch element, the active support positions to multiply, or None to multiply all of them."""
+    if active is None:
+        return [None] * batch
+    columns = [row.nonzero().squeeze(1) for row in active]
+    return [None if c.numel() > SPARSE_SHARE * positions else c for c in columns]
+
+
+def _correlation_stack_torch(query: list[torch.Tensor], support: list[torch.Tensor],
+                             active: torch.Tensor | None = None) -> torch.Tensor:
+    """``relu(<q, s>)`` of normalized features, layer by layer into one ``[B, L, Hq, Wq, Hs, Ws]``;
+    with ``active`` (see :func:`active_positions`) only the active columns are multiplied."""
     shape = _level_shape(query[0], support[0], len(query))
     batch, layers = shape[:2]
-    flat = lambda t: t.flatten(2)  # noqa: E731  [B, C, H*W], a view for contiguous maps
-    if torch.is_grad_enabled() and any(t.requires_grad for t in query + support):
-        corrs = [torch.bmm(flat(q).transpose(1, 2), flat(s)) for q, s in zip(query, support)]
-        return torch.relu(torch.stack(corrs, dim=1)).view(shape)
-    out = new_output((batch, layers, shape[2] * shape[3], shape[4] * shape[5]), query[0].dtype, query[0].device)
-    for layer, (q, s) in enumerate(zip(query, support)):
-        torch.bmm(flat(q).transpose(1, 2), flat(s), out=out[:, layer])
-    return torch.relu_(out).view(shape)
+    n_q, n_s = shape[2] * shape[3], shape[4] * shape[5]
+    flat = lambda t: t.flatten(-2)  # noqa: E731  [..., C, H*W], a view for contiguous maps
+    columns = _active_columns(active, batch, n_s)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in query + support)
+    if all(c is None for c in columns):
+        if grad:
+            corrs = [torch.bmm(flat(q).transpose(1, 2), flat(s)) for q, s in zip(query, support)]
+            return torch.relu(torch.stack(corrs, dim=1)).view(shape)
+        out = new_output((batch, layers, n_q, n_s), query[0].dtype, query[0].device)
+        for layer, (q, s) in enumerate(zip(query, support)):
+            torch.bmm(flat(q).transpose(1, 2), flat(s), out=out[:, layer])
+        return torch.relu_(out).view(shape)
+
+    def products(q, s, cols):  # [Hq*Wq, Hs*Ws] of one batch element and layer; zeros off the active columns
+        if cols is None:
+            return torch.relu(flat(q).t() @ flat(s))
+        return torch.relu(flat(q).t() @ flat(s).index_select(1, cols))
+
+    if grad:
+        per_batch = []
+        for b, cols in enumerate(columns):
+            corr = [products(q[b], s[b], cols) for q, s in zip(query, support)]
+            if cols is not None:
+                corr = [c.new_zeros(n_q, n_s).index_copy(1, cols, c) for c in corr]
+            per_batch.append(torch.stack(corr))
+        return torch.stack(per_batch).view(shape)
+    out = new_output((batch, layers, n_q, n_s), query[0].dtype, query[0].device)
+    for b, cols in enumerate(columns):
+        for layer, (q, s) in enumerate(zip(query, support)):
+            target = out[b, layer]
+            if cols is None:
+                torch.relu_(torch.mm(flat(q[b]).t(), flat(s[b]), out=target))
+            else:
+                target.zero_().index_copy_(1, cols, products(q[b], s[b], cols))
+    return out.view(shape)
 
 
 @torch.library.custom_op("hypertriton::correlation_stack", mutates_args=())
-def correlation_stack_triton(query: list[torch.Tensor], support: list[torch.Tensor]) -> torch.Tensor:
+def correlation_stack_triton(query: list[torch.Tensor], support: list[torch.Tensor],
+                             active: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Triton: ``relu(<q_l, s_l>)`` for normalized ``[B, C_l, Hq, Wq]``/``[B, C_l, Hs, Ws]`` pairs,
-    written into one ``[B, L, Hq, Wq, Hs, Ws]`` tensor (one kernel launch per layer, no temporaries)."""
+    written into one ``[B, L, Hq, Wq, Hs, Ws]`` tensor (one kernel launch per layer, no temporaries);
+    ``active`` ``[B, Hs*Ws]``: see :func:`active_positions`."""
     from ..kernels.hypercorrelation import correlation_into
 
     out = new_output(_level_shape(query[0], support[0], len(query)), query[0].dtype, query[0].device)
     for layer, (q, s) in enumerate(zip(query, support)):
-        correlation_into(q, s, out[:, layer])
+        correlation_into(q, s, out[:, layer], active)
     return out
 
 
 @correlation_stack_triton.register_fake
-def _(query, support):
+def _(query, support, active=None):
     return query[0].new_empty(_level_shape(query[0], support[0], len(query)))
 
 
 def _correlation_stack_setup(ctx, inputs, output):
-    query, support = inputs
+    query, support, _ = inputs
     ctx.save_for_backward(output, *query, *support)
     ctx.layers = len(query)
 
@@ -86,7 +162,7 @@ def _(grad, output, query, support):
 def _correlation_stack_backward(ctx, grad):
     output, *features = ctx.saved_tensors
     grads = correlation_stack_backward_triton(grad, output, features[: ctx.layers], features[ctx.layers:])
-    return grads[: ctx.layers], grads[ctx.layers:]
+    return grads[: ctx.layers], grads[ctx.layers:], None
 
 
 correlation_stack_triton.register_autograd(_correlation_stack_backward, setup_context=_correlation_stack_setup)
@@ -128,9 +204,13 @@ def hypercorrelation(query_feats, support_feats, support_mask=None, backend: str
 
     dtype = query_feats[0].dtype
     compute = _compute_dtype(dtype)
+    masks = {}  # resized once per support map size
     if support_mask is not None:
-        support_feats = [s.to(compute) * reference.resize_mask(support_mask, s.shape[-2:]).to(compute)
-                         for s in support_feats]
+        for s in support_feats:
+            size = tuple(s.shape[-2:])
+            if size not in masks:
+                masks[size] = reference.resize_mask(support_mask, size).to(compute)
+        support_feats = [s.to(compute) * masks[tuple(s.shape[-2:])] for s in support_feats]
     # Normalizing costs O(features), negligible next to the O(Hq*Wq*Hs*Ws) correlation.
     query_normed = [reference.normalize(q.to(compute)) for q in query_feats]
     support_normed = [reference.normalize(s.to(compute)) for s in support_feats]
@@ -139,9 +219,18 @@ def hypercorrelation(query_feats, support_feats, support_mask=None, backend: str
     for level in reference.pyramid_levels(query_feats, support_feats):
         q_level = [query_normed[i] for i in level]
         s_level = [support_normed[i] for i in level]
+        active = None
+        # The active set is data-dependent: under torch.compile the products stay dense (a graph break
+        # otherwise), which is exact too.
+        if support_mask is not None and not torch.compiler.is_compiling():
+            with torch.no_grad():
+                active = active_positions(masks[tuple(s_level[0].shape[-2:])], q_level, s_level)
         if name == "triton":
             # The kernel reads the inputs' dtype and accumulates in fp32.
-            outputs.append(correlation_stack_triton([q.to(dtype) for q in q_level], [s.to(dtype) for s in s_level]))
+            outputs.append(correlation_stack_triton([q.to(dtype) for q in q_level], [s.to(dtype) for s in s_level],
+                                                    active))
         else:
-            outputs.append(_correlation_stack_torch(q_level, s_level).to(dtype))
+            # Products in the compute dtype under autocast too, as the Triton kernel accumulates.
+            with torch.autocast(device.type, enabled=False):
+                outputs.append(_correlation_stack_torch(q_level, s_level, active).to(dtype))
     return outputs
