@@ -103,6 +103,16 @@ def _correlation_kernel(
     tl.store(p_o, b_acc.to(p_out.dtype.element_ty), mask=m_q[:, None] & m_s[None, :])
 
 
+def _active_flags(active: torch.Tensor | None, batch: int, positions: int, device) -> torch.Tensor | None:
+    """``active`` checked (``[B, Hs*Ws]`` on the features' device) and as the kernels read it: contiguous int8."""
+    if active is None:
+        return None
+    if tuple(active.shape) != (batch, positions) or active.device != device:
+        raise ValueError(f"active: expected a [B, Hs*Ws] = {[batch, positions]} tensor on {device}, got "
+                         f"{list(active.shape)} on {active.device}")
+    return (active != 0).to(torch.int8).contiguous()
+
+
 def correlation_into(query: torch.Tensor, support: torch.Tensor, out: torch.Tensor,
                      active: torch.Tensor | None = None) -> torch.Tensor:
     """Write ``relu(einsum("bcij,bckl->bijkl", query, support))`` into ``out`` and return it.
@@ -150,11 +160,7 @@ def correlation_into(query: torch.Tensor, support: torch.Tensor, out: torch.Tens
         return out.zero_()
 
     n_q, n_s = hq * wq, hs * ws
-    if active is not None:
-        if tuple(active.shape) != (batch, n_s) or active.device != query.device:
-            raise ValueError(f"active: expected a [B, Hs*Ws] = {[batch, n_s]} tensor on {query.device}, got "
-                             f"{list(active.shape)} on {active.device}")
-        active = (active != 0).to(torch.int8).contiguous()
+    active = _active_flags(active, batch, n_s, query.device)
     int64 = needs_int64(query, support, out, extra=max(n_q, n_s))
     precision = dot_precision(query.dtype)
     for start in range(0, batch, MAX_GRID_Y):
@@ -209,6 +215,9 @@ def _correlation_grad_kernel(
     s_ob, s_oxh, s_oxw, s_oyh, s_oyw,  # forward output strides
     s_tb, s_tc, s_th, s_tw,  # other side's feature strides
     s_rb, s_rc, s_rh, s_rw,  # result strides
+    p_active,  # int8 [B, Hs*Ws] active support positions (batch stride s_ab); read only with ACTIVE_SIDE
+    s_ab,
+    ACTIVE_SIDE: tl.constexpr,  # 0: none given; 1: the other side (Y) is the support; 2: this side (X) is
     INPUT_PRECISION: tl.constexpr,
     INT64: tl.constexpr,
     BLOCK_X: tl.constexpr,  # positions of this side per tile
@@ -237,26 +246,39 @@ def _correlation_grad_kernel(
     p_ox = p_out + i_b * s_ob + (o_xh * s_oxh + o_xw * s_oxw)[:, None]
     p_tb = p_other + i_b * s_tb + o_c[None, :] * s_tc  # [1, BLOCK_C]
     b_acc = tl.zeros((BLOCK_X, BLOCK_C), dtype=tl.float32)
-    for y0 in range(0, NY, BLOCK_Y):
-        o_y = y0 + o_yr
-        m_y = o_y < NY
-        o_yh = o_y // WY
-        o_yw = o_y % WY
-        m_g = m_x[:, None] & m_y[None, :]
-        b_g = tl.load(p_gx + (o_yh * s_gyh + o_yw * s_gyw)[None, :], mask=m_g, other=0.0)  # [BLOCK_X, BLOCK_Y]
-        b_out = tl.load(p_ox + (o_yh * s_oyh + o_yw * s_oyw)[None, :], mask=m_g, other=0.0)
-        b_t = tl.load(p_tb + (o_yh * s_th + o_yw * s_tw)[:, None], mask=m_y[:, None] & m_c[None, :],
-                      other=0.0)  # [BLOCK_Y, BLOCK_C]
-        # ReLU's gradient as torch computes it: blocked where out <= 0 (NaN outputs pass it).
-        b_g = tl.where(b_out <= 0.0, 0.0, b_g)
-        b_acc = dot_acc(b_g.to(b_t.dtype), b_t, b_acc, INPUT_PRECISION)
+    # The forward output is exactly 0 at inactive support positions, so ReLU blocks every gradient
+    # through them: a support tile with none active has zero gradient, and support blocks with none
+    # active add nothing to the query's.
+    compute = True
+    if ACTIVE_SIDE == 2:
+        b_ax = tl.load(p_active + i_b * s_ab + o_x, mask=m_x, other=0)
+        compute = tl.max(b_ax.to(tl.int32), axis=0) > 0
+    if compute:
+        for y0 in range(0, NY, BLOCK_Y):
+            o_y = y0 + o_yr
+            m_y = o_y < NY
+            block = True
+            if ACTIVE_SIDE == 1:
+                b_ay = tl.load(p_active + i_b * s_ab + o_y, mask=m_y, other=0)
+                block = tl.max(b_ay.to(tl.int32), axis=0) > 0
+            if block:
+                o_yh = o_y // WY
+                o_yw = o_y % WY
+                m_g = m_x[:, None] & m_y[None, :]
+                b_g = tl.load(p_gx + (o_yh * s_gyh + o_yw * s_gyw)[None, :], mask=m_g, other=0.0)  # [BLOCK_X, BLOCK_Y]
+                b_out = tl.load(p_ox + (o_yh * s_oyh + o_yw * s_oyw)[None, :], mask=m_g, other=0.0)
+                b_t = tl.load(p_tb + (o_yh * s_th + o_yw * s_tw)[:, None], mask=m_y[:, None] & m_c[None, :],
+                              other=0.0)  # [BLOCK_Y, BLOCK_C]
+                # ReLU's gradient as torch computes it: blocked where out <= 0 (NaN outputs pass it).
+                b_g = tl.where(b_out <= 0.0, 0.0, b_g)
+                b_acc = dot_acc(b_g.to(b_t.dtype), b_t, b_acc, INPUT_PRECISION)
 
     p_r = p_grad + i_b * s_rb + o_c[None, :] * s_rc + (o_xh * s_rh + o_xw * s_rw)[:, None]
     tl.store(p_r, b_acc.to(p_grad.dtype.element_ty), mask=m_x[:, None] & m_c[None, :])
 
 
 def correlation_backward(grad_out: torch.Tensor, out: torch.Tensor, query: torch.Tensor, support: torch.Tensor,
-                         needs_input_grad=(True, True)):
+                         needs_input_grad=(True, True), active: torch.Tensor | None = None):
     """Gradients of :func:`correlation_into` for its (already normalized) inputs (no autograd).
 
     Args:
@@ -266,6 +288,9 @@ def correlation_backward(grad_out: torch.Tensor, out: torch.Tensor, query: torch
             ``<= 0`` (torch's rule, so NaN outputs pass it).
         query, support: the forward's ``[B, C, Hq, Wq]`` and ``[B, C, Hs, Ws]``.
         needs_input_grad: flags for ``(query, support)``.
+        active: the forward's ``[B, Hs*Ws]`` active support positions, or None. The support gradient of a
+            tile with none active is written as zeros and support blocks with none active are skipped in
+            the query gradient: exact, as the forward's output is 0 there and ReLU blocks the gradient.
 
     Returns:
         ``(grad_query, grad_support)`` in the inputs' dtype, None where not needed. Accumulation is fp32
@@ -279,6 +304,7 @@ def correlation_backward(grad_out: torch.Tensor, out: torch.Tensor, query: torch
             raise ValueError(f"{name}: expected shape {expected}, got {tuple(t.shape)}")
     check_float_dtype("grad_out", grad_out)
     n_q, n_s = hq * wq, hs * ws
+    active = _active_flags(active, batch, n_s, query.device)
     precision = dot_precision(query.dtype)
     g_strides, o_strides = grad_out.stride(), out.stride()
     sides = (
@@ -288,7 +314,7 @@ def correlation_backward(grad_out: torch.Tensor, out: torch.Tensor, query: torch
          ws, wq, n_s, n_q),
     )
     grads = []
-    for need, (mine, other, gs, os_, wx, wy, n_x, n_y) in zip(needs_input_grad, sides):
+    for side, (need, (mine, other, gs, os_, wx, wy, n_x, n_y)) in enumerate(zip(needs_input_grad, sides)):
         if not need:
             grads.append(None)
             continue
@@ -300,6 +326,7 @@ def correlation_backward(grad_out: torch.Tensor, out: torch.Tensor, query: torch
         for start in range(0, batch, MAX_GRID_Y):
             stop = start + MAX_GRID_Y
             g, o, t, r = grad_out[start:stop], out[start:stop], other[start:stop], result[start:stop]
+            a = r if active is None else active[start:stop]  # never read without active positions
 
             # One program computes a BLOCK_X x BLOCK_C tile of (position, channel) of this side's
             # gradient for one batch element, reducing over all positions of the other side.
@@ -308,6 +335,7 @@ def correlation_backward(grad_out: torch.Tensor, out: torch.Tensor, query: torch
 
             _correlation_grad_kernel[grid](
                 g, o, t, r, channels, wx, wy, n_x, n_y, *gs, *os_, *t.stride(), *r.stride(),
+                a, 0 if active is None else a.stride(0), ACTIVE_SIDE=0 if active is None else side + 1,
                 INPUT_PRECISION=precision, INT64=int64,
             )
     return grads[0], grads[1]

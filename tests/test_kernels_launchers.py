@@ -102,24 +102,30 @@ def test_correlation_negative_products_are_zero_and_exact():
     assert torch.equal(out.cpu(), expected)
 
 
+def active_pattern(pattern: str, batch: int, hs: int, ws: int, seed: int) -> torch.Tensor:
+    """``[B, Hs*Ws]`` bool active support positions: random, a block of rows from the middle on (the first
+    tiles have none), none, all, or only the first."""
+    if pattern == "random":
+        return torch.rand(batch, hs * ws, generator=torch.Generator().manual_seed(seed)) < 0.4
+    if pattern == "block":
+        return (torch.arange(hs * ws) >= (hs // 2) * ws).expand(batch, -1)
+    active = torch.zeros(batch, hs * ws, dtype=torch.bool)
+    active[:, :{"none": 0, "all": hs * ws, "one": 1}[pattern]] = True
+    return active
+
+
 @settings(max_examples=10)
 @given(batch=st.integers(1, 3), channels=st.integers(1, 6), hq=sides, wq=sides, hs=st.integers(1, 9),
        ws=st.integers(1, 9), pattern=st.sampled_from(["random", "none", "all", "one", "block"]),
        layout=st.sampled_from(["contiguous", "channels_last", "strided"]), seed=seeds)
 @example(batch=2, channels=3, hq=2, wq=3, hs=9, ws=9, pattern="block", layout="contiguous", seed=0).via(
     "a block: whole tiles skipped, others partly active")
-@example(batch=1, channels=1, hq=1, wq=1, hs=1, ws=1, pattern="none", layout="contiguous", seed=1).via("1x1, none active")
+@example(batch=1, channels=1, hq=1, wq=1, hs=1, ws=1, pattern="none", layout="contiguous", seed=1).via(
+    "1x1, none active")
 def test_correlation_with_active_positions_matches_reference(batch, channels, hq, wq, hs, ws, pattern, layout, seed):
     """Active support positions (inactive ones have zero features, as a mask leaves them): the same output
     as the dense product, every element written."""
-    generator = torch.Generator().manual_seed(seed)
-    if pattern == "random":
-        active = torch.rand(batch, hs * ws, generator=generator) < 0.4
-    elif pattern == "block":  # rows from the middle on: the first tiles have no active position
-        active = (torch.arange(hs * ws) >= (hs // 2) * ws).expand(batch, -1)
-    else:
-        active = torch.zeros(batch, hs * ws, dtype=torch.bool)
-        active[:, :{"none": 0, "all": hs * ws, "one": 1}[pattern]] = True
+    active = active_pattern(pattern, batch, hs, ws, seed)
     query = make_tensor((batch, channels, hq, wq), seed, layout).to(DEVICE)
     support = make_tensor((batch, channels, hs, ws), seed + 1, layout).to(DEVICE)
     support = support * active.view(batch, 1, hs, ws).to(DEVICE)
@@ -142,6 +148,49 @@ def test_correlation_skips_tiles_without_active_positions():
     assert_close_dtype(out[1].cpu(), expected[1], torch.float32)
     with pytest.raises(ValueError, match=r"active: expected a \[B, Hs\*Ws\]"):
         correlation_into(query, support, out, active[:, :24])
+
+
+@settings(max_examples=8)
+@given(batch=st.integers(1, 2), channels=st.integers(1, 6), hq=sides, wq=sides, hs=st.integers(1, 9),
+       ws=st.integers(1, 9), pattern=st.sampled_from(["random", "none", "one", "block"]),
+       upstream=st.sampled_from(["random", "sum"]), seed=seeds)
+@example(batch=2, channels=3, hq=3, wq=2, hs=9, ws=9, pattern="block", upstream="random", seed=0).via(
+    "a block: support tiles and reduction blocks skipped")
+def test_correlation_backward_with_active_positions_matches_autograd(batch, channels, hq, wq, hs, ws, pattern,
+                                                                    upstream, seed):
+    active = active_pattern(pattern, batch, hs, ws, seed)
+    query = make_tensor((batch, channels, hq, wq), seed).to(DEVICE)
+    support = (make_tensor((batch, channels, hs, ws), seed + 1) * active.view(batch, 1, hs, ws)).to(DEVICE)
+    out = correlation_into(query, support, torch.empty(batch, hq, wq, hs, ws, device=DEVICE), active.to(DEVICE))
+    leaves = [t.cpu().double().requires_grad_() for t in (query, support)]
+    if upstream == "sum":
+        grad = torch.ones((), device=DEVICE).expand(out.shape)
+    else:
+        grad = make_tensor(out.shape, seed + 2).to(DEVICE)
+    grad_corr = torch.ops.aten.threshold_backward(grad.cpu().double(), out.cpu().double(), 0)
+    expected = torch.autograd.grad(torch.einsum("bcij,bckl->bijkl", *leaves), leaves, grad_corr)
+    got = correlation_backward(grad, out, query, support, active=active.to(DEVICE))
+    for name, actual, wanted in zip(("grad_query", "grad_support"), got, expected):
+        assert_close_dtype(actual.cpu(), wanted, torch.float32, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_correlation_backward_skips_inactive_support():
+    """With no active support position nothing is reduced: given a positive output everywhere (breaking the
+    forward's guarantee on purpose), both gradients of that batch element are still exactly zero; the
+    fully active element gets the dense gradients."""
+    query = make_tensor((2, 3, 2, 3), 5).to(DEVICE)
+    support = make_tensor((2, 3, 4, 4), 6).to(DEVICE)
+    out = torch.ones(2, 2, 3, 4, 4, device=DEVICE)  # ReLU passes every gradient
+    grad = make_tensor(out.shape, 7).to(DEVICE)
+    active = torch.tensor([[False] * 16, [True] * 16], device=DEVICE)
+    grad_query, grad_support = correlation_backward(grad, out, query, support, active=active)
+    g, q, s = grad.cpu().double(), query.cpu().double(), support.cpu().double()
+    dense_query = torch.einsum("bijkl,bckl->bcij", g, s)
+    dense_support = torch.einsum("bijkl,bcij->bckl", g, q)
+    assert dense_query[0].abs().sum() > 0 and dense_support[0].abs().sum() > 0
+    assert not grad_query[0].any() and not grad_support[0].any()
+    assert_close_dtype(grad_query[1].cpu(), dense_query[1], torch.float32)
+    assert_close_dtype(grad_support[1].cpu(), dense_support[1], torch.float32)
 
 
 @pytest.mark.parametrize("shape", [(0, 3, 2, 2, 4, 4), (2, 3, 0, 2, 4, 4), (2, 3, 2, 2, 4, 0)],
@@ -663,8 +712,11 @@ assert not kernels.INTERPRETED
 # One variant per kernel, together covering each dtype, both precisions and both index widths; every
 # autotune config of each (the autotuner may pick any of them on a GPU).
 cases = [
-    (corr._correlation_kernel, "fp16", {"INPUT_PRECISION": "tf32", "INT64": False}),
-    (corr._correlation_grad_kernel, "bf16", {"INPUT_PRECISION": "tf32", "INT64": True}),
+    (corr._correlation_kernel, "fp16", {"INPUT_PRECISION": "tf32", "INT64": False, "HAS_ACTIVE": True}),
+    # Both sides of the backward with active support positions: the support tile skipped whole (2), and
+    # the reduction's support blocks skipped one by one (1).
+    (corr._correlation_grad_kernel, "bf16", {"INPUT_PRECISION": "tf32", "INT64": True, "ACTIVE_SIDE": 1}),
+    (corr._correlation_grad_kernel, "fp32", {"INPUT_PRECISION": "ieee", "INT64": False, "ACTIVE_SIDE": 2}),
     (conv._center_pivot_conv4d_kernel, "fp32", {"INPUT_PRECISION": "ieee", "INT64": True, "HAS_BQ": False,
                                                 "HAS_BS": True}),
     (conv._center_pivot_conv4d_grad_input_kernel, "fp32", {"INPUT_PRECISION": "tf32", "INT64": False}),
@@ -685,6 +737,8 @@ for autotuned, dtype, constexprs in cases:
                 signature[name] = "*fp32"  # the weight gradient's partial sums; the fused layer's output
             elif name in ("p_windows", "p_counts"):
                 signature[name] = "*i32"
+            elif name == "p_active":
+                signature[name] = "*i8"
             else:
                 signature[name] = "*" + dtype if name.startswith("p_") else "i32"
         triton.compile(ASTSource(fn, signature, constexprs=all_constexprs), target=GPUTarget("cuda", 90, 32),
@@ -707,5 +761,5 @@ def test_kernels_compile_for_hopper():
     result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    # Every GPU config of the six kernels (31 in all).
-    assert result.stdout.count("compiled") == 31, result.stdout
+    # Every GPU config of the six kernels (31 in all), the correlation backward in two variants (5 more).
+    assert result.stdout.count("compiled") == 36, result.stdout

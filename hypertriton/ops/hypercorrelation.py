@@ -138,30 +138,32 @@ def _(query, support, active=None):
 
 
 def _correlation_stack_setup(ctx, inputs, output):
-    query, support, _ = inputs
-    ctx.save_for_backward(output, *query, *support)
+    query, support, active = inputs
+    ctx.save_for_backward(output, active, *query, *support)
     ctx.layers = len(query)
 
 
 @torch.library.custom_op("hypertriton::correlation_stack_backward", mutates_args=())
 def correlation_stack_backward_triton(grad: torch.Tensor, output: torch.Tensor, query: list[torch.Tensor],
-                                      support: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Triton backward of :func:`correlation_stack_triton`: the query gradients, then the support ones."""
+                                      support: list[torch.Tensor], active: Optional[torch.Tensor] = None
+                                      ) -> list[torch.Tensor]:
+    """Triton backward of :func:`correlation_stack_triton`: the query gradients, then the support ones
+    (skipping inactive support positions, whose gradients are zero)."""
     from ..kernels.hypercorrelation import correlation_backward
 
-    grads = [correlation_backward(grad[:, layer], output[:, layer], q, s) for layer, (q, s) in
+    grads = [correlation_backward(grad[:, layer], output[:, layer], q, s, active=active) for layer, (q, s) in
              enumerate(zip(query, support))]
     return [g for g, _ in grads] + [g for _, g in grads]
 
 
 @correlation_stack_backward_triton.register_fake
-def _(grad, output, query, support):
+def _(grad, output, query, support, active=None):
     return [t.new_empty(t.shape) for t in query + support]
 
 
 def _correlation_stack_backward(ctx, grad):
-    output, *features = ctx.saved_tensors
-    grads = correlation_stack_backward_triton(grad, output, features[: ctx.layers], features[ctx.layers:])
+    output, active, *features = ctx.saved_tensors
+    grads = correlation_stack_backward_triton(grad, output, features[: ctx.layers], features[ctx.layers:], active)
     return grads[: ctx.layers], grads[ctx.layers:], None
 
 
