@@ -144,6 +144,26 @@ def test_gradients_match_dense_reference(seed, batch, layers, channels, hq, wq, 
         assert_close_dtype(g, w, msg=lambda m, i=index: f"gradient of input {i}: {m}")
 
 
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_zero_feature_vectors_get_the_reference_gradient(backend):
+    """A position whose features are all zero (query, or support inside the mask) has norm 0, where
+    ``sqrt`` has no derivative: its gradient is the reference's (``norm``'s subgradient, 0), not NaN."""
+    gen, query, support, weights = make_case(11, 1, 2, 3, 4, 4, 6, 6, 3, 3, requires_grad=True)
+    with torch.no_grad():
+        query[0][0, :, 1, 2] = 0
+        support[1][0, :, 3, 3] = 0
+    mask = torch.ones(1, 6, 6, dtype=torch.float64)
+    stride = (1, 1, 2, 2)
+    inputs = [*query, *support, *weights]
+    out = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, stride, backend=backend)
+    upstream = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+    got = torch.autograd.grad(out, inputs, upstream)
+    want = torch.autograd.grad(dense(query, support, mask, weights, stride), inputs, upstream)
+    for index, (g, w) in enumerate(zip(got, want)):
+        assert torch.isfinite(g).all(), f"gradient of input {index} is not finite"
+        assert_close_dtype(g, w, msg=lambda m, i=index: f"gradient of input {i}: {m}")
+
+
 @settings(max_examples=6, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 2), layers=st.integers(1, 3), channels=st.integers(1, 20),
        hq=st.integers(1, 6), wq=st.integers(1, 6), hs=st.integers(1, 8), ws=st.integers(1, 8),

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from .. import reference
 from ..backend import resolve_backend
 from ._alloc import new_output
+from ._norms import channel_norm, normalize_with_norms, squared_norm
 from ._validation import check_cp_conv_args, check_feature_lists, check_support_mask, shape_of
 from .center_pivot_conv4d import bias_sum, output_size
 
@@ -76,31 +77,6 @@ def _resized_mask(support_mask, support: torch.Tensor, dtype: torch.dtype) -> to
     return reference.resize_mask(support_mask, support.shape[-2:]).to(dtype).flatten(1)
 
 
-def _normalize(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(f / (||f|| + eps), ||f||)`` over dim 1, as :func:`hypertriton.reference.normalize` (the norm as
-    ``sqrt(sum(f*f))``, about twice as fast as a strided ``norm``; equal up to rounding). Differentiable."""
-    norms = (features * features).sum(dim=1, keepdim=True).sqrt()
-    return features / (norms + reference.NORM_EPS), norms
-
-
-# Elements per step of the no-grad squared norm: its temporary stays in cache.
-_NORM_STEP_ELEMENTS = 1 << 16
-
-
-def _squared_norm(features: torch.Tensor) -> torch.Tensor:
-    """``sum(f * f)`` over dim 1 of ``[B, C, H, W]``, keepdim; without gradients in steps of channels (the
-    temporary of the features' size costs more than the arithmetic)."""
-    if torch.is_grad_enabled() and features.requires_grad:
-        return (features * features).sum(dim=1, keepdim=True)
-    total = None
-    step = max(1, _NORM_STEP_ELEMENTS // max(1, features[0, 0].numel()))
-    for start in range(0, features.shape[1], step):
-        part = features[:, start:start + step]
-        partial = (part * part).sum(dim=1, keepdim=True)
-        total = partial if total is None else total.add_(partial)
-    return total
-
-
 def _query_norms(query: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[bool]]:
     """``||q||`` ``[B, 1, Hq, Wq]`` per layer (differentiable), and per batch element whether the query is
     finite.
@@ -108,15 +84,15 @@ def _query_norms(query: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[bo
     A norm is finite only if every entry of its vector is, so the check reads the norms instead of the
     features (an overflowing norm of finite entries only costs a dense fallback).
     """
-    norms = [_squared_norm(q).sqrt() for q in query]
+    norms = [channel_norm(q) for q in query]
     with torch.no_grad():
         finite = torch.stack([torch.isfinite(n).flatten(1).all(dim=1) for n in norms]).all(dim=0)
     return norms, finite.tolist()
 
 
 def _normalized_query(query: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[bool]]:
-    """Normalized query features per layer (as :func:`_normalize`), and per batch element whether they
-    are all finite."""
+    """Normalized query features per layer (as :func:`hypertriton.ops._norms.normalize_with_norms`), and
+    per batch element whether they are all finite."""
     norms, finite = _query_norms(query)
     return [q / (n + reference.NORM_EPS) for q, n in zip(query, norms)], finite
 
@@ -160,7 +136,7 @@ def _normalized_active_support(support_b, mask_b, active):
                 s = s * mask_b.index_select(0, active)
         elif mask_b is not None:
             s = s * mask_b
-        out.append(_normalize(s.unsqueeze(0))[0].squeeze(0))
+        out.append(normalize_with_norms(s.unsqueeze(0))[0].squeeze(0))
     return out
 
 
@@ -175,7 +151,7 @@ def _active_support_and_scales(support_b, mask_b, active):
     raws, scales = [], []
     for s in support_b:  # [C, Hs*Ws]
         raw = s if active is None else s.index_select(1, active)
-        norm = _squared_norm(raw.unsqueeze(0))[0, 0].sqrt()
+        norm = squared_norm(raw.unsqueeze(0))[0, 0].sqrt()
         scales.append(1.0 / (norm + reference.NORM_EPS) if m is None else m / (m.abs() * norm + reference.NORM_EPS))
         raws.append(raw)
     return raws, scales
@@ -475,7 +451,7 @@ def _forward_triton(query, support, mask, weight_query, bias_query, weight_suppo
 
     query_normed, query_finite = _normalized_query(query)
     flat_mask = None if mask is None else mask.view(batch, 1, hs * ws)
-    support_normed = [_normalize(s.flatten(2) if flat_mask is None else s.flatten(2) * flat_mask)[0]
+    support_normed = [normalize_with_norms(s.flatten(2) if flat_mask is None else s.flatten(2) * flat_mask)[0]
                       for s in support]  # [B, C, Hs*Ws], exactly zero at inactive positions
     windows = []
     for b in range(batch):

@@ -26,6 +26,7 @@ import torch
 from .. import reference
 from ..backend import resolve_backend
 from ._alloc import new_output
+from ._norms import normalize
 from ._validation import check_feature_lists, check_support_mask
 
 
@@ -213,9 +214,9 @@ def hypercorrelation(query_feats, support_feats, support_mask=None, backend: str
             if size not in masks:
                 masks[size] = reference.resize_mask(support_mask, size).to(compute)
         support_feats = [s.to(compute) * masks[tuple(s.shape[-2:])] for s in support_feats]
-    # Normalizing costs O(features), negligible next to the O(Hq*Wq*Hs*Ws) correlation.
-    query_normed = [reference.normalize(q.to(compute)) for q in query_feats]
-    support_normed = [reference.normalize(s.to(compute)) for s in support_feats]
+    # Normalizing costs O(features), little next to the O(Hq*Wq*Hs*Ws) correlation.
+    query_normed = [normalize(q.to(compute)) for q in query_feats]
+    support_normed = [normalize(s.to(compute)) for s in support_feats]
 
     outputs = []
     for level in reference.pyramid_levels(query_feats, support_feats):
