@@ -117,21 +117,26 @@ def active_pattern(pattern: str, batch: int, hs: int, ws: int, seed: int) -> tor
 @settings(max_examples=10)
 @given(batch=st.integers(1, 3), channels=st.integers(1, 6), hq=sides, wq=sides, hs=st.integers(1, 9),
        ws=st.integers(1, 9), pattern=st.sampled_from(["random", "none", "all", "one", "block"]),
-       layout=st.sampled_from(["contiguous", "channels_last", "strided"]), seed=seeds)
-@example(batch=2, channels=3, hq=2, wq=3, hs=9, ws=9, pattern="block", layout="contiguous", seed=0).via(
-    "a block: whole tiles skipped, others partly active")
-@example(batch=1, channels=1, hq=1, wq=1, hs=1, ws=1, pattern="none", layout="contiguous", seed=1).via(
-    "1x1, none active")
-def test_correlation_with_active_positions_matches_reference(batch, channels, hq, wq, hs, ws, pattern, layout, seed):
-    """Active support positions (inactive ones have zero features, as a mask leaves them): the same output
-    as the dense product, every element written."""
+       layout=st.sampled_from(["contiguous", "channels_last", "strided"]), dtype=st.sampled_from(sorted(DTYPES)),
+       flags=st.sampled_from([torch.bool, torch.uint8]), seed=seeds)
+@example(batch=2, channels=3, hq=2, wq=3, hs=9, ws=9, pattern="block", layout="contiguous", dtype="fp32",
+         flags=torch.bool, seed=0).via("a block: whole tiles skipped, others partly active")
+@example(batch=1, channels=1, hq=1, wq=1, hs=1, ws=1, pattern="none", layout="contiguous", dtype="fp32",
+         flags=torch.uint8, seed=1).via("1x1, none active")
+@example(batch=2, channels=5, hq=3, wq=3, hs=7, ws=8, pattern="random", layout="channels_last", dtype="bf16",
+         flags=torch.bool, seed=2).via("bf16")
+def test_correlation_with_active_positions_matches_reference(batch, channels, hq, wq, hs, ws, pattern, layout, dtype,
+                                                             flags, seed):
+    """Active support positions (inactive ones have zero features, as a mask leaves them; given as bool or
+    0/1 integers): the same output as the dense product, every element written."""
+    dtype = DTYPES[dtype]
     active = active_pattern(pattern, batch, hs, ws, seed)
-    query = make_tensor((batch, channels, hq, wq), seed, layout).to(DEVICE)
-    support = make_tensor((batch, channels, hs, ws), seed + 1, layout).to(DEVICE)
-    support = support * active.view(batch, 1, hs, ws).to(DEVICE)
-    out = correlation_into(query, support, nan_buffer((batch, hq, wq, hs, ws), torch.float32), active.to(DEVICE))
+    query = make_tensor((batch, channels, hq, wq), seed, layout, dtype).to(DEVICE)
+    support = make_tensor((batch, channels, hs, ws), seed + 1, layout, dtype).to(DEVICE)
+    support = support * active.view(batch, 1, hs, ws).to(DEVICE, dtype)
+    out = correlation_into(query, support, nan_buffer((batch, hq, wq, hs, ws), dtype), active.to(DEVICE, flags))
     expected = torch.relu(torch.einsum("bcij,bckl->bijkl", query.cpu().double(), support.cpu().double()))
-    assert_close_dtype(out.cpu(), expected, torch.float32)
+    assert_close_dtype(out.cpu(), expected, dtype)
 
 
 def test_correlation_skips_tiles_without_active_positions():
