@@ -60,8 +60,10 @@ def active_positions(mask: torch.Tensor, query: list[torch.Tensor], support: lis
     non-finite; the per-position check runs only then.
     """
     active = mask.flatten(1) != 0
-    for s in support:
-        if not bool(torch.isfinite(s.sum())):
+    # One host sync for all layers (a GPU waits at each).
+    finite = torch.isfinite(torch.stack([s.sum() for s in support])).tolist()
+    for s, ok in zip(support, finite):
+        if not ok:
             active |= ~torch.isfinite(s).all(dim=1).flatten(1)
     for q in query:
         active |= ~torch.isfinite(q.flatten(1).sum(dim=1))[:, None]
