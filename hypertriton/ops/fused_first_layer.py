@@ -116,14 +116,14 @@ def _active_positions(mask_b, support_b: list[torch.Tensor], query_finite: bool)
     if mask_b is None or not query_finite:
         return None
     active = mask_b != 0
-    for s in support_b:  # [C, Hs*Ws]
-        # One cheap reduction decides whether the per-position check is needed at all; an overflowing
-        # finite sum only costs that check.
-        if not torch.isfinite(s.sum()):
+    # One cheap reduction per layer decides whether the per-position check is needed at all (an
+    # overflowing finite sum only costs that check); all layers' in one host sync, as a GPU waits at each.
+    finite = torch.isfinite(torch.stack([s.sum() for s in support_b])).tolist()  # s: [C, Hs*Ws]
+    for s, ok in zip(support_b, finite):
+        if not ok:
             active |= ~torch.isfinite(s).all(dim=0)
-    if bool(active.all()):
-        return None
-    return active.nonzero().squeeze(1)
+    positions = active.nonzero().squeeze(1)
+    return None if positions.numel() == active.numel() else positions
 
 
 def _normalized_active_support(support_b, mask_b, active):
