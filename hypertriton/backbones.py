@@ -24,6 +24,7 @@ import torchvision
 from torch import nn
 
 from ._io import load_on_cpu
+from .ops.cpu_conv import run_conv_module
 
 __all__ = ["BackboneSpec", "BACKBONES", "get_spec", "build_backbone", "extract_features", "freeze",
            "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -210,12 +211,12 @@ def _random_vgg(constructor) -> nn.Module:
 
 def _resnet_block_pre_relu(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A torchvision Bottleneck/BasicBlock's output after the residual add, before its last ReLU."""
-    out = F.relu(block.bn1(block.conv1(x)))
+    out = F.relu(block.bn1(run_conv_module(block.conv1, x)))
     if hasattr(block, "conv3"):  # Bottleneck
-        out = F.relu(block.bn2(block.conv2(out)))
+        out = F.relu(block.bn2(run_conv_module(block.conv2, out)))
         out = block.bn3(block.conv3(out))
     else:  # BasicBlock
-        out = block.bn2(block.conv2(out))
+        out = block.bn2(run_conv_module(block.conv2, out))
     identity = x if block.downsample is None else block.downsample(x)
     return out + identity
 
@@ -243,7 +244,7 @@ def extract_features(backbone: nn.Module, spec: BackboneSpec, img: torch.Tensor)
         feat = img
         for index, module in enumerate(backbone.features[: max(wanted) + 1]):
             # torchvision's ReLUs are in-place; a non-in-place ReLU keeps the taken conv output intact
-            feat = F.relu(feat) if isinstance(module, nn.ReLU) else module(feat)
+            feat = F.relu(feat) if isinstance(module, nn.ReLU) else run_conv_module(module, feat)
             if index in wanted:
                 feats.append(feat)
         return feats

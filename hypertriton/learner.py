@@ -12,6 +12,7 @@ from torch import nn
 
 from .backend import resolve_backend
 from .modules import CenterPivotConv4d, GroupNorm4d
+from .ops import cpu_conv
 from .ops._validation import shape_of
 from .ops.fused_first_layer import fused_hypercorrelation_cp_conv
 from .ops.layout import (autocast_output_dtype, empty_query_major, group_affine, is_query_major, merge_moments,
@@ -56,6 +57,14 @@ def _resize_pair(x: torch.Tensor, size: tuple[int, int], dims: str) -> torch.Ten
     flat = x.permute(0, 2, 3, 1, 4, 5).reshape(b * hq * wq, c, hs, ws)
     flat = F.interpolate(flat, size, mode="bilinear", align_corners=True)
     return flat.view(b, hq, wq, c, *size).permute(0, 3, 1, 2, 4, 5)
+
+
+def _run_decoder(block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``block(x)``, its stride-1 convolutions through NNPACK where faster (CPU inference; see
+    :mod:`hypertriton.ops.cpu_conv`); the same modules and parameters."""
+    for module in block:
+        x = cpu_conv.run_conv_module(module, x)
+    return x
 
 
 def _cat_query_rows(pieces: list[torch.Tensor]) -> torch.Tensor:
@@ -200,11 +209,11 @@ class HPNLearner(nn.Module):
 
     def decode(self, encoded: torch.Tensor) -> torch.Tensor:
         """``[B, 128, h, w]`` -> logits ``[B, 2, 2h, 2w]``."""
-        decoded = self.decoder1(encoded)
+        decoded = _run_decoder(self.decoder1, encoded)
         decoded = F.interpolate(decoded, (2 * decoded.shape[-2], 2 * decoded.shape[-1]), mode="bilinear",
                                 align_corners=True)
         # Contiguous whatever layout the encoder ran in, so callers may .view() the logits.
-        return self.decoder2(decoded).contiguous()
+        return _run_decoder(self.decoder2, decoded).contiguous()
 
     def forward(self, hypercorr_pyramid) -> torch.Tensor:
         return self.decode(self.encode(hypercorr_pyramid))

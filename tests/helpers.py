@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from unittest import mock
+
 import torch
 from hypothesis import strategies as st
 
@@ -98,3 +101,17 @@ def assert_gradients_match(outputs, ref_outputs, inputs, ref_inputs, upstream: s
     ref_grads = torch.autograd.grad(ref_loss, ref_inputs)
     for got, want in zip(grads, ref_grads):
         assert_close_dtype(got.cpu(), want, torch.float32, scale=scale)
+
+
+@contextlib.contextmanager
+def counting_nnpack():
+    """Yields a list that records the input shape of every call reaching NNPACK (calls go through)."""
+    calls = []
+    original = torch._nnpack_spatial_convolution
+
+    def counting(*args):
+        calls.append(tuple(args[0].shape))
+        return original(*args)
+
+    with mock.patch.object(torch, "_nnpack_spatial_convolution", counting):
+        yield calls

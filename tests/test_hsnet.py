@@ -11,10 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from helpers import counting_nnpack
 
 from hypertriton import HSNet
 from hypertriton import backbones as bb
 from hypertriton.model import vote_nshot
+from hypertriton.ops import cpu_conv
 from hypertriton.testing import assert_close_dtype
 
 _SPEC = importlib.util.spec_from_file_location(
@@ -42,11 +44,18 @@ def images(batch: int, height: int, width: int, seed: int):
 
 
 # ----------------------------------------------------------------------------- backbone features
+@pytest.mark.parametrize("nnpack", [False, True], ids=["direct", "nnpack"])
 @pytest.mark.parametrize("backbone", ["resnet50", "vgg16"])
-def test_features_equal_the_original_extraction(backbone):
+def test_features_equal_the_original_extraction(backbone, nnpack, monkeypatch):
+    """Bit for bit with PyTorch's own convolutions; within the Winograd tolerance (relative to the largest
+    feature) where the stride-1 convolutions run through NNPACK (hypertriton.ops.cpu_conv)."""
     model = model_for(backbone)
-    img = images(1, 67, 93, 1)[0]
-    ours = model.extract_features(img)
+    # Large enough that the first stage's maps reach NNPACK (cpu_conv.MIN_POSITIONS_PER_THREAD) on 2 threads
+    img = images(1, 161, 147, 1)[0]
+    monkeypatch.setenv(cpu_conv.ENV_VARIABLE, "1" if nnpack else "0")
+    with counting_nnpack() as nnpack_calls:
+        ours = model.extract_features(img)
+    assert bool(nnpack_calls) == (nnpack and cpu_conv._nnpack_present())
     with torch.no_grad():
         if backbone == "vgg16":
             expected = original.extract_feat_vgg(img, model.backbone)
@@ -54,7 +63,10 @@ def test_features_equal_the_original_extraction(backbone):
             expected = original.extract_feat_res(img, model.backbone, original.NBOTTLENECKS[backbone])
     assert len(ours) == len(expected) == model.spec.num_features
     for a, b in zip(ours, expected):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        if nnpack:
+            assert_close_dtype(a, b, "winograd", scale=float(b.abs().max()))
+        else:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert [f.shape[1] for f in ours] == list(model.spec.channels)
     assert any((f < 0).any() for f in ours)  # taken before the ReLU
 
