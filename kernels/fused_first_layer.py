@@ -100,7 +100,8 @@ def _support_branch_kernel(
                 p_s = p_support + base_s + (c0 + o_c)[:, None] * (HS * WS) + o_x[None, :]
                 b_s = tl.load(p_s, mask=m_c[:, None] & m_t[None, :], other=0.0)
                 corr = dot_acc(b_q, b_s, corr, INPUT_PRECISION)
-            corr = tl.maximum(corr, 0.0)
+            # ReLU that keeps NaN (tl.maximum would turn NaN into 0, unlike torch.relu).
+            corr = tl.where(corr < 0.0, 0.0, corr)
             # [BLOCK_T, BLOCK_O] weights of this layer: W[o, layer, t]
             p_wt = p_weight + (o_o[None, :] * L + layer) * (KS * KS) + o_t[:, None]
             b_w = tl.load(p_wt, mask=(o_t[:, None] < KS * KS) & m_o[None, :], other=0.0).to(tl.float32)

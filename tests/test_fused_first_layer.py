@@ -232,20 +232,24 @@ def test_module_form_equals_conv_of_hypercorrelation():
     assert_close_dtype(ffl.fused_hypercorrelation_cp_conv(query, support, mask, conv, backend="reference"), want)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("where", ["support_masked_out", "query"])
-def test_non_finite_features_keep_dense_semantics(where):
-    """A NaN support feature under a zero mask, or a NaN query feature, spreads NaN as in the dense path."""
-    gen, query, support, weights = make_case(11, 2, 2, 3, 5, 5, 8, 8, 3, 3)
-    mask = torch.zeros(2, 8, 8, dtype=torch.float64)
+def test_non_finite_features_keep_dense_semantics(where, backend):
+    """A NaN support feature under a zero mask, or a NaN query feature, spreads NaN as in the dense path
+    (the Triton kernel's ReLU once turned NaN into 0)."""
+    dtype = torch.float32 if backend == "triton" else torch.float64  # the kernels take fp32/fp16/bf16
+    gen, query, support, weights = make_case(11, 2, 2, 3, 5, 5, 8, 8, 3, 3, dtype=dtype)
+    mask = torch.zeros(2, 8, 8, dtype=dtype)
     mask[:, :3, :3] = 1.0
     if where == "support_masked_out":
-        support[1][0, 1, 6, 6] = float("nan")
+        support[1][0, 1, 5, 6] = float("nan")  # not a pivot: only the support-dim branch reads it
     else:
         query[0][1, 2, 4, 0] = float("nan")
-    out = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, (1, 1, 2, 2), backend="torch")
-    expected = dense(query, support, mask, weights, (1, 1, 2, 2))
+    out = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, (1, 1, 2, 2), backend=backend)
+    double = lambda ts: [t.double() for t in ts]  # noqa: E731
+    expected = dense(double(query), double(support), mask.double(), double(weights), (1, 1, 2, 2))
     assert expected.isnan().any()  # the case exercises the property
-    assert_close_dtype(out, expected)  # NaNs at the same places, the rest close
+    assert_close_dtype(out, expected, dtype=dtype)  # NaNs at the same places, the rest close
 
 
 class _LargestTensor(TorchDispatchMode):
