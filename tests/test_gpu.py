@@ -306,3 +306,34 @@ def test_conv_backward_fp32_follows_allow_tf32(tf32, upstream, case):
             continue
         assert_close_dtype(actual, wanted, torch.float32, scale=1.0 if name == "grad_x" else long_sum,
                            msg=lambda m, name=name: f"{name}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The fused first layer's Triton forward never waits for the GPU
+# ---------------------------------------------------------------------------------------------------
+
+def test_fused_forward_reads_nothing_back():
+    """No ``.item()``, ``.tolist()``, ``nonzero()`` or other read-back in the Triton fused forward (each would
+    make the host wait for the GPU; it used to happen several times per batch element): CUDA's sync debug
+    mode raises on any synchronizing call. A warm-up call first, as autotuning synchronizes."""
+    from hypertriton.ops.fused_first_layer import fused_hypercorrelation_cp_conv4d
+
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+    query = [torch.randn(3, 32, 17, 19, generator=generator, device=DEVICE) for _ in range(2)]
+    support = [torch.randn(3, 32, 17, 19, generator=generator, device=DEVICE) for _ in range(2)]
+    mask = (torch.rand(3, 68, 76, generator=generator, device=DEVICE) > 0.7).float()
+    wq, bq, ws, bs = conv_params(2, 16, 5, torch.float32, 1)
+    args = (query, support, mask, wq, bq, ws, bs, (1, 1, 4, 4))
+    with torch.no_grad():
+        warm = fused_hypercorrelation_cp_conv4d(*args, backend="triton")
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = fused_hypercorrelation_cp_conv4d(*args, backend="triton")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        corr = reference.hypercorrelation(query, support, mask)[0]
+        expected = reference.center_pivot_conv4d(corr.double(), wq.double(), bq.double(), ws.double(), bs.double(),
+                                                 (1, 1, 4, 4), (2, 2, 2, 2))
+    torch.testing.assert_close(out, warm, rtol=0, atol=0)
+    assert_tf32_close(out, expected, "fused forward")  # cuDNN's conv may run in TF32 (its default)

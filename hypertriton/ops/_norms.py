@@ -18,7 +18,9 @@ def squared_norm(features: torch.Tensor) -> torch.Tensor:
     """``sum(f * f)`` over dim 1 of ``[B, C, H, W]`` -> ``[B, 1, H, W]``, in steps of channels (a temporary
     of the features' size costs more than the arithmetic). No gradient path: see :func:`channel_norm`."""
     total = None
-    step = max(1, NORM_STEP_ELEMENTS // max(1, math.prod(features.shape[2:])))
+    # On CPU, steps of channels keep the temporary in cache; elsewhere each step would be a kernel launch.
+    step = max(1, NORM_STEP_ELEMENTS // max(1, math.prod(features.shape[2:]))) if features.device.type == "cpu" \
+        else max(1, features.shape[1])
     for start in range(0, features.shape[1], step):
         part = features[:, start:start + step]
         partial = (part * part).sum(dim=1, keepdim=True)

@@ -42,6 +42,7 @@ from ._alloc import new_output
 from ._norms import channel_norm, normalize_with_norms, squared_norm
 from ._validation import check_cp_conv_args, check_feature_lists, check_support_mask, shape_of
 from .center_pivot_conv4d import bias_sum, output_size
+from .hypercorrelation import active_positions
 
 # Elements of one chunk's dense correlation buffer (fp32: 8 MB). Large enough that the matrix
 # products stay efficient, small enough to stay far below the 4D tensor at every size.
@@ -434,7 +435,11 @@ def _forward_triton(query, support, mask, weight_query, bias_query, weight_suppo
     """Fused forward with the support-dim branch in :mod:`hypertriton.kernels.fused_first_layer`.
 
     Same inputs and output as :func:`_forward`; needs equal channel counts across the level's layers
-    and a square support kernel, stride and padding (HSNet's case).
+    and a square support kernel, stride and padding (HSNet's case). Nothing is read back to the host
+    (a GPU would wait at each read, once per batch element): the active windows are found and ordered
+    on the device, and the query branch runs batched over every pivot (on a GPU its products cost less
+    than the launches and waits that skipping the inactive pivots would take; their correlations are
+    exactly zero, so the result is the same).
     """
     from ..kernels.fused_first_layer import support_branch_into
 
@@ -449,33 +454,57 @@ def _forward_triton(query, support, mask, weight_query, bias_query, weight_suppo
     out.copy_(bias_sum(bias_query, bias_support, weight_query.shape[0]).to(weight_query).view(1, -1, 1, 1)
               .expand_as(out))
 
-    query_normed, query_finite = _normalized_query(query)
+    query_normed = [normalize_with_norms(q)[0] for q in query]
     flat_mask = None if mask is None else mask.view(batch, 1, hs * ws)
     support_normed = [normalize_with_norms(s.flatten(2) if flat_mask is None else s.flatten(2) * flat_mask)[0]
                       for s in support]  # [B, C, Hs*Ws], exactly zero at inactive positions
-    windows = []
-    for b in range(batch):
-        mask_b = None if mask is None else mask[b]
-        active = _active_positions(mask_b, [s[b].flatten(1) for s in support], query_finite[b])
-        grid = torch.ones(hs * ws, device=out.device) if active is None else \
-            torch.zeros(hs * ws, device=out.device).index_fill_(0, active, 1.0)
-        # A window is active when any of its taps is an active position.
-        hit = F.max_pool2d(grid.view(1, 1, hs, ws), kernel, stride, padding).flatten()
-        windows.append(hit.nonzero().squeeze(1))
 
-        # Query-dim branch at the active pivots (a 1/s^2 slice of the correlations) in PyTorch.
-        support_active = [s[b] if active is None else s[b].index_select(1, active) for s in support_normed]
-        _add_query_branch(out[b], [qn[b] for qn in query_normed], support_active, active, weight_query, spec)
-
-    counts = torch.tensor([w.numel() for w in windows], dtype=torch.int32, device=out.device)
-    padded = torch.zeros(batch, max(int(counts.max()), 1), dtype=torch.int32, device=out.device)
-    for b, w in enumerate(windows):
-        padded[b, : w.numel()] = w.to(torch.int32)
+    # Active windows (any tap on an active position) first in each row, in order; the kernel reads
+    # only the first `counts[b]` of row b.
+    if mask is None:
+        hit = torch.ones(batch, hs2 * ws2, dtype=torch.bool, device=out.device)
+    else:
+        active = active_positions(flat_mask, query_normed, support_normed, read_back=False)
+        hit = F.max_pool2d(active.view(batch, 1, hs, ws).to(out.dtype), kernel, stride, padding) > 0
+        hit = hit.view(batch, hs2 * ws2)
+    counts = hit.sum(dim=1, dtype=torch.int32)
+    windows = torch.sort((~hit).to(torch.int32), dim=1, stable=True).indices.to(torch.int32)
     query_pivots = torch.stack([_pivot_query_batch(qn, spec) for qn in query_normed], dim=1)  # [B, L, C, NQ]
     cd = spec.correlation_dtype
-    support_branch_into(query_pivots.to(cd), torch.stack(support_normed, dim=1).to(cd), weight_support, padded,
+    support_branch_into(query_pivots.to(cd), torch.stack(support_normed, dim=1).to(cd), weight_support, windows,
                         counts, (hs, ws), stride, padding, out)
+    _add_query_branch_batched(out, query_normed, support_normed, weight_query, spec)
     return result
+
+
+def _add_query_branch_batched(out, query_normed, support_normed, weight, spec: _Spec) -> None:
+    """Add the query-dim branch at every pivot support position into ``out`` ``[B, Cout, Hq'*Wq', Hs'*Ws']``
+    (no grad), batched over the batch, in chunks of pivots whose temporaries stay within a quarter of
+    ``out``.
+
+    ``query_normed``: per layer ``[B, C, Hq, Wq]``; ``support_normed``: per layer ``[B, C, Hs*Ws]`` (masked).
+    """
+    batch, out_channels = out.shape[:2]
+    hq, wq = query_normed[0].shape[-2:]
+    hs, ws = _support_size(spec)
+    ssh, ssw = spec.stride[2:]
+    hq2, wq2 = spec.out_size[:2]
+    cd = spec.correlation_dtype
+    # Pivot (u*s, v*s) of output position (u, v): the pivots are the output grid, in its order.
+    pivots = [s.view(batch, -1, hs, ws)[:, :, ::ssh, ::ssw].flatten(2).to(cd) for s in support_normed]
+    query_full = [q.flatten(2).to(cd) for q in query_normed]
+    count = pivots[0].shape[-1]
+    per_pivot = batch * (spec.layers * hq * wq + out_channels * hq * wq)
+    step = max(1, max(spec.chunk_elements, out.numel() // 4) // max(per_pivot, 1))
+    for start in range(0, count, step):
+        corr = torch.stack([torch.relu(torch.bmm(p[:, :, start:start + step].transpose(1, 2), q))
+                            for p, q in zip(pivots, query_full)], dim=2)  # [B, p, L, Hq*Wq]
+        p = corr.shape[1]
+        part = F.conv2d(corr.view(batch * p, spec.layers, hq, wq).to(weight.dtype), weight, None, spec.stride[:2],
+                        spec.padding[:2])
+        part = part[:, :, spec.row_start:spec.row_start + hq2]  # the kept rows
+        part = part.reshape(batch, p, out_channels, hq2 * wq2).permute(0, 2, 3, 1)
+        out[:, :, :, start:start + p] += part.to(out.dtype)
 
 
 def _pivot_query_batch(query_normed: torch.Tensor, spec: _Spec) -> torch.Tensor:

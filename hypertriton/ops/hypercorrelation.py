@@ -44,8 +44,8 @@ def _level_shape(query: torch.Tensor, support: torch.Tensor, layers: int) -> tup
 SPARSE_SHARE = 0.75
 
 
-def active_positions(mask: torch.Tensor, query: list[torch.Tensor], support: list[torch.Tensor]
-                     ) -> torch.Tensor | None:
+def active_positions(mask: torch.Tensor, query: list[torch.Tensor], support: list[torch.Tensor],
+                     read_back: bool = True) -> torch.Tensor | None:
     """``[B, Hs*Ws]`` bool: the support positions of one level whose correlations may be nonzero, or
     None when all may be.
 
@@ -58,15 +58,20 @@ def active_positions(mask: torch.Tensor, query: list[torch.Tensor], support: lis
     anywhere (its NaN reaches all of them). Elsewhere the normalized support is the zero vector and each
     correlation exactly 0. Normalized entries lie in [-1, 1], so one sum per tensor tells whether any is
     non-finite; the per-position check runs only then.
+
+    ``read_back=False``: nothing is read back to the host (no GPU wait): every position's finiteness is
+    checked and the flags are returned even when all are set.
     """
     active = mask.flatten(1) != 0
     # One host sync for all layers (a GPU waits at each).
-    finite = torch.isfinite(torch.stack([s.sum() for s in support])).tolist()
+    finite = torch.isfinite(torch.stack([s.sum() for s in support])).tolist() if read_back else [False] * len(support)
     for s, ok in zip(support, finite):
         if not ok:
             active |= ~torch.isfinite(s).all(dim=1).flatten(1)
     for q in query:
         active |= ~torch.isfinite(q.flatten(1).sum(dim=1))[:, None]
+    if not read_back:
+        return active
     return None if bool(active.all()) else active
 
 
