@@ -235,16 +235,19 @@ class HPNLearner(nn.Module):
                 With gradients it is ignored.
             rows_per_step: query rows per streamed step (None: automatic).
         """
-        squeezed = []
-        streamed = self._streamed_levels(levels) if lean and not torch.is_grad_enabled() else [False] * 3
-        for (query, support), block, stream in zip(levels, self.squeeze_blocks, streamed):
-            if stream:
-                squeezed.append(self.squeeze_streamed(block, query, support, support_mask, rows_per_step))
-                continue
-            # A temporary (no name holds it): squeeze_rest frees it as soon as its next layer is done.
-            squeezed.append(self.squeeze_rest(block, fused_hypercorrelation_cp_conv(
-                query, support, support_mask, block[0], backend=self.backend)))
-        return self.decode(self.mix(*squeezed))
+        lean = lean and not torch.is_grad_enabled()
+        # Lean mode is for memory: no NNPACK, whose layout copies would raise its peak (hypertriton.ops.cpu_conv).
+        with cpu_conv.nnpack_allowed(not lean):
+            squeezed = []
+            streamed = self._streamed_levels(levels) if lean else [False] * 3
+            for (query, support), block, stream in zip(levels, self.squeeze_blocks, streamed):
+                if stream:
+                    squeezed.append(self.squeeze_streamed(block, query, support, support_mask, rows_per_step))
+                    continue
+                # A temporary (no name holds it): squeeze_rest frees it as soon as its next layer is done.
+                squeezed.append(self.squeeze_rest(block, fused_hypercorrelation_cp_conv(
+                    query, support, support_mask, block[0], backend=self.backend)))
+            return self.decode(self.mix(*squeezed))
 
     def _streamed_levels(self, levels) -> list[bool]:
         """Which levels a lean forward streams: those whose first-layer output would be at least a quarter

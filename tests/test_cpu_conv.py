@@ -1,6 +1,8 @@
 """hypertriton.ops.cpu_conv: NNPACK convolutions in CPU inference, against float64 convolutions, and the
 cases where PyTorch's own convolution must run instead."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -76,7 +78,9 @@ def fallback_cases():
         "autocast": (big, {"autocast": True}),
         "disabled by variable": (big, {"env": "0"}),
         "disabled by torch": (big, {"torch_flag": False}),
-        "other thread count": (big, {"pool_threads": torch.get_num_threads() + 1}),
+        "other thread count": (big, {"pool": (torch.get_num_threads() + 1, os.getpid())}),
+        "forked process": (big, {"pool": (torch.get_num_threads(), os.getpid() + 1)}),
+        "forbidden in a block": (big, {"allowed": False}),
     }
 
 
@@ -90,10 +94,12 @@ def test_falls_back_to_pytorch(monkeypatch, name):
     stride, padding = options.get("stride", 1), options.get("padding", shape["kernel"] // 2)
     if "env" in options:
         monkeypatch.setenv(cpu_conv.ENV_VARIABLE, options["env"])
-    if "pool_threads" in options:
-        monkeypatch.setattr(cpu_conv, "_pool_threads", options["pool_threads"])
+    if "pool" in options:  # as if NNPACK's pool had been created with these threads, in that process
+        monkeypatch.setattr(cpu_conv, "_pool_threads", options["pool"][0])
+        monkeypatch.setattr(cpu_conv, "_pool_pid", options["pool"][1])
     weight.requires_grad_(options.get("requires_grad", False))
     with torch.backends.nnpack.flags(enabled=options.get("torch_flag", True)), \
+            cpu_conv.nnpack_allowed(options.get("allowed", True)), \
             torch.autocast("cpu", torch.bfloat16, enabled=options.get("autocast", False)), \
             counting_nnpack() as nnpack_calls:
         out = cpu_conv.conv2d(x, weight, b, stride, padding)
@@ -136,3 +142,25 @@ def test_decoder_uses_nnpack_in_inference_only():
     with counting_nnpack() as nnpack_calls:
         trained = _run_decoder(learner.decoder1, encoded)  # gradients recorded for the parameters
     assert nnpack_calls == [] and torch.equal(trained, plain)
+
+
+def test_lean_learner_forward_uses_no_nnpack():
+    """Lean mode exists for its memory: it keeps PyTorch's convolutions (NNPACK's layout copies would raise
+    its peak); the default forward uses NNPACK and gives the same logits within the Winograd tolerance."""
+    side = side_for_nnpack()
+    learner = HPNLearner([3, 6, 4]).eval()
+    generator = torch.Generator().manual_seed(3)
+    levels = []
+    for layers, level_side in zip((3, 6, 4), (-(-side // 4), -(-side // 2), side)):
+        feats = [[torch.randn(1, 8, level_side, level_side, generator=generator) for _ in range(layers)]
+                 for _ in range(2)]
+        levels.append(tuple(feats))
+    mask = torch.zeros(1, 4 * side, 4 * side)
+    mask[:, side:3 * side, side // 2:2 * side] = 1
+    with torch.no_grad():
+        with counting_nnpack() as lean_calls:
+            lean = learner.forward_fused(levels, mask, lean=True)
+        with counting_nnpack() as default_calls:
+            default = learner.forward_fused(levels, mask)
+    assert lean_calls == [] and default_calls
+    assert_close_dtype(default, lean, "winograd", scale=float(lean.abs().max().clamp(min=1)))

@@ -135,13 +135,15 @@ def _cp_conv_torch_query_major(x, weight_query, bias_query, weight_support, bias
         # results back (contiguous 2D transposes: several times faster than a 6D permuted copy).
         out = torch.empty(batch, hq, wq, hs, ws, out_channels, dtype=x.dtype)
         flat_in = x.permute(0, 2, 3, 4, 5, 1).reshape(batch, hq * wq, hs * ws * channels)
-        flat_out = out.view(batch, hq * wq, hs * ws * out_channels)
-        maps_out = torch.empty(hs * ws, out_channels, hq, wq, dtype=x.dtype)
+        flat_out = out.view(batch, hq * wq, hs * ws, out_channels)
+        bias = bias_sum(bias_query, bias_support)
         for item in range(batch):
             maps = flat_in[item].t().contiguous().view(hs * ws, channels, hq, wq)
-            cpu_conv.conv2d(maps, weight_query, bias_sum(bias_query, bias_support), 1, (pqh, pqw), out=maps_out)
-            flat_out[item].copy_(maps_out.view(hs * ws * out_channels, hq * wq).t())
-        _support_branch(rows, n, weight_support, None, (ssh, ssw), (psh, psw), into=flat_out.view(n, -1))
+            for position in range(hs * ws):  # one map's result at a time: the fewest temporaries
+                result = cpu_conv.conv2d(maps[position:position + 1], weight_query, bias, 1, (pqh, pqw))
+                flat_out[item, :, position].copy_(result.view(out_channels, hq * wq).t())
+            del maps
+        _support_branch(rows, n, weight_support, None, (ssh, ssw), (psh, psw), into=out.view(n, -1))
         return out.permute(0, 5, 1, 2, 3, 4)
 
     if ssh == ssw == 1:
