@@ -2,6 +2,7 @@
 cases where PyTorch's own convolution must run instead."""
 
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -81,6 +82,7 @@ def fallback_cases():
         "other thread count": (big, {"pool": (torch.get_num_threads() + 1, os.getpid())}),
         "forked process": (big, {"pool": (torch.get_num_threads(), os.getpid() + 1)}),
         "forbidden in a block": (big, {"allowed": False}),
+        "more threads than allowed": (big, {"max_threads": torch.get_num_threads() - 1}),
     }
 
 
@@ -102,18 +104,20 @@ def test_falls_back_to_pytorch(monkeypatch, name):
             cpu_conv.nnpack_allowed(options.get("allowed", True)), \
             torch.autocast("cpu", torch.bfloat16, enabled=options.get("autocast", False)), \
             counting_nnpack() as nnpack_calls:
-        out = cpu_conv.conv2d(x, weight, b, stride, padding)
+        out = cpu_conv.conv2d(x, weight, b, stride, padding, max_threads=options.get("max_threads"))
         expected = F.conv2d(x, weight, b, stride, padding)
     assert nnpack_calls == []
     assert torch.equal(out, expected)
 
 
 @given(batch=st.integers(1, 2), support=st.sampled_from([(1, 1), (2, 2), (2, 3)]), extra=st.integers(0, 3),
-       layout=st.sampled_from(["query_major", "contiguous"]), seed=seeds)
-@example(batch=2, support=(2, 2), extra=1, layout="query_major", seed=0)
-def test_mixing_layer_query_branch(batch, support, extra, layout, seed):
+       layout=st.sampled_from(["query_major", "contiguous"]), thread_limit_met=st.booleans(), seed=seeds)
+@example(batch=2, support=(2, 2), extra=1, layout="query_major", thread_limit_met=True, seed=0)
+@example(batch=1, support=(2, 2), extra=0, layout="query_major", thread_limit_met=False, seed=0)
+def test_mixing_layer_query_branch(batch, support, extra, layout, thread_limit_met, seed):
     """A center-pivot conv with support stride 1 (HSNet's mixing blocks) runs its query branch through NNPACK
-    when the input is query-major, and equals the reference either way."""
+    when the input is query-major and the thread count is within ``CP_CONV_MAX_THREADS``, and equals the
+    reference either way."""
     side = side_for_nnpack()
     channels = 32
     x = make_tensor((batch, channels, side + extra, side, *support), seed)
@@ -122,9 +126,11 @@ def test_mixing_layer_query_branch(batch, support, extra, layout, seed):
     wq = make_tensor((channels, channels, 3, 3), seed + 1) / (channels * 9) ** 0.5
     ws = make_tensor((channels, channels, 3, 3), seed + 2) / (channels * 9) ** 0.5
     bq, bs = make_tensor((channels,), seed + 3), make_tensor((channels,), seed + 4)
-    with torch.no_grad(), counting_nnpack() as nnpack_calls:
+    limit = torch.get_num_threads() - (0 if thread_limit_met else 1)
+    with torch.no_grad(), counting_nnpack() as nnpack_calls, mock.patch.object(cpu_conv, "CP_CONV_MAX_THREADS", limit):
         out = center_pivot_conv4d(x, wq, bq, ws, bs, (1, 1, 1, 1), 1, backend="torch")
-    assert len(nnpack_calls) == (batch * support[0] * support[1] if layout == "query_major" else 0)
+    used = layout == "query_major" and thread_limit_met
+    assert len(nnpack_calls) == (batch * support[0] * support[1] if used else 0)
     expected = reference.center_pivot_conv4d(x.double(), wq.double(), bq.double(), ws.double(), bs.double(),
                                              (1, 1, 1, 1), (1, 1, 1, 1))
     assert_close_dtype(out, expected, "winograd", scale=2)

@@ -128,7 +128,7 @@ def _cp_conv_torch_query_major(x, weight_query, bias_query, weight_support, bias
     n = batch * hq2 * wq2
 
     if ssh == ssw == 1 and sqh == sqw == 1 and cpu_conv.nnpack_usable(
-            x[:1, :, :, :, 0, 0], weight_query, bias_query, (sqh, sqw), (pqh, pqw)):
+            x[:1, :, :, :, 0, 0], weight_query, bias_query, (sqh, sqw), (pqh, pqw), cpu_conv.CP_CONV_MAX_THREADS):
         # Every support position is a pivot, and NNPACK is faster than the 3D convolution below (the
         # mixing blocks' 3x3 query convolutions, see cpu_conv): per batch item, one 2D transpose turns
         # the query-major [Hq*Wq, Hs*Ws*C] memory into Hs*Ws maps [C, Hq, Wq] and one turns their
@@ -140,7 +140,8 @@ def _cp_conv_torch_query_major(x, weight_query, bias_query, weight_support, bias
         for item in range(batch):
             maps = flat_in[item].t().contiguous().view(hs * ws, channels, hq, wq)
             for position in range(hs * ws):  # one map's result at a time: the fewest temporaries
-                result = cpu_conv.conv2d(maps[position:position + 1], weight_query, bias, 1, (pqh, pqw))
+                result = cpu_conv.conv2d(maps[position:position + 1], weight_query, bias, 1, (pqh, pqw),
+                                         max_threads=cpu_conv.CP_CONV_MAX_THREADS)
                 flat_out[item, :, position].copy_(result.view(out_channels, hq * wq).t())
             del maps
         _support_branch(rows, n, weight_support, None, (ssh, ssw), (psh, psw), into=out.view(n, -1))
@@ -173,7 +174,8 @@ def _cp_conv_torch_query_major(x, weight_query, bias_query, weight_support, bias
         pivots = pivot_rows[:, start:start + step].contiguous()
         rows_here = pivots.shape[1]
         maps = pivots.view(batch * rows_here * ws2, hq, wq, channels).permute(0, 3, 1, 2)
-        query_branch = cpu_conv.conv2d(maps, weight_query, bias_query, (sqh, sqw), (pqh, pqw))
+        query_branch = cpu_conv.conv2d(maps, weight_query, bias_query, (sqh, sqw), (pqh, pqw),
+                                       max_threads=cpu_conv.CP_CONV_MAX_THREADS)
         query_branch = query_branch.permute(0, 2, 3, 1).reshape(batch, rows_here, ws2, hq2, wq2, out_channels)
         out[:, :, :, start:start + rows_here].add_(query_branch.permute(0, 3, 4, 1, 2, 5))
     return out.permute(0, 5, 1, 2, 3, 4)

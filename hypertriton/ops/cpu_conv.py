@@ -22,6 +22,11 @@ several times slower). NNPACK sizes its thread pool once per process, at its fir
 ``torch.get_num_threads()``; when the thread count differs later, or in a forked child (which has none
 of the pool's threads), PyTorch's convolution runs instead. :func:`nnpack_allowed` turns it off for a
 block of code (lean mode does, for memory).
+
+Threads: with 2 threads the backbones still gain (ResNet-50 at 400 px 236 -> 219 ms, VGG16 642 -> 424 ms),
+but the learner's center-pivot convolutions lost (its forward 306 -> 346 ms: between NNPACK's calls
+OpenMP's idle threads spin on the cores NNPACK's pool needs), so those call sites pass
+``max_threads=1`` (``CP_CONV_MAX_THREADS``).
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ ENV_VARIABLE = "HYPERTRITON_NNPACK"
 MIN_POSITIONS_PER_THREAD = 600
 MIN_CHANNEL_PRODUCT = 1024
 KERNEL_SIZES = (3, 5)
+# Thread counts up to which the center-pivot convolutions' call sites gain from NNPACK (see above).
+CP_CONV_MAX_THREADS = 1
 
 # Threads NNPACK's pool was created with, and the process that created it (set at its first call).
 _pool_threads: int | None = None
@@ -72,8 +79,10 @@ def _enabled() -> bool:
             and os.environ.get(ENV_VARIABLE, "1").strip().lower() not in ("0", "false", "no", "off"))
 
 
-def nnpack_usable(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding) -> bool:
-    """Whether :func:`conv2d` runs ``x`` ``[N, Cin, H, W]`` through NNPACK (see the module docstring)."""
+def nnpack_usable(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, max_threads: int | None = None
+                  ) -> bool:
+    """Whether :func:`conv2d` runs ``x`` ``[N, Cin, H, W]`` through NNPACK (see the module docstring);
+    never when ``torch.get_num_threads()`` exceeds ``max_threads`` (None: any count)."""
     if not (x.device.type == "cpu" and x.dim() == 4 and x.dtype == weight.dtype == torch.float32):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
@@ -85,6 +94,8 @@ def nnpack_usable(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding) 
     if kh != kw or kh not in KERNEL_SIZES or tuple(padding) != (kh // 2, kw // 2) or tuple(stride) != (1, 1):
         return False
     threads = torch.get_num_threads()
+    if max_threads is not None and threads > max_threads:
+        return False
     # A forked child has none of the pool's threads: NNPACK would wait for them forever.
     if _pool_threads is not None and (threads != _pool_threads or os.getpid() != _pool_pid):
         return False
@@ -100,7 +111,7 @@ def _pair(value) -> tuple[int, int]:
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
-           out: torch.Tensor | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None, max_threads: int | None = None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, stride, padding)`` (no dilation, no groups), through NNPACK where
     :func:`nnpack_usable`; the result's memory layout may differ from ``F.conv2d``'s (NNPACK's is
     contiguous).
@@ -109,13 +120,14 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         x: ``[N, Cin, H, W]``.
         weight: ``[Cout, Cin, kh, kw]``; bias: ``[Cout]`` or None.
         out: optional contiguous ``[N, Cout, H', W']`` written with the result (and returned).
+        max_threads: NNPACK only up to this many torch threads (see :func:`nnpack_usable`).
 
     Returns:
         ``[N, Cout, H', W']``.
     """
     global _pool_threads, _pool_pid
     stride, padding = _pair(stride), _pair(padding)
-    if not nnpack_usable(x, weight, bias, stride, padding):
+    if not nnpack_usable(x, weight, bias, stride, padding, max_threads):
         result = F.conv2d(x, weight, bias, stride, padding)
         return result if out is None else out.copy_(result)
     if _pool_threads is None:
