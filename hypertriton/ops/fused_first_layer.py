@@ -296,29 +296,30 @@ def _support_branch_chunk(query_chunk, support_active, windows: _SupportWindows,
 
 def _query_branch_chunk(query_full, support_pivots, weight, spec: _Spec, hq: int, wq: int, column_scale=None,
                         conv_dtype: torch.dtype | None = None):
-    """Query-dim branch for a chunk of active pivot support positions.
+    """Query-dim branch for a chunk of active pivot support positions, of one batch element or of a batch.
 
     Args:
-        query_full: list over layers of ``[C, Hq*Wq]`` normalized query features.
-        support_pivots: list over layers of ``[C, p]`` normalized support features at the pivots.
+        query_full: list over layers of ``[C, Hq*Wq]`` normalized query features (a batch: ``[B, C, Hq*Wq]``).
+        support_pivots: list over layers of ``[C, p]`` normalized support features at the pivots (a batch:
+            ``[B, C, p]``).
         weight: ``[Cout, L, KQh, KQw]``.
         column_scale: list over layers of ``[Hq*Wq]`` factors for the products' columns when
             ``query_full`` is unnormalized (its inverse norms); None: it is normalized.
         conv_dtype: dtype of the ReLU and the conv (``weight``'s); None: the compute dtype.
 
     Returns:
-        ``[p, Cout, Hq', Wq']`` without bias.
+        ``[p, Cout, Hq', Wq']`` (a batch: ``[B*p, Cout, Hq', Wq']``, batch-major) without bias.
     """
     cd = spec.correlation_dtype
     conv_dtype = spec.compute_dtype if conv_dtype is None else conv_dtype
-    products = [torch.mm(s.t().to(cd), q.to(cd)).to(conv_dtype) for q, s in zip(query_full, support_pivots)]
+    products = [torch.matmul(s.transpose(-2, -1).to(cd), q.to(cd)).to(conv_dtype)
+                for q, s in zip(query_full, support_pivots)]
     if column_scale is not None:
         products = [product * scale.to(conv_dtype) for product, scale in zip(products, column_scale)]
-    # Channels-last [p, Hq*Wq, L]: the conv's output is then channels-last too, [p, Hq', Wq', Cout] in
-    # memory, which the forward adds into its query-major output along contiguous rows of Cout.
-    corr = torch.stack([torch.relu(product) for product in products], dim=2)
-    p = corr.shape[0]
-    maps = corr.view(p, hq, wq, len(query_full)).permute(0, 3, 1, 2)
+    # Channels-last [(B,) p, Hq*Wq, L]: the conv's output is then channels-last too, [p, Hq', Wq', Cout] in
+    # memory, which the torch forward adds into its query-major output along contiguous rows of Cout.
+    corr = torch.stack([torch.relu(product) for product in products], dim=-1)
+    maps = corr.view(-1, hq, wq, len(query_full)).permute(0, 3, 1, 2)
     return F.conv2d(maps, weight, None, spec.stride[:2], spec.padding[:2])
 
 
@@ -497,11 +498,9 @@ def _add_query_branch_batched(out, query_normed, support_normed, weight, spec: _
     per_pivot = batch * (spec.layers * hq * wq + out_channels * hq * wq)
     step = max(1, max(spec.chunk_elements, out.numel() // 4) // max(per_pivot, 1))
     for start in range(0, count, step):
-        corr = torch.stack([torch.relu(torch.bmm(p[:, :, start:start + step].transpose(1, 2), q))
-                            for p, q in zip(pivots, query_full)], dim=2)  # [B, p, L, Hq*Wq]
-        p = corr.shape[1]
-        part = F.conv2d(corr.view(batch * p, spec.layers, hq, wq).to(weight.dtype), weight, None, spec.stride[:2],
-                        spec.padding[:2])
+        part = _query_branch_chunk(query_full, [p[:, :, start:start + step] for p in pivots], weight, spec, hq, wq,
+                                   conv_dtype=weight.dtype)  # [B*p, Cout, Hq', Wq']
+        p = part.shape[0] // batch
         part = part[:, :, spec.row_start:spec.row_start + hq2]  # the kept rows
         part = part.reshape(batch, p, out_channels, hq2 * wq2).permute(0, 2, 3, 1)
         out[:, :, :, start:start + p] += part.to(out.dtype)
