@@ -54,16 +54,6 @@ def test_matches_float64_convolution(batch, cin, cout, extra, kernel, bias, chan
     assert_close_dtype(out, expected, "winograd")
 
 
-def test_writes_into_out():
-    side = side_for_nnpack()
-    x, weight, b = conv_case(2, 32, 32, side, side + 1, 3, seed=5)
-    out = torch.full((2, 32, side, side + 1), float("nan"))
-    with torch.no_grad(), counting_nnpack() as nnpack_calls:
-        returned = cpu_conv.conv2d(x, weight, b, 1, 1, out=out)
-    assert returned is out and len(nnpack_calls) == 2
-    assert_close_dtype(out, F.conv2d(x.double(), weight.double(), b.double(), 1, 1), "winograd")
-
-
 def fallback_cases():
     side = side_for_nnpack()
     big = dict(batch=1, cin=32, cout=32, height=side, width=side, kernel=3)

@@ -111,7 +111,7 @@ def _pair(value) -> tuple[int, int]:
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
-           out: torch.Tensor | None = None, max_threads: int | None = None) -> torch.Tensor:
+           max_threads: int | None = None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, stride, padding)`` (no dilation, no groups), through NNPACK where
     :func:`nnpack_usable`; the result's memory layout may differ from ``F.conv2d``'s (NNPACK's is
     contiguous).
@@ -119,7 +119,6 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     Args:
         x: ``[N, Cin, H, W]``.
         weight: ``[Cout, Cin, kh, kw]``; bias: ``[Cout]`` or None.
-        out: optional contiguous ``[N, Cout, H', W']`` written with the result (and returned).
         max_threads: NNPACK only up to this many torch threads (see :func:`nnpack_usable`).
 
     Returns:
@@ -128,15 +127,13 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     global _pool_threads, _pool_pid
     stride, padding = _pair(stride), _pair(padding)
     if not nnpack_usable(x, weight, bias, stride, padding, max_threads):
-        result = F.conv2d(x, weight, bias, stride, padding)
-        return result if out is None else out.copy_(result)
+        return F.conv2d(x, weight, bias, stride, padding)
     if _pool_threads is None:
         _pool_threads, _pool_pid = torch.get_num_threads(), os.getpid()
     x = x.contiguous()
     # NNPACK's wrapper rejects a missing bias.
     bias = torch.zeros(weight.shape[0], dtype=x.dtype) if bias is None else bias
-    if out is None:
-        out = torch.empty(x.shape[0], weight.shape[0], x.shape[2], x.shape[3], dtype=x.dtype)
+    out = torch.empty(x.shape[0], weight.shape[0], x.shape[2], x.shape[3], dtype=x.dtype)
     for index in range(x.shape[0]):
         out[index:index + 1] = torch._nnpack_spatial_convolution(x[index:index + 1], weight, bias, list(padding),
                                                                  [1, 1])
