@@ -369,6 +369,28 @@ def test_blob_mask_skips_most_support_positions():
     assert math.isclose(float(resized[0, active].abs().sum()), float(resized[0].abs().sum()))
 
 
+@pytest.mark.parametrize("mask_kind", ["full", "blob"])
+@pytest.mark.parametrize("budget, own_products", [(ffl.CHUNK_ELEMENTS, False), (2 * 6 * 5 * 2, True)])
+def test_query_branch_reuses_the_support_branchs_correlations(mask_kind, budget, own_products):
+    """With query stride 1 the support branch's products hold the pivots' correlations, so the query branch
+    computes none of its own while they fit in one chunk's budget (here the whole batch element's pivots,
+    or only two of them, the rest with their own products); the output equals the dense reference."""
+    gen, query, support, weights = make_case(14, 2, 2, 3, 6, 5, 9, 8, 3, 5)
+    mask = make_mask(mask_kind, 2, 9, 8, gen)
+    stride = (1, 1, 2, 2)
+    calls = []
+    original = ffl._query_branch_chunk
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    with chunk_budget(budget), mock.patch.object(ffl, "_query_branch_chunk", counting):
+        got = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, stride, backend="torch")
+    assert bool(calls) == own_products
+    assert_close_dtype(got, dense(query, support, mask, weights, stride))
+
+
 @pytest.mark.parametrize("pixel, computed", [((1, 1), False), ((2, 4), True)])
 def test_support_windows_cover_exactly_what_an_active_position_reaches(pixel, computed):
     """One active pixel: only the conv windows that contain it are computed (none when it falls between

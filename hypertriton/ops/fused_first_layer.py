@@ -244,7 +244,7 @@ def _channels_last_buffer(spec: _Spec) -> bool:
 
 
 def _support_branch_chunk(query_chunk, support_active, windows: _SupportWindows, weight, spec: _Spec,
-                          buffer=None, scales=None):
+                          buffer=None, scales=None, capture=None):
     """Support-dim branch for a chunk of pivot query positions, over ``windows``.
 
     Args:
@@ -260,6 +260,9 @@ def _support_branch_chunk(query_chunk, support_active, windows: _SupportWindows,
         scales: with a buffer, per layer ``([n] or None, [N])`` factors for the products' rows and columns
             (the inverse norms of an unnormalized ``query_chunk``, None when it is normalized, and the
             normalizing factors of an unnormalized ``support_active``); None: both are normalized.
+        capture: with a buffer, optional ``(columns [P], into [P, n, L])``: the chunk's correlations at those
+            columns of ``support_active`` are also written to ``into`` (the query branch's input at the
+            pivots, which then needs no products of its own).
 
     Returns:
         ``[n, Cout, rows, cols]`` of ``windows``, without bias.
@@ -284,6 +287,8 @@ def _support_branch_chunk(query_chunk, support_active, windows: _SupportWindows,
             if scales is not None:
                 product.mul_(scales[layer][1])
             product = torch.relu_(product)
+            if capture is not None:
+                capture[1][:, :, layer].copy_(product.index_select(1, capture[0]).t())
             target = corr[:, :, layer] if channels_last else corr[:, layer]
             if windows.full:
                 target.copy_(product)
@@ -318,8 +323,13 @@ def _query_branch_chunk(query_full, support_pivots, weight, spec: _Spec, hq: int
         products = [product * scale.to(conv_dtype) for product, scale in zip(products, column_scale)]
     # Channels-last [(B,) p, Hq*Wq, L]: the conv's output is then channels-last too, [p, Hq', Wq', Cout] in
     # memory, which the torch forward adds into its query-major output along contiguous rows of Cout.
-    corr = torch.stack([torch.relu(product) for product in products], dim=-1)
-    maps = corr.view(-1, hq, wq, len(query_full)).permute(0, 3, 1, 2)
+    return _query_conv(torch.stack([torch.relu(product) for product in products], dim=-1), weight, spec, hq, wq)
+
+
+def _query_conv(correlations, weight, spec: _Spec, hq: int, wq: int):
+    """The query-dim conv of ``correlations`` ``[p, Hq*Wq, L]`` (channels-last) with ``weight``
+    ``[Cout, L, KQh, KQw]``: ``[p, Cout, Hq', Wq']`` without bias."""
+    maps = correlations.view(-1, hq, wq, correlations.shape[-1]).permute(0, 3, 1, 2)
     return F.conv2d(maps, weight, None, spec.stride[:2], spec.padding[:2])
 
 
@@ -388,30 +398,56 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
             rows = _chunk_size(spec.layers * cells, spec)
             shape = (cells, spec.layers) if _channels_last_buffer(spec) else (spec.layers, cells)
             buffer = query[0].new_zeros(min(rows, hq2 * wq2), *shape, dtype=cd)
+            captured = _captured_pivots(active, windows, hq, wq, spec, out_b.device)
             for start in range(0, hq2 * wq2, rows):
                 chunk = [q[:, start:start + rows] for q in query_pivots]
+                capture = None if captured is None else \
+                    (captured[0], captured[1][:, start:start + chunk[0].shape[1]])
                 part = _support_branch_chunk(chunk, support_cd, windows, weight_support, spec, buffer,
                                              [(None if scale is None else scale[start:start + rows], columns)
-                                              for scale, columns in zip(pivot_scales, column_scales)])
+                                              for scale, columns in zip(pivot_scales, column_scales)], capture)
                 torch.add(part.transpose(0, 1), bias.unsqueeze(-1), out=out_windows[:, start:start + part.shape[0]])
                 del part  # before the next chunk's: peak memory is the output plus one chunk
             del buffer  # before the query branch's own chunks
+        else:
+            captured = None
 
         _add_query_branch(out_b, [q[b] for q in query], support_active, active, weight_query, spec,
-                          None if inverse_norms is None else [n[b] for n in inverse_norms], support_scales)
+                          None if inverse_norms is None else [n[b] for n in inverse_norms], support_scales,
+                          None if captured is None else captured[1])
     # The storage itself: a custom Function must not return a view (in-place ops on it would be
     # refused); _logical_output views it as [B, Cout, Hq', Wq', Hs', Ws'].
     return storage
 
 
+def _captured_pivots(active, windows: _SupportWindows, hq: int, wq: int, spec: _Spec, device):
+    """Where the support branch can hand its correlations to the query branch: ``(columns [P], zeros
+    [P, Hq*Wq, L])`` for the first ``P`` active pivots, or None.
+
+    With query stride 1 and every query row computed, the support branch's products cover every query
+    position, and the pivots are among their columns: the query branch's own products would repeat
+    them (30 ms of 720 at ResNet-50's 400-px layer2 level with a full mask). The buffer holds at most
+    one chunk's worth of elements; the pivots beyond it keep their own products.
+    """
+    if spec.stride[:2] != (1, 1) or spec.row_start != 0 or spec.out_size[:2] != (hq, wq) or \
+            windows.columns is not None:
+        return None
+    columns, _ = _pivot_columns(active, *_support_size(spec), spec, device)
+    count = min(columns.numel(), spec.chunk_elements // (hq * wq * spec.layers))
+    if count == 0:
+        return None
+    return columns[:count], torch.empty(count, hq * wq, spec.layers, dtype=spec.correlation_dtype, device=device)
+
+
 def _add_query_branch(out_b, query_normed_b, support_active, active, weight, spec: _Spec,
-                      inverse_norms_b=None, support_scales=None) -> None:
+                      inverse_norms_b=None, support_scales=None, captured=None) -> None:
     """Add the query-dim branch at the active pivot support positions into ``out_b``
     ``[Cout, Hq'*Wq', Hs'*Ws']`` (no grad), in chunks of pivots.
 
     ``query_normed_b``: per layer ``[C, Hq, Wq]`` (unnormalized when ``inverse_norms_b``, per layer
     ``[Hq, Wq]``, is given); ``support_active``: per layer ``[C, N_act]`` (unnormalized when
-    ``support_scales``, per layer ``[N_act]``, is given).
+    ``support_scales``, per layer ``[N_act]``, is given). ``captured``: the correlations ``[P, Hq*Wq, L]``
+    of the first ``P`` active pivots, already computed (see :func:`_captured_pivots`).
     """
     hq, wq = query_normed_b[0].shape[-2:]
     hs, ws = _support_size(spec)
@@ -419,7 +455,11 @@ def _add_query_branch(out_b, query_normed_b, support_active, active, weight, spe
     query_full = [qn.flatten(1) for qn in query_normed_b]
     # A chunk holds its correlations [p, L, Hq*Wq] and its conv output [p, Cout, Hq'*Wq'].
     pivots = _chunk_size(spec.layers * hq * wq + weight.shape[0] * spec.out_size[0] * spec.out_size[1], spec)
-    for start in range(0, columns.numel(), pivots):
+    done = 0 if captured is None else captured.shape[0]
+    for start in range(0, done, pivots):
+        part = _query_conv(captured[start:start + pivots], weight, spec, hq, wq)
+        _add_pivot_outputs(out_b, part, out_index[start:start + pivots], spec)
+    for start in range(done, columns.numel(), pivots):
         cols = columns[start:start + pivots]
         pivots_normed = [s.index_select(1, cols) if support_scales is None
                          else s.index_select(1, cols) * support_scales[layer].index_select(0, cols)
@@ -427,9 +467,15 @@ def _add_query_branch(out_b, query_normed_b, support_active, active, weight, spe
         part = _query_branch_chunk(query_full, pivots_normed, weight, spec,
                                    hq, wq, None if inverse_norms_b is None else [n.flatten() for n in inverse_norms_b],
                                    conv_dtype=weight.dtype)
-        part = part[:, :, spec.row_start:spec.row_start + spec.out_size[0]]  # the kept rows
-        rows = part.permute(2, 3, 0, 1).reshape(-1, part.shape[0], part.shape[1])  # [Hq'*Wq', p, Cout]
-        out_b.permute(1, 2, 0).index_add_(1, out_index[start:start + pivots], rows.to(out_b.dtype))
+        _add_pivot_outputs(out_b, part, out_index[start:start + pivots], spec)
+
+
+def _add_pivot_outputs(out_b, part, out_index, spec: _Spec) -> None:
+    """``out_b[:, :, out_index] += part`` for the query branch ``part`` ``[p, Cout, Hq'', Wq']`` of pivots
+    ``out_index`` ``[p]`` (their output support positions), over the kept query rows."""
+    part = part[:, :, spec.row_start:spec.row_start + spec.out_size[0]]
+    rows = part.permute(2, 3, 0, 1).reshape(-1, part.shape[0], part.shape[1])  # [Hq'*Wq', p, Cout]
+    out_b.permute(1, 2, 0).index_add_(1, out_index, rows.to(out_b.dtype))
 
 
 def _forward_triton(query, support, mask, weight_query, bias_query, weight_support, bias_support, spec: _Spec):
