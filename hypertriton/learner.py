@@ -14,6 +14,7 @@ from .backend import resolve_backend
 from .modules import CenterPivotConv4d, GroupNorm4d
 from .ops import cpu_conv
 from .ops._validation import shape_of
+from .ops.center_pivot_conv4d import center_pivot_conv4d_constant_columns
 from .ops.fused_first_layer import fused_hypercorrelation_cp_conv
 from .ops.layout import (autocast_output_dtype, empty_query_major, group_affine, is_query_major, merge_moments,
                          normalize_query_major, query_major_moments, resize_query_dims, to_query_major)
@@ -170,16 +171,31 @@ class HPNLearner(nn.Module):
         :mod:`hypertriton.ops.layout`)."""
         return resolve_backend(self.backend, device) == "torch"
 
-    def squeeze_rest(self, block: nn.Sequential, first: torch.Tensor) -> torch.Tensor:
+    def squeeze_rest(self, block: nn.Sequential, first: torch.Tensor, bias_windows: torch.Tensor | None = None
+                     ) -> torch.Tensor:
         """Finish a squeezing block from its first center-pivot layer's output ``first``
         ``[B, 16, Hq, Wq, Hs', Ws']``: ``block[1:]``, query-major on the ``torch`` backend. In inference
-        (no gradient recorded) ``first`` may be overwritten (its GroupNorm runs in place)."""
-        x = to_query_major(first) if self.query_major(first.device) else first
+        (no gradient recorded) ``first`` may be overwritten (its GroupNorm runs in place).
+
+        ``bias_windows``: optional ``[B, Hs'*Ws']`` bool, True where ``first`` is its biases at every query
+        position (from the fused layer, outside the object). After GroupNorm and ReLU those columns are
+        one value per channel, and in inference on the ``torch`` backend the second conv multiplies only
+        the others (:func:`hypertriton.ops.center_pivot_conv4d.center_pivot_conv4d_constant_columns`).
+        """
+        query_major = self.query_major(first.device)
+        x = to_query_major(first) if query_major else first
         # The largest activation of the learner: no reference may outlive the conv that reads it (the
         # caller passes it as a temporary; a Sequential call would hold it to the end of the block).
         del first
-        for module in block[1:]:
-            x = module(x)
+        sparse = (bias_windows is not None and query_major and not torch.is_grad_enabled()
+                  and tuple(block[3].stride[:2]) == (1, 1))
+        for index, module in enumerate(block[1:], start=1):
+            if index == 3 and sparse:
+                x = center_pivot_conv4d_constant_columns(x, bias_windows, module.conv1.weight, module.conv1.bias,
+                                                         module.conv2.weight, module.conv2.bias, module.stride,
+                                                         module.padding)
+            else:
+                x = module(x)
         return x
 
     def mix(self, sqz4: torch.Tensor, sqz3: torch.Tensor, sqz2: torch.Tensor) -> torch.Tensor:
@@ -245,8 +261,8 @@ class HPNLearner(nn.Module):
                     squeezed.append(self.squeeze_streamed(block, query, support, support_mask, rows_per_step))
                     continue
                 # A temporary (no name holds it): squeeze_rest frees it as soon as its next layer is done.
-                squeezed.append(self.squeeze_rest(block, fused_hypercorrelation_cp_conv(
-                    query, support, support_mask, block[0], backend=self.backend)))
+                squeezed.append(self.squeeze_rest(block, *fused_hypercorrelation_cp_conv(
+                    query, support, support_mask, block[0], backend=self.backend, return_bias_windows=True)))
             return self.decode(self.mix(*squeezed))
 
     def _streamed_levels(self, levels) -> list[bool]:

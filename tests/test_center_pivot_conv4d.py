@@ -1,5 +1,7 @@
 """hypertriton.center_pivot_conv4d and CenterPivotConv4d on every backend against the einsum reference."""
 
+from unittest import mock
+
 import pytest
 import torch
 from helpers import BACKEND_IDS, LAYOUTS, assert_gradients_match, available_backends, make_tensor, seeds
@@ -8,6 +10,8 @@ from hypothesis import strategies as st
 
 import hypertriton
 from hypertriton import reference
+from hypertriton.ops import center_pivot_conv4d as cp_ops
+from hypertriton.ops.layout import is_query_major, to_query_major
 from hypertriton.testing import assert_close_dtype
 
 DEVICES = dict(available_backends())
@@ -151,3 +155,56 @@ def test_other_padding_accepted_where_branches_agree():
     wq, bq, ws, bs = weights(3, 2, (1, 1, 1, 1), 1, True)
     got = hypertriton.center_pivot_conv4d(x, wq, bq, ws, bs, (1, 1, 2, 2), 0, backend="torch")
     assert_close_dtype(got, expected(x, wq, bq, ws, bs, (1, 1, 2, 2)), torch.float32)
+
+
+def with_constant_columns(batch, cin, sizes, share, seed):
+    """A query-major ``[B, C, Hq, Wq, Hs, Ws]`` whose flagged support columns ``[B, Hs*Ws]`` (about ``share``
+    of them) hold one random value per channel at every query position."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, cin, *sizes, generator=generator)
+    flags = torch.rand(batch, sizes[2] * sizes[3], generator=generator) < share
+    columns = x.flatten(4)  # a view: writes land in x
+    for b in range(batch):
+        for column in flags[b].nonzero().flatten().tolist():
+            columns[b, :, :, :, column] = torch.randn(cin, 1, 1, generator=generator)
+    return to_query_major(x), flags
+
+
+@given(batch=st.integers(1, 2), cin=st.integers(1, 5), cout=st.integers(1, 5),
+       sizes=st.tuples(*[st.integers(1, 9)] * 4), kernels=st.tuples(odd_kernels, odd_kernels, odd_kernels, odd_kernels),
+       support_stride=st.tuples(st.integers(1, 5), st.integers(1, 5)), share=st.sampled_from([0.0, 0.5, 0.8, 1.0]),
+       bias=st.booleans(), seed=seeds)
+@example(batch=1, cin=1, cout=1, sizes=(1, 1, 1, 1), kernels=(1, 1, 1, 1), support_stride=(1, 1), share=1.0,
+         bias=True, seed=0)  # 1x1 maps, all constant
+@example(batch=2, cin=3, cout=4, sizes=(7, 6, 9, 9), kernels=(5, 5, 5, 5), support_stride=(4, 4), share=0.8,
+         bias=True, seed=1)  # HSNet's second layer at level 2, odd sizes
+@example(batch=1, cin=2, cout=3, sizes=(3, 2, 4, 5), kernels=(5, 3, 3, 3), support_stride=(5, 5), share=0.5,
+         bias=False, seed=2)  # query map smaller than the kernel, stride past the support map
+@example(batch=2, cin=2, cout=2, sizes=(5, 5, 6, 6), kernels=(3, 3, 3, 3), support_stride=(2, 2), share=0.0,
+         bias=True, seed=3)  # nothing constant
+def test_constant_columns_match_reference(batch, cin, cout, sizes, kernels, support_stride, share, bias, seed):
+    """The second squeeze layer's sparse form (constant support columns: per-window constants, products
+    over the varying positions only, constant pivots through a k x k map) equals the dense conv; forced
+    on every case (no share threshold), and through the threshold."""
+    x, flags = with_constant_columns(batch, cin, sizes, share, seed)
+    wq, bq, ws, bs = weights(cout, cin, kernels, seed + 10, bias)
+    stride = (1, 1, *support_stride)
+    padding = tuple(k // 2 for k in kernels)
+    want = expected(x, wq, bq, ws, bs, stride)
+    taps = cin * (kernels[0] * kernels[1] + kernels[2] * kernels[3])
+    for threshold in (0.0, cp_ops.MIN_CONSTANT_SHARE):
+        with torch.no_grad(), mock.patch.object(cp_ops, "MIN_CONSTANT_SHARE", threshold):
+            got = cp_ops.center_pivot_conv4d_constant_columns(x, flags, wq, bq, ws, bs, stride, padding)
+        assert is_query_major(got) and got.shape == want.shape
+        assert_close_dtype(got, want, torch.float32, scale=max(1.0, taps / 25))
+
+
+def test_constant_columns_refuse_what_they_cannot_do():
+    x, flags = with_constant_columns(1, 2, (4, 4, 5, 5), 0.5, 0)
+    wq, bq, ws, bs = weights(3, 2, (3, 3, 3, 3), 0, True)
+    with torch.no_grad(), pytest.raises(ValueError, match="query stride 1"):
+        cp_ops.center_pivot_conv4d_constant_columns(x, flags, wq, bq, ws, bs, (2, 1, 2, 2), (1, 1, 1, 1))
+    with torch.no_grad(), pytest.raises(ValueError, match=r"constant \[B, Hs\*Ws\] = \[1, 25\]"):
+        cp_ops.center_pivot_conv4d_constant_columns(x, flags[:, :5], wq, bq, ws, bs, (1, 1, 2, 2), (1, 1, 1, 1))
+    with pytest.raises(ValueError, match="no gradient"):
+        cp_ops.center_pivot_conv4d_constant_columns(x, flags, wq, bq, ws, bs, (1, 1, 2, 2), (1, 1, 1, 1))

@@ -391,6 +391,33 @@ def test_query_branch_reuses_the_support_branchs_correlations(mask_kind, budget,
     assert_close_dtype(got, dense(query, support, mask, weights, stride))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
+def test_bias_windows_are_exactly_those_without_an_active_position(backend, mask_kind):
+    """``return_bias_windows``: a flagged window holds exactly the biases at every query position of the
+    dense result, and a window is flagged if and only if no active support position lies in it."""
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    gen, query, support, weights = make_case(15, 2, 2, 3, 5, 4, 13, 11, 3, 5, dtype=dtype)
+    mask = make_mask(mask_kind, 2, 13, 11, gen).to(dtype)  # at the support map's size: no resize
+    stride, kernel, pad = (1, 1, 4, 4), 5, 2
+    out, flags = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, stride, backend=backend,
+                                                      return_bias_windows=True)
+    assert flags.shape == (2, 4 * 3) and flags.dtype == torch.bool
+    double = lambda ts: [t.double() for t in ts]  # noqa: E731
+    expected = dense(double(query), double(support), mask.double(), double(weights), stride)
+    assert_close_dtype(out, expected, dtype=dtype)
+    bias = weights[1].double() + weights[3].double()
+    active = (mask != 0).double()[:, None]
+    seen = torch.nn.functional.max_pool2d(active, kernel, 4, pad).flatten(1) > 0  # [B, Hs'*Ws']
+    assert torch.equal(flags.cpu(), ~seen)
+    columns, ours = expected.flatten(4), out.flatten(4)  # [B, Cout, Hq, Wq, Hs'*Ws']
+    for b in range(2):
+        for window in flags[b].nonzero().flatten().tolist():
+            assert torch.equal(columns[b, :, :, :, window], bias[:, None, None].expand(-1, 5, 4))
+            # what the learner's second layer relies on: one value per channel at every query position
+            assert torch.equal(ours[b, :, :, :, window], ours[b, :, :1, :1, window].expand(-1, 5, 4))
+
+
 @pytest.mark.parametrize("pixel, computed", [((1, 1), False), ((2, 4), True)])
 def test_support_windows_cover_exactly_what_an_active_position_reaches(pixel, computed):
     """One active pixel: only the conv windows that contain it are computed (none when it falls between

@@ -196,3 +196,36 @@ def test_bad_pyramids_are_rejected_with_the_argument_named():
         ours([good[0], good[1].expand(2, -1, -1, -1, -1, -1), good[2]])
     with pytest.raises(ValueError, match="inch"):
         HPNLearner([3, 6])
+
+
+def test_fused_inference_convolves_only_the_varying_columns_of_the_second_layer(monkeypatch):
+    """With a small object the fused first layers leave most support windows at their biases; the second
+    layers then run in their constant-column form (:func:`center_pivot_conv4d_constant_columns`), once per
+    squeeze block, and the logits equal the original's on the dense hypercorrelation."""
+    import hypertriton
+    from hypertriton import learner as learner_module
+    from hypertriton.ops import center_pivot_conv4d as cp_ops
+
+    inch = INCH["resnet50"]
+    reference, ours = make_pair(inch, seed=3, backend="torch")
+    generator = torch.Generator().manual_seed(3)
+    sizes = resnet_like_sizes((20, 18))
+    levels = [([torch.randn(1, 8, *size, generator=generator) for _ in range(layers)],
+               [torch.randn(1, 8, *size, generator=generator) for _ in range(layers)])
+              for layers, size in zip(inch, sizes)]
+    mask = torch.zeros(1, 160, 144)
+    mask[0, 20:50, 30:60] = 1.0  # a small object: most windows see none of it
+    shares = []
+    original_conv = cp_ops.center_pivot_conv4d_constant_columns
+
+    def recording(x, constant, *args):
+        shares.append(float(constant.float().mean()))
+        return original_conv(x, constant, *args)
+
+    monkeypatch.setattr(learner_module, "center_pivot_conv4d_constant_columns", recording)
+    with torch.no_grad():
+        got = ours.eval().forward_fused(levels, mask)
+        pyramid = [hypertriton.hypercorrelation(q, s, mask)[0] for q, s in levels]
+        want = decoded_by_original_steps(reference.eval(), pyramid)
+    assert len(shares) == 3 and max(shares) > cp_ops.MIN_CONSTANT_SHARE  # the sparse form really ran
+    assert_close_dtype(got, want, scale=10)

@@ -13,6 +13,10 @@
   ``conv2d`` over its own memory, or one matrix product for support maps no larger than the kernel; its
   query branch is a channels-last ``conv3d`` over all support positions when the support stride is 1
   (HSNet's mixing blocks), else a ``conv2d`` on the gathered pivots, added in place.
+
+:func:`center_pivot_conv4d_constant_columns` is the inference form for an input whose support columns
+are partly constant over the query dims (a squeeze block's second layer outside the object): it
+multiplies only the columns that vary.
 """
 
 from __future__ import annotations
@@ -179,6 +183,122 @@ def _cp_conv_torch_query_major(x, weight_query, bias_query, weight_support, bias
         query_branch = query_branch.permute(0, 2, 3, 1).reshape(batch, rows_here, ws2, hq2, wq2, out_channels)
         out[:, :, :, start:start + rows_here].add_(query_branch.permute(0, 3, 4, 1, 2, 5))
     return out.permute(0, 5, 1, 2, 3, 4)
+
+
+# Below this share of constant support columns the plain path runs (the sparse one's gathers and
+# per-window products then cost more than they save).
+MIN_CONSTANT_SHARE = 0.3
+
+
+def center_pivot_conv4d_constant_columns(x, constant, weight_query, bias_query, weight_support, bias_support,
+                                         stride, padding):
+    """``center_pivot_conv4d`` of a query-major ``x`` whose flagged support columns are constant over the
+    query dims: no gradient, query stride 1, query-major output.
+
+    Where a squeeze block's first layer sees no active support position (outside the object) its output
+    is the bias at every query position, and after GroupNorm and ReLU one value per channel. The second
+    layer then needs products only with the columns that vary:
+
+    - support branch: each output window convolves its varying positions only (one matrix product per
+      window over the positions it holds); the constant ones give a per-window constant, computed once
+      from one query position's values;
+    - query branch at a constant pivot: a convolution of a constant map, which depends on the query
+      position only through the kernel's clipping at the borders, so it is computed on a ``k x k`` map
+      and spread; at a varying pivot, the usual convolution.
+
+    Args:
+        x: query-major ``[B, C, Hq, Wq, Hs, Ws]`` (:mod:`hypertriton.ops.layout`).
+        constant: ``[B, Hs*Ws]`` bool: True where ``x[b, :, :, :, hs, ws]`` is the same at every query
+            position (the caller vouches for it: flags are not checked against the data).
+        weight_query, bias_query, weight_support, bias_support, stride, padding: as
+            :func:`center_pivot_conv4d` (stride and padding as 4-tuples).
+
+    Returns:
+        ``[B, Cout, Hq, Wq, Hs', Ws']`` query-major, equal to :func:`center_pivot_conv4d` up to rounding.
+    """
+    batch, channels, hq, wq, hs, ws = x.shape
+    if tuple(stride[:2]) != (1, 1) or torch.is_grad_enabled() or not is_query_major(x) or \
+            tuple(constant.shape) != (batch, hs * ws):
+        raise ValueError(f"center_pivot_conv4d_constant_columns: needs a query-major x, query stride 1, no "
+                         f"gradient and constant [B, Hs*Ws] = [{batch}, {hs * ws}]; got x {shape_of(x)}, stride "
+                         f"{tuple(stride)}, constant {shape_of(constant)}")
+    if float(constant.float().mean()) < MIN_CONSTANT_SHARE:
+        return _cp_conv_torch(x, weight_query, bias_query, weight_support, bias_support, stride, padding)
+    _, _, ssh, ssw = stride
+    pqh, pqw, psh, psw = padding
+    out_channels, _, ksh, ksw = weight_support.shape
+    kqh, kqw = weight_query.shape[-2:]
+    hs2, ws2 = (hs + 2 * psh - ksh) // ssh + 1, (ws + 2 * psw - ksw) // ssw + 1
+    # Autocast would run the convolutions in its dtype; the products here follow it.
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    weight_query, weight_support = weight_query.to(dtype), weight_support.to(dtype)
+    bias = bias_sum(bias_query, bias_support, out_channels).to(device=x.device, dtype=dtype)
+    taps = _support_taps(hs, ws, ksh, ksw, (ssh, ssw), (psh, psw)).to(x.device)  # [Hs*Ws, Hs'*Ws']
+    tap_table = weight_support.permute(2, 3, 1, 0).reshape(ksh * ksw, channels, out_channels)
+    pivot_index = (torch.arange(hs2, device=x.device)[:, None] * ssh * ws
+                   + torch.arange(ws2, device=x.device)[None, :] * ssw).flatten()  # [Hs'*Ws']: input position
+    rows = _clipping_classes(hq, kqh, pqh, x.device)
+    cols = _clipping_classes(wq, kqw, pqw, x.device)
+
+    memory = x.permute(0, 2, 3, 4, 5, 1).reshape(batch, hq * wq, hs * ws, channels)
+    out = torch.empty(batch, hq * wq, hs2 * ws2, out_channels, dtype=dtype, device=x.device)
+    with torch.autocast(x.device.type, enabled=False):
+        for item in range(batch):
+            values, fixed = memory[item].to(dtype), constant[item]
+            varying = (~fixed).nonzero().squeeze(1)
+            # The constant columns' share of the support branch, biases included: one query position's.
+            constant_map = torch.where(fixed[:, None], values[0], torch.zeros((), dtype=dtype, device=x.device))
+            per_window = F.conv2d(constant_map.t().reshape(1, channels, hs, ws), weight_support, bias,
+                                  (ssh, ssw), (psh, psw))
+            out_item = out[item]
+            _fill_rows(out_item.view(hq * wq, -1), per_window.view(out_channels, hs2 * ws2).t().flatten())
+            for window in range(hs2 * ws2):
+                positions = varying[taps[varying, window] < ksh * ksw]
+                if positions.numel():
+                    stacked = tap_table.index_select(0, taps[positions, window]).reshape(-1, out_channels)
+                    out_item[:, window].addmm_(values.index_select(1, positions).reshape(hq * wq, -1), stacked)
+
+            pivot_fixed = fixed[pivot_index]
+            moving = (~pivot_fixed).nonzero().squeeze(1)
+            if moving.numel():
+                maps = values.index_select(1, pivot_index[moving]).permute(1, 2, 0).reshape(-1, channels, hq, wq)
+                query_branch = cpu_conv.conv2d(maps, weight_query, None, 1, (pqh, pqw),
+                                               max_threads=cpu_conv.CP_CONV_MAX_THREADS)  # [P, Cout, Hq, Wq]
+                # One pivot at a time (index_add_ over all of them runs several times slower).
+                for result, window in zip(query_branch, moving.tolist()):
+                    out_item[:, window].add_(result.view(out_channels, hq * wq).t())
+            still = pivot_fixed.nonzero().squeeze(1)
+            if still.numel():
+                # A constant map's convolution differs between query positions only by which taps the
+                # borders clip: computed on a map of at most k x k (every clipping class), then spread.
+                small = values[0, pivot_index[still]][:, :, None, None].expand(-1, -1, rows[1], cols[1])
+                small = F.conv2d(small, weight_query, None, 1, (pqh, pqw)).permute(2, 3, 0, 1).contiguous()
+                grid = out_item.view(hq, wq, hs2 * ws2, out_channels)
+                for index, window in enumerate(still.tolist()):
+                    grid[:, :, window].add_(small[:, :, index].index_select(0, rows[0]).index_select(1, cols[0]))
+    return out.view(batch, hq, wq, hs2, ws2, out_channels).permute(0, 5, 1, 2, 3, 4)
+
+
+def _fill_rows(rows: torch.Tensor, row: torch.Tensor) -> None:
+    """Every row of the contiguous 2D ``rows`` set to ``row``: by doubling contiguous copies (a copy
+    from a broadcast source runs several times slower)."""
+    rows[0].copy_(row)
+    done = 1
+    while done < rows.shape[0]:
+        step = min(done, rows.shape[0] - done)
+        rows[done:done + step].copy_(rows[:step])
+        done += step
+
+
+def _clipping_classes(size: int, kernel: int, pad: int, device) -> tuple[torch.Tensor, int]:
+    """For a stride-1 convolution (padding ``(k - 1) / 2``) of a constant map of length ``size``: the
+    length ``m = min(size, k)`` of a map with every clipping class, and for each of the ``size`` output
+    positions its class ``[size]`` in that map (the first ``pad``, the interior, the last ``pad``)."""
+    small = min(size, kernel)
+    index = torch.arange(size, device=device)
+    interior = (index >= pad) & (index <= size - 1 - pad)
+    mapped = torch.where(index < pad, index, index - (size - small))
+    return torch.where(interior, torch.full_like(index, pad), mapped), small
 
 
 def bias_sum(bias_query, bias_support, out_channels: int | None = None):

@@ -358,6 +358,7 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
     bias = bias_sum(bias_query, bias_support, weight_query.shape[0]).to(weight_query).view(-1, 1, 1)
 
     inverse_norms, query_finite = _inverse_query_norms(query)  # [B, Hq, Wq] per layer
+    bias_only = torch.zeros(batch, hs2 * ws2, dtype=torch.bool, device=query[0].device)
     # Products, ReLU and both convs in the correlation dtype (reduced precision: as autocast runs a
     # conv); operands cast once here, not per chunk.
     cd = spec.correlation_dtype
@@ -377,7 +378,9 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
         out_b = out[b]  # [Cout, Hq'*Wq', Hs'*Ws']
         if n_active == 0:
             out_b.copy_(bias.expand_as(out_b))  # every correlation is exactly zero: only the biases remain
+            bias_only[b] = True
             continue
+        bias_only[b] = _bias_only_windows(active, hs, ws, weight_support.shape[-2:], spec, bias_only.device)
 
         # Support branch, chunks of pivot query rows, into a zero buffer reused across chunks, over the
         # windows that see an active position; the others hold the biases only.
@@ -417,7 +420,26 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
                           None if captured is None else captured[1])
     # The storage itself: a custom Function must not return a view (in-place ops on it would be
     # refused); _logical_output views it as [B, Cout, Hq', Wq', Hs', Ws'].
-    return storage
+    return storage, bias_only
+
+
+def _bias_only_windows(active, hs: int, ws: int, kernel: tuple[int, int], spec: _Spec, device) -> torch.Tensor:
+    """``[Hs'*Ws']`` bool: the support-conv windows that contain none of the ``active`` positions (indices
+    into ``Hs*Ws``; None: all are active). Their output is the biases at every query position: the
+    support branch convolves only zeros there, and their pivot (inside the window) is inactive too."""
+    hs2, ws2 = spec.out_size[2:]
+    if active is None:
+        return torch.zeros(hs2 * ws2, dtype=torch.bool, device=device)
+    counts = torch.zeros(hs + 1, ws + 1, dtype=torch.int64, device=device)  # 2D prefix sums of the active flags
+    flags = torch.zeros(hs * ws, dtype=torch.int64, device=device).index_fill_(0, active.to(device), 1)
+    counts[1:, 1:] = flags.view(hs, ws).cumsum(0).cumsum(1)
+    (sh, sw), (ph, pw) = spec.stride[2:], spec.padding[2:]
+    top = (torch.arange(hs2, device=device) * sh - ph).clamp(0, hs)
+    bottom = (torch.arange(hs2, device=device) * sh - ph + kernel[0]).clamp(0, hs)
+    left = (torch.arange(ws2, device=device) * sw - pw).clamp(0, ws)
+    right = (torch.arange(ws2, device=device) * sw - pw + kernel[1]).clamp(0, ws)
+    inside = (counts[bottom][:, right] - counts[top][:, right] - counts[bottom][:, left] + counts[top][:, left])
+    return (inside == 0).flatten()
 
 
 def _captured_pivots(active, windows: _SupportWindows, hq: int, wq: int, spec: _Spec, device):
@@ -521,7 +543,7 @@ def _forward_triton(query, support, mask, weight_query, bias_query, weight_suppo
     support_branch_into(query_pivots.to(cd), torch.stack(support_normed, dim=1).to(cd), weight_support, windows,
                         counts, (hs, ws), stride, padding, out)
     _add_query_branch_batched(out, query_normed, support_normed, weight_query, spec)
-    return result
+    return result, ~hit
 
 
 def _add_query_branch_batched(out, query_normed, support_normed, weight, spec: _Spec) -> None:
@@ -578,11 +600,14 @@ class _FusedFirstLayer(torch.autograd.Function):
         ctx.has_bias = (bias_query is not None, bias_support is not None)
         ctx.save_for_backward(mask, weight_query, weight_support, *features)
         forward = _forward_triton if spec.triton else _forward
-        return forward(query, support, mask, weight_query, bias_query, weight_support, bias_support, spec)
+        # Also the [B, Hs'*Ws'] flags of the support windows whose output is only the biases.
+        out, bias_only = forward(query, support, mask, weight_query, bias_query, weight_support, bias_support, spec)
+        ctx.mark_non_differentiable(bias_only)
+        return out, bias_only
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
+    def backward(ctx, grad, _bias_only):
         spec = ctx.spec
         grad = _logical_output(grad, spec)
         mask, weight_query, weight_support, *features = ctx.saved_tensors
@@ -700,7 +725,8 @@ def _backward_features_and_weights(grad, features, mask, weight_query, weight_su
 def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, weight_query, bias_query,
                                      weight_support, bias_support, stride=1, padding=None,
                                      backend: str | None = None, correlation_dtype: torch.dtype | None = None,
-                                     chunk_elements: int | None = None, output_rows: tuple[int, int] | None = None):
+                                     chunk_elements: int | None = None, output_rows: tuple[int, int] | None = None,
+                                     return_bias_windows: bool = False):
     """``center_pivot_conv4d(hypercorrelation(query_feats, support_feats, support_mask)[0], ...)``
     without the 4D tensor.
 
@@ -727,11 +753,14 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
             backend, no gradient); the other rows are read by the query-dim branch only, so a slab of
             query rows with the kernel's reach on both sides gives its middle rows exactly (what
             :meth:`hypertriton.HPNLearner.squeeze_streamed` does). None: all rows.
+        return_bias_windows: also return which support windows hold only the biases (see Returns).
 
     Returns:
         ``[B, Cout, Hq', Wq', Hs', Ws']`` in the features' dtype (also under ``torch.autocast``), equal
         (up to rounding) to the dense computation; stored query-major (:mod:`hypertriton.ops.layout`) on
-        the ``torch`` backend.
+        the ``torch`` backend. With ``return_bias_windows``, a pair: that and ``[B, Hs'*Ws']`` bool, True
+        where the support window contains no active support position, so that the output there is the
+        biases at every query position (None from the reference backend).
 
     Example:
         >>> q = [torch.randn(1, 8, 6, 6) for _ in range(2)]
@@ -780,7 +809,8 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
                              f"got {correlation_dtype}")
         corr = reference.hypercorrelation(query_feats, support_feats, support_mask)[0]
         cast = [None if t is None else t.to(dtype) for t in (weight_query, bias_query, weight_support, bias_support)]
-        return reference.center_pivot_conv4d(corr, *cast, stride, padding)
+        out = reference.center_pivot_conv4d(corr, *cast, stride, padding)
+        return (out, None) if return_bias_windows else out
 
     # Under autocast the correlation products and the convs over them take the autocast dtype (as
     # autocast runs the dense path's matrix products and convs); normalization, accumulation and the
@@ -801,13 +831,14 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
     cast = [None if t is None else t.to(compute) for t in (weight_query, bias_query, weight_support, bias_support)]
     features = [f.to(compute) for f in (*query_feats, *support_feats)]
     with torch.autocast(device.type, enabled=False):
-        out = _logical_output(_FusedFirstLayer.apply(spec, mask, *cast, *features), spec)
-    return out.to(dtype)
+        raw, bias_only = _FusedFirstLayer.apply(spec, mask, *cast, *features)
+    out = _logical_output(raw, spec).to(dtype)
+    return (out, bias_only) if return_bias_windows else out
 
 
 def fused_hypercorrelation_cp_conv(query_feats, support_feats, support_mask, conv, backend: str | None = None,
                                    correlation_dtype: torch.dtype | None = None, chunk_elements: int | None = None,
-                                   output_rows: tuple[int, int] | None = None):
+                                   output_rows: tuple[int, int] | None = None, return_bias_windows: bool = False):
     """``conv(hypercorrelation level)`` for a :class:`hypertriton.CenterPivotConv4d` ``conv``, fused.
 
     Args:
@@ -818,10 +849,12 @@ def fused_hypercorrelation_cp_conv(query_feats, support_feats, support_mask, con
             support dims, attributes ``stride`` and ``padding``) whose ``in_channels`` is the number of
             layers.
         backend: None follows ``conv.backend`` and then the automatic choice.
-        correlation_dtype, chunk_elements, output_rows: see :func:`fused_hypercorrelation_cp_conv4d`.
+        correlation_dtype, chunk_elements, output_rows, return_bias_windows: see
+            :func:`fused_hypercorrelation_cp_conv4d`.
 
     Returns:
-        ``[B, Cout, Hq', Wq', Hs', Ws']``, what ``conv(hypercorrelation(...)[0])`` returns.
+        ``[B, Cout, Hq', Wq', Hs', Ws']``, what ``conv(hypercorrelation(...)[0])`` returns (with
+        ``return_bias_windows``, a pair, see :func:`fused_hypercorrelation_cp_conv4d`).
 
     Example:
         >>> from hypertriton import CenterPivotConv4d
@@ -839,4 +872,5 @@ def fused_hypercorrelation_cp_conv(query_feats, support_feats, support_mask, con
     return fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, conv.conv1.weight,
                                             conv.conv1.bias, conv.conv2.weight, conv.conv2.bias, conv.stride,
                                             conv.padding, backend=backend, correlation_dtype=correlation_dtype,
-                                            chunk_elements=chunk_elements, output_rows=output_rows)
+                                            chunk_elements=chunk_elements, output_rows=output_rows,
+                                            return_bias_windows=return_bias_windows)
