@@ -260,9 +260,11 @@ class HPNLearner(nn.Module):
                 if stream:
                     squeezed.append(self.squeeze_streamed(block, query, support, support_mask, rows_per_step))
                     continue
-                # A temporary (no name holds it): squeeze_rest frees it as soon as its next layer is done.
-                squeezed.append(self.squeeze_rest(block, *fused_hypercorrelation_cp_conv(
-                    query, support, support_mask, block[0], backend=self.backend, return_bias_windows=True)))
+                # Handed over with no other reference (not even the returned pair: a call with *pair would
+                # hold it to the end), so squeeze_rest frees it as soon as its next layer is done.
+                outputs = list(fused_hypercorrelation_cp_conv(query, support, support_mask, block[0],
+                                                              backend=self.backend, return_bias_windows=True))
+                squeezed.append(self.squeeze_rest(block, outputs.pop(0), outputs.pop()))
             return self.decode(self.mix(*squeezed))
 
     def _streamed_levels(self, levels) -> list[bool]:
