@@ -14,10 +14,11 @@ from .backend import resolve_backend
 from .modules import CenterPivotConv4d, GroupNorm4d
 from .ops import cpu_conv
 from .ops._validation import shape_of
-from .ops.center_pivot_conv4d import center_pivot_conv4d_constant_columns
+from .ops.center_pivot_conv4d import MIN_CONSTANT_SHARE, center_pivot_conv4d_split
 from .ops.fused_first_layer import fused_hypercorrelation_cp_conv
-from .ops.layout import (autocast_output_dtype, empty_query_major, group_affine, is_query_major, merge_moments,
-                         normalize_query_major, query_major_moments, resize_query_dims, to_query_major)
+from .ops.layout import (autocast_output_dtype, empty_query_major, group_affine, group_norm_split, is_query_major,
+                         merge_moments, normalize_query_major, query_major_moments, resize_query_dims,
+                         split_constant_columns, to_query_major)
 
 __all__ = ["HPNLearner", "make_building_block", "resize_4d"]
 
@@ -179,23 +180,34 @@ class HPNLearner(nn.Module):
 
         ``bias_windows``: optional ``[B, Hs'*Ws']`` bool, True where ``first`` is its biases at every query
         position (from the fused layer, outside the object). After GroupNorm and ReLU those columns are
-        one value per channel, and in inference on the ``torch`` backend the second conv multiplies only
-        the others (:func:`hypertriton.ops.center_pivot_conv4d.center_pivot_conv4d_constant_columns`).
+        one value per channel. In inference on the ``torch`` backend, when they are at least
+        ``MIN_CONSTANT_SHARE`` of them, ``first`` is split by columns
+        (:func:`hypertriton.ops.layout.split_constant_columns`): the GroupNorm touches only the varying
+        columns (the constant ones in closed form) and the second conv multiplies only those
+        (:func:`hypertriton.ops.center_pivot_conv4d.center_pivot_conv4d_split`).
         """
         query_major = self.query_major(first.device)
         x = to_query_major(first) if query_major else first
         # The largest activation of the learner: no reference may outlive the conv that reads it (the
         # caller passes it as a temporary; a Sequential call would hold it to the end of the block).
         del first
-        sparse = (bias_windows is not None and query_major and not torch.is_grad_enabled()
-                  and tuple(block[3].stride[:2]) == (1, 1))
-        for index, module in enumerate(block[1:], start=1):
-            if index == 3 and sparse:
-                x = center_pivot_conv4d_constant_columns(x, bias_windows, module.conv1.weight, module.conv1.bias,
-                                                         module.conv2.weight, module.conv2.bias, module.stride,
-                                                         module.padding)
-            else:
-                x = module(x)
+        norm, conv = block[1], block[3]
+        if (bias_windows is not None and query_major and not torch.is_grad_enabled()
+                and isinstance(norm, GroupNorm4d) and isinstance(block[2], nn.Identity)
+                and tuple(conv.stride[:2]) == (1, 1)
+                and float(bias_windows.float().mean()) >= MIN_CONSTANT_SHARE):
+            shape = x.shape
+            splits = split_constant_columns(x, bias_windows)
+            del x
+            splits = group_norm_split(splits, norm.num_groups, norm.weight, norm.bias, norm.eps, relu=norm.relu)
+            x = center_pivot_conv4d_split(splits, shape, conv.conv1.weight, conv.conv1.bias, conv.conv2.weight,
+                                          conv.conv2.bias, conv.stride, conv.padding)
+            del splits
+            rest = block[4:]
+        else:
+            rest = block[1:]
+        for module in rest:
+            x = module(x)
         return x
 
     def mix(self, sqz4: torch.Tensor, sqz3: torch.Tensor, sqz2: torch.Tensor) -> torch.Tensor:

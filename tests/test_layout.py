@@ -189,3 +189,35 @@ def test_group_norm_inference_path_and_inplace_option(inplace):
     y = x.clone().requires_grad_()
     group_norm(y, 4, weight, bias, inplace=True).sum().backward()
     assert torch.equal(y.detach(), x)
+
+
+@settings(max_examples=20, deadline=None)
+@given(batch=st.integers(1, 2), groups=st.integers(1, 3), per_group=st.integers(1, 3), sizes=st.tuples(*[sides] * 4),
+       share=st.sampled_from([0.0, 0.5, 1.0]), offset=st.sampled_from([0.0, 100.0]), relu=st.booleans(), seed=seeds)
+@example(batch=1, groups=2, per_group=2, sizes=(1, 1, 1, 1), share=1.0, offset=0.0, relu=True, seed=0)  # 1x1 maps
+@example(batch=2, groups=2, per_group=3, sizes=(5, 4, 3, 5), share=0.5, offset=100.0, relu=False, seed=1)
+def test_group_norm_of_a_column_split_equals_the_whole(batch, groups, per_group, sizes, share, offset, relu, seed):
+    """``split_constant_columns`` keeps every value (the varying columns whole, the constant ones once), and
+    ``group_norm_split`` on it equals ``group_norm`` of the whole activation (statistics of the constant
+    columns in closed form), with or without the ReLU."""
+    from hypertriton.ops.layout import group_norm_split, split_constant_columns
+
+    channels = groups * per_group
+    assume(per_group * sizes[0] * sizes[1] * sizes[2] * sizes[3] > 1)  # torch's GroupNorm refuses one value
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, channels, *sizes, generator=generator) + offset
+    flags = torch.rand(batch, sizes[2] * sizes[3], generator=generator) < share
+    columns = x.flatten(4)
+    for b in range(batch):
+        for column in flags[b].nonzero().flatten().tolist():
+            columns[b, :, :, :, column] = torch.randn(channels, 1, 1, generator=generator) + offset
+    x = to_query_major(x)
+    weight, bias = torch.randn(channels, generator=generator), torch.randn(channels, generator=generator)
+    with torch.no_grad():
+        want = group_norm(x.clone(), groups, weight, bias, 1e-5, relu=relu)
+        splits = group_norm_split(split_constant_columns(x, flags), groups, weight, bias, 1e-5, relu=relu)
+    want_columns = want.permute(0, 2, 3, 4, 5, 1).reshape(batch, -1, sizes[2] * sizes[3], channels)
+    for b, split in enumerate(splits):
+        assert torch.equal(split.is_constant, flags[b])
+        assert_close_dtype(split.varying, want_columns[b][:, split.varying_index], scale=10)
+        assert_close_dtype(split.first_row, want_columns[b][0], scale=10)

@@ -199,9 +199,9 @@ def test_bad_pyramids_are_rejected_with_the_argument_named():
 
 
 def test_fused_inference_convolves_only_the_varying_columns_of_the_second_layer(monkeypatch):
-    """With a small object the fused first layers leave most support windows at their biases; the second
-    layers then run in their constant-column form (:func:`center_pivot_conv4d_constant_columns`), once per
-    squeeze block, and the logits equal the original's on the dense hypercorrelation."""
+    """With a small object the fused first layers leave most support windows at their biases; their
+    GroupNorm and second conv then run on the column split (varying columns whole, constant ones once),
+    in every squeeze block, and the logits equal the original's on the dense hypercorrelation."""
     import hypertriton
     from hypertriton import learner as learner_module
     from hypertriton.ops import center_pivot_conv4d as cp_ops
@@ -216,16 +216,16 @@ def test_fused_inference_convolves_only_the_varying_columns_of_the_second_layer(
     mask = torch.zeros(1, 160, 144)
     mask[0, 20:50, 30:60] = 1.0  # a small object: most windows see none of it
     shares = []
-    original_conv = cp_ops.center_pivot_conv4d_constant_columns
+    original_conv = cp_ops.center_pivot_conv4d_split
 
-    def recording(x, constant, *args):
-        shares.append(float(constant.float().mean()))
-        return original_conv(x, constant, *args)
+    def recording(splits, *args):
+        shares.extend(float(split.is_constant.float().mean()) for split in splits)
+        return original_conv(splits, *args)
 
-    monkeypatch.setattr(learner_module, "center_pivot_conv4d_constant_columns", recording)
+    monkeypatch.setattr(learner_module, "center_pivot_conv4d_split", recording)
     with torch.no_grad():
         got = ours.eval().forward_fused(levels, mask)
         pyramid = [hypertriton.hypercorrelation(q, s, mask)[0] for q, s in levels]
         want = decoded_by_original_steps(reference.eval(), pyramid)
-    assert len(shares) == 3 and max(shares) > cp_ops.MIN_CONSTANT_SHARE  # the sparse form really ran
+    assert len(shares) == 3 and min(shares) >= cp_ops.MIN_CONSTANT_SHARE  # the split form really ran
     assert_close_dtype(got, want, scale=10)

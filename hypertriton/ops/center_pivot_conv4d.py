@@ -33,7 +33,7 @@ from ..backend import resolve_backend
 from . import cpu_conv
 from ._alloc import new_output
 from ._validation import check_cp_conv_args, check_tensor, shape_of
-from .layout import is_query_major
+from .layout import is_query_major, split_constant_columns
 
 
 # Elements of one step of the strided query branch's temporaries (fp32: 4 MB).
@@ -215,6 +215,7 @@ def center_pivot_conv4d_constant_columns(x, constant, weight_query, bias_query, 
 
     Returns:
         ``[B, Cout, Hq, Wq, Hs', Ws']`` query-major, equal to :func:`center_pivot_conv4d` up to rounding.
+        Below ``MIN_CONSTANT_SHARE`` constant columns, the plain torch path computes it.
     """
     batch, channels, hq, wq, hs, ws = x.shape
     if tuple(stride[:2]) != (1, 1) or torch.is_grad_enabled() or not is_query_major(x) or \
@@ -224,54 +225,66 @@ def center_pivot_conv4d_constant_columns(x, constant, weight_query, bias_query, 
                          f"{tuple(stride)}, constant {shape_of(constant)}")
     if float(constant.float().mean()) < MIN_CONSTANT_SHARE:
         return _cp_conv_torch(x, weight_query, bias_query, weight_support, bias_support, stride, padding)
+    return center_pivot_conv4d_split(split_constant_columns(x, constant), x.shape, weight_query, bias_query,
+                                     weight_support, bias_support, stride, padding)
+
+
+def center_pivot_conv4d_split(splits, shape, weight_query, bias_query, weight_support, bias_support, stride,
+                              padding):
+    """:func:`center_pivot_conv4d_constant_columns` of an activation already split by columns
+    (:class:`hypertriton.ops.layout.ColumnSplit` per batch element, logical ``shape``
+    ``[B, C, Hq, Wq, Hs, Ws]``): what the learner passes after normalizing the split form itself."""
+    batch, channels, hq, wq, hs, ws = shape
     _, _, ssh, ssw = stride
     pqh, pqw, psh, psw = padding
     out_channels, _, ksh, ksw = weight_support.shape
     kqh, kqw = weight_query.shape[-2:]
     hs2, ws2 = (hs + 2 * psh - ksh) // ssh + 1, (ws + 2 * psw - ksw) // ssw + 1
+    device = splits[0].first_row.device
     # Autocast would run the convolutions in its dtype; the products here follow it.
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else \
+        splits[0].first_row.dtype
     weight_query, weight_support = weight_query.to(dtype), weight_support.to(dtype)
-    bias = bias_sum(bias_query, bias_support, out_channels).to(device=x.device, dtype=dtype)
-    taps = _support_taps(hs, ws, ksh, ksw, (ssh, ssw), (psh, psw)).to(x.device)  # [Hs*Ws, Hs'*Ws']
+    bias = bias_sum(bias_query, bias_support, out_channels).to(device=device, dtype=dtype)
+    taps = _support_taps(hs, ws, ksh, ksw, (ssh, ssw), (psh, psw)).to(device)  # [Hs*Ws, Hs'*Ws']
     tap_table = weight_support.permute(2, 3, 1, 0).reshape(ksh * ksw, channels, out_channels)
-    pivot_index = (torch.arange(hs2, device=x.device)[:, None] * ssh * ws
-                   + torch.arange(ws2, device=x.device)[None, :] * ssw).flatten()  # [Hs'*Ws']: input position
-    rows = _clipping_classes(hq, kqh, pqh, x.device)
-    cols = _clipping_classes(wq, kqw, pqw, x.device)
+    pivot_index = (torch.arange(hs2, device=device)[:, None] * ssh * ws
+                   + torch.arange(ws2, device=device)[None, :] * ssw).flatten()  # [Hs'*Ws']: input position
+    rows = _clipping_classes(hq, kqh, pqh, device)
+    cols = _clipping_classes(wq, kqw, pqw, device)
 
-    memory = x.permute(0, 2, 3, 4, 5, 1).reshape(batch, hq * wq, hs * ws, channels)
-    out = torch.empty(batch, hq * wq, hs2 * ws2, out_channels, dtype=dtype, device=x.device)
-    with torch.autocast(x.device.type, enabled=False):
-        for item in range(batch):
-            values, fixed = memory[item].to(dtype), constant[item]
-            varying = (~fixed).nonzero().squeeze(1)
+    out = torch.empty(batch, hq * wq, hs2 * ws2, out_channels, dtype=dtype, device=device)
+    with torch.autocast(device.type, enabled=False):
+        for item, split in enumerate(splits):
+            values, first_row, fixed = split.varying.to(dtype), split.first_row.to(dtype), split.is_constant
             # The constant columns' share of the support branch, biases included: one query position's.
-            constant_map = torch.where(fixed[:, None], values[0], torch.zeros((), dtype=dtype, device=x.device))
+            constant_map = torch.where(fixed[:, None], first_row, torch.zeros((), dtype=dtype, device=device))
             per_window = F.conv2d(constant_map.t().reshape(1, channels, hs, ws), weight_support, bias,
                                   (ssh, ssw), (psh, psw))
             out_item = out[item]
             _fill_rows(out_item.view(hq * wq, -1), per_window.view(out_channels, hs2 * ws2).t().flatten())
+            varying_taps = taps[split.varying_index]  # [V, Hs'*Ws']
             for window in range(hs2 * ws2):
-                positions = varying[taps[varying, window] < ksh * ksw]
-                if positions.numel():
-                    stacked = tap_table.index_select(0, taps[positions, window]).reshape(-1, out_channels)
-                    out_item[:, window].addmm_(values.index_select(1, positions).reshape(hq * wq, -1), stacked)
+                inside = (varying_taps[:, window] < ksh * ksw).nonzero().flatten()  # indices into the varying
+                if inside.numel():
+                    stacked = tap_table.index_select(0, varying_taps[inside, window]).reshape(-1, out_channels)
+                    out_item[:, window].addmm_(values.index_select(1, inside).reshape(hq * wq, -1), stacked)
 
             pivot_fixed = fixed[pivot_index]
-            moving = (~pivot_fixed).nonzero().squeeze(1)
+            moving = (~pivot_fixed).nonzero().flatten()
             if moving.numel():
-                maps = values.index_select(1, pivot_index[moving]).permute(1, 2, 0).reshape(-1, channels, hq, wq)
+                local = torch.searchsorted(split.varying_index, pivot_index[moving])  # their varying column
+                maps = values.index_select(1, local).permute(1, 2, 0).reshape(-1, channels, hq, wq)
                 query_branch = cpu_conv.conv2d(maps, weight_query, None, 1, (pqh, pqw),
                                                max_threads=cpu_conv.CP_CONV_MAX_THREADS)  # [P, Cout, Hq, Wq]
                 # One pivot at a time (index_add_ over all of them runs several times slower).
                 for result, window in zip(query_branch, moving.tolist()):
                     out_item[:, window].add_(result.view(out_channels, hq * wq).t())
-            still = pivot_fixed.nonzero().squeeze(1)
+            still = pivot_fixed.nonzero().flatten()
             if still.numel():
                 # A constant map's convolution differs between query positions only by which taps the
                 # borders clip: computed on a map of at most k x k (every clipping class), then spread.
-                small = values[0, pivot_index[still]][:, :, None, None].expand(-1, -1, rows[1], cols[1])
+                small = first_row[pivot_index[still]][:, :, None, None].expand(-1, -1, rows[1], cols[1])
                 small = F.conv2d(small, weight_query, None, 1, (pqh, pqw)).permute(2, 3, 0, 1).contiguous()
                 grid = out_item.view(hq, wq, hs2 * ws2, out_channels)
                 for index, window in enumerate(still.tolist()):

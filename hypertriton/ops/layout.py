@@ -14,16 +14,23 @@ Why the ``torch`` backend keeps HSNet's learner in this layout after each squeez
 - GroupNorm and bilinear resizing run on views of the same memory.
 
 The original permutes the whole tensor twice inside every 4D convolution.
+
+*Column split* (:class:`ColumnSplit`): a query-major activation whose support columns are partly
+constant over the query dims (a squeeze block's first layer outside the object, see
+:func:`hypertriton.ops.center_pivot_conv4d.center_pivot_conv4d_constant_columns`), stored without the
+repeats: the varying columns whole, the constant ones as one query position's values.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 __all__ = ["is_query_major", "to_query_major", "empty_query_major", "group_norm", "resize_query_dims",
            "channel_moments", "merge_moments", "group_affine", "query_major_moments", "normalize_query_major",
-           "autocast_output_dtype"]
+           "autocast_output_dtype", "ColumnSplit", "split_constant_columns", "group_norm_split"]
 
 
 def is_query_major(x: torch.Tensor) -> bool:
@@ -272,6 +279,56 @@ def normalize_query_major(x: torch.Tensor, affine, inplace: bool = False, out_dt
     out = rows if inplace and out_dtype == x.dtype else torch.empty_like(rows, dtype=out_dtype)
     _normalize_into(rows, *affine, out, relu=relu)
     return out.view(b, hq, wq, hs, ws, c).permute(0, 5, 1, 2, 3, 4)
+
+
+@dataclass
+class ColumnSplit:
+    """One batch element of a query-major ``[C, Hq, Wq, Hs, Ws]`` whose support columns flagged in
+    ``is_constant`` hold one value per channel at every query position, without the repeats."""
+
+    varying: torch.Tensor  # [Hq*Wq, V, C]: the other columns, whole
+    varying_index: torch.Tensor  # [V]: their support positions (ascending)
+    first_row: torch.Tensor  # [Hs*Ws, C]: every column at query position 0 (a constant column's value)
+    is_constant: torch.Tensor  # [Hs*Ws] bool
+
+
+def split_constant_columns(x: torch.Tensor, constant: torch.Tensor) -> list[ColumnSplit]:
+    """Per batch element, the :class:`ColumnSplit` of a query-major ``x`` ``[B, C, Hq, Wq, Hs, Ws]`` whose
+    columns flagged in ``constant`` ``[B, Hs*Ws]`` are constant over the query dims (not checked)."""
+    b, c, hq, wq, hs, ws = x.shape
+    memory = x.permute(0, 2, 3, 4, 5, 1).reshape(b, hq * wq, hs * ws, c)
+    splits = []
+    for item in range(b):
+        varying_index = (~constant[item]).nonzero().flatten()
+        splits.append(ColumnSplit(memory[item].index_select(1, varying_index), varying_index,
+                                  memory[item, 0].clone(), constant[item].clone()))
+    return splits
+
+
+def group_norm_split(splits: list[ColumnSplit], groups: int, weight, bias, eps: float, relu: bool = False
+                     ) -> list[ColumnSplit]:
+    """GroupNorm (then ReLU if ``relu``) of column-split activations, in place (no gradient): each
+    element's statistics from its varying columns plus its constant ones in closed form (``Hq*Wq`` equal
+    values each, merged exactly as :func:`merge_moments`), then ``x * scale + shift`` on what is stored.
+    Equal up to rounding to :func:`group_norm` of the whole activation. Returns ``splits``."""
+    for split in splits:
+        positions, channels = split.varying.shape[0], split.first_row.shape[1]
+        acc = torch.promote_types(split.first_row.dtype, torch.float32)
+        moments = None
+        if split.varying.shape[1]:
+            moments = channel_moments(split.varying.view(1, -1, channels))
+        fixed = split.first_row[split.is_constant].to(acc)  # [Sc, C]
+        if fixed.shape[0]:
+            mean = fixed.mean(dim=0, keepdim=True)
+            spread = ((fixed - mean) ** 2).sum(dim=0, keepdim=True) * positions
+            moments = merge_moments(moments, (positions * fixed.shape[0], mean, spread))
+        shift, scale = group_affine(moments, groups, weight, bias, eps)[3:]
+        if split.varying.shape[1]:
+            _normalize_into(split.varying.view(1, -1, channels), shift, scale, split.varying.view(1, -1, channels),
+                            relu=relu)
+        _normalize_into(split.first_row.view(1, -1, channels), shift, scale, split.first_row.view(1, -1, channels),
+                        relu=relu)
+    return splits
 
 
 def resize_query_dims(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
