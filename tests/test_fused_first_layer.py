@@ -369,12 +369,16 @@ def test_blob_mask_skips_most_support_positions():
     assert math.isclose(float(resized[0, active].abs().sum()), float(resized[0].abs().sum()))
 
 
-@pytest.mark.parametrize("mask_kind", ["full", "blob"])
-@pytest.mark.parametrize("budget, own_products", [(ffl.CHUNK_ELEMENTS, False), (2 * 6 * 5 * 2, True)])
+@pytest.mark.parametrize("mask_kind, budget, own_products", [
+    ("full", ffl.CHUNK_ELEMENTS, False), ("blob", ffl.CHUNK_ELEMENTS, False),
+    ("full", 2 * 6 * 5 * 2, True), ("blob", 2 * 6 * 5 * 2, True),
+    ("full", 300, True),  # 5 of 20 pivots captured, convolved 2 at a time: the last step is short
+])
 def test_query_branch_reuses_the_support_branchs_correlations(mask_kind, budget, own_products):
     """With query stride 1 the support branch's products hold the pivots' correlations, so the query branch
     computes none of its own while they fit in one chunk's budget (here the whole batch element's pivots,
-    or only two of them, the rest with their own products); the output equals the dense reference."""
+    or only two of them, or five convolved two at a time, the last step short, the rest with their own
+    products); the output equals the dense reference."""
     gen, query, support, weights = make_case(14, 2, 2, 3, 6, 5, 9, 8, 3, 5)
     mask = make_mask(mask_kind, 2, 9, 8, gen)
     stride = (1, 1, 2, 2)

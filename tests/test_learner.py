@@ -229,3 +229,10 @@ def test_fused_inference_convolves_only_the_varying_columns_of_the_second_layer(
         want = decoded_by_original_steps(reference.eval(), pyramid)
     assert len(shares) == 3 and min(shares) >= cp_ops.MIN_CONSTANT_SHARE  # the split form really ran
     assert_close_dtype(got, want, scale=10)
+
+    # Under bf16 autocast the split's products and convs take bf16, as the plain path's would.
+    shares.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low = ours.forward_fused(levels, mask)
+    assert len(shares) == 3
+    assert_close_dtype(low.float(), want, dtype=torch.bfloat16, scale=10)

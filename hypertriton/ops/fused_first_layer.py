@@ -8,12 +8,15 @@ episode at 400 px for ResNet's layer2 level) and immediately feeds it to a
 - the support branch reads it at the pivot query positions, inside the support windows.
 
 So the same output is computed here without storing the 4D tensor: correlation tiles are computed on
-the fly (query branch: chunks of pivot support positions; support branch: chunks of query rows), and
-only for *active* support positions. Where the resized support mask is 0 the masked support feature
+the fly (support branch: chunks of query rows; query branch: chunks of pivot support positions, or,
+with query stride 1, the pivots' columns of the support branch's products, which hold them already),
+and only for *active* support positions. Where the resized support mask is 0 the masked support feature
 is 0, its normalized form is exactly 0, and so is every correlation with it: skipping those positions
 is exact, not an approximation (``shared/docs/design-notes.md``). A pivot that is inactive contributes
 only the query conv's bias; a support window with no active position only the support conv's bias, so
 the support branch is convolved only over the windows around the active positions' bounding box.
+The forward can also report those bias-only windows (``return_bias_windows``): the learner's next
+layers then skip them (:func:`hypertriton.ops.center_pivot_conv4d.center_pivot_conv4d_split`).
 
 Non-finite values keep the dense semantics: a support position whose feature is NaN/inf is active
 even where the mask is 0 (``NaN * 0`` is NaN in the dense path), and a batch element whose query
@@ -480,7 +483,7 @@ def _add_query_branch(out_b, query_normed_b, support_active, active, weight, spe
     done = 0 if captured is None else captured.shape[0]
     for start in range(0, done, pivots):
         part = _query_conv(captured[start:start + pivots], weight, spec, hq, wq)
-        _add_pivot_outputs(out_b, part, out_index[start:start + pivots], spec)
+        _add_pivot_outputs(out_b, part, out_index[start:start + part.shape[0]], spec)
     for start in range(done, columns.numel(), pivots):
         cols = columns[start:start + pivots]
         pivots_normed = [s.index_select(1, cols) if support_scales is None
