@@ -446,13 +446,14 @@ def _bias_only_windows(active, hs: int, ws: int, kernel: tuple[int, int], spec: 
 
 
 def _captured_pivots(active, windows: _SupportWindows, hq: int, wq: int, spec: _Spec, device):
-    """Where the support branch can hand its correlations to the query branch: ``(columns [P], zeros
-    [P, Hq*Wq, L])`` for the first ``P`` active pivots, or None.
+    """Where the support branch can hand its correlations to the query branch: ``(columns [P], buffer
+    [P, Hq*Wq, L])`` for the first ``P`` active pivots (the buffer uninitialized: the support branch's
+    chunks fill every query position of it), or None.
 
     With query stride 1 and every query row computed, the support branch's products cover every query
     position, and the pivots are among their columns: the query branch's own products would repeat
-    them (30 ms of 720 at ResNet-50's 400-px layer2 level with a full mask). The buffer holds at most
-    one chunk's worth of elements; the pivots beyond it keep their own products.
+    them (27 ms at ResNet-50's 400-px layer2 level with a full mask, AMD EPYC VM). The buffer holds at
+    most one chunk's worth of elements; the pivots beyond it keep their own products.
     """
     if spec.stride[:2] != (1, 1) or spec.row_start != 0 or spec.out_size[:2] != (hq, wq) or \
             windows.columns is not None:
