@@ -180,8 +180,8 @@ class HPNLearner(nn.Module):
 
         ``bias_windows``: optional ``[B, Hs'*Ws']`` bool, True where ``first`` is its biases at every query
         position (from the fused layer, outside the object). After GroupNorm and ReLU those columns are
-        one value per channel. In inference on the ``torch`` backend, when they are at least
-        ``MIN_CONSTANT_SHARE`` of them, ``first`` is split by columns
+        one value per channel. In inference on the ``torch`` backend, when at least ``MIN_CONSTANT_SHARE``
+        of the columns are such, ``first`` is split by columns
         (:func:`hypertriton.ops.layout.split_constant_columns`): the GroupNorm touches only the varying
         columns (the constant ones in closed form) and the second conv multiplies only those
         (:func:`hypertriton.ops.center_pivot_conv4d.center_pivot_conv4d_split`).
