@@ -239,7 +239,7 @@ def center_pivot_conv4d_split(splits, shape, weight_query, bias_query, weight_su
     pqh, pqw, psh, psw = padding
     out_channels, _, ksh, ksw = weight_support.shape
     kqh, kqw = weight_query.shape[-2:]
-    hs2, ws2 = (hs + 2 * psh - ksh) // ssh + 1, (ws + 2 * psw - ksw) // ssw + 1
+    hs2, ws2 = output_size(shape, (kqh, kqw), (ksh, ksw), stride, padding)[2:]
     device = splits[0].first_row.device
     # Autocast would run the convolutions in its dtype; the products here follow it.
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else \
