@@ -172,35 +172,51 @@ class HPNLearner(nn.Module):
         :mod:`hypertriton.ops.layout`)."""
         return resolve_backend(self.backend, device) == "torch"
 
-    def squeeze_rest(self, block: nn.Sequential, first: torch.Tensor, bias_windows: torch.Tensor | None = None
-                     ) -> torch.Tensor:
-        """Finish a squeezing block from its first center-pivot layer's output ``first``
-        ``[B, 16, Hq, Wq, Hs', Ws']``: ``block[1:]``, query-major on the ``torch`` backend. In inference
-        (no gradient recorded) ``first`` may be overwritten (its GroupNorm runs in place).
+    def column_split_allowed(self, block: nn.Sequential, device: torch.device) -> bool:
+        """Whether :meth:`squeeze_rest` may take ``block``'s first-layer output as a column split: inference
+        (no gradient recorded) on the ``torch`` backend, a fused GroupNorm + ReLU and query stride 1."""
+        return (self.query_major(device) and not torch.is_grad_enabled() and isinstance(block[1], GroupNorm4d)
+                and isinstance(block[2], nn.Identity) and tuple(block[3].stride[:2]) == (1, 1))
 
-        ``bias_windows``: optional ``[B, Hs'*Ws']`` bool, True where ``first`` is its biases at every query
-        position (from the fused layer, outside the object). After GroupNorm and ReLU those columns are
-        one value per channel. In inference on the ``torch`` backend, when at least ``MIN_CONSTANT_SHARE``
-        of the columns are such, ``first`` is split by columns
-        (:func:`hypertriton.ops.layout.split_constant_columns`): the GroupNorm touches only the varying
-        columns (the constant ones in closed form) and the second conv multiplies only those
+    def squeeze_rest(self, block: nn.Sequential, first, bias_windows: torch.Tensor | None = None) -> torch.Tensor:
+        """Finish a squeezing block from its first center-pivot layer's output ``first``: ``block[1:]``,
+        query-major on the ``torch`` backend.
+
+        ``first``: ``[B, 16, Hq, Wq, Hs', Ws']``, or (where :meth:`column_split_allowed`) its column split, a
+        list of :class:`hypertriton.ops.layout.ColumnSplit` (from the fused layer, see
+        :func:`hypertriton.ops.fused_first_layer.fused_hypercorrelation_cp_conv4d`). In inference (no
+        gradient recorded) it may be overwritten (its GroupNorm runs in place).
+
+        ``bias_windows``: optional ``[B, Hs'*Ws']`` bool, True where a dense ``first`` is its biases at every
+        query position (from the fused layer, outside the object). After GroupNorm and ReLU those columns
+        are one value per channel. Where :meth:`column_split_allowed` and at least ``MIN_CONSTANT_SHARE`` of
+        the columns are such, ``first`` is split by columns
+        (:func:`hypertriton.ops.layout.split_constant_columns`).
+
+        On a column split the GroupNorm touches only the varying columns (the constant ones in closed form)
+        and the second conv multiplies only those
         (:func:`hypertriton.ops.center_pivot_conv4d.center_pivot_conv4d_split`).
         """
-        query_major = self.query_major(first.device)
-        x = to_query_major(first) if query_major else first
+        norm, conv = block[1], block[3]
+        if isinstance(first, list):
+            if not first or not self.column_split_allowed(block, first[0].first_row.device):
+                raise ValueError("first: a column split needs inference (no gradient) on the torch backend and a "
+                                 "block with a fused GroupNorm + ReLU and query stride 1")
+            splits = first
+        else:
+            query_major = self.query_major(first.device)
+            splits = None
+            x = to_query_major(first) if query_major else first
+            if (bias_windows is not None and self.column_split_allowed(block, first.device)
+                    and float(bias_windows.float().mean()) >= MIN_CONSTANT_SHARE):
+                splits = split_constant_columns(x, bias_windows)
+                del x
         # The largest activation of the learner: no reference may outlive the conv that reads it (the
         # caller passes it as a temporary; a Sequential call would hold it to the end of the block).
         del first
-        norm, conv = block[1], block[3]
-        if (bias_windows is not None and query_major and not torch.is_grad_enabled()
-                and isinstance(norm, GroupNorm4d) and isinstance(block[2], nn.Identity)
-                and tuple(conv.stride[:2]) == (1, 1)
-                and float(bias_windows.float().mean()) >= MIN_CONSTANT_SHARE):
-            shape = x.shape
-            splits = split_constant_columns(x, bias_windows)
-            del x
+        if splits is not None:
             splits = group_norm_split(splits, norm.num_groups, norm.weight, norm.bias, norm.eps, relu=norm.relu)
-            x = center_pivot_conv4d_split(splits, shape, conv.conv1.weight, conv.conv1.bias, conv.conv2.weight,
+            x = center_pivot_conv4d_split(splits, conv.conv1.weight, conv.conv1.bias, conv.conv2.weight,
                                           conv.conv2.bias, conv.stride, conv.padding)
             del splits
             rest = block[4:]
@@ -219,21 +235,32 @@ class HPNLearner(nn.Module):
         Returns:
             ``[B, 128, Hq_2, Wq_2]``.
         """
-        mix43 = self.encoder_layer4to3(resize_4d(sqz4, sqz3.shape[2:4], sqz3.shape[4:6]) + sqz3)
-        mix432 = self.encoder_layer3to2(resize_4d(mix43, sqz2.shape[2:4], sqz2.shape[4:6]) + sqz2)
-        if is_query_major(mix432):
+        return self._mix_levels([sqz4, sqz3, sqz2])
+
+    def _mix_levels(self, squeezed: list) -> torch.Tensor:
+        """:meth:`mix` of ``squeezed`` ``[sqz4, sqz3, sqz2]``, emptied as they are read: a level that nothing
+        else holds is freed once added (at 400 px the layer2 level's 5 MB would otherwise stay to the end;
+        so would each block's input, held by a ``Sequential`` call)."""
+        x = squeezed.pop(0)
+        for block in (self.encoder_layer4to3, self.encoder_layer3to2):
+            shallower = squeezed.pop(0)
+            x = resize_4d(x, shallower.shape[2:4], shallower.shape[4:6]) + shallower
+            del shallower
+            for module in block:
+                x = module(x)
+        if is_query_major(x):
             # Averaged over a middle dim of the memory with channels innermost (a reduction over the
             # logical last dims would walk memory with stride C); the result is channels-last 2D.
-            b, c, hq, wq = mix432.shape[:4]
-            rows = mix432.permute(0, 2, 3, 4, 5, 1).reshape(b, hq, wq, -1, c)
+            b, c, hq, wq = x.shape[:4]
+            rows = x.permute(0, 2, 3, 4, 5, 1).reshape(b, hq, wq, -1, c)
             return rows.mean(dim=3).permute(0, 3, 1, 2)
-        return mix432.flatten(4).mean(dim=-1)
+        return x.flatten(4).mean(dim=-1)
 
     def encode(self, hypercorr_pyramid) -> torch.Tensor:
         """Squeeze and mix the pyramid, then average over the support dims: ``[B, 128, Hq_2, Wq_2]``."""
         self._check_pyramid(hypercorr_pyramid)
-        return self.mix(*(self.squeeze_rest(block, block[0](level))
-                          for block, level in zip(self.squeeze_blocks, hypercorr_pyramid)))
+        return self._mix_levels([self.squeeze_rest(block, block[0](level))
+                                 for block, level in zip(self.squeeze_blocks, hypercorr_pyramid)])
 
     def decode(self, encoded: torch.Tensor) -> torch.Tensor:
         """``[B, 128, h, w]`` -> logits ``[B, 2, 2h, 2w]``."""
@@ -274,10 +301,14 @@ class HPNLearner(nn.Module):
                     continue
                 # Handed over with no other reference (not even the returned pair: a call with *pair would
                 # hold it to the end), so squeeze_rest frees it as soon as its next layer is done.
+                # Split by columns from the start where the next layers take that form: the bias-only windows
+                # (most of them around a small object) are then never stored whole.
+                share = MIN_CONSTANT_SHARE if self.column_split_allowed(block, query[0].device) else None
                 outputs = list(fused_hypercorrelation_cp_conv(query, support, support_mask, block[0],
-                                                              backend=self.backend, return_bias_windows=True))
+                                                              backend=self.backend, return_bias_windows=True,
+                                                              column_split_share=share))
                 squeezed.append(self.squeeze_rest(block, outputs.pop(0), outputs.pop()))
-            return self.decode(self.mix(*squeezed))
+            return self.decode(self._mix_levels(squeezed))
 
     def _streamed_levels(self, levels) -> list[bool]:
         """Which levels a lean forward streams: those whose first-layer output would be at least a quarter

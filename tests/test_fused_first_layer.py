@@ -479,3 +479,55 @@ def test_output_rows_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="torch backend without gradients"):
         ffl.fused_hypercorrelation_cp_conv4d([q.requires_grad_() for q in query], support, None, *weights,
                                              (1, 1, 2, 2), backend="torch", output_rows=(0, 2))
+
+
+@settings(max_examples=30, deadline=None)
+@given(**shapes)
+@example(seed=0, batch=2, layers=2, channels=3, hq=5, wq=4, hs=9, ws=9, k_query=3, k_support=5, support_stride=4,
+         query_stride=1, mask_kind="empty", mask_size=9, chunk_elements=64)  # nothing active: every window constant
+@example(seed=1, batch=1, layers=1, channels=1, hq=1, wq=1, hs=1, ws=1, k_query=1, k_support=1, support_stride=1,
+         query_stride=1, mask_kind="full", mask_size=1, chunk_elements=1)  # 1x1 maps, nothing constant
+@example(seed=8, batch=1, layers=2, channels=2, hq=3, wq=3, hs=9, ws=9, k_query=1, k_support=3, support_stride=4,
+         query_stride=1, mask_kind="blob", mask_size=9, chunk_elements=7)  # gaps between windows
+@example(seed=9, batch=2, layers=3, channels=2, hq=6, wq=7, hs=9, ws=8, k_query=5, k_support=3, support_stride=2,
+         query_stride=1, mask_kind="pixel", mask_size=12, chunk_elements=ffl.CHUNK_ELEMENTS)
+def test_column_split_output_equals_the_dense_one(seed, batch, layers, channels, hq, wq, hs, ws, k_query, k_support,
+                                                  support_stride, query_stride, mask_kind, mask_size,
+                                                  chunk_elements):
+    """``column_split_share``: the output as a column split per batch element holds the dense reference's
+    values; its constant columns are exactly the bias-only windows, stored once as the biases; with a
+    share above what the windows reach, the dense tensor comes back instead."""
+    from hypertriton.ops.layout import ColumnSplit
+
+    gen, query, support, weights = make_case(seed, batch, layers, channels, hq, wq, hs, ws, k_query, k_support)
+    mask = make_mask(mask_kind, batch, mask_size, mask_size, gen)
+    stride = (1, 1, support_stride, support_stride)
+    want = dense(query, support, mask, weights, stride)
+    with torch.no_grad(), chunk_budget(chunk_elements):
+        splits, flags = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, stride, backend="torch",
+                                                             return_bias_windows=True, column_split_share=0.0)
+        share = float(flags.double().mean())
+        above = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, stride, backend="torch",
+                                                     column_split_share=share + 1e-6)
+    assert isinstance(splits, list) and len(splits) == batch and all(isinstance(s, ColumnSplit) for s in splits)
+    assert isinstance(above, torch.Tensor)
+    assert_close_dtype(above, want)
+    bias = weights[1] + weights[3]
+    for b, split in enumerate(splits):
+        assert split.size == tuple(want.shape[2:])
+        assert torch.equal(split.is_constant, flags[b])
+        assert torch.equal(split.varying_index, (~flags[b]).nonzero().flatten())
+        assert split.varying.shape == (want.shape[2] * want.shape[3], split.varying_index.numel(), 3)
+        assert torch.equal(split.first_row[flags[b]], bias.expand(int(flags[b].sum()), 3))
+        assert_close_dtype(split.dense(), want[b])
+
+
+def test_column_split_refuses_what_it_cannot_do():
+    gen, query, support, weights = make_case(14, 1, 2, 3, 5, 5, 6, 6, 3, 3)
+    args = (query, support, None, *weights, (1, 1, 2, 2))
+    with pytest.raises(ValueError, match="column_split_share.*grad mode True"):
+        ffl.fused_hypercorrelation_cp_conv4d(*args, backend="torch", column_split_share=0.3)
+    with torch.no_grad():
+        for kwargs in (dict(backend="reference"), dict(backend="torch", output_rows=(0, 2))):
+            with pytest.raises(ValueError, match="column_split_share"):
+                ffl.fused_hypercorrelation_cp_conv4d(*args, column_split_share=0.3, **kwargs)

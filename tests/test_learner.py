@@ -215,20 +215,35 @@ def test_fused_inference_convolves_only_the_varying_columns_of_the_second_layer(
               for layers, size in zip(inch, sizes)]
     mask = torch.zeros(1, 160, 144)
     mask[0, 20:50, 30:60] = 1.0  # a small object: most windows see none of it
-    shares = []
-    original_conv = cp_ops.center_pivot_conv4d_split
+    shares, first_layer_outputs = [], []
+    original_conv, original_fused = cp_ops.center_pivot_conv4d_split, learner_module.fused_hypercorrelation_cp_conv
 
     def recording(splits, *args):
         shares.extend(float(split.is_constant.float().mean()) for split in splits)
         return original_conv(splits, *args)
 
+    def recording_fused(*args, **kwargs):
+        result = original_fused(*args, **kwargs)
+        first_layer_outputs.append(type(result[0]))
+        return result
+
     monkeypatch.setattr(learner_module, "center_pivot_conv4d_split", recording)
+    monkeypatch.setattr(learner_module, "fused_hypercorrelation_cp_conv", recording_fused)
     with torch.no_grad():
         got = ours.eval().forward_fused(levels, mask)
         pyramid = [hypertriton.hypercorrelation(q, s, mask)[0] for q, s in levels]
         want = decoded_by_original_steps(reference.eval(), pyramid)
     assert len(shares) == 3 and min(shares) >= cp_ops.MIN_CONSTANT_SHARE  # the split form really ran
+    assert first_layer_outputs == [list] * 3  # split from the start: never stored whole
     assert_close_dtype(got, want, scale=10)
+
+    # The same through squeeze_rest's own split of a dense first-layer output.
+    monkeypatch.setattr(learner_module, "fused_hypercorrelation_cp_conv",
+                        lambda *args, **kwargs: original_fused(*args, **{**kwargs, "column_split_share": None}))
+    shares.clear()
+    with torch.no_grad():
+        assert_close_dtype(ours.forward_fused(levels, mask), want, scale=10)
+    assert len(shares) == 3
 
     # Under bf16 autocast the split's products and convs take bf16, as the plain path's would.
     shares.clear()
@@ -239,9 +254,9 @@ def test_fused_inference_convolves_only_the_varying_columns_of_the_second_layer(
 
 
 def test_fused_first_layer_output_is_freed_before_the_second_layer(monkeypatch):
-    """The learner's largest activation (a squeeze block's first-layer output) is held by nothing once its
-    column split exists: by the time the second conv runs it is gone (a call that kept the fused op's
-    returned pair alive held it to the end of the block: 46 -> 51 MB peak at 400 px)."""
+    """The learner's largest activation (a squeeze block's first-layer output, here made dense) is held by
+    nothing once its column split exists: by the time the second conv runs it is gone (a call that kept the
+    fused op's returned pair alive held it to the end of the block: 46 -> 51 MB peak at 400 px)."""
     import weakref
 
     from hypertriton import learner as learner_module
@@ -258,7 +273,7 @@ def test_fused_first_layer_output_is_freed_before_the_second_layer(monkeypatch):
     fused, split_conv = learner_module.fused_hypercorrelation_cp_conv, learner_module.center_pivot_conv4d_split
 
     def recording_fused(*args, **kwargs):
-        result = fused(*args, **kwargs)
+        result = fused(*args, **{**kwargs, "column_split_share": None})  # dense, split by squeeze_rest
         outputs.append(weakref.ref(result[0]))
         return result
 

@@ -225,16 +225,16 @@ def center_pivot_conv4d_constant_columns(x, constant, weight_query, bias_query, 
                          f"{tuple(stride)}, constant {shape_of(constant)}")
     if float(constant.float().mean()) < MIN_CONSTANT_SHARE:
         return _cp_conv_torch(x, weight_query, bias_query, weight_support, bias_support, stride, padding)
-    return center_pivot_conv4d_split(split_constant_columns(x, constant), x.shape, weight_query, bias_query,
-                                     weight_support, bias_support, stride, padding)
+    return center_pivot_conv4d_split(split_constant_columns(x, constant), weight_query, bias_query, weight_support,
+                                     bias_support, stride, padding)
 
 
-def center_pivot_conv4d_split(splits, shape, weight_query, bias_query, weight_support, bias_support, stride,
-                              padding):
+def center_pivot_conv4d_split(splits, weight_query, bias_query, weight_support, bias_support, stride, padding):
     """:func:`center_pivot_conv4d_constant_columns` of an activation already split by columns
-    (:class:`hypertriton.ops.layout.ColumnSplit` per batch element, logical ``shape``
-    ``[B, C, Hq, Wq, Hs, Ws]``): what the learner passes after normalizing the split form itself."""
-    batch, channels, hq, wq, hs, ws = shape
+    (:class:`hypertriton.ops.layout.ColumnSplit` per batch element, all of one size): what the learner
+    passes after normalizing the split form itself."""
+    batch, channels, (hq, wq, hs, ws) = len(splits), splits[0].first_row.shape[1], splits[0].size
+    shape = (batch, channels, hq, wq, hs, ws)
     _, _, ssh, ssw = stride
     pqh, pqw, psh, psw = padding
     out_channels, _, ksh, ksw = weight_support.shape

@@ -15,8 +15,9 @@ is 0, its normalized form is exactly 0, and so is every correlation with it: ski
 is exact, not an approximation (``shared/docs/design-notes.md``). A pivot that is inactive contributes
 only the query conv's bias; a support window with no active position only the support conv's bias, so
 the support branch is convolved only over the windows around the active positions' bounding box.
-The forward can also report those bias-only windows (``return_bias_windows``): the learner's next
-layers then skip them (:func:`hypertriton.ops.center_pivot_conv4d.center_pivot_conv4d_split`).
+The forward can also report those bias-only windows (``return_bias_windows``) and, in inference, store
+them once instead of at every query position (``column_split_share``): the learner's next layers then
+skip them (:func:`hypertriton.ops.center_pivot_conv4d.center_pivot_conv4d_split`).
 
 Non-finite values keep the dense semantics: a support position whose feature is NaN/inf is active
 even where the mask is 0 (``NaN * 0`` is NaN in the dense path), and a batch element whose query
@@ -46,6 +47,7 @@ from ._norms import channel_norm, normalize_with_norms, squared_norm
 from ._validation import check_cp_conv_args, check_feature_lists, check_support_mask, shape_of
 from .center_pivot_conv4d import bias_sum, output_size
 from .hypercorrelation import active_positions
+from .layout import ColumnSplit
 
 # Elements of one chunk's dense correlation buffer (fp32: 8 MB). Large enough that the matrix
 # products stay efficient, small enough to stay far below the 4D tensor at every size.
@@ -222,6 +224,8 @@ def _support_windows(active, hs: int, ws: int, kernel: tuple[int, int], spec: _S
     (sh, sw), (ph, pw) = spec.stride[2:], spec.padding[2:]
     if active is None:
         return _SupportWindows((hs, ws), (ph, pw), slice(0, hs2), slice(0, ws2), None, None)
+    if active.numel() == 0:
+        return _SupportWindows((1, 1), (0, 0), slice(0, 0), slice(0, 0), active, None)
     rows, cols = active // ws, active % ws
     window_rows = _window_range(int(rows.min()), int(rows.max()), kernel[0], sh, ph, hs2)
     window_cols = _window_range(int(cols.min()), int(cols.max()), kernel[1], sw, pw, ws2)
@@ -348,20 +352,34 @@ def _chunk_size(per_item: int, spec: _Spec) -> int:
 # Forward and backward
 # --------------------------------------------------------------------------------------------------
 
-def _forward(query, support, mask, weight_query, bias_query, weight_support, bias_support, spec: _Spec):
-    """No-grad fused forward. query/support: lists of ``[B, C, H, W]`` in the compute dtype."""
+def _forward(query, support, mask, weight_query, bias_query, weight_support, bias_support, spec: _Spec,
+             split_share: float | None = None):
+    """No-grad fused forward. query/support: lists of ``[B, C, H, W]`` in the compute dtype.
+
+    Returns ``(storage, bias_only)``: the output's query-major memory ``[B, Hq'*Wq', Hs'*Ws', Cout]`` and
+    the ``[B, Hs'*Ws']`` flags of the bias-only support windows. With ``split_share``, when at least that
+    share of the windows are bias-only, the output is instead a :class:`hypertriton.ops.layout.ColumnSplit`
+    per batch element, the bias-only windows stored once (they are never written whole)."""
     batch, _, hq, wq = query[0].shape
     hs, ws = support[0].shape[-2:]
     hq2, wq2, hs2, ws2 = spec.out_size
     out_channels = weight_query.shape[0]
-    # Query-major memory [B, Hq'*Wq', Hs'*Ws', Cout] (see hypertriton.ops.layout), where the learner's
-    # next layers run; the writes below cost the same in either layout.
-    storage = new_output((batch, hq2 * wq2, hs2 * ws2, out_channels), query[0].dtype, query[0].device)
-    out = storage.permute(0, 3, 1, 2)  # [B, Cout, Hq'*Wq', Hs'*Ws']
+    device = query[0].device
     bias = bias_sum(bias_query, bias_support, weight_query.shape[0]).to(weight_query).view(-1, 1, 1)
 
     inverse_norms, query_finite = _inverse_query_norms(query)  # [B, Hq, Wq] per layer
-    bias_only = torch.zeros(batch, hs2 * ws2, dtype=torch.bool, device=query[0].device)
+    actives = []
+    bias_only = torch.zeros(batch, hs2 * ws2, dtype=torch.bool, device=device)
+    for b in range(batch):
+        mask_b = None if mask is None else mask[b]
+        actives.append(_active_positions(mask_b, [s[b].flatten(1) for s in support], query_finite[b]))
+        bias_only[b] = _bias_only_windows(actives[b], hs, ws, weight_support.shape[-2:], spec, device)
+    split = split_share is not None and float(bias_only.float().mean()) >= split_share
+    # Query-major memory [B, Hq'*Wq', Hs'*Ws', Cout] (see hypertriton.ops.layout), where the learner's
+    # next layers run; the writes below cost the same in either layout.
+    storage = None if split else new_output((batch, hq2 * wq2, hs2 * ws2, out_channels), query[0].dtype, device)
+    splits = []
+
     # Products, ReLU and both convs in the correlation dtype (reduced precision: as autocast runs a
     # conv); operands cast once here, not per chunk.
     cd = spec.correlation_dtype
@@ -375,23 +393,18 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
     for b in range(batch):
         support_b = [s[b].flatten(1) for s in support]
         mask_b = None if mask is None else mask[b]
-        active = _active_positions(mask_b, support_b, query_finite[b])
+        active = actives[b]
         support_active, support_scales = _active_support_and_scales(support_b, mask_b, active)
-        n_active = support_active[0].shape[1]
-        out_b = out[b]  # [Cout, Hq'*Wq', Hs'*Ws']
-        if n_active == 0:
-            out_b.copy_(bias.expand_as(out_b))  # every correlation is exactly zero: only the biases remain
-            bias_only[b] = True
-            continue
-        bias_only[b] = _bias_only_windows(active, hs, ws, weight_support.shape[-2:], spec, bias_only.device)
-
-        # Support branch, chunks of pivot query rows, into a zero buffer reused across chunks, over the
-        # windows that see an active position; the others hold the biases only.
         windows = _support_windows(active, hs, ws, weight_support.shape[-2:], spec)
-        out_windows = out_b.view(out_channels, hq2 * wq2, hs2, ws2)[:, :, windows.rows, windows.cols]
-        if not windows.full:
-            out_b.copy_(bias.expand_as(out_b))
-        if not windows.empty:
+        if split:
+            target = _SplitTarget(~bias_only[b], hq2 * wq2, out_channels, windows, ws2, query[0].dtype)
+        else:
+            target = _DenseTarget(storage[b], windows, hs2, ws2, bias)
+        if windows.empty:
+            captured = None  # no active position in any window (so no active pivot either)
+        else:
+            # Support branch, chunks of pivot query rows, into a zero buffer reused across chunks, over the
+            # windows that see an active position; the others hold the biases only.
             kept = slice(spec.row_start * wq2, (spec.row_start + hq2) * wq2)
             query_pivots = [_pivot_query(q[b], spec)[:, kept] for q in query]
             pivot_scales = [None] * spec.layers if inverse_norms is None else \
@@ -404,7 +417,7 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
             rows = _chunk_size(spec.layers * cells, spec)
             shape = (cells, spec.layers) if _channels_last_buffer(spec) else (spec.layers, cells)
             buffer = query[0].new_zeros(min(rows, hq2 * wq2), *shape, dtype=cd)
-            captured = _captured_pivots(active, windows, hq, wq, spec, out_b.device)
+            captured = _captured_pivots(active, windows, hq, wq, spec, device)
             for start in range(0, hq2 * wq2, rows):
                 chunk = [q[:, start:start + rows] for q in query_pivots]
                 capture = None if captured is None else \
@@ -412,18 +425,73 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
                 part = _support_branch_chunk(chunk, support_cd, windows, weight_support, spec, buffer,
                                              [(None if scale is None else scale[start:start + rows], columns)
                                               for scale, columns in zip(pivot_scales, column_scales)], capture)
-                torch.add(part.transpose(0, 1), bias.unsqueeze(-1), out=out_windows[:, start:start + part.shape[0]])
+                target.write_support_branch(part, bias, start)
                 del part  # before the next chunk's: peak memory is the output plus one chunk
             del buffer  # before the query branch's own chunks
-        else:
-            captured = None
-
-        _add_query_branch(out_b, [q[b] for q in query], support_active, active, weight_query, spec,
-                          None if inverse_norms is None else [n[b] for n in inverse_norms], support_scales,
-                          None if captured is None else captured[1])
+        if support_active[0].shape[1]:
+            _add_query_branch(target, [q[b] for q in query], support_active, active, weight_query, spec,
+                              None if inverse_norms is None else [n[b] for n in inverse_norms], support_scales,
+                              None if captured is None else captured[1])
+        if split:
+            splits.append(target.column_split(bias, bias_only[b], (hq2, wq2, hs2, ws2)))
     # The storage itself: a custom Function must not return a view (in-place ops on it would be
     # refused); _logical_output views it as [B, Cout, Hq', Wq', Hs', Ws'].
-    return storage, bias_only
+    return (splits if split else storage), bias_only
+
+
+class _DenseTarget:
+    """Where :func:`_forward` writes one batch element's output: all of it, ``rows`` ``[Hq'*Wq', Hs'*Ws', Cout]``
+    (a batch element of the query-major storage); windows outside ``windows`` get the biases."""
+
+    def __init__(self, rows: torch.Tensor, windows: _SupportWindows, hs2: int, ws2: int, bias: torch.Tensor):
+        self.rows = rows
+        out_b = rows.permute(2, 0, 1)  # [Cout, Hq'*Wq', Hs'*Ws']
+        self.box = out_b.view(out_b.shape[0], out_b.shape[1], hs2, ws2)[:, :, windows.rows, windows.cols]
+        if not windows.full:
+            out_b.copy_(bias.expand_as(out_b))
+
+    def write_support_branch(self, part: torch.Tensor, bias: torch.Tensor, start: int) -> None:
+        """Rows ``start..`` of the windows' support branch ``part`` ``[n, Cout, rows, cols]`` (no bias) + ``bias``."""
+        torch.add(part.transpose(0, 1), bias.unsqueeze(-1), out=self.box[:, start:start + part.shape[0]])
+
+    def columns(self, windows: torch.Tensor) -> torch.Tensor:
+        """The columns of ``rows`` that hold output support windows ``windows``."""
+        return windows
+
+
+class _SplitTarget:
+    """Where :func:`_forward` writes one batch element's output as a column split: only the windows flagged
+    in ``varying`` ``[Hs'*Ws']``, all inside ``windows``, into ``rows`` ``[Hq'*Wq', V, Cout]``."""
+
+    def __init__(self, varying: torch.Tensor, positions: int, out_channels: int, windows: _SupportWindows,
+                 ws2: int, dtype: torch.dtype):
+        device = varying.device
+        self.index = varying.nonzero().flatten()  # the stored windows, ascending
+        self.rows = torch.empty(positions, self.index.numel(), out_channels, dtype=dtype, device=device)
+        self.column_of = torch.full(varying.shape, -1, dtype=torch.int64, device=device)
+        self.column_of[self.index] = torch.arange(self.index.numel(), device=device)
+        # Where each stored window lies in the support branch's box of windows (row-major).
+        box_width = windows.cols.stop - windows.cols.start
+        self.in_box = (self.index // ws2 - windows.rows.start) * box_width + self.index % ws2 - windows.cols.start
+
+    def write_support_branch(self, part: torch.Tensor, bias: torch.Tensor, start: int) -> None:
+        """As :meth:`_DenseTarget.write_support_branch`, the stored windows only."""
+        # Gathered whole rows of Cout from the transposed view (gathering along the last dim of the conv's
+        # [n, Cout, cells] runs 3x slower), then the biases added in place.
+        rows = self.rows[start:start + part.shape[0]]
+        torch.index_select(part.flatten(2).transpose(1, 2), 1, self.in_box, out=rows)
+        rows.add_(bias.view(1, 1, -1))
+
+    def columns(self, windows: torch.Tensor) -> torch.Tensor:
+        """As :meth:`_DenseTarget.columns` (``windows`` must be stored ones)."""
+        return self.column_of[windows]
+
+    def column_split(self, bias: torch.Tensor, is_constant: torch.Tensor, size) -> ColumnSplit:
+        """The finished :class:`ColumnSplit` (``size``: ``(Hq', Wq', Hs', Ws')``); the other windows hold ``bias``."""
+        first_row = bias.view(1, -1).expand(is_constant.numel(), -1).to(self.rows.dtype).clone()
+        if self.index.numel():
+            first_row[self.index] = self.rows[0]
+        return ColumnSplit(self.rows, self.index, first_row, is_constant.clone(), size)
 
 
 def _bias_only_windows(active, hs: int, ws: int, kernel: tuple[int, int], spec: _Spec, device) -> torch.Tensor:
@@ -465,10 +533,10 @@ def _captured_pivots(active, windows: _SupportWindows, hq: int, wq: int, spec: _
     return columns[:count], torch.empty(count, hq * wq, spec.layers, dtype=spec.correlation_dtype, device=device)
 
 
-def _add_query_branch(out_b, query_normed_b, support_active, active, weight, spec: _Spec,
+def _add_query_branch(target, query_normed_b, support_active, active, weight, spec: _Spec,
                       inverse_norms_b=None, support_scales=None, captured=None) -> None:
-    """Add the query-dim branch at the active pivot support positions into ``out_b``
-    ``[Cout, Hq'*Wq', Hs'*Ws']`` (no grad), in chunks of pivots.
+    """Add the query-dim branch at the active pivot support positions into ``target`` (a
+    :class:`_DenseTarget` or :class:`_SplitTarget`; no grad), in chunks of pivots.
 
     ``query_normed_b``: per layer ``[C, Hq, Wq]`` (unnormalized when ``inverse_norms_b``, per layer
     ``[Hq, Wq]``, is given); ``support_active``: per layer ``[C, N_act]`` (unnormalized when
@@ -477,14 +545,15 @@ def _add_query_branch(out_b, query_normed_b, support_active, active, weight, spe
     """
     hq, wq = query_normed_b[0].shape[-2:]
     hs, ws = _support_size(spec)
-    columns, out_index = _pivot_columns(active, hs, ws, spec, out_b.device)
+    columns, out_index = _pivot_columns(active, hs, ws, spec, target.rows.device)
+    out_index = target.columns(out_index)  # an active pivot's window is never bias-only, so it is stored
     query_full = [qn.flatten(1) for qn in query_normed_b]
     # A chunk holds its correlations [p, L, Hq*Wq] and its conv output [p, Cout, Hq'*Wq'].
     pivots = _chunk_size(spec.layers * hq * wq + weight.shape[0] * spec.out_size[0] * spec.out_size[1], spec)
     done = 0 if captured is None else captured.shape[0]
     for start in range(0, done, pivots):
         part = _query_conv(captured[start:start + pivots], weight, spec, hq, wq)
-        _add_pivot_outputs(out_b, part, out_index[start:start + part.shape[0]], spec)
+        _add_pivot_outputs(target.rows, part, out_index[start:start + part.shape[0]], spec)
     for start in range(done, columns.numel(), pivots):
         cols = columns[start:start + pivots]
         pivots_normed = [s.index_select(1, cols) if support_scales is None
@@ -493,15 +562,15 @@ def _add_query_branch(out_b, query_normed_b, support_active, active, weight, spe
         part = _query_branch_chunk(query_full, pivots_normed, weight, spec,
                                    hq, wq, None if inverse_norms_b is None else [n.flatten() for n in inverse_norms_b],
                                    conv_dtype=weight.dtype)
-        _add_pivot_outputs(out_b, part, out_index[start:start + pivots], spec)
+        _add_pivot_outputs(target.rows, part, out_index[start:start + pivots], spec)
 
 
-def _add_pivot_outputs(out_b, part, out_index, spec: _Spec) -> None:
-    """``out_b[:, :, out_index] += part`` for the query branch ``part`` ``[p, Cout, Hq'', Wq']`` of pivots
-    ``out_index`` ``[p]`` (their output support positions), over the kept query rows."""
+def _add_pivot_outputs(rows_b, part, columns, spec: _Spec) -> None:
+    """``rows_b[:, columns] += part`` for the query branch ``part`` ``[p, Cout, Hq'', Wq']`` of ``p`` pivots,
+    over the kept query rows, into one batch element's output memory ``rows_b`` ``[Hq'*Wq', K, Cout]``."""
     part = part[:, :, spec.row_start:spec.row_start + spec.out_size[0]]
     rows = part.permute(2, 3, 0, 1).reshape(-1, part.shape[0], part.shape[1])  # [Hq'*Wq', p, Cout]
-    out_b.permute(1, 2, 0).index_add_(1, out_index, rows.to(out_b.dtype))
+    rows_b.index_add_(1, columns, rows.to(rows_b.dtype))
 
 
 def _forward_triton(query, support, mask, weight_query, bias_query, weight_support, bias_support, spec: _Spec):
@@ -730,7 +799,7 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
                                      weight_support, bias_support, stride=1, padding=None,
                                      backend: str | None = None, correlation_dtype: torch.dtype | None = None,
                                      chunk_elements: int | None = None, output_rows: tuple[int, int] | None = None,
-                                     return_bias_windows: bool = False):
+                                     return_bias_windows: bool = False, column_split_share: float | None = None):
     """``center_pivot_conv4d(hypercorrelation(query_feats, support_feats, support_mask)[0], ...)``
     without the 4D tensor.
 
@@ -758,13 +827,19 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
             query rows with the kernel's reach on both sides gives its middle rows exactly (what
             :meth:`hypertriton.HPNLearner.squeeze_streamed` does). None: all rows.
         return_bias_windows: also return which support windows hold only the biases (see Returns).
+        column_split_share: inference on the ``torch`` backend only (no gradient recorded, all rows): when
+            at least this share of the ``B*Hs'*Ws'`` support windows hold only the biases, return the
+            output as a list of :class:`hypertriton.ops.layout.ColumnSplit` (one per batch element; those
+            windows stored once, as they will be after GroupNorm) instead of the dense tensor. At 400 px
+            with a PASCAL-sized object, 27 MB -> 8 MB for ResNet's layer2 level. None: always dense.
 
     Returns:
         ``[B, Cout, Hq', Wq', Hs', Ws']`` in the features' dtype (also under ``torch.autocast``), equal
         (up to rounding) to the dense computation; stored query-major (:mod:`hypertriton.ops.layout`) on
-        the ``torch`` backend. With ``return_bias_windows``, a pair: that and ``[B, Hs'*Ws']`` bool, True
-        where the support window contains no active support position, so that the output there is the
-        biases at every query position (None from the reference backend).
+        the ``torch`` backend (or its column split, see ``column_split_share``). With
+        ``return_bias_windows``, a pair: that and ``[B, Hs'*Ws']`` bool, True where the support window
+        contains no active support position, so that the output there is the biases at every query
+        position (None from the reference backend).
 
     Example:
         >>> q = [torch.randn(1, 8, 6, 6) for _ in range(2)]
@@ -807,6 +882,10 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
                 for t in (*query_feats, *support_feats, weight_query, bias_query, weight_support, bias_support))):
             raise ValueError(f"output_rows: the torch backend without gradients only (backend {name!r})")
         row_start, out_size = lo, (hi - lo, *out_size[1:])
+    if column_split_share is not None and (name != "torch" or torch.is_grad_enabled() or output_rows is not None):
+        raise ValueError(f"column_split_share: the torch backend without gradients (under torch.no_grad()) and "
+                         f"without output_rows only; got backend {name!r}, grad mode "
+                         f"{torch.is_grad_enabled()}, output_rows {output_rows!r}")
     if name == "reference":
         if correlation_dtype is not None:
             raise ValueError("correlation_dtype: the reference backend computes in the features' dtype only; "
@@ -835,14 +914,23 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
     cast = [None if t is None else t.to(compute) for t in (weight_query, bias_query, weight_support, bias_support)]
     features = [f.to(compute) for f in (*query_feats, *support_feats)]
     with torch.autocast(device.type, enabled=False):
-        raw, bias_only = _FusedFirstLayer.apply(spec, mask, *cast, *features)
-    out = _logical_output(raw, spec).to(dtype)
+        if column_split_share is not None:  # inference only, so no autograd Function around it
+            raw, bias_only = _forward(features[:layers], features[layers:], mask, *cast, spec, column_split_share)
+        else:
+            raw, bias_only = _FusedFirstLayer.apply(spec, mask, *cast, *features)
+    if isinstance(raw, list):
+        for split in raw:
+            split.varying, split.first_row = split.varying.to(dtype), split.first_row.to(dtype)
+        out = raw
+    else:
+        out = _logical_output(raw, spec).to(dtype)
     return (out, bias_only) if return_bias_windows else out
 
 
 def fused_hypercorrelation_cp_conv(query_feats, support_feats, support_mask, conv, backend: str | None = None,
                                    correlation_dtype: torch.dtype | None = None, chunk_elements: int | None = None,
-                                   output_rows: tuple[int, int] | None = None, return_bias_windows: bool = False):
+                                   output_rows: tuple[int, int] | None = None, return_bias_windows: bool = False,
+                                   column_split_share: float | None = None):
     """``conv(hypercorrelation level)`` for a :class:`hypertriton.CenterPivotConv4d` ``conv``, fused.
 
     Args:
@@ -853,7 +941,7 @@ def fused_hypercorrelation_cp_conv(query_feats, support_feats, support_mask, con
             support dims, attributes ``stride`` and ``padding``) whose ``in_channels`` is the number of
             layers.
         backend: None follows ``conv.backend`` and then the automatic choice.
-        correlation_dtype, chunk_elements, output_rows, return_bias_windows: see
+        correlation_dtype, chunk_elements, output_rows, return_bias_windows, column_split_share: see
             :func:`fused_hypercorrelation_cp_conv4d`.
 
     Returns:
@@ -877,4 +965,5 @@ def fused_hypercorrelation_cp_conv(query_feats, support_feats, support_mask, con
                                             conv.conv1.bias, conv.conv2.weight, conv.conv2.bias, conv.stride,
                                             conv.padding, backend=backend, correlation_dtype=correlation_dtype,
                                             chunk_elements=chunk_elements, output_rows=output_rows,
-                                            return_bias_windows=return_bias_windows)
+                                            return_bias_windows=return_bias_windows,
+                                            column_split_share=column_split_share)

@@ -290,6 +290,14 @@ class ColumnSplit:
     varying_index: torch.Tensor  # [V]: their support positions (ascending)
     first_row: torch.Tensor  # [Hs*Ws, C]: every column at query position 0 (a constant column's value)
     is_constant: torch.Tensor  # [Hs*Ws] bool
+    size: tuple[int, int, int, int]  # (Hq, Wq, Hs, Ws)
+
+    def dense(self) -> torch.Tensor:
+        """The whole ``[C, Hq, Wq, Hs, Ws]`` (a new tensor, query-major), repeats included."""
+        hq, wq, hs, ws = self.size
+        memory = self.first_row.expand(hq * wq, *self.first_row.shape).clone()  # [Hq*Wq, Hs*Ws, C]
+        memory[:, self.varying_index] = self.varying
+        return memory.view(hq, wq, hs, ws, -1).permute(4, 0, 1, 2, 3)
 
 
 def split_constant_columns(x: torch.Tensor, constant: torch.Tensor) -> list[ColumnSplit]:
@@ -301,7 +309,7 @@ def split_constant_columns(x: torch.Tensor, constant: torch.Tensor) -> list[Colu
     for item in range(b):
         varying_index = (~constant[item]).nonzero().flatten()
         splits.append(ColumnSplit(memory[item].index_select(1, varying_index), varying_index,
-                                  memory[item, 0].clone(), constant[item].clone()))
+                                  memory[item, 0].clone(), constant[item].clone(), (hq, wq, hs, ws)))
     return splits
 
 
