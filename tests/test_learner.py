@@ -286,3 +286,34 @@ def test_fused_first_layer_output_is_freed_before_the_second_layer(monkeypatch):
     with torch.no_grad():
         ours.eval().forward_fused(levels, mask)
     assert alive_at_second_conv == [False, False, False]
+
+
+def test_mixing_frees_each_level_and_block_input_once_read(monkeypatch):
+    """At 400 px the layer2 level's squeezed output and each mixing layer's input are 5 MB: once read, nothing
+    holds them. When the last mixing block's second layer runs, the layer2 level it added and that block's
+    first input are gone (a Sequential call held its input to the end of the block; the caller's list of
+    levels held them all)."""
+    import weakref
+
+    inch = INCH["resnet50"]
+    _, ours = make_pair(inch, seed=5, backend="torch")
+    generator = torch.Generator().manual_seed(5)
+    levels = [([torch.randn(1, 8, *size, generator=generator) for _ in range(layers)],
+               [torch.randn(1, 8, *size, generator=generator) for _ in range(layers)])
+              for layers, size in zip(inch, resnet_like_sizes((20, 18)))]
+    squeezed, block_inputs, alive = [], [], []
+    squeeze_rest = HPNLearner.squeeze_rest
+
+    def recording_rest(self, *args, **kwargs):
+        out = squeeze_rest(self, *args, **kwargs)
+        squeezed.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(HPNLearner, "squeeze_rest", recording_rest)
+    block = ours.encoder_layer3to2
+    block[0].register_forward_pre_hook(lambda module, args: block_inputs.append(weakref.ref(args[0])))
+    block[3].register_forward_pre_hook(
+        lambda module, args: alive.append((squeezed[2]() is not None, block_inputs[-1]() is not None)))
+    with torch.no_grad():
+        ours.eval().forward_fused(levels, torch.ones(1, 160, 144))
+    assert len(squeezed) == 3 and alive == [(False, False)]
