@@ -286,8 +286,8 @@ class HPNLearner(nn.Module):
             support_mask: ``[B, H, W]`` or None.
             lean: in inference (no gradient recorded), stream the squeeze blocks with the largest
                 first-layer outputs over query rows (:meth:`squeeze_streamed`): none is ever held whole,
-                for about half the peak memory, at the cost of computing those fused layers about twice.
-                With gradients it is ignored.
+                for about half the peak memory with a full mask, at the cost of computing those fused
+                layers about twice. With gradients it is ignored.
             rows_per_step: query rows per streamed step (None: automatic).
         """
         lean = lean and not torch.is_grad_enabled()

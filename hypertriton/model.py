@@ -85,9 +85,10 @@ class HSNet(nn.Module):
             skipped (exact: their correlations are 0). Same result up to float rounding; False runs the
             original's dense order of operations (hypercorrelation, then the learner).
         lean: with ``fused``, in inference (no gradient), stream each squeezing block's first two
-            layers over query rows (:meth:`HPNLearner.squeeze_streamed`): about half the peak memory
-            of the fused path (11x below the original's at 400 px), at about 1.6x its time with an
-            object mask, 1.9x with a full one. Same result up to float rounding; an attribute, settable
+            layers over query rows (:meth:`HPNLearner.squeeze_streamed`): with a full mask about half
+            the peak memory of the fused path (11.5x below the original's at 400 px) at about 2x its
+            time; with an object mask the fused path's column split is already within 10% of that
+            memory, at half lean's time. Same result up to float rounding; an attribute, settable
             later.
 
     The backbone is frozen: no gradients, eval mode even under ``model.train()`` (BN statistics never

@@ -46,6 +46,15 @@ def resnet_like_sizes(layer2: tuple[int, int]) -> list[tuple[int, int]]:
     return [layer4, layer3, layer2]
 
 
+def small_resnet50_levels(seed: int) -> list:
+    """Random features of a 160x144 ResNet-50 pyramid (8 channels per layer): per level, deepest first,
+    ``(query_feats, support_feats)``, as ``HPNLearner.forward_fused`` takes them."""
+    generator = torch.Generator().manual_seed(seed)
+    return [([torch.randn(1, 8, *size, generator=generator) for _ in range(layers)],
+             [torch.randn(1, 8, *size, generator=generator) for _ in range(layers)])
+            for layers, size in zip(INCH["resnet50"], resnet_like_sizes((20, 18)))]
+
+
 def decoded_by_original_steps(reference, pyramid):
     """The original's forward, step by step, except the decoder upsamples each side to twice its own size
     (the original doubled the width on both sides; equal for square maps)."""
@@ -206,13 +215,8 @@ def test_fused_inference_convolves_only_the_varying_columns_of_the_second_layer(
     from hypertriton import learner as learner_module
     from hypertriton.ops import center_pivot_conv4d as cp_ops
 
-    inch = INCH["resnet50"]
-    reference, ours = make_pair(inch, seed=3, backend="torch")
-    generator = torch.Generator().manual_seed(3)
-    sizes = resnet_like_sizes((20, 18))
-    levels = [([torch.randn(1, 8, *size, generator=generator) for _ in range(layers)],
-               [torch.randn(1, 8, *size, generator=generator) for _ in range(layers)])
-              for layers, size in zip(inch, sizes)]
+    reference, ours = make_pair(INCH["resnet50"], seed=3, backend="torch")
+    levels = small_resnet50_levels(seed=3)
     mask = torch.zeros(1, 160, 144)
     mask[0, 20:50, 30:60] = 1.0  # a small object: most windows see none of it
     shares, first_layer_outputs = [], []
@@ -261,12 +265,8 @@ def test_fused_first_layer_output_is_freed_before_the_second_layer(monkeypatch):
 
     from hypertriton import learner as learner_module
 
-    inch = INCH["resnet50"]
-    _, ours = make_pair(inch, seed=4, backend="torch")
-    generator = torch.Generator().manual_seed(4)
-    levels = [([torch.randn(1, 8, *size, generator=generator) for _ in range(layers)],
-               [torch.randn(1, 8, *size, generator=generator) for _ in range(layers)])
-              for layers, size in zip(inch, resnet_like_sizes((20, 18)))]
+    _, ours = make_pair(INCH["resnet50"], seed=4, backend="torch")
+    levels = small_resnet50_levels(seed=4)
     mask = torch.zeros(1, 160, 144)
     mask[0, 20:50, 30:60] = 1.0
     outputs, alive_at_second_conv = [], []
@@ -295,12 +295,8 @@ def test_mixing_frees_each_level_and_block_input_once_read(monkeypatch):
     levels held them all)."""
     import weakref
 
-    inch = INCH["resnet50"]
-    _, ours = make_pair(inch, seed=5, backend="torch")
-    generator = torch.Generator().manual_seed(5)
-    levels = [([torch.randn(1, 8, *size, generator=generator) for _ in range(layers)],
-               [torch.randn(1, 8, *size, generator=generator) for _ in range(layers)])
-              for layers, size in zip(inch, resnet_like_sizes((20, 18)))]
+    _, ours = make_pair(INCH["resnet50"], seed=5, backend="torch")
+    levels = small_resnet50_levels(seed=5)
     squeezed, block_inputs, alive = [], [], []
     squeeze_rest = HPNLearner.squeeze_rest
 
