@@ -531,3 +531,18 @@ def test_column_split_refuses_what_it_cannot_do():
         for kwargs in (dict(backend="reference"), dict(backend="torch", output_rows=(0, 2))):
             with pytest.raises(ValueError, match="column_split_share"):
                 ffl.fused_hypercorrelation_cp_conv4d(*args, column_split_share=0.3, **kwargs)
+
+
+@pytest.mark.parametrize("mask_kind", ["blob", "pixel"])
+def test_column_split_under_autocast_keeps_the_dense_outputs_values(mask_kind):
+    """Under bf16 autocast only the products and convs run in bf16: the column split stores the same fp32
+    values as the dense output (not values rounded to bf16)."""
+    gen, query, support, weights = make_case(16, 2, 3, 4, 6, 5, 13, 11, 3, 5, dtype=torch.float32)
+    mask = make_mask(mask_kind, 2, 13, 11, gen).float()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, (1, 1, 4, 4), backend="torch")
+        splits = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, (1, 1, 4, 4), backend="torch",
+                                                      column_split_share=0.0)
+    for b, split in enumerate(splits):
+        assert split.varying.dtype == split.first_row.dtype == torch.float32
+        assert torch.equal(split.dense(), want[b])

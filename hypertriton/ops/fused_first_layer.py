@@ -377,7 +377,7 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
     split = split_share is not None and float(bias_only.float().mean()) >= split_share
     # Query-major memory [B, Hq'*Wq', Hs'*Ws', Cout] (see hypertriton.ops.layout), where the learner's
     # next layers run; the writes below cost the same in either layout.
-    storage = None if split else new_output((batch, hq2 * wq2, hs2 * ws2, out_channels), query[0].dtype, device)
+    storage = None if split else new_output((batch, hq2 * wq2, hs2 * ws2, out_channels), spec.compute_dtype, device)
     splits = []
 
     # Products, ReLU and both convs in the correlation dtype (reduced precision: as autocast runs a
@@ -397,7 +397,7 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
         support_active, support_scales = _active_support_and_scales(support_b, mask_b, active)
         windows = _support_windows(active, hs, ws, weight_support.shape[-2:], spec)
         if split:
-            target = _SplitTarget(~bias_only[b], hq2 * wq2, out_channels, windows, ws2, query[0].dtype)
+            target = _SplitTarget(~bias_only[b], hq2 * wq2, out_channels, windows, ws2, spec.compute_dtype)
         else:
             target = _DenseTarget(storage[b], windows, hs2, ws2, bias)
         if windows.empty:
@@ -479,7 +479,11 @@ class _SplitTarget:
         # Gathered whole rows of Cout from the transposed view (gathering along the last dim of the conv's
         # [n, Cout, cells] runs 3x slower), then the biases added in place.
         rows = self.rows[start:start + part.shape[0]]
-        torch.index_select(part.flatten(2).transpose(1, 2), 1, self.in_box, out=rows)
+        windows = part.flatten(2).transpose(1, 2)  # [n, cells, Cout]
+        if windows.dtype == rows.dtype:
+            torch.index_select(windows, 1, self.in_box, out=rows)
+        else:  # reduced-precision products: the output keeps the compute dtype
+            rows.copy_(windows.index_select(1, self.in_box))
         rows.add_(bias.view(1, 1, -1))
 
     def columns(self, windows: torch.Tensor) -> torch.Tensor:
