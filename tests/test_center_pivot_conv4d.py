@@ -54,6 +54,12 @@ odd_kernels = st.sampled_from([1, 3, 5])
          layout="channels_last", dtype=torch.float16, seed=5)  # query-major, stride past the map
 @example(batch=2, cin=3, cout=5, sizes=(4, 3, 5, 4), kernels=(3, 1, 3, 3), stride=(1, 1, 1, 1), bias=True,
          layout="channels_last", dtype=torch.float32, seed=6)  # query-major, support stride 1: 3D conv + conv2d
+@example(batch=2, cin=3, cout=4, sizes=(3, 3, 4, 4), kernels=(3, 3, 3, 3), stride=(1, 1, 2, 2), bias=True,
+         layout="channels_last", dtype=torch.float32, seed=7)  # query-major, 4x4 -> 2x2: products per kernel row
+@example(batch=1, cin=2, cout=3, sizes=(2, 3, 3, 5), kernels=(1, 3, 3, 3), stride=(1, 1, 3, 3), bias=False,
+         layout="channels_last", dtype=torch.float16, seed=8)  # the same, 3x5 -> 1x2, no bias
+@example(batch=2, cin=3, cout=2, sizes=(4, 3, 2, 2), kernels=(3, 3, 1, 1), stride=(1, 1, 1, 1), bias=True,
+         layout="channels_last", dtype=torch.float32, seed=9)  # the same, added into the query branch's output
 def test_matches_reference(backend, batch, cin, cout, sizes, kernels, stride, bias, layout, dtype, seed):
     device = DEVICES[backend]
     x = make_tensor((batch, cin, *sizes), seed, layout, dtype, device)
