@@ -291,16 +291,20 @@ def _support_branch_chunk(query_chunk, support_active, windows: _SupportWindows,
             if scales is not None and scales[layer][0] is not None:
                 q = q * scales[layer][0]  # the rows scaled on the chunk's features: [C, n] is smaller than [n, N]
             product = torch.mm(q.t().to(cd), s.to(cd)).to(corr.dtype)
-            if scales is not None:
-                product.mul_(scales[layer][1])
-            product = torch.relu_(product)
+            target = corr[:, :, layer] if channels_last else corr[:, layer]
+            if windows.full:  # scaled straight into the buffer: two passes over the products, not three
+                if scales is None:
+                    target.copy_(product)
+                else:
+                    torch.mul(product, scales[layer][1], out=target)
+                product = torch.relu_(target)
+            else:
+                if scales is not None:
+                    product.mul_(scales[layer][1])
+                product = torch.relu_(product)
+                target.index_copy_(1, windows.positions, product)
             if capture is not None:
                 capture[1][:, :, layer].copy_(product.index_select(1, capture[0]).t())
-            target = corr[:, :, layer] if channels_last else corr[:, layer]
-            if windows.full:
-                target.copy_(product)
-            else:
-                target.index_copy_(1, windows.positions, product)
         maps = corr.view(n, *windows.grid, layers).permute(0, 3, 1, 2) if channels_last else \
             corr.view(n, layers, *windows.grid)
     return F.conv2d(maps, weight, None, spec.stride[2:], windows.padding)
