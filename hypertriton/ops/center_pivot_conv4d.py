@@ -148,7 +148,7 @@ def _cp_conv_torch_query_major(x, weight_query, bias_query, weight_support, bias
                                          max_threads=cpu_conv.CP_CONV_MAX_THREADS)
                 flat_out[item, :, position].copy_(result.view(out_channels, hq * wq).t())
             del maps
-        _support_branch(rows, n, weight_support, None, (ssh, ssw), (psh, psw), into=out.view(n, -1))
+        _support_branch(rows, n, weight_support, None, (ssh, ssw), (psh, psw), (hs2, ws2), into=out.view(n, -1))
         return out.permute(0, 5, 1, 2, 3, 4)
 
     if ssh == ssw == 1:
@@ -162,10 +162,10 @@ def _cp_conv_torch_query_major(x, weight_query, bias_query, weight_support, bias
         if not out.is_contiguous():  # conv3d kept another layout (it does not on CPU)
             out = out.contiguous()
         flat_out = out.view(n, hs2 * ws2 * out_channels)
-        _support_branch(rows, n, weight_support, None, (ssh, ssw), (psh, psw), into=flat_out)
+        _support_branch(rows, n, weight_support, None, (ssh, ssw), (psh, psw), (hs2, ws2), into=flat_out)
         return flat_out.view(batch, hq2, wq2, hs2, ws2, out_channels).permute(0, 5, 1, 2, 3, 4)
 
-    out = _support_branch(rows, n, weight_support, bias_support, (ssh, ssw), (psh, psw))
+    out = _support_branch(rows, n, weight_support, bias_support, (ssh, ssw), (psh, psw), (hs2, ws2))
     out = out.view(batch, hq2, wq2, hs2, ws2, out_channels)
 
     # Query branch at the pivot support positions (1/s^2 of them): gather them support-major,
@@ -323,14 +323,16 @@ def bias_sum(bias_query, bias_support, out_channels: int | None = None):
     return present[0] if len(present) == 1 else present[0] + present[1]
 
 
-def _support_branch(rows, n, weight_support, bias_support, stride, padding, into=None):
-    """The support branch over ``rows`` ``[B, Hq', Wq', Hs, Ws, C]`` (``n = B*Hq'*Wq'`` maps ``[Hs, Ws, C]``, already
-    channels-last in memory) as ``[n, Hs'*Ws'*Cout]`` (position-major, channel-minor): one matrix product
-    when the map is no larger than the kernel, else a channels-last ``conv2d``. With ``into`` (a tensor of
-    that shape) it is added there in place and ``into`` is returned."""
+def _support_branch(rows, n, weight_support, bias_support, stride, padding, out_size, into=None):
+    """The support branch over ``rows`` ``[B, Hq', Wq', Hs, Ws, C]`` (``n = B*Hq'*Wq'`` maps ``[Hs, Ws, C]``,
+    already channels-last in memory) as ``[n, Hs'*Ws'*Cout]`` (position-major, channel-minor;
+    ``out_size = (Hs', Ws')``): one matrix product when the map is no larger than the kernel; one per
+    output and kernel row when it has at most ``MAX_TAP_PRODUCT_OUTPUTS`` outputs and nothing needs a
+    gradient; else a channels-last ``conv2d``. With ``into`` (a tensor of that shape) it is added there in
+    place and ``into`` is returned."""
     batch, hq2, wq2, hs, ws, channels = rows.shape
     out_channels, _, ksh, ksw = weight_support.shape
-    hs2, ws2 = (hs + 2 * padding[0] - ksh) // stride[0] + 1, (ws + 2 * padding[1] - ksw) // stride[1] + 1
+    hs2, ws2 = out_size
     recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                 for t in (rows, weight_support, bias_support, into))
     if hs * ws > ksh * ksw and hs2 * ws2 <= MAX_TAP_PRODUCT_OUTPUTS and not recording and rows.is_contiguous():
@@ -361,7 +363,8 @@ def _support_branch_by_taps(flat, weight, bias, stride, padding, out_size, into=
     padding. The squeeze blocks' last layers (4x4 maps, 3x3 kernel, stride 2, 2x2 outputs) multiply
     padding in 11 of the 36 taps a convolution computes (1.5x its work); here 25, at the GEMM's
     rate (15.1 -> 12.9 ms at ResNet-50's 400-px layer2 level, AMD EPYC VM). Not differentiable (``out=``
-    products): for inputs that need no gradient. Returns ``[n, Hs'*Ws'*Cout]`` (``into`` plus it, in place, when given)."""
+    products): for inputs that need no gradient. Returns ``[n, Hs'*Ws'*Cout]`` (``into`` plus it, in
+    place, when given)."""
     n, hs, _ = flat.shape
     out_channels, channels, kh, kw = weight.shape
     ws = flat.shape[2] // channels
@@ -389,8 +392,10 @@ def _support_branch_by_taps(flat, weight, bias, stride, padding, out_size, into=
                     fresh = False
                 else:
                     target.addmm_(columns, taps)
-            if fresh:  # the window reaches no input position
-                target.copy_(bias.expand_as(target)) if bias is not None else target.zero_()
+            if fresh and bias is not None:  # the window reaches no input position
+                target.copy_(bias.expand_as(target))
+            elif fresh:
+                target.zero_()
     return out
 
 
