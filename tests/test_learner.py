@@ -313,3 +313,23 @@ def test_mixing_frees_each_level_and_block_input_once_read(monkeypatch):
     with torch.no_grad():
         ours.eval().forward_fused(levels, torch.ones(1, 160, 144))
     assert len(squeezed) == 3 and alive == [(False, False)]
+
+
+def test_squeeze_rest_refuses_a_column_split_it_cannot_take():
+    """A column split is an inference form of the torch backend: with gradients recorded, or for a learner on
+    another backend, squeeze_rest names the problem instead of failing deep inside."""
+    from hypertriton.ops.fused_first_layer import fused_hypercorrelation_cp_conv
+
+    _, ours = make_pair(INCH["resnet50"], seed=6, backend="torch")
+    query, support = small_resnet50_levels(seed=6)[2]
+    mask = torch.zeros(1, 160, 144)
+    mask[0, 20:50, 30:60] = 1.0
+    block = ours.encoder_layer2
+    with torch.no_grad():
+        splits = fused_hypercorrelation_cp_conv(query, support, mask, block[0], backend="torch",
+                                                column_split_share=0.0)
+    with pytest.raises(ValueError, match="column split needs inference"):
+        ours.squeeze_rest(block, splits)
+    ours.backend = "reference"
+    with torch.no_grad(), pytest.raises(ValueError, match="column split needs inference"):
+        ours.squeeze_rest(block, splits)
