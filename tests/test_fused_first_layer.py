@@ -281,19 +281,25 @@ def test_never_materializes_the_4d_tensor(mask_kind):
     assert tracker.largest <= four_d / 8, (tracker.largest, four_d)
 
 
-@pytest.mark.parametrize("mask_kind", ["blob", "full", "pixel"])
-def test_reduced_precision_correlation_is_close(mask_kind):
+@pytest.mark.parametrize("mask_kind, query_stride, chunk_elements", [
+    ("blob", 1, ffl.CHUNK_ELEMENTS), ("full", 1, ffl.CHUNK_ELEMENTS), ("pixel", 1, ffl.CHUNK_ELEMENTS),
+    # The query branch's own products (their query normalized in reduced precision): for the pivots beyond
+    # the support branch's capture (2 of 9 captured), and with a query stride (none captured).
+    ("full", 1, 2 * 9 * 9 * 3), ("blob", 2, ffl.CHUNK_ELEMENTS)])
+def test_reduced_precision_correlation_is_close(mask_kind, query_stride, chunk_elements):
     """bf16 correlation products (and its channels-last buffer, over windows or the whole map): within the
     bf16 tolerance of the float64 dense result (fp32 output)."""
     gen, query, support, weights = make_case(5, 1, 3, 16, 9, 9, 9, 9, 3, 5, out_channels=4, dtype=torch.float32)
     side = 9 if mask_kind == "pixel" else 36  # a pixel at the support map's own size survives the resize
     mask = make_mask(mask_kind, 1, side, side, gen).float()
-    out = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, (1, 1, 4, 4), backend="torch",
-                                               correlation_dtype=torch.bfloat16)
+    stride = (query_stride, query_stride, 4, 4)
+    with chunk_budget(chunk_elements):
+        out = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, stride, backend="torch",
+                                                   correlation_dtype=torch.bfloat16)
     assert out.dtype == torch.float32
     double = lambda ts: [t.double() for t in ts]  # noqa: E731
-    expected = dense(double(query), double(support), mask.double(), double(weights), (1, 1, 4, 4))
-    exact = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, (1, 1, 4, 4), backend="torch")
+    expected = dense(double(query), double(support), mask.double(), double(weights), stride)
+    exact = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, stride, backend="torch")
     assert_close_dtype(exact, expected, dtype=torch.float32, scale=10)
     assert_close_dtype(out, expected, dtype=torch.bfloat16)
     assert not torch.equal(out, exact)  # the option does change the products

@@ -289,7 +289,11 @@ def _support_branch_chunk(query_chunk, support_active, windows: _SupportWindows,
         channels_last = _channels_last_buffer(spec)
         for layer, (q, s) in enumerate(zip(query_chunk, support_active)):
             if scales is not None and scales[layer][0] is not None:
-                q = q * scales[layer][0]  # the rows scaled on the chunk's features: [C, n] is smaller than [n, N]
+                # The rows scaled on the chunk's features ([C, n] is smaller than [n, N]), in the
+                # features' precision and rounded once into the products' operand: a reduced-precision
+                # copy of the whole normalized query (4 x 2.5 MB at ResNet-50's 400-px layer2 level) would
+                # be read cold from memory, and its heap growth faulted in again on every call.
+                q = torch.mul(q, scales[layer][0], out=torch.empty(q.shape, dtype=cd, device=q.device))
             product = torch.mm(q.t().to(cd), s.to(cd)).to(corr.dtype)
             target = corr[:, :, layer] if channels_last else corr[:, layer]
             if windows.full and not channels_last:
@@ -392,14 +396,8 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
     splits = []
 
     # Products, ReLU and both convs in the correlation dtype (reduced precision: as autocast runs a
-    # conv); operands cast once here, not per chunk.
+    # conv); the weights and the support are cast once, the query chunk by chunk as it is normalized.
     cd = spec.correlation_dtype
-    if cd != spec.compute_dtype:
-        # The products need a reduced-precision copy of the query anyway: make it the normalized one, so
-        # no product or chunk is scaled in reduced precision (slow elementwise there).
-        query = [torch.mul(q, n[:, None], out=torch.empty_like(q, dtype=cd))  # no fp32 temporary
-                 for q, n in zip(query, inverse_norms)]
-        inverse_norms = None
     weight_query, weight_support = weight_query.to(cd), weight_support.to(cd)
     for b in range(batch):
         support_b = [s[b].flatten(1) for s in support]
@@ -419,7 +417,7 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
             kept = slice(spec.row_start * wq2, (spec.row_start + hq2) * wq2)
             query_pivots = [_pivot_query(q[b], spec)[:, kept] for q in query]
             pivot_scales = [None] * spec.layers if inverse_norms is None else \
-                [_pivot_query(n[b][None], spec)[0, kept].to(cd) for n in inverse_norms]
+                [_pivot_query(n[b][None], spec)[0, kept] for n in inverse_norms]
             support_cd = [(s if windows.columns is None else s.index_select(1, windows.columns)).to(cd)
                           for s in support_active]
             column_scales = [(c if windows.columns is None else c.index_select(0, windows.columns)).to(cd)
@@ -566,6 +564,12 @@ def _add_query_branch(target, query_normed_b, support_active, active, weight, sp
     # A chunk holds its correlations [p, L, Hq*Wq] and its conv output [p, Cout, Hq'*Wq'].
     pivots = _chunk_size(spec.layers * hq * wq + weight.shape[0] * spec.out_size[0] * spec.out_size[1], spec)
     done = 0 if captured is None else captured.shape[0]
+    if done < columns.numel() and inverse_norms_b is not None and spec.correlation_dtype != spec.compute_dtype:
+        # Reduced precision: these products take a normalized reduced-precision copy of the query (rounded
+        # once), so no product is scaled in reduced precision (slow elementwise there, and rounded twice).
+        query_full = [torch.mul(q, n.flatten(), out=torch.empty_like(q, dtype=spec.correlation_dtype))
+                      for q, n in zip(query_full, inverse_norms_b)]
+        inverse_norms_b = None
     for start in range(0, done, pivots):
         part = _query_conv(captured[start:start + pivots], weight, spec, hq, wq)
         _add_pivot_outputs(target.rows, part, out_index[start:start + part.shape[0]], spec)
