@@ -264,9 +264,9 @@ def _support_branch_chunk(query_chunk, support_active, windows: _SupportWindows,
             buffer whose other cells are zero
             (no-grad forward only; in the correlation dtype, as ``weight``, so the conv runs in it); None
             allocates in the compute dtype.
-        scales: with a buffer, per layer ``([n] or None, [N])`` factors for the products' rows and columns
-            (the inverse norms of an unnormalized ``query_chunk``, None when it is normalized, and the
-            normalizing factors of an unnormalized ``support_active``); None: both are normalized.
+        scales: with a buffer, per layer ``([n] or None, [N] or None)`` factors for the products' rows and
+            columns (the inverse norms of an unnormalized ``query_chunk`` and the normalizing factors of an
+            unnormalized ``support_active``, each None when that side is normalized); None: both are.
         capture: with a buffer, optional ``(columns [P], into [P, n, L])``: the chunk's correlations at those
             columns of ``support_active`` are also written to ``into`` (the query branch's input at the
             pivots, which then needs no products of its own).
@@ -301,21 +301,27 @@ def _support_branch_chunk(query_chunk, support_active, windows: _SupportWindows,
                 # products, not three. A channels-last buffer's rows are strided: the elementwise ops stay
                 # on the contiguous product there (on the strided rows, the 400-px bf16 fused layer with a
                 # full mask took 367 ms instead of 225).
-                if scales is None:
+                if scales is None or scales[layer][1] is None:
                     target.copy_(product)
                 else:
                     torch.mul(product, scales[layer][1], out=target)
                 product = torch.relu_(target)
             else:
-                if scales is not None:
+                if scales is not None and scales[layer][1] is not None:
                     product.mul_(scales[layer][1])
                 product = torch.relu_(product)
                 if windows.full:
                     target.copy_(product)
                 else:
                     target.index_copy_(1, windows.positions, product)
-            if capture is not None:
-                capture[1][:, :, layer].copy_(product.index_select(1, capture[0]).t())
+        if capture is not None:
+            # All layers' pivots at once from the buffer, where the products now are (a strided row of
+            # it, gathered per layer, would first be copied whole: 44 x [209, 2500] at ResNet-50's 400-px
+            # layer2 level with a full mask).
+            cells_of = capture[0] if windows.full else windows.positions.index_select(0, capture[0])
+            picked = corr.index_select(1, cells_of).transpose(0, 1) if channels_last else \
+                corr.index_select(2, cells_of).permute(2, 0, 1)
+            capture[1].copy_(picked)  # [P, n, L]
         maps = corr.view(n, *windows.grid, layers).permute(0, 3, 1, 2) if channels_last else \
             corr.view(n, layers, *windows.grid)
     return F.conv2d(maps, weight, None, spec.stride[2:], windows.padding)
@@ -418,10 +424,15 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
             query_pivots = [_pivot_query(q[b], spec)[:, kept] for q in query]
             pivot_scales = [None] * spec.layers if inverse_norms is None else \
                 [_pivot_query(n[b][None], spec)[0, kept] for n in inverse_norms]
-            support_cd = [(s if windows.columns is None else s.index_select(1, windows.columns)).to(cd)
-                          for s in support_active]
-            column_scales = [(c if windows.columns is None else c.index_select(0, windows.columns)).to(cd)
+            support_cd = [s if windows.columns is None else s.index_select(1, windows.columns) for s in support_active]
+            column_scales = [c if windows.columns is None else c.index_select(0, windows.columns)
                              for c in support_scales]
+            if cd != spec.compute_dtype:
+                # Reduced precision copies the support anyway: normalized on the way (in fp32, rounded
+                # once), which spares every chunk a pass over its products in reduced precision.
+                support_cd = [torch.mul(s, c, out=torch.empty(s.shape, dtype=cd, device=s.device))
+                              for s, c in zip(support_cd, column_scales)]
+                column_scales = [None] * spec.layers
             cells = windows.grid[0] * windows.grid[1]
             rows = _chunk_size(spec.layers * cells, spec)
             shape = (cells, spec.layers) if _channels_last_buffer(spec) else (spec.layers, cells)
