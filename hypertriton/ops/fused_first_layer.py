@@ -436,7 +436,10 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
             cells = windows.grid[0] * windows.grid[1]
             rows = _chunk_size(spec.layers * cells, spec)
             shape = (cells, spec.layers) if _channels_last_buffer(spec) else (spec.layers, cells)
-            buffer = query[0].new_zeros(min(rows, hq2 * wq2), *shape, dtype=cd)
+            shape = (min(rows, hq2 * wq2), *shape)
+            # Over the whole map every cell is written in each chunk: no zeros needed (8 MB at ResNet-50's
+            # 400-px layer2 level with a full mask).
+            buffer = new_output(shape, cd, device) if windows.full else query[0].new_zeros(shape, dtype=cd)
             captured = _captured_pivots(active, windows, hq, wq, spec, device)
             for start in range(0, hq2 * wq2, rows):
                 chunk = [q[:, start:start + rows] for q in query_pivots]
