@@ -435,8 +435,8 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
                 column_scales = [None] * spec.layers
             cells = windows.grid[0] * windows.grid[1]
             rows = _chunk_size(spec.layers * cells, spec)
-            shape = (cells, spec.layers) if _channels_last_buffer(spec) else (spec.layers, cells)
-            shape = (min(rows, hq2 * wq2), *shape)
+            per_row = (cells, spec.layers) if _channels_last_buffer(spec) else (spec.layers, cells)
+            shape = (min(rows, hq2 * wq2), *per_row)
             # Over the whole map every cell is written in each chunk: no zeros needed (8 MB at ResNet-50's
             # 400-px layer2 level with a full mask).
             buffer = new_output(shape, cd, device) if windows.full else query[0].new_zeros(shape, dtype=cd)
