@@ -21,12 +21,13 @@ MAX_GRID_Y = 65535  # CUDA's limit on the second and third grid dimensions
 def _configs():
     gpu = [
         triton.Config({"BLOCK_Q": bq, "BLOCK_S": bs, "BLOCK_C": bc}, num_warps=w, num_stages=st)
+        # Tiles of 128 take 8 warps: with 4, or with 64 channels per step, they spill registers on sm_90
+        # (bench/kernel_registers.py).
         for bq, bs, bc, w, st in [
             (64, 64, 32, 4, 3),
-            (128, 64, 32, 4, 3),
-            (64, 128, 32, 4, 3),
-            (128, 128, 32, 8, 3),
-            (128, 128, 64, 8, 2),
+            (128, 64, 32, 8, 3),
+            (64, 128, 32, 8, 3),
+            (128, 128, 16, 8, 3),
             (32, 32, 16, 2, 2),  # small maps (the deepest level is 13x13)
         ]
     ]
@@ -190,12 +191,13 @@ def correlation_into(query: torch.Tensor, support: torch.Tensor, out: torch.Tens
 def _grad_configs():
     gpu = [
         triton.Config({"BLOCK_X": bx, "BLOCK_Y": by, "BLOCK_C": bc}, num_warps=w, num_stages=st)
+        # Each step loads two [BLOCK_X, BLOCK_Y] tiles (gradient and forward output): BLOCK_Y stays at 32
+        # or less, or they spill registers on sm_90 (bench/kernel_registers.py).
         for bx, by, bc, w, st in [
-            (64, 64, 64, 4, 3),
-            (128, 64, 64, 4, 3),
-            (64, 64, 128, 4, 3),
-            (128, 32, 128, 8, 3),
-            (32, 32, 32, 2, 2),  # small maps
+            (64, 32, 64, 4, 3),
+            (128, 32, 64, 8, 3),
+            (64, 32, 128, 8, 3),
+            (64, 16, 64, 4, 3),  # small maps
         ]
     ]
     return autotune_configs(gpu, triton.Config({"BLOCK_X": 32, "BLOCK_Y": 32, "BLOCK_C": 16}, num_warps=1))
