@@ -8,7 +8,7 @@ configs are sound before a GPU session. Compile-only: it measures no speed.
 
     python bench/kernel_registers.py                  # the table, every kernel x variant x config
     python bench/kernel_registers.py --check          # exit 1 on a failed compile or a spilling config
-    python bench/kernel_registers.py --out bench/results --name sm90-kernel-registers
+    python bench/kernel_registers.py --out bench/results   # sm90-kernel-registers-triton<version>.{json,md}
 
 Variants: fp32 operands with IEEE and with TF32 products, and bf16 operands, all with int32 indexing
 (what every realistic shape runs), are held to ``--max-spill`` bytes of spill stores; an fp16 variant
@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import datetime
+import io
 import json
 import os
 import re
@@ -92,23 +94,26 @@ def _signature(fn, constexprs: dict, dtype: str, fp32_pointers) -> dict:
     return signature
 
 
-def _ptxas_report(ptx: str) -> dict:
-    """Registers, spill bytes and ptxas's own words for one kernel's PTX (the options Triton compiles with)."""
+def _parse_ptxas_log(log: str) -> dict | None:
+    registers = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if registers is None or spills is None:
+        return None
+    return {"registers": int(registers.group(1)), "spill_stores": int(spills.group(1)),
+            "spill_loads": int(spills.group(2))}
+
+
+def _run_ptxas(ptx: str) -> dict:
+    """ptxas's report on ``ptx``, for a Triton that cannot print its own (see :func:`compile_one`)."""
     with tempfile.TemporaryDirectory() as folder:
         source = Path(folder) / "kernel.ptx"
         source.write_text(ptx)
-        command = [_ptxas(), "-v", "-lineinfo", "--regAllocOptLevel=2", f"--gpu-name=sm_{ARCH}a", str(source),
-                   "-o", str(Path(folder) / "kernel.cubin")]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0 and "regAllocOptLevel" in result.stderr:  # an older ptxas
-            command.remove("--regAllocOptLevel=2")
-            result = subprocess.run(command, capture_output=True, text=True)
-    registers = re.search(r"Used (\d+) registers", result.stderr)
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", result.stderr)
-    if result.returncode != 0 or registers is None or spills is None:
+        result = subprocess.run([_ptxas(), "-v", "-lineinfo", f"--gpu-name=sm_{ARCH}a", str(source), "-o",
+                                 str(Path(folder) / "kernel.cubin")], capture_output=True, text=True)
+    report = _parse_ptxas_log(result.stderr)
+    if result.returncode != 0 or report is None:
         raise RuntimeError(f"ptxas gave no report (exit {result.returncode}): {result.stderr[-2000:]}")
-    return {"registers": int(registers.group(1)), "spill_stores": int(spills.group(1)),
-            "spill_loads": int(spills.group(2))}
+    return report
 
 
 def compile_one(job: dict) -> dict:
@@ -123,12 +128,19 @@ def compile_one(job: dict) -> dict:
     constexprs = {**extra, "INPUT_PRECISION": job["precision"], "INT64": job["int64"], **config.kwargs}
     constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
     row = {**job, "blocks": config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    # Triton prints ptxas's report as it compiles (its flags differ between versions), and only when
+    # it compiles: the cache is bypassed.
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+    os.environ["TRITON_ALWAYS_COMPILE"] = "1"
+    log = io.StringIO()
     try:
-        compiled = triton.compile(ASTSource(fn, _signature(fn, constexprs, job["dtype"], fp32_pointers),
-                                            constexprs=constexprs),
-                                  target=GPUTarget("cuda", ARCH, 32),
-                                  options={"num_warps": config.num_warps, "num_stages": config.num_stages})
-        row.update(_ptxas_report(compiled.asm["ptx"]), shared_bytes=int(compiled.metadata.shared))
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(ASTSource(fn, _signature(fn, constexprs, job["dtype"], fp32_pointers),
+                                                constexprs=constexprs),
+                                      target=GPUTarget("cuda", ARCH, 32),
+                                      options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+        report = _parse_ptxas_log(log.getvalue()) or _run_ptxas(compiled.asm["ptx"])
+        row.update(report, shared_bytes=int(compiled.metadata.shared))
     except Exception as error:  # noqa: BLE001 (reported per row; --check fails on it)
         row["error"] = f"{type(error).__name__}: {str(error)[:2000]}"
     return row
@@ -180,7 +192,7 @@ def main(argv=None) -> int:
     parser.add_argument("--kernels", default="", help="comma-separated kernel names (default: all)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiles in parallel")
     parser.add_argument("--out", type=Path, help="write <name>.json and <name>.md there")
-    parser.add_argument("--name", default=f"sm{ARCH}-kernel-registers")
+    parser.add_argument("--name", help=f"file stem (default: sm{ARCH}-kernel-registers-triton<version>)")
     args = parser.parse_args(argv)
 
     import triton
@@ -214,6 +226,7 @@ def main(argv=None) -> int:
     report = {"date": datetime.date.today().isoformat(), "triton": triton.__version__, "ptxas": ptxas_version,
               "arch": f"sm_{ARCH}", "max_spill": args.max_spill, "rows": rows}
     if args.out:
+        args.name = args.name or f"sm{ARCH}-kernel-registers-triton{triton.__version__}"
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
         (args.out / f"{args.name}.md").write_text(markdown(report))
