@@ -23,8 +23,13 @@ BACKENDS = ("triton", "torch", "reference")
 ENV_VARIABLE = "HYPERTRITON_BACKEND"
 
 
+# Looked up once: torch.compile (torch 2.11) refuses to trace importlib's find_spec, and every op
+# resolves its backend inside the compiled graph.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def interpreter_enabled() -> bool:

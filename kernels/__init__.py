@@ -8,3 +8,30 @@ import os
 
 # Triton decides at decoration time whether a kernel is interpreted; remember what it saw.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _index_scalars_under_old_interpreters() -> None:
+    """Triton < 3.7's interpreter turns a scalar argument used as an index (``range(0, C, BLOCK)``) into an
+    int with ``int(array)`` on a one-element array, which NumPy >= 2.4 refuses; Triton 3.7 squeezes the
+    array first. Do the same for older versions (the patch lives only while a kernel runs, as theirs)."""
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "squeezes_index", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_lang_tensor.squeezes_index = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if INTERPRETED:
+    import numpy
+    import triton
+
+    if (tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 7)
+            and tuple(int(part) for part in numpy.__version__.split(".")[:2]) >= (2, 4)):
+        _index_scalars_under_old_interpreters()

@@ -45,7 +45,10 @@ def cases(autotuned, make_configs):
 @pytest.fixture
 def only(monkeypatch):
     """``only(autotuned, config)``: the kernel runs with ``config`` alone until the test ends."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    # Assigned and restored by hand: in torch 2.11 the flag is no attribute of its module that
+    # monkeypatch could restore (it would try to delete it).
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
 
     forced = []
 
@@ -56,7 +59,10 @@ def only(monkeypatch):
         forced.append((autotuned, config))
         return config.kwargs
 
-    yield force
+    try:
+        yield force
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     for autotuned, config in forced:  # the kernel did run, and with this config
         assert autotuned.best_config is config, f"{autotuned.fn.__name__} did not run with {config}"
 
