@@ -87,8 +87,18 @@ def _max_relative_error(output, expected) -> float:
     return diff / scale if scale > 0 else diff
 
 
+def _apply_tf32(mode: str | None) -> None:
+    """``--tf32``: ``off``/``on`` set PyTorch's matmul and cuDNN TF32 flags alike, so that the original's
+    cuDNN convolutions and our kernels (which follow the matmul flag) compute the same fp32 math;
+    ``torch`` leaves PyTorch's defaults (TF32 in cuDNN convolutions only). No effect on CPU."""
+    import torch
+
+    if mode in ("off", "on"):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = mode == "on"
+
+
 def _setup(job: dict):
-    """(torch, cases, inputs, sync) for a job, with its thread count and seed applied."""
+    """(torch, cases, inputs, sync) for a job, with its thread count, TF32 mode and seed applied."""
     import torch
 
     sys.path.insert(0, str(HERE))
@@ -96,6 +106,7 @@ def _setup(job: dict):
 
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
+    _apply_tf32(job.get("tf32"))
     device = torch.device(job["device"])
     torch.manual_seed(0)
     inputs = cases.make_inputs(job["backbone"], job["size"], job["batch"], getattr(torch, job["dtype"]), device,
@@ -192,6 +203,7 @@ def gemm_peak(job: dict) -> dict:
 
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
+    _apply_tf32(job.get("tf32"))
     device = torch.device(job["device"])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sides = (4096, 8192) if device.type == "cuda" else (512, 1024)
@@ -287,6 +299,7 @@ def machine_info(device: str) -> dict:
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(device)
         info["allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
+        info["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
     return info
 
 
@@ -352,11 +365,23 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
 
+def _tf32_words(info: dict) -> str:
+    matmul, cudnn = info.get("allow_tf32"), info.get("cudnn_allow_tf32")
+    if matmul is None or cudnn is None:
+        return "TF32 flags not recorded"
+    if matmul == cudnn:
+        return ("TF32" if matmul else "IEEE fp32") + " in every variant's matrix products and convolutions"
+    return (f"TF32 in cuDNN convolutions {'on' if cudnn else 'off'}, in matrix products and the Triton kernels "
+            f"{'on' if matmul else 'off'}")
+
+
 def markdown(report: dict) -> str:
     info, args = report["machine"], report["args"]
     lines = [f"# hypertriton benchmark: {args['backbone']}, batch {args['batch']}, {args['dtype']}, "
              f"{info['device']}", ""]
     lines.append(f"- machine: {args['machine'] or info['cpu']}" + (f", GPU {info['gpu']}" if info.get("gpu") else ""))
+    if info.get("gpu"):
+        lines.append(f"- fp32 math on the GPU: {_tf32_words(info)}")
     lines.append(f"- CPU: {info['cpu']}, {info['cpu_count']} cores visible, torch threads {info['torch_threads']}; "
                  f"load average at start {tuple(round(x, 2) for x in info['load_average_start'])}, "
                  f"at end {tuple(round(x, 2) for x in info['load_average_end'])}")
@@ -607,6 +632,11 @@ def parse_args(argv=None):
     parser.add_argument("--variants", default=None, help="comma-separated subset of variants (e.g. original,torch)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads per row (default: torch's choice; 1 is steadier on a busy machine)")
+    parser.add_argument("--tf32", default="off", choices=["off", "on", "torch"],
+                        help="CUDA fp32 math for every variant: off (IEEE fp32 everywhere, the default) or on "
+                             "(TF32 in matrix products and convolutions) sets PyTorch's matmul and cuDNN flags "
+                             "alike; torch keeps PyTorch's defaults (TF32 in cuDNN convolutions only, while "
+                             "our kernels follow the matmul flag)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per row")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per row")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per row before it is reported failed")
@@ -675,10 +705,12 @@ def main(argv=None) -> int:
                             if not args.variants or v in args.variants.split(",")]
                 groups.append({"size": size, "case": case, "mask": mask, "variants": variants, "device": device,
                                "dtype": dtype, "backbone": args.backbone, "batch": args.batch,
-                               "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads})
+                               "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads,
+                               "tf32": args.tf32})
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    _apply_tf32(args.tf32)
     info = machine_info(device)
     # Memory workers: large blocks always come from (and go back to) mmap, so a freed tensor's pages are
     # not silently reused and peak RSS sees every allocation. Timing workers keep the allocator's
@@ -708,7 +740,7 @@ def main(argv=None) -> int:
 
     peak_dtypes = list(dict.fromkeys([dtype] + (["bfloat16"] if any(v.endswith("+bf16") for g in groups
                                                                    for v in g["variants"]) else [])))
-    peaks = launch("peak", {"device": device, "threads": args.threads, "dtypes": peak_dtypes})
+    peaks = launch("peak", {"device": device, "threads": args.threads, "dtypes": peak_dtypes, "tf32": args.tf32})
     if "error" in peaks:
         print(f"GEMM peak not measured: {peaks['error']}", file=sys.stderr)
         peaks = {}

@@ -152,3 +152,27 @@ def test_replot_names_what_it_cannot_plot(bench_run, tmp_path):
         bench_run.main(["--replot", str(search)])
     with pytest.raises(SystemExit, match="cannot read"):
         bench_run.main(["--replot", str(tmp_path / "missing.json")])
+
+
+@pytest.mark.parametrize("mode, matmul, cudnn", [("off", False, False), ("on", True, True), ("torch", None, None)])
+def test_tf32_mode_sets_both_flags_alike_or_leaves_them(bench_run, mode, matmul, cudnn):
+    import torch
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    # Opposite starting values, so that "torch" (leave them) is told apart from setting them alike.
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
+    try:
+        bench_run._apply_tf32(mode)
+        got = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    assert got == ((False, True) if matmul is None else (matmul, cudnn))
+
+
+def test_markdown_says_the_gpu_fp32_math(bench_run):
+    report = _report(_rows())
+    report["machine"].update(device="cuda", gpu="NVIDIA H200", allow_tf32=False, cudnn_allow_tf32=False)
+    assert "- fp32 math on the GPU: IEEE fp32 in every variant's matrix products and convolutions" in \
+        bench_run.markdown(report)
+    report["machine"].update(cudnn_allow_tf32=True)
+    assert "TF32 in cuDNN convolutions on, in matrix products and the Triton kernels off" in bench_run.markdown(report)
