@@ -45,25 +45,29 @@ DEFAULT_MAX_SPILL = 64
 
 
 def _kernels() -> dict:
-    """name -> (autotuned kernel, extra constexprs, pointer arguments that are always fp32)."""
-    from hypertriton.kernels import center_pivot_conv4d as conv
-    from hypertriton.kernels import fused_first_layer as fused
-    from hypertriton.kernels import hypercorrelation as corr
+    """name -> (autotuned kernel, extra constexprs, pointer arguments that are always fp32), covering every
+    kernel of ``hypertriton.kernels.autotuned_kernels()``."""
+    from hypertriton import kernels
 
-    return {
-        "correlation": (corr._correlation_kernel, {"HAS_ACTIVE": True}, ()),
+    autotuned = kernels.autotuned_kernels()
+    table = {
+        "correlation": (autotuned["correlation"], {"HAS_ACTIVE": True}, ()),
         # One kernel, two sides of the backward: support blocks skipped one by one (query side, 1) or
         # the whole support tile (support side, 2).
-        "correlation_grad/query": (corr._correlation_grad_kernel, {"ACTIVE_SIDE": 1}, ()),
-        "correlation_grad/support": (corr._correlation_grad_kernel, {"ACTIVE_SIDE": 2}, ()),
-        "center_pivot_conv4d": (conv._center_pivot_conv4d_kernel, {"HAS_BQ": True, "HAS_BS": True}, ()),
-        "center_pivot_conv4d_grad_input": (conv._center_pivot_conv4d_grad_input_kernel, {}, ()),
+        "correlation_grad/query": (autotuned["correlation_grad"], {"ACTIVE_SIDE": 1}, ()),
+        "correlation_grad/support": (autotuned["correlation_grad"], {"ACTIVE_SIDE": 2}, ()),
+        "center_pivot_conv4d": (autotuned["center_pivot_conv4d"], {"HAS_BQ": True, "HAS_BS": True}, ()),
+        "center_pivot_conv4d_grad_input": (autotuned["center_pivot_conv4d_grad_input"], {}, ()),
         # Partial weight and bias gradients accumulate in fp32.
-        "center_pivot_conv4d_grad_weight": (conv._center_pivot_conv4d_grad_weight_kernel, {}, ("p_pw", "p_pb")),
+        "center_pivot_conv4d_grad_weight": (autotuned["center_pivot_conv4d_grad_weight"], {}, ("p_pw", "p_pb")),
         # HSNet's layer2-level first layer (5x5 support kernel, 16 outputs); its output is fp32.
-        "fused_support_branch": (fused._support_branch_kernel, {"COUT": 16, "KS": 5, "BLOCK_T": 32, "BLOCK_O": 16},
-                                 ("p_out",)),
+        "fused_support_branch": (autotuned["fused_support_branch"],
+                                 {"COUT": 16, "KS": 5, "BLOCK_T": 32, "BLOCK_O": 16}, ("p_out",)),
     }
+    missing = {name for name, kernel in autotuned.items() if all(kernel is not row[0] for row in table.values())}
+    if missing:
+        raise RuntimeError(f"bench/kernel_registers.py does not know how to compile {sorted(missing)}")
+    return table
 
 
 def _ptxas():

@@ -97,8 +97,23 @@ def _apply_tf32(mode: str | None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = mode == "on"
 
 
+def _one_config_per_kernel() -> None:
+    """Every Triton kernel keeps its first autotune config: for ``--max-size`` tries, which only ask whether
+    a size runs (no kernel allocates memory by its tile size), so that each fresh process does not
+    compile and time every config of every kernel at every size tried."""
+    from hypertriton import kernels
+
+    try:
+        autotuned = kernels.autotuned_kernels()
+    except ImportError:  # no Triton: nothing is autotuned
+        return
+    for kernel in autotuned.values():
+        del kernel.configs[1:]
+
+
 def _setup(job: dict):
-    """(torch, cases, inputs, sync) for a job, with its thread count, TF32 mode and seed applied."""
+    """(torch, cases, inputs, sync) for a job, with its thread count, TF32 mode and seed applied (and one
+    config per kernel for a ``--max-size`` try)."""
     import torch
 
     sys.path.insert(0, str(HERE))
@@ -107,6 +122,8 @@ def _setup(job: dict):
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
     _apply_tf32(job.get("tf32"))
+    if job.get("fit_only"):
+        _one_config_per_kernel()
     device = torch.device(job["device"])
     torch.manual_seed(0)
     inputs = cases.make_inputs(job["backbone"], job["size"], job["batch"], getattr(torch, job["dtype"]), device,

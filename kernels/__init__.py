@@ -10,6 +10,20 @@ import os
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
+def autotuned_kernels() -> dict:
+    """Every autotuned Triton kernel of the package, by name (imports the kernel modules)."""
+    from . import center_pivot_conv4d, fused_first_layer, hypercorrelation
+
+    return {
+        "correlation": hypercorrelation._correlation_kernel,
+        "correlation_grad": hypercorrelation._correlation_grad_kernel,
+        "center_pivot_conv4d": center_pivot_conv4d._center_pivot_conv4d_kernel,
+        "center_pivot_conv4d_grad_input": center_pivot_conv4d._center_pivot_conv4d_grad_input_kernel,
+        "center_pivot_conv4d_grad_weight": center_pivot_conv4d._center_pivot_conv4d_grad_weight_kernel,
+        "fused_support_branch": fused_first_layer._support_branch_kernel,
+    }
+
+
 def _index_scalars_under_old_interpreters() -> None:
     """Triton < 3.7's interpreter turns a scalar argument used as an index (``range(0, C, BLOCK)``) into an
     int with ``int(array)`` on a one-element array, which NumPy >= 2.4 refuses; Triton 3.7 squeezes the

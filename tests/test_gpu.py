@@ -29,13 +29,7 @@ def one_config_per_kernel(monkeypatch):
     """Every kernel runs its first GPU config only. These tests check numerics, which no tile size
     changes; autotuning would compile every config again for each new shape and dtype, minutes of a
     short GPU session. ``tests/test_kernel_configs.py`` runs every config; the benchmark autotunes."""
-    from hypertriton.kernels import center_pivot_conv4d as conv
-    from hypertriton.kernels import fused_first_layer as fused
-    from hypertriton.kernels import hypercorrelation as corr
-
-    for autotuned in (corr._correlation_kernel, corr._correlation_grad_kernel, conv._center_pivot_conv4d_kernel,
-                      conv._center_pivot_conv4d_grad_input_kernel, conv._center_pivot_conv4d_grad_weight_kernel,
-                      fused._support_branch_kernel):
+    for autotuned in kernels.autotuned_kernels().values():
         monkeypatch.setattr(autotuned, "configs", autotuned.configs[:1])
         monkeypatch.setattr(autotuned, "cache", {})
 NAN = float("nan")
