@@ -23,7 +23,7 @@ def _configs():
     gpu = [
         triton.Config({"BLOCK_P": bp, "BLOCK_O": bo, "BLOCK_K": bk}, num_warps=w, num_stages=st)
         # At most 16 gathered input elements per thread (BLOCK_P * BLOCK_K / threads): beyond that, the
-        # gather's per-element index math spills registers on sm_90 (bench/kernel_registers.py).
+        # gather spills registers on sm_90 (bench/kernel_registers.py).
         for bp, bo, bk, w, st in [
             (32, 16, 32, 2, 3),  # the first layers: few input (L_p <= 23) and output (16) channels
             (64, 16, 32, 4, 3),

@@ -22,6 +22,8 @@ if torch.cuda.is_available() and not kernels.INTERPRETED:
     from hypertriton.kernels.hypercorrelation import correlation_backward, correlation_into
 
 DEVICE = "cuda"
+NAN = float("nan")
+TWO_31 = 2**31
 
 
 @pytest.fixture(autouse=True)
@@ -32,8 +34,6 @@ def one_config_per_kernel(monkeypatch):
     for autotuned in kernels.autotuned_kernels().values():
         monkeypatch.setattr(autotuned, "configs", autotuned.configs[:1])
         monkeypatch.setattr(autotuned, "cache", {})
-NAN = float("nan")
-TWO_31 = 2**31
 
 
 @pytest.fixture
