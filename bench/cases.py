@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import hypertriton
+from hypertriton.backend import reduced_precision_slow_reason
 from hypertriton.backbones import build_backbone, extract_features, get_spec
 from hypertriton.learner import HPNLearner
 from hypertriton.ops.fused_first_layer import fused_hypercorrelation_cp_conv
@@ -56,8 +57,19 @@ def load_original():
     return sys.modules[name]
 
 
-def variants_for(case: str, device: torch.device, backends: list[str]) -> list[str]:
-    """Variants that run ``case`` on ``device``: the original plus each backend (fused and unfused)."""
+def bf16_skip_reason(device: torch.device) -> str | None:
+    """Why ``torch+bf16`` is not timed by default on ``device``: a CPU without native bf16 (there autocast
+    in bf16 runs PyTorch's fallback kernels, about 25x slower than fp32 without AVX-512), or None."""
+    if device.type != "cpu":
+        return None
+    return reduced_precision_slow_reason(torch.bfloat16, device)
+
+
+def variants_for(case: str, device: torch.device, backends: list[str], bf16: bool | None = None) -> list[str]:
+    """Variants that run ``case`` on ``device``: the original plus each backend (fused and unfused), and on
+    CPU ``torch+bf16`` (``bf16``: None, only where the CPU computes bf16 natively; True/False: always/never)."""
+    if bf16 is None:
+        bf16 = bf16_skip_reason(device) is None
     variants = ["original"]
     for backend in backends:
         if case in FUSABLE:
@@ -66,7 +78,7 @@ def variants_for(case: str, device: torch.device, backends: list[str]) -> list[s
                 variants.append(f"{backend}-unfused")
                 if case in STREAMABLE:
                     variants.append(f"{backend}-lean")
-            if backend == "torch" and device.type == "cpu":
+            if backend == "torch" and device.type == "cpu" and bf16:
                 variants.append("torch+bf16")
         else:
             variants.append(backend)

@@ -303,6 +303,7 @@ def machine_info(device: str) -> dict:
         "torch": torch.__version__,
         "platform": platform.platform(),
         "load_average_start": os.getloadavg(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
     try:
         import triton
@@ -399,7 +400,8 @@ def markdown(report: dict) -> str:
     lines.append(f"- machine: {args['machine'] or info['cpu']}" + (f", GPU {info['gpu']}" if info.get("gpu") else ""))
     if info.get("gpu"):
         lines.append(f"- fp32 math on the GPU: {_tf32_words(info)}")
-    lines.append(f"- CPU: {info['cpu']}, {info['cpu_count']} cores visible, torch threads {info['torch_threads']}; "
+    lines.append(f"- CPU: {info['cpu']} ({info.get('cpu_capability', 'capability not recorded')}), "
+                 f"{info['cpu_count']} cores visible, torch threads {info['torch_threads']}; "
                  f"load average at start {tuple(round(x, 2) for x in info['load_average_start'])}, "
                  f"at end {tuple(round(x, 2) for x in info['load_average_end'])}")
     lines.append(f"- versions: python {info['python']}, torch {info['torch']}, triton {info['triton']}, "
@@ -407,6 +409,8 @@ def markdown(report: dict) -> str:
     lines.append(f"- backends timed: {', '.join(report['backends'])}; {args['repeats']} timed repeats after "
                  f"{args['warmup']} warm-up per row, variants of a case interleaved in one process; peak memory from "
                  f"one run per row in a fresh process; date {report['date']}")
+    if info.get("bf16_not_timed"):
+        lines.append(f"- torch+bf16 not timed: {info['bf16_not_timed']} (`--bf16 on` times it anyway)")
     if args.get("note"):
         lines.append(f"- note: {args['note']}")
     if report.get("partial"):
@@ -614,6 +618,8 @@ def max_size_markdown(report: dict) -> str:
              f"- versions: python {info['python']}, torch {info['torch']}, triton {info['triton']}, "
              f"hypertriton {info['hypertriton']}; date {report['date']}",
              f"- search from size {args['start']} up to {args['max_size']}{limit}; one fresh process per try"]
+    if info.get("bf16_not_timed"):
+        lines.append(f"- torch+bf16 not timed: {info['bf16_not_timed']} (`--bf16 on` times it anyway)")
     if args.get("note"):
         lines.append(f"- note: {args['note']}")
     lines += ["", "Size = side of the finest feature map (image side = 8 x size px). A size runs when the case "
@@ -654,6 +660,10 @@ def parse_args(argv=None):
                              "(TF32 in matrix products and convolutions) sets PyTorch's matmul and cuDNN flags "
                              "alike; torch keeps PyTorch's defaults (TF32 in cuDNN convolutions only, while "
                              "our kernels follow the matmul flag)")
+    parser.add_argument("--bf16", default="auto", choices=["auto", "on", "off"],
+                        help="CPU: time the torch+bf16 variant (autocast) where the CPU computes bf16 natively "
+                             "(auto: AVX512-BF16 or AMX; elsewhere it runs PyTorch's fallback kernels, about 25x "
+                             "slower than fp32 without AVX-512), always (on) or never (off)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per row")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per row")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per row before it is reported failed")
@@ -714,11 +724,13 @@ def main(argv=None) -> int:
             raise SystemExit(f"--masks: unknown mask {name!r}; expected some of {', '.join(cases.MASKS)}")
     dtype = DTYPES[args.dtype]
 
+    bf16 = {"auto": None, "on": True, "off": False}[args.bf16]
+    bf16_skipped = cases.bf16_skip_reason(torch.device(device)) if bf16 is None else None
     groups = []  # one per (size, case, mask): timed together, then each variant measured alone
     for size in sizes:
         for case in chosen_cases:
             for mask in masks:
-                variants = [v for v in cases.variants_for(case, torch.device(device), backends)
+                variants = [v for v in cases.variants_for(case, torch.device(device), backends, bf16)
                             if not args.variants or v in args.variants.split(",")]
                 groups.append({"size": size, "case": case, "mask": mask, "variants": variants, "device": device,
                                "dtype": dtype, "backbone": args.backbone, "batch": args.batch,
@@ -729,6 +741,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     _apply_tf32(args.tf32)
     info = machine_info(device)
+    if bf16_skipped is not None:
+        info["bf16_not_timed"] = bf16_skipped
     # Memory workers: large blocks always come from (and go back to) mmap, so a freed tensor's pages are
     # not silently reused and peak RSS sees every allocation. Timing workers keep the allocator's
     # defaults, as users run: forcing mmap there makes every large tensor fault in fresh pages, which

@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from hypertriton import distributed as hdist
+from hypertriton.backend import reduced_precision_slow_reason, warn_if_reduced_precision_slow
 from hypertriton._io import atomic_file, atomic_save, load_error_summary, load_on_cpu
 
 __all__ = [
@@ -128,7 +129,8 @@ class TrainConfig:
         nworker: data-loader worker processes per rank.
         img_size: side of the square training/validation images.
         nshot: shots per training and validation episode (the original trains 1-shot).
-        amp: ``"off"``, ``"auto"`` (bf16 on CPU; bf16 on GPUs that support it, else fp16),
+        amp: ``"off"``, ``"auto"`` (bf16 on CPUs with AVX512-BF16 or AMX, else off; bf16 on GPUs that
+            support it, else fp16),
             ``"bf16"`` or ``"fp16"`` (GPU only, with gradient scaling).
         resume: path of a ``last.pt`` to continue from, ``"auto"`` for ``logpath/last.pt``, or ``None``.
         seed: seeds model initialisation, episode order and episode draws.
@@ -409,15 +411,24 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 def _resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``amp`` on ``device`` (None: fp32). ``"auto"`` picks a reduced precision only
+    where the hardware computes it (:func:`hypertriton.backend.reduced_precision_slow_reason`): bf16 on
+    CPUs with AVX512-BF16 or AMX, else fp32 (on an AVX2-only CPU bf16 runs about 25x slower); bf16 on GPUs
+    that have it, else fp16. An explicit ``"bf16"`` where it is slow runs as asked, with a warning."""
     if amp == "off":
         return None
     if device.type == "cpu":
         if amp == "fp16":
             raise ValueError("amp='fp16' needs a CUDA device; use amp='bf16' (or 'auto') on CPU")
+        if amp == "auto":
+            return torch.bfloat16 if reduced_precision_slow_reason(torch.bfloat16, device) is None else None
+        warn_if_reduced_precision_slow(torch.bfloat16, device, "amp='bf16'")
         return torch.bfloat16
     if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if amp == "bf16" else torch.float16
+        return torch.bfloat16 if reduced_precision_slow_reason(torch.bfloat16, device) is None else torch.float16
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    warn_if_reduced_precision_slow(dtype, device, f"amp={amp!r}")
+    return dtype
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,9 +1,13 @@
-"""Backend selection: automatic choice, the environment override, and no silent fallback."""
+"""Backend selection: automatic choice, the environment override, and no silent fallback; whether reduced
+precision runs natively."""
+
+import warnings
 
 import pytest
 import torch
 
 import hypertriton
+from hypertriton import backend
 from hypertriton.backend import resolve_backend
 
 
@@ -37,3 +41,91 @@ def test_forcing_triton_without_interpreter_on_cpu_is_an_error(monkeypatch):
     monkeypatch.setenv("HYPERTRITON_BACKEND", "triton")
     with pytest.raises(RuntimeError, match="backend 'triton' cannot run"):
         hypertriton.hypercorrelation([x[..., 0, 0]], [x[..., 0, 0]])
+
+
+# --------------------------------------------------------------------------------------------------
+# Reduced precision: native, emulated by oneDNN, or PyTorch's scalar fallback
+
+def _cpu_with(monkeypatch, features=(), onednn=False):
+    """Pretend this CPU has exactly ``features`` (names of ``torch.cpu._is_<name>_supported``)."""
+    monkeypatch.setattr(backend, "_cpu_feature", lambda name: name in features)
+    monkeypatch.setattr(backend, "_onednn_takes", lambda dtype: onednn)
+
+
+@pytest.mark.parametrize("features, onednn, dtype, expected", [
+    (("avx512_bf16",), True, torch.bfloat16, None),
+    (("amx_tile",), True, torch.bfloat16, None),
+    ((), True, torch.bfloat16, "oneDNN only emulates bf16"),
+    ((), False, torch.bfloat16, "scalar fallback loops"),
+    (("avx512_bf16",), True, torch.float16, "no AMX-FP16"),
+    (("amx_fp16",), True, torch.float16, None),
+    ((), False, torch.float32, None),
+    ((), False, torch.float64, None),
+])
+def test_reduced_precision_is_slow_without_native_units(monkeypatch, features, onednn, dtype, expected):
+    _cpu_with(monkeypatch, features, onednn)
+    reason = backend.reduced_precision_slow_reason(dtype, torch.device("cpu"))
+    if expected is None:
+        assert reason is None
+    else:
+        assert expected in reason and torch.backends.cpu.get_cpu_capability() in reason
+
+
+def test_reduced_precision_reason_follows_this_cpus_own_flags():
+    """The real probes: a CPU that reports AVX512-BF16 or AMX computes bf16 natively, and one without
+    AVX-512 has no oneDNN bf16 (its reason names the fallback loops)."""
+    reason = backend.reduced_precision_slow_reason(torch.bfloat16, torch.device("cpu"))
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert (reason is None) == native
+    if not native and not torch.cpu._is_avx512_supported():
+        assert "scalar fallback loops" in reason
+
+
+def test_slow_reduced_precision_warns_once(monkeypatch):
+    _cpu_with(monkeypatch)
+    monkeypatch.setattr(backend, "_WARNED_SLOW", set())
+    with pytest.warns(RuntimeWarning, match="the thing runs in bf16, but this CPU .* scalar fallback loops"):
+        backend.warn_if_reduced_precision_slow(torch.bfloat16, torch.device("cpu"), "the thing")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        backend.warn_if_reduced_precision_slow(torch.bfloat16, torch.device("cpu"), "the thing")
+        backend.warn_if_reduced_precision_slow(torch.float32, torch.device("cpu"), "the thing")
+    _cpu_with(monkeypatch, ("avx512_bf16",), True)
+    monkeypatch.setattr(backend, "_WARNED_SLOW", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        backend.warn_if_reduced_precision_slow(torch.bfloat16, torch.device("cpu"), "the thing")
+
+
+def test_fused_layer_warns_when_its_reduced_precision_is_slow_here(monkeypatch):
+    from hypertriton.ops.fused_first_layer import fused_hypercorrelation_cp_conv4d
+
+    _cpu_with(monkeypatch)
+    monkeypatch.setattr(backend, "_WARNED_SLOW", set())
+    q, s = [torch.randn(1, 3, 4, 4)], [torch.randn(1, 3, 4, 4)]
+    w = torch.randn(2, 1, 3, 3)
+    with pytest.warns(RuntimeWarning, match="the fused layer's correlation runs in bf16"):
+        fused_hypercorrelation_cp_conv4d(q, s, None, w, None, w, None, (1, 1, 2, 2), (1, 1, 1, 1),
+                                         correlation_dtype=torch.bfloat16, backend="torch")
+    monkeypatch.setattr(backend, "_WARNED_SLOW", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fp32, the default: nothing to say
+        fused_hypercorrelation_cp_conv4d(q, s, None, w, None, w, None, (1, 1, 2, 2), (1, 1, 1, 1), backend="torch")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_auto_picks_bf16_on_cpu_only_where_it_is_native(monkeypatch, native):
+    from hypertriton.training import _resolve_amp
+
+    _cpu_with(monkeypatch, ("avx512_bf16",) if native else ())
+    monkeypatch.setattr(backend, "_WARNED_SLOW", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # auto decides silently
+        assert _resolve_amp("auto", torch.device("cpu")) == (torch.bfloat16 if native else None)
+    if native:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert _resolve_amp("bf16", torch.device("cpu")) == torch.bfloat16
+    else:  # asked for explicitly: as asked, with a warning
+        with pytest.warns(RuntimeWarning, match="amp='bf16' runs in bf16"):
+            assert _resolve_amp("bf16", torch.device("cpu")) == torch.bfloat16

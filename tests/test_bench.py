@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 RUN_PY = Path(__file__).resolve().parents[1] / "bench" / "run.py"
 
@@ -176,3 +177,32 @@ def test_markdown_says_the_gpu_fp32_math(bench_run):
         bench_run.markdown(report)
     report["machine"].update(cudnn_allow_tf32=True)
     assert "TF32 in cuDNN convolutions on, in matrix products and the Triton kernels off" in bench_run.markdown(report)
+
+
+@pytest.fixture()
+def bench_cases():
+    sys.path.insert(0, str(RUN_PY.parent))
+    try:
+        import cases
+        yield cases
+    finally:
+        sys.path.remove(str(RUN_PY.parent))
+
+
+@pytest.mark.parametrize("slow_reason, bf16, timed", [
+    (None, None, True), ("no AVX512-BF16", None, False), ("no AVX512-BF16", True, True), (None, False, False)])
+def test_bf16_variant_is_timed_by_default_only_where_the_cpu_computes_bf16(bench_cases, monkeypatch, slow_reason,
+                                                                           bf16, timed):
+    monkeypatch.setattr(bench_cases, "reduced_precision_slow_reason", lambda dtype, device: slow_reason)
+    variants = bench_cases.variants_for("learner_forward", torch.device("cpu"), ["torch"], bf16)
+    assert ("torch+bf16" in variants) == timed
+    assert {"original", "torch", "torch-unfused", "torch-lean"} <= set(variants)
+    assert bench_cases.bf16_skip_reason(torch.device("cpu")) == slow_reason
+
+
+def test_markdown_says_why_bf16_was_not_timed(bench_run):
+    report = _report(_rows()[:2])
+    assert "not timed" not in bench_run.markdown(report)
+    report["machine"]["bf16_not_timed"] = "this CPU (AVX2) has no AVX512-BF16"
+    assert "- torch+bf16 not timed: this CPU (AVX2) has no AVX512-BF16 (`--bf16 on` times it anyway)" in \
+        bench_run.markdown(report)

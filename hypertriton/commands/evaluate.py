@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", help="hypertriton op backend (triton, torch, reference; default: automatic)")
     parser.add_argument("--amp", default="off", choices=["off", "auto", "bf16", "fp16"],
                         help="reduced-precision inference under torch.autocast: bf16 (CPU or GPU), fp16 (GPU), "
-                        "auto (bf16 where supported, else fp16) (default: %(default)s)")
+                        "auto (bf16 where the hardware has it: CPUs with AVX512-BF16 or AMX, else fp32; GPUs: else fp16) "
+                        "(default: %(default)s)")
     parser.add_argument("--lean", action="store_true", help="stream the squeeze blocks over query rows: about "
                         "half the learner's peak memory, about 2x its time, same results (HSNet(lean=True))")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")

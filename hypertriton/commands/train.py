@@ -69,7 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nshot", type=_positive_int, default=_DEFAULTS.nshot,
                         help="shots per episode (default: %(default)s, as the original)")
     parser.add_argument("--amp", nargs="?", const="auto", default="off", choices=["off", "auto", "bf16", "fp16"],
-                        help="mixed precision; bare --amp means auto: bf16 on CPU, bf16 or fp16 on GPU")
+                        help="mixed precision; bare --amp means auto: bf16 on CPUs with AVX512-BF16 or AMX (else "
+                             "fp32), bf16 or fp16 on GPU")
     parser.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
                         help="continue a stopped run from CKPT (bare --resume: <logpath>/last.pt)")
     parser.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="seed (default: %(default)s)")

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
-from ..backend import resolve_backend
+from ..backend import resolve_backend, warn_if_reduced_precision_slow
 from ._alloc import new_output
 from ._norms import channel_norm, normalize_with_norms, squared_norm
 from ._validation import check_cp_conv_args, check_feature_lists, check_support_mask, shape_of
@@ -933,6 +933,8 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
     # output keep the precisions chosen below, so autocast is off inside.
     if correlation_dtype is None and torch.is_autocast_enabled(device.type):
         correlation_dtype = torch.get_autocast_dtype(device.type)
+    if correlation_dtype is not None:
+        warn_if_reduced_precision_slow(correlation_dtype, device, "the fused layer's correlation")
     # Half-precision norms and CPU products lose accuracy: normalize, convolve and accumulate in fp32+.
     compute = torch.promote_types(dtype, torch.float32)
     # The kernel covers HSNet's squeeze layers: one channel count per level, square support conv.
