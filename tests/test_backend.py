@@ -71,6 +71,17 @@ def test_reduced_precision_is_slow_without_native_units(monkeypatch, features, o
         assert expected in reason and torch.backends.cpu.get_cpu_capability() in reason
 
 
+@pytest.mark.parametrize("capability, dtype, slow", [
+    ((7, 5), torch.bfloat16, True), ((8, 0), torch.bfloat16, False), ((9, 0), torch.bfloat16, False),
+    ((7, 5), torch.float16, False), ((7, 5), torch.float32, False)])
+def test_gpu_bf16_is_native_from_ampere(monkeypatch, capability, dtype, slow):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    reason = backend.reduced_precision_slow_reason(dtype, torch.device("cuda", 0))
+    assert (reason is not None) == slow
+    if slow:
+        assert f"compute capability {capability[0]}.{capability[1]}" in reason
+
+
 def test_reduced_precision_reason_follows_this_cpus_own_flags():
     """The real probes: a CPU that reports AVX512-BF16 or AMX computes bf16 natively, and one without
     AVX-512 has no oneDNN bf16 (its reason names the fallback loops)."""
