@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hypertriton import reference
+from hypertriton.ops import _columns
 from hypertriton.ops import fused_first_layer as ffl
 from hypertriton.testing import assert_close_dtype
 
@@ -108,6 +109,29 @@ def test_forward_matches_dense_reference(seed, batch, layers, channels, hq, wq, 
     with chunk_budget(chunk_elements):
         out = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, stride, backend="torch")
     assert_close_dtype(out, dense(query, support, mask, weights, stride))
+
+
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
+@pytest.mark.parametrize("chunk_elements", [7, ffl.CHUNK_ELEMENTS])
+def test_forward_placing_products_run_by_run_matches_dense_reference(mask_kind, chunk_elements):
+    """The products reach the support windows' grid run by run (``hypertriton.ops._columns``, taken at
+    400 px; too short to pay off at test sizes, so forced here): the same output as the reference."""
+    gen, query, support, weights = make_case(11, 2, 3, 4, 6, 5, 11, 10, 3, 5)
+    mask = make_mask(mask_kind, 2, 22, 20, gen)
+    stride = (1, 1, 2, 2)
+    run_by_run = []
+
+    def runs_pay_off(*args):
+        run_by_run.append(real_runs_pay_off(*args))
+        return run_by_run[-1]
+
+    real_runs_pay_off = _columns.runs_pay_off
+    with chunk_budget(chunk_elements), mock.patch.object(_columns, "MIN_ELEMENTS_PER_RUN", 0), \
+            mock.patch.object(_columns, "runs_pay_off", runs_pay_off):
+        out = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, stride, backend="torch")
+    assert_close_dtype(out, dense(query, support, mask, weights, stride))
+    if mask_kind in ("blob", "random"):  # the support windows stop short of the map: placed, not copied whole
+        assert any(run_by_run)
 
 
 @settings(max_examples=15, deadline=None)

@@ -1,5 +1,7 @@
 """hypertriton.hypercorrelation on every backend against the einsum reference."""
 
+from unittest import mock
+
 import pytest
 import torch
 from helpers import (BACKEND_IDS, LAYOUTS, MASK_KINDS, assert_gradients_match, available_backends, make_mask,
@@ -9,6 +11,7 @@ from hypothesis import strategies as st
 
 import hypertriton
 from hypertriton import reference
+from hypertriton.ops import _columns
 from hypertriton.testing import assert_close_dtype
 
 DEVICES = dict(available_backends())
@@ -162,3 +165,25 @@ def test_bad_input_names_argument_and_shapes(query, support, mask, error, words)
         hypertriton.hypercorrelation(query, support, mask, backend="torch")
     for word in words:
         assert word in str(info.value), (word, str(info.value))
+
+
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
+def test_torch_backend_placing_products_run_by_run_matches_reference(mask_kind):
+    """The active columns reach the output run by run (``hypertriton.ops._columns``, taken at 400 px; too
+    short to pay off at test sizes, so forced here), every other column zero (outputs start as NaN)."""
+    query, support = build([(3, (4, 5), (9, 8)), (2, (4, 5), (9, 8))], 2, 5, "contiguous", torch.float32, "cpu")
+    mask = make_mask(mask_kind, 2, 18, 16, 5)
+    run_by_run = []
+    real_runs_pay_off = _columns.runs_pay_off
+
+    def runs_pay_off(*args):
+        run_by_run.append(real_runs_pay_off(*args))
+        return run_by_run[-1]
+
+    with mock.patch.object(_columns, "MIN_ELEMENTS_PER_RUN", 0), mock.patch.object(_columns, "runs_pay_off",
+                                                                                   runs_pay_off):
+        actual = hypertriton.hypercorrelation(query, support, mask, backend="torch")
+    for got, want in zip(actual, expected_levels(query, support, mask)):
+        assert_close_dtype(got, want, torch.float32)
+    if mask_kind in ("blob", "pixel"):  # some support positions inactive (random masks resize to all active)
+        assert any(run_by_run)

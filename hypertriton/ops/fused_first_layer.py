@@ -35,6 +35,7 @@ Layers: :func:`fused_hypercorrelation_cp_conv4d` (functional, explicit weights) 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 from .. import reference
 from ..backend import resolve_backend, warn_if_reduced_precision_slow
 from ._alloc import new_output
+from ._columns import column_runs, copy_columns_
 from ._norms import channel_norm, normalize_with_norms, squared_norm
 from ._validation import check_cp_conv_args, check_feature_lists, check_support_mask, shape_of
 from .center_pivot_conv4d import bias_sum, output_size
@@ -211,6 +213,14 @@ class _SupportWindows:
     def empty(self) -> bool:
         return self.rows.start >= self.rows.stop or self.cols.start >= self.cols.stop
 
+    @functools.cached_property
+    def runs(self) -> list[tuple[int, int, int]] | None:
+        """:func:`hypertriton.ops._columns.column_runs` of ``positions`` on CPU (None: full, or elsewhere),
+        found once for every chunk and layer."""
+        if self.positions is None or self.positions.device.type != "cpu":
+            return None
+        return column_runs(self.positions)
+
 
 def _window_range(low: int, high: int, kernel: int, stride: int, pad: int, count: int) -> slice:
     """Output windows (``u*stride - pad`` .. ``+ kernel - 1``) of a 1D conv that overlap input ``[low, high]``."""
@@ -313,7 +323,7 @@ def _support_branch_chunk(query_chunk, support_active, windows: _SupportWindows,
                 if windows.full:
                     target.copy_(product)
                 else:
-                    target.index_copy_(1, windows.positions, product)
+                    copy_columns_(target, product, windows.positions, windows.runs)
         if capture is not None:
             # All layers' pivots at once from the buffer, where the products now are (a strided row of
             # it, gathered per layer, would first be copied whole: 44 x [209, 2500] at ResNet-50's 400-px

@@ -26,6 +26,7 @@ import torch
 from .. import reference
 from ..backend import resolve_backend
 from ._alloc import new_output
+from ._columns import column_runs, copy_columns_
 from ._norms import normalize
 from ._validation import check_feature_lists, check_support_mask
 
@@ -117,12 +118,13 @@ def _correlation_stack_torch(query: list[torch.Tensor], support: list[torch.Tens
         return torch.stack(per_batch).view(shape)
     out = new_output((batch, layers, n_q, n_s), query[0].dtype, query[0].device)
     for b, cols in enumerate(columns):
+        runs = None if cols is None or cols.device.type != "cpu" else column_runs(cols)  # once for all layers
         for layer, (q, s) in enumerate(zip(query, support)):
             target = out[b, layer]
             if cols is None:
                 torch.relu_(torch.mm(flat(q[b]).t(), flat(s[b]), out=target))
             else:
-                target.zero_().index_copy_(1, cols, products(q[b], s[b], cols))
+                copy_columns_(target, products(q[b], s[b], cols), cols, runs, zero_rest=True)
     return out.view(shape)
 
 
