@@ -206,3 +206,17 @@ def test_markdown_says_why_bf16_was_not_timed(bench_run):
     report["machine"]["bf16_not_timed"] = "this CPU (AVX2) has no AVX512-BF16"
     assert "- torch+bf16 not timed: this CPU (AVX2) has no AVX512-BF16 (`--bf16 on` times it anyway)" in \
         bench_run.markdown(report)
+
+
+def test_targets_name_the_bf16_target_left_out_on_this_cpu(bench_run):
+    report = _report(_rows()[:2])  # the original and torch rows only
+    report["args"].update(cases=["learner_forward"], masks=["object"])
+    assert all(t["variant"] != "torch+bf16" for t in bench_run.targets(report))
+    report["machine"]["bf16_not_timed"] = "this CPU (AVX2) has no AVX512-BF16"
+    bf16 = [t for t in bench_run.targets(report) if t["variant"] == "torch+bf16"]
+    assert len(bf16) == 1 and bf16[0]["skipped"] and bf16[0]["measured"] is None
+    report["targets"] = bench_run.targets(report)
+    assert "| 50 | learner_forward | object | torch+bf16 | speedup | >= 5.0x | - | not timed here |" in \
+        bench_run.markdown(report)
+    report["args"].update(cases=["hypercorrelation"])  # a case that did not run names no target
+    assert all(t["variant"] != "torch+bf16" for t in bench_run.targets(report))
