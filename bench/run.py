@@ -393,6 +393,12 @@ def _tf32_words(info: dict) -> str:
             f"{'on' if matmul else 'off'}")
 
 
+def _bf16_note(info: dict) -> list[str]:
+    """The markdown line saying why ``torch+bf16`` was left out, if it was."""
+    reason = info.get("bf16_not_timed")
+    return [f"- torch+bf16 not timed: {reason} (`--bf16 on` times it anyway)"] if reason else []
+
+
 def markdown(report: dict) -> str:
     info, args = report["machine"], report["args"]
     lines = [f"# hypertriton benchmark: {args['backbone']}, batch {args['batch']}, {args['dtype']}, "
@@ -409,8 +415,7 @@ def markdown(report: dict) -> str:
     lines.append(f"- backends timed: {', '.join(report['backends'])}; {args['repeats']} timed repeats after "
                  f"{args['warmup']} warm-up per row, variants of a case interleaved in one process; peak memory from "
                  f"one run per row in a fresh process; date {report['date']}")
-    if info.get("bf16_not_timed"):
-        lines.append(f"- torch+bf16 not timed: {info['bf16_not_timed']} (`--bf16 on` times it anyway)")
+    lines += _bf16_note(info)
     if args.get("note"):
         lines.append(f"- note: {args['note']}")
     if report.get("partial"):
@@ -622,8 +627,7 @@ def max_size_markdown(report: dict) -> str:
              f"- versions: python {info['python']}, torch {info['torch']}, triton {info['triton']}, "
              f"hypertriton {info['hypertriton']}; date {report['date']}",
              f"- search from size {args['start']} up to {args['max_size']}{limit}; one fresh process per try"]
-    if info.get("bf16_not_timed"):
-        lines.append(f"- torch+bf16 not timed: {info['bf16_not_timed']} (`--bf16 on` times it anyway)")
+    lines += _bf16_note(info)
     if args.get("note"):
         lines.append(f"- note: {args['note']}")
     lines += ["", "Size = side of the finest feature map (image side = 8 x size px). A size runs when the case "

@@ -119,8 +119,8 @@ def reduced_precision_slow_reason(dtype: torch.dtype, device: torch.device) -> s
         return None
     name = "bf16" if dtype == torch.bfloat16 else "fp16"
     if device.type == "cuda":
-        if dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) < (8, 0):
-            major, minor = torch.cuda.get_device_capability(device)
+        major, minor = torch.cuda.get_device_capability(device)
+        if dtype == torch.bfloat16 and (major, minor) < (8, 0):
             return f"this GPU (compute capability {major}.{minor}) has no native bf16 (needs 8.0 or newer)"
         return None
     if device.type != "cpu":
