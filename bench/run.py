@@ -356,6 +356,13 @@ def summarize(rows: list[dict], peaks: dict | None = None, dtype: str = "float32
         if base is None or "median_s" not in row:
             continue
         row["speedup"] = base["median_s"] / row["median_s"]
+        if row is not base and len(base["times"]) == len(row["times"]):
+            # Paired by round: the original and this row ran back to back in each round, so a load that
+            # drifts between rounds cancels in each ratio (a ratio of medians takes the two medians from
+            # whichever rounds happened to be quiet for each).
+            ratios = [theirs / ours for theirs, ours in zip(base["times"], row["times"])]
+            row["paired_speedup"] = statistics.median(ratios)
+            row["paired_p20"], row["paired_p80"] = _percentile(ratios, 0.2), _percentile(ratios, 0.8)
         if base.get("peak_bytes") and row.get("peak_bytes"):
             row["memory_ratio"] = base["peak_bytes"] / max(row["peak_bytes"], 1)
         if base.get("flops_run"):
@@ -399,6 +406,13 @@ def _bf16_note(info: dict) -> list[str]:
     return [f"- torch+bf16 not timed: {reason} (`--bf16 on` times it anyway)"] if reason else []
 
 
+def _paired(row: dict) -> str:
+    """``"1.52x (1.41-1.63)"``: a row's paired speedup and its p20-p80, or "-" where there is none."""
+    if row.get("paired_speedup") is None:
+        return "-"
+    return f"{row['paired_speedup']:.2f}x ({row['paired_p20']:.2f}-{row['paired_p80']:.2f})"
+
+
 def markdown(report: dict) -> str:
     info, args = report["machine"], report["args"]
     lines = [f"# hypertriton benchmark: {args['backbone']}, batch {args['batch']}, {args['dtype']}, "
@@ -425,35 +439,37 @@ def markdown(report: dict) -> str:
         lines.append("- GEMM peak on this device and thread count (one large square matrix product): " +
                      ", ".join(f"{name} {rate:.0f} GFLOP/s" for name, rate in peaks.items()))
     lines += ["", "Size = side of the finest feature map (50 = 400-px images). Speedup and memory ratio are "
-              "the original's median time / peak extra memory divided by the row's. Eff. GFLOP/s: the "
+              "the original's median time / peak extra memory divided by the row's. Paired: the median over the timed "
+              "rounds of the original's time / the row's in the same round (p20-p80 of those ratios; the two ran "
+              "back to back, so load drifting between rounds cancels). Eff. GFLOP/s: the "
               "original's (dense) FLOPs in the row's time. GFLOP run: the matrix-product and convolution FLOPs "
               "the row itself executes (torch's FlopCounterMode; NNPACK's Winograd convolutions count as the direct "
               "ones they replace); % peak: their rate against the GEMM peak above, in the dtype they run in (a "
               "row near 100% can only get faster by doing fewer FLOPs; Winograd rows can pass it). "
               "Rel. error: max |row - original| / max |original|.", ""]
-    lines.append("| size | case | mask | variant | median ms | p20 ms | p80 ms | speedup | peak MB | mem ratio "
+    lines.append("| size | case | mask | variant | median ms | p20 ms | p80 ms | speedup | paired (p20-p80) | peak MB | mem ratio "
                  "| eff. GFLOP/s | GFLOP run | % peak | rel. error |")
-    lines.append("|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines.append("|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in report["rows"]:
         if "median_s" not in row:
             lines.append(f"| {row['size']} | {row['case']} | {row['mask']} | {row['variant']} | failed: "
-                         f"{row.get('error', '?')[:80]} | | | | | | | | | |")
+                         f"{row.get('error', '?')[:80]} | | | | | | | | | | |")
             continue
         peak = row.get("peak_bytes")
         lines.append(
             f"| {row['size']} | {row['case']} | {row['mask']} | {row['variant']} | {row['median_s'] * 1e3:.1f} | "
-            f"{row['p20_s'] * 1e3:.1f} | {row['p80_s'] * 1e3:.1f} | {_fmt(row.get('speedup'), '.2f')}x | "
+            f"{row['p20_s'] * 1e3:.1f} | {row['p80_s'] * 1e3:.1f} | {_fmt(row.get('speedup'), '.2f')}x | {_paired(row)} | "
             f"{_fmt(None if peak is None else peak / 2**20, '.1f')} | {_fmt(row.get('memory_ratio'), '.1f')}x | "
             f"{_fmt(row.get('gflops_per_s'), '.1f')} | {_fmt(_scaled(row.get('flops_run'), 1e-9), '.2f')} | "
             f"{_fmt(_scaled(row.get('peak_fraction'), 100), '.0f')} | {_fmt(row.get('max_rel_error'), '.1e')} |")
     if report["targets"]:
         lines += ["", "## Targets (reported, not asserted)", "", "| size | case | mask | variant | metric | target "
-                  "| measured | met |", "|---:|---|---|---|---|---:|---:|---|"]
+                  "| measured | paired (p20-p80) | met |", "|---:|---|---|---|---|---:|---:|---:|---|"]
         for t in report["targets"]:
             measured = "-" if t["measured"] is None else f"{t['measured']:.2f}x"
             met = "not timed here" if t.get("skipped") else "-" if t["met"] is None else "yes" if t["met"] else "no"
             lines.append(f"| {t['size']} | {t['case']} | {t['mask']} | {t['variant']} | {t['metric']} | "
-                         f">= {t['target']}x | {measured} | {met} |")
+                         f">= {t['target']}x | {measured} | {_paired(t) if t['metric'] == 'speedup' else '-'} | {met} |")
     return "\n".join(lines) + "\n"
 
 
@@ -474,7 +490,9 @@ def targets(report: dict) -> list[dict]:
             if match or measured is not None or skipped:
                 out.append({"size": size, "case": case, "mask": mask, "variant": variant, "metric": metric,
                             "target": goal, "measured": measured, "skipped": bool(skipped),
-                            "met": None if measured is None else measured >= goal})
+                            "met": None if measured is None else measured >= goal,
+                            **{key: match[0][key] for key in ("paired_speedup", "paired_p20", "paired_p80")
+                               if match and key in match[0]}})
     return out
 
 

@@ -75,11 +75,38 @@ def test_markdown_shows_the_peak_and_each_row(bench_run):
     assert "float32 100 GFLOP/s, bfloat16 320 GFLOP/s" in text
     torch_row = next(line for line in text.splitlines() if "| torch |" in line)
     cells = [cell.strip() for cell in torch_row.strip("|").split("|")]
-    # ... | speedup | peak MB | mem ratio | eff. GFLOP/s | GFLOP run | % peak | rel. error
-    assert cells[7:13] == ["4.00x", "10.0", "10.0x", "400.0", "8.00", "80"]
+    # ... | speedup | paired (p20-p80) | peak MB | mem ratio | eff. GFLOP/s | GFLOP run | % peak | rel. error
+    assert cells[7:14] == ["4.00x", "5.00x (3.20-5.60)", "10.0", "10.0x", "400.0", "8.00", "80"]
     assert "failed: exit 1: boom" in text
     speed_target = next(t for t in report["targets"] if t["variant"] == "torch" and t["metric"] == "speedup")
     assert speed_target["measured"] == pytest.approx(4.0) and speed_target["met"] is True
+    assert "| 50 | learner_forward | object | torch | speedup | >= 3.0x | 4.00x | 5.00x (3.20-5.60) | yes |" in text
+    memory_line = next(line for line in text.splitlines() if "| torch | memory_ratio |" in line)
+    assert "| 10.00x | - | yes |" in memory_line
+
+
+def test_paired_speedup_takes_each_round_on_its_own(bench_run):
+    """Per-round ratios: the original's 0.5/0.4/0.3 s against ours 0.1/0.2/0.05 s are 5, 2 and 6 (median 5,
+    p20 3.2, p80 5.6), not the ratio of the medians (4). A row timed in other rounds gets none."""
+    original, ours, ours_bf16, _ = bench_run.summarize(_rows(), peaks={}, dtype="float32")
+    assert ours["paired_speedup"] == pytest.approx(5.0)
+    assert (ours["paired_p20"], ours["paired_p80"]) == (pytest.approx(3.2), pytest.approx(5.6))
+    assert "paired_speedup" not in ours_bf16 and "paired_speedup" not in original
+
+
+def test_paired_speedup_cancels_a_load_that_comes_and_goes(bench_run):
+    """A load that doubles every time while it lasts, over rounds 1 and 3 and, for ours only, round 2 (it
+    came after the original had run): the ratio of the medians reads 0.75x (0.3 s / 0.4 s), each round
+    but one still says 1.5x, and so does the paired median."""
+    original_slowdown, ours_slowdown = [1, 2, 1, 2, 1], [1, 2, 2, 2, 1]
+    rows = [{"size": 50, "case": "learner_forward", "mask": "full", "variant": "original",
+             "times": [0.3 * factor for factor in original_slowdown]},
+            {"size": 50, "case": "learner_forward", "mask": "full", "variant": "torch",
+             "times": [0.2 * factor for factor in ours_slowdown]}]
+    ours = bench_run.summarize(rows, peaks={}, dtype="float32")[1]
+    assert ours["speedup"] == pytest.approx(0.75)
+    assert ours["paired_speedup"] == pytest.approx(1.5)
+    assert ours["paired_p20"] == pytest.approx(0.75 + 0.75 * 0.8) and ours["paired_p80"] == pytest.approx(1.5)
 
 
 @pytest.mark.parametrize("threshold, start, limit", [(37, 13, 100), (13, 13, 100), (100, 13, 100), (150, 13, 100),
@@ -216,7 +243,7 @@ def test_targets_name_the_bf16_target_left_out_on_this_cpu(bench_run):
     bf16 = [t for t in bench_run.targets(report) if t["variant"] == "torch+bf16"]
     assert len(bf16) == 1 and bf16[0]["skipped"] and bf16[0]["measured"] is None
     report["targets"] = bench_run.targets(report)
-    assert "| 50 | learner_forward | object | torch+bf16 | speedup | >= 5.0x | - | not timed here |" in \
+    assert "| 50 | learner_forward | object | torch+bf16 | speedup | >= 5.0x | - | - | not timed here |" in \
         bench_run.markdown(report)
     report["args"].update(cases=["hypercorrelation"])  # a case that did not run names no target
     assert all(t["variant"] != "torch+bf16" for t in bench_run.targets(report))
