@@ -542,16 +542,24 @@ def plot(report: dict, path: Path) -> None:
                                                                      "peak memory: original / row")):
             values = [r.get(key) or 0 for r in bars]
             ax.barh(positions, values, color=[colours[r["variant"]] for r in bars])
-            for y, value in zip(positions, values):
+            spread = key == "speedup" and any(r.get("paired_speedup") for r in bars)
+            for y, value, row in zip(positions, values, bars):
+                if spread and row.get("paired_speedup"):
+                    # How far the rounds agree: the paired ratios' p20-p80, the dot at their median.
+                    ax.plot([row["paired_p20"], row["paired_p80"]], [y, y], color="black", linewidth=1)
+                    ax.plot([row["paired_speedup"]], [y], "o", color="black", markersize=2)
+                    value = max(value, row["paired_p80"])
                 if value:
-                    ax.text(value, y, f" {value:.2f}x", va="center", fontsize=6)
+                    ax.text(value, y, f" {row.get(key) or 0:.2f}x", va="center", fontsize=6)
             ax.axvline(1.0, color="black", linewidth=0.8)
             ax.set_xscale("log")
-            ax.set_xlim(right=max(values + [1.0]) * 1.6)  # room for the value labels
+            reach = values + [r["paired_p80"] for r in bars if spread and r.get("paired_speedup")]
+            ax.set_xlim(right=max(reach + [1.0]) * 1.6)  # room for the value labels
             ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=2))
             ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-            ax.set_xlabel(f"{name} (log scale; 1x = same)")
+            ax.set_xlabel(f"{name} (log scale; 1x = same)" + ("\nbars: ratio of medians; whiskers: paired ratios, "
+                                                               "p20-p80 and median" if spread else ""))
             ax.grid(True, axis="x", alpha=0.3)
         axes[0].set_yticks(positions)
         axes[0].set_yticklabels(labels, fontsize=7)
