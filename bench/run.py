@@ -357,9 +357,9 @@ def summarize(rows: list[dict], peaks: dict | None = None, dtype: str = "float32
             continue
         row["speedup"] = base["median_s"] / row["median_s"]
         if row is not base and len(base["times"]) == len(row["times"]):
-            # Paired by round: the original and this row ran back to back in each round, so a load that
-            # drifts between rounds cancels in each ratio (a ratio of medians takes the two medians from
-            # whichever rounds happened to be quiet for each).
+            # Paired by round: the original and this row ran in the same round, so a load that drifts
+            # between rounds cancels in each ratio (a ratio of medians takes the two medians from whichever
+            # rounds happened to be quiet for each).
             ratios = [theirs / ours for theirs, ours in zip(base["times"], row["times"])]
             row["paired_speedup"] = statistics.median(ratios)
             row["paired_p20"], row["paired_p80"] = _percentile(ratios, 0.2), _percentile(ratios, 0.8)
@@ -440,15 +440,15 @@ def markdown(report: dict) -> str:
                      ", ".join(f"{name} {rate:.0f} GFLOP/s" for name, rate in peaks.items()))
     lines += ["", "Size = side of the finest feature map (50 = 400-px images). Speedup and memory ratio are "
               "the original's median time / peak extra memory divided by the row's. Paired: the median over the timed "
-              "rounds of the original's time / the row's in the same round (p20-p80 of those ratios; the two ran "
-              "back to back, so load drifting between rounds cancels). Eff. GFLOP/s: the "
+              "rounds of the original's time / the row's in the same round (p20-p80 of those ratios; load "
+              "drifting between rounds cancels in each). Eff. GFLOP/s: the "
               "original's (dense) FLOPs in the row's time. GFLOP run: the matrix-product and convolution FLOPs "
               "the row itself executes (torch's FlopCounterMode; NNPACK's Winograd convolutions count as the direct "
               "ones they replace); % peak: their rate against the GEMM peak above, in the dtype they run in (a "
               "row near 100% can only get faster by doing fewer FLOPs; Winograd rows can pass it). "
               "Rel. error: max |row - original| / max |original|.", ""]
-    lines.append("| size | case | mask | variant | median ms | p20 ms | p80 ms | speedup | paired (p20-p80) | peak MB | mem ratio "
-                 "| eff. GFLOP/s | GFLOP run | % peak | rel. error |")
+    lines.append("| size | case | mask | variant | median ms | p20 ms | p80 ms | speedup | paired (p20-p80) | peak MB "
+                 "| mem ratio | eff. GFLOP/s | GFLOP run | % peak | rel. error |")
     lines.append("|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in report["rows"]:
         if "median_s" not in row:
@@ -458,7 +458,8 @@ def markdown(report: dict) -> str:
         peak = row.get("peak_bytes")
         lines.append(
             f"| {row['size']} | {row['case']} | {row['mask']} | {row['variant']} | {row['median_s'] * 1e3:.1f} | "
-            f"{row['p20_s'] * 1e3:.1f} | {row['p80_s'] * 1e3:.1f} | {_fmt(row.get('speedup'), '.2f')}x | {_paired(row)} | "
+            f"{row['p20_s'] * 1e3:.1f} | {row['p80_s'] * 1e3:.1f} | {_fmt(row.get('speedup'), '.2f')}x | "
+            f"{_paired(row)} | "
             f"{_fmt(None if peak is None else peak / 2**20, '.1f')} | {_fmt(row.get('memory_ratio'), '.1f')}x | "
             f"{_fmt(row.get('gflops_per_s'), '.1f')} | {_fmt(_scaled(row.get('flops_run'), 1e-9), '.2f')} | "
             f"{_fmt(_scaled(row.get('peak_fraction'), 100), '.0f')} | {_fmt(row.get('max_rel_error'), '.1e')} |")
@@ -468,8 +469,9 @@ def markdown(report: dict) -> str:
         for t in report["targets"]:
             measured = "-" if t["measured"] is None else f"{t['measured']:.2f}x"
             met = "not timed here" if t.get("skipped") else "-" if t["met"] is None else "yes" if t["met"] else "no"
+            paired = _paired(t) if t["metric"] == "speedup" else "-"
             lines.append(f"| {t['size']} | {t['case']} | {t['mask']} | {t['variant']} | {t['metric']} | "
-                         f">= {t['target']}x | {measured} | {_paired(t) if t['metric'] == 'speedup' else '-'} | {met} |")
+                         f">= {t['target']}x | {measured} | {paired} | {met} |")
     return "\n".join(lines) + "\n"
 
 
