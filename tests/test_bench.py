@@ -95,8 +95,8 @@ def test_paired_speedup_takes_each_round_on_its_own(bench_run):
 
 
 def test_paired_speedup_cancels_a_load_that_comes_and_goes(bench_run):
-    """A load that doubles every time while it lasts, over rounds 1 and 3 and, for ours only, round 2 (it
-    came after the original had run): the ratio of the medians reads 0.75x (0.3 s / 0.4 s), each round
+    """A load that doubles each run's time while it lasts: in rounds 1 and 3, and for ours also in round 2
+    (it came after the original had run). The ratio of the medians reads 0.75x (0.3 s / 0.4 s); each round
     but one still says 1.5x, and so does the paired median."""
     original_slowdown, ours_slowdown = [1, 2, 1, 2, 1], [1, 2, 2, 2, 1]
     rows = [{"size": 50, "case": "learner_forward", "mask": "full", "variant": "original",
