@@ -135,26 +135,37 @@ def test_forward_placing_products_run_by_run_matches_dense_reference(mask_kind, 
 
 
 @settings(max_examples=15, deadline=None)
-@given(**shapes, upstream=st.sampled_from(["random", "sum"]), frozen=st.booleans())
+@given(**shapes, upstream=st.sampled_from(["random", "sum"]), frozen=st.booleans(), soft_mask=st.booleans())
 @example(seed=4, batch=2, layers=2, channels=3, hq=5, wq=4, hs=8, ws=7, k_query=3, k_support=5, support_stride=4,
-         query_stride=1, mask_kind="blob", mask_size=10, chunk_elements=7, upstream="sum", frozen=False)
+         query_stride=1, mask_kind="blob", mask_size=10, chunk_elements=7, upstream="sum", frozen=False,
+         soft_mask=True)
 @example(seed=5, batch=1, layers=3, channels=2, hq=4, wq=4, hs=5, ws=5, k_query=5, k_support=3, support_stride=2,
-         query_stride=2, mask_kind="empty", mask_size=5, chunk_elements=64, upstream="random", frozen=False)
+         query_stride=2, mask_kind="empty", mask_size=5, chunk_elements=64, upstream="random", frozen=False,
+         soft_mask=True)
 @example(seed=6, batch=2, layers=2, channels=3, hq=5, wq=5, hs=9, ws=9, k_query=3, k_support=5, support_stride=4,
-         query_stride=1, mask_kind="blob", mask_size=9, chunk_elements=16, upstream="random", frozen=True)
+         query_stride=1, mask_kind="blob", mask_size=9, chunk_elements=16, upstream="random", frozen=True,
+         soft_mask=False)
 @example(seed=9, batch=2, layers=2, channels=2, hq=4, wq=3, hs=8, ws=9, k_query=3, k_support=1, support_stride=3,
-         query_stride=1, mask_kind="random", mask_size=8, chunk_elements=16, upstream="random", frozen=False)
+         query_stride=1, mask_kind="random", mask_size=8, chunk_elements=16, upstream="random", frozen=False,
+         soft_mask=False)
+@example(seed=10, batch=2, layers=2, channels=3, hq=4, wq=4, hs=7, ws=7, k_query=3, k_support=3, support_stride=2,
+         query_stride=1, mask_kind="pixel", mask_size=7, chunk_elements=16, upstream="random", frozen=True,
+         soft_mask=True)  # frozen features, learnable mask: only the mask and the weights get gradients
 def test_gradients_match_dense_reference(seed, batch, layers, channels, hq, wq, hs, ws, k_query, k_support,
                                          support_stride, query_stride, mask_kind, mask_size, chunk_elements,
-                                         upstream, frozen):
-    """``frozen``: the features need no gradient (HSNet's frozen backbone), only the conv weights do."""
+                                         upstream, frozen, soft_mask):
+    """``frozen``: the features need no gradient (HSNet's frozen backbone), only the conv weights do.
+    ``soft_mask``: the mask (its zeros kept, elsewhere values in [0.2, 1.2)) needs a gradient too."""
     gen, query, support, weights = make_case(seed, batch, layers, channels, hq, wq, hs, ws, k_query, k_support,
                                              requires_grad=True)
     if frozen:
         query, support = [q.detach() for q in query], [s.detach() for s in support]
     mask = make_mask(mask_kind, batch, mask_size, mask_size, gen)
+    if soft_mask:
+        scale = 0.2 + torch.rand(mask.shape, generator=gen, dtype=mask.dtype)
+        mask = (mask * scale).requires_grad_()
     stride = (query_stride, query_stride, support_stride, support_stride)
-    inputs = [*weights] if frozen else [*query, *support, *weights]
+    inputs = ([*weights] if frozen else [*query, *support, *weights]) + ([mask] if soft_mask else [])
     expected = dense(query, support, mask, weights, stride)
     with chunk_budget(chunk_elements):  # the backward pass recomputes in chunks too
         out = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, stride, backend="torch")

@@ -26,7 +26,8 @@ features are non-finite anywhere is computed densely (its NaN rows reach every s
 Backward (``torch.autograd.Function``): nothing of the correlation is saved; each chunk is recomputed
 with a small local autograd graph and freed before the next one, so training also stays at
 ``O(features + output + one chunk)`` memory. Gradients reach the conv weights and biases and the
-features (so a backbone can be fine-tuned); the support mask gets none.
+features (so a backbone can be fine-tuned), and to a soft support mask: a position the mask leaves at 0
+gets none there, as in the dense path, where ReLU's derivative at its zero correlations is 0.
 
 Layers: :func:`fused_hypercorrelation_cp_conv4d` (functional, explicit weights) and
 :func:`fused_hypercorrelation_cp_conv` (takes the ``CenterPivotConv4d`` module). Definition:
@@ -731,21 +732,23 @@ class _FusedFirstLayer(torch.autograd.Function):
         grad_bias = grad.sum(dim=(0, 2, 3, 4, 5))
         grad_bq = grad_bias if needs[3] and ctx.has_bias[0] else None
         grad_bs = grad_bias if needs[5] and ctx.has_bias[1] else None
-        grads_features = _backward_features_and_weights(grad, features, mask, weight_query, weight_support, spec,
-                                                        needs_features=any(needs[6:]),
-                                                        needs_weights=(needs[2], needs[4]))
-        grad_features, grad_wq, grad_ws = grads_features
+        needs_mask = needs[1] and mask is not None
+        grad_features, grad_mask, grad_wq, grad_ws = _backward_features_and_weights(
+            grad, features, mask, weight_query, weight_support, spec, needs_features=any(needs[6:]),
+            needs_mask=needs_mask, needs_weights=(needs[2], needs[4]))
         grad_features = [g if need else None for g, need in zip(grad_features, needs[6:])]
-        return (None, None, grad_wq if needs[2] else None, grad_bq, grad_ws if needs[4] else None, grad_bs,
+        return (None, grad_mask, grad_wq if needs[2] else None, grad_bq, grad_ws if needs[4] else None, grad_bs,
                 *grad_features)
 
 
 def _backward_features_and_weights(grad, features, mask, weight_query, weight_support, spec: _Spec,
-                                   needs_features: bool, needs_weights: tuple[bool, bool]):
+                                   needs_features: bool, needs_mask: bool, needs_weights: tuple[bool, bool]):
     """Recompute the forward chunk by chunk with local autograd graphs and pull gradients through.
 
     Leaves of each chunk's graph are the normalized features it reads and the conv weights; their
-    gradients are accumulated, then pushed through the O(features) normalization graph at the end.
+    gradients are accumulated, then pushed through the O(features) normalization graph (which holds the
+    mask) at the end. Returns (gradients of the features, of the resized mask ``[B, Hs*Ws]`` or None,
+    of the query conv's weight, of the support conv's weight).
     """
     layers = spec.layers
     batch, _, hq, wq = features[0].shape
@@ -758,16 +761,21 @@ def _backward_features_and_weights(grad, features, mask, weight_query, weight_su
     grad_wq = torch.zeros_like(weight_query) if needs_weights[0] else None
     grad_ws = torch.zeros_like(weight_support) if needs_weights[1] else None
 
+    # The mask reaches the output only through the normalized support features, so its gradient comes
+    # out of the same graph as theirs.
+    needs_features_or_mask = needs_features or needs_mask
+    mask_leaf = None if mask is None else mask.detach().requires_grad_(needs_mask)
     with torch.enable_grad():
-        leaves = [f.detach().requires_grad_(needs_features) for f in features]
+        leaves = [f.detach().requires_grad_(needs_features_or_mask) for f in features]
         query, support = leaves[:layers], leaves[layers:]
         query_normed, query_finite = _normalized_query(query)
         # Differentiable graph outputs (normalization) and the gradients accumulated for them.
         graph_outputs, graph_grads = [], []
         for b in range(batch):
+            mask_b = None if mask_leaf is None else mask_leaf[b]
             with torch.no_grad():
-                mask_b = None if mask is None else mask[b]
-                active = _active_positions(mask_b, [s[b].detach().flatten(1) for s in support], query_finite[b])
+                active = _active_positions(None if mask_b is None else mask_b.detach(),
+                                           [s[b].detach().flatten(1) for s in support], query_finite[b])
             support_active = _normalized_active_support([s[b].flatten(1) for s in support], mask_b, active)
             if support_active[0].shape[1] == 0:
                 continue
@@ -775,7 +783,7 @@ def _backward_features_and_weights(grad, features, mask, weight_query, weight_su
             query_full = [qn[b].flatten(1) for qn in query_normed]
             # With frozen features (HSNet's backbone) only the weights need gradients: the chunks' matrix
             # products are then recomputed but never differentiated.
-            s_leaf = [s.detach().requires_grad_(needs_features) for s in support_active]
+            s_leaf = [s.detach().requires_grad_(needs_features_or_mask) for s in support_active]
             qp_grad = [torch.zeros_like(q) for q in query_pivots]
             qf_grad = [torch.zeros_like(q) for q in query_full]
             s_grad = [torch.zeros_like(s) for s in support_active]
@@ -783,29 +791,29 @@ def _backward_features_and_weights(grad, features, mask, weight_query, weight_su
             windows = _support_windows(active, hs, ws, weight_support.shape[-2:], spec)
             # Their own leaves: a chunk's backward must not run through a graph node shared by all chunks.
             s_windows = s_leaf if windows.columns is None else \
-                [s.detach().index_select(1, windows.columns).requires_grad_(needs_features) for s in s_leaf]
+                [s.detach().index_select(1, windows.columns).requires_grad_(needs_features_or_mask) for s in s_leaf]
             sw_grad = s_grad if windows.columns is None else [torch.zeros_like(s) for s in s_windows]
             grad_windows = grad[b].view(out_channels, hq2 * wq2, hs2, ws2)[:, :, windows.rows, windows.cols]
             rows = _chunk_size(layers * windows.grid[0] * windows.grid[1], spec)
             for start in range(0 if not windows.empty else hq2 * wq2, hq2 * wq2, rows):
-                chunk = [q.detach()[:, start:start + rows].requires_grad_(needs_features) for q in query_pivots]
+                chunk = [q.detach()[:, start:start + rows].requires_grad_(needs_features_or_mask) for q in query_pivots]
                 part = _support_branch_chunk(chunk, s_windows, windows, ws_leaf, spec)
                 if not part.requires_grad:
                     continue
                 g = grad_windows[:, start:start + part.shape[0]].transpose(0, 1)
-                inputs = (chunk + s_windows if needs_features else []) + ([ws_leaf] if needs_weights[1] else [])
+                inputs = (chunk + s_windows if needs_features_or_mask else []) + ([ws_leaf] if needs_weights[1] else [])
                 result = torch.autograd.grad(part, inputs, g, allow_unused=True)
-                for layer in range(layers if needs_features else 0):
+                for layer in range(layers if needs_features_or_mask else 0):
                     qp_grad[layer][:, start:start + rows] += result[layer]
                     sw_grad[layer] += result[layers + layer]
                 if needs_weights[1]:
                     grad_ws += result[-1]
-            if sw_grad is not s_grad and needs_features:
+            if sw_grad is not s_grad and needs_features_or_mask:
                 for layer in range(layers):
                     s_grad[layer].index_add_(1, windows.columns, sw_grad[layer])
 
             columns, out_index = _pivot_columns(active, hs, ws, spec, grad.device)
-            q_leaf = [q.detach().requires_grad_(needs_features) for q in query_full]
+            q_leaf = [q.detach().requires_grad_(needs_features_or_mask) for q in query_full]
             pivots = _chunk_size(layers * hq * wq + out_channels * hq2 * wq2, spec)
             for start in range(0, columns.numel(), pivots):
                 cols = columns[start:start + pivots]
@@ -814,9 +822,9 @@ def _backward_features_and_weights(grad, features, mask, weight_query, weight_su
                 if not part.requires_grad:
                     continue
                 g = grad[b][:, :, out_index[start:start + pivots]].permute(2, 0, 1).reshape(part.shape)
-                inputs = (q_leaf + s_leaf if needs_features else []) + ([wq_leaf] if needs_weights[0] else [])
+                inputs = (q_leaf + s_leaf if needs_features_or_mask else []) + ([wq_leaf] if needs_weights[0] else [])
                 result = torch.autograd.grad(part, inputs, g, allow_unused=True)
-                for layer in range(layers if needs_features else 0):
+                for layer in range(layers if needs_features_or_mask else 0):
                     qf_grad[layer] += result[layer]
                     s_grad[layer] += result[layers + layer]
                 if needs_weights[0]:
@@ -824,14 +832,17 @@ def _backward_features_and_weights(grad, features, mask, weight_query, weight_su
             graph_outputs += query_pivots + query_full + support_active
             graph_grads += qp_grad + qf_grad + s_grad
 
-        if not needs_features:
-            grad_features = [None] * len(features)
+        inputs = (leaves if needs_features else []) + ([mask_leaf] if needs_mask else [])
+        if not inputs:
+            grads = []
         elif graph_outputs:
-            grad_features = torch.autograd.grad(graph_outputs, leaves, graph_grads, allow_unused=True)
-            grad_features = [torch.zeros_like(f) if g is None else g for g, f in zip(grad_features, features)]
+            grads = torch.autograd.grad(graph_outputs, inputs, graph_grads, allow_unused=True)
+            grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
         else:
-            grad_features = [torch.zeros_like(f) for f in features]
-    return list(grad_features), grad_wq, grad_ws
+            grads = [torch.zeros_like(x) for x in inputs]
+    grad_features = list(grads[:len(features)]) if needs_features else [None] * len(features)
+    grad_mask = grads[-1] if needs_mask else None
+    return grad_features, grad_mask, grad_wq, grad_ws
 
 
 # --------------------------------------------------------------------------------------------------
