@@ -57,18 +57,32 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     return f"Triton kernels do not support {device.type!r} tensors"
 
 
-def resolve_backend(requested: str | None, device: torch.device) -> str:
+def check_backend_name(backend, name: str = "backend") -> str | None:
+    """``backend`` as a module stores it (resolved per call, when the inputs' device is known): None or
+    a known name, checked at construction so that a typo fails there and not at the first forward."""
+    if backend is None:
+        return None
+    if not isinstance(backend, str) or backend.strip().lower() not in BACKENDS + ("auto",):
+        raise ValueError(f"{name}: expected one of {BACKENDS + ('auto',)} or None, got {backend!r}")
+    return backend
+
+
+def resolve_backend(requested: str | None, device: torch.device | str) -> str:
     """The backend that runs an op on ``device``.
 
     Args:
         requested: ``"triton"``, ``"torch"``, ``"reference"``, ``"auto"`` or None. None reads
             ``HYPERTRITON_BACKEND``, then falls back to ``"auto"``.
-        device: where the op's inputs live.
+        device: where the op's inputs live (a ``torch.device`` or its name).
 
     Raises:
+        TypeError: ``requested`` is neither None nor a string.
         ValueError: an unknown backend name.
         RuntimeError: ``"triton"`` was asked for where it cannot run.
     """
+    if requested is not None and not isinstance(requested, str):
+        raise TypeError(f"backend: expected one of {BACKENDS + ('auto',)} or None, got {requested!r}")
+    device = torch.device(device)
     name = requested if requested is not None else os.environ.get(ENV_VARIABLE, "auto")
     name = name.strip().lower() or "auto"
     if name == "auto":

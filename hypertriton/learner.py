@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backend import resolve_backend
+from .backend import check_backend_name, resolve_backend
 from .modules import CenterPivotConv4d, GroupNorm4d
 from .ops import cpu_conv
 from .ops._validation import shape_of
@@ -130,7 +130,7 @@ class HPNLearner(nn.Module):
         if len(inch) != 3 or not all(isinstance(c, int) and c > 0 for c in inch):
             raise ValueError(f"inch: expected 3 positive ints (layers per level, deepest first), got {inch!r}")
         self.inch = tuple(inch)
-        self.backend = backend
+        self.backend = check_backend_name(backend)
         ch1, ch2, ch3 = SQUEEZE_CHANNELS
 
         def block(cin, couts, kernels, strides):
@@ -161,6 +161,14 @@ class HPNLearner(nn.Module):
                 raise ValueError(f"hypercorr_pyramid: batch sizes differ between levels "
                                  f"({[shape_of(t) for t in pyramid]})")
             batch = level.shape[0]
+        dtypes = [level.dtype for level in pyramid]
+        dtype = next(self.parameters()).dtype
+        autocast = torch.is_autocast_enabled(pyramid[0].device.type)
+        # Every layer casts its weights to its input's dtype, except the decoder's plain convolutions.
+        if not all(d.is_floating_point for d in dtypes) or (not autocast and set(dtypes) != {dtype}):
+            raise TypeError(f"hypercorr_pyramid: expected levels in the learner's dtype {dtype} (any floating "
+                            f"dtype under torch.autocast), got {dtypes} for [corr_l4, corr_l3, corr_l2]; convert "
+                            "them or move the learner with .to(dtype)")
 
     @property
     def squeeze_blocks(self) -> tuple[nn.Sequential, nn.Sequential, nn.Sequential]:

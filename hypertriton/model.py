@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt
+from .backend import check_backend_name
 from .backbones import build_backbone, extract_features, get_spec
 from .learner import HPNLearner
 from .ops._validation import shape_of as _tensor_shape
@@ -113,7 +114,7 @@ class HSNet(nn.Module):
         super().__init__()
         self.spec = get_spec(backbone)
         self.backbone_name = self.spec.name
-        self.backend = backend
+        self.backend = check_backend_name(backend)
         self.fused, self.lean = fused, lean
         self.backbone = build_backbone(backbone, pretrained, backbone_weights, allow_download)
         self.hpn_learner = HPNLearner(list(self.spec.layers_per_level), backend=backend)
@@ -124,10 +125,21 @@ class HSNet(nn.Module):
         self.backbone.eval()  # BN statistics of the ImageNet backbone must never move
         return self
 
+    def _check_images(self, img, name: str) -> torch.Tensor:
+        """``img`` must be an image batch ``[B, 3, H, W]`` in the backbone's dtype (any float dtype under
+        ``torch.autocast``, which casts it)."""
+        _check_images(img, name)
+        dtype = next(self.backbone.parameters()).dtype
+        if img.dtype != dtype and not (img.is_floating_point() and torch.is_autocast_enabled(img.device.type)):
+            raise TypeError(f"{name}: expected {dtype} images (the model's dtype) normalized with ImageNet's mean "
+                            f"and std, got dtype {img.dtype}; convert them (uint8 pixels: scale to [0, 1], then "
+                            "normalize), move the model with .to(dtype), or run under torch.autocast")
+        return img
+
     def extract_features(self, img: torch.Tensor) -> list[torch.Tensor]:
         """Backbone features of ``img`` ``[B, 3, H, W]``: list of ``[B, C_l, h_l, w_l]``, shallow to deep
         (no gradients)."""
-        _check_images(img, "img")
+        self._check_images(img, "img")
         with torch.no_grad():
             return extract_features(self.backbone, self.spec, img)
 
@@ -176,7 +188,7 @@ class HSNet(nn.Module):
         return learner.forward_fused(self._levels(query_feats, support_feats), support_mask, lean=self.lean)
 
     def _logits(self, query_feats, support_img, support_mask, size) -> torch.Tensor:
-        _check_images(support_img, "support_img")
+        self._check_images(support_img, "support_img")
         if not isinstance(support_mask, torch.Tensor) or support_mask.dim() != 3:
             raise ValueError(f"support_mask: expected [B, H, W], got {_shape(support_mask)}")
         logits = self.forward_features(query_feats, self.extract_features(support_img), support_mask)
@@ -187,7 +199,8 @@ class HSNet(nn.Module):
 
         The original resized to the support image's size; the two are equal in its pipeline.
         """
-        _check_images(query_img, "query_img")
+        self._check_images(query_img, "query_img")
+        self._check_images(support_img, "support_img")
         if support_img.shape[0] != query_img.shape[0]:
             raise ValueError(f"support_img: batch {support_img.shape[0]} differs from query_img's "
                              f"{query_img.shape[0]}")
@@ -223,7 +236,7 @@ class HSNet(nn.Module):
             ``nshot == 1``: the argmax mask ``[B, H, W]`` (int64); else the voted 0/1 mask (float), see
             :func:`vote_nshot`. The query's backbone features are computed once for all shots.
         """
-        query_img = _check_images(batch["query_img"], "batch['query_img']")
+        query_img = self._check_images(batch["query_img"], "batch['query_img']")
         support_imgs, support_masks = self._shots(batch["support_imgs"], batch["support_masks"], query_img.shape[0])
         if not isinstance(nshot, int) or not 1 <= nshot <= support_imgs.shape[1]:
             raise ValueError(f"nshot: expected an int in [1, {support_imgs.shape[1]}] (shots in the batch), "
@@ -255,7 +268,7 @@ class HSNet(nn.Module):
         Returns:
             ``[B, H, W]`` int64 mask at the query's size.
         """
-        support_imgs, support_masks = self._shots(support_imgs, support_masks, _check_images(query_img, "query_img").shape[0])
+        support_imgs, support_masks = self._shots(support_imgs, support_masks, self._check_images(query_img, "query_img").shape[0])
         batch = {"query_img": query_img, "support_imgs": support_imgs, "support_masks": support_masks}
         return self.predict_mask_nshot(batch, support_imgs.shape[1]).long()
 
@@ -279,7 +292,7 @@ class HSNet(nn.Module):
             int64 label map ``[B, H, W]`` (``[H, W]`` for a single query image).
         """
         single = isinstance(query_img, torch.Tensor) and query_img.dim() == 3
-        query_img = _check_images(query_img.unsqueeze(0) if single else query_img, "query_img")
+        query_img = self._check_images(query_img.unsqueeze(0) if single else query_img, "query_img")
         if not isinstance(supports, Mapping) or not supports:
             raise ValueError(f"supports: expected a non-empty dict {{class_id: (imgs, masks)}}, got {supports!r}")
         for label in supports:

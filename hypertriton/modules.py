@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .backend import check_backend_name
 from .ops._validation import as_quadruple, shape_of
 from .ops.center_pivot_conv4d import center_pivot_conv4d
 from .ops.hypercorrelation import hypercorrelation
@@ -33,7 +34,7 @@ class HyperCorr(nn.Module):
 
     def __init__(self, backend: str | None = None):
         super().__init__()
-        self.backend = backend
+        self.backend = check_backend_name(backend)
 
     def forward(self, query_feats, support_feats, support_mask=None) -> list[torch.Tensor]:
         return hypercorrelation(query_feats, support_feats, support_mask, backend=self.backend)
@@ -73,13 +74,17 @@ class CenterPivotConv4d(nn.Module):
         kernel_size = as_quadruple(kernel_size, "kernel_size")
         stride = as_quadruple(stride, "stride")
         padding = tuple(k // 2 for k in kernel_size) if padding is None else as_quadruple(padding, "padding")
+        for name, values, least in (("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0)):
+            if min(values) < least:
+                raise ValueError(f"{name}: expected values >= {least} (query h, query w, support h, support w), "
+                                 f"got {values}")
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size[:2], stride=stride[:2], padding=padding[:2],
                                bias=bias)
         self.conv2 = nn.Conv2d(in_channels, out_channels, kernel_size[2:], stride=stride[2:], padding=padding[2:],
                                bias=bias)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
-        self.backend = backend
+        self.backend = check_backend_name(backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(x, torch.Tensor) and x.dim() == 6 and x.shape[1] != self.in_channels:

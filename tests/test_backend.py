@@ -30,6 +30,15 @@ def test_unknown_backend_names_its_source(monkeypatch):
         resolve_backend(None, torch.device("cpu"))
 
 
+def test_backend_of_the_wrong_type_is_named_and_device_may_be_a_name():
+    with pytest.raises(TypeError, match="backend: expected one of .* got 3"):
+        resolve_backend(3, torch.device("cpu"))
+    assert resolve_backend("torch", "cpu") == resolve_backend(None, "cpu") == "torch"
+    for module in (lambda: hypertriton.HyperCorr(backend="fast"), lambda: hypertriton.HPNLearner([3, 6, 4], 3)):
+        with pytest.raises(ValueError, match="backend: expected one of"):
+            module()
+
+
 def test_forcing_triton_without_interpreter_on_cpu_is_an_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):

@@ -153,6 +153,25 @@ def test_bad_input_errors():
         hypertriton.center_pivot_conv4d(torch.zeros(1, 2, 3, 3, 3, 3, device="meta"), wq, bq, ws, bs)
     with pytest.raises(TypeError, match="stride"):
         hypertriton.center_pivot_conv4d(torch.zeros(1, 2, 3, 3, 3, 3), wq, bq, ws, bs, (1, 2))
+    with pytest.raises(ValueError, match=r"x has no input channels \(shape \[1, 0, 3, 3, 3, 3\]\)"):
+        hypertriton.center_pivot_conv4d(torch.zeros(1, 0, 3, 3, 3, 3), wq[:, :0], bq, ws[:, :0], bs)
+    with pytest.raises(ValueError, match=r"x: the map is empty along support w"):
+        hypertriton.center_pivot_conv4d(torch.zeros(1, 2, 3, 3, 3, 0), wq, bq, ws, bs)
+    even = torch.zeros(3, 2, 2, 2)  # the user's padding 1 must not be what the message asks for
+    with pytest.raises(ValueError, match=r"weight_query: kernel size 2 is even.*expected an odd kernel"):
+        hypertriton.center_pivot_conv4d(torch.zeros(1, 2, 5, 5, 5, 5), even, bq, ws, bs, 1, 1)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"kernel_size": 0}, r"kernel_size: expected values >= 1.*\(0, 0, 0, 0\)"),
+    ({"stride": (1, 1, 0, 2)}, r"stride: expected values >= 1.*\(1, 1, 0, 2\)"),
+    ({"padding": -1}, r"padding: expected values >= 0"),
+    ({"backend": "bogus"}, r"backend: expected one of .*'bogus'"),
+])
+def test_module_refuses_impossible_arguments_when_built(kwargs, match):
+    """Not at the first forward, where the message would speak of padding for a kernel of 0."""
+    with pytest.raises(ValueError, match=match):
+        hypertriton.CenterPivotConv4d(2, 3, **kwargs)
 
 
 def test_other_padding_accepted_where_branches_agree():

@@ -159,6 +159,9 @@ def feats(*shapes, dtype=torch.float32, device="cpu"):
     ([], [], None, ValueError, ["empty"]),
     (feats((1, 2, 3, 3)), feats((1, 2, 3, 3), device="meta"), None, ValueError, ["meta", "cpu"]),
     (feats((1, 2, 3, 3)), feats((1, 2, 3, 3), dtype=torch.float16), None, TypeError, ["float16", "float32"]),
+    (feats((1, 2, 3, 3)), feats((1, 2, 0, 3)), None, ValueError, ["support_feats[0]", "[1, 2, 0, 3]", "one position"]),
+    (feats((1, 0, 3, 3)), feats((1, 0, 3, 3)), None, ValueError, ["query_feats[0]", "[1, 0, 3, 3]", "one channel"]),
+    (feats((1, 2, 3, 3)), feats((1, 2, 3, 3)), torch.ones(1, 0, 5), ValueError, ["support_mask", "[1, 0, 5]", "pixel"]),
 ])
 def test_bad_input_names_argument_and_shapes(query, support, mask, error, words):
     with pytest.raises(error) as info:

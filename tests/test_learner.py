@@ -205,6 +205,11 @@ def test_bad_pyramids_are_rejected_with_the_argument_named():
         ours([good[0], good[1].expand(2, -1, -1, -1, -1, -1), good[2]])
     with pytest.raises(ValueError, match="inch"):
         HPNLearner([3, 6])
+    # The squeeze blocks would take another dtype (their weights follow the input) and the decoder not.
+    with pytest.raises(TypeError, match=r"learner's dtype torch.float32.*torch.float64, torch.float32"):
+        ours([good[0], good[1].double(), good[2]])
+    with pytest.raises(TypeError, match=r"torch.int64"):
+        ours([level.long() for level in good])
 
 
 def test_fused_inference_convolves_only_the_varying_columns_of_the_second_layer(monkeypatch):

@@ -46,6 +46,10 @@ def check_feature_lists(query_feats, support_feats) -> tuple[list[torch.Tensor],
     for layer, (q, s) in enumerate(zip(query_feats, support_feats)):
         check_tensor(q, f"query_feats[{layer}]", 4, layout)
         check_tensor(s, f"support_feats[{layer}]", 4, layout)
+        for name, feat in ((f"query_feats[{layer}]", q), (f"support_feats[{layer}]", s)):
+            if min(feat.shape[1:]) == 0:
+                raise ValueError(f"{name}: expected at least one channel and one position {layout}, got shape "
+                                 f"{shape_of(feat)}")
         if q.shape[0] != s.shape[0]:
             raise ValueError(f"layer {layer}: query_feats[{layer}] has batch {q.shape[0]} but "
                              f"support_feats[{layer}] has batch {s.shape[0]} (shapes {shape_of(q)} and "
@@ -72,6 +76,8 @@ def check_support_mask(support_mask, batch: int, device: torch.device) -> torch.
         raise TypeError(f"support_mask: expected a tensor [B, H, W], got {type(support_mask).__name__}")
     if support_mask.dim() != 3:
         raise ValueError(f"support_mask: expected a 3D tensor [B, H, W], got shape {shape_of(support_mask)}")
+    if min(support_mask.shape[1:]) == 0:
+        raise ValueError(f"support_mask: expected at least one pixel [B, H, W], got shape {shape_of(support_mask)}")
     if support_mask.shape[0] != batch:
         raise ValueError(f"support_mask has batch {support_mask.shape[0]} (shape {shape_of(support_mask)}) "
                          f"but the features have batch {batch}; expected equal batch sizes")
@@ -103,6 +109,8 @@ def check_cp_conv_args(weight_query, bias_query, weight_support, bias_support, s
         anchor: ``(name, tensor)`` of the input the parameters must share a device with.
         padding: None for ``kernel // 2`` on every dim.
     """
+    if in_channels < 1:
+        raise ValueError(f"{anchor[0]} has no input channels (shape {shape_of(anchor[1])}); expected at least one")
     check_tensor(weight_query, "weight_query", 4, "[Cout, Cin, KQh, KQw]")
     check_tensor(weight_support, "weight_support", 4, "[Cout, Cin, KSh, KSw]")
     for name, weight in (("weight_query", weight_query), ("weight_support", weight_support)):

@@ -55,10 +55,16 @@ def output_size(x_shape, kernel_query, kernel_support, stride, padding) -> tuple
         if conv != pivots or conv <= 0:
             branch = "query" if dim < 2 else "support"
             axis = ("query h", "query w", "support h", "support w")[dim]
-            raise ValueError(
-                f"padding: along {axis} (size {size}) the {branch}-dim convolution (kernel {kernel}, "
-                f"stride {step}, padding {pad}) gives {conv} outputs but the other branch gives one per "
-                f"pivot, {pivots}; expected padding {kernel // 2} with an odd kernel")
+            if size == 0:
+                raise ValueError(f"x: the map is empty along {axis} (input shape [{', '.join(map(str, x_shape))}]"
+                                 "); expected at least one position on each of the four map dims")
+            disagreement = (f"along {axis} (size {size}) the {branch}-dim convolution (kernel {kernel}, "
+                            f"stride {step}, padding {pad}) gives {conv} outputs but the other branch gives one "
+                            f"per pivot, {pivots}")
+            if kernel % 2 == 0:  # even or empty: at stride 1 no padding aligns the two branches
+                raise ValueError(f"weight_{branch}: kernel size {kernel} is even; {disagreement}; expected an odd "
+                                 "kernel (with padding kernel // 2)")
+            raise ValueError(f"padding: {disagreement}; expected padding {kernel // 2}")
         sizes.append(conv)
     return tuple(sizes)
 
