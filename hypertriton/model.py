@@ -191,6 +191,9 @@ class HSNet(nn.Module):
         self._check_images(support_img, "support_img")
         if not isinstance(support_mask, torch.Tensor) or support_mask.dim() != 3:
             raise ValueError(f"support_mask: expected [B, H, W], got {_shape(support_mask)}")
+        if support_mask.shape[0] != support_img.shape[0]:
+            raise ValueError(f"support_mask has batch {support_mask.shape[0]} (shape {_shape(support_mask)}) but "
+                             f"support_img has batch {support_img.shape[0]}; expected one mask per support image")
         logits = self.forward_features(query_feats, self.extract_features(support_img), support_mask)
         return F.interpolate(logits, size, mode="bilinear", align_corners=True)
 

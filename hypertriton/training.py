@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from hypertriton import distributed as hdist
-from hypertriton.backend import reduced_precision_slow_reason, warn_if_reduced_precision_slow
+from hypertriton.backend import check_backend_name, reduced_precision_slow_reason, warn_if_reduced_precision_slow
 from hypertriton._io import atomic_file, atomic_save, load_error_summary, load_on_cpu
 
 __all__ = [
@@ -171,8 +171,12 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
 
+    def __post_init__(self) -> None:
+        self.validate()  # at construction too, so a typo fails where it is made
+
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first field with an impossible value."""
+        """Raise ``ValueError`` naming the first field with an impossible value (also run by :func:`train`,
+        which sees any field changed after construction)."""
         positive = {"epochs": self.epochs, "bsz": self.bsz, "img_size": self.img_size, "nshot": self.nshot,
                     "log_every": self.log_every}
         for name, value in positive.items():
@@ -192,6 +196,7 @@ class TrainConfig:
             raise ValueError(f"lr_schedule: expected one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.amp not in ("off", "auto", "bf16", "fp16"):
             raise ValueError(f"amp: expected one of 'off', 'auto', 'bf16', 'fp16', got {self.amp!r}")
+        check_backend_name(self.backend)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -302,6 +302,8 @@ def test_nshot_and_shapes_are_checked():
         model.predict(torch.randn(1, 3, 64, 64), torch.randn(1, 2, 3, 64, 64), torch.ones(1, 3, 64, 64))
     with pytest.raises(ValueError, match=r"support_img: expected an image batch \[B, 3, H, W\], got list"):
         model(torch.randn(1, 3, 64, 64), [torch.randn(3, 64, 64)], torch.ones(1, 64, 64))
+    with pytest.raises(ValueError, match=r"support_mask has batch 2 .* support_img has batch 1"):
+        model(torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64), torch.ones(2, 64, 64))
     pixels = torch.randint(0, 255, (1, 3, 64, 64), dtype=torch.uint8)
     with pytest.raises(TypeError, match=r"query_img: expected torch.float32 images .* got dtype torch.uint8"):
         model(pixels, torch.randn(1, 3, 64, 64), torch.ones(1, 64, 64))

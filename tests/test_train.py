@@ -353,10 +353,15 @@ def test_atomic_save_never_leaves_a_partial_file(tmp_path):
     ("amp", "fp8", "amp: expected one of"),
     ("lr_schedule", "linear", "lr_schedule: expected one of"),
     ("val_episodes", -1, "val_episodes"),
+    ("backend", "fast", "backend: expected one of"),
 ])
 def test_config_rejects_impossible_values(tmp_path, field, value, message):
-    with pytest.raises(ValueError, match=message):
-        train(tiny_config(tmp_path, **{field: value}))
+    with pytest.raises(ValueError, match=message):  # when built
+        tiny_config(tmp_path, **{field: value})
+    config = tiny_config(tmp_path)
+    setattr(config, field, value)
+    with pytest.raises(ValueError, match=message):  # and when changed afterwards
+        train(config)
 
 
 def test_fp16_on_cpu_is_refused(tmp_path):
