@@ -271,7 +271,8 @@ class HSNet(nn.Module):
         Returns:
             ``[B, H, W]`` int64 mask at the query's size.
         """
-        support_imgs, support_masks = self._shots(support_imgs, support_masks, self._check_images(query_img, "query_img").shape[0])
+        queries = self._check_images(query_img, "query_img").shape[0]
+        support_imgs, support_masks = self._shots(support_imgs, support_masks, queries)
         batch = {"query_img": query_img, "support_imgs": support_imgs, "support_masks": support_masks}
         return self.predict_mask_nshot(batch, support_imgs.shape[1]).long()
 

@@ -1,6 +1,7 @@
 """Backend selection: automatic choice, the environment override, and no silent fallback; whether reduced
 precision runs natively."""
 
+import re
 import warnings
 
 import pytest
@@ -149,3 +150,23 @@ def test_amp_auto_picks_bf16_on_cpu_only_where_it_is_native(monkeypatch, native)
     else:  # asked for explicitly: as asked, with a warning
         with pytest.warns(RuntimeWarning, match="amp='bf16' runs in bf16"):
             assert _resolve_amp("bf16", torch.device("cpu")) == torch.bfloat16
+
+
+def test_triton_backend_names_the_float64_input_it_cannot_take():
+    """``tl.dot`` takes fp32, fp16 and bf16: the message names the caller's argument, not the kernel's."""
+    from helpers import kernel_device
+
+    device = kernel_device()
+    feats = [torch.randn(1, 4, 5, 5, dtype=torch.float64, device=device)]
+    weight = torch.randn(2, 1, 3, 3, dtype=torch.float64, device=device)
+    calls = {
+        "query_feats[0]": lambda: hypertriton.hypercorrelation(feats, feats, None, backend="triton"),
+        "fused query_feats[0]": lambda: hypertriton.fused_hypercorrelation_cp_conv4d(
+            feats, feats, None, weight, None, weight, None, backend="triton"),
+        "x": lambda: hypertriton.center_pivot_conv4d(torch.randn(1, 1, 3, 3, 3, 3, dtype=torch.float64, device=device),
+                                                     weight, None, weight, None, backend="triton"),
+    }
+    for name, call in calls.items():
+        argument = re.escape(name.split()[-1])
+        with pytest.raises(TypeError, match=rf"^{argument}: the triton backend takes .* got torch.float64"):
+            call()

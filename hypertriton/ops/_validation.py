@@ -22,6 +22,14 @@ def check_tensor(value, name: str, ndim: int, layout: str) -> torch.Tensor:
     return value
 
 
+def check_triton_dtypes(tensors: dict[str, torch.Tensor]) -> None:
+    """The Triton kernels take fp32, fp16 and bf16 (``tl.dot``); name the first input they cannot."""
+    for name, tensor in tensors.items():
+        if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"{name}: the triton backend takes float32, float16 or bfloat16, got {tensor.dtype}; "
+                            "use backend='torch' or 'reference' for it")
+
+
 def check_same_device(tensors: dict[str, torch.Tensor]) -> torch.device:
     items = [(name, t) for name, t in tensors.items() if t is not None]
     first_name, first = items[0]

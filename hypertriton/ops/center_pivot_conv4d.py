@@ -32,7 +32,7 @@ from .. import reference
 from ..backend import resolve_backend
 from . import cpu_conv
 from ._alloc import new_output
-from ._validation import check_cp_conv_args, check_tensor, shape_of
+from ._validation import check_cp_conv_args, check_tensor, check_triton_dtypes, shape_of
 from .layout import is_query_major, split_constant_columns
 
 
@@ -504,6 +504,8 @@ def center_pivot_conv4d(x, weight_query, bias_query, weight_support, bias_suppor
     bias_support = None if bias_support is None else bias_support.to(x.dtype)
 
     name = resolve_backend(backend, x.device)
+    if name == "triton":
+        check_triton_dtypes({"x": x})
     if name == "reference":
         return reference.center_pivot_conv4d(x, weight_query, bias_query, weight_support, bias_support, stride,
                                              padding)

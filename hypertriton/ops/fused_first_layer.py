@@ -47,7 +47,8 @@ from ..backend import resolve_backend, warn_if_reduced_precision_slow
 from ._alloc import new_output
 from ._columns import column_runs, copy_columns_
 from ._norms import channel_norm, normalize_with_norms, squared_norm
-from ._validation import check_cp_conv_args, check_feature_lists, check_support_mask, shape_of
+from ._validation import (check_cp_conv_args, check_feature_lists, check_support_mask, check_triton_dtypes,
+                          shape_of)
 from .center_pivot_conv4d import bias_sum, output_size
 from .hypercorrelation import active_positions
 from .layout import ColumnSplit
@@ -925,6 +926,8 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
         raise TypeError(f"correlation_dtype: expected a floating torch.dtype or None, got {correlation_dtype!r}")
 
     name = resolve_backend(backend, device)
+    if name == "triton":
+        check_triton_dtypes({f"query_feats[{i}]": q for i, q in enumerate(query_feats)})
     row_start = 0
     if output_rows is not None:
         lo, hi = output_rows

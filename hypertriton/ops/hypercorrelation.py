@@ -28,7 +28,7 @@ from ..backend import resolve_backend
 from ._alloc import new_output
 from ._columns import column_runs, copy_columns_
 from ._norms import normalize
-from ._validation import check_feature_lists, check_support_mask
+from ._validation import check_feature_lists, check_support_mask, check_triton_dtypes
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -211,6 +211,8 @@ def hypercorrelation(query_feats, support_feats, support_mask=None, backend: str
     if support_mask is not None:
         check_support_mask(support_mask, query_feats[0].shape[0], device)
     name = resolve_backend(backend, device)
+    if name == "triton":
+        check_triton_dtypes({f"query_feats[{i}]": q for i, q in enumerate(query_feats)})
     if name == "reference":
         return reference.hypercorrelation(query_feats, support_feats, support_mask)
 
