@@ -12,14 +12,19 @@ from typing import Any
 import torch
 
 
+def temporary_path(path: Path) -> Path:
+    """A fresh hidden name next to ``path`` to write it under before renaming. Create it with
+    ``open(..., "x")`` rather than ``mkstemp``: the file then gets the umask's permissions, not 0600."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "wb"):
     """Yield a handle to a temporary file next to ``path``; on success it is synced and renamed over
     ``path`` (``os.replace`` is atomic within one file system); on any error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # open(..., "x") rather than mkstemp: the file gets the umask's permissions, not mkstemp's 0600.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = temporary_path(path)
     try:
         with open(tmp, mode.replace("w", "x")) as handle:
             yield handle
@@ -47,4 +52,31 @@ def load_on_cpu(path: str | os.PathLike) -> Any:
 def load_error_summary(error: BaseException) -> str:
     """``"Type: first line"`` of a failed load, for messages that name the file."""
     text = str(error)
+    if "weights_only" in text or "Weights only load failed" in text:
+        # torch's advice (reload with weights_only=False) would run code from the file: not offered here.
+        return (f"{type(error).__name__}: it holds more than tensors and plain containers, or is no PyTorch file "
+                "at all; hypertriton loads only plain checkpoints, so that no file can run code")
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def check_writable(path: str | os.PathLike, name: str, folder: bool = False) -> Path:
+    """Refuse, before any work, an output ``path`` that could not be written at the end: a folder
+    where a file is wanted (or a file where a folder is), a parent that is a file, or no permission.
+
+    Raises:
+        ValueError: naming ``name`` (the flag or argument) and the reason.
+    """
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise ValueError(f"{name}: {str(path)!r} exists and is not a folder")
+    if not folder and path.is_dir():
+        raise ValueError(f"{name}: {str(path)!r} is a folder; expected a file name")
+    existing = path if folder else path.parent
+    existing = existing.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{name}: cannot create {str(path)!r}: {str(existing)!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{name}: cannot write {str(path)!r}: no permission to write in {str(existing)!r}")
+    return path

@@ -25,6 +25,11 @@ PREFIX = "module."
 _LIST_LIMIT = 10
 
 
+# What 'hypertriton train' writes to last.pt (``hypertriton.training.STATE_FORMAT``): the state to resume,
+# without the frozen backbone, so not a model checkpoint.
+TRAIN_STATE_FORMAT = "hypertriton-train-state"
+
+
 class CheckpointError(ValueError):
     """A file or state_dict that is not (or does not fit) an HSNet checkpoint."""
 
@@ -46,6 +51,9 @@ def read_state_dict(source) -> dict[str, torch.Tensor]:
     """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
+        if path.is_dir():
+            raise CheckpointError(f"checkpoint: {str(path)!r} is a folder; expected a checkpoint file (e.g. the "
+                                  "best_model.pt that 'hypertriton train' writes there)")
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint: no such file {str(path)!r}")
         try:
@@ -60,6 +68,10 @@ def read_state_dict(source) -> dict[str, torch.Tensor]:
 
     from .compact import is_compact, load_compact
 
+    if isinstance(loaded, Mapping) and loaded.get("format") == TRAIN_STATE_FORMAT:
+        raise CheckpointError(f"checkpoint: {_describe(source)} is a training state ('hypertriton train' writes it "
+                              "to last.pt for --resume; it holds no backbone); load the best_model.pt written "
+                              "next to it")
     if is_compact(loaded):  # the bundled weights' codebook format
         loaded = load_compact(loaded)[0]
     for wrapper in ("state_dict", "model"):

@@ -102,6 +102,25 @@ def env_ranks() -> tuple[int, int, int]:
     return rank, world_size, local_rank
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a ``torch.device`` this machine has (None: CUDA when available, else the CPU).
+
+    Raises:
+        ValueError: not a device name, a device type other than cpu and cuda, or cuda without a GPU.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device: {str(device)!r} is not a device; expected cpu, cuda or cuda:N") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected cpu, cuda or cuda:N, got {str(device)!r}")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} requested but CUDA is not available")
+    return resolved
+
+
 def init_distributed(device: str | torch.device | None = None, backend: str | None = None,
                      timeout: timedelta | None = None) -> DistributedContext:
     """Join the torchrun process group if there is one and pick this process's device.
@@ -117,12 +136,8 @@ def init_distributed(device: str | torch.device | None = None, backend: str | No
         caller), it is reused rather than initialized twice.
     """
     rank, world_size, local_rank = env_ranks()
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = resolve_device(device)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={str(device)!r} requested but CUDA is not available")
         if device.index is None:
             # One GPU per process: torchrun's LOCAL_RANK is the only reliable way to pick it on a node.
             device = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))

@@ -105,8 +105,11 @@ def evaluate(model, dataset_or_loader, nshot: int, device, progress: bool = True
             ``torch.float16`` on GPU); None: full precision.
 
     Returns:
-        ``{"miou", "fb_iou", "per_class_iou": {class_id: iou}, "episodes", "benchmark", "nshot"}`` with
-        IoUs in percent (``"fbiou"`` repeats ``fb_iou`` for callers using the original's spelling).
+        ``{"miou", "fb_iou", "per_class_iou": {class_id: iou}, "episodes", "benchmark", "nshot",
+        "classes", "classes_evaluated", "miou_of_evaluated_classes"}`` with IoUs in percent (``"fbiou"``
+        repeats ``fb_iou`` for callers using the original's spelling). ``miou`` is the protocol's mean over
+        all ``classes``; a run cut short by ``max_episodes`` may leave some unevaluated (counted as 0
+        there), so ``miou_of_evaluated_classes`` averages over ``classes_evaluated`` only.
     """
     device = torch.device(device)
     loader = _loader(dataset_or_loader, bsz, nworker, max_episodes)
@@ -151,7 +154,9 @@ def evaluate(model, dataset_or_loader, nshot: int, device, progress: bool = True
     fb_iou = meter.fb_iou()
     return {"benchmark": getattr(dataset, "benchmark", None), "nshot": nshot, "miou": meter.miou(),
             "fb_iou": fb_iou, "fbiou": fb_iou, "per_class_iou": meter.per_class_iou(),
-            "episodes": meter.episodes}
+            "episodes": meter.episodes, "classes": len(meter.class_ids),
+            "classes_evaluated": meter.evaluated_classes(),
+            "miou_of_evaluated_classes": meter.miou_of_evaluated_classes()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,6 +217,14 @@ def _write_panels(folder: Path, batch, pred, inter, union, episode_index) -> Non
 
 
 def format_result(result: Mapping) -> str:
-    """The final line of an evaluation: ``mIoU: xx.xx  FB-IoU: yy.yy``."""
-    return f"mIoU: {result['miou']:.2f}  FB-IoU: {result['fb_iou']:.2f}"
+    """The final line of an evaluation: ``mIoU: xx.xx  FB-IoU: yy.yy``, and where some classes had no
+    episode (a run cut short), a second line that says so with the mean over the evaluated ones."""
+    line = f"mIoU: {result['miou']:.2f}  FB-IoU: {result['fb_iou']:.2f}"
+    evaluated, classes = result.get("classes_evaluated"), result.get("classes")
+    if evaluated is not None and classes is not None and len(evaluated) < classes:
+        over = result.get("miou_of_evaluated_classes")
+        line += (f"\nnote: only {len(evaluated)} of {classes} classes had an episode; mIoU counts the other "
+                 f"{classes - len(evaluated)} as 0 (the protocol's mean over all classes)"
+                 + (f"; over the {len(evaluated)} evaluated: {over:.2f}" if over is not None else ""))
+    return line
 

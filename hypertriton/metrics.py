@@ -91,6 +91,7 @@ class SegmentationMeter:
 
     Attributes:
         intersection, union: float64 ``[2, len(class_ids)]`` (row 0 background, row 1 foreground).
+        class_episodes: float64 ``[len(class_ids)]``, episodes counted per class.
         episodes: number of episodes counted.
     """
 
@@ -104,6 +105,7 @@ class SegmentationMeter:
         self._column = {c: i for i, c in enumerate(class_ids)}
         self.intersection = torch.zeros(2, len(class_ids), dtype=torch.float64)
         self.union = torch.zeros(2, len(class_ids), dtype=torch.float64)
+        self.class_episodes = torch.zeros(len(class_ids), dtype=torch.float64)
         self.episodes = 0
 
     def update(self, pred_mask: torch.Tensor, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,16 +135,18 @@ class SegmentationMeter:
         columns = torch.tensor([self._column[c] for c in class_id], dtype=torch.long)
         self.intersection.index_add_(1, columns, inter.detach().to("cpu", torch.float64).t())
         self.union.index_add_(1, columns, union.detach().to("cpu", torch.float64).t())
+        self.class_episodes.index_add_(0, columns, torch.ones(len(class_id), dtype=torch.float64))
         self.episodes += len(class_id)
 
     def all_reduce(self) -> "SegmentationMeter":
         """Sum the counts over all processes (no-op without an initialized process group)."""
-        counts = torch.cat([self.intersection.flatten(), self.union.flatten(),
+        counts = torch.cat([self.intersection.flatten(), self.union.flatten(), self.class_episodes,
                             torch.tensor([float(self.episodes)], dtype=torch.float64)])
         counts = all_reduce_sum(counts)
-        n = self.intersection.numel()
+        n, k = self.intersection.numel(), self.class_episodes.numel()
         self.intersection = counts[:n].view_as(self.intersection).clone()
         self.union = counts[n:2 * n].view_as(self.union).clone()
+        self.class_episodes = counts[2 * n:2 * n + k].clone()
         self.episodes = int(counts[-1].item())
         return self
 
@@ -155,8 +159,19 @@ class SegmentationMeter:
         return {c: float(v) * 100 for c, v in zip(self.class_ids, self.iou()[1].tolist())}
 
     def miou(self) -> float:
-        """Mean foreground IoU over the meter's classes, x100."""
+        """Mean foreground IoU over the meter's classes, x100 (as the protocol: a class no episode has
+        counted adds 0, which a full run over a benchmark's episodes never leaves)."""
         return float(self.iou()[1].mean()) * 100
+
+    def evaluated_classes(self) -> list[int]:
+        """The class ids at least one episode has counted."""
+        return [c for c, n in zip(self.class_ids, self.class_episodes.tolist()) if n > 0]
+
+    def miou_of_evaluated_classes(self) -> float | None:
+        """Mean foreground IoU x100 over :meth:`evaluated_classes` only (a truncated run's fair summary),
+        or None before any episode."""
+        seen = self.class_episodes > 0
+        return float(self.iou()[1][seen].mean()) * 100 if bool(seen.any()) else None
 
     def fb_iou(self) -> float:
         """Mean of the background and foreground IoU of the class-summed counts, x100.

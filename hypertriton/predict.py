@@ -23,7 +23,6 @@ Example::
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ._io import load_on_cpu
+from ._io import load_on_cpu, temporary_path
 from .compact import is_compact, load_compact, save_compact  # noqa: F401  (part of this module's API)
 
 __all__ = [
@@ -170,13 +169,11 @@ def load_model(checkpoint=None, backbone: str | None = None, backend: str | None
                              f"{REPRODUCE_HINT}")
         checkpoint = BUNDLED_CHECKPOINT
     path = Path(checkpoint)
-    if not path.is_file():
-        raise InputError(f"checkpoint: no such file {str(path)!r}")
     img_size = DEFAULT_IMG_SIZE
     source = path
     try:
         loaded = load_on_cpu(path)
-    except Exception:  # not even a torch file: let from_checkpoint phrase the error
+    except Exception:  # missing, a folder, not even a torch file: let from_checkpoint phrase the error
         loaded = None
     if is_compact(loaded):
         state_dict, metadata = load_compact(loaded)
@@ -258,9 +255,9 @@ def write_pngs(files: Mapping[Path, np.ndarray]) -> list[Path]:
         for path, array in files.items():
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            staged.append((temporary, path))
-            with os.fdopen(handle, "wb") as stream:
+            temporary = temporary_path(path)
+            with open(temporary, "xb") as stream:
+                staged.append((temporary, path))
                 Image.fromarray(np.ascontiguousarray(array)).save(stream, format="PNG")
         for temporary, path in staged:
             os.replace(temporary, path)

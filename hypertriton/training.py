@@ -65,6 +65,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from hypertriton import distributed as hdist
 from hypertriton.backend import check_backend_name, reduced_precision_slow_reason, warn_if_reduced_precision_slow
 from hypertriton._io import atomic_file, atomic_save, load_error_summary, load_on_cpu
+from hypertriton.checkpoint import TRAIN_STATE_FORMAT
 
 __all__ = [
     "TrainConfig",
@@ -81,7 +82,7 @@ __all__ = [
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best_model.pt"
 LOG_FILE = "log.jsonl"
-STATE_FORMAT = "hypertriton-train-state"
+STATE_FORMAT = TRAIN_STATE_FORMAT
 STATE_VERSION = 1
 
 # Config fields that change the training trajectory: resuming with a different value cannot continue

@@ -122,6 +122,30 @@ def test_corrupt_and_foreign_files_are_named(tmp_path, resnet18_file):
         HSNet.from_checkpoint(foreign)
     with pytest.raises(ckpt.CheckpointError, match="not a state_dict"):
         ckpt.read_state_dict({"epoch": 3, "hpn_learner.x": torch.zeros(1)})
+    with pytest.raises(ckpt.CheckpointError, match=f"'{tmp_path}' is a folder; expected a checkpoint file"):
+        HSNet.from_checkpoint(tmp_path)
+
+
+def test_a_file_that_would_run_code_is_refused_without_advice_to_run_it(tmp_path):
+    """torch's message suggests weights_only=False, which would run the file's code: not passed on."""
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"model": _NotATensor()}, pickled)
+    with pytest.raises(ckpt.CheckpointError, match="holds more than tensors and plain containers") as info:
+        HSNet.from_checkpoint(pickled)
+    assert "weights_only" not in str(info.value)
+
+
+def test_a_training_state_is_named_with_the_file_to_load_instead(tmp_path):
+    from hypertriton.training import STATE_FORMAT
+
+    state = tmp_path / "last.pt"
+    torch.save({"format": STATE_FORMAT, "version": 1, "model": {"hpn_learner.x": torch.zeros(1)}}, state)
+    with pytest.raises(ckpt.CheckpointError, match=r"'.*last.pt' is a training state .* load the best_model.pt"):
+        HSNet.from_checkpoint(state)
+
+
+class _NotATensor:
+    pass
 
 
 def test_wrapped_state_dicts_are_unwrapped(resnet18_file):

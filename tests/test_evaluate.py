@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 from contextlib import redirect_stdout
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -201,7 +202,13 @@ def test_cli_with_a_real_tiny_model(tmp_path):
     # the two first episodes are both of class 760 ("bus/1.jpg", "bus/10.jpg"); 761 never seen counts 0
     assert result["per_class_iou"]["761"] == 0.0
     assert result["miou"] == pytest.approx(result["per_class_iou"]["760"] / 2)
-    assert out.getvalue().strip().splitlines()[-1] == f"mIoU: {result['miou']:.2f}  FB-IoU: {result['fb_iou']:.2f}"
+    # ... which the output says, with the mean over the one class evaluated
+    assert result["classes_evaluated"] == [760]
+    assert result["miou_of_evaluated_classes"] == pytest.approx(result["per_class_iou"]["760"])
+    lines = out.getvalue().strip().splitlines()
+    assert lines[-2] == f"mIoU: {result['miou']:.2f}  FB-IoU: {result['fb_iou']:.2f}"
+    assert lines[-1] == (f"note: only 1 of 2 classes had an episode; mIoU counts the other 1 as 0 (the protocol's "
+                         f"mean over all classes); over the 1 evaluated: {result['per_class_iou']['760']:.2f}")
     assert not list(tmp_path.glob(".r.json*"))  # no temporary file left behind
     # --lean streams the squeeze blocks: the same scores
     with redirect_stdout(io.StringIO()):
@@ -218,6 +225,32 @@ def test_cli_with_a_real_tiny_model(tmp_path):
                              use_original_imgsize=True)
     assert original[0]["query_mask"].shape != (64, 64)
     assert evaluate(model, original, 1, "cpu", progress=False, max_episodes=1)["episodes"] == 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--json", "{tmp}"], "--json: '{tmp}' is a folder; expected a file name"),
+    (["--json", "{tmp}/bad.pt/r.json"], "--json: cannot create '{tmp}/bad.pt/r.json': '{tmp}/bad.pt' is a file"),
+    (["--visualize", "{tmp}/bad.pt"], "--visualize: '{tmp}/bad.pt' exists and is not a folder"),
+    (["--img-size", "40"], "--img-size must be >= 64"),
+    (["--backend", "fast"], "--backend: expected one of"),
+    (["--device", "gpu0"], "device: 'gpu0' is not a device; expected cpu, cuda or cuda:N"),
+    (["--load", "{tmp}"], "is a folder; expected a checkpoint file"),
+])
+def test_cli_refuses_what_would_fail_before_evaluating(tmp_path, capsys, extra, message):
+    """Each in one line, before the evaluation: an output that cannot be written must not lose its result."""
+    from hypertriton.cli import main
+
+    (tmp_path / "bad.pt").write_bytes(b"junk")
+    args = ["evaluate", "--benchmark", "synthetic", "--load", str(tmp_path / "bad.pt"), "--no-progress"]
+    extra = [arg.format(tmp=tmp_path) for arg in extra]
+    if "--load" not in extra:
+        from hypertriton.predict import BUNDLED_CHECKPOINT
+        args[args.index("--load") + 1] = str(BUNDLED_CHECKPOINT)
+    with mock.patch("hypertriton.evaluation.evaluate", side_effect=AssertionError("evaluated")):
+        code = main(args + extra)
+    err = capsys.readouterr().err
+    assert code == 2 and message.format(tmp=tmp_path) in err, err
+    assert "Traceback" not in err
 
 
 def test_cli_reports_bad_checkpoint(tmp_path, capsys):

@@ -3,6 +3,7 @@ refused with a clear message and nothing written, compact checkpoints."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,8 @@ def _bad_inputs(files, tmp_path, checkpoint):
         ("not a checkpoint", {"checkpoint": not_a_checkpoint}, ["not a PyTorch checkpoint"]),
         ("foreign checkpoint", {"checkpoint": foreign}, ["not an HSNet checkpoint"]),
         ("missing checkpoint", {"checkpoint": root / "missing.pt"}, ["no such file", "missing.pt"]),
+        ("folder as checkpoint", {"checkpoint": root}, ["is a folder; expected a checkpoint file"]),
+        ("unknown device", {"extra": ["--device", "gpu0"]}, ["--device: 'gpu0' is not a device"]),
     ]
 
 
@@ -143,7 +146,7 @@ def test_every_bad_input_is_refused_and_nothing_is_written(files, checkpoint, tm
     (out / "keep.txt").write_text("an earlier file")
     for name, overrides, words in _bad_inputs(files, tmp_path, checkpoint):
         ckpt = overrides.pop("checkpoint", checkpoint)
-        assert _predict(files, out, ckpt, **overrides) == 2, name
+        assert _predict(files, out, ckpt, *overrides.pop("extra", []), **overrides) == 2, name
         err = capsys.readouterr().err
         assert "error:" in err and "nothing was written" in err, name
         for word in words:
@@ -176,6 +179,16 @@ def test_write_pngs_leaves_nothing_when_one_file_fails(tmp_path):
     with pytest.raises(TypeError):
         lib.write_pngs({good: np.zeros((4, 4), np.uint8), tmp_path / "b.png": np.zeros((4, 4), object)})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_written_pngs_get_the_umasks_permissions_like_every_other_output(tmp_path):
+    """Not mkstemp's 0600: a figure or mask shared on a cluster must be readable by the group."""
+    previous = os.umask(0o022)
+    try:
+        lib.write_pngs({tmp_path / "a.png": np.zeros((4, 4), np.uint8)})
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "a.png").stat().st_mode & 0o777 == 0o644
 
 
 def test_overlay_tints_and_outlines_only_the_mask():

@@ -30,8 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load", required=True, metavar="CKPT", help="checkpoint (original or hypertriton format)")
     parser.add_argument("--datapath", metavar="DIR", help="data root holding VOC2012/, COCO2014/ or FSS-1000/")
     parser.add_argument("--splits", metavar="DIR", help="folder with the original split files (pascal/, coco/, fss/)")
-    parser.add_argument("--split", default="test", choices=["test", "val"], help="(default: %(default)s)")
-    parser.add_argument("--img-size", type=int, default=400, help="side of the resized images (default: %(default)s)")
+    parser.add_argument("--split", default="test", choices=["test", "val"], help="episodes to evaluate: the "
+                        "test split (the protocol's) or the validation split used while training (default: "
+                        "%(default)s)")
+    parser.add_argument("--img-size", type=int, help="side of the resized images, at least 64 (default: the size "
+                        "the checkpoint records, as the bundled one does, else 400, the protocol's)")
     parser.add_argument("--use-original-imgsize", action="store_true",
                         help="score at each query image's original size (logits resized to it)")
     parser.add_argument("--visualize", metavar="DIR", help="write a PNG panel per episode (supports, query, "
@@ -54,9 +57,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
-    for name in ("nshot", "img_size", "bsz"):
+    from hypertriton._io import check_writable
+    from hypertriton.backend import check_backend_name
+
+    for name in ("nshot", "bsz"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.img_size is not None and args.img_size < 64:
+        raise ValueError(f"--img-size must be >= 64 (the model's smallest supported input), got {args.img_size}")
+    check_backend_name(args.backend, "--backend")
+    # Checked now: a path that cannot be written must not cost the evaluation's result at the end.
+    if args.json:
+        check_writable(args.json, "--json")
+    if args.visualize:
+        check_writable(args.visualize, "--visualize", folder=True)
     if args.nworker < 0:
         raise ValueError(f"--nworker must be >= 0, got {args.nworker}")
     if args.max_episodes is not None and args.max_episodes < 1:
@@ -79,18 +93,19 @@ def run(args: argparse.Namespace) -> int:
     from hypertriton import distributed as hdist
     from hypertriton.data import build_dataset
     from hypertriton.evaluation import evaluate, format_result
-    from hypertriton.model import HSNet
+    from hypertriton.predict import load_model
     from hypertriton.training import _resolve_amp
 
     try:
         _check(args)
         ctx = hdist.init_distributed(args.device)
         amp = _resolve_amp(args.amp, ctx.device)
+        model, checkpoint_img_size = load_model(args.load, args.backbone, backend=args.backend, device=ctx.device)
+        model.lean = args.lean
+        args.img_size = args.img_size or checkpoint_img_size
         dataset = build_dataset(args.benchmark, args.datapath, args.splits, args.fold, args.split, args.nshot,
                                 img_size=args.img_size, use_original_imgsize=args.use_original_imgsize)
-        model = HSNet.from_checkpoint(args.load, backbone=args.backbone, backend=args.backend).to(ctx.device)
-        model.lean = args.lean
-    except (ValueError, FileNotFoundError) as error:  # DatasetError, CheckpointError included
+    except (ValueError, FileNotFoundError) as error:  # DatasetError, CheckpointError, InputError included
         print(f"hypertriton evaluate: error: {error}", file=sys.stderr)
         return 2
     from hypertriton.data import DatasetError
@@ -98,13 +113,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         if ctx.is_main:
             print(f"{args.benchmark} fold {args.fold} {args.nshot}-shot: "
-                  f"{min(len(dataset), args.max_episodes or len(dataset))} episodes, "
+                  f"{min(len(dataset), args.max_episodes or len(dataset))} episodes at {args.img_size} px, "
                   f"{model.backbone_name} from {args.load}, {ctx.world_size} process(es) on {ctx.device}",
                   file=sys.stderr)
         result = evaluate(model, dataset, args.nshot, ctx.device, progress=args.progress,
                           visualize_dir=args.visualize, bsz=args.bsz, nworker=args.nworker,
                           max_episodes=args.max_episodes, amp=amp)
         if ctx.is_main:
+            print(format_result(result))  # first: the result is on screen whatever happens to the file
             if args.json:
                 write_json_atomic({
                     "benchmark": args.benchmark, "fold": args.fold, "nshot": args.nshot, "split": args.split,
@@ -112,8 +128,9 @@ def run(args: argparse.Namespace) -> int:
                     "use_original_imgsize": args.use_original_imgsize, "amp": args.amp, "episodes": result["episodes"],
                     "miou": result["miou"], "fb_iou": result["fb_iou"],
                     "per_class_iou": {str(c): v for c, v in result["per_class_iou"].items()},
+                    "classes_evaluated": result["classes_evaluated"],
+                    "miou_of_evaluated_classes": result["miou_of_evaluated_classes"],
                 }, args.json)
-            print(format_result(result))
     except DatasetError as error:
         print(f"hypertriton evaluate: error: {error}", file=sys.stderr)
         return 2

@@ -108,15 +108,18 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     import numpy as np
-    import torch
     from tqdm.auto import tqdm
 
     from hypertriton.backend import resolve_backend
+    from hypertriton.distributed import resolve_device
     from hypertriton.predict import InputError, load_model, overlay, read_image, read_mask, segment, write_pngs
 
     if args.img_size is not None and args.img_size < 64:
         raise InputError(f"--img-size: expected an integer >= 64, got {args.img_size}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        raise InputError(f"--{error}") from None
 
     # 1. Validate everything before computing anything.
     pairs = _support_pairs(args.support, args.support_mask)
