@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from ._io import load_on_cpu
+from ._io import load_error_summary, load_on_cpu
 from .ops.cpu_conv import run_conv_module
 
 __all__ = ["BackboneSpec", "BACKBONES", "get_spec", "build_backbone", "extract_features", "freeze",
@@ -113,11 +113,26 @@ def _hub_cache_path(url: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
+class WeightsUnavailableError(RuntimeError):
+    """The ImageNet weights are neither given, nor cached, nor downloadable; the message says how to
+    provide them."""
+
+
 def _missing_weights_message(name: str, url: str, reason: str) -> str:
     return (f"pretrained=True: cannot get the ImageNet weights of {name} ({reason}). Provide them in one of "
             f"two ways: (1) put the file {os.path.basename(url)} (from {url}) into torch hub's cache "
             f"directory {_hub_cache_path(url).parent} (set TORCH_HOME to move it), or (2) pass the file's "
-            f"path: build_backbone({name!r}, weights=PATH) / HSNet({name!r}, backbone_weights=PATH).")
+            f"path: --backbone-weights PATH on the command line, build_backbone({name!r}, weights=PATH) / "
+            f"HSNet({name!r}, backbone_weights=PATH) in Python. Or train from random weights: --no-pretrained "
+            "(pretrained=False).")
+
+
+def _load_weights_file(path: Path, name: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_on_cpu(path)
+    except Exception as error:  # unpickling, zip and EOF errors all mean "not a weights file"
+        raise ValueError(f"weights: {str(path)!r} is not a PyTorch weights file for {name} (torch.load failed: "
+                         f"{load_error_summary(error)})") from error
 
 
 def load_imagenet_weights(name: str, weights: str | os.PathLike | None = None,
@@ -129,8 +144,9 @@ def load_imagenet_weights(name: str, weights: str | os.PathLike | None = None,
 
     Raises:
         FileNotFoundError: ``weights`` does not exist.
-        RuntimeError: the weights are not cached and cannot be downloaded; the message says how to
-            provide them.
+        ValueError: ``weights`` (or the cached file) is no PyTorch file.
+        WeightsUnavailableError: the weights are not cached and cannot be downloaded; the message says
+            how to provide them.
     """
     url = imagenet_weights_url(name)
     if weights is not None:
@@ -138,16 +154,17 @@ def load_imagenet_weights(name: str, weights: str | os.PathLike | None = None,
         if not path.is_file():
             raise FileNotFoundError(f"weights: no such file {str(path)!r} (expected torchvision's "
                                     f"{os.path.basename(url)} for {name})")
-        return load_on_cpu(path)
+        return _load_weights_file(path, name)
     cached = _hub_cache_path(url)
     if cached.is_file():
-        return load_on_cpu(cached)
+        return _load_weights_file(cached, name)
     if not allow_download:
-        raise RuntimeError(_missing_weights_message(name, url, f"{cached} does not exist and downloading is off"))
+        raise WeightsUnavailableError(_missing_weights_message(name, url, f"{cached} does not exist and "
+                                                               "downloading is off"))
     try:
         return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True, check_hash=True)
     except Exception as error:  # URLError, HTTPError, socket errors, hash mismatches: all mean "no file"
-        raise RuntimeError(_missing_weights_message(name, url, f"download failed: {error}")) from error
+        raise WeightsUnavailableError(_missing_weights_message(name, url, f"download failed: {error}")) from error
 
 
 def freeze(backbone: nn.Module) -> nn.Module:

@@ -64,7 +64,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from hypertriton import distributed as hdist
 from hypertriton.backend import check_backend_name, reduced_precision_slow_reason, warn_if_reduced_precision_slow
-from hypertriton._io import atomic_file, atomic_save, load_error_summary, load_on_cpu
+from hypertriton._io import atomic_file, atomic_save, check_writable, load_error_summary, load_on_cpu
 from hypertriton.checkpoint import TRAIN_STATE_FORMAT
 
 __all__ = [
@@ -441,13 +441,29 @@ def _resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
 # Stop requests (Ctrl-C / SIGTERM)
 
 
+class _StopNow(BaseException):
+    """Raised by the first SIGINT/SIGTERM inside :meth:`_StopRequest.interruptible` (a BaseException, so
+    that no ``except Exception`` in the interrupted code takes it)."""
+
+
 class _StopRequest:
-    """First SIGINT/SIGTERM asks the loop to stop after the current step; a second one interrupts."""
+    """First SIGINT/SIGTERM asks the loop to stop after the current step, or at once inside
+    :meth:`interruptible` (validation: it changes nothing a resume needs); a second one interrupts."""
 
     def __init__(self, verbose: bool):
         self.requested = False
         self.verbose = verbose
+        self._interruptible = False
         self._previous: dict[int, Any] = {}
+
+    @contextmanager
+    def interruptible(self, enabled: bool = True):
+        """A block the first signal may cut short with :class:`_StopNow`."""
+        previous, self._interruptible = self._interruptible, enabled
+        try:
+            yield
+        finally:
+            self._interruptible = previous
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -465,8 +481,12 @@ class _StopRequest:
             raise KeyboardInterrupt
         self.requested = True
         if self.verbose:
-            print(f"\n{signal.Signals(signum).name} received: finishing the current step and saving "
-                  f"{LAST_CHECKPOINT} (send it again to stop at once)", file=sys.stderr, flush=True)
+            doing = ("stopping the validation (it reruns on --resume)" if self._interruptible
+                     else "finishing the current step")
+            print(f"\n{signal.Signals(signum).name} received: {doing} and saving {LAST_CHECKPOINT} (send it "
+                  "again to stop at once)", file=sys.stderr, flush=True)
+        if self._interruptible:
+            raise _StopNow
 
 
 # --------------------------------------------------------------------------------------------------
@@ -629,9 +649,16 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
     amp_dtype = _resolve_amp(config.amp, device)
     show = config.progress and ctx.is_main
 
+    check_writable(logdir, "logpath", folder=True)
     resume_path = None
     if config.resume is not None:
         resume_path = logdir / LAST_CHECKPOINT if config.resume == "auto" else Path(config.resume)
+    else:
+        earlier = [name for name in (LAST_CHECKPOINT, BEST_CHECKPOINT) if (logdir / name).exists()]
+        if earlier:  # a new run would replace them (and append to the old run's log)
+            raise ValueError(f"logpath: {str(logdir)!r} holds an earlier run ({', '.join(earlier)}); continue it "
+                             "with --resume (resume='auto'), or choose another logpath, or delete those files "
+                             "to start over")
     state = load_training_state(resume_path) if resume_path is not None else None
     if state is not None:
         _check_resume_config(state["config"], config, ctx.world_size)
@@ -771,8 +798,19 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
             epoch_loss = loss_sum / max(loss_count, 1)
             if val_dataset is not None:
                 model.eval()
-                with _isolated_rng(), torch.no_grad():
-                    last_val = validate_fn(model, val_dataset, config, device, show)
+                try:
+                    # One process may stop mid-validation (a whole PASCAL validation takes minutes): the
+                    # state saved below is the one after the epoch's last step, from which --resume runs
+                    # this validation again. Under torchrun every rank must finish it (its counts are
+                    # summed over the ranks at the end).
+                    with stop.interruptible(not ctx.is_distributed), _isolated_rng(), torch.no_grad():
+                        last_val = validate_fn(model, val_dataset, config, device, show)
+                except _StopNow:
+                    save_last()
+                    log.write("stop", epoch=epoch, step=step, global_step=global_step, reason="signal",
+                              during="validation", checkpoint=LAST_CHECKPOINT)
+                    stopping = True
+                    break
                 if last_val["miou"] > best_miou:
                     best_miou, best_epoch = last_val["miou"], epoch
                     if ctx.is_main:

@@ -277,3 +277,10 @@ def test_cli_lists_synthetic_episodes_by_the_names_its_items_carry():
 def test_cli_real_benchmarks_need_splits(capsys):
     assert cli_main(["episodes", "--benchmark", "pascal", "--count", "1"]) == 2
     assert "--splits" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("nshot", [0, -3])
+def test_cli_refuses_episodes_without_supports(capsys, nshot):
+    """Checked before the split files are read, as for the synthetic benchmark."""
+    assert cli_main(["episodes", "--benchmark", "pascal", "--nshot", str(nshot), "--splits", str(SPLITS)]) == 2
+    assert f"nshot must be a positive int, got {nshot}" in capsys.readouterr().err

@@ -13,6 +13,8 @@ import math
 import os
 import random
 import signal
+from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -218,14 +220,37 @@ def uninterrupted(tmp_path_factory):
     return summary, load_training_state(logpath / LAST_CHECKPOINT), read_log(logpath)
 
 
-# global step 3 is the last step of epoch 0 (stopped before its validation); 4 is mid-epoch 1.
-@pytest.mark.parametrize("stop_step", [3, 4], ids=["end-of-epoch", "mid-epoch"])
+def _stop_in_first_validation():
+    """A validate_fn that gets Ctrl-C as its first validation starts and records whether it went on."""
+    from hypertriton.training import _validate
+
+    def validate(*args):
+        if not validate.calls:
+            validate.calls.append("signal")
+            os.kill(os.getpid(), signal.SIGINT)  # the handler stops the validation here, at once
+            validate.calls.append("went on")
+        return _validate(*args)
+    validate.calls = []
+    return validate
+
+
+# global step 3 is the last step of epoch 0 (stopped before its validation); 4 is mid-epoch 1; a stop
+# during epoch 0's validation leaves the state after step 3, from which the validation runs again.
+@pytest.mark.parametrize("stop_step", [3, 4, "validation"], ids=["end-of-epoch", "mid-epoch", "during-validation"])
 def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted, stop_step):
     reference_summary, reference_state, reference_log = uninterrupted
     trn, val = tiny_data()
-    stopped = train(tiny_config(tmp_path), train_dataset=trn, val_dataset=val, on_step=_stop_at(stop_step))
-    # The request is honoured at the next step boundary all ranks agree on: after this step or the next.
-    assert stopped["interrupted"] and stopped["global_step"] in (stop_step, stop_step + 1)
+    if stop_step == "validation":
+        validate = _stop_in_first_validation()
+        stopped = train(tiny_config(tmp_path), train_dataset=trn, val_dataset=val, validate_fn=validate)
+        assert validate.calls == ["signal"] and stopped["global_step"] == 3
+        stop_row, = [row for row in read_log(tmp_path) if row["event"] == "stop"]
+        assert stop_row["during"] == "validation" and stop_row["global_step"] == 3
+    else:
+        stopped = train(tiny_config(tmp_path), train_dataset=trn, val_dataset=val, on_step=_stop_at(stop_step))
+        # The request is honoured at the next step boundary all ranks agree on: after this step or the next.
+        assert stopped["global_step"] in (stop_step, stop_step + 1)
+    assert stopped["interrupted"]
     assert stopped["global_step"] < reference_summary["global_step"]
     saved = load_training_state(tmp_path / LAST_CHECKPOINT)
     assert saved["global_step"] == stopped["global_step"]
@@ -255,6 +280,18 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted, st
 
     assert epoch_stats(rows) == epoch_stats(reference_log)
     assert all(0 <= value <= 100 for stats in epoch_stats(rows) for value in stats[1:])
+
+
+def test_a_new_run_refuses_a_logpath_holding_an_earlier_one(tmp_path, uninterrupted):
+    """Starting over there would replace its checkpoints and append to its log: --resume or another path."""
+    logpath = Path(uninterrupted[0]["logpath"])
+    before = {path.name: path.read_bytes() for path in logpath.iterdir() if path.is_file()}
+    with pytest.raises(ValueError, match=r"holds an earlier run \(last.pt, best_model.pt\); continue it with --resume"):
+        train(tiny_config(logpath))
+    assert {path.name: path.read_bytes() for path in logpath.iterdir() if path.is_file()} == before
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="logpath: .* exists and is not a folder"):
+        train(tiny_config(tmp_path / "file"))
 
 
 def test_scheduled_lr_hand_computed_values():
@@ -440,6 +477,28 @@ def test_cli_requires_data_for_real_benchmarks(capsys):
 
     assert main(["train", "--benchmark", "pascal"]) == 2
     assert "--datapath and --splits are required" in capsys.readouterr().err
+
+
+def test_cli_names_bad_settings_and_files_in_one_line(tmp_path, capsys, monkeypatch):
+    from hypertriton.cli import main
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))
+    (tmp_path / "text.pt").write_text("not weights")
+    base = ["train", "--benchmark", "synthetic", "--backbone", "resnet18", "--img-size", str(IMG), "--bsz", "2",
+            "--nworker", "0", "--no-progress", "--logpath", str(tmp_path / "run")]
+    cases = [
+        (["--no-pretrained", "--backend", "fast"], "backend: expected one of"),
+        (["--no-pretrained", "--device", "gpu0"], "device: 'gpu0' is not a device"),
+        (["--backbone-weights", str(tmp_path / "text.pt")], f"weights: '{tmp_path / 'text.pt'}' is not a PyTorch "
+                                                             "weights file for resnet18"),
+    ]
+    with mock.patch("torch.hub.load_state_dict_from_url", side_effect=OSError("offline")):
+        cases.append(([], "--backbone-weights PATH on the command line"))  # no cached weights, no download
+        for extra, message in cases:
+            assert main(base + extra) == 2, extra
+            err = capsys.readouterr().err
+            assert message in err and "Traceback" not in err, (extra, err)
+    assert not (tmp_path / "run" / "last.pt").exists()
 
 
 def test_training_state_restores_every_rng_stream():

@@ -24,7 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder with the original split files (pascal/, coco/, fss/); not for synthetic")
     parser.add_argument("--datapath", metavar="DIR", help="data root (needed for fss: FSS-1000/ is listed)")
     parser.add_argument("--split", default="test", choices=["test", "val"],
-                        help="which fixed episodes (default: %(default)s; differs only for fss)")
+                        help="which fixed episodes: the test run's or the validation run's (default: "
+                        "%(default)s; they differ for fss and synthetic; pascal and coco validate on their test "
+                        "episodes, as the original)")
     parser.add_argument("--count", type=int, metavar="N", help="print only the first N episodes")
 
 

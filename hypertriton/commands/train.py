@@ -50,8 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone-weights", metavar="FILE", help="torchvision ImageNet weights file for the "
                         "backbone (default: torch hub's cache, downloaded if missing)")
     parser.add_argument("--backend", help="hypertriton op backend (triton, torch, reference; default: automatic)")
-    parser.add_argument("--datapath", help="data root holding VOC2012/, COCO2014/ or FSS-1000/")
-    parser.add_argument("--splits", help="folder with the original split files (pascal/, coco/, fss/)")
+    parser.add_argument("--datapath", help="data root holding VOC2012/, COCO2014/ or FSS-1000/ (required for "
+                        "pascal, coco and fss)")
+    parser.add_argument("--splits", help="folder with the original split files (pascal/, coco/, fss/; required "
+                        "for pascal, coco and fss)")
     parser.add_argument("--logpath", metavar="DIR", help="output folder for checkpoints and logs "
                         "(default: logs/<benchmark>-fold<fold>-<backbone>)")
     parser.add_argument("--epochs", type=_positive_int, default=_DEFAULTS.epochs,
@@ -101,10 +103,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hypertriton.backbones import WeightsUnavailableError
     from hypertriton.distributed import env_ranks
     from hypertriton.training import LAST_CHECKPOINT, train
 
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+    except ValueError as error:  # TrainConfig checks its values when built
+        print(f"hypertriton train: error: {error}", file=sys.stderr)
+        return 2
     if config.benchmark != "synthetic" and (config.datapath is None or config.splits is None):
         print(f"hypertriton train: error: --datapath and --splits are required for --benchmark "
               f"{config.benchmark}", file=sys.stderr)
@@ -117,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"interrupted; continue with --resume (state in {config.logpath}/{LAST_CHECKPOINT} "
                   "if it was saved)", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, WeightsUnavailableError) as error:
         print(f"hypertriton train: error: {error}", file=sys.stderr)
         return 2
     if is_main:

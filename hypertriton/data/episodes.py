@@ -47,6 +47,8 @@ def list_episodes(benchmark: str, splits, fold: int, nshot: int, datapath=None, 
     """
     if check_split(split) == "trn":
         raise ValueError("split must be 'val' or 'test' for fixed episodes; training episodes are random")
+    if isinstance(nshot, bool) or not isinstance(nshot, int) or nshot < 1:
+        raise ValueError(f"nshot must be a positive int, got {nshot!r}")
     if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
         raise ValueError(f"count must be a non-negative int or None, got {count!r}")
     if benchmark == "pascal":
