@@ -13,8 +13,9 @@ Files in ``logpath`` (written by rank 0 only, each checkpoint atomically: temp f
 - ``last.pt``: everything needed to continue exactly (the trained weights, optimizer, AMP scaler, epoch,
   step within the epoch, best mIoU, python/numpy/torch/cuda RNG states; the frozen backbone is rebuilt
   on resume and checked against a SHA-256 fingerprint instead of being stored). It is rewritten at the end of every epoch
-  and when the run is stopped (Ctrl-C or SIGTERM: the current step finishes, ``last.pt`` is saved, then
-  the run exits; a second Ctrl-C stops at once).
+  and when the run is stopped (Ctrl-C or SIGTERM: the current step finishes, or on one process a
+  validation stops at once, to run again on resume; ``last.pt`` is saved, then the run exits; a second
+  Ctrl-C stops at once). A new run refuses a ``logpath`` that holds ``last.pt`` or ``best_model.pt``.
 - ``log.jsonl``: one JSON object per line, ``event`` = ``start``/``resume``, ``step`` (``loss``: the
   step's mean over all ranks), ``epoch`` (``train_loss``, ``train_miou``, ``train_fbiou``, ``val_miou``,
   ``val_fbiou``, ``best_miou``), ``best``, ``stop``, ``end``; ``config.json``; TensorBoard scalars
