@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from hypertriton._io import check_writable
 from hypertriton.backend import resolve_backend
 from hypertriton.data.synthetic import SyntheticDataset, class_name, denormalize_image
 from hypertriton.predict import InputError, load_model, overlay, read_image, read_mask, segment, write_pngs
@@ -38,7 +39,7 @@ def _parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--episodes", type=int, default=16, help="synthetic episodes to run (default: %(default)s)")
     parser.add_argument("--fold", type=int, default=0, help="synthetic fold whose unseen classes are used "
-                        "(the bundled checkpoint was trained on fold 0's seen classes)")
+                        "(default: %(default)s; the bundled checkpoint was trained on fold 0's seen classes)")
     parser.add_argument("--seed", type=int, default=0, help="episode seed (default: %(default)s)")
     parser.add_argument("--out", default="one_shot_demo.png", help="figure to write (default: %(default)s)")
     parser.add_argument("--support", help="your support image")
@@ -54,6 +55,12 @@ def _parse(argv):
         parser.error("--support, --support-mask and --query go together")
     if args.episodes < 1:
         parser.error(f"--episodes must be >= 1, got {args.episodes}")
+    if args.img_size is not None and args.img_size < 64:
+        parser.error(f"--img-size must be >= 64 (the model's smallest supported input), got {args.img_size}")
+    try:  # now, not after every episode has run
+        check_writable(args.out, "--out")
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 

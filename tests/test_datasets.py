@@ -241,6 +241,16 @@ def test_bad_arguments(pascal_data):
         build_dataset("pascal", *args, 0, "test", 0)
 
 
+@pytest.mark.parametrize("name, folder", [("pascal", "VOC2012"), ("coco", "COCO2014"), ("fss", "FSS-1000")])
+def test_a_data_root_without_the_benchmarks_folder_is_named(tmp_path, monkeypatch, name, folder):
+    """Not the first episode's image reported missing, which says nothing of the data root."""
+    with pytest.raises(DatasetError, match=rf"datapath: '{tmp_path}' holds no {folder}/ folder"):
+        build_dataset(name, tmp_path, tmp_path, 0, "test", 1)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DatasetError, match=rf"datapath: none given, and the current folder holds no {folder}/"):
+        build_dataset(name, None, tmp_path, 0, "test", 1)
+
+
 def test_synthetic_is_built_through_the_same_entry_point():
     pytest.importorskip("hypertriton.data.synthetic")
     ds = build_dataset("synthetic", None, None, 0, "test", nshot=2, img_size=64)

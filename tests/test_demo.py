@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import re
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -74,6 +75,16 @@ def test_demo_refuses_partial_own_image_arguments(demo, capsys):
     with pytest.raises(SystemExit):
         demo.main(["--support", "a.png"])
     assert "go together" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--out", "{tmp}"], "--out: '{tmp}' is a folder; expected a file name"),
+    (["--img-size", "0"], "--img-size must be >= 64"),
+])
+def test_demo_refuses_what_would_fail_before_running_episodes(demo, tmp_path, capsys, extra, message):
+    with mock.patch.object(demo, "run_synthetic", side_effect=AssertionError("ran")), pytest.raises(SystemExit):
+        demo.main([arg.format(tmp=tmp_path) for arg in extra])
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
 
 
 def test_main_leaves_the_process_as_it_was(demo, tmp_path):

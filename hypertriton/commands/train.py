@@ -21,18 +21,22 @@ _DEFAULTS = TrainConfig()
 ORIGINAL_BSZ = {"coco": 40}
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+def _int_at_least(text: str, least: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < least:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _int_at_least(text, 1, "a positive integer")
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
+    return _int_at_least(text, 0, "an integer >= 0")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -129,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if is_main:
         best = summary["best_miou"]
-        best_text = f"best mIoU {best:.2f} (epoch {summary['best_epoch']})" if best is not None else "no validation"
+        best_text = (f"best mIoU {best:.2f} (epoch {summary['best_epoch']})" if best is not None
+                     else "no epoch validated yet" if summary["interrupted"] else "no validation")
         print(f"{summary['epochs_completed']} epochs, {summary['global_step']} steps, {best_text}; "
               f"checkpoints in {config.logpath}")
         if summary["interrupted"]:

@@ -12,6 +12,7 @@ Example::
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 from .common import DatasetError, Episode, FewShotDataset
 from .episodes import list_episodes
@@ -24,6 +25,8 @@ BENCHMARKS = {
     "fss": ("hypertriton.data.fss", "FssDataset"),
     "synthetic": ("hypertriton.data.synthetic", "SyntheticDataset"),
 }
+# The folder each real benchmark's files live in, under the data root.
+DATA_FOLDERS = {"pascal": "VOC2012", "coco": "COCO2014", "fss": "FSS-1000"}
 
 
 def build_dataset(benchmark: str, datapath, splits, fold: int, split: str, nshot: int, img_size: int = 400,
@@ -48,6 +51,13 @@ def build_dataset(benchmark: str, datapath, splits, fold: int, split: str, nshot
     """
     if benchmark not in BENCHMARKS:
         raise ValueError(f"benchmark must be one of {sorted(BENCHMARKS)}, got {benchmark!r}")
+    folder = DATA_FOLDERS.get(benchmark)
+    root = Path(datapath) if datapath is not None else Path(".")
+    if folder is not None and not (root / folder).is_dir():
+        # Otherwise the first episode's image would be reported missing, without a word of datapath.
+        where = f"{str(root)!r} holds" if datapath is not None else "none given, and the current folder holds"
+        raise DatasetError(f"datapath: {where} no {folder}/ folder; expected the data root of {benchmark}'s "
+                           f"original layout (the folder that holds {folder}/)")
     module_name, class_name = BENCHMARKS[benchmark]
     try:
         module = importlib.import_module(module_name)
