@@ -763,11 +763,11 @@ def _backward_features_and_weights(grad, features, mask, weight_query, weight_su
     grad_ws = torch.zeros_like(weight_support) if needs_weights[1] else None
 
     # The mask reaches the output only through the normalized support features, so its gradient comes
-    # out of the same graph as theirs.
-    needs_features_or_mask = needs_features or needs_mask
+    # out of the same graph as theirs: the chunks' inputs are differentiated for either.
+    needs_inputs = needs_features or needs_mask
     mask_leaf = None if mask is None else mask.detach().requires_grad_(needs_mask)
     with torch.enable_grad():
-        leaves = [f.detach().requires_grad_(needs_features_or_mask) for f in features]
+        leaves = [f.detach().requires_grad_(needs_inputs) for f in features]
         query, support = leaves[:layers], leaves[layers:]
         query_normed, query_finite = _normalized_query(query)
         # Differentiable graph outputs (normalization) and the gradients accumulated for them.
@@ -784,7 +784,7 @@ def _backward_features_and_weights(grad, features, mask, weight_query, weight_su
             query_full = [qn[b].flatten(1) for qn in query_normed]
             # With frozen features (HSNet's backbone) only the weights need gradients: the chunks' matrix
             # products are then recomputed but never differentiated.
-            s_leaf = [s.detach().requires_grad_(needs_features_or_mask) for s in support_active]
+            s_leaf = [s.detach().requires_grad_(needs_inputs) for s in support_active]
             qp_grad = [torch.zeros_like(q) for q in query_pivots]
             qf_grad = [torch.zeros_like(q) for q in query_full]
             s_grad = [torch.zeros_like(s) for s in support_active]
@@ -792,29 +792,29 @@ def _backward_features_and_weights(grad, features, mask, weight_query, weight_su
             windows = _support_windows(active, hs, ws, weight_support.shape[-2:], spec)
             # Their own leaves: a chunk's backward must not run through a graph node shared by all chunks.
             s_windows = s_leaf if windows.columns is None else \
-                [s.detach().index_select(1, windows.columns).requires_grad_(needs_features_or_mask) for s in s_leaf]
+                [s.detach().index_select(1, windows.columns).requires_grad_(needs_inputs) for s in s_leaf]
             sw_grad = s_grad if windows.columns is None else [torch.zeros_like(s) for s in s_windows]
             grad_windows = grad[b].view(out_channels, hq2 * wq2, hs2, ws2)[:, :, windows.rows, windows.cols]
             rows = _chunk_size(layers * windows.grid[0] * windows.grid[1], spec)
             for start in range(0 if not windows.empty else hq2 * wq2, hq2 * wq2, rows):
-                chunk = [q.detach()[:, start:start + rows].requires_grad_(needs_features_or_mask) for q in query_pivots]
+                chunk = [q.detach()[:, start:start + rows].requires_grad_(needs_inputs) for q in query_pivots]
                 part = _support_branch_chunk(chunk, s_windows, windows, ws_leaf, spec)
                 if not part.requires_grad:
                     continue
                 g = grad_windows[:, start:start + part.shape[0]].transpose(0, 1)
-                inputs = (chunk + s_windows if needs_features_or_mask else []) + ([ws_leaf] if needs_weights[1] else [])
+                inputs = (chunk + s_windows if needs_inputs else []) + ([ws_leaf] if needs_weights[1] else [])
                 result = torch.autograd.grad(part, inputs, g, allow_unused=True)
-                for layer in range(layers if needs_features_or_mask else 0):
+                for layer in range(layers if needs_inputs else 0):
                     qp_grad[layer][:, start:start + rows] += result[layer]
                     sw_grad[layer] += result[layers + layer]
                 if needs_weights[1]:
                     grad_ws += result[-1]
-            if sw_grad is not s_grad and needs_features_or_mask:
+            if sw_grad is not s_grad and needs_inputs:
                 for layer in range(layers):
                     s_grad[layer].index_add_(1, windows.columns, sw_grad[layer])
 
             columns, out_index = _pivot_columns(active, hs, ws, spec, grad.device)
-            q_leaf = [q.detach().requires_grad_(needs_features_or_mask) for q in query_full]
+            q_leaf = [q.detach().requires_grad_(needs_inputs) for q in query_full]
             pivots = _chunk_size(layers * hq * wq + out_channels * hq2 * wq2, spec)
             for start in range(0, columns.numel(), pivots):
                 cols = columns[start:start + pivots]
@@ -823,9 +823,9 @@ def _backward_features_and_weights(grad, features, mask, weight_query, weight_su
                 if not part.requires_grad:
                     continue
                 g = grad[b][:, :, out_index[start:start + pivots]].permute(2, 0, 1).reshape(part.shape)
-                inputs = (q_leaf + s_leaf if needs_features_or_mask else []) + ([wq_leaf] if needs_weights[0] else [])
+                inputs = (q_leaf + s_leaf if needs_inputs else []) + ([wq_leaf] if needs_weights[0] else [])
                 result = torch.autograd.grad(part, inputs, g, allow_unused=True)
-                for layer in range(layers if needs_features_or_mask else 0):
+                for layer in range(layers if needs_inputs else 0):
                     qf_grad[layer] += result[layer]
                     s_grad[layer] += result[layers + layer]
                 if needs_weights[0]:
