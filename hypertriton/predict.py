@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -142,6 +143,17 @@ def mask_tensor(mask: np.ndarray, size: int) -> torch.Tensor:
 # Model
 
 
+def _training_img_size(checkpoint: Path) -> int | None:
+    """The image size in the ``config.json`` that ``hypertriton train`` wrote next to ``checkpoint``,
+    or None (no such file, or not one of train's)."""
+    try:
+        config = json.loads((checkpoint.parent / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    size = config.get("img_size") if isinstance(config, dict) and "benchmark" in config else None
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+
 def load_model(checkpoint=None, backbone: str | None = None, backend: str | None = None,
                device: str | torch.device = "cpu"):
     """An HSNet ready to predict, and the image size to feed it.
@@ -154,7 +166,9 @@ def load_model(checkpoint=None, backbone: str | None = None, backend: str | None
 
     Returns:
         ``(model, img_size)``: the model in eval mode on ``device``; ``img_size`` is the side it was
-        trained at (bundled: from its metadata; other files: 400, the original's).
+        trained at: from a compact checkpoint's metadata (the bundled one), else from the
+        ``config.json`` that ``hypertriton train`` writes next to its ``best_model.pt``, else 400 (the
+        original's).
 
     Raises:
         InputError: missing bundled checkpoint, missing file, or a file that is not a fitting checkpoint.
@@ -182,6 +196,7 @@ def load_model(checkpoint=None, backbone: str | None = None, backend: str | None
         source = state_dict
     elif isinstance(loaded, Mapping):
         source = loaded  # read once, not twice
+        img_size = _training_img_size(path) or img_size
     try:
         model = HSNet.from_checkpoint(source, backbone=backbone, backend=backend)
     except (CheckpointError, FileNotFoundError, TypeError) as error:

@@ -181,6 +181,18 @@ def test_write_pngs_leaves_nothing_when_one_file_fails(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_training_size_is_read_from_trains_config_next_to_the_checkpoint(checkpoint, tmp_path):
+    """A best_model.pt (original format: no room for the size) trained at 64 px is not fed 400-px images."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best_model.pt").write_bytes(checkpoint.read_bytes())
+    assert lib.load_model(run / "best_model.pt")[1] == 400  # nothing records the size: the original's
+    (run / "config.json").write_text('{"benchmark": "synthetic", "img_size": 64}')
+    assert lib.load_model(run / "best_model.pt")[1] == 64
+    (run / "config.json").write_text('{"img_size": 64}')  # not train's: ignored
+    assert lib.load_model(run / "best_model.pt")[1] == 400
+
+
 def test_written_pngs_get_the_umasks_permissions_like_every_other_output(tmp_path):
     """Not mkstemp's 0600: a figure or mask shared on a cluster must be readable by the group."""
     previous = os.umask(0o022)

@@ -33,8 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", choices=["test", "val"], help="episodes to evaluate: the "
                         "test split (the protocol's) or the validation split used while training (default: "
                         "%(default)s)")
-    parser.add_argument("--img-size", type=int, help="side of the resized images, at least 64 (default: the size "
-                        "the checkpoint records, as the bundled one does, else 400, the protocol's)")
+    parser.add_argument("--img-size", type=int, help="side of the resized images, at least 64 (default: the "
+                        "training size the checkpoint records, or the config.json that train wrote next to it, "
+                        "else 400, the protocol's)")
     parser.add_argument("--use-original-imgsize", action="store_true",
                         help="score at each query image's original size (logits resized to it)")
     parser.add_argument("--visualize", metavar="DIR", help="write a PNG panel per episode (supports, query, "

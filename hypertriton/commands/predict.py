@@ -36,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="HSNet checkpoint (default: the bundled synthetic-benchmark resnet18 checkpoint)")
     parser.add_argument("--backbone", help="backbone of --checkpoint (default: inferred from its keys)")
     parser.add_argument("--img-size", type=int, metavar="N",
-                        help="side the images are resized to for the model (default: the bundled "
-                        "checkpoint's training size, 400 for other checkpoints)")
+                        help="side the images are resized to for the model (default: the training size the "
+                        "checkpoint records, or the config.json that train wrote next to it, else 400)")
     parser.add_argument("--no-overlay", dest="overlay", action="store_false", help="write only the masks")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--backend", help="hypertriton op backend (triton, torch, reference; default: automatic)")
