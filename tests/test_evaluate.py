@@ -253,6 +253,18 @@ def test_cli_refuses_what_would_fail_before_evaluating(tmp_path, capsys, extra, 
     assert "Traceback" not in err
 
 
+def test_cli_evaluates_at_the_size_the_checkpoint_was_trained_at(tmp_path, capsys):
+    """The bundled checkpoint records 96 px; at the protocol's 400 it would score near 0."""
+    from hypertriton.cli import main
+    from hypertriton.predict import BUNDLED_CHECKPOINT
+
+    result = tmp_path / "r.json"
+    assert main(["evaluate", "--benchmark", "synthetic", "--load", str(BUNDLED_CHECKPOINT), "--max-episodes", "1",
+                 "--no-progress", "--json", str(result)]) == 0
+    assert json.loads(result.read_text())["img_size"] == 96
+    assert "1 episodes at 96 px" in capsys.readouterr().err
+
+
 def test_cli_reports_bad_checkpoint(tmp_path, capsys):
     pytest.importorskip("hypertriton.model")
     from hypertriton.cli import main
