@@ -8,6 +8,7 @@ loading the original checkpoints on any device.
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Mapping
 
@@ -300,8 +301,12 @@ class HSNet(nn.Module):
         if not isinstance(supports, Mapping) or not supports:
             raise ValueError(f"supports: expected a non-empty dict {{class_id: (imgs, masks)}}, got {supports!r}")
         for label in supports:
-            if not isinstance(label, int) or label == background:
-                raise ValueError(f"supports: class ids must be ints other than background={background}, got {label!r}")
+            # Any integer type (numpy's too, as class ids read from arrays come), never a bool.
+            if not isinstance(label, numbers.Integral) or isinstance(label, bool):
+                raise ValueError(f"supports: class ids must be integers, got {label!r} ({type(label).__name__})")
+            if label == background:
+                raise ValueError(f"supports: class id {label!r} is the background label; use another id or "
+                                 f"pass background=")
         batch, size = query_img.shape[0], tuple(query_img.shape[-2:])
         query_feats = self.extract_features(query_img)
         probabilities = []

@@ -130,7 +130,8 @@ class TrainConfig:
             rate is a function of the global step alone, so a resumed run follows the same schedule.
         nworker: data-loader worker processes per rank.
         img_size: side of the square training/validation images.
-        nshot: shots per training and validation episode (the original trains 1-shot).
+        nshot: supports per episode: validation votes over all of them (the original's k-shot);
+            training draws them but learns from the first, as the original trains 1-shot.
         amp: ``"off"``, ``"auto"`` (bf16 on CPUs with AVX512-BF16 or AMX, else off; bf16 on GPUs that
             support it, else fp16),
             ``"bf16"`` or ``"fp16"`` (GPU only, with gradient scaling).
@@ -138,7 +139,10 @@ class TrainConfig:
         seed: seeds model initialisation, episode order and episode draws.
         max_steps_per_epoch: cap on optimizer steps per epoch (quick runs); ``None`` = full epochs.
         val_episodes: validation episodes per epoch (``None``: the whole validation split; 0: no
-            validation, so no ``best_model.pt``).
+            validation, so no ``best_model.pt``). Fewer episodes than the split's classes leave some
+            classes without one; ``val_miou`` still averages over all of them (those count 0, as the
+            protocol's mean), which lowers it but not which epoch is best (the episodes are the same
+            every epoch).
         val_bsz: validation batch size (``None``: ``bsz``).
         log_every: write a ``step`` row to ``log.jsonl`` every this many optimizer steps.
         device: ``"cuda"``, ``"cpu"`` or ``None`` (CUDA when available).
@@ -174,7 +178,9 @@ class TrainConfig:
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
-        self.validate()  # at construction too, so a typo fails where it is made
+        # At construction too, so an impossible value fails where it is made (names of backbones,
+        # benchmarks and folds are checked when train() builds them).
+        self.validate()
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field with an impossible value (also run by :func:`train`,
@@ -363,6 +369,10 @@ def _ignore_sigint_in_worker(_worker_id: int) -> None:
 # One step
 
 
+# What a training batch must hold (a collated dataset item each): see train()'s train_dataset.
+TRAINING_KEYS = ("query_img", "query_mask", "support_imgs", "support_masks")
+
+
 def compute_loss(logits: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
     """The original loss: cross-entropy over {background, foreground}, mean over all query pixels.
 
@@ -375,6 +385,13 @@ def compute_loss(logits: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor
     if query_mask.shape != (logits.shape[0], *logits.shape[2:]):
         raise ValueError(f"query_mask: expected shape {(logits.shape[0], *logits.shape[2:])} to match "
                          f"logits {tuple(logits.shape)}, got {tuple(query_mask.shape)}")
+    # Any other value would be truncated to a class silently (0.6 -> background) or fail inside
+    # cross_entropy (255).
+    if query_mask.dtype != torch.bool and bool(((query_mask != 0) & (query_mask != 1)).any()):
+        values = torch.unique(query_mask)
+        raise ValueError(f"query_mask: expected values 0 (background) and 1 (object) only, found "
+                         f"{values[:6].tolist()}{' ...' if values.numel() > 6 else ''}; a 0/255 mask needs "
+                         "(mask > 0), a soft one thresholding")
     return F.cross_entropy(logits.float(), query_mask.long())
 
 
@@ -394,6 +411,10 @@ def training_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Op
     used, as in the original training. With a :class:`~hypertriton.metrics.SegmentationMeter`, the
     argmax prediction of this step is counted into it (the original's training mIoU/FB-IoU).
     """
+    missing = [key for key in TRAINING_KEYS if key not in batch]
+    if missing:
+        raise ValueError(f"batch: missing {missing}; a training batch holds {list(TRAINING_KEYS)} (see train's "
+                         f"train_dataset), got keys {sorted(batch)}")
     device = batch["query_img"].device
     optimizer.zero_grad(set_to_none=True)
     with _autocast(device, amp_dtype):
@@ -612,7 +633,13 @@ def train(config: TrainConfig, *, model: torch.nn.Module | None = None, train_da
         model: an HSNet to train instead of ``HSNet(config.backbone, config.pretrained)`` (its weights
             are replaced by the saved ones when resuming).
         train_dataset, val_dataset: datasets instead of ``hypertriton.data.build_dataset(...)``
-            (items as the original datasets return them).
+            (``config.img_size`` then does not apply: the items come at the dataset's size). Items are
+            dicts as the original datasets return them (:class:`hypertriton.data.FewShotDataset`):
+            training needs ``query_img`` float ``[3, H, W]`` (ImageNet-normalized), ``query_mask``
+            ``[H, W]`` of 0 and 1, ``support_imgs`` ``[K, 3, H, W]`` and ``support_masks`` ``[K, H, W]``
+            (K >= 1, with the K axis), plus ``class_id`` (an int) when the dataset has a ``class_ids``
+            attribute (the classes the training mIoU averages over). Validation needs ``class_id`` in
+            every item and ``class_ids`` on the dataset.
         on_step: called on every rank after every optimizer step with ``{"epoch", "step",
             "global_step", "loss"}`` (``step`` counts the epoch's steps done, from 1).
         validate_fn: ``validate_fn(model, dataset, config, device, show_progress) -> {"miou", "fbiou"}``
@@ -669,6 +696,7 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
     if model is None:
         model = _build_model(config)
     model = model.to(device)
+    own_data = train_dataset is not None
     if train_dataset is None:
         train_dataset = _build_dataset(config, "trn", config.nshot)
     if config.val_episodes == 0:
@@ -720,8 +748,11 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
 
     log = _RunLog(logdir, ctx.is_main, config.tensorboard)
     if ctx.is_main:
+        recorded = dataclasses.asdict(config)
+        if own_data:  # the items come at the dataset's own size (None: unknown), which predict reads here
+            recorded["img_size"] = getattr(train_dataset, "img_size", None)
         with atomic_file(logdir / "config.json", "w") as handle:
-            json.dump(dataclasses.asdict(config), handle, indent=2)
+            json.dump(recorded, handle, indent=2)
     log.write("resume" if state is not None else "start", epoch=start_epoch, step=start_step,
               global_step=global_step, world_size=ctx.world_size, device=str(device),
               steps_per_epoch=steps_per_epoch, train_episodes=len(train_dataset), val_episodes=val_count,

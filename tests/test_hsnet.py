@@ -7,6 +7,7 @@ import importlib.util
 import urllib.error
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -329,8 +330,13 @@ def test_segment_labels_by_highest_foreground_probability(monkeypatch):
     assert (model.segment(query, {7: (support, left)}, threshold=0.99, background=-1) == -1).all()
     tie = model.segment(query[None], {4: (support[None], left[None]), 9: (support[None], left[None])})
     assert tie.shape == (1, 64, 64) and set(tie.unique().tolist()) == {0, 4}
-    with pytest.raises(ValueError, match="class ids"):
+    with pytest.raises(ValueError, match="class id 0 is the background label"):
         model.segment(query, {0: (support, left)})
+    with pytest.raises(ValueError, match=r"class ids must be integers, got 7.0 \(float\)"):
+        model.segment(query, {7.0: (support, left)})
+    # ids read from arrays are numpy integers
+    torch.testing.assert_close(model.segment(query, {np.int64(7): (support, left)}),
+                               model.segment(query, {7: (support, left)}))
 
 
 def test_segment_with_one_class_matches_one_shot_prediction():

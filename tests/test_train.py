@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 from pathlib import Path
 from unittest import mock
@@ -73,6 +74,25 @@ def test_compute_loss_is_pixel_mean_cross_entropy():
 def test_compute_loss_rejects_bad_shapes(logits_shape, mask_shape, message):
     with pytest.raises(ValueError, match=message):
         compute_loss(torch.zeros(logits_shape), torch.zeros(mask_shape))
+
+
+@pytest.mark.parametrize("values, found", [
+    ([0.0, 0.6], "[0.0, 0.6000000238418579]"),  # would train towards background: 0.6 -> class 0
+    ([0, 255], "[0, 255]"),  # would fail inside cross_entropy
+])
+def test_compute_loss_rejects_masks_other_than_zero_and_one(values, found):
+    message = rf"query_mask: expected values 0 \(background\) and 1 .* found {re.escape(found)}"
+    with pytest.raises(ValueError, match=message):
+        compute_loss(torch.zeros(1, 2, 1, 2), torch.tensor([[values]]))
+    assert compute_loss(torch.zeros(1, 2, 1, 2), torch.tensor([[[True, False]]])).item() == pytest.approx(math.log(2))
+
+
+def test_a_training_batch_without_a_key_is_named():
+    batch = _fixed_batch()
+    del batch["query_mask"]
+    model = HSNet("resnet18")
+    with pytest.raises(ValueError, match=r"batch: missing \['query_mask'\]; a training batch holds"):
+        training_step(model, batch, torch.optim.Adam(model.hpn_learner.parameters()))
 
 
 def _fixed_batch(count: int = 2) -> dict:
@@ -179,11 +199,15 @@ class _ScriptedValidation:
 def test_best_checkpoint_is_the_best_validated_model_in_original_format(tmp_path):
     trn, val = tiny_data()
     validation = _ScriptedValidation([10.0, 30.0, 20.0])
-    summary = train(tiny_config(tmp_path, epochs=3, max_steps_per_epoch=1), train_dataset=trn, val_dataset=val,
-                    validate_fn=validation)
+    # img_size applies to built datasets only: these come at IMG px, which config.json records for predict.
+    summary = train(tiny_config(tmp_path, epochs=3, max_steps_per_epoch=1, img_size=400), train_dataset=trn,
+                    val_dataset=val, validate_fn=validation)
     assert summary["best_epoch"] == 1 and summary["best_miou"] == 30.0 and summary["epochs_completed"] == 3
     # Only the final files: every temporary file was renamed into place.
     assert sorted(os.listdir(tmp_path)) == sorted([BEST_CHECKPOINT, LAST_CHECKPOINT, LOG_FILE, "config.json"])
+    assert json.loads((tmp_path / "config.json").read_text())["img_size"] == IMG
+    from hypertriton.predict import load_model
+    assert load_model(tmp_path / BEST_CHECKPOINT)[1] == IMG
 
     raw = torch.load(tmp_path / BEST_CHECKPOINT, map_location="cpu", weights_only=True)
     assert raw and all(key.startswith("module.") for key in raw)
