@@ -209,6 +209,13 @@ def load_model(checkpoint=None, backbone: str | None = None, backend: str | None
     return model.to(device).eval(), img_size
 
 
+def _check_rgb(image, name: str) -> None:
+    """``image`` must be what :func:`read_image` returns: a numpy RGB ``uint8`` ``[H, W, 3]``."""
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        got = f"{image.dtype} {list(image.shape)}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise ValueError(f"{name}: expected a numpy RGB uint8 image [H, W, 3] (as read_image returns), got {got}")
+
+
 def segment(model, query: np.ndarray, supports: Sequence[np.ndarray], support_masks: Sequence[np.ndarray],
             img_size: int) -> np.ndarray:
     """The query's object mask given K supports, at the query's own size.
@@ -228,6 +235,13 @@ def segment(model, query: np.ndarray, supports: Sequence[np.ndarray], support_ma
     if len(supports) != len(support_masks) or not supports:
         raise ValueError(f"supports/support_masks: expected K >= 1 of each, got {len(supports)} and "
                          f"{len(support_masks)}")
+    _check_rgb(query, "query")
+    for k, (image, mask) in enumerate(zip(supports, support_masks)):
+        _check_rgb(image, f"supports[{k}]")
+        if not isinstance(mask, np.ndarray) or mask.shape != image.shape[:2]:
+            got = mask.shape if isinstance(mask, np.ndarray) else type(mask).__name__
+            raise ValueError(f"support_masks[{k}]: expected a numpy array [H, W] = {list(image.shape[:2])} "
+                             f"(its image's size), got {got}")
     device = next(model.parameters()).device
     batch = {
         "query_img": image_tensor(query, img_size)[None].to(device),

@@ -181,6 +181,21 @@ def test_write_pngs_leaves_nothing_when_one_file_fails(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_segment_names_inputs_that_are_not_what_read_image_and_read_mask_return(checkpoint):
+    model, _ = lib.load_model(checkpoint)
+    image, mask = np.zeros((64, 64, 3), np.uint8), np.ones((64, 64), bool)
+    cases = [
+        ((image.astype(float), [image], [mask]), r"query: expected a numpy RGB uint8 image .* got float64"),
+        ((image[..., 0], [image], [mask]), r"query: .* got uint8 \[64, 64\]"),
+        ((image, [np.zeros((64, 64, 4), np.uint8)], [mask]), r"supports\[0\]: .* got uint8 \[64, 64, 4\]"),
+        ((torch.zeros(64, 64, 3), [image], [mask]), r"query: .* got Tensor"),
+        ((image, [image], [mask[:, :50]]), r"support_masks\[0\]: expected a numpy array \[H, W\] = \[64, 64\]"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            lib.segment(model, *args, IMG_SIZE)
+
+
 def test_the_training_size_is_read_from_trains_config_next_to_the_checkpoint(checkpoint, tmp_path):
     """A best_model.pt (original format: no room for the size) trained at 64 px is not fed 400-px images."""
     run = tmp_path / "run"
