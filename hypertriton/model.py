@@ -306,7 +306,7 @@ class HSNet(nn.Module):
                 raise ValueError(f"supports: class ids must be integers, got {label!r} ({type(label).__name__})")
             if label == background:
                 raise ValueError(f"supports: class id {label!r} is the background label; use another id or "
-                                 f"pass background=")
+                                 "pass background=")
         batch, size = query_img.shape[0], tuple(query_img.shape[-2:])
         query_feats = self.extract_features(query_img)
         probabilities = []
