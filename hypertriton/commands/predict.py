@@ -110,6 +110,7 @@ def _run(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm.auto import tqdm
 
+    from hypertriton._io import check_writable
     from hypertriton.backend import resolve_backend
     from hypertriton.distributed import resolve_device
     from hypertriton.predict import InputError, load_model, overlay, read_image, read_mask, segment, write_pngs
@@ -136,9 +137,10 @@ def _run(args: argparse.Namespace) -> int:
             raise InputError(f"--query: {str(names[query.stem])!r} and {str(query)!r} would both write "
                              f"{query.stem}_mask.png; rename one or run them separately")
         names[query.stem] = query
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out: {args.out!r} exists and is not a folder")
+    try:
+        out = check_writable(args.out, "--out", folder=True)
+    except ValueError as error:
+        raise InputError(str(error)) from None
     try:
         backend = resolve_backend(args.backend, device)
     except (ValueError, RuntimeError) as error:
