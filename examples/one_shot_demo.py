@@ -30,7 +30,8 @@ from PIL import Image, ImageDraw
 from hypertriton._io import check_writable
 from hypertriton.backend import resolve_backend
 from hypertriton.data.synthetic import SyntheticDataset, class_name, denormalize_image
-from hypertriton.predict import InputError, load_model, overlay, read_image, read_mask, segment, write_pngs
+from hypertriton.predict import (MIN_IMG_SIZE, InputError, load_model, overlay, read_image, read_mask,
+                                 segment, write_pngs)
 
 PANEL = 160  # side of one picture in the figure, pixels
 
@@ -55,8 +56,9 @@ def _parse(argv):
         parser.error("--support, --support-mask and --query go together")
     if args.episodes < 1:
         parser.error(f"--episodes must be >= 1, got {args.episodes}")
-    if args.img_size is not None and args.img_size < 64:
-        parser.error(f"--img-size must be >= 64 (the model's smallest supported input), got {args.img_size}")
+    if args.img_size is not None and args.img_size < MIN_IMG_SIZE:
+        parser.error(f"--img-size must be >= {MIN_IMG_SIZE} (the model's smallest supported input), got "
+                     f"{args.img_size}")
     try:  # now, not after every episode has run
         check_writable(args.out, "--out")
     except ValueError as error:

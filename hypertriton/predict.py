@@ -44,6 +44,7 @@ BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "synthetic_re
 BUNDLED_BACKBONE = "resnet18"
 BUNDLED_IMG_SIZE = 96
 DEFAULT_IMG_SIZE = 400  # the original HSNet's input size, for user checkpoints
+MIN_IMG_SIZE = 64  # the smallest model input the command line accepts (HSNet runs from 32 px, poorly)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 REPRODUCE_HINT = "docs/synthetic.md gives the commands that train it"
 

@@ -60,12 +60,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _check(args: argparse.Namespace) -> None:
     from hypertriton._io import check_writable
     from hypertriton.backend import check_backend_name
+    from hypertriton.predict import MIN_IMG_SIZE
 
     for name in ("nshot", "bsz"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.img_size is not None and args.img_size < 64:
-        raise ValueError(f"--img-size must be >= 64 (the model's smallest supported input), got {args.img_size}")
+    if args.img_size is not None and args.img_size < MIN_IMG_SIZE:
+        raise ValueError(f"--img-size must be >= {MIN_IMG_SIZE} (the model's smallest supported input), got "
+                         f"{args.img_size}")
     check_backend_name(args.backend, "--backend")
     # Checked now: a path that cannot be written must not cost the evaluation's result at the end.
     if args.json:

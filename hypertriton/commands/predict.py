@@ -113,10 +113,11 @@ def _run(args: argparse.Namespace) -> int:
     from hypertriton._io import check_writable
     from hypertriton.backend import resolve_backend
     from hypertriton.distributed import resolve_device
-    from hypertriton.predict import InputError, load_model, overlay, read_image, read_mask, segment, write_pngs
+    from hypertriton.predict import (MIN_IMG_SIZE, InputError, load_model, overlay, read_image, read_mask,
+                                     segment, write_pngs)
 
-    if args.img_size is not None and args.img_size < 64:
-        raise InputError(f"--img-size: expected an integer >= 64, got {args.img_size}")
+    if args.img_size is not None and args.img_size < MIN_IMG_SIZE:
+        raise InputError(f"--img-size: expected an integer >= {MIN_IMG_SIZE}, got {args.img_size}")
     try:
         device = resolve_device(args.device)
     except ValueError as error:
