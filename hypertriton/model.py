@@ -195,6 +195,10 @@ class HSNet(nn.Module):
         if support_mask.shape[0] != support_img.shape[0]:
             raise ValueError(f"support_mask has batch {support_mask.shape[0]} (shape {_shape(support_mask)}) but "
                              f"support_img has batch {support_img.shape[0]}; expected one mask per support image")
+        if support_mask.shape[-2:] != support_img.shape[-2:]:
+            # Resizing would hide a mask paired with the wrong image; the caller knows how to resize it.
+            raise ValueError(f"support_mask: expected [B, H, W] = {_shape(support_img[:, 0])} (the support images' "
+                             f"size), got {_shape(support_mask)}")
         logits = self.forward_features(query_feats, self.extract_features(support_img), support_mask)
         return F.interpolate(logits, size, mode="bilinear", align_corners=True)
 
@@ -213,7 +217,8 @@ class HSNet(nn.Module):
     # ------------------------------------------------------------------ k-shot and multi-class
     def _shots(self, support_imgs, support_masks, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Supports as ``[B, K, 3, H, W]`` and ``[B, K, H, W]`` (a single shot may omit K)."""
-        if isinstance(support_imgs, torch.Tensor) and support_imgs.dim() == 4:
+        one_shot_per_query = isinstance(support_imgs, torch.Tensor) and support_imgs.dim() == 4
+        if one_shot_per_query:
             support_imgs = support_imgs.unsqueeze(1)
         if isinstance(support_masks, torch.Tensor) and support_masks.dim() == 3:
             support_masks = support_masks.unsqueeze(1)
@@ -221,6 +226,10 @@ class HSNet(nn.Module):
             raise ValueError(f"support_imgs: expected [B, K, 3, H, W], got {_shape(support_imgs)}")
         if not isinstance(support_masks, torch.Tensor) or support_masks.dim() != 4:
             raise ValueError(f"support_masks: expected [B, K, H, W], got {_shape(support_masks)}")
+        if one_shot_per_query and support_imgs.shape[0] != batch:
+            raise ValueError(f"support_imgs: a 4-D tensor is read as one shot per query image [B, 3, H, W] with "
+                             f"B = {batch} (the query batch), got {_shape(support_imgs.squeeze(1))}; for K shots "
+                             f"pass [B, K, 3, H, W]")
         if support_imgs.shape[:2] != support_masks.shape[:2] or support_imgs.shape[0] != batch:
             raise ValueError(f"support_imgs {_shape(support_imgs)} and support_masks {_shape(support_masks)} "
                              f"must share [B, K] with B = {batch} (the query batch)")

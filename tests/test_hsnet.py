@@ -305,6 +305,14 @@ def test_nshot_and_shapes_are_checked():
         model(torch.randn(1, 3, 64, 64), [torch.randn(3, 64, 64)], torch.ones(1, 64, 64))
     with pytest.raises(ValueError, match=r"support_mask has batch 2 .* support_img has batch 1"):
         model(torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64), torch.ones(2, 64, 64))
+    # A mask of another size than its image is refused, not stretched over it (the file readers refuse it too).
+    with pytest.raises(ValueError, match=r"support_mask: expected \[B, H, W\] = \[1, 64, 64\] .* got \[1, 32, 64\]"):
+        model(torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64), torch.ones(1, 32, 64))
+    with pytest.raises(ValueError, match=r"support_mask: expected \[B, H, W\] = \[1, 64, 96\]"):
+        model.predict(torch.randn(1, 3, 64, 64), torch.randn(1, 2, 3, 64, 96), torch.ones(1, 2, 64, 64))
+    # predict reads a 4-D support tensor as one shot per query; K shots of one query must say so.
+    with pytest.raises(ValueError, match=r"one shot per query image .* B = 1 .* got \[3, 3, 64, 64\]; for K shots"):
+        model.predict(torch.randn(1, 3, 64, 64), torch.randn(3, 3, 64, 64), torch.ones(3, 64, 64))
     pixels = torch.randint(0, 255, (1, 3, 64, 64), dtype=torch.uint8)
     with pytest.raises(TypeError, match=r"query_img: expected torch.float32 images .* got dtype torch.uint8"):
         model(pixels, torch.randn(1, 3, 64, 64), torch.ones(1, 64, 64))
