@@ -186,15 +186,42 @@ def _overlay(rgb: np.ndarray, mask: torch.Tensor | None, color, ignore: torch.Te
     return out.round().astype(np.uint8)
 
 
+def _as_batch(batch: Mapping, pred: torch.Tensor) -> tuple[Mapping, torch.Tensor]:
+    """``batch`` and ``pred`` with a leading batch axis: a dataset item gets one, a collated batch is checked."""
+    missing = [key for key in ("query_img", "support_imgs", "support_masks", "query_mask") if key not in batch]
+    if missing:
+        raise KeyError(f"batch: missing {', '.join(missing)} (expected a dataset item or a collated batch)")
+    if batch["query_img"].dim() == 3:  # one item
+        keys = ("query_img", "support_imgs", "support_masks", "query_mask", "query_ignore_idx")
+        batch = {**batch, **{key: batch[key][None] for key in keys if batch.get(key) is not None}}
+        pred = pred[None] if isinstance(pred, torch.Tensor) and pred.dim() == 2 else pred
+    query_img = batch["query_img"]
+    if query_img.dim() != 4 or query_img.shape[1] != 3:
+        raise ValueError(f"batch['query_img']: expected [B, 3, H, W] (or [3, H, W] for one item), got "
+                         f"{list(query_img.shape)}")
+    if batch["support_imgs"].dim() != 5 or batch["support_masks"].dim() != 4:
+        raise ValueError(f"batch['support_imgs'] / ['support_masks']: expected [B, K, 3, H, W] / [B, K, H, W], "
+                         f"got {list(batch['support_imgs'].shape)} / {list(batch['support_masks'].shape)}")
+    if not isinstance(pred, torch.Tensor) or pred.dim() != 3 or pred.shape[0] != query_img.shape[0]:
+        got = list(pred.shape) if isinstance(pred, torch.Tensor) else type(pred).__name__
+        raise ValueError(f"pred: expected [B, H, W] with B = {query_img.shape[0]} (the batch's), got {got}")
+    return batch, pred
+
+
 def render_panel(batch: Mapping, pred: torch.Tensor, row: int = 0) -> Image.Image:
     """One episode as a PIL image: each support with its mask (red), the query, the query with the
     prediction (blue) and with the truth (green; PASCAL boundary grey), side by side.
 
     Args:
-        batch: a collated batch dict (CPU tensors).
-        pred: ``[B, H, W]`` predicted 0/1 masks.
+        batch: a collated batch dict (``query_img`` ``[B, 3, H, W]``, ``support_imgs`` ``[B, K, 3, H, W]``,
+            ``support_masks`` ``[B, K, H, W]``, ``query_mask`` ``[B, H, W]``), or one dataset item (the same
+            without ``B``).
+        pred: ``[B, H, W]`` predicted 0/1 masks (``[H, W]`` with one item).
         row: which episode of the batch.
     """
+    batch, pred = _as_batch(batch, pred)
+    if not -len(pred) <= row < len(pred):
+        raise IndexError(f"row: {row} is out of range for a batch of {len(pred)} episodes")
     query = _to_rgb(batch["query_img"][row])
     ignore = batch.get("query_ignore_idx")
     ignore = ignore[row] if ignore is not None else None

@@ -22,7 +22,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
 from hypertriton.data import build_dataset
-from hypertriton.evaluation import ShardSampler, evaluate
+from hypertriton.evaluation import ShardSampler, evaluate, render_panel
 
 SIZE = 24
 EPISODES = 15  # odd: a 2-way shard is uneven, so padding duplicates would show
@@ -119,6 +119,28 @@ def test_visualize_writes_one_panel_per_episode(dataset, tmp_path):
     assert files == expected
     panel = Image.open(tmp_path / "vis" / files[0])
     assert panel.size == (4 * SIZE + 3 * 4, SIZE)  # support, query, prediction, truth with 4-px gaps
+
+
+def test_panel_of_one_item_equals_its_row_in_a_batch(dataset):
+    items = [dataset[i] for i in range(3)]
+    batch = torch.utils.data.default_collate(items)
+    pred = 1 - batch["query_mask"].long()
+    from_batch = np.asarray(render_panel(batch, pred, row=2))
+    from_item = np.asarray(render_panel(items[2], pred[2]))
+    np.testing.assert_array_equal(from_item, from_batch)
+    query = items[2]["query_mask"].numpy() == 1
+    assert query.any() and not query.all()
+    # The prediction tile (third, after the support and the query) is tinted exactly where pred is 1.
+    tile = slice(2 * (SIZE + 4), 2 * (SIZE + 4) + SIZE)
+    plain = np.asarray(render_panel(items[2], torch.zeros(SIZE, SIZE, dtype=torch.long)))
+    tinted = (from_item[:, tile] != plain[:, tile]).any(axis=2)
+    np.testing.assert_array_equal(tinted, ~query)
+    with pytest.raises(ValueError, match=r"pred: expected \[B, H, W\] with B = 3 .* got \[2, 24, 24\]"):
+        render_panel(batch, pred[:2])
+    with pytest.raises(IndexError, match="row: 3 is out of range for a batch of 3"):
+        render_panel(batch, pred, row=3)
+    with pytest.raises(KeyError, match="missing query_mask"):
+        render_panel({k: v for k, v in items[0].items() if k != "query_mask"}, pred[0])
 
 
 @given(st.integers(0, 40), st.integers(1, 5))
