@@ -415,6 +415,12 @@ def training_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Op
     if missing:
         raise ValueError(f"batch: missing {missing}; a training batch holds {list(TRAINING_KEYS)} (see train's "
                          f"train_dataset), got keys {sorted(batch)}")
+    for key, layout in (("support_imgs", "[B, K, 3, H, W]"), ("support_masks", "[B, K, H, W]")):
+        value = batch[key]
+        if not isinstance(value, torch.Tensor) or value.dim() != layout.count(",") + 1:
+            got = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"batch['{key}']: expected {layout} (a dataset item holds K shots, "
+                             f"{layout.replace('B, ', '')}, even for K = 1), got {got}")
     device = batch["query_img"].device
     optimizer.zero_grad(set_to_none=True)
     with _autocast(device, amp_dtype):

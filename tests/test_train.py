@@ -93,6 +93,16 @@ def test_a_training_batch_without_a_key_is_named():
     model = HSNet("resnet18")
     with pytest.raises(ValueError, match=r"batch: missing \['query_mask'\]; a training batch holds"):
         training_step(model, batch, torch.optim.Adam(model.hpn_learner.parameters()))
+    # Items whose supports lack the K axis: named before slicing the first shot would misname them.
+    batch = _fixed_batch()
+    batch["support_imgs"] = batch["support_imgs"][:, 0]
+    with pytest.raises(ValueError, match=r"batch\['support_imgs'\]: expected \[B, K, 3, H, W\] \(a dataset item "
+                                         r"holds K shots, \[K, 3, H, W\], even for K = 1\), got \[2, 3, "):
+        training_step(model, batch, torch.optim.Adam(model.hpn_learner.parameters()))
+    batch = _fixed_batch()
+    batch["support_masks"] = batch["support_masks"][:, 0]
+    with pytest.raises(ValueError, match=r"batch\['support_masks'\]: expected \[B, K, H, W\] .* \[K, H, W\]"):
+        training_step(model, batch, torch.optim.Adam(model.hpn_learner.parameters()))
 
 
 def _fixed_batch(count: int = 2) -> dict:
