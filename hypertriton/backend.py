@@ -22,6 +22,8 @@ import torch
 
 BACKENDS = ("triton", "torch", "reference")
 ENV_VARIABLE = "HYPERTRITON_BACKEND"
+# What a caller or the environment may name: a backend, or "auto" for the device's default.
+BACKEND_CHOICES = BACKENDS + ("auto",)
 
 
 # Looked up once: torch.compile (torch 2.11) refuses to trace importlib's find_spec, and every op
@@ -62,8 +64,8 @@ def check_backend_name(backend, name: str = "backend") -> str | None:
     a known name, checked at construction so that a typo fails there and not at the first forward."""
     if backend is None:
         return None
-    if not isinstance(backend, str) or backend.strip().lower() not in BACKENDS + ("auto",):
-        raise ValueError(f"{name}: expected one of {BACKENDS + ('auto',)} or None, got {backend!r}")
+    if not isinstance(backend, str) or backend.strip().lower() not in BACKEND_CHOICES:
+        raise ValueError(f"{name}: expected one of {BACKEND_CHOICES} or None, got {backend!r}")
     return backend
 
 
@@ -81,7 +83,7 @@ def resolve_backend(requested: str | None, device: torch.device | str) -> str:
         RuntimeError: ``"triton"`` was asked for where it cannot run.
     """
     if requested is not None and not isinstance(requested, str):
-        raise TypeError(f"backend: expected one of {BACKENDS + ('auto',)} or None, got {requested!r}")
+        raise TypeError(f"backend: expected one of {BACKEND_CHOICES} or None, got {requested!r}")
     device = torch.device(device)
     name = requested if requested is not None else os.environ.get(ENV_VARIABLE, "auto")
     name = name.strip().lower() or "auto"
@@ -89,7 +91,7 @@ def resolve_backend(requested: str | None, device: torch.device | str) -> str:
         return "triton" if device.type == "cuda" and triton_unavailable_reason(device) is None else "torch"
     if name not in BACKENDS:
         source = "backend" if requested is not None else ENV_VARIABLE
-        raise ValueError(f"{source}: unknown backend {name!r}; expected one of {BACKENDS + ('auto',)}")
+        raise ValueError(f"{source}: unknown backend {name!r}; expected one of {BACKEND_CHOICES}")
     if name == "triton":
         reason = triton_unavailable_reason(device)
         if reason is not None:
