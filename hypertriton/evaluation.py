@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -31,7 +31,11 @@ from ._io import atomic_file
 from .data.common import IMAGENET_MEAN, IMAGENET_STD
 from .metrics import SegmentationMeter
 
-__all__ = ["ShardSampler", "evaluate", "format_result", "render_panel"]
+__all__ = ["EvaluationStopped", "ShardSampler", "evaluate", "format_result", "render_panel"]
+
+
+class EvaluationStopped(Exception):
+    """:func:`evaluate` stopped before its last batch because ``stop_requested`` said so (on some rank)."""
 
 
 class ShardSampler(Sampler[int]):
@@ -83,9 +87,18 @@ def _loader(source, bsz: int, nworker: int, max_episodes: int | None) -> DataLoa
                       pin_memory=torch.cuda.is_available(), **kwargs)
 
 
+def _agree(stop: bool, has_batch: bool) -> tuple[bool, bool]:
+    """Whether any rank asks to stop, and whether any rank has a batch left (one all-reduce; the
+    values themselves on one process). A rank whose shard is done (shards differ by one episode) keeps
+    calling this until no rank has a batch, so that every rank makes the same collectives."""
+    totals = hdist.all_reduce_sum(torch.tensor([float(stop), float(has_batch)], dtype=torch.float64))
+    return bool(totals[0] > 0), bool(totals[1] > 0)
+
+
 def evaluate(model, dataset_or_loader, nshot: int, device, progress: bool = True,
              visualize_dir: str | os.PathLike | None = None, bsz: int = 1, nworker: int = 0,
-             class_ids=None, max_episodes: int | None = None, amp: torch.dtype | None = None) -> dict:
+             class_ids=None, max_episodes: int | None = None, amp: torch.dtype | None = None,
+             stop_requested: Callable[[], bool] | None = None) -> dict:
     """Evaluate ``model`` on every episode of a dataset (sharded across ranks under torchrun).
 
     Args:
@@ -103,6 +116,10 @@ def evaluate(model, dataset_or_loader, nshot: int, device, progress: bool = True
         max_episodes: evaluate only the first episodes (a quick check; not the protocol).
         amp: run the model under ``torch.autocast`` with this dtype (``torch.bfloat16`` on CPU or GPU,
             ``torch.float16`` on GPU); None: full precision.
+        stop_requested: asked before every batch; once it returns True, :class:`EvaluationStopped` is
+            raised instead of a result. Under torchrun the ranks agree before every batch (one small
+            all-reduce), so all of them stop at the same point when any one is asked to (training uses
+            this to stop a validation on Ctrl-C).
 
     Returns:
         ``{"miou", "fb_iou", "per_class_iou": {class_id: iou}, "episodes", "benchmark", "nshot",
@@ -130,9 +147,20 @@ def evaluate(model, dataset_or_loader, nshot: int, device, progress: bool = True
     indices = iter(loader.sampler)  # a ShardSampler: this rank's episode indices in loader order
     bar = tqdm(loader, desc=f"evaluate {getattr(dataset, 'benchmark', '')} {nshot}-shot".strip(),
                disable=not progress or not hdist.is_main_process(), dynamic_ncols=True)
+    batches = iter(bar)
     try:
         with torch.no_grad():
-            for batch in bar:
+            while True:
+                batch = next(batches, None)
+                more = batch is not None
+                if stop_requested is not None:
+                    stop, more = _agree(bool(stop_requested()), more)
+                    if stop and more:  # (a request after the last batch lets the result through)
+                        raise EvaluationStopped("evaluation stopped on request")
+                if batch is None:
+                    if more:
+                        continue  # other ranks still have a batch: join their agreement
+                    break
                 batch_dev = _to_device(batch, device, original_size)
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                     pred = net.predict_mask_nshot(batch_dev, nshot=nshot)
@@ -148,6 +176,7 @@ def evaluate(model, dataset_or_loader, nshot: int, device, progress: bool = True
                 if progress:
                     bar.set_postfix(miou=f"{meter.miou():.2f}", refresh=False)
     finally:
+        bar.close()
         if was_training and hasattr(net, "train"):
             net.train()
     meter.all_reduce()

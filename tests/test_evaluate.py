@@ -22,7 +22,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
 from hypertriton.data import build_dataset
-from hypertriton.evaluation import ShardSampler, evaluate, render_panel
+from hypertriton.evaluation import EvaluationStopped, ShardSampler, evaluate, render_panel
 
 SIZE = 24
 EPISODES = 15  # odd: a 2-way shard is uneven, so padding duplicates would show
@@ -158,18 +158,31 @@ import json
 import torch
 from hypertriton import distributed as hdist
 from hypertriton.data import build_dataset
-from hypertriton.evaluation import evaluate
+from hypertriton.evaluation import EvaluationStopped, evaluate
+
+
+calls = dict(predict=0, asked=0)
 
 
 class AllForeground:
     def predict_mask_nshot(self, batch, nshot):
+        calls["predict"] += 1
         return torch.ones_like(batch["query_mask"], dtype=torch.long)
+
+
+def ask():  # "stop": rank 1 alone asks before its third batch
+    calls["asked"] += 1
+    return {mode!r} == "stop" and ctx.rank == 1 and calls["asked"] >= 3
 
 
 ctx = hdist.init_distributed("cpu")
 ds = build_dataset("pascal", {datapath!r}, {splits!r}, 0, "test", nshot=1, img_size={size})
-result = evaluate(AllForeground(), ds, 1, "cpu", progress=False, max_episodes={episodes}, bsz=2,
-                  visualize_dir={vis!r})
+try:
+    result = evaluate(AllForeground(), ds, 1, "cpu", progress=False, max_episodes={episodes}, bsz={bsz},
+                      visualize_dir={vis!r}, stop_requested=None if {mode!r} == "none" else ask)
+except EvaluationStopped:
+    result = dict(stopped=True)
+result.update(calls)
 with open({out!r} + str(ctx.rank), "w") as handle:
     json.dump(result, handle)
 hdist.cleanup_distributed()
@@ -182,20 +195,27 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def test_two_gloo_processes_equal_one(pascal_data, dataset, tmp_path):
+def run_two_gloo_ranks(pascal_data, tmp_path, mode: str = "none", bsz: int = 2) -> list[dict]:
+    """WORKER's result on each of 2 gloo ranks; mode: "none" (no stop_requested), "never" (one that never
+    asks), "stop" (rank 1 asks before its third batch)."""
+    tmp_path.mkdir(exist_ok=True)
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(datapath=str(pascal_data.datapath),
                                     splits=str(pascal_data.splits), size=SIZE, episodes=EPISODES,
-                                    vis=str(tmp_path / "vis"), out=str(tmp_path / "rank")))
+                                    vis=str(tmp_path / "vis"), out=str(tmp_path / "rank"), mode=mode, bsz=bsz))
     env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, str(script)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
     outputs = [p.communicate(timeout=240)[0].decode() for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
+    return [json.loads((tmp_path / f"rank{rank}").read_text()) for rank in range(2)]
+
+
+def test_two_gloo_processes_equal_one(pascal_data, dataset, tmp_path):
+    results = run_two_gloo_ranks(pascal_data, tmp_path)
     single = evaluate(AllForeground(), dataset, 1, "cpu", progress=False, max_episodes=EPISODES)
-    for rank in range(2):
-        result = json.loads((tmp_path / f"rank{rank}").read_text())
+    for result in results:
         assert result["episodes"] == EPISODES
         assert result["miou"] == pytest.approx(single["miou"], abs=1e-9)
         assert result["fb_iou"] == pytest.approx(single["fb_iou"], abs=1e-9)
@@ -296,3 +316,34 @@ def test_cli_reports_bad_checkpoint(tmp_path, capsys):
     code = main(["evaluate", "--benchmark", "fss", "--load", str(tmp_path / "bad.pt"), "--datapath",
                  str(data.datapath), "--splits", str(data.splits), "--device", "cpu"])
     assert code == 2 and "bad.pt" in capsys.readouterr().err
+
+
+def test_stop_request_ends_an_evaluation_before_the_next_batch(dataset):
+    model = Truth()
+    asked = []
+
+    def stop_before_third():
+        asked.append(len(model.keys))  # batches predicted so far
+        return len(asked) >= 3
+
+    with pytest.raises(EvaluationStopped):
+        evaluate(model, dataset, 1, "cpu", progress=False, max_episodes=EPISODES, bsz=2,
+                 stop_requested=stop_before_third)
+    assert asked == [0, 1, 2] and len(model.keys) == 2
+    # A request after the last batch lets the finished evaluation through; one never made changes nothing.
+    for stop_requested in (lambda: len(model.keys) == 8, lambda: False):
+        model = Truth()
+        result = evaluate(model, dataset, 1, "cpu", progress=False, max_episodes=EPISODES, bsz=2,
+                          stop_requested=stop_requested)
+        assert (result["miou"], result["episodes"], len(model.keys)) == (100.0, EPISODES, 8)
+
+
+def test_two_gloo_ranks_stop_together_and_uneven_shards_still_pair_up(pascal_data, dataset, tmp_path):
+    # bsz 1: rank 0 has 8 batches, rank 1 has 7 and joins rank 0's last agreement without a batch.
+    never = run_two_gloo_ranks(pascal_data, tmp_path / "never", mode="never", bsz=1)
+    single = evaluate(AllForeground(), dataset, 1, "cpu", progress=False, max_episodes=EPISODES)
+    assert [(r["episodes"], r["predict"], r["asked"]) for r in never] == [(EPISODES, 8, 9), (EPISODES, 7, 9)]
+    assert [r["miou"] for r in never] == pytest.approx([single["miou"]] * 2, abs=1e-9)
+    # Rank 1 alone asks before its third batch: both ranks stop after their second.
+    stopped = run_two_gloo_ranks(pascal_data, tmp_path / "stop", mode="stop", bsz=1)
+    assert [(r.get("stopped"), r["predict"], r["asked"]) for r in stopped] == [(True, 2, 3), (True, 2, 3)]
