@@ -67,6 +67,7 @@ from hypertriton import distributed as hdist
 from hypertriton.backend import check_backend_name, reduced_precision_slow_reason, warn_if_reduced_precision_slow
 from hypertriton._io import atomic_file, atomic_save, check_writable, load_error_summary, load_on_cpu
 from hypertriton.checkpoint import TRAIN_STATE_FORMAT
+from hypertriton.evaluation import EvaluationStopped
 
 __all__ = [
     "TrainConfig",
@@ -470,28 +471,31 @@ def _resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
 
 
 class _StopNow(BaseException):
-    """Raised by the first SIGINT/SIGTERM inside :meth:`_StopRequest.interruptible` (a BaseException, so
-    that no ``except Exception`` in the interrupted code takes it)."""
+    """Raised by the first SIGINT/SIGTERM inside :meth:`_StopRequest.validation` on one process (a
+    BaseException, so that no ``except Exception`` in the interrupted code takes it)."""
 
 
 class _StopRequest:
-    """First SIGINT/SIGTERM asks the loop to stop after the current step, or at once inside
-    :meth:`interruptible` (validation: it changes nothing a resume needs); a second one interrupts."""
+    """First SIGINT/SIGTERM asks the loop to stop after the current step, or the validation at once (it
+    changes nothing a resume needs); a second one interrupts."""
 
     def __init__(self, verbose: bool):
         self.requested = False
         self.verbose = verbose
-        self._interruptible = False
+        self._validating = False
+        self._raise_now = False
         self._previous: dict[int, Any] = {}
 
     @contextmanager
-    def interruptible(self, enabled: bool = True):
-        """A block the first signal may cut short with :class:`_StopNow`."""
-        previous, self._interruptible = self._interruptible, enabled
+    def validation(self, raise_now: bool):
+        """A validation: the first signal raises :class:`_StopNow` in it when ``raise_now`` (one process);
+        else the validation itself must look at :attr:`requested` (torchrun: the ranks stop together)."""
+        previous = self._validating, self._raise_now
+        self._validating, self._raise_now = True, raise_now
         try:
             yield
         finally:
-            self._interruptible = previous
+            self._validating, self._raise_now = previous
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -509,11 +513,11 @@ class _StopRequest:
             raise KeyboardInterrupt
         self.requested = True
         if self.verbose:
-            doing = ("stopping the validation (it reruns on --resume)" if self._interruptible
+            doing = ("stopping the validation (it reruns on --resume)" if self._validating
                      else "finishing the current step")
             print(f"\n{signal.Signals(signum).name} received: {doing} and saving {LAST_CHECKPOINT} (send it "
                   "again to stop at once)", file=sys.stderr, flush=True)
-        if self._interruptible:
+        if self._raise_now:
             raise _StopNow
 
 
@@ -536,12 +540,14 @@ def _build_dataset(config: TrainConfig, split: str, nshot: int) -> Dataset:
 
 
 def _validate(model: torch.nn.Module, dataset: Dataset, config: TrainConfig, device: torch.device,
-              show_progress: bool) -> dict[str, float]:
+              show_progress: bool, stop_requested=None) -> dict[str, float]:
     from hypertriton.evaluation import evaluate
 
-    # evaluate() shards the episodes over the ranks and all-reduces the counts itself.
+    # evaluate() shards the episodes over the ranks and all-reduces the counts itself; with
+    # stop_requested it raises EvaluationStopped on every rank once any rank is asked to stop.
     result = evaluate(model, dataset, nshot=config.nshot, device=device, progress=show_progress,
-                      bsz=config.val_bsz or config.bsz, nworker=config.nworker, max_episodes=config.val_episodes)
+                      bsz=config.val_bsz or config.bsz, nworker=config.nworker, max_episodes=config.val_episodes,
+                      stop_requested=stop_requested)
     return {"miou": float(result["miou"]), "fbiou": float(result["fb_iou"])}
 
 
@@ -649,7 +655,9 @@ def train(config: TrainConfig, *, model: torch.nn.Module | None = None, train_da
         on_step: called on every rank after every optimizer step with ``{"epoch", "step",
             "global_step", "loss"}`` (``step`` counts the epoch's steps done, from 1).
         validate_fn: ``validate_fn(model, dataset, config, device, show_progress) -> {"miou", "fbiou"}``
-            instead of :func:`hypertriton.evaluation.evaluate`.
+            instead of :func:`hypertriton.evaluation.evaluate`. Ctrl-C stops the default validation at
+            once, under torchrun too (every rank before the same batch); one's own is cut short on one
+            process and runs to its end under torchrun.
 
     Returns:
         ``{"epochs_completed", "global_step", "best_miou", "best_epoch", "train_loss" (last epoch's
@@ -835,16 +843,20 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
 
             epoch_loss = loss_sum / max(loss_count, 1)
             if val_dataset is not None:
+                # The epoch's training is kept before a validation that may take minutes (PASCAL) and
+                # may not finish: from this state --resume runs the validation again. torchrun gives its
+                # workers 30 s after Ctrl-C before it kills them.
+                save_last()
                 model.eval()
                 try:
-                    # One process may stop mid-validation (a whole PASCAL validation takes minutes): the
-                    # state saved below is the one after the epoch's last step, from which --resume runs
-                    # this validation again. Under torchrun every rank must finish it (its counts are
-                    # summed over the ranks at the end).
-                    with stop.interruptible(not ctx.is_distributed), _isolated_rng(), torch.no_grad():
-                        last_val = validate_fn(model, val_dataset, config, device, show)
-                except _StopNow:
-                    save_last()
+                    # A stop request ends the validation at once: on one process the signal handler raises
+                    # _StopNow; under torchrun the default validation asks every rank before each batch
+                    # (a rank cannot leave alone: the counts are summed over the ranks at the end).
+                    # A validate_fn of one's own runs to its end under torchrun.
+                    extra = {"stop_requested": lambda: stop.requested} if validate_fn is _validate else {}
+                    with stop.validation(raise_now=not ctx.is_distributed), _isolated_rng(), torch.no_grad():
+                        last_val = validate_fn(model, val_dataset, config, device, show, **extra)
+                except (_StopNow, EvaluationStopped):  # last.pt holds this state already (saved above)
                     log.write("stop", epoch=epoch, step=step, global_step=global_step, reason="signal",
                               during="validation", checkpoint=LAST_CHECKPOINT)
                     stopping = True

@@ -224,3 +224,61 @@ def test_two_process_training_matches_a_single_process(tmp_path, monkeypatch):
             learner_change = max(learner_change, float((value - initial[key[len("module."):]]).abs().max()))
     # Two Adam steps move weights by about 2 lr = 2e-5: far more than the tolerances above.
     assert learner_change > 5e-6
+
+
+STOP_IN_VALIDATION_SCRIPT = textwrap.dedent("""
+    import json, os, signal, sys
+    import torch
+    from hypertriton.data.synthetic import SyntheticDataset
+    from hypertriton.model import HSNet
+    from hypertriton.training import TrainConfig, train
+
+    calls = []
+    predict = HSNet.predict_mask_nshot
+
+    def counting_predict(self, batch, nshot):
+        calls.append(int(os.environ["RANK"]))
+        if os.environ["RANK"] == "1" and len(calls) == 2 and sys.argv[2] == "stop":
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C reaching one rank, during its second batch
+        return predict(self, batch, nshot)
+
+    HSNet.predict_mask_nshot = counting_predict
+    torch.manual_seed(0)
+    config = TrainConfig(benchmark="synthetic", backbone="resnet18", pretrained=False, img_size=64, bsz=4,
+                         lr=1e-5, epochs=2, max_steps_per_epoch=2, val_bsz=1, device="cpu", progress=False,
+                         tensorboard=False, logpath=sys.argv[1], resume="auto" if sys.argv[2] == "resume" else None)
+    summary = train(config, model=HSNet("resnet18"),
+                    train_dataset=SyntheticDataset(split="trn", fold=0, img_size=64, episodes=16),
+                    val_dataset=SyntheticDataset(split="val", fold=0, img_size=64, episodes=7))
+    print("RESULT " + json.dumps({"summary": summary, "predict_calls": len(calls)}))
+""")
+
+
+def test_ctrl_c_on_one_rank_stops_every_rank_in_validation_and_resume_reruns_it(tmp_path):
+    from hypertriton.training import LAST_CHECKPOINT, LOG_FILE, load_training_state
+
+    script = tmp_path / "stop_in_validation.py"
+    script.write_text(STOP_IN_VALIDATION_SCRIPT)
+    logpath = tmp_path / "run"
+
+    def run(mode):
+        outputs = launch_ranks(script, 2, [str(logpath), mode], timeout=240)
+        return [json.loads(out.split("RESULT ", 1)[1]) for out in outputs]
+
+    # Validation has 7 episodes at batch 1: rank 0 gets 4 batches, rank 1 gets 3. Rank 1 is signalled
+    # during its second batch; both ranks stop before their third, not at the end of their shards.
+    stopped = run("stop")
+    assert [r["predict_calls"] for r in stopped] == [2, 2]
+    assert all(r["summary"]["interrupted"] and r["summary"]["global_step"] == 2 for r in stopped)
+    rows = [json.loads(line) for line in (logpath / LOG_FILE).read_text().splitlines()]
+    stop_row, = [row for row in rows if row["event"] == "stop"]
+    assert (stop_row["during"], stop_row["global_step"]) == ("validation", 2)
+    assert not any(row["event"] == "epoch" for row in rows)
+    state = load_training_state(logpath / LAST_CHECKPOINT)
+    assert (state["epoch"], state["step"], state["global_step"]) == (0, 2, 2)
+    # The resumed run validates epoch 0 in full (4 + 3 episodes), trains epoch 1 and validates it.
+    resumed = run("resume")
+    assert [r["predict_calls"] for r in resumed] == [8, 6]
+    assert all(not r["summary"]["interrupted"] and r["summary"]["global_step"] == 4 for r in resumed)
+    rows = [json.loads(line) for line in (logpath / LOG_FILE).read_text().splitlines()]
+    assert [row["epoch"] for row in rows if row["event"] == "epoch"] == [0, 1]

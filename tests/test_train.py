@@ -198,10 +198,14 @@ class _ScriptedValidation:
     """validate_fn returning a fixed mIoU sequence and remembering the learner weights it saw."""
 
     def __init__(self, mious):
-        self.mious, self.seen = list(mious), []
+        self.mious, self.seen, self.saved_before = list(mious), [], []
 
     def __call__(self, model, dataset, config, device, show_progress):
         self.seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        # What a kill during this validation would leave: the epoch's training must be in last.pt already.
+        state = load_training_state(Path(config.logpath) / LAST_CHECKPOINT)
+        self.saved_before.append(((state["epoch"], state["step"], state["global_step"]),
+                                  all(torch.equal(value, self.seen[-1][key]) for key, value in state["model"].items())))
         miou = self.mious[len(self.seen) - 1]
         return {"miou": miou, "fbiou": miou / 2}
 
@@ -213,6 +217,7 @@ def test_best_checkpoint_is_the_best_validated_model_in_original_format(tmp_path
     summary = train(tiny_config(tmp_path, epochs=3, max_steps_per_epoch=1, img_size=400), train_dataset=trn,
                     val_dataset=val, validate_fn=validation)
     assert summary["best_epoch"] == 1 and summary["best_miou"] == 30.0 and summary["epochs_completed"] == 3
+    assert validation.saved_before == [((0, 1, 1), True), ((1, 1, 2), True), ((2, 1, 3), True)]
     # Only the final files: every temporary file was renamed into place.
     assert sorted(os.listdir(tmp_path)) == sorted([BEST_CHECKPOINT, LAST_CHECKPOINT, LOG_FILE, "config.json"])
     assert json.loads((tmp_path / "config.json").read_text())["img_size"] == IMG
