@@ -67,7 +67,7 @@ from hypertriton import distributed as hdist
 from hypertriton.backend import check_backend_name, reduced_precision_slow_reason, warn_if_reduced_precision_slow
 from hypertriton._io import atomic_file, atomic_save, check_writable, load_error_summary, load_on_cpu
 from hypertriton.checkpoint import TRAIN_STATE_FORMAT
-from hypertriton.evaluation import EvaluationStopped
+from hypertriton.evaluation import EvaluationStopped, evaluate
 
 __all__ = [
     "TrainConfig",
@@ -541,8 +541,6 @@ def _build_dataset(config: TrainConfig, split: str, nshot: int) -> Dataset:
 
 def _validate(model: torch.nn.Module, dataset: Dataset, config: TrainConfig, device: torch.device,
               show_progress: bool, stop_requested=None) -> dict[str, float]:
-    from hypertriton.evaluation import evaluate
-
     # evaluate() shards the episodes over the ranks and all-reduces the counts itself; with
     # stop_requested it raises EvaluationStopped on every rank once any rank is asked to stop.
     result = evaluate(model, dataset, nshot=config.nshot, device=device, progress=show_progress,
