@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
@@ -35,7 +36,15 @@ __all__ = ["EvaluationStopped", "ShardSampler", "evaluate", "format_result", "re
 
 
 class EvaluationStopped(Exception):
-    """:func:`evaluate` stopped before its last batch because ``stop_requested`` said so (on some rank)."""
+    """:func:`evaluate` stopped before its last batch because ``stop_requested`` said so (on some rank).
+
+    ``partial`` holds the result over the episodes evaluated before the stop (on every rank), in the
+    format :func:`evaluate` returns: a run cut short, not the protocol's numbers.
+    """
+
+    def __init__(self, partial: dict):
+        super().__init__(f"evaluation stopped on request after {partial['episodes']} episodes")
+        self.partial = partial
 
 
 class ShardSampler(Sampler[int]):
@@ -68,6 +77,12 @@ def _base_dataset(dataset):
     return dataset
 
 
+def ignore_sigint_in_worker(_worker_id: int) -> None:
+    """A DataLoader ``worker_init_fn``: Ctrl-C reaches the whole process group; the main process decides
+    when to stop, so workers must not die and turn a clean stop into a "DataLoader worker exited" error."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _loader(source, bsz: int, nworker: int, max_episodes: int | None) -> DataLoader:
     """A loader over this rank's shard of the episodes (the first ``max_episodes`` when given)."""
     if isinstance(source, DataLoader):
@@ -84,7 +99,8 @@ def _loader(source, bsz: int, nworker: int, max_episodes: int | None) -> DataLoa
     sampler = ShardSampler(length, hdist.get_rank(), hdist.get_world_size())
     kwargs = {} if collate is None else {"collate_fn": collate}
     return DataLoader(dataset, batch_size=bsz, sampler=sampler, num_workers=nworker,
-                      pin_memory=torch.cuda.is_available(), **kwargs)
+                      pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_sigint_in_worker if nworker else None,
+                      **kwargs)
 
 
 def _agree(stop: bool, has_batch: bool) -> tuple[bool, bool]:
@@ -117,9 +133,9 @@ def evaluate(model, dataset_or_loader, nshot: int, device, progress: bool = True
         amp: run the model under ``torch.autocast`` with this dtype (``torch.bfloat16`` on CPU or GPU,
             ``torch.float16`` on GPU); None: full precision.
         stop_requested: asked before every batch; once it returns True, :class:`EvaluationStopped` is
-            raised instead of a result. Under torchrun the ranks agree before every batch (one small
-            all-reduce), so all of them stop at the same point when any one is asked to (training uses
-            this to stop a validation on Ctrl-C).
+            raised instead of a result (it carries the result so far). Under torchrun the ranks agree
+            before every batch (one small all-reduce), so all of them stop at the same point when any one
+            is asked to (training and ``hypertriton evaluate`` use this to stop on Ctrl-C).
 
     Returns:
         ``{"miou", "fb_iou", "per_class_iou": {class_id: iou}, "episodes", "benchmark", "nshot",
@@ -148,6 +164,7 @@ def evaluate(model, dataset_or_loader, nshot: int, device, progress: bool = True
     bar = tqdm(loader, desc=f"evaluate {getattr(dataset, 'benchmark', '')} {nshot}-shot".strip(),
                disable=not progress or not hdist.is_main_process(), dynamic_ncols=True)
     batches = iter(bar)
+    stopped = False
     try:
         with torch.no_grad():
             while True:
@@ -156,7 +173,8 @@ def evaluate(model, dataset_or_loader, nshot: int, device, progress: bool = True
                 if stop_requested is not None:
                     stop, more = _agree(bool(stop_requested()), more)
                     if stop and more:  # (a request after the last batch lets the result through)
-                        raise EvaluationStopped("evaluation stopped on request")
+                        stopped = True
+                        break
                 if batch is None:
                     if more:
                         continue  # other ranks still have a batch: join their agreement
@@ -179,13 +197,16 @@ def evaluate(model, dataset_or_loader, nshot: int, device, progress: bool = True
         bar.close()
         if was_training and hasattr(net, "train"):
             net.train()
-    meter.all_reduce()
+    meter.all_reduce()  # every rank gets here, stopped or not: they stop before the same batch
     fb_iou = meter.fb_iou()
-    return {"benchmark": getattr(dataset, "benchmark", None), "nshot": nshot, "miou": meter.miou(),
-            "fb_iou": fb_iou, "fbiou": fb_iou, "per_class_iou": meter.per_class_iou(),
-            "episodes": meter.episodes, "classes": len(meter.class_ids),
-            "classes_evaluated": meter.evaluated_classes(),
-            "miou_of_evaluated_classes": meter.miou_of_evaluated_classes()}
+    result = {"benchmark": getattr(dataset, "benchmark", None), "nshot": nshot, "miou": meter.miou(),
+              "fb_iou": fb_iou, "fbiou": fb_iou, "per_class_iou": meter.per_class_iou(),
+              "episodes": meter.episodes, "classes": len(meter.class_ids),
+              "classes_evaluated": meter.evaluated_classes(),
+              "miou_of_evaluated_classes": meter.miou_of_evaluated_classes()}
+    if stopped:
+        raise EvaluationStopped(result)
+    return result
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,10 +12,11 @@ Files in ``logpath`` (written by rank 0 only, each checkpoint atomically: temp f
   load.
 - ``last.pt``: everything needed to continue exactly (the trained weights, optimizer, AMP scaler, epoch,
   step within the epoch, best mIoU, python/numpy/torch/cuda RNG states; the frozen backbone is rebuilt
-  on resume and checked against a SHA-256 fingerprint instead of being stored). It is rewritten at the end of every epoch
-  and when the run is stopped (Ctrl-C or SIGTERM: the current step finishes, or on one process a
-  validation stops at once, to run again on resume; ``last.pt`` is saved, then the run exits; a second
-  Ctrl-C stops at once). A new run refuses a ``logpath`` that holds ``last.pt`` or ``best_model.pt``.
+  on resume and checked against a SHA-256 fingerprint instead of being stored). It is rewritten at the
+  end of every epoch's training (before its validation, which a resume from there runs again), after
+  the validation, and when the run is stopped (Ctrl-C or SIGTERM: the current step finishes, or a
+  validation stops at once, on every rank before the same batch; ``last.pt`` is saved, then the run
+  exits; a second Ctrl-C stops at once). A new run refuses a ``logpath`` that holds ``last.pt`` or ``best_model.pt``.
 - ``log.jsonl``: one JSON object per line, ``event`` = ``start``/``resume``, ``step`` (``loss``: the
   step's mean over all ranks), ``epoch`` (``train_loss``, ``train_miou``, ``train_fbiou``, ``val_miou``,
   ``val_fbiou``, ``best_miou``), ``best``, ``stop``, ``end``; ``config.json``; TensorBoard scalars
@@ -67,7 +68,7 @@ from hypertriton import distributed as hdist
 from hypertriton.backend import check_backend_name, reduced_precision_slow_reason, warn_if_reduced_precision_slow
 from hypertriton._io import atomic_file, atomic_save, check_writable, load_error_summary, load_on_cpu
 from hypertriton.checkpoint import TRAIN_STATE_FORMAT
-from hypertriton.evaluation import EvaluationStopped, evaluate
+from hypertriton.evaluation import EvaluationStopped, evaluate, ignore_sigint_in_worker
 
 __all__ = [
     "TrainConfig",
@@ -358,12 +359,6 @@ class EpisodeSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return max(super().__len__() - self.start, 0)
-
-
-def _ignore_sigint_in_worker(_worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group; the main process decides when to stop, so workers must
-    # not die mid-epoch and turn a clean stop into a "DataLoader worker exited" error.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -752,7 +747,7 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
     sampler = EpisodeSampler(train_dataset, ctx.world_size, ctx.rank, config.seed)
     loader = DataLoader(SeededEpisodes(train_dataset), batch_size=rank_bsz, sampler=sampler,
                         num_workers=config.nworker, pin_memory=device.type == "cuda",
-                        worker_init_fn=_ignore_sigint_in_worker if config.nworker else None,
+                        worker_init_fn=ignore_sigint_in_worker if config.nworker else None,
                         persistent_workers=config.nworker > 0)
     full_steps = math.ceil(math.ceil(len(train_dataset) / ctx.world_size) / rank_bsz)
     steps_per_epoch = min(full_steps, config.max_steps_per_epoch or full_steps)

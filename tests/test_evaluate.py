@@ -6,10 +6,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+import time
 from contextlib import redirect_stdout
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -180,8 +183,8 @@ ds = build_dataset("pascal", {datapath!r}, {splits!r}, 0, "test", nshot=1, img_s
 try:
     result = evaluate(AllForeground(), ds, 1, "cpu", progress=False, max_episodes={episodes}, bsz={bsz},
                       visualize_dir={vis!r}, stop_requested=None if {mode!r} == "none" else ask)
-except EvaluationStopped:
-    result = dict(stopped=True)
+except EvaluationStopped as stop:
+    result = dict(stopped=True, partial_episodes=stop.partial["episodes"])
 result.update(calls)
 with open({out!r} + str(ctx.rank), "w") as handle:
     json.dump(result, handle)
@@ -307,6 +310,56 @@ def test_cli_evaluates_at_the_size_the_checkpoint_was_trained_at(tmp_path, capsy
     assert "1 episodes at 96 px" in capsys.readouterr().err
 
 
+def _child_processes() -> list[int]:
+    tasks = Path(f"/proc/{os.getpid()}/task")
+    return [int(pid) for task in tasks.iterdir() for pid in (task / "children").read_text().split()]
+
+
+@pytest.mark.parametrize("nworker", [0, 1])
+def test_cli_ctrl_c_prints_the_result_so_far_marked_as_such(tmp_path, capfd, monkeypatch, nworker):
+    """Ctrl-C after the second episode: the third is not run, the two are scored, no JSON is written."""
+    import signal
+
+    from hypertriton.cli import main
+    from hypertriton.model import HSNet
+    from hypertriton.predict import BUNDLED_CHECKPOINT
+
+    predicted, signalled = [], []
+    predict = HSNet.predict_mask_nshot
+
+    def predict_then_ctrl_c(self, batch, nshot):
+        predicted.append(1)
+        if len(predicted) == 2:  # as Ctrl-C, which reaches the loader's worker process too
+            signalled.extend(_child_processes() + [os.getpid()])
+            for pid in signalled:
+                os.kill(pid, signal.SIGINT)
+        return predict(self, batch, nshot)
+
+    monkeypatch.setattr(HSNet, "predict_mask_nshot", predict_then_ctrl_c)
+    # The third episode loads slowly, so that Ctrl-C finds the loader's worker busy with it (a worker
+    # that died of it would fail the next fetch instead of the clean stop).
+    from hypertriton.data.synthetic import SyntheticDataset
+    getitem = SyntheticDataset.__getitem__
+
+    def slow_third(self, index):
+        if index == 2:
+            time.sleep(1.0)
+        return getitem(self, index)
+
+    monkeypatch.setattr(SyntheticDataset, "__getitem__", slow_third)
+    result = tmp_path / "r.json"
+    code = main(["evaluate", "--benchmark", "synthetic", "--load", str(BUNDLED_CHECKPOINT), "--max-episodes", "5",
+                 "--no-progress", "--json", str(result), "--nworker", str(nworker)])
+    out, err = capfd.readouterr()  # the file descriptors: a loader worker's output too
+    assert code == 130 and len(predicted) == 2 and not result.exists()
+    assert (len(signalled) > 1) == (nworker > 0)  # the loader's worker got it too
+    assert err.count("SIGINT received: stopping after the current batch") == 1  # not from the worker too
+    assert "interrupted after 2 of 5 episodes; the numbers below are over those only (not the protocol's); " \
+           "--json not written" in err
+    assert re.match(r"mIoU: \d+\.\d\d  FB-IoU: \d+\.\d\d\nnote: only \d of \d+ classes had an episode", out), out
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
 def test_cli_reports_bad_checkpoint(tmp_path, capsys):
     pytest.importorskip("hypertriton.model")
     from hypertriton.cli import main
@@ -326,10 +379,13 @@ def test_stop_request_ends_an_evaluation_before_the_next_batch(dataset):
         asked.append(len(model.keys))  # batches predicted so far
         return len(asked) >= 3
 
-    with pytest.raises(EvaluationStopped):
+    with pytest.raises(EvaluationStopped, match="after 4 episodes") as stop:
         evaluate(model, dataset, 1, "cpu", progress=False, max_episodes=EPISODES, bsz=2,
                  stop_requested=stop_before_third)
     assert asked == [0, 1, 2] and len(model.keys) == 2
+    partial = stop.value.partial  # the 4 episodes evaluated before the stop, scored as evaluate would
+    assert partial["episodes"] == 4 and partial["miou_of_evaluated_classes"] == 100.0
+    assert partial["classes_evaluated"] == sorted({dataset.episodes[i].class_id for i in range(4)})
     # A request after the last batch lets the finished evaluation through; one never made changes nothing.
     for stop_requested in (lambda: len(model.keys) == 8, lambda: False):
         model = Truth()
@@ -347,3 +403,4 @@ def test_two_gloo_ranks_stop_together_and_uneven_shards_still_pair_up(pascal_dat
     # Rank 1 alone asks before its third batch: both ranks stop after their second.
     stopped = run_two_gloo_ranks(pascal_data, tmp_path / "stop", mode="stop", bsz=1)
     assert [(r.get("stopped"), r["predict"], r["asked"]) for r in stopped] == [(True, 2, 3), (True, 2, 3)]
+    assert [r["partial_episodes"] for r in stopped] == [4, 4]  # both ranks' counts, all-reduced

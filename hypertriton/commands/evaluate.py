@@ -2,7 +2,8 @@
 
 Prints a progress bar, then ``mIoU: xx.xx  FB-IoU: yy.yy``; ``--json FILE`` also writes the per-class
 IoU (atomically). Under ``torchrun`` the episodes are split over the processes and the counts summed,
-so the numbers are those of a single process.
+so the numbers are those of a single process. Ctrl-C stops after the current batch and prints the
+result over the episodes evaluated so far, marked as such (no JSON); a second Ctrl-C stops at once.
 
 Examples::
 
@@ -16,7 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from hypertriton._io import atomic_file
@@ -50,8 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", help="hypertriton op backend (triton, torch, reference; default: automatic)")
     parser.add_argument("--amp", default="off", choices=["off", "auto", "bf16", "fp16"],
                         help="reduced-precision inference under torch.autocast: bf16 (CPU or GPU), fp16 (GPU), "
-                        "auto (bf16 where the hardware has it: CPUs with AVX512-BF16 or AMX, else fp32; GPUs: else fp16) "
-                        "(default: %(default)s)")
+                        "auto (bf16 where the hardware has it: CPUs with AVX512-BF16 or AMX, else fp32; GPUs: else "
+                        "fp16) (default: %(default)s)")
     parser.add_argument("--lean", action="store_true", help="stream the squeeze blocks over query rows: about "
                         "half the learner's peak memory, about 2x its time, same results (HSNet(lean=True))")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
@@ -84,6 +88,31 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--splits is required for {args.benchmark}")
 
 
+@contextmanager
+def _stop_on_first_signal(verbose: bool):
+    """Yields ``stop_requested()``: True once SIGINT/SIGTERM came (Ctrl-C; torchrun passes it on to every
+    process); a second signal interrupts at once. Outside the main thread, signals are left alone."""
+    received = []
+
+    def handle(signum, _frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+        if verbose:
+            print(f"\n{signal.Signals(signum).name} received: stopping after the current batch (send it again to "
+                  "stop at once)", file=sys.stderr, flush=True)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: bool(received)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def write_json_atomic(data: dict, path: str | os.PathLike) -> Path:
     """Write ``data`` as JSON to ``path`` via a temporary file renamed over it."""
     with atomic_file(path, "w") as handle:
@@ -95,7 +124,7 @@ def write_json_atomic(data: dict, path: str | os.PathLike) -> Path:
 def run(args: argparse.Namespace) -> int:
     from hypertriton import distributed as hdist
     from hypertriton.data import build_dataset
-    from hypertriton.evaluation import evaluate, format_result
+    from hypertriton.evaluation import EvaluationStopped, evaluate, format_result
     from hypertriton.predict import load_model
     from hypertriton.training import _resolve_amp
 
@@ -113,15 +142,24 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from hypertriton.data import DatasetError
 
+    episodes = min(len(dataset), args.max_episodes or len(dataset))
     try:
         if ctx.is_main:
-            print(f"{args.benchmark} fold {args.fold} {args.nshot}-shot: "
-                  f"{min(len(dataset), args.max_episodes or len(dataset))} episodes at {args.img_size} px, "
+            print(f"{args.benchmark} fold {args.fold} {args.nshot}-shot: {episodes} episodes at {args.img_size} px, "
                   f"{model.backbone_name} from {args.load}, {ctx.world_size} process(es) on {ctx.device}",
                   file=sys.stderr)
-        result = evaluate(model, dataset, args.nshot, ctx.device, progress=args.progress,
-                          visualize_dir=args.visualize, bsz=args.bsz, nworker=args.nworker,
-                          max_episodes=args.max_episodes, amp=amp)
+        try:
+            with _stop_on_first_signal(verbose=ctx.is_main) as stop_requested:
+                result = evaluate(model, dataset, args.nshot, ctx.device, progress=args.progress,
+                                  visualize_dir=args.visualize, bsz=args.bsz, nworker=args.nworker,
+                                  max_episodes=args.max_episodes, amp=amp, stop_requested=stop_requested)
+        except EvaluationStopped as stop:
+            if ctx.is_main:
+                print(f"interrupted after {stop.partial['episodes']} of {episodes} episodes; the numbers below are "
+                      f"over those only (not the protocol's){'; --json not written' if args.json else ''}",
+                      file=sys.stderr)
+                print(format_result(stop.partial))
+            return 130
         if ctx.is_main:
             print(format_result(result))  # first: the result is on screen whatever happens to the file
             if args.json:
