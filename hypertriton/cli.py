@@ -40,4 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help(sys.stderr)
         return 2
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:  # what each command wrote so far is whole (every output is written atomically)
+        print(f"hypertriton {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -296,3 +296,14 @@ def test_evaluate_amp_bf16_runs_under_autocast_and_stays_close(tmp_path, capsys,
     assert cli_main(["evaluate", "--benchmark", "synthetic", "--load", str(lib.BUNDLED_CHECKPOINT), "--img-size",
                      "96", "--max-episodes", "2", "--amp", "fp16", "--device", "cpu", "--no-progress"]) == 2
     assert "fp16" in capsys.readouterr().err
+
+
+def test_ctrl_c_in_a_command_is_one_line_and_exit_code_130(monkeypatch, capsys):
+    import hypertriton.commands.predict as command
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(command, "run", interrupted)
+    assert main(["predict", "--query", "q.png", "--support", "s.png", "--support-mask", "m.png", "--out", "o"]) == 130
+    assert capsys.readouterr().err == "hypertriton predict: interrupted\n"
