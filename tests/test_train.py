@@ -509,6 +509,9 @@ def test_cli_defaults_are_the_original_recipe():
     coco = config_from_args(build_parser().parse_args(["train", "--benchmark", "coco"]))
     assert coco.bsz == 40 and coco.logpath == os.path.join("logs", "coco-fold0-resnet101")
     assert config_from_args(build_parser().parse_args(["train", "--benchmark", "coco", "--bsz", "8"])).bsz == 8
+    # The Python API follows the same recipe (it trained COCO at 20 when only the command line knew 40).
+    assert [TrainConfig(benchmark=b).bsz for b in ("pascal", "coco", "fss")] == [20, 40, 20]
+    assert TrainConfig(benchmark="coco", bsz=8).bsz == 8
 
 
 def test_cli_requires_data_for_real_benchmarks(capsys):

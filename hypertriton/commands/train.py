@@ -14,13 +14,10 @@ import argparse
 import os
 import sys
 
-from hypertriton.training import LR_SCHEDULES, TrainConfig
+from hypertriton.training import LR_SCHEDULES, ORIGINAL_BSZ, TrainConfig
 
 _DEFAULTS = TrainConfig()
 # The published models were trained with batch 40 on COCO-20i and 20 elsewhere.
-ORIGINAL_BSZ = {"coco": 40}
-
-
 def _int_at_least(text: str, least: int, what: str) -> int:
     try:
         value = int(text)
@@ -64,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="total epochs (default: %(default)s, as the original)")
     parser.add_argument("--bsz", type=_positive_int,
                         help="global batch size, split over the torchrun processes (default: the original's, "
-                        f"{ORIGINAL_BSZ['coco']} for coco, {_DEFAULTS.bsz} otherwise)")
+                        f"{ORIGINAL_BSZ['coco']} for coco, {ORIGINAL_BSZ['default']} otherwise)")
     parser.add_argument("--lr", type=float, default=_DEFAULTS.lr, help="Adam learning rate (default: %(default)s)")
     parser.add_argument("--lr-schedule", default=_DEFAULTS.lr_schedule, choices=LR_SCHEDULES,
                         help="constant (the original) or cosine decay to 0 over the run (default: %(default)s)")
@@ -99,7 +96,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         benchmark=args.benchmark, fold=args.fold, backbone=args.backbone, pretrained=args.pretrained,
         backbone_weights=args.backbone_weights, backend=args.backend,
         datapath=args.datapath, splits=args.splits, logpath=logpath, epochs=args.epochs,
-        bsz=args.bsz or ORIGINAL_BSZ.get(args.benchmark, _DEFAULTS.bsz),
+        bsz=args.bsz,
         lr=args.lr, lr_schedule=args.lr_schedule, nworker=args.nworker, img_size=args.img_size, nshot=args.nshot, amp=args.amp,
         resume=args.resume, seed=args.seed, max_steps_per_epoch=args.max_steps_per_epoch,
         val_episodes=args.val_episodes, val_bsz=args.val_bsz, log_every=args.log_every, device=args.device,
