@@ -463,6 +463,30 @@ def test_bias_windows_are_exactly_those_without_an_active_position(backend, mask
             assert torch.equal(ours[b, :, :, :, window], ours[b, :, :1, :1, window].expand(-1, 5, 4))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_window_all_in_the_padding_with_an_active_pivot_is_not_bias_only(backend):
+    """Support padding >= kernel (legal, never HSNet's): a window can lie in the padding while its pivot,
+    outside it, is active; the query branch then adds to it, so it is not flagged, and the torch backend's
+    column split falls back to the dense output."""
+    gen, query, support, weights = make_case(16, 2, 1, 4, 3, 3, 4, 4, 3, 1, out_channels=2, dtype=torch.float32)
+    mask = torch.ones(2, 4, 4)
+    mask[:, 3, 3] = 0  # not all active: the windows are looked at
+    mask[1, 0, 0] = 0  # item 1: the pivot inactive too, so its window holds the biases only
+    stride, padding = (1, 1, 8, 8), (1, 1, 1, 1)
+    want = reference.center_pivot_conv4d(reference.hypercorrelation(query, support, mask)[0], *weights, stride,
+                                         padding)
+    with torch.no_grad():
+        out, flags = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, stride, padding,
+                                                          backend=backend, return_bias_windows=True)
+        split = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, stride, padding,
+                                                     backend="torch", column_split_share=0.0)
+    assert flags.tolist() == [[False], [True]]
+    assert_close_dtype(out, want, dtype=torch.float32)
+    assert (want[0] - (weights[1] + weights[3]).view(-1, 1, 1, 1, 1)).abs().max() > 0.1  # item 0 is not bias
+    assert isinstance(split, torch.Tensor)
+    assert_close_dtype(split, want, dtype=torch.float32)
+
+
 @pytest.mark.parametrize("pixel, computed", [((1, 1), False), ((2, 4), True)])
 def test_support_windows_cover_exactly_what_an_active_position_reaches(pixel, computed):
     """One active pixel: only the conv windows that contain it are computed (none when it falls between

@@ -407,7 +407,10 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
         mask_b = None if mask is None else mask[b]
         actives.append(_active_positions(mask_b, [s[b].flatten(1) for s in support], query_finite[b]))
         bias_only[b] = _bias_only_windows(actives[b], hs, ws, weight_support.shape[-2:], spec, device)
-    split = split_share is not None and float(bias_only.float().mean()) >= split_share
+    # A split stores only windows inside the support branch's box; a padding >= the kernel can leave a
+    # window with an active pivot outside it (never in HSNet: padding k // 2), so that case stays dense.
+    pivots_inside = all(pad < k for pad, k in zip(spec.padding[2:], weight_support.shape[-2:]))
+    split = split_share is not None and pivots_inside and float(bias_only.float().mean()) >= split_share
     # Query-major memory [B, Hq'*Wq', Hs'*Ws', Cout] (see hypertriton.ops.layout), where the learner's
     # next layers run; the writes below cost the same in either layout.
     storage = None if split else new_output((batch, hq2 * wq2, hs2 * ws2, out_channels), spec.compute_dtype, device)
@@ -535,8 +538,10 @@ class _SplitTarget:
 
 def _bias_only_windows(active, hs: int, ws: int, kernel: tuple[int, int], spec: _Spec, device) -> torch.Tensor:
     """``[Hs'*Ws']`` bool: the support-conv windows that contain none of the ``active`` positions (indices
-    into ``Hs*Ws``; None: all are active). Their output is the biases at every query position: the
-    support branch convolves only zeros there, and their pivot (inside the window) is inactive too."""
+    into ``Hs*Ws``; None: all are active) and whose pivot is inactive. Their output is the biases at every
+    query position: the support branch convolves only zeros there, the query branch correlates the zero
+    vector. (With HSNet's padding k // 2 the pivot is the window's centre; a padding >= k can leave it
+    outside the window.)"""
     hs2, ws2 = spec.out_size[2:]
     if active is None:
         return torch.zeros(hs2 * ws2, dtype=torch.bool, device=device)
@@ -549,7 +554,8 @@ def _bias_only_windows(active, hs: int, ws: int, kernel: tuple[int, int], spec: 
     left = (torch.arange(ws2, device=device) * sw - pw).clamp(0, ws)
     right = (torch.arange(ws2, device=device) * sw - pw + kernel[1]).clamp(0, ws)
     inside = (counts[bottom][:, right] - counts[top][:, right] - counts[bottom][:, left] + counts[top][:, left])
-    return (inside == 0).flatten()
+    pivot_active = flags.view(hs, ws)[::sh, ::sw][:hs2, :ws2]
+    return ((inside == 0) & (pivot_active == 0)).flatten()
 
 
 def _captured_pivots(active, windows: _SupportWindows, hq: int, wq: int, spec: _Spec, device):
@@ -651,9 +657,11 @@ def _forward_triton(query, support, mask, weight_query, bias_query, weight_suppo
     if mask is None:
         hit = torch.ones(batch, hs2 * ws2, dtype=torch.bool, device=out.device)
     else:
-        active = active_positions(flat_mask, query_normed, support_normed, read_back=False)
-        hit = F.max_pool2d(active.view(batch, 1, hs, ws).to(out.dtype), kernel, stride, padding) > 0
-        hit = hit.view(batch, hs2 * ws2)
+        active = active_positions(flat_mask, query_normed, support_normed, read_back=False).view(batch, hs, ws)
+        # Zero-padded first: max_pool2d's own padding is limited to half the kernel.
+        padded = F.pad(active[:, None].to(out.dtype), (padding,) * 4)
+        hit = (F.max_pool2d(padded, kernel, stride) > 0).view(batch, hs2 * ws2)
+        pivot_active = active[:, ::stride, ::stride][:, :hs2, :ws2].reshape(batch, hs2 * ws2)
     counts = hit.sum(dim=1, dtype=torch.int32)
     windows = torch.sort((~hit).to(torch.int32), dim=1, stable=True).indices.to(torch.int32)
     query_pivots = torch.stack([_pivot_query_batch(qn, spec) for qn in query_normed], dim=1)  # [B, L, C, NQ]
@@ -661,7 +669,7 @@ def _forward_triton(query, support, mask, weight_query, bias_query, weight_suppo
     support_branch_into(query_pivots.to(cd), torch.stack(support_normed, dim=1).to(cd), weight_support, windows,
                         counts, (hs, ws), stride, padding, out)
     _add_query_branch_batched(out, query_normed, support_normed, weight_query, spec)
-    return result, ~hit
+    return result, ~hit if mask is None else ~(hit | pivot_active)
 
 
 def _add_query_branch_batched(out, query_normed, support_normed, weight, spec: _Spec) -> None:
