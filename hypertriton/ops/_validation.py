@@ -74,6 +74,9 @@ def check_feature_lists(query_feats, support_feats) -> tuple[list[torch.Tensor],
         if q.shape[0] != batch:
             raise ValueError(f"query_feats[{layer}] has batch {q.shape[0]} but query_feats[0] has batch "
                              f"{batch}; expected one batch size for all layers")
+        if q.dtype != query_feats[0].dtype:  # stacked into one tensor: the backends would differ in the result's
+            raise TypeError(f"query_feats[{layer}] is {q.dtype} but query_feats[0] is {query_feats[0].dtype}; "
+                            f"expected one dtype for all layers")
     check_same_device({f"query_feats[{i}]": q for i, q in enumerate(query_feats)}
                       | {f"support_feats[{i}]": s for i, s in enumerate(support_feats)})
     return list(query_feats), list(support_feats)
