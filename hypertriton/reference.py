@@ -25,8 +25,14 @@ def resize_mask(support_mask: torch.Tensor, size: tuple[int, int]) -> torch.Tens
 
 
 def normalize(features: torch.Tensor) -> torch.Tensor:
-    """``f / (||f||_2 + eps)`` over the channel dim of ``[B, C, H, W]``."""
-    return features / (features.norm(p=2, dim=1, keepdim=True) + NORM_EPS)
+    """``f / (||f||_2 + eps)`` over the channel dim of ``[B, C, H, W]``, in ``features``' dtype.
+
+    The norm is taken in fp32 at least, as the backends take it: in fp16 one past 65504 would be inf and
+    zero every correlation of that position (what the original does in fp16).
+    """
+    norm_dtype = torch.promote_types(features.dtype, torch.float32)
+    norm = torch.linalg.vector_norm(features, dim=1, keepdim=True, dtype=norm_dtype)
+    return (features / (norm + NORM_EPS)).to(features.dtype)
 
 
 def correlation(query: torch.Tensor, support: torch.Tensor) -> torch.Tensor:

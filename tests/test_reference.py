@@ -109,3 +109,18 @@ def test_reference_gradcheck():
     s = torch.randn(1, 3, 3, 2, dtype=torch.float64, requires_grad=True)
     mask = torch.rand(1, 5, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b, m: reference.hypercorrelation([a], [b], m)[0], (q, s, mask))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_norms_do_not_overflow(dtype):
+    """fp16 features whose channel norm passes 65504 (finite entries up to ~4e4): the norm taken in fp16
+    would be inf and every correlation 0; the reference takes it in fp32, as the backends do."""
+    gen = torch.Generator().manual_seed(0)
+    query = torch.randn(1, 64, 3, 3, generator=gen) * 1e4
+    support = torch.randn(1, 64, 4, 4, generator=gen) * 1e4
+    assert query.norm(dim=1).min() > 65504 and query.abs().max() < 65504
+    want = reference.correlation(query, support)
+    got = reference.correlation(query.to(dtype), support.to(dtype))
+    assert got.dtype == dtype and want.max() > 0.2
+    torch.testing.assert_close(got.float(), want, atol=2e-2 if dtype == torch.bfloat16 else 2e-3, rtol=0)
+    assert reference.normalize(query.to(dtype)).dtype == dtype
