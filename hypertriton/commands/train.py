@@ -17,7 +17,8 @@ import sys
 from hypertriton.training import LR_SCHEDULES, ORIGINAL_BSZ, TrainConfig
 
 _DEFAULTS = TrainConfig()
-# The published models were trained with batch 40 on COCO-20i and 20 elsewhere.
+
+
 def _int_at_least(text: str, least: int, what: str) -> int:
     try:
         value = int(text)
