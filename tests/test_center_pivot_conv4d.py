@@ -233,3 +233,18 @@ def test_constant_columns_refuse_what_they_cannot_do():
         cp_ops.center_pivot_conv4d_constant_columns(x, flags[:, :5], wq, bq, ws, bs, (1, 1, 2, 2), (1, 1, 1, 1))
     with pytest.raises(ValueError, match="no gradient"):
         cp_ops.center_pivot_conv4d_constant_columns(x, flags, wq, bq, ws, bs, (1, 1, 2, 2), (1, 1, 1, 1))
+
+
+@pytest.mark.parametrize("backend", BACKEND_IDS)
+def test_autocast_computes_in_its_dtype_on_every_backend(backend):
+    """Under torch.autocast the op runs as a convolution layer would, in the autocast dtype (fp16 here: the
+    interpreter's bf16 products are wrong), on every backend (the Triton kernels ignored autocast)."""
+    device = DEVICES[backend]
+    x = make_tensor((2, 3, 4, 5, 6, 5), 30, device=device)
+    wq, bq, ws, bs = weights(4, 3, (3, 3, 3, 3), 31, True, device=device)
+    stride = (1, 1, 2, 2)
+    want = expected(x, wq, bq, ws, bs, stride)
+    with torch.autocast(torch.device(device).type, dtype=torch.float16):
+        got = hypertriton.center_pivot_conv4d(x, wq, bq, ws, bs, stride, backend=backend)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.double().cpu(), want, atol=2e-2, rtol=1e-2)

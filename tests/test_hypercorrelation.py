@@ -193,3 +193,18 @@ def test_torch_backend_placing_products_run_by_run_matches_reference(mask_kind):
         assert_close_dtype(got, want, torch.float32)
     if mask_kind in ("blob", "pixel"):  # some support positions inactive (random masks resize to all active)
         assert any(run_by_run)
+
+
+@pytest.mark.parametrize("backend", BACKEND_IDS)
+def test_autocast_keeps_the_features_dtype_on_every_backend(backend):
+    """Under torch.autocast the products still run in the features' dtype (the Triton kernel's way), so
+    every backend returns what it returns outside autocast (the reference followed autocast to bf16)."""
+    device = DEVICES[backend]
+    query, support = build([(3, (4, 4), (5, 5)), (2, (2, 3), (3, 2))], 2, 21, "contiguous", torch.float32, device)
+    mask = make_mask("blob", 2, 8, 8, 4).to(device)
+    want = hypertriton.hypercorrelation(query, support, mask, backend=backend)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        got = hypertriton.hypercorrelation(query, support, mask, backend=backend)
+    assert [g.dtype for g in got] == [torch.float32] * 2
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)

@@ -484,7 +484,8 @@ def center_pivot_conv4d(x, weight_query, bias_query, weight_support, bias_suppor
 
     Returns:
         ``[B, Cout, ceil(Hq/sqh), ceil(Wq/sqw), ceil(Hs/ssh), ceil(Ws/ssw)]`` in ``x``'s dtype (weights
-        are cast to it).
+        are cast to it); under ``torch.autocast``, as a convolution layer, in the autocast dtype (``x``
+        and the weights cast to it) on every backend.
 
     Example:
         >>> x = torch.randn(1, 4, 5, 5, 6, 6)
@@ -498,7 +499,10 @@ def center_pivot_conv4d(x, weight_query, bias_query, weight_support, bias_suppor
                                          channels_of=f"x has {x.shape[1]} (shape {shape_of(x)})")
     output_size(x.shape, weight_query.shape[-2:], weight_support.shape[-2:], stride, padding)
 
-    # Like an nn.Module called on another dtype: the input's dtype decides.
+    # Like an nn.Module called on another dtype: the input's dtype decides; under autocast, as a conv
+    # would, the autocast dtype (the Triton kernels do not follow autocast by themselves).
+    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:  # autocast leaves fp64 alone
+        x = x.to(torch.get_autocast_dtype(x.device.type))
     weight_query, weight_support = weight_query.to(x.dtype), weight_support.to(x.dtype)
     bias_query = None if bias_query is None else bias_query.to(x.dtype)
     bias_support = None if bias_support is None else bias_support.to(x.dtype)

@@ -198,7 +198,8 @@ def hypercorrelation(query_feats, support_feats, support_mask=None, backend: str
             :mod:`hypertriton.backend`).
 
     Returns:
-        One tensor ``[B, L_p, Hq, Wq, Hs, Ws]`` per level, in the features' dtype.
+        One tensor ``[B, L_p, Hq, Wq, Hs, Ws]`` per level, in the features' dtype (also under
+        ``torch.autocast``: the products run in it, as the Triton kernel accumulates, on every backend).
 
     Example:
         >>> q = [torch.randn(1, 8, 5, 5), torch.randn(1, 8, 3, 3)]
@@ -214,7 +215,8 @@ def hypercorrelation(query_feats, support_feats, support_mask=None, backend: str
     if name == "triton":
         check_triton_dtypes({f"query_feats[{i}]": q for i, q in enumerate(query_feats)})
     if name == "reference":
-        return reference.hypercorrelation(query_feats, support_feats, support_mask)
+        with torch.autocast(device.type, enabled=False):
+            return reference.hypercorrelation(query_feats, support_feats, support_mask)
 
     dtype = query_feats[0].dtype
     compute = _compute_dtype(dtype)
