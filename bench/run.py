@@ -537,7 +537,8 @@ def plot(report: dict, path: Path) -> None:
         fig.suptitle(f"{case}: {title}")
     else:
         bars = [r for r in rows if r["variant"] != "original" and r.get("speedup")]
-        fig, axes = plt.subplots(1, 2, figsize=(12, 0.9 + 0.22 * max(len(bars), 1)), sharey=True)
+        # Room for the title and the two-line axis labels, then per bar.
+        fig, axes = plt.subplots(1, 2, figsize=(12, 1.9 + 0.25 * max(len(bars), 1)), sharey=True)
         positions = list(range(len(bars)))[::-1]
         labels = [f"{r['case']} / {r['mask']} / {r['variant']}" for r in bars]
         for ax, key, name in zip(axes, ("speedup", "memory_ratio"), ("speedup over the original",
