@@ -657,9 +657,10 @@ def train(config: TrainConfig, *, model: torch.nn.Module | None = None, train_da
         on_step: called on every rank after every optimizer step with ``{"epoch", "step",
             "global_step", "loss"}`` (``step`` counts the epoch's steps done, from 1).
         validate_fn: ``validate_fn(model, dataset, config, device, show_progress) -> {"miou", "fbiou"}``
-            instead of :func:`hypertriton.evaluation.evaluate`. Ctrl-C stops the default validation at
-            once, under torchrun too (every rank before the same batch); one's own is cut short on one
-            process and runs to its end under torchrun.
+            instead of :func:`hypertriton.evaluation.evaluate`. Ctrl-C stops a validation at once: on one
+            process always; under torchrun where ``validate_fn`` takes a ``stop_requested`` keyword (a
+            callable to pass on to ``evaluate(stop_requested=...)``, as the default one does), else it
+            runs to its end there.
 
     Returns:
         ``{"epochs_completed", "global_step", "best_miou", "best_epoch", "train_loss" (last epoch's
@@ -791,6 +792,10 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
                     logdir / LAST_CHECKPOINT)
 
     stop = _StopRequest(verbose=ctx.is_main)
+    try:
+        takes_stop_request = "stop_requested" in inspect.signature(validate_fn).parameters
+    except (TypeError, ValueError):  # a callable without a signature (a builtin): called as documented
+        takes_stop_request = False
     stop.install()
     stopping = False
     last_val, epoch_loss, meter = None, None, None
@@ -852,10 +857,10 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
                 model.eval()
                 try:
                     # A stop request ends the validation at once: on one process the signal handler raises
-                    # _StopNow; under torchrun the default validation asks every rank before each batch
+                    # _StopNow; under torchrun the validation asks every rank before each batch
                     # (a rank cannot leave alone: the counts are summed over the ranks at the end).
-                    # A validate_fn of one's own runs to its end under torchrun.
-                    extra = {"stop_requested": lambda: stop.requested} if validate_fn is _validate else {}
+                    # A validate_fn of one's own that takes no stop_requested runs to its end there.
+                    extra = {"stop_requested": lambda: stop.requested} if takes_stop_request else {}
                     with stop.validation(raise_now=not ctx.is_distributed), _isolated_rng(), torch.no_grad():
                         last_val = validate_fn(model, val_dataset, config, device, show, **extra)
                 except (_StopNow, EvaluationStopped):  # last.pt holds this state already (saved above)

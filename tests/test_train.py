@@ -244,6 +244,21 @@ def test_best_checkpoint_is_the_best_validated_model_in_original_format(tmp_path
     assert rows[0]["event"] == "start" and rows[-1]["event"] == "end"
 
 
+def test_a_validate_fn_taking_stop_requested_gets_the_stop_request(tmp_path):
+    """What lets a validation of one's own stop with the others under torchrun (see
+    test_distributed.py for the default one): the run's stop request, as a callable."""
+    seen = []
+
+    def validate(model, dataset, config, device, show_progress, stop_requested):
+        seen.append(stop_requested())
+        return {"miou": 1.0, "fbiou": 1.0}
+
+    trn, val = tiny_data()
+    train(tiny_config(tmp_path, epochs=2, max_steps_per_epoch=1), train_dataset=trn, val_dataset=val,
+          validate_fn=validate)
+    assert seen == [False, False]
+
+
 def _stop_at(global_step: int):
     def on_step(info):
         if info["global_step"] == global_step:
