@@ -17,7 +17,6 @@ Example::
 from __future__ import annotations
 
 import os
-import signal
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 
 from . import distributed as hdist
 from ._io import atomic_file
+from ._signals import ignore_sigint_in_worker
 from .data.common import IMAGENET_MEAN, IMAGENET_STD
 from .metrics import SegmentationMeter
 
@@ -75,12 +75,6 @@ def _base_dataset(dataset):
     while not hasattr(dataset, "class_ids") and hasattr(dataset, "dataset"):
         dataset = dataset.dataset
     return dataset
-
-
-def ignore_sigint_in_worker(_worker_id: int) -> None:
-    """A DataLoader ``worker_init_fn``: Ctrl-C reaches the whole process group; the main process decides
-    when to stop, so workers must not die and turn a clean stop into a "DataLoader worker exited" error."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _loader(source, bsz: int, nworker: int, max_episodes: int | None) -> DataLoader:

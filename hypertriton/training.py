@@ -49,15 +49,12 @@ import json
 import math
 import os
 import random
-import signal
-import sys
-import threading
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -67,8 +64,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from hypertriton import distributed as hdist
 from hypertriton.backend import check_backend_name, reduced_precision_slow_reason, warn_if_reduced_precision_slow
 from hypertriton._io import atomic_file, atomic_save, check_writable, load_error_summary, load_on_cpu
+from hypertriton._signals import StopRequest, ignore_sigint_in_worker
 from hypertriton.checkpoint import TRAIN_STATE_FORMAT
-from hypertriton.evaluation import EvaluationStopped, evaluate, ignore_sigint_in_worker
+from hypertriton.evaluation import EvaluationStopped, evaluate
 
 __all__ = [
     "TrainConfig",
@@ -479,16 +477,14 @@ class _StopNow(BaseException):
     BaseException, so that no ``except Exception`` in the interrupted code takes it)."""
 
 
-class _StopRequest:
+class _StopRequest(StopRequest):
     """First SIGINT/SIGTERM asks the loop to stop after the current step, or the validation at once (it
     changes nothing a resume needs); a second one interrupts."""
 
     def __init__(self, verbose: bool):
-        self.requested = False
-        self.verbose = verbose
+        super().__init__(verbose)
         self._validating = False
         self._raise_now = False
-        self._previous: dict[int, Any] = {}
 
     @contextmanager
     def validation(self, raise_now: bool):
@@ -501,26 +497,11 @@ class _StopRequest:
         finally:
             self._validating, self._raise_now = previous
 
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set from the main thread
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.signal(signum, self._handle)
+    def describe(self) -> str:
+        doing = "stopping the validation (it reruns on --resume)" if self._validating else "finishing the current step"
+        return f"{doing} and saving {LAST_CHECKPOINT}"
 
-    def restore(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
-
-    def _handle(self, signum, _frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        if self.verbose:
-            doing = ("stopping the validation (it reruns on --resume)" if self._validating
-                     else "finishing the current step")
-            print(f"\n{signal.Signals(signum).name} received: {doing} and saving {LAST_CHECKPOINT} (send it "
-                  "again to stop at once)", file=sys.stderr, flush=True)
+    def on_first_signal(self) -> None:
         if self._raise_now:
             raise _StopNow
 

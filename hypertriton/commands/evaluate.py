@@ -17,13 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
-import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 from hypertriton._io import atomic_file
+from hypertriton._signals import StopRequest
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,29 +86,9 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--splits is required for {args.benchmark}")
 
 
-@contextmanager
-def _stop_on_first_signal(verbose: bool):
-    """Yields ``stop_requested()``: True once SIGINT/SIGTERM came (Ctrl-C; torchrun passes it on to every
-    process); a second signal interrupts at once. Outside the main thread, signals are left alone."""
-    received = []
-
-    def handle(signum, _frame):
-        if received:
-            raise KeyboardInterrupt
-        received.append(signum)
-        if verbose:
-            print(f"\n{signal.Signals(signum).name} received: stopping after the current batch (send it again to "
-                  "stop at once)", file=sys.stderr, flush=True)
-
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
-        return
-    previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield lambda: bool(received)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+class _StopAfterBatch(StopRequest):
+    def describe(self) -> str:
+        return "stopping after the current batch"
 
 
 def write_json_atomic(data: dict, path: str | os.PathLike) -> Path:
@@ -149,10 +127,10 @@ def run(args: argparse.Namespace) -> int:
                   f"{model.backbone_name} from {args.load}, {ctx.world_size} process(es) on {ctx.device}",
                   file=sys.stderr)
         try:
-            with _stop_on_first_signal(verbose=ctx.is_main) as stop_requested:
+            with _StopAfterBatch(verbose=ctx.is_main) as stop:
                 result = evaluate(model, dataset, args.nshot, ctx.device, progress=args.progress,
                                   visualize_dir=args.visualize, bsz=args.bsz, nworker=args.nworker,
-                                  max_episodes=args.max_episodes, amp=amp, stop_requested=stop_requested)
+                                  max_episodes=args.max_episodes, amp=amp, stop_requested=lambda: stop.requested)
         except EvaluationStopped as stop:
             if ctx.is_main:
                 print(f"interrupted after {stop.partial['episodes']} of {episodes} episodes; the numbers below are "

@@ -1,0 +1,64 @@
+"""Ctrl-C / SIGTERM handling shared by the long-running commands (training, evaluation).
+
+The first signal only asks the work to stop at its next safe point; a second one interrupts at once
+(``KeyboardInterrupt``). DataLoader workers ignore SIGINT, which reaches the whole process group.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from typing import Any
+
+
+def ignore_sigint_in_worker(_worker_id: int) -> None:
+    """A DataLoader ``worker_init_fn``: Ctrl-C reaches the whole process group; the main process decides
+    when to stop, so workers must not die and turn a clean stop into a "DataLoader worker exited" error
+    (nor print the main process's handler message again: they inherit it)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class StopRequest:
+    """First SIGINT/SIGTERM sets :attr:`requested` and, when ``verbose``, prints what happens next
+    (:meth:`describe`); a second one raises ``KeyboardInterrupt``. Handlers are installed only from the
+    main thread (elsewhere signals are left alone); usable as a context manager."""
+
+    def __init__(self, verbose: bool):
+        self.requested = False
+        self.verbose = verbose
+        self._previous: dict[int, Any] = {}
+
+    def describe(self) -> str:
+        """What the first signal makes happen, for its message."""
+        return "stopping at the next safe point"
+
+    def on_first_signal(self) -> None:
+        """Called after the first signal is recorded (and announced)."""
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def __enter__(self) -> StopRequest:
+        self.install()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+    def _handle(self, signum, _frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.verbose:
+            print(f"\n{signal.Signals(signum).name} received: {self.describe()} (send it again to stop at once)",
+                  file=sys.stderr, flush=True)
+        self.on_first_signal()
