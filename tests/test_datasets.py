@@ -58,9 +58,11 @@ def test_transform_is_torchvisions_bit_for_bit(pascal_data):
 
 
 def nearest(raw: np.ndarray, size=SIZE) -> np.ndarray:
-    """Nearest resize as F.interpolate(mode='nearest') picks sources: floor(dst * in / out)."""
-    rows = np.floor(np.arange(size) * raw.shape[0] / size).astype(int)
-    cols = np.floor(np.arange(size) * raw.shape[1] / size).astype(int)
+    """Nearest resize as F.interpolate(mode='nearest') picks sources: floor(dst * in / out). ``size``: a
+    side or ``(H, W)``."""
+    height, width = (size, size) if isinstance(size, int) else size
+    rows = np.floor(np.arange(height) * raw.shape[0] / height).astype(int)
+    cols = np.floor(np.arange(width) * raw.shape[1] / width).astype(int)
     return raw[rows][:, cols]
 
 
@@ -182,12 +184,39 @@ def test_unreadable_files_name_the_file(fss_data, tmp_path):
         fss_item(root, splits)
 
 
-def test_mask_of_another_size_is_refused(fss_data, tmp_path):
+def test_mask_of_another_size_is_resized_on_its_own_with_a_warning(fss_data, tmp_path):
+    # FSS-1000's test split holds a few masks that are not the size of their images; the original resizes
+    # image and mask to the input size each on its own, so it runs over them, and so must we.
     root, splits = copy_tree(fss_data, tmp_path)
-    width, height = Image.open(root / "FSS-1000" / "bus" / "1.jpg").size
-    Image.fromarray(np.zeros((height + 1, width), dtype=np.uint8)).save(root / "FSS-1000" / "bus" / "1.png")
-    with pytest.raises(DatasetError, match=rf"bus/1\.png is {width}x{height + 1} .* its image is {width}x{height}"):
-        fss_item(root, splits)
+    episode = build_dataset("fss", root, splits, 0, "test", nshot=1, img_size=SIZE).episodes[0]
+    width, height = Image.open(root / "FSS-1000" / episode.query).size
+    masks = {}
+    for name, (mask_height, mask_width) in ((episode.query, (height + 3, 2 * width)),
+                                             (episode.supports[0], (height // 2, width + 5))):
+        raw = np.zeros((mask_height, mask_width), dtype=np.uint8)
+        raw[: mask_height // 3, : (2 * mask_width) // 3] = 255
+        path = root / "FSS-1000" / name.replace(".jpg", ".png")
+        Image.fromarray(raw).save(path)
+        masks[name] = raw
+    assert episode.query != episode.supports[0]
+
+    for use_original_imgsize in (False, True):
+        ds = build_dataset("fss", root, splits, 0, "test", nshot=1, img_size=SIZE,
+                           use_original_imgsize=use_original_imgsize)
+        with pytest.warns(UserWarning) as caught:
+            item = ds[0]
+        messages = sorted(str(w.message) for w in caught)
+        assert len(messages) == 2
+        assert f"{episode.query.replace('.jpg', '.png')} is {2 * width}x{height + 3} (WxH) but its image is " \
+               f"{width}x{height}" in "\n".join(messages)
+        # Scored at the image's own size, the query's truth is resized to that size.
+        query_size = (height, width) if use_original_imgsize else SIZE
+        expected_query = nearest(masks[episode.query], query_size) >= 128
+        assert torch.equal(item["query_mask"], torch.from_numpy(expected_query).float())
+        assert item["query_mask"].sum() > 0
+        expected_support = nearest(masks[episode.supports[0]]) >= 128
+        assert torch.equal(item["support_masks"][0], torch.from_numpy(expected_support).float())
+        assert item["org_query_imsize"] == (width, height)
 
 
 def test_empty_class_and_missing_class_folder(fss_data, tmp_path):

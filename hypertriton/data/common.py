@@ -6,7 +6,9 @@ Everything here follows the original HSNet data pipeline:
   ``torchvision.transforms.Resize`` does it), scaled to [0, 1], ImageNet mean/std normalization;
 - masks: read as class-index (or grey-level) maps and resized with nearest neighbour
   (``F.interpolate(mode="nearest")``);
-- every problem with the data on disk raises :class:`DatasetError` naming the offending file.
+- every problem with the data on disk raises :class:`DatasetError` naming the offending file; a mask of
+  another size than its image only warns (the benchmarks hold a few; the original resizes each on
+  its own).
 
 The :class:`FewShotDataset` base turns an episode (query name, support names, class id) into the
 original batch dict; the benchmark modules only say where files live and how a raw mask becomes a
@@ -16,6 +18,7 @@ original batch dict; the benchmark modules only say where files live and how a r
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -32,7 +35,7 @@ SPLITS = ("trn", "val", "test")
 
 
 class DatasetError(ValueError):
-    """Bad data on disk: a missing or unreadable file, a mask that does not fit its image, a split
+    """Bad data on disk: a missing or unreadable file, a mask that is not a single-channel map, a split
     entry without a file, a class without images. The message always names the file."""
 
 
@@ -137,13 +140,11 @@ def read_image(path: str | os.PathLike) -> Image.Image:
         raise DatasetError(f"cannot read image file {path}: {error}") from None
 
 
-def read_mask(path: str | os.PathLike, image_size: tuple[int, int], grey: bool = False) -> torch.Tensor:
+def read_mask(path: str | os.PathLike, grey: bool = False) -> torch.Tensor:
     """A mask as an integer tensor ``[H, W]`` (uint8 pixel values, as ``np.array(Image.open(path))``).
 
     Args:
         path: the mask file (PNG).
-        image_size: ``(W, H)`` of the image it annotates (PIL ``size``); a different mask size is an
-            error, since the nearest resize would silently misalign them.
         grey: convert to 8-bit grey first (FSS-1000 masks may be stored as RGB).
     """
     try:
@@ -158,11 +159,21 @@ def read_mask(path: str | os.PathLike, image_size: tuple[int, int], grey: bool =
         raise DatasetError(f"cannot read mask file {path}: {error}") from None
     if array.ndim != 2:
         raise DatasetError(f"mask file {path} has shape {array.shape}; expected a single-channel [H, W] mask")
-    width, height = image_size
-    if array.shape != (height, width):
-        raise DatasetError(
-            f"mask file {path} is {array.shape[1]}x{array.shape[0]} (WxH) but its image is {width}x{height}")
     return torch.from_numpy(array.astype(np.int64))
+
+
+def warn_if_mask_misfits(mask: torch.Tensor, path: str | os.PathLike, image_size: tuple[int, int]) -> None:
+    """Warn (once per file and process) when a mask ``[H, W]`` is not the size ``(W, H)`` of its image.
+
+    The benchmarks' own files have such pairs (FSS-1000's test split holds a few masks that are not
+    224x224 beside 224x224 images). The original resizes image and mask to the input size each on its
+    own and so runs over them; so do we, but say so, since for data of one's own it usually means a
+    wrong file.
+    """
+    width, height = image_size
+    if tuple(mask.shape) != (height, width):
+        warnings.warn(f"mask file {path} is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image is "
+                      f"{width}x{height}; each is resized on its own, as the original does", stacklevel=2)
 
 
 def resize_mask(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -272,6 +283,9 @@ class FewShotDataset(Dataset):
         query_img = self.transform(query_pil)
         if not self.use_original_imgsize:
             query_raw = resize_mask(query_raw, image_size)
+        elif query_raw.shape != (query_pil.size[1], query_pil.size[0]):
+            # Scored at the image's own size: the prediction is upsampled to it, so its truth must be too.
+            query_raw = resize_mask(query_raw, (query_pil.size[1], query_pil.size[0]))
         query_mask, query_ignore = self.binarize(query_raw.float(), episode.class_id)
 
         support_imgs, support_masks, support_ignores = [], [], []
@@ -306,7 +320,9 @@ class FewShotDataset(Dataset):
         path = self.mask_path(name)
         if not path.exists():
             raise DatasetError(f"split entry {name!r} has no mask file: {path} does not exist")
-        return read_mask(path, image_size, grey=self.grey_masks)
+        mask = read_mask(path, grey=self.grey_masks)
+        warn_if_mask_misfits(mask, path, image_size)
+        return mask
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(split={self.split!r}, nshot={self.nshot}, episodes={len(self)}, "
