@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ._io import load_on_cpu, temporary_path
 from .compact import is_compact, load_compact, save_compact  # noqa: F401  (part of this module's API)
@@ -67,11 +67,17 @@ def _open(path, role: str) -> Image.Image:
         image.load()  # decode now, so a truncated file fails here and not halfway through a run
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
         raise InputError(f"{role}: cannot read {str(path)!r} as an image ({type(error).__name__}: {error})") from None
-    return image
+    # Upright as viewers and annotation tools show it: phone photos store their pixels sideways and say
+    # so in the EXIF orientation tag, which PIL does not apply by itself. Unparsable EXIF: as stored.
+    try:
+        return ImageOps.exif_transpose(image)
+    except (OSError, ValueError, SyntaxError, TypeError, KeyError):
+        return image
 
 
 def read_image(path, role: str = "image") -> np.ndarray:
-    """An image file as RGB ``uint8`` ``[H, W, 3]``.
+    """An image file as RGB ``uint8`` ``[H, W, 3]``, turned upright by its EXIF orientation (as image
+    viewers show it).
 
     Raises:
         InputError: the file is missing or is not a readable image.
@@ -84,7 +90,8 @@ def read_mask(path, image_hw: tuple[int, int] | None = None, role: str = "mask",
     """A binary mask file as ``bool`` ``[H, W]`` (True = object).
 
     Accepted: one channel (or equal RGB channels, or palette indices) holding only 0 and 1, or only 0
-    and 255 (one value alone is fine).
+    and 255 (one value alone is fine). An EXIF orientation, if the file has one, is applied as in
+    :func:`read_image`.
 
     Args:
         image_hw: the ``(H, W)`` of the mask's image; a mask of another size is refused.
@@ -108,8 +115,10 @@ def read_mask(path, image_hw: tuple[int, int] | None = None, role: str = "mask",
     height, width = values.shape[:2]
     if image_hw is not None and (height, width) != tuple(image_hw):
         of = f" {str(image_path)!r}" if image_path is not None else ""
+        turned = ("; the two are turned by 90 degrees: images are read upright by their EXIF orientation, as "
+                  "viewers show them; draw the mask on the upright image") if (width, height) == tuple(image_hw) else ""
         raise InputError(f"{role}: {str(path)!r} is {width}x{height} (WxH) but its image{of} is "
-                         f"{image_hw[1]}x{image_hw[0]}; a mask must have its image's size")
+                         f"{image_hw[1]}x{image_hw[0]}; a mask must have its image's size{turned}")
     found = np.unique(values)
     if not (set(found.tolist()) <= {0, 1} or set(found.tolist()) <= {0, 255}):
         shown = ", ".join(str(v) for v in found[:8]) + (", ..." if len(found) > 8 else "")

@@ -174,6 +174,30 @@ def test_read_mask_accepts_zero_one_palette_and_grey_rgb(tmp_path):
         lib.read_mask(tmp_path / "colour.png")
 
 
+def test_images_are_read_upright_by_their_exif_orientation(tmp_path):
+    # A phone photo stores its pixels sideways and the EXIF tag 0x0112 says how to turn them; viewers and
+    # annotation tools show (and masks are drawn on) the turned image.
+    stored = np.random.default_rng(0).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    Image.fromarray(stored).save(tmp_path / "phone.png", exif=exif)
+    upright = lib.read_image(tmp_path / "phone.png")
+    np.testing.assert_array_equal(upright, np.rot90(stored, k=-1))
+    assert upright.shape == (10, 6, 3)
+
+    drawn_upright = np.zeros((10, 6), np.uint8)
+    drawn_upright[:4, :2] = 255
+    _save(tmp_path / "upright_mask.png", drawn_upright)
+    np.testing.assert_array_equal(lib.read_mask(tmp_path / "upright_mask.png", upright.shape[:2]), drawn_upright > 0)
+    # A mask drawn on the stored (sideways) pixels no longer fits, and the error says why.
+    _save(tmp_path / "stored_mask.png", np.rot90(drawn_upright).copy())
+    with pytest.raises(lib.InputError, match=r"10x6 \(WxH\) but its image is 6x10.*turned by 90 degrees.*EXIF"):
+        lib.read_mask(tmp_path / "stored_mask.png", upright.shape[:2])
+    # Without the tag nothing turns.
+    _save(tmp_path / "plain.png", stored)
+    np.testing.assert_array_equal(lib.read_image(tmp_path / "plain.png"), stored)
+
+
 def test_write_pngs_leaves_nothing_when_one_file_fails(tmp_path):
     good = tmp_path / "a.png"
     with pytest.raises(TypeError):
