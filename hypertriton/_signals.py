@@ -1,7 +1,7 @@
 """Ctrl-C / SIGTERM handling shared by the long-running commands (training, evaluation).
 
 The first signal only asks the work to stop at its next safe point; a second one interrupts at once
-(``KeyboardInterrupt``). DataLoader workers ignore SIGINT, which reaches the whole process group.
+(``KeyboardInterrupt``). DataLoader workers ignore both, since they reach the whole process group.
 """
 
 from __future__ import annotations
@@ -12,11 +12,14 @@ import threading
 from typing import Any
 
 
-def ignore_sigint_in_worker(_worker_id: int) -> None:
-    """A DataLoader ``worker_init_fn``: Ctrl-C reaches the whole process group; the main process decides
-    when to stop, so workers must not die and turn a clean stop into a "DataLoader worker exited" error
-    (nor print the main process's handler message again: they inherit it)."""
+def ignore_stop_signals_in_worker(_worker_id: int) -> None:
+    """A DataLoader ``worker_init_fn``: Ctrl-C (SIGINT) reaches the whole process group, and so does the
+    SIGTERM of torchrun (which signals its workers' process groups) or of a cluster scheduler. The main
+    process decides when to stop, so workers must not die and turn a clean stop into a "DataLoader worker
+    exited unexpectedly" error (nor print the main process's handler message again: they inherit it).
+    They still exit when the main process does (PyTorch's workers watch their parent)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class StopRequest:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from . import distributed as hdist
 from ._io import atomic_file
-from ._signals import ignore_sigint_in_worker
+from ._signals import ignore_stop_signals_in_worker
 from .data.common import IMAGENET_MEAN, IMAGENET_STD
 from .metrics import SegmentationMeter
 
@@ -93,8 +93,8 @@ def _loader(source, bsz: int, nworker: int, max_episodes: int | None) -> DataLoa
     sampler = ShardSampler(length, hdist.get_rank(), hdist.get_world_size())
     kwargs = {} if collate is None else {"collate_fn": collate}
     return DataLoader(dataset, batch_size=bsz, sampler=sampler, num_workers=nworker,
-                      pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_sigint_in_worker if nworker else None,
-                      **kwargs)
+                      pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=ignore_stop_signals_in_worker if nworker else None, **kwargs)
 
 
 def _agree(stop: bool, has_batch: bool) -> tuple[bool, bool]:

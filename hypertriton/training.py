@@ -64,7 +64,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from hypertriton import distributed as hdist
 from hypertriton.backend import check_backend_name, reduced_precision_slow_reason, warn_if_reduced_precision_slow
 from hypertriton._io import atomic_file, atomic_save, check_writable, load_error_summary, load_on_cpu
-from hypertriton._signals import StopRequest, ignore_sigint_in_worker
+from hypertriton._signals import StopRequest, ignore_stop_signals_in_worker
 from hypertriton.checkpoint import TRAIN_STATE_FORMAT
 from hypertriton.evaluation import EvaluationStopped, evaluate
 
@@ -738,7 +738,7 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
     sampler = EpisodeSampler(train_dataset, ctx.world_size, ctx.rank, config.seed)
     loader = DataLoader(SeededEpisodes(train_dataset), batch_size=rank_bsz, sampler=sampler,
                         num_workers=config.nworker, pin_memory=device.type == "cuda",
-                        worker_init_fn=ignore_sigint_in_worker if config.nworker else None,
+                        worker_init_fn=ignore_stop_signals_in_worker if config.nworker else None,
                         persistent_workers=config.nworker > 0)
     full_steps = math.ceil(math.ceil(len(train_dataset) / ctx.world_size) / rank_bsz)
     steps_per_epoch = min(full_steps, config.max_steps_per_epoch or full_steps)

@@ -509,6 +509,45 @@ def test_cli_ctrl_c_saves_state_and_resume_finishes_the_run(tmp_path, capsys):
     HSNet.from_checkpoint(logpath / BEST_CHECKPOINT)
 
 
+SIGTERM_WHILE_WAITING = """
+import os, signal, sys, threading, time
+from hypertriton.data.synthetic import SyntheticDataset
+from hypertriton.training import TrainConfig, train
+
+class SlowEpisodes(SyntheticDataset):
+    def __getitem__(self, index):
+        time.sleep(0.6)  # the main process waits on its worker for every batch
+        return super().__getitem__(index)
+
+def on_step(info):
+    if info["global_step"] == 1:  # SIGTERM to the process group, as torchrun or a scheduler sends it
+        threading.Timer(0.3, os.killpg, (os.getpgid(0), signal.SIGTERM)).start()
+
+config = TrainConfig(benchmark="synthetic", backbone="resnet18", pretrained=False, img_size=64, bsz=2, epochs=2,
+                     max_steps_per_epoch=6, val_episodes=0, device="cpu", progress=False, tensorboard=False,
+                     logpath=sys.argv[1], nworker=1, log_every=1)
+summary = train(config, train_dataset=SlowEpisodes(split="trn", fold=0, img_size=64, episodes=64), on_step=on_step)
+print("stopped", summary["interrupted"], summary["global_step"])
+"""
+
+
+def test_sigterm_to_the_process_group_stops_cleanly_while_waiting_for_a_batch(tmp_path):
+    # The data-loader worker gets the signal too; were it to die, the main process, waiting for its next
+    # batch, would crash with "DataLoader worker exited unexpectedly" and save nothing.
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(SIGTERM_WHILE_WAITING)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "run")], env={**env, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=180, start_new_session=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stopped True 2" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert "SIGTERM received" in proc.stderr
+    assert load_training_state(tmp_path / "run" / LAST_CHECKPOINT)["global_step"] == 2
+
+
 def test_cli_defaults_are_the_original_recipe():
     from hypertriton.cli import build_parser
     from hypertriton.commands.train import config_from_args
