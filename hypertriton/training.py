@@ -1,8 +1,8 @@
 """Train HSNet with the original recipe, on one process or many (``torchrun`` + DDP).
 
 The defaults are the original recipe: 1-shot episodes, Adam with a constant learning rate of 1e-3, a
-batch of 20 episodes, cross-entropy over {background, foreground} averaged over the query pixels, and
-the checkpoint kept by best validation mIoU. Only the 4D learner and decoder train; the backbone is
+batch of 20 episodes (40 for COCO), cross-entropy over {background, foreground} averaged over the query
+pixels, and the checkpoint kept by best validation mIoU. Only the 4D learner and decoder train; the backbone is
 frozen.
 
 Files in ``logpath`` (written by rank 0 only, each checkpoint atomically: temp file + ``os.replace``):
@@ -20,12 +20,15 @@ Files in ``logpath`` (written by rank 0 only, each checkpoint atomically: temp f
 - ``log.jsonl``: one JSON object per line, ``event`` = ``start``/``resume``, ``step`` (``loss``: the
   step's mean over all ranks), ``epoch`` (``train_loss``, ``train_miou``, ``train_fbiou``, ``val_miou``,
   ``val_fbiou``, ``best_miou``), ``best``, ``stop``, ``end``; ``config.json``; TensorBoard scalars
-  under ``tensorboard/`` when ``tensorboard`` is installed (skipped silently otherwise).
+  under ``tensorboard/`` when ``tensorboard`` is installed (skipped silently otherwise). After a crash
+  (no clean stop) a resumed run repeats the steps since the last save: ``log.jsonl`` then holds their
+  rows twice, the later ones after the ``resume`` row; TensorBoard drops the earlier ones.
 
 Exact resume: every training episode is drawn under its own seed, a function of ``(seed, epoch,
 episode index)`` only, and the epoch's episode order is a function of ``(seed, epoch)``. A run resumed
 from ``last.pt`` therefore sees the same batches in the same order as an uninterrupted run, whatever
-the number of data-loader workers, and ends with the same parameters.
+the number of data-loader workers, and ends with the same parameters (on a GPU, up to the run-to-run
+nondeterminism of some CUDA kernels, which two uninterrupted runs show too).
 
 Distributed: ``bsz`` is the global batch, split evenly over the ranks (so ``--bsz 20`` is the original
 recipe on any number of GPUs: DDP averages the per-rank gradients of equal-sized shards). Validation
@@ -146,7 +149,8 @@ class TrainConfig:
             classes without one; ``val_miou`` still averages over all of them (those count 0, as the
             protocol's mean), which lowers it but not which epoch is best (the episodes are the same
             every epoch).
-        val_bsz: validation batch size (``None``: ``bsz``).
+        val_bsz: validation batch size per process (``None``: the training batch per process, ``bsz``
+            divided by the number of processes).
         log_every: write a ``step`` row to ``log.jsonl`` every this many optimizer steps.
         device: ``"cuda"``, ``"cpu"`` or ``None`` (CUDA when available).
         progress: show tqdm progress bars (rank 0 only).
@@ -201,6 +205,8 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr: expected a positive finite number, got {self.lr!r}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed: expected an integer in [0, 2**64), got {self.seed!r}")
         if not isinstance(self.nworker, int) or self.nworker < 0:
             raise ValueError(f"nworker: expected an integer >= 0, got {self.nworker!r}")
         for name in ("max_steps_per_epoch", "val_bsz"):
@@ -223,7 +229,7 @@ class TrainConfig:
 class _RunLog:
     """JSON lines (and TensorBoard scalars when available); silent on ranks other than 0."""
 
-    def __init__(self, logdir: Path, enabled: bool, tensorboard: bool):
+    def __init__(self, logdir: Path, enabled: bool, tensorboard: bool, resumed_at: int | None = None):
         self.enabled = enabled
         self._file = None
         self._tb = None
@@ -237,7 +243,9 @@ class _RunLog:
             except ImportError:  # tensorboard not installed: JSON lines only
                 SummaryWriter = None
             if SummaryWriter is not None:
-                self._tb = SummaryWriter(log_dir=str(logdir / "tensorboard"))
+                # A run resumed after a crash repeats the steps since its last save: TensorBoard drops the
+                # earlier copies of those (steps >= purge_step) instead of drawing both.
+                self._tb = SummaryWriter(log_dir=str(logdir / "tensorboard"), purge_step=resumed_at)
 
     def write(self, event: str, **fields) -> None:
         if not self.enabled:
@@ -529,7 +537,8 @@ def _validate(model: torch.nn.Module, dataset: Dataset, config: TrainConfig, dev
     # evaluate() shards the episodes over the ranks and all-reduces the counts itself; with
     # stop_requested it raises EvaluationStopped on every rank once any rank is asked to stop.
     result = evaluate(model, dataset, nshot=config.nshot, device=device, progress=show_progress,
-                      bsz=config.val_bsz or config.bsz, nworker=config.nworker, max_episodes=config.val_episodes,
+                      bsz=config.val_bsz or max(config.bsz // hdist.get_world_size(), 1), nworker=config.nworker,
+                      max_episodes=config.val_episodes,
                       stop_requested=stop_requested)
     return {"miou": float(result["miou"]), "fbiou": float(result["fb_iou"])}
 
@@ -613,6 +622,14 @@ def _check_resume_config(saved: dict, config: TrainConfig, world_size: int) -> N
         if saved.get(name) != getattr(config, name):
             warnings.warn(f"resume: {name} changed from {saved.get(name)!r} to {getattr(config, name)!r}; "
                           "the continued run will differ from an uninterrupted one", stacklevel=3)
+    if "cosine" in (saved.get("lr_schedule"), config.lr_schedule) and saved.get("epochs") != config.epochs:
+        warnings.warn(f"resume: epochs changed from {saved.get('epochs')!r} to {config.epochs!r}; the cosine "
+                      "schedule now spans the new length, so the learning rate jumps where the run resumes",
+                      stacklevel=3)
+    if saved.get("val_episodes") != config.val_episodes:
+        warnings.warn(f"resume: val_episodes changed from {saved.get('val_episodes')!r} to "
+                      f"{config.val_episodes!r}; the best mIoU so far was measured on other episodes, so "
+                      "best_model.pt is chosen by comparing scores over different sets", stacklevel=3)
     if saved.get("world_size", world_size) != world_size:
         warnings.warn(f"resume: the run used {saved.get('world_size')} processes, now {world_size}; the "
                       "episodes are the same but float rounding in gradient averaging differs", stacklevel=3)
@@ -744,7 +761,7 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
     steps_per_epoch = min(full_steps, config.max_steps_per_epoch or full_steps)
     total_steps = config.epochs * steps_per_epoch
 
-    log = _RunLog(logdir, ctx.is_main, config.tensorboard)
+    log = _RunLog(logdir, ctx.is_main, config.tensorboard, resumed_at=global_step if state is not None else None)
     if ctx.is_main:
         recorded = dataclasses.asdict(config)
         if own_data:  # the items come at the dataset's own size (None: unknown), which predict reads here
@@ -850,9 +867,12 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
                     stopping = True
                     break
                 if last_val["miou"] > best_miou:
-                    best_miou, best_epoch = last_val["miou"], epoch
+                    # The new best counts only once its file is written: a second Ctrl-C during the write
+                    # must leave last.pt with the old best, so that --resume's rerun of this validation
+                    # writes it again.
                     if ctx.is_main:
                         save_checkpoint(model, logdir / BEST_CHECKPOINT)  # atomic, original format
+                    best_miou, best_epoch = last_val["miou"], epoch
                     log.write("best", epoch=epoch, miou=best_miou, checkpoint=BEST_CHECKPOINT)
             row = {"train_loss": epoch_loss, "train_miou": meter.miou() if meter else None,
                    "train_fbiou": meter.fb_iou() if meter else None,

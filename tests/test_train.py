@@ -244,6 +244,35 @@ def test_best_checkpoint_is_the_best_validated_model_in_original_format(tmp_path
     assert rows[0]["event"] == "start" and rows[-1]["event"] == "end"
 
 
+def test_a_second_ctrl_c_while_the_best_model_is_written_keeps_it_for_the_resumed_run(tmp_path, monkeypatch):
+    import hypertriton.checkpoint as checkpoint
+
+    trn, val = tiny_data()
+    validation = _ScriptedValidation([10.0, 30.0, 30.0, 20.0])
+    write = checkpoint.save_checkpoint
+    calls = []
+
+    def interrupted_on_the_second_write(model, path):
+        calls.append(path)
+        if len(calls) == 2:  # epoch 1's new best
+            raise KeyboardInterrupt
+        return write(model, path)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", interrupted_on_the_second_write)
+    config = tiny_config(tmp_path, epochs=3, max_steps_per_epoch=1)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, train_dataset=trn, val_dataset=val, validate_fn=validation)
+    state = load_training_state(tmp_path / LAST_CHECKPOINT)
+    assert (state["epoch"], state["best_miou"], state["best_epoch"]) == (1, 10.0, 0)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", write)
+    summary = train(dataclasses.replace(config, resume="auto"), train_dataset=trn, val_dataset=val,
+                    validate_fn=validation)
+    assert (summary["best_epoch"], summary["best_miou"]) == (1, 30.0)
+    for key, value in HSNet.from_checkpoint(tmp_path / BEST_CHECKPOINT).state_dict().items():
+        assert torch.equal(value, validation.seen[2][key]), key  # epoch 1's weights, validated again
+
+
 def test_a_validate_fn_taking_stop_requested_gets_the_stop_request(tmp_path):
     """What lets a validation of one's own stop with the others under torchrun (see
     test_distributed.py for the default one): the run's stop request, as a callable."""
@@ -383,11 +412,64 @@ def test_cosine_schedule_is_followed_and_survives_a_stop(tmp_path):
         assert torch.equal(final[key], value), key
 
 
+def test_a_resumed_run_has_tensorboard_drop_the_steps_it_repeats(tmp_path, monkeypatch):
+    # After a crash the steps since the last save run again; TensorBoard's purge_step drops the earlier
+    # copies of every scalar at or after it. A stand-in writer records what the run asks of it.
+    import sys
+    import types
+
+    writers = []
+
+    class RecordingWriter:
+        def __init__(self, log_dir, purge_step=None):
+            self.purge_step, self.steps = purge_step, []
+            writers.append(self)
+
+        def add_scalar(self, name, value, step):
+            if name == "train/step_loss":
+                self.steps.append(step)
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=RecordingWriter))
+    trn, _ = tiny_data()
+    config = tiny_config(tmp_path, epochs=2, max_steps_per_epoch=2, val_episodes=0, tensorboard=True)
+    train(dataclasses.replace(config, epochs=1), train_dataset=trn)
+    train(dataclasses.replace(config, resume="auto"), train_dataset=trn)  # two epochs now: steps 3 and 4
+    assert [(w.purge_step, w.steps) for w in writers] == [(None, [1, 2]), (2, [3, 4])]
+
+
+@pytest.mark.parametrize("world_size, val_bsz, per_process", [(1, None, 4), (2, None, 2), (4, None, 1), (2, 3, 3)])
+def test_validation_batch_is_per_process_and_defaults_to_the_training_share(tmp_path, monkeypatch, world_size,
+                                                                             val_bsz, per_process):
+    # bsz is the global batch; evaluate() takes its batch per process, so the default must be the share.
+    import hypertriton.training as training
+
+    seen = {}
+    monkeypatch.setattr(training.hdist, "get_world_size", lambda: world_size)
+    monkeypatch.setattr(training, "evaluate", lambda *args, **kwargs: seen.update(kwargs) or {"miou": 1.0, "fb_iou": 2.0})
+    config = tiny_config(tmp_path, bsz=4, val_bsz=val_bsz)
+    assert training._validate(None, None, config, torch.device("cpu"), False) == {"miou": 1.0, "fbiou": 2.0}
+    assert seen["bsz"] == per_process
+
+
 def test_resume_refuses_a_different_recipe(tmp_path):
     trn, val = tiny_data()
     train(tiny_config(tmp_path, epochs=1, max_steps_per_epoch=1, val_episodes=0), train_dataset=trn)
     with pytest.raises(ValueError, match=r"bsz: 2 -> 4"):
         train(tiny_config(tmp_path, bsz=4, resume="auto", val_episodes=0), train_dataset=trn)
+    # Changes that alter the continued run but may be meant are named, not refused.
+    with pytest.warns(UserWarning) as caught:
+        train(tiny_config(tmp_path, epochs=2, max_steps_per_epoch=1, resume="auto", lr_schedule="cosine"),
+              train_dataset=trn, val_dataset=val)
+    messages = sorted(str(w.message).split(";")[0] for w in caught)
+    assert messages == ["resume: epochs changed from 1 to 2", "resume: lr_schedule changed from 'constant' to 'cosine'",
+                        "resume: val_episodes changed from 0 to 2"]
+    assert "the cosine schedule now spans the new length" in " ".join(str(w.message) for w in caught)
     atomic_save({"module.x": torch.zeros(1)}, tmp_path / "weights.pt")
     with pytest.raises(ValueError, match="weights.pt is not a hypertriton training state"):
         train(tiny_config(tmp_path, resume=str(tmp_path / "weights.pt")), train_dataset=trn)
@@ -444,6 +526,7 @@ def test_atomic_save_never_leaves_a_partial_file(tmp_path):
     ("amp", "fp8", "amp: expected one of"),
     ("lr_schedule", "linear", "lr_schedule: expected one of"),
     ("val_episodes", -1, "val_episodes"),
+    ("seed", -1, r"seed: expected an integer in \[0, 2\*\*64\)"),
     ("backend", "fast", "backend: expected one of"),
 ])
 def test_config_rejects_impossible_values(tmp_path, field, value, message):
