@@ -1,10 +1,11 @@
 """The ORIGINAL HSNet code after the backbone, restated in plain PyTorch by us.
 
-Written by the hypertriton authors from ``shared/docs/hsnet-reference.md`` (a description of the
-original HSNet reference implementation, ICCV 2021); it is NOT a copy of that code. It keeps the
-original's structure, module names, tensor layouts and quirks (permuted copies around every
-center-pivot layer, pruning with ``index_select``, the square-map assumption in the decoder, the
-``squeeze()`` in the padding-0 special case), so it serves as:
+Written by the hypertriton authors from their description of the original HSNet reference
+implementation (ICCV 2021; the development tree's ``../shared/docs/hsnet-reference.md``, not shipped);
+it is NOT a copy of that code. It keeps the original's structure, module names, tensor layouts and
+quirks (permuted copies around every center-pivot layer, pruning with ``index_select``, the
+square-map assumption in the decoder, the ``squeeze()`` in the padding-0 special case), so it serves
+as:
 
 - the oracle that ``tests/`` compare hypertriton's learner and correlation against;
 - the baseline that the benchmarks time.

@@ -16,7 +16,7 @@ Example::
     >>> meter = SegmentationMeter([0, 1])
     >>> pred = torch.tensor([[[1, 1], [0, 0]]])                      # [B=1, H=2, W=2]
     >>> batch = {"query_mask": torch.tensor([[[1., 0.], [0., 0.]]]), "class_id": torch.tensor([0])}
-    >>> meter.update(pred, batch)
+    >>> _ = meter.update(pred, batch)  # returns the batch's intersections and unions
     >>> round(meter.miou(), 2), round(meter.fb_iou(), 2)              # fg 1/2 -> (50 + 0) / 2; bg 2/3
     (25.0, 58.33)
 """

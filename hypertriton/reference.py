@@ -1,7 +1,8 @@
 """Readable einsum definitions of every op: the oracle that tests and benchmarks compare against.
 
-These follow the original HSNet code's semantics (see ``shared/docs/hsnet-reference.md``) without its
-defects, and favour clarity over speed. They are differentiable with plain autograd.
+These follow the original HSNet code's semantics without its defects (the README's "Differences from
+the original code, on purpose" lists them), and favour clarity over speed. They are differentiable
+with plain autograd.
 """
 
 from __future__ import annotations

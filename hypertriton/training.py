@@ -702,6 +702,9 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
             raise ValueError(f"logpath: {str(logdir)!r} holds an earlier run ({', '.join(earlier)}); continue it "
                              "with --resume (resume='auto'), or choose another logpath, or delete those files "
                              "to start over")
+    if config.resume == "auto" and not resume_path.exists() and (logdir / LOG_FILE).exists():
+        raise FileNotFoundError(f"resume: no training state at {resume_path}: the run logged in {str(logdir)!r} "
+                                "ended before its first save; start it again without resume")
     state = load_training_state(resume_path) if resume_path is not None else None
     if state is not None:
         _check_resume_config(state["config"], config, ctx.world_size)

@@ -113,3 +113,4 @@ def test_all_reduce_without_process_group_keeps_counts():
     before = meter.miou(), meter.fb_iou(), meter.episodes
     assert (meter.all_reduce().miou(), meter.fb_iou(), meter.episodes) == before
     assert before[0] == pytest.approx(50.0)
+

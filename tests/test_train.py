@@ -478,6 +478,11 @@ def test_resume_refuses_a_different_recipe(tmp_path):
         train(tiny_config(tmp_path, resume=str(tmp_path / "garbage.pt")), train_dataset=trn)
     with pytest.raises(FileNotFoundError, match="no training state at"):
         train(tiny_config(tmp_path / "elsewhere", resume="auto"), train_dataset=trn)
+    (tmp_path / "crashed").mkdir()
+    (tmp_path / "crashed" / LOG_FILE).write_text('{"event": "start"}\n')  # killed before its first save
+    with pytest.raises(FileNotFoundError, match=r"no training state at .*: the run logged in .* ended before its "
+                                                r"first save; start it again without resume"):
+        train(tiny_config(tmp_path / "crashed", resume="auto"), train_dataset=trn)
 
 
 def test_backbone_weights_file_is_the_frozen_backbone_and_resume_checks_it(tmp_path):

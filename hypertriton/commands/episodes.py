@@ -6,7 +6,7 @@ class ids as the original uses them. Only the split files are read (FSS-1000: al
 
 Example::
 
-    hypertriton episodes --benchmark pascal --fold 0 --nshot 1 --splits ../shared/hsnet-splits --count 3
+    hypertriton episodes --benchmark pascal --fold 0 --nshot 1 --splits hsnet/data/splits --count 3
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 Example::
 
     >>> from hypertriton.data import build_dataset
-    >>> ds = build_dataset("pascal", "/data", "../shared/hsnet-splits", fold=0, split="test", nshot=1)  # doctest: +SKIP
+    >>> ds = build_dataset("pascal", "/data", "hsnet/data/splits", fold=0, split="test", nshot=1)  # doctest: +SKIP
     >>> item = ds[0]; item["query_img"].shape, item["support_masks"].shape                           # doctest: +SKIP
     (torch.Size([3, 400, 400]), torch.Size([1, 400, 400]))
 """

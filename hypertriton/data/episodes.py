@@ -12,7 +12,7 @@ Only the split files are read (for FSS-1000 also the folder listing of ``datapat
 Example::
 
     >>> from hypertriton.data.episodes import list_episodes
-    >>> eps = list_episodes("pascal", "../shared/hsnet-splits", fold=0, nshot=1, count=2)  # doctest: +SKIP
+    >>> eps = list_episodes("pascal", "hsnet/data/splits", fold=0, nshot=1, count=2)  # doctest: +SKIP
     >>> eps[0].to_json()                                                                    # doctest: +SKIP
     {'query': '2007_000033', 'supports': [...], 'class_id': 0}
 """

@@ -12,7 +12,7 @@ the fly (support branch: chunks of query rows; query branch: chunks of pivot sup
 with query stride 1, the pivots' columns of the support branch's products, which hold them already),
 and only for *active* support positions. Where the resized support mask is 0 the masked support feature
 is 0, its normalized form is exactly 0, and so is every correlation with it: skipping those positions
-is exact, not an approximation (``shared/docs/design-notes.md``). A pivot that is inactive contributes
+is exact, not an approximation. A pivot that is inactive contributes
 only the query conv's bias; a support window with no active position only the support conv's bias, so
 the support branch is convolved only over the windows around the active positions' bounding box.
 The forward can also report those bias-only windows (``return_bias_windows``) and, in inference, store

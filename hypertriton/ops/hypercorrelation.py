@@ -11,7 +11,7 @@ with the chosen backend, writing each level's stacked output directly:
 - ``torch``: matrix products written into the stacked tensor.
 
 Sparse: where the resized support mask is 0 the masked support features are 0, and so is every
-correlation with them (``shared/docs/design-notes.md``). With a mask, both backends compute products
+correlation with them. With a mask, both backends compute products
 for the active support positions only (the kernel skips tiles with none; the ``torch`` backend
 multiplies the active columns and scatters them into zeros), so the cost follows the object's area.
 Exact: non-finite features keep the dense result (see :func:`active_positions`).
