@@ -77,21 +77,40 @@ def _open(path, role: str) -> Image.Image:
 
 def read_image(path, role: str = "image") -> np.ndarray:
     """An image file as RGB ``uint8`` ``[H, W, 3]``, turned upright by its EXIF orientation (as image
-    viewers show it).
+    viewers show it). 16-bit grey images are scaled to 8 bits (PIL's own conversion clips them).
 
     Raises:
         InputError: the file is missing or is not a readable image.
     """
-    return np.asarray(_open(path, role).convert("RGB"))
+    image = _open(path, role)
+    if image.mode.startswith("I") or image.mode == "F":
+        image = Image.fromarray(_grey_to_8bit(np.asarray(image), image.mode, path, role))
+    return np.asarray(image.convert("RGB"))
+
+
+def _grey_to_8bit(values: np.ndarray, mode: str, path, role: str) -> np.ndarray:
+    """A 16-bit, 32-bit integer or float grey image (PIL modes ``I;16*``, ``I``, ``F``) as ``uint8``."""
+    values = values.astype(np.float64)
+    top = float(values.max()) if values.size else 0.0
+    if float(values.min(initial=0.0)) < 0:
+        scale = None
+    elif mode == "F":
+        scale = 255.0 if top <= 1 else (1.0 if top <= 255 else None)
+    else:  # integers: 16-bit files, or 8/16-bit values that an older PIL reads as 32-bit
+        scale = 1.0 if mode == "I" and top <= 255 else (1 / 257 if top <= 65535 else None)
+    if scale is None:
+        raise InputError(f"{role}: {str(path)!r} is a {mode} image with values in [{values.min():g}, {top:g}]; "
+                         "expected an 8- or 16-bit image (or floats in [0, 1])")
+    return np.rint(values * scale).clip(0, 255).astype(np.uint8)
 
 
 def read_mask(path, image_hw: tuple[int, int] | None = None, role: str = "mask",
               image_path=None) -> np.ndarray:
     """A binary mask file as ``bool`` ``[H, W]`` (True = object).
 
-    Accepted: one channel (or equal RGB channels, or palette indices) holding only 0 and 1, or only 0
-    and 255 (one value alone is fine). An EXIF orientation, if the file has one, is applied as in
-    :func:`read_image`.
+    Accepted: one channel (or equal RGB channels, or palette indices; an alpha channel is ignored)
+    holding only 0 and 1, or only 0 and 255 (or 65535 in a 16-bit file); one value alone is fine. An
+    EXIF orientation, if the file has one, is applied as in :func:`read_image`.
 
     Args:
         image_hw: the ``(H, W)`` of the mask's image; a mask of another size is refused.
@@ -110,8 +129,13 @@ def read_mask(path, image_hw: tuple[int, int] | None = None, role: str = "mask",
         values = rgb[..., 0]
     elif image.mode == "1":
         values = np.asarray(image, dtype=np.uint8)
+    elif image.mode in ("LA", "La", "PA"):  # grey or palette index, plus an alpha channel that is not the mask
+        values = np.asarray(image.getchannel(0))
     else:  # L, P (palette indices, as VOC masks), I, I;16, F
         values = np.asarray(image)
+    if values.ndim != 2:
+        raise InputError(f"{role}: {str(path)!r} has {values.shape[2]} channels (PIL mode {image.mode}); a mask "
+                         "must be one channel (or grey) holding 0 for background and 1 or 255 for the object")
     height, width = values.shape[:2]
     if image_hw is not None and (height, width) != tuple(image_hw):
         of = f" {str(image_path)!r}" if image_path is not None else ""
@@ -120,7 +144,7 @@ def read_mask(path, image_hw: tuple[int, int] | None = None, role: str = "mask",
         raise InputError(f"{role}: {str(path)!r} is {width}x{height} (WxH) but its image{of} is "
                          f"{image_hw[1]}x{image_hw[0]}; a mask must have its image's size{turned}")
     found = np.unique(values)
-    if not (set(found.tolist()) <= {0, 1} or set(found.tolist()) <= {0, 255}):
+    if not any(set(found.tolist()) <= {0, top} for top in (1, 255, 65535)):
         shown = ", ".join(str(v) for v in found[:8]) + (", ..." if len(found) > 8 else "")
         raise InputError(f"{role}: {str(path)!r} is not a binary mask: it holds the values {{{shown}}}; expected "
                          "only 0 (background) and 1 or 255 (object)")

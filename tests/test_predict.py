@@ -92,6 +92,72 @@ def test_support_folders_pair_images_and_masks_by_name(files, checkpoint, tmp_pa
     assert (tmp_path / "a" / "wide_mask.png").read_bytes() == (tmp_path / "b" / "wide_mask.png").read_bytes()
 
 
+def test_support_folders_pair_by_exact_name_and_png_first(files, checkpoint, tmp_path, monkeypatch):
+    # Names are matched as names (brackets are not wildcards), NAME.png wins over other files of that
+    # name (a labelme NAME.json is not even an image), one folder for both takes its PNGs as the masks.
+    from hypertriton.commands import predict as command
+
+    (tmp_path / "imgs").mkdir(), (tmp_path / "masks").mkdir(), (tmp_path / "both").mkdir()
+    image, mask = files["supports"][0], files["masks"][0]
+    for name in ("cat [1].jpg", "cat 1.jpg"):
+        Image.open(image).convert("RGB").save(tmp_path / "imgs" / name)
+        Image.open(image).convert("RGB").save(tmp_path / "both" / name)
+    for name in ("cat [1].png", "cat [1].bmp", "cat 1.png", "cat 1.json"):
+        (tmp_path / "masks" / name).write_bytes(mask.read_bytes() if name != "cat 1.json" else b"{}")
+        (tmp_path / "both" / name).write_bytes(mask.read_bytes() if name != "cat 1.json" else b"{}")
+    (tmp_path / "imgs" / "._cat 1.jpg").write_bytes(b"\x00\x05\x16\x07 a resource fork")
+    expected = [(tmp_path / "imgs" / "cat 1.jpg", tmp_path / "masks" / "cat 1.png"),
+                (tmp_path / "imgs" / "cat [1].jpg", tmp_path / "masks" / "cat [1].png")]
+    assert command._support_pairs([str(tmp_path / "imgs")], [str(tmp_path / "masks")]) == expected
+    pairs = command._support_pairs([str(tmp_path / "both")], [str(tmp_path / "both")])
+    assert [(i.name, m.name) for i, m in pairs] == [("cat 1.jpg", "cat 1.png"), ("cat [1].bmp", "cat [1].png"),
+                                                     ("cat [1].jpg", "cat [1].png")]
+    (tmp_path / "masks" / "cat 1.png").unlink()
+    (tmp_path / "masks" / "cat 1.tif").write_bytes(mask.read_bytes())
+    (tmp_path / "masks" / "cat 1.bmp").write_bytes(mask.read_bytes())
+    with pytest.raises(lib.InputError, match=r"several masks for support image .*cat 1\.jpg.* \(cat 1\.bmp, cat 1\.tif\)"):
+        command._support_pairs([str(tmp_path / "imgs")], [str(tmp_path / "masks")])
+    out = tmp_path / "out"
+    assert _predict(files, out, checkpoint, supports=[tmp_path / "both"], masks=[tmp_path / "both"],
+                    query=[tmp_path / "imgs"]) == 0  # the query folder's dot file is skipped too
+    assert sorted(path.name for path in out.iterdir()) == ["cat 1_mask.png", "cat 1_overlay.png",
+                                                            "cat [1]_mask.png", "cat [1]_overlay.png"]
+
+
+def test_each_query_is_written_when_done_so_an_interruption_keeps_them(files, checkpoint, tmp_path, monkeypatch):
+    segment, calls = lib.segment, []
+
+    def interrupted_on_the_second_query(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return segment(*args, **kwargs)
+
+    monkeypatch.setattr(lib, "segment", interrupted_on_the_second_query)
+    out = tmp_path / "out"
+    assert _predict(files, out, checkpoint) == 130
+    assert sorted(path.name for path in out.iterdir()) == ["tall_mask.png", "tall_overlay.png"]  # no temporaries
+
+
+def test_sixteen_bit_images_are_scaled_and_masks_with_alpha_read(tmp_path):
+    grey16 = np.array([[0, 257, 65535], [1000, 32768, 514]], dtype=np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    expected = np.array([[0, 1, 255], [4, 128, 2]], dtype=np.uint8)  # round(v / 257)
+    np.testing.assert_array_equal(lib.read_image(tmp_path / "g16.png"), np.repeat(expected[..., None], 3, axis=2))
+    values = np.array([[0, 255, 255], [0, 0, 255]], np.uint8)
+    alpha = np.array([[255, 0, 255], [255, 255, 0]], np.uint8)  # transparency is not the object
+    Image.fromarray(np.stack([values, alpha], axis=2), mode="LA").save(tmp_path / "la.png")
+    np.testing.assert_array_equal(lib.read_mask(tmp_path / "la.png", (2, 3)), values > 0)
+    Image.fromarray((values > 0).astype(np.uint16) * 65535).save(tmp_path / "m16.png")
+    np.testing.assert_array_equal(lib.read_mask(tmp_path / "m16.png", (2, 3)), values > 0)
+    Image.fromarray(np.stack([values, values, values], axis=2)).save(tmp_path / "rgb.png")
+    np.testing.assert_array_equal(lib.read_mask(tmp_path / "rgb.png", (2, 3)), values > 0)
+    Image.fromarray(np.array([[-1.5, 2.0]], np.float32), mode="F").save(tmp_path / "f.tif")
+    with pytest.raises(lib.InputError, match=r"f\.tif' is a F image with values in \[-1\.5, 2\]"):
+        lib.read_image(tmp_path / "f.tif")
+
+
 def test_lean_flag_writes_the_same_masks(files, checkpoint, tmp_path):
     query = files["queries"] / "wide.png"
     assert _predict(files, tmp_path / "a", checkpoint, query=[query]) == 0

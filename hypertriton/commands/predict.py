@@ -1,9 +1,9 @@
 """``hypertriton predict``: segment your own images given K annotated supports.
 
 Every input is checked before anything runs (files exist and decode, each mask has its image's size,
-holds only 0 and 1 or 0 and 255 and marks at least one pixel, the checkpoint fits); then every query is
-segmented; only then are the outputs written, each through a temporary file, so a bad input or an
-interrupted run leaves no partial output.
+holds only 0 and 1 or 0 and 255 and marks at least one pixel, the checkpoint fits), so a bad input
+writes nothing; then each query is segmented and its files written at once, each through a temporary
+file, so an interrupted run keeps the queries done and leaves no partial file.
 
 Outputs, per query ``NAME.ext``: ``OUT/NAME_mask.png`` (0 = background, 255 = object, the query's
 size) and ``OUT/NAME_overlay.png`` (the query with the mask tinted red and outlined).
@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="support images, or one folder of them (K supports)")
     parser.add_argument("--support-mask", nargs="+", required=True, metavar="MASK",
                         help="their binary masks in the same order, or one folder holding a mask named like "
-                        "each support image (NAME.png)")
+                        "each support image (NAME.png; the same folder as --support: its PNGs are the masks)")
     parser.add_argument("--query", nargs="+", required=True, metavar="IMG",
                         help="query images and/or folders of images")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
@@ -49,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _images_in(folder: Path) -> list[Path]:
     from hypertriton.predict import IMAGE_SUFFIXES
 
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    # Dot files are hidden companions (macOS '._NAME.png' resource forks), not images.
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _expand(paths: list[str], role: str) -> tuple[list[Path], bool]:
@@ -79,20 +81,42 @@ def _support_pairs(images: list[str], masks: list[str]) -> list[tuple[Path, Path
         image_dir, mask_dir = Path(images[0]), Path(masks[0])
         if not mask_dir.is_dir():
             raise InputError(f"--support-mask: {masks[0]!r} must be a folder when --support is a folder")
-        pairs = []
-        for image in _images_in(image_dir):
-            candidates = sorted(p for p in mask_dir.glob(f"{image.stem}.*") if p.is_file())
-            if not candidates:
-                raise InputError(f"--support-mask: no mask named {image.stem}.* in {str(mask_dir)!r} for support "
-                                 f"image {str(image)!r}")
-            pairs.append((image, candidates[0]))
-        if not pairs:
-            raise InputError(f"--support: folder {images[0]!r} holds no image file")
-        return pairs
+        return _pairs_by_name(image_dir, mask_dir)
     if len(images) != len(masks):
         raise InputError(f"--support gives {len(images)} images but --support-mask gives {len(masks)} masks; "
                          "give one mask per support image, in the same order")
     return [(Path(i), Path(m)) for i, m in zip(images, masks)]
+
+
+def _pairs_by_name(image_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
+    """Each support image of ``image_dir`` with the mask of the same name (``NAME.png`` first) in
+    ``mask_dir``. One folder for both (FSS-1000's ``1.jpg`` + ``1.png``): the PNGs are the masks."""
+    from hypertriton.predict import InputError
+
+    same_folder = image_dir.resolve() == mask_dir.resolve()
+    files = _images_in(image_dir)
+    masks_by_stem: dict[str, list[Path]] = {}
+    for path in files if same_folder else _images_in(mask_dir):
+        if not same_folder or path.suffix.lower() == ".png":
+            masks_by_stem.setdefault(path.stem, []).append(path)
+    images = [path for path in files if not (same_folder and path.suffix.lower() == ".png")]
+    if not images:
+        found = "holds only PNG files, which are taken as the masks" if same_folder and files else "holds no image file"
+        raise InputError(f"--support: folder {str(image_dir)!r} {found}")
+    pairs = []
+    for image in images:
+        candidates = masks_by_stem.get(image.stem, [])
+        pngs = [path for path in candidates if path.suffix.lower() == ".png"]
+        if len(pngs) == 1 or len(candidates) == 1:
+            pairs.append((image, pngs[0] if pngs else candidates[0]))
+        elif not candidates:
+            raise InputError(f"--support-mask: no mask named {image.stem}.png in {str(mask_dir)!r} for support "
+                             f"image {str(image)!r}")
+        else:
+            names = ", ".join(path.name for path in candidates)
+            raise InputError(f"--support-mask: several masks for support image {str(image)!r} in "
+                             f"{str(mask_dir)!r} ({names}); keep one")
+    return pairs
 
 
 def run(args: argparse.Namespace) -> int:
@@ -150,19 +174,18 @@ def _run(args: argparse.Namespace) -> int:
     model.lean = args.lean
     img_size = args.img_size or img_size
 
-    # 2. Segment every query (results kept in memory: one bool mask per query).
-    outputs = {}
+    # 2. Segment each query and write its files at once (each whole or not at all): memory stays that of
+    # one query, and an interruption keeps the queries done.
+    written = 0
     bar = tqdm(queries, desc="segmenting", unit="image", disable=not args.progress or (len(queries) == 1 and not
                                                                                        had_folder))
     for query_path in bar:
         query = read_image(query_path, role="--query")
         mask = segment(model, query, supports, masks, img_size)
-        outputs[out / f"{query_path.stem}_mask.png"] = mask.astype(np.uint8) * 255
+        outputs = {out / f"{query_path.stem}_mask.png": mask.astype(np.uint8) * 255}
         if args.overlay:
             outputs[out / f"{query_path.stem}_overlay.png"] = overlay(query, mask)
-
-    # 3. Write all outputs or none.
-    written = write_pngs(outputs)
+        written += len(write_pngs(outputs))
     print(f"{len(queries)} queries segmented with {len(supports)} support(s) (backend {backend}, {img_size} px); "
-          f"wrote {len(written)} files to {out}")
+          f"wrote {written} files to {out}")
     return 0
