@@ -142,6 +142,9 @@ def evaluate(model, dataset_or_loader, nshot: int, device, progress: bool = True
     loader = _loader(dataset_or_loader, bsz, nworker, max_episodes)
     dataset = _base_dataset(loader.dataset)
     original_size = bool(getattr(dataset, "use_original_imgsize", False))
+    if original_size and (loader.batch_size or 1) > 1:
+        raise ValueError(f"bsz: a use_original_imgsize dataset gives each query mask at its own size, which "
+                         f"cannot be batched; expected bsz=1, got {loader.batch_size}")
     class_ids = getattr(dataset, "class_ids", None) if class_ids is None else class_ids
     if class_ids is None:
         raise ValueError("class_ids: the dataset has no class_ids attribute; pass the classes to average over")
@@ -152,6 +155,15 @@ def evaluate(model, dataset_or_loader, nshot: int, device, progress: bool = True
         net.eval()
     visualize_dir = Path(visualize_dir) if visualize_dir is not None else None
     if visualize_dir is not None:
+        try:
+            check_no_earlier_panels(visualize_dir)
+            refused = None
+        except ValueError as error:
+            refused = error
+        # Agreed before any rank writes a panel (which another rank would then take for an earlier one).
+        if hdist.any_rank(refused is not None, device):
+            raise refused or ValueError(f"visualize_dir: another process found panels of an earlier evaluation "
+                                        f"in {str(visualize_dir)!r}")
         visualize_dir.mkdir(parents=True, exist_ok=True)
 
     indices = iter(loader.sampler)  # a ShardSampler: this rank's episode indices in loader order
@@ -276,6 +288,20 @@ def render_panel(batch: Mapping, pred: torch.Tensor, row: int = 0) -> Image.Imag
     gap = np.full((query.shape[0], 4, 3), 255, dtype=np.uint8)
     strip = [part for tile in tiles for part in (tile, gap)][:-1]
     return Image.fromarray(np.concatenate(strip, axis=1))
+
+
+PANEL_GLOB = "episode*_class*_iou*.png"
+
+
+def check_no_earlier_panels(folder: str | os.PathLike, name: str = "visualize_dir") -> None:
+    """Refuse a panel folder that holds an earlier evaluation's panels: their names carry the episode's IoU,
+    so a new run would not replace them but add its own beside them."""
+    folder = Path(folder)
+    earlier = sorted(folder.glob(PANEL_GLOB)) if folder.is_dir() else []
+    if earlier:
+        raise ValueError(f"{name}: {str(folder)!r} holds {len(earlier)} panels of an earlier evaluation (such as "
+                         f"{earlier[0].name}); new ones would be mixed with them: choose another folder or delete "
+                         "those")
 
 
 def _write_panels(folder: Path, batch, pred, inter, union, episode_index) -> None:

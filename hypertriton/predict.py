@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -277,10 +278,16 @@ def segment(model, query: np.ndarray, supports: Sequence[np.ndarray], support_ma
             raise ValueError(f"support_masks[{k}]: expected a numpy array [H, W] = {list(image.shape[:2])} "
                              f"(its image's size), got {got}")
     device = next(model.parameters()).device
+    resized_masks = [mask_tensor(m, img_size) for m in support_masks]
+    for k, (mask, resized) in enumerate(zip(support_masks, resized_masks)):
+        if mask.any() and not resized.any():
+            warnings.warn(f"support_masks[{k}]: its {int(mask.sum())} object pixels all vanish when the mask is "
+                          f"resized to {img_size}x{img_size} for the model, which then sees no object; mark a "
+                          "larger region or use a larger img_size", stacklevel=2)
     batch = {
         "query_img": image_tensor(query, img_size)[None].to(device),
         "support_imgs": torch.stack([image_tensor(s, img_size) for s in supports])[None].to(device),
-        "support_masks": torch.stack([mask_tensor(m, img_size) for m in support_masks])[None].to(device),
+        "support_masks": torch.stack(resized_masks)[None].to(device),
         "org_query_imsize": (query.shape[1], query.shape[0]),  # PIL order (W, H), as the datasets give it
     }
     with torch.no_grad():

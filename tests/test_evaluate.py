@@ -115,6 +115,13 @@ def test_prediction_of_another_size_is_refused(dataset):
         evaluate(Wrong(), dataset, 1, "cpu", progress=False, max_episodes=1)
 
 
+def test_original_size_queries_cannot_be_batched_and_say_so(pascal_data):
+    original = build_dataset("pascal", pascal_data.datapath, pascal_data.splits, 0, "test", nshot=1, img_size=SIZE,
+                             use_original_imgsize=True)
+    with pytest.raises(ValueError, match=r"bsz: a use_original_imgsize dataset .* expected bsz=1, got 2"):
+        evaluate(Complement(), original, 1, "cpu", progress=False, max_episodes=4, bsz=2)
+
+
 def test_visualize_writes_one_panel_per_episode(dataset, tmp_path):
     evaluate(Complement(), dataset, 1, "cpu", progress=False, max_episodes=4, visualize_dir=tmp_path / "vis", bsz=3)
     files = sorted(p.name for p in (tmp_path / "vis").iterdir())
@@ -122,6 +129,11 @@ def test_visualize_writes_one_panel_per_episode(dataset, tmp_path):
     assert files == expected
     panel = Image.open(tmp_path / "vis" / files[0])
     assert panel.size == (4 * SIZE + 3 * 4, SIZE)  # support, query, prediction, truth with 4-px gaps
+    # A second run into the same folder would add panels beside these (their names carry the IoU): refused.
+    with pytest.raises(ValueError, match=r"visualize_dir: .* holds 4 panels of an earlier evaluation \(such as "
+                                         r"episode00000_class\d+_iou0\.0\.png\)"):
+        evaluate(Complement(), dataset, 1, "cpu", progress=False, max_episodes=4, visualize_dir=tmp_path / "vis")
+    assert sorted(p.name for p in (tmp_path / "vis").iterdir()) == expected
 
 
 def test_panel_of_one_item_equals_its_row_in_a_batch(dataset):
@@ -276,6 +288,7 @@ def test_cli_with_a_real_tiny_model(tmp_path):
     (["--json", "{tmp}"], "--json: '{tmp}' is a folder; expected a file name"),
     (["--json", "{tmp}/bad.pt/r.json"], "--json: cannot create '{tmp}/bad.pt/r.json': '{tmp}/bad.pt' is a file"),
     (["--visualize", "{tmp}/bad.pt"], "--visualize: '{tmp}/bad.pt' exists and is not a folder"),
+    (["--visualize", "{tmp}/panels"], "--visualize: '{tmp}/panels' holds 1 panels of an earlier evaluation"),
     (["--img-size", "40"], "--img-size must be >= 64"),
     (["--backend", "fast"], "--backend: expected one of"),
     (["--device", "gpu0"], "device: 'gpu0' is not a device; expected cpu, cuda or cuda:N"),
@@ -286,6 +299,8 @@ def test_cli_refuses_what_would_fail_before_evaluating(tmp_path, capsys, extra, 
     from hypertriton.cli import main
 
     (tmp_path / "bad.pt").write_bytes(b"junk")
+    (tmp_path / "panels").mkdir()
+    (tmp_path / "panels" / "episode00003_class2_iou51.0.png").write_bytes(b"an earlier run's panel")
     args = ["evaluate", "--benchmark", "synthetic", "--load", str(tmp_path / "bad.pt"), "--no-progress"]
     extra = [arg.format(tmp=tmp_path) for arg in extra]
     if "--load" not in extra:
@@ -356,7 +371,8 @@ def test_cli_ctrl_c_prints_the_result_so_far_marked_as_such(tmp_path, capfd, mon
     assert err.count("SIGINT received: stopping after the current batch") == 1  # not from the worker too
     assert "interrupted after 2 of 5 episodes; the numbers below are over those only (not the protocol's); " \
            "--json not written" in err
-    assert re.match(r"mIoU: \d+\.\d\d  FB-IoU: \d+\.\d\d\nnote: only \d of \d+ classes had an episode", out), out
+    assert re.match(r"partial, interrupted after 2 of 5 episodes: mIoU: \d+\.\d\d  FB-IoU: \d+\.\d\d\n"
+                    r"note: only \d of \d+ classes had an episode", out), out
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
 

@@ -284,6 +284,11 @@ def test_segment_names_inputs_that_are_not_what_read_image_and_read_mask_return(
     for args, message in cases:
         with pytest.raises(ValueError, match=message):
             lib.segment(model, *args, IMG_SIZE)
+    # A 2x2 object in a 640-px mask falls between the nearest-neighbour samples at 64 px: said, not silent.
+    big, tiny = np.zeros((640, 640, 3), np.uint8), np.zeros((640, 640), bool)
+    tiny[1:3, 1:3] = True
+    with pytest.warns(UserWarning, match=r"support_masks\[0\]: its 4 object pixels all vanish .* 64x64"):
+        lib.segment(model, image, [big], [tiny], IMG_SIZE)
 
 
 def test_the_training_size_is_read_from_trains_config_next_to_the_checkpoint(checkpoint, tmp_path):

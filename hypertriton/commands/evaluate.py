@@ -62,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _check(args: argparse.Namespace) -> None:
     from hypertriton._io import check_writable
     from hypertriton.backend import check_backend_name
+    from hypertriton.evaluation import check_no_earlier_panels
     from hypertriton.predict import MIN_IMG_SIZE
 
     for name in ("nshot", "bsz"):
@@ -76,6 +77,7 @@ def _check(args: argparse.Namespace) -> None:
         check_writable(args.json, "--json")
     if args.visualize:
         check_writable(args.visualize, "--visualize", folder=True)
+        check_no_earlier_panels(args.visualize, "--visualize")
     if args.nworker < 0:
         raise ValueError(f"--nworker must be >= 0, got {args.nworker}")
     if args.max_episodes is not None and args.max_episodes < 1:
@@ -136,7 +138,9 @@ def run(args: argparse.Namespace) -> int:
                 print(f"interrupted after {stop.partial['episodes']} of {episodes} episodes; the numbers below are "
                       f"over those only (not the protocol's){'; --json not written' if args.json else ''}",
                       file=sys.stderr)
-                print(format_result(stop.partial))
+                # Marked on stdout too, where a redirected result would otherwise look final.
+                print(f"partial, interrupted after {stop.partial['episodes']} of {episodes} episodes: "
+                      f"{format_result(stop.partial)}")
             return 130
         if ctx.is_main:
             print(format_result(result))  # first: the result is on screen whatever happens to the file
