@@ -237,9 +237,10 @@ def center_pivot_conv4d_into(
     n_p = hqo * wqo * hso * wso
     wq_arranged = _taps_cin_cout(weight_query, x.dtype)
     ws_arranged = _taps_cin_cout(weight_support, x.dtype)
+    # The kernel reads a bias at unit stride (a bias sliced out of a packed tensor may have another).
     # Unused bias pointers still need a valid tensor argument; the kernel never reads them.
-    bq = bias_query.detach() if bias_query is not None else wq_arranged
-    bs = bias_support.detach() if bias_support is not None else ws_arranged
+    bq = bias_query.detach().contiguous() if bias_query is not None else wq_arranged
+    bs = bias_support.detach().contiguous() if bias_support is not None else ws_arranged
     int64 = needs_int64(x, out, extra=n_p)
     precision = dot_precision(x.dtype)
     for start in range(0, batch, MAX_GRID_Z):

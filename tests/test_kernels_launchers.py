@@ -274,7 +274,8 @@ def test_correlation_backward_relu_mask_hand_computed():
 
 
 def conv_case(batch, cin, cout, shape, kernel_q, kernel_s, bias, seed, dtype, layout):
-    """x, weights and biases of a conv test: weights scaled like PyTorch's init (outputs ~ N(0, 1))."""
+    """x, weights and biases of a conv test: weights scaled like PyTorch's init (outputs ~ N(0, 1)). The
+    "strided" layout gives weights and biases other strides too (views into packed tensors)."""
     x = make_tensor((batch, cin, *shape), seed, layout, dtype)
     generator = torch.Generator().manual_seed(seed + 7)
     params = []
@@ -282,8 +283,12 @@ def conv_case(batch, cin, cout, shape, kernel_q, kernel_s, bias, seed, dtype, la
         fan_in = cin * kernel[0] * kernel[1]
         weight = torch.randn(cout, cin, *kernel, generator=generator, dtype=torch.float64) / fan_in ** 0.5
         b = torch.randn(cout, generator=generator, dtype=torch.float64) if has_bias else None
-        params += [weight.to(dtype), None if b is None else b.to(dtype)]
-    return x.to(DEVICE), [None if p is None else p.to(DEVICE) for p in params]
+        weight, b = weight.to(DEVICE, dtype), None if b is None else b.to(DEVICE, dtype)
+        if layout == "strided":  # after the casts, which would make them contiguous
+            weight = torch.stack([weight, torch.full_like(weight, NAN)], dim=-1)[..., 0]
+            b = None if b is None else torch.stack([torch.full_like(b, NAN), b], dim=-1)[:, 1]
+        params += [weight, b]
+    return x.to(DEVICE), params
 
 
 def conv_expected(x, params, stride, padding):
