@@ -35,3 +35,30 @@ def test_compiles_without_graph_breaks(backend):
     torch.testing.assert_close(actual, expected)
     actual.sum().backward()  # the registered autograd formulas trace too
     assert model.conv.conv1.weight.grad is not None
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKEND_IDS if b != "reference"])
+def test_a_new_batch_size_recompiles_without_graph_breaks(backend):
+    # The last, smaller batch of an epoch: an error message formatted eagerly from the shape made dynamo
+    # give up on the new size.
+    device = DEVICES[backend]
+    torch._dynamo.reset()
+    conv = hypertriton.CenterPivotConv4d(2, 3, 3, (1, 1, 2, 2), 1, backend=backend).to(device)
+    compiled = torch.compile(conv, backend="aot_eager", fullgraph=True)
+    generator = torch.Generator().manual_seed(1)
+    for batch in (3, 2, 1):
+        x = torch.randn(batch, 2, 4, 3, 5, 5, generator=generator).to(device)
+        torch.testing.assert_close(compiled(x), conv(x))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 4, 2, 2), (2, 3, 1, 1, 1, 1)], ids=["2x2 support map", "1x1 maps"])
+def test_query_major_input_compiles_without_graph_breaks(shape):
+    # The learner's activations are query-major; their small support maps take one gathered matrix whose
+    # zero taps were found by a branch on tensor data.
+    from hypertriton.ops.layout import to_query_major
+
+    torch._dynamo.reset()
+    conv = hypertriton.CenterPivotConv4d(3, 4, 3, (1, 1, 2, 2), 1, backend="torch")
+    x = to_query_major(torch.randn(*shape, generator=torch.Generator().manual_seed(2)))
+    compiled = torch.compile(conv, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), conv(x))

@@ -12,6 +12,7 @@ from unittest import mock
 
 import pytest
 import torch
+from helpers import available_backends
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -533,11 +534,26 @@ def test_output_rows_are_the_full_outputs_rows(mask_kind, rows):
     assert_close_dtype(got, full[:, :, rows[0]:rows[1]])
 
 
+@pytest.mark.parametrize("backend, device", available_backends(), ids=[name for name, _ in available_backends()])
+def test_an_empty_batch_gives_an_empty_output_and_gradients(backend, device):
+    _, query, support, weights = make_case(17, 0, 2, 3, 5, 4, 6, 6, 3, 3, dtype=torch.float32, requires_grad=True)
+    query, support = [q.to(device) for q in query], [s.to(device) for s in support]
+    weights = [w.to(device) for w in weights]
+    out = ffl.fused_hypercorrelation_cp_conv4d(query, support, torch.ones(0, 24, 24, device=device), *weights,
+                                               (1, 1, 2, 2), backend=backend)
+    assert out.shape == (0, 3, 5, 4, 3, 3)
+    out.sum().backward()
+    assert torch.equal(weights[0].grad, torch.zeros_like(weights[0])) and query[0].grad.shape == query[0].shape
+
+
 def test_output_rows_refuses_what_it_cannot_do():
     gen, query, support, weights = make_case(13, 1, 2, 3, 5, 5, 6, 6, 3, 3)
     args = (query, support, None, *weights, (1, 1, 2, 2))
     for bad in [(3, 3), (-1, 2), (0, 6)]:
         with pytest.raises(ValueError, match="output_rows"):
+            ffl.fused_hypercorrelation_cp_conv4d(*args, backend="torch", output_rows=bad)
+    for bad in [(0, 1, 2), (0.0, 2.5), 2]:
+        with pytest.raises(TypeError, match=r"output_rows: expected a pair of ints \(lo, hi\), got"):
             ffl.fused_hypercorrelation_cp_conv4d(*args, backend="torch", output_rows=bad)
     with pytest.raises(ValueError, match="torch backend without gradients"):
         ffl.fused_hypercorrelation_cp_conv4d(*args, backend="reference", output_rows=(0, 2))

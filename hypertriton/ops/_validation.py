@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -111,12 +111,13 @@ def as_quadruple(value, name: str) -> tuple[int, int, int, int]:
 
 
 def check_cp_conv_args(weight_query, bias_query, weight_support, bias_support, stride, padding, *,
-                       in_channels: int, channels_of: str, anchor: tuple[str, object]):
+                       in_channels: int, channels_of: str | Callable[[], str], anchor: tuple[str, object]):
     """Checks of a center-pivot conv's parameters; returns ``(stride, padding)`` as 4-tuples.
 
     Args:
         in_channels: the input channels the weights must expect; ``channels_of`` says where that count
-            comes from, for the message (e.g. ``"x has 4 (shape [1, 4, ...])"``).
+            comes from, for the message (e.g. ``"x has 4 (shape [1, 4, ...])"``), or makes that text when
+            called: then only on error (under ``torch.compile`` formatting sizes would specialize them).
         anchor: ``(name, tensor)`` of the input the parameters must share a device with.
         padding: None for ``kernel // 2`` on every dim.
     """
@@ -126,8 +127,9 @@ def check_cp_conv_args(weight_query, bias_query, weight_support, bias_support, s
     check_tensor(weight_support, "weight_support", 4, "[Cout, Cin, KSh, KSw]")
     for name, weight in (("weight_query", weight_query), ("weight_support", weight_support)):
         if weight.shape[1] != in_channels:
+            source = channels_of() if callable(channels_of) else channels_of
             raise ValueError(f"{name} expects {weight.shape[1]} input channels (shape {shape_of(weight)}) but "
-                             f"{channels_of}; expected equal channel counts")
+                             f"{source}; expected equal channel counts")
     if weight_support.shape[0] != weight_query.shape[0]:
         raise ValueError(f"weight_query has {weight_query.shape[0]} output channels but weight_support has "
                          f"{weight_support.shape[0]}; expected equal")

@@ -109,20 +109,39 @@ def _support_taps(hs: int, ws: int, kh: int, kw: int, stride: tuple[int, int], p
     return torch.where(valid, taps, torch.full_like(taps, kh * kw)).reshape(hs * ws, hs2 * ws2)
 
 
+def _geometry(cached_function, *sizes):
+    """``cached_function(*sizes)`` (an ``lru_cache`` of index geometry); under ``torch.compile`` the function
+    itself, which dynamo traces without its cache-wrapper warning (the sizes are constants there)."""
+    if torch.compiler.is_compiling():
+        return cached_function.__wrapped__(*sizes)
+    return cached_function(*sizes)
+
+
+@functools.lru_cache(maxsize=64)
+def _every_pair_has_a_tap(hs: int, ws: int, kh: int, kw: int, stride: tuple[int, int],
+                          padding: tuple[int, int]) -> bool:
+    """Whether :func:`_support_taps` has no zero tap, from the sizes alone (a Python answer keeps
+    ``torch.compile`` from branching on tensor data)."""
+    (sh, sw), (ph, pw) = stride, padding
+    hs2, ws2 = (hs + 2 * ph - kh) // sh + 1, (ws + 2 * pw - kw) // sw + 1
+    return (all(0 <= y - t * sh + ph < kh for y in range(hs) for t in range(hs2))
+            and all(0 <= x - t * sw + pw < kw for x in range(ws) for t in range(ws2)))
+
+
 def support_conv_matrix(weight: torch.Tensor, support_size: tuple[int, int], stride, padding) -> torch.Tensor:
     """The support-dim 2D convolution on an ``[Hs, Ws, C]`` map as one matrix ``[Hs*Ws*Cin, Hs'*Ws'*Cout]``
     (rows: input position-major, channel-minor; columns likewise), gathered from ``weight``
     ``[Cout, Cin, kh, kw]`` (differentiable). Worth it when the map is no larger than the kernel (the
     mixing blocks' 2x2 maps under a 3x3 kernel), where the convolution would mostly multiply padding."""
     cout, cin, kh, kw = weight.shape
-    taps = _support_taps(*support_size, kh, kw, tuple(stride), tuple(padding)).to(weight.device)
+    taps = _geometry(_support_taps, *support_size, kh, kw, tuple(stride), tuple(padding)).to(weight.device)
     inputs, outputs = taps.shape
     # Tap-major and contiguous (a strided view would make the gather below several times slower).
     table = weight.permute(2, 3, 1, 0).reshape(kh * kw, cin, cout).contiguous()
     blocks = table.index_select(0, taps.clamp(max=kh * kw - 1).flatten())  # [Hs*Ws * Hs'*Ws', Cin, Cout]
-    valid = taps < kh * kw
-    if not bool(valid.all()):  # pairs no tap joins (beyond the kernel): zero blocks
-        blocks = blocks * valid.flatten().to(blocks.dtype)[:, None, None]
+    if not _geometry(_every_pair_has_a_tap, *support_size, kh, kw, tuple(stride), tuple(padding)):
+        # Pairs no tap joins (beyond the kernel): zero blocks.
+        blocks = blocks * (taps < kh * kw).flatten().to(blocks.dtype)[:, None, None]
     return blocks.view(inputs, outputs, cin, cout).permute(0, 2, 1, 3).reshape(inputs * cin, outputs * cout)
 
 
@@ -252,7 +271,7 @@ def center_pivot_conv4d_split(splits, weight_query, bias_query, weight_support, 
         splits[0].first_row.dtype
     weight_query, weight_support = weight_query.to(dtype), weight_support.to(dtype)
     bias = bias_sum(bias_query, bias_support, out_channels).to(device=device, dtype=dtype)
-    taps = _support_taps(hs, ws, ksh, ksw, (ssh, ssw), (psh, psw)).to(device)  # [Hs*Ws, Hs'*Ws']
+    taps = _geometry(_support_taps, hs, ws, ksh, ksw, (ssh, ssw), (psh, psw)).to(device)  # [Hs*Ws, Hs'*Ws']
     tap_table = weight_support.permute(2, 3, 1, 0).reshape(ksh * ksw, channels, out_channels)
     pivot_index = (torch.arange(hs2, device=device)[:, None] * ssh * ws
                    + torch.arange(ws2, device=device)[None, :] * ssw).flatten()  # [Hs'*Ws']: input position
@@ -496,7 +515,7 @@ def center_pivot_conv4d(x, weight_query, bias_query, weight_support, bias_suppor
     check_tensor(x, "x", 6, "[B, Cin, Hq, Wq, Hs, Ws]")
     stride, padding = check_cp_conv_args(weight_query, bias_query, weight_support, bias_support, stride, padding,
                                          in_channels=x.shape[1], anchor=("x", x),
-                                         channels_of=f"x has {x.shape[1]} (shape {shape_of(x)})")
+                                         channels_of=lambda: f"x has {x.shape[1]} (shape {shape_of(x)})")
     output_size(x.shape, weight_query.shape[-2:], weight_support.shape[-2:], stride, padding)
 
     # Like an nn.Module called on another dtype: the input's dtype decides; under autocast, as a conv

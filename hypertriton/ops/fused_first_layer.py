@@ -924,7 +924,8 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
         check_support_mask(support_mask, q0.shape[0], device)
     stride, padding = check_cp_conv_args(weight_query, bias_query, weight_support, bias_support, stride, padding,
                                          in_channels=layers, anchor=("query_feats[0]", q0),
-                                         channels_of=f"the level has {layers} layers (one input channel per layer)")
+                                         channels_of=lambda: f"the level has {layers} layers (one input channel "
+                                                             "per layer)")
     x_shape = (q0.shape[0], layers, *q0.shape[-2:], *s0.shape[-2:])
     out_size = output_size(x_shape, weight_query.shape[-2:], weight_support.shape[-2:], stride, padding)
     if chunk_elements is not None and (not isinstance(chunk_elements, int) or chunk_elements < 1):
@@ -938,6 +939,9 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
         check_triton_dtypes({f"query_feats[{i}]": q for i, q in enumerate(query_feats)})
     row_start = 0
     if output_rows is not None:
+        if (not isinstance(output_rows, (tuple, list)) or len(output_rows) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in output_rows)):
+            raise TypeError(f"output_rows: expected a pair of ints (lo, hi), got {output_rows!r}")
         lo, hi = output_rows
         if not (0 <= lo < hi <= out_size[0]) or stride[0] != 1:
             raise ValueError(f"output_rows: expected (lo, hi) with 0 <= lo < hi <= {out_size[0]} (the query "
@@ -969,8 +973,9 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
         warn_if_reduced_precision_slow(correlation_dtype, device, "the fused layer's correlation")
     # Half-precision norms and CPU products lose accuracy: normalize, convolve and accumulate in fp32+.
     compute = torch.promote_types(dtype, torch.float32)
-    # The kernel covers HSNet's squeeze layers: one channel count per level, square support conv.
-    use_kernel = (name == "triton" and len({f.shape[1] for f in query_feats}) == 1
+    # The kernel covers HSNet's squeeze layers: one channel count per level, square support conv (and
+    # something to launch: an empty batch takes the PyTorch path, which gives its empty output).
+    use_kernel = (name == "triton" and x_shape[0] > 0 and len({f.shape[1] for f in query_feats}) == 1
                   and stride[2] == stride[3] and padding[2] == padding[3]
                   and weight_support.shape[-1] == weight_support.shape[-2])
     spec = _Spec(layers=layers, stride=stride, padding=padding, out_size=out_size, in_size=x_shape[2:],
