@@ -1,8 +1,9 @@
 """HSNet: frozen backbone -> multi-layer hypercorrelation -> HPNLearner -> mask logits.
 
-Numerically the original model when given the same weights, with these additions: any image size from 64 px up (square or not), k-shot prediction that computes
-the query's backbone features once, multi-class segmentation against several classes' supports, and
-loading the original checkpoints on any device.
+Numerically the original model when given the same weights, with these additions: any image size
+from 64 px up (square or not), k-shot prediction that computes the query's backbone features once,
+multi-class segmentation against several classes' supports, and loading the original checkpoints on
+any device.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ def test_the_modules_with_examples_are_found():
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples_run_as_written(name):
-    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
-                             report=False)
-    assert result.failed == 0, f"{name}: {result.failed} of {result.attempted} examples fail (doctest.testmod on the module shows them)"
+    flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+    result = doctest.testmod(importlib.import_module(name), optionflags=flags, report=False)
+    assert result.failed == 0, (f"{name}: {result.failed} of {result.attempted} examples fail "
+                                "(doctest.testmod on the module shows them)")

@@ -451,7 +451,8 @@ def test_validation_batch_is_per_process_and_defaults_to_the_training_share(tmp_
 
     seen = {}
     monkeypatch.setattr(training.hdist, "get_world_size", lambda: world_size)
-    monkeypatch.setattr(training, "evaluate", lambda *args, **kwargs: seen.update(kwargs) or {"miou": 1.0, "fb_iou": 2.0})
+    monkeypatch.setattr(training, "evaluate",
+                        lambda *args, **kwargs: seen.update(kwargs) or {"miou": 1.0, "fb_iou": 2.0})
     config = tiny_config(tmp_path, bsz=4, val_bsz=val_bsz)
     assert training._validate(None, None, config, torch.device("cpu"), False) == {"miou": 1.0, "fbiou": 2.0}
     assert seen["bsz"] == per_process

@@ -82,7 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(quick runs)")
     parser.add_argument("--val-episodes", type=_non_negative_int,
                         help="validation episodes per epoch (default: the whole val split; 0: no validation)")
-    parser.add_argument("--val-bsz", type=_positive_int, help="validation batch size per process (default: --bsz over the processes)")
+    parser.add_argument("--val-bsz", type=_positive_int,
+                        help="validation batch size per process (default: --bsz over the processes)")
     parser.add_argument("--log-every", type=_positive_int, default=_DEFAULTS.log_every,
                         help="write the step loss to log.jsonl every N steps (default: %(default)s)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available; cuda:LOCAL_RANK "
