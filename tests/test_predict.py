@@ -115,7 +115,8 @@ def test_support_folders_pair_by_exact_name_and_png_first(files, checkpoint, tmp
     (tmp_path / "masks" / "cat 1.png").unlink()
     (tmp_path / "masks" / "cat 1.tif").write_bytes(mask.read_bytes())
     (tmp_path / "masks" / "cat 1.bmp").write_bytes(mask.read_bytes())
-    with pytest.raises(lib.InputError, match=r"several masks for support image .*cat 1\.jpg.* \(cat 1\.bmp, cat 1\.tif\)"):
+    with pytest.raises(lib.InputError, match=r"several masks for support image .*cat 1\.jpg.* "
+                                             r"\(cat 1\.bmp, cat 1\.tif\)"):
         command._support_pairs([str(tmp_path / "imgs")], [str(tmp_path / "masks")])
     out = tmp_path / "out"
     assert _predict(files, out, checkpoint, supports=[tmp_path / "both"], masks=[tmp_path / "both"],
