@@ -170,6 +170,19 @@ class HPNLearner(nn.Module):
                             f"dtype under torch.autocast), got {dtypes} for [corr_l4, corr_l3, corr_l2]; convert "
                             "them or move the learner with .to(dtype)")
 
+    def _check_feature_dtypes(self, levels) -> None:
+        """Before any work: features in the learner's dtype (any floating dtype under autocast), as
+        :meth:`forward` asks of its hypercorrelation; else the decoder's convolutions fail at the end."""
+        feats = [t for pair in levels for side in pair for t in side if isinstance(t, torch.Tensor)]
+        if not feats:
+            return
+        dtype = next(self.parameters()).dtype
+        dtypes = sorted({t.dtype for t in feats}, key=str)
+        autocast = torch.is_autocast_enabled(feats[0].device.type)
+        if not all(d.is_floating_point for d in dtypes) or (not autocast and dtypes != [dtype]):
+            raise TypeError(f"levels: expected features in the learner's dtype {dtype} (any floating dtype under "
+                            f"torch.autocast), got {dtypes}; convert them or move the learner with .to(dtype)")
+
     @property
     def squeeze_blocks(self) -> tuple[nn.Sequential, nn.Sequential, nn.Sequential]:
         """The squeezing blocks, deepest level first (``encoder_layer4``, ``encoder_layer3``, ``encoder_layer2``)."""
@@ -298,6 +311,7 @@ class HPNLearner(nn.Module):
                 layers about twice. With gradients it is ignored.
             rows_per_step: query rows per streamed step (None: automatic).
         """
+        self._check_feature_dtypes(levels)
         lean = lean and not torch.is_grad_enabled()
         # Lean mode is for memory: no NNPACK, whose layout copies would raise its peak (hypertriton.ops.cpu_conv).
         with cpu_conv.nnpack_allowed(not lean):

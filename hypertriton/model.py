@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -54,6 +55,8 @@ def _check_images(img, name: str) -> torch.Tensor:
     if min(img.shape[-2:]) < MIN_IMAGE_SIZE:
         raise ValueError(f"{name}: images must be at least {MIN_IMAGE_SIZE} px on each side (64 px and up is "
                          f"supported), got {_shape(img)}")
+    if img.shape[0] == 0:
+        raise ValueError(f"{name}: an empty batch {_shape(img)}; expected at least one image")
     return img
 
 
@@ -130,7 +133,11 @@ class HSNet(nn.Module):
         """``img`` must be an image batch ``[B, 3, H, W]`` in the backbone's dtype (any float dtype under
         ``torch.autocast``, which casts it)."""
         _check_images(img, name)
-        dtype = next(self.backbone.parameters()).dtype
+        weight = next(self.backbone.parameters())
+        if img.device != weight.device:
+            raise ValueError(f"{name} is on {img.device} but the model is on {weight.device}; move one of them "
+                             "(.to(device))")
+        dtype = weight.dtype
         if img.dtype != dtype and not (img.is_floating_point() and torch.is_autocast_enabled(img.device.type)):
             raise TypeError(f"{name}: expected {dtype} images (the model's dtype) normalized with ImageNet's mean "
                             f"and std, got dtype {img.dtype}; convert them (uint8 pixels: scale to [0, 1], then "
@@ -327,9 +334,18 @@ class HSNet(nn.Module):
                 imgs = imgs.unsqueeze(0).expand(batch, *imgs.shape)
             if isinstance(masks, torch.Tensor) and masks.dim() == 3:
                 masks = masks.unsqueeze(0).expand(batch, *masks.shape)
-            imgs, masks = self._shots(imgs, masks, batch)
-            foreground = sum(self._logits(query_feats, imgs[:, k], masks[:, k], size).float().softmax(dim=1)[:, 1]
-                             for k in range(imgs.shape[1]))
+            try:  # the shared checks speak of support_imgs / support_mask: say which class they are about
+                imgs, masks = self._shots(imgs, masks, batch)
+                foreground = sum(self._logits(query_feats, imgs[:, k], masks[:, k], size).float().softmax(dim=1)[:, 1]
+                                 for k in range(imgs.shape[1]))
+            except (ValueError, TypeError) as error:
+                kind = ValueError if isinstance(error, ValueError) else TypeError
+                raise kind(f"supports[{label}]: {error}") from None
+            unmarked = [b for b in range(batch) if not bool((masks[b] > 0).any())]
+            if unmarked:
+                warnings.warn(f"supports[{label}]: the support masks mark no pixel (for query {unmarked}); that "
+                              "class's scores then come from the learner's biases alone and can still claim "
+                              "pixels", stacklevel=2)
             probabilities.append(foreground / imgs.shape[1])
         best, index = torch.stack(probabilities, dim=1).max(dim=1)
         labels = torch.tensor(list(supports), dtype=torch.long, device=index.device)[index]

@@ -329,7 +329,9 @@ def test_segment_labels_by_highest_foreground_probability(monkeypatch):
     right[:, :, 40:] = 1
     support = torch.randn(1, 3, 64, 64)
     query = torch.randn(3, 64, 64)
-    labels = model.segment(query, {7: (support, left), 3: (support, right), 5: (support, empty)})
+    # A class without a marked pixel still competes (its scores are the learner's biases): said, not silent.
+    with pytest.warns(UserWarning, match=r"supports\[5\]: the support masks mark no pixel \(for query \[0\]\)"):
+        labels = model.segment(query, {7: (support, left), 3: (support, right), 5: (support, empty)})
     expected = torch.zeros(64, 64, dtype=torch.long)
     expected[:, :32], expected[:, 40:] = 7, 3
     assert labels.shape == (64, 64)
@@ -340,11 +342,32 @@ def test_segment_labels_by_highest_foreground_probability(monkeypatch):
     assert tie.shape == (1, 64, 64) and set(tie.unique().tolist()) == {0, 4}
     with pytest.raises(ValueError, match="class id 0 is the background label"):
         model.segment(query, {0: (support, left)})
+    with pytest.raises(ValueError, match=r"supports\[3\]: support_imgs .* and support_masks .* must share \[B, K\]"):
+        model.segment(query, {7: (support, left), 3: (support.expand(2, -1, -1, -1), right)})
+    with pytest.raises(ValueError, match=r"supports\[3\]: support_mask: expected \[B, H, W\] = \[1, 64, 64\]"):
+        model.segment(query, {7: (support, left), 3: (support, right[:, :32])})
     with pytest.raises(ValueError, match=r"class ids must be integers, got 7.0 \(float\)"):
         model.segment(query, {7.0: (support, left)})
     # ids read from arrays are numpy integers
     torch.testing.assert_close(model.segment(query, {np.int64(7): (support, left)}),
                                model.segment(query, {7: (support, left)}))
+
+
+def test_inputs_on_another_device_or_dtype_or_empty_are_named_before_any_work(monkeypatch):
+    model = HSNet("resnet18", backend="torch").eval()
+    query, support, mask = torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64), torch.ones(1, 64, 64)
+    # "meta" stands in for a GPU: a tensor on another device than the model's parameters.
+    with pytest.raises(ValueError, match=r"query_img is on meta but the model is on cpu; move one of them"):
+        model(query.to("meta"), support, mask)
+    with pytest.raises(ValueError, match=r"query_img: an empty batch \[0, 3, 64, 64\]; expected at least one"):
+        model(query[:0], support[:0], mask[:0])
+    feats = model.extract_features(query)
+    work = []
+    monkeypatch.setattr(model.hpn_learner, "decode", lambda *args: work.append(1))
+    with pytest.raises(TypeError, match=r"levels: expected features in the learner's dtype torch.float32 .* "
+                                        r"got \[torch.float64\]"):
+        model.forward_features([f.double() for f in feats], [f.double() for f in feats], mask)
+    assert not work
 
 
 def test_segment_with_one_class_matches_one_shot_prediction():
