@@ -35,7 +35,9 @@ def _configs():
     return autotune_configs(gpu, triton.Config({"BLOCK_Q": 16, "BLOCK_C": 16}, num_warps=1))
 
 
-@triton.autotune(configs=_configs(), key=["C", "NQ", "L", "COUT", "KS", "INPUT_PRECISION"])
+# The kernel adds into its prefilled output: autotuning runs it many times per config on the real
+# arguments, so the output is restored after each of those runs (else the first call per shape is wrong).
+@triton.autotune(configs=_configs(), key=["C", "NQ", "L", "COUT", "KS", "INPUT_PRECISION"], restore_value=["p_out"])
 @triton.jit
 def _support_branch_kernel(
     p_query,  # normalized query at the pivot query positions [B, L, C, NQ], contiguous
