@@ -5,7 +5,8 @@
 # time limit and writes its output as it goes, so a stage cut short keeps what it measured and the next
 # one still runs. The default limits add up to 510 s: one device call (at most 600 s) with room to spare.
 #
-#   bash bench/gpu_session.sh            # results under $OUT (the device tool's folder) or bench/results/gpu-session
+#   bash bench/gpu_session.sh            # results under $OUT (the device tool's folder) or bench/results/gpu-session,
+#                                        # every log in session-log.txt there
 #
 # Stage limits in seconds (environment): GPU_TESTS_S (150), BENCH_S (180), MAX_SIZE_S (120), OP_TESTS_S (60).
 # PYTHON: the interpreter that holds torch and triton (default python3: on the lent machine's image
@@ -16,20 +17,27 @@ cd "$(dirname "$0")/.."
 out="${OUT:-bench/results/gpu-session}"
 py="${PYTHON:-python3}"
 mkdir -p "$out"
-stage() {  # stage NAME LIMIT_S COMMAND...: run under a time limit, log to $out/NAME.txt, never stop the script
+# Every log goes into one file: the device tool brings back at most 8 files, which the results
+# (benchmark json/md/png, size search json/md) and this log stay within.
+log="$out/session-log.txt"
+: >"$log"
+stage() {  # stage NAME LIMIT_S COMMAND...: run under a time limit, append to the log, never stop the script
     local name=$1 limit=$2
     shift 2
     local start=$SECONDS
-    timeout --signal=INT --kill-after=15 "$limit" "$@" >"$out/$name.txt" 2>&1
+    echo "===== $name (limit $limit s)" >>"$log"
+    timeout --signal=INT --kill-after=15 "$limit" "$@" >>"$log" 2>&1
     local status=$?
-    echo "$name: exit $status after $((SECONDS - start)) s (limit $limit s)" | tee -a "$out/stages.txt"
+    echo "===== $name: exit $status after $((SECONDS - start)) s (limit $limit s)" | tee -a "$log"
 }
 
-"$py" -m pip install --no-deps --no-build-isolation -e . >"$out/install.txt" 2>&1 || echo "install failed" | tee -a "$out/stages.txt"
+echo "===== install" >>"$log"
+"$py" -m pip install --no-deps --no-build-isolation -e . >>"$log" 2>&1 || echo "install failed" | tee -a "$log"
 {
+    echo "===== device"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     "$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-} >"$out/device.txt" 2>&1
+} >>"$log" 2>&1
 
 # The GPU-only tests, then every autotune config run alone (on a GPU each compiles and runs for real).
 stage gpu-tests "${GPU_TESTS_S:-150}" "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernel_configs.py
@@ -42,5 +50,4 @@ stage max-size "${MAX_SIZE_S:-120}" "$py" bench/run.py --device cuda --batch 8 -
     --masks object --variants original,triton --timeout 60 --out "$out" --name cuda-resnet50-b8-float32-max-size
 stage op-tests "${OP_TESTS_S:-60}" "$py" -m pytest -q -p no:cacheprovider -k triton \
     tests/test_hypercorrelation.py tests/test_center_pivot_conv4d.py tests/test_fused_first_layer.py
-tail -n 3 "$out"/gpu-tests.txt "$out"/op-tests.txt 2>/dev/null
-cat "$out/stages.txt"
+grep -E "^=====|passed|failed" "$log"

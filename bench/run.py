@@ -618,6 +618,11 @@ def search_max_sizes(args, groups: list[dict], info: dict, launch, device: str, 
     for group in [g for g in groups if g["size"] == groups[0]["size"]]:
         for variant in group["variants"]:
             peaks, errors = {}, {}
+            # Written after every try, marked unfinished, so a search cut short still reports the largest
+            # size seen to run (a lower bound).
+            row = {"case": group["case"], "mask": group["mask"], "variant": variant, "largest": None,
+                   "at_limit": False, "peak_bytes": None, "tried": {}, "first_failure": None, "unfinished": True}
+            found.append(row)
 
             def fits(size: int) -> bool:
                 progress.set_postfix_str(f"{group['case']} {group['mask']} {variant} size {size}")
@@ -625,20 +630,24 @@ def search_max_sizes(args, groups: list[dict], info: dict, launch, device: str, 
                                                                             "fit_only": True}
                 result = launch("measure", job)
                 progress.update(1)
+                peak = result.get("peak_bytes")
                 if "error" in result:
-                    errors[size] = result["error"]
-                    return False
-                peaks[size] = peak = result.get("peak_bytes")
-                if limit_bytes is not None and peak is not None and peak > limit_bytes:
-                    errors[size] = f"peak {peak / 2**20:.1f} MB > limit {limit_bytes / 2**20:.1f} MB"
-                    return False
-                return True
+                    errors[size], ok = result["error"], False
+                elif limit_bytes is not None and peak is not None and peak > limit_bytes:
+                    errors[size], ok = f"peak {peak / 2**20:.1f} MB > limit {limit_bytes / 2**20:.1f} MB", False
+                else:
+                    peaks[size], ok = peak, True
+                row["tried"][str(size)] = ok
+                if ok and (row["largest"] is None or size > row["largest"]):
+                    row["largest"], row["peak_bytes"] = size, peak
+                write()
+                return ok
 
             largest, tried = largest_fitting(fits, args.size, args.max_size)
-            found.append({"case": group["case"], "mask": group["mask"], "variant": variant, "largest": largest,
-                          "at_limit": largest == args.max_size, "peak_bytes": peaks.get(largest),
-                          "tried": {str(k): v for k, v in sorted(tried.items())},
-                          "first_failure": errors.get(min((k for k, v in tried.items() if not v), default=-1))})
+            row.update({"largest": largest, "at_limit": largest == args.max_size, "peak_bytes": peaks.get(largest),
+                        "tried": {str(k): v for k, v in sorted(tried.items())},
+                        "first_failure": errors.get(min((k for k, v in tried.items() if not v), default=-1)),
+                        "unfinished": False})
             write()
     progress.close()
     report, text = write()
@@ -667,6 +676,8 @@ def max_size_markdown(report: dict) -> str:
     for row in report["max_sizes"]:
         largest = row["largest"]
         shown = "none" if largest is None else f"{largest}" + (" (the limit)" if row["at_limit"] else "")
+        if row.get("unfinished"):
+            shown = ("none yet" if largest is None else f"at least {largest}") + " (search cut short)"
         peak = row.get("peak_bytes")
         failure = (row.get("first_failure") or "-")[:90].replace("|", "/")
         lines.append(f"| {row['case']} | {row['mask']} | {row['variant']} | {shown} | "

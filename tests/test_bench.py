@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -153,6 +154,34 @@ def test_max_size_table_names_each_outcome(bench_run):
     assert rows["triton"][3:6] == ["256 (the limit)", "2048", "1024"]
     assert rows["torch"][3:5] == ["none", "-"]
     assert any("GPU Test GPU" in line for line in lines)
+
+
+def test_a_max_size_search_cut_short_keeps_what_it_found(bench_run, tmp_path):
+    # The GPU session gives the search a fixed time: every try is written at once, the row marked as
+    # unfinished with the largest size seen to run (a lower bound).
+    import argparse
+
+    tries = []
+
+    def launch(kind, job):
+        tries.append(job["size"])
+        if len(tries) == 3:
+            raise KeyboardInterrupt  # the stage's time limit
+        return {"peak_bytes": job["size"] * 2**20}
+
+    args = argparse.Namespace(size=50, max_size=256, memory_limit=None, name="search", out=str(tmp_path),
+                              backbone="resnet50", batch=8, machine=None, note=None)
+    info = {"device": "cuda", "cpu": "c", "gpu": "Test GPU", "python": "3", "torch": "t", "triton": "3",
+            "hypertriton": "h"}
+    groups = [{"case": "learner_forward", "mask": "object", "size": 50, "variants": ["original", "triton"]}]
+    with pytest.raises(KeyboardInterrupt):
+        bench_run.search_max_sizes(args, groups, info, launch, "cuda", "float32")
+    report = json.loads((tmp_path / "search.json").read_text())
+    assert tries == [50, 75, 112]
+    assert [(row["variant"], row["largest"], row["unfinished"]) for row in report["max_sizes"]] == [
+        ("original", 75, True)]
+    assert "| learner_forward | object | original | at least 75 (search cut short) | 600 |" in \
+        (tmp_path / "search.md").read_text()
 
 
 def test_partial_results_say_so(bench_run):
