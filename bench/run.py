@@ -733,6 +733,30 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def check_args(args) -> None:
+    """Bad values named before any worker starts (they used to fail at the end, in the plot)."""
+    from hypertriton.backbones import BACKBONES
+
+    if args.backbone not in BACKBONES:
+        raise SystemExit(f"--backbone: unknown backbone {args.backbone!r}; expected one of "
+                         f"{', '.join(sorted(BACKBONES))}")
+    for name, least in (("size", 1), ("batch", 1), ("repeats", 1), ("warmup", 1)):
+        value = getattr(args, name)
+        if value < least:
+            raise SystemExit(f"--{name}: expected an integer >= {least}, got {value}")
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"--threads: expected an integer >= 1, got {args.threads}")
+    if args.sweep:
+        try:
+            sizes = [int(size) for size in args.sweep.split(",")]
+        except ValueError:
+            raise SystemExit(f"--sweep: expected comma-separated integers, got {args.sweep!r}") from None
+        if min(sizes) < 1:
+            raise SystemExit(f"--sweep: expected sizes >= 1, got {args.sweep!r}")
+    if args.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        raise SystemExit(f"--device: expected cpu, cuda, cuda:N or auto, got {args.device!r}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker is not None:
@@ -757,11 +781,15 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(HERE))
     import cases
 
+    check_args(args)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {device}: CUDA is not available on this machine")
     sizes = [int(s) for s in args.sweep.split(",")] if args.sweep else [args.size]
     backends = args.backend.split(",") if args.backend else available_backends(device)
+    for name in backends:
+        if name not in ("triton", "torch", "reference"):
+            raise SystemExit(f"--backend: unknown backend {name!r}; expected some of triton, torch, reference")
     chosen_cases = args.cases.split(",") if args.cases else (["learner_forward"] if args.max_size else list(cases.CASES))
     for name in chosen_cases:
         if name not in cases.CASES:
@@ -775,16 +803,22 @@ def main(argv=None) -> int:
     bf16 = {"auto": None, "on": True, "off": False}[args.bf16]
     bf16_skipped = cases.bf16_skip_reason(torch.device(device)) if bf16 is None else None
     groups = []  # one per (size, case, mask): timed together, then each variant measured alone
+    known: set[str] = set()
     for size in sizes:
         for case in chosen_cases:
             for mask in masks:
                 variants = [v for v in cases.variants_for(case, torch.device(device), backends, bf16)
                             if not args.variants or v in args.variants.split(",")]
+                known.update(cases.variants_for(case, torch.device(device), backends, True))
                 groups.append({"size": size, "case": case, "mask": mask, "variants": variants, "device": device,
                                "dtype": dtype, "backbone": args.backbone, "batch": args.batch,
                                "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads,
                                "tf32": args.tf32})
 
+    unknown = sorted(set(args.variants.split(",")) - known) if args.variants else []
+    if unknown:
+        raise SystemExit(f"--variants: {', '.join(map(repr, unknown))} is not a variant of these cases here; "
+                         f"expected some of {', '.join(sorted(known))}")
     if args.threads:
         torch.set_num_threads(args.threads)
     _apply_tf32(args.tf32)

@@ -184,6 +184,25 @@ def test_a_max_size_search_cut_short_keeps_what_it_found(bench_run, tmp_path):
         (tmp_path / "search.md").read_text()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--backbone", "foo"], "--backbone: unknown backbone 'foo'"),
+    (["--batch", "0"], "--batch: expected an integer >= 1, got 0"),
+    (["--repeats", "0"], "--repeats: expected an integer >= 1, got 0"),
+    (["--warmup", "0"], "--warmup: expected an integer >= 1, got 0"),
+    (["--threads", "-2"], "--threads: expected an integer >= 1, got -2"),
+    (["--sweep", "5,abc"], "--sweep: expected comma-separated integers, got '5,abc'"),
+    (["--device", "gpu"], "--device: expected cpu, cuda, cuda:N or auto, got 'gpu'"),
+    (["--backend", "fast"], "--backend: unknown backend 'fast'"),
+    (["--cases", "hypercorrelation", "--variants", "original,trition"], "--variants: 'trition' is not a variant"),
+])
+def test_bad_flags_are_named_before_any_worker_starts(bench_run, monkeypatch, argv, message):
+    monkeypatch.setattr(bench_run.subprocess, "run", lambda *args, **kwargs: pytest.fail("a worker started"))
+    monkeypatch.setattr(bench_run.subprocess, "Popen", lambda *args, **kwargs: pytest.fail("a worker started"))
+    with pytest.raises(SystemExit) as exit_:
+        bench_run.main(["--size", "5", "--out", "/nonexistent-out", *argv])
+    assert message in str(exit_.value)
+
+
 def test_partial_results_say_so(bench_run):
     rows = bench_run.summarize(_rows(), peaks={}, dtype="float32")
     report = _report(rows)
