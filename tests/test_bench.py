@@ -283,6 +283,19 @@ def test_markdown_says_why_bf16_was_not_timed(bench_run):
         bench_run.markdown(report)
 
 
+def test_targets_are_scored_only_where_they_were_set(bench_run):
+    report = _report(_rows())
+    assert {t["size"] for t in bench_run.targets(report)} == {50}
+    for change in ({"sizes": [13]}, {"batch": 8}, {"dtype": "bfloat16"}):
+        assert bench_run.targets(dict(report, args=dict(report["args"], **change))) == [], change
+    gpu = dict(report, machine=dict(report["machine"], device="cuda"))
+    assert bench_run.targets(gpu) == []  # batch 1: the GPU targets are for batch 8
+    gpu["args"] = dict(report["args"], batch=8)
+    gpu["rows"] = [dict(row, variant="triton") if row["variant"] == "torch" else row for row in report["rows"]]
+    assert {(t["variant"], t["metric"]) for t in bench_run.targets(gpu)} == {("triton", "speedup"),
+                                                                             ("triton", "memory_ratio")}
+
+
 def test_targets_name_the_bf16_target_left_out_on_this_cpu(bench_run):
     report = _report(_rows()[:2])  # the original and torch rows only
     report["args"].update(cases=["learner_forward"], masks=["object"])
