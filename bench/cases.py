@@ -211,6 +211,7 @@ def build(case: str, variant: str, inputs: Inputs):
     def run_autocast():
         with torch.autocast(inputs.device.type, dtype=autocast_dtype):
             return run()
+    run_autocast.model = getattr(run, "model", None)
     return run_autocast
 
 
@@ -283,6 +284,7 @@ def _build(case: str, variant: str, inputs: Inputs):
                 loss = F.cross_entropy(logits.float(), target)
                 loss.backward()
                 return logits.detach()
+            run.model = model  # the memory measurement drops the warm-up's gradients before its baseline
             return run
 
         # episode: backbone on both images, then everything after it, logits at image size
