@@ -796,9 +796,11 @@ def main(argv=None) -> int:
         raise SystemExit(f"--device {device}: CUDA is not available on this machine")
     sizes = [int(s) for s in args.sweep.split(",")] if args.sweep else [args.size]
     backends = args.backend.split(",") if args.backend else available_backends(device)
+    from hypertriton.backend import BACKENDS
+
     for name in backends:
-        if name not in ("triton", "torch", "reference"):
-            raise SystemExit(f"--backend: unknown backend {name!r}; expected some of triton, torch, reference")
+        if name not in BACKENDS:
+            raise SystemExit(f"--backend: unknown backend {name!r}; expected some of {', '.join(BACKENDS)}")
     chosen_cases = args.cases.split(",") if args.cases else (["learner_forward"] if args.max_size else list(cases.CASES))
     for name in chosen_cases:
         if name not in cases.CASES:
