@@ -133,31 +133,56 @@ def _setup(job: dict):
     return torch, cases, inputs, sync
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
 def time_variants(job: dict) -> dict:
     """Time every variant of one (size, case, mask) in one process, interleaved round-robin.
 
     On a shared machine the load drifts during a run; interleaving makes every variant see the same
-    drift, so their ratios hold even when absolute times wander.
+    drift, so their ratios hold even when absolute times wander. A variant that raises (the original out
+    of GPU memory at a large size, say) is dropped with its error and the others go on being timed.
     """
     torch, cases, inputs, sync = _setup(job)
-    runs = {variant: cases.build(job["case"], variant, inputs) for variant in job["variants"]}
+    runs, errors = {}, {}
+
+    def drop(variant: str, error: Exception) -> None:
+        errors[variant] = _first_line(error)
+        runs.pop(variant, None)
+        gc.collect()
+        if inputs.device.type == "cuda":
+            torch.cuda.empty_cache()  # what the failed variant held is free for the others
+
+    for variant in job["variants"]:
+        try:
+            runs[variant] = cases.build(job["case"], variant, inputs)
+        except Exception as error:
+            drop(variant, error)
     for _ in range(job["warmup"]):
-        for run in runs.values():
-            run()
-    sync()
+        for variant, run in list(runs.items()):
+            try:
+                run()
+                sync()
+            except Exception as error:
+                drop(variant, error)
     times = {variant: [] for variant in runs}
-    order = list(runs)
     for round_index in range(job["repeats"]):
         # Rotate the order each round so that no variant always runs right after the same neighbour.
-        shift = round_index % len(order)
+        order = list(runs)
+        shift = round_index % max(len(order), 1)
         for variant in order[shift:] + order[:shift]:
             gc.collect()
-            start = time.perf_counter()
-            output = runs[variant]()
-            sync()
-            times[variant].append(time.perf_counter() - start)
-            del output
-    return {"times": times}
+            try:
+                start = time.perf_counter()
+                output = runs[variant]()
+                sync()
+                times[variant].append(time.perf_counter() - start)
+                del output
+            except Exception as error:
+                drop(variant, error)
+    return {"times": {variant: times[variant] for variant in runs}, "errors": errors}
 
 
 def _nnpack_flop_formula(torch) -> dict:
@@ -297,6 +322,20 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def _git_commit() -> str | None:
+    """The commit the benchmark ran at, ``+dirty`` when tracked files differ from it; None outside a checkout."""
+    try:
+        head = subprocess.run(["git", "-C", str(HERE), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=30)
+        if head.returncode != 0:
+            return None
+        changed = subprocess.run(["git", "-C", str(HERE), "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):  # no git on this machine, or a wedged file system
+        return None
+    return head.stdout.strip() + ("+dirty" if changed.stdout.strip() else "")
+
+
 def machine_info(device: str) -> dict:
     import torch
 
@@ -320,6 +359,7 @@ def machine_info(device: str) -> dict:
     import hypertriton
 
     info["hypertriton"] = hypertriton.__version__
+    info["git_commit"] = _git_commit()
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(device)
         info["allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
@@ -362,7 +402,8 @@ def summarize(rows: list[dict], peaks: dict | None = None, dtype: str = "float32
         if base is None or "median_s" not in row:
             continue
         row["speedup"] = base["median_s"] / row["median_s"]
-        if row is not base and len(base["times"]) == len(row["times"]):
+        together = not (row.get("timed_alone") or base.get("timed_alone"))
+        if row is not base and together and len(base["times"]) == len(row["times"]):
             # Paired by round: the original and this row ran in the same round, so a load that drifts
             # between rounds cancels in each ratio (a ratio of medians takes the two medians from whichever
             # rounds happened to be quiet for each).
@@ -431,13 +472,18 @@ def markdown(report: dict) -> str:
                  f"load average at start {tuple(round(x, 2) for x in info['load_average_start'])}, "
                  f"at end {tuple(round(x, 2) for x in info['load_average_end'])}")
     lines.append(f"- versions: python {info['python']}, torch {info['torch']}, triton {info['triton']}, "
-                 f"hypertriton {info['hypertriton']}")
+                 f"hypertriton {info['hypertriton']} at commit {info.get('git_commit') or 'not recorded'}")
     lines.append(f"- backends timed: {', '.join(report['backends'])}; {args['repeats']} timed repeats after "
                  f"{args['warmup']} warm-up per row, variants of a case interleaved in one process; peak memory from "
                  f"one run per row in a fresh process; date {report['date']}")
     lines += _bf16_note(info)
     if args.get("note"):
         lines.append(f"- note: {args['note']}")
+    alone = sorted({(row["size"], row["case"], row["mask"], row["timed_alone"]) for row in report["rows"]
+                    if row.get("timed_alone")})
+    for size, case, mask, why in alone:
+        lines.append(f"- size {size} {case} {mask}: each variant timed in a process of its own, not interleaved "
+                     f"(no paired speedup) because {why}")
     if report.get("partial"):
         lines.append(f"- **partial results**: {report['partial']} (the run was interrupted or is still going)")
     peaks = info.get("gemm_peak_gflops") or {}
@@ -462,8 +508,9 @@ def markdown(report: dict) -> str:
                          f"{row.get('error', '?')[:80]} | | | | | | | | | | |")
             continue
         peak = row.get("peak_bytes")
+        variant = row["variant"] + (" (timed alone)" if row.get("timed_alone") else "")
         lines.append(
-            f"| {row['size']} | {row['case']} | {row['mask']} | {row['variant']} | {row['median_s'] * 1e3:.1f} | "
+            f"| {row['size']} | {row['case']} | {row['mask']} | {variant} | {row['median_s'] * 1e3:.1f} | "
             f"{row['p20_s'] * 1e3:.1f} | {row['p80_s'] * 1e3:.1f} | {_fmt(row.get('speedup'), '.2f')}x | "
             f"{_paired(row)} | "
             f"{_fmt(None if peak is None else peak / 2**20, '.1f')} | {_fmt(row.get('memory_ratio'), '.1f')}x | "
@@ -695,6 +742,44 @@ def max_size_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def measure_group(group: dict, launch, progress) -> list[dict]:
+    """The rows of one (size, case, mask): its variants timed together in one process (``launch("time", ...)``),
+    then each one's peak memory, FLOPs and error in a fresh process (``launch("measure", ...)``)."""
+    label = f"{group['size']} {group['case']} {group['mask']}"
+    progress.set_postfix_str(f"{label} timing")
+    timing = launch("time", group)
+    alone = {}
+    if "error" in timing and len(group["variants"]) > 1:
+        # The whole process died (a timeout, a crash, the kernel's out-of-memory killer): time each variant
+        # in a process of its own, so that one variant's failure does not take the others' numbers along.
+        progress.write(f"{label}: timing the variants together failed ({timing['error']}); timing each alone")
+        for variant in group["variants"]:
+            progress.set_postfix_str(f"{label} {variant} timing alone")
+            alone[variant] = launch("time", group | {"variants": [variant]})
+    progress.update(1)
+    rows = []
+    for variant in group["variants"]:
+        progress.set_postfix_str(f"{label} {variant} memory")
+        row = {k: group[k] for k in ("size", "case", "mask")} | {"variant": variant}
+        variant_timing = alone.get(variant, timing)
+        if variant in alone:
+            row["timed_alone"] = f"the variants timed together failed: {timing['error']}"
+        error = variant_timing.get("error") or variant_timing.get("errors", {}).get(variant)
+        if error:
+            row["error"] = error
+        else:
+            row["times"] = variant_timing["times"][variant]
+            measured = launch("measure", {k: v for k, v in group.items() if k != "variants"} | {"variant": variant})
+            if "error" in measured:
+                row["measure_error"] = measured["error"]
+            row.update({k: v for k, v in measured.items() if k != "error"})
+        if "error" in row or "measure_error" in row:
+            progress.write(f"failed: {row}")
+        rows.append(row)
+        progress.update(1)
+    return rows
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -893,26 +978,7 @@ def main(argv=None) -> int:
     rows = []
     progress = tqdm(total=sum(len(g["variants"]) + 1 for g in groups), desc="bench", unit="run")
     for done, group in enumerate(groups):
-        label = f"{group['size']} {group['case']} {group['mask']}"
-        progress.set_postfix_str(f"{label} timing")
-        timing = launch("time", group)
-        progress.update(1)
-        for variant in group["variants"]:
-            progress.set_postfix_str(f"{label} {variant} memory")
-            row = {k: group[k] for k in ("size", "case", "mask")} | {"variant": variant}
-            if "error" in timing:
-                row["error"] = timing["error"]
-            else:
-                row["times"] = timing["times"][variant]
-                measured = launch("measure", {k: v for k, v in group.items() if k != "variants"}
-                                  | {"variant": variant})
-                if "error" in measured:
-                    row["measure_error"] = measured["error"]
-                row.update({k: v for k, v in measured.items() if k != "error"})
-            if "error" in row or "measure_error" in row:
-                tqdm.write(f"failed: {row}")
-            rows.append(row)
-            progress.update(1)
+        rows += measure_group(group, launch, progress)
         if done + 1 < len(groups):
             write_report(rows, done + 1)
     progress.close()

@@ -308,3 +308,131 @@ def test_targets_name_the_bf16_target_left_out_on_this_cpu(bench_run):
         bench_run.markdown(report)
     report["args"].update(cases=["hypercorrelation"])  # a case that did not run names no target
     assert all(t["variant"] != "torch+bf16" for t in bench_run.targets(report))
+
+
+def test_a_variant_that_raises_is_dropped_and_the_others_are_timed(bench_run, bench_cases, monkeypatch):
+    # The original out of GPU memory at a large size used to take every variant's timing of its group along.
+    real_build = bench_cases.build
+    calls = {"late": 0}
+
+    def build(case, variant, inputs):
+        if variant == "fails-to-build":
+            raise ValueError("no such layer")
+        if variant == "fails-when-run":
+            def run():
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+            return run
+        if variant == "fails-third-call":
+            run_original = real_build(case, "original", inputs)
+
+            def run():
+                calls["late"] += 1
+                if calls["late"] == 3:
+                    raise RuntimeError("late failure")
+                return run_original()
+            return run
+        return real_build(case, variant, inputs)
+
+    monkeypatch.setattr(bench_cases, "build", build)
+    job = {"device": "cpu", "backbone": "resnet50", "size": 3, "batch": 1, "dtype": "float32", "mask": "object",
+           "case": "hypercorrelation", "warmup": 1, "repeats": 4, "threads": None, "tf32": "off",
+           "variants": ["original", "fails-to-build", "fails-when-run", "fails-third-call", "torch"]}
+    result = bench_run.time_variants(job)
+    assert result["errors"] == {"fails-to-build": "ValueError: no such layer",
+                                "fails-when-run": "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
+                                "fails-third-call": "RuntimeError: late failure"}
+    assert set(result["times"]) == {"original", "torch"}
+    assert all(len(times) == 4 and min(times) > 0 for times in result["times"].values())
+
+
+class _Progress:
+    def __init__(self):
+        self.written = []
+
+    def set_postfix_str(self, text):
+        pass
+
+    def update(self, count):
+        pass
+
+    def write(self, text):
+        self.written.append(text)
+
+
+def test_a_group_whose_process_dies_is_timed_again_one_variant_at_a_time(bench_run):
+    launched = []
+
+    def launch(mode, job):
+        launched.append((mode, job.get("variants", job.get("variant"))))
+        if mode == "time" and len(job["variants"]) > 1:
+            return {"error": "exit -9: Killed"}  # the kernel's out-of-memory killer took the whole process
+        if mode == "time":
+            variant = job["variants"][0]
+            return {"error": "timed out after 60 s"} if variant == "original" else {"times": {variant: [0.1, 0.2]},
+                                                                                   "errors": {}}
+        return {"peak_bytes": 5 * 2**20}
+
+    group = {"size": 100, "case": "learner_forward", "mask": "full", "variants": ["original", "torch"]}
+    progress = _Progress()
+    rows = bench_run.measure_group(group, launch, progress)
+    assert launched == [("time", ["original", "torch"]), ("time", ["original"]), ("time", ["torch"]),
+                        ("measure", "torch")]
+    original, ours = rows
+    assert original["error"] == "timed out after 60 s" and "times" not in original
+    assert ours["times"] == [0.1, 0.2] and ours["peak_bytes"] == 5 * 2**20
+    assert ours["timed_alone"] == "the variants timed together failed: exit -9: Killed"
+    assert any("timing each alone" in line for line in progress.written)
+    markdown = bench_run.markdown(_report(bench_run.summarize(rows)))
+    assert "| 100 | learner_forward | full | torch (timed alone) | 150.0 |" in markdown
+    assert ("- size 100 learner_forward full: each variant timed in a process of its own, not interleaved "
+            "(no paired speedup) because the variants timed together failed: exit -9: Killed") in markdown
+
+
+def test_variants_timed_alone_get_no_paired_speedup(bench_run):
+    rows = [dict(row, timed_alone="why") for row in _rows()[:2]]
+    summarized = bench_run.summarize(rows)
+    assert summarized[1]["speedup"] == pytest.approx(4.0)  # medians 0.4 / 0.1
+    assert "paired_speedup" not in summarized[1]
+    assert "paired_speedup" in bench_run.summarize(_rows()[:2])[1]
+
+
+def test_a_group_with_a_variant_error_measures_only_the_others(bench_run):
+    launched = []
+
+    def launch(mode, job):
+        launched.append(mode)
+        if mode == "time":
+            return {"times": {"torch": [0.1]}, "errors": {"original": "OutOfMemoryError: CUDA out of memory."}}
+        return {"peak_bytes": 1}
+
+    group = {"size": 200, "case": "learner_forward", "mask": "full", "variants": ["original", "torch"]}
+    original, ours = bench_run.measure_group(group, launch, _Progress())
+    assert launched == ["time", "measure"]
+    assert original["error"] == "OutOfMemoryError: CUDA out of memory." and "timed_alone" not in ours
+
+
+def test_the_report_names_the_commit_it_ran_at(bench_run):
+    report = _report(_rows()[:2])
+    assert "at commit not recorded" in bench_run.markdown(report)
+    report["machine"]["git_commit"] = "abc123+dirty"
+    assert "hypertriton h at commit abc123+dirty" in bench_run.markdown(report)
+
+
+def test_git_commit_marks_changed_tracked_files(bench_run, tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed here")
+    monkeypatch.setattr(bench_run, "HERE", tmp_path)
+    assert bench_run._git_commit() is None  # not a checkout
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git + ["init", "-q"], check=True)
+    (tmp_path / "tracked.txt").write_text("a")
+    subprocess.run(git + ["add", "tracked.txt"], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "m"], check=True)
+    head = subprocess.run(git + ["rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    (tmp_path / "results.json").write_text("{}")  # an untracked output does not make the tree dirty
+    assert bench_run._git_commit() == head
+    (tmp_path / "tracked.txt").write_text("b")
+    assert bench_run._git_commit() == head + "+dirty"
