@@ -886,7 +886,8 @@ def main(argv=None) -> int:
     for name in backends:
         if name not in BACKENDS:
             raise SystemExit(f"--backend: unknown backend {name!r}; expected some of {', '.join(BACKENDS)}")
-    chosen_cases = args.cases.split(",") if args.cases else (["learner_forward"] if args.max_size else list(cases.CASES))
+    default_cases = ["learner_forward"] if args.max_size else list(cases.CASES)
+    chosen_cases = args.cases.split(",") if args.cases else default_cases
     for name in chosen_cases:
         if name not in cases.CASES:
             raise SystemExit(f"--cases: unknown case {name!r}; expected some of {', '.join(cases.CASES)}")
