@@ -138,17 +138,31 @@ class SegmentationMeter:
         self.class_episodes.index_add_(0, columns, torch.ones(len(class_id), dtype=torch.float64))
         self.episodes += len(class_id)
 
+    def counts_vector(self) -> torch.Tensor:
+        """Every count in one float64 vector ``[2 * 2 * n_classes + n_classes + 1]`` (intersections, unions,
+        episodes per class, episodes), to be summed over processes in one collective."""
+        return torch.cat([self.intersection.flatten(), self.union.flatten(), self.class_episodes,
+                          torch.tensor([float(self.episodes)], dtype=torch.float64)])
+
+    def add_counts_vector(self, counts: torch.Tensor) -> "SegmentationMeter":
+        """Add counts in :meth:`counts_vector`'s layout (another meter's, or a sum of several)."""
+        n, k = self.intersection.numel(), self.class_episodes.numel()
+        if counts.shape != (2 * n + k + 1,):
+            raise ValueError(f"counts: expected [{2 * n + k + 1}] (a meter over {k} classes), "
+                             f"got {list(counts.shape)}")
+        counts = counts.to(torch.float64)
+        self.intersection = self.intersection + counts[:n].view_as(self.intersection)
+        self.union = self.union + counts[n:2 * n].view_as(self.union)
+        self.class_episodes = self.class_episodes + counts[2 * n:2 * n + k]
+        self.episodes += int(counts[-1].item())
+        return self
+
     def all_reduce(self) -> "SegmentationMeter":
         """Sum the counts over all processes (no-op without an initialized process group)."""
-        counts = torch.cat([self.intersection.flatten(), self.union.flatten(), self.class_episodes,
-                            torch.tensor([float(self.episodes)], dtype=torch.float64)])
-        counts = all_reduce_sum(counts)
-        n, k = self.intersection.numel(), self.class_episodes.numel()
-        self.intersection = counts[:n].view_as(self.intersection).clone()
-        self.union = counts[n:2 * n].view_as(self.union).clone()
-        self.class_episodes = counts[2 * n:2 * n + k].clone()
-        self.episodes = int(counts[-1].item())
-        return self
+        counts = all_reduce_sum(self.counts_vector())
+        self.intersection.zero_(), self.union.zero_(), self.class_episodes.zero_()
+        self.episodes = 0
+        return self.add_counts_vector(counts)
 
     def iou(self) -> torch.Tensor:
         """``[2, n_classes]`` bg/fg IoU per class in [0, 1] (union clamped to 1 as the original)."""

@@ -609,6 +609,8 @@ def _train_meter(dataset: Dataset, counts: dict | None = None):
     if counts is not None:
         meter.intersection, meter.union = counts["intersection"].clone(), counts["union"].clone()
         meter.episodes = counts["episodes"]
+        if "class_episodes" in counts:  # older training states lack it
+            meter.class_episodes = counts["class_episodes"].clone()
     return meter
 
 
@@ -741,9 +743,9 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
             scaler.load_state_dict(state["scaler"])
         start_epoch, start_step, global_step = state["epoch"], state["step"], state["global_step"]
         best_miou, best_epoch = state["best_miou"], state["best_epoch"]
-        # Totals over all ranks so far in the epoch; rank 0 carries them, the others start from zero.
+        # Totals over all ranks so far in the epoch, which every rank carries on from.
         loss_sum, loss_count = state["loss_sum"], state["loss_count"]
-        train_counts = state["train_counts"] if ctx.is_main else None
+        train_counts = state["train_counts"]
         _set_rng_state(state["rng"])
 
     train_model = model
@@ -787,8 +789,9 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
                      "epoch": epoch, "step": step, "global_step": global_step,
                      "best_miou": best_miou, "best_epoch": best_epoch,
                      "loss_sum": loss_sum, "loss_count": loss_count, "rng": _rng_state(),
-                     "train_counts": None if meter is None else {"intersection": meter.intersection,
-                                                                 "union": meter.union, "episodes": meter.episodes},
+                     "train_counts": None if meter is None else {
+                         "intersection": meter.intersection, "union": meter.union,
+                         "class_episodes": meter.class_episodes, "episodes": meter.episodes},
                      "config": {**dataclasses.asdict(config), "world_size": ctx.world_size}},
                     logdir / LAST_CHECKPOINT)
 
@@ -816,16 +819,24 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
                 batch = _to_device(batch, device)
                 for group in optimizer.param_groups:
                     group["lr"] = scheduled_lr(config.lr, config.lr_schedule, global_step, total_steps)
+                # Under torchrun each rank counts its own batch, summed over the ranks with the loss below:
+                # the epoch's meter then holds every rank's episodes at every step, which last.pt keeps
+                # even when a second Ctrl-C leaves no time for a collective.
+                step_meter = _train_meter(train_dataset) if meter is not None and ctx.is_distributed else meter
                 consistent = False
-                loss = training_step(train_model, batch, optimizer, scaler, amp_dtype, meter)
+                loss = training_step(train_model, batch, optimizer, scaler, amp_dtype, step_meter)
                 consistent = True
                 step += 1
                 global_step += 1
-                # One collective per step: the batch's loss summed over ranks, and whether any rank was
-                # asked to stop (all ranks must leave the loop after the same step, or DDP deadlocks).
+                # One collective per step: the batch's loss (and counts) summed over ranks, and whether any
+                # rank was asked to stop (all ranks must leave the loop after the same step, or DDP deadlocks).
                 size = batch["query_img"].shape[0]
-                totals = hdist.all_reduce_sum(torch.tensor([loss * size, size, float(stop.requested)],
-                                                           dtype=torch.float64))
+                payload = torch.tensor([loss * size, size, float(stop.requested)], dtype=torch.float64)
+                if step_meter is not meter:
+                    payload = torch.cat([payload, step_meter.counts_vector()])
+                totals = hdist.all_reduce_sum(payload)
+                if step_meter is not meter:
+                    meter.add_counts_vector(totals[3:])
                 loss = float(totals[0] / totals[1])
                 loss_sum, loss_count = loss_sum + float(totals[0]), loss_count + int(totals[1])
                 stopping = bool(totals[2] > 0)
@@ -841,8 +852,6 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
             bar.close()
             # A request that came during the epoch's last step must not wait for a whole validation.
             stopping = stopping or hdist.any_rank(stop.requested, device)
-            if meter is not None:
-                meter.all_reduce()  # a collective: every rank gets here, stopping or not
             if stopping:
                 save_last()
                 log.write("stop", epoch=epoch, step=step, global_step=global_step, reason="signal",

@@ -150,7 +150,7 @@ TRAIN_SCRIPT = textwrap.dedent("""
 
     IMG = 64
 
-    def tiny_run(logpath):
+    def tiny_run(logpath, interrupt_at=None):
         torch.manual_seed(0)
         model = HSNet("resnet18")
         val = SyntheticDataset(split="val", fold=0, img_size=IMG, episodes=6)
@@ -164,10 +164,18 @@ TRAIN_SCRIPT = textwrap.dedent("""
                              bsz=4, lr=1e-5, epochs=1, max_steps_per_epoch=2, val_bsz=1, log_every=1,
                              device="cpu", progress=False, tensorboard=False, logpath=logpath)
         trn = SyntheticDataset(split="trn", fold=0, img_size=IMG, episodes=16)
-        return train(config, model=model, train_dataset=trn, val_dataset=val)
+
+        def on_step(progress):
+            if progress["global_step"] == interrupt_at:
+                raise KeyboardInterrupt  # a second Ctrl-C: no collective can run any more
+
+        return train(config, model=model, train_dataset=trn, val_dataset=val, on_step=on_step)
 
     if __name__ == "__main__":
-        summary = tiny_run(sys.argv[1])
+        try:
+            summary = tiny_run(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None)
+        except KeyboardInterrupt:
+            summary = "interrupted"
         print("SUMMARY " + json.dumps(summary))
 """)
 
@@ -209,6 +217,12 @@ def test_two_process_training_matches_a_single_process(tmp_path, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     single = tiny_run.tiny_run(str(tmp_path / "single"))
     assert single["train_loss"] == pytest.approx(ddp_epoch["train_loss"], rel=1e-5)
+    single_epoch = next(json.loads(line) for line in (tmp_path / "single" / LOG_FILE).read_text().splitlines()
+                        if json.loads(line)["event"] == "epoch")
+    # Each rank counts its own episodes, summed over the ranks: the training mIoU of all 8 episodes.
+    assert 0 < single_epoch["train_miou"] < 100
+    assert (ddp_epoch["train_miou"], ddp_epoch["train_fbiou"]) == (single_epoch["train_miou"],
+                                                                   single_epoch["train_fbiou"])
     single_weights = torch.load(tmp_path / "single" / BEST_CHECKPOINT, weights_only=True)
     ddp_weights = torch.load(ddp_dir / BEST_CHECKPOINT, weights_only=True)
     torch.manual_seed(0)
@@ -224,6 +238,32 @@ def test_two_process_training_matches_a_single_process(tmp_path, monkeypatch):
             learner_change = max(learner_change, float((value - initial[key[len("module."):]]).abs().max()))
     # Two Adam steps move weights by about 2 lr = 2e-5: far more than the tolerances above.
     assert learner_change > 5e-6
+
+
+def test_a_second_ctrl_c_under_torchrun_saves_every_ranks_training_counts(tmp_path, monkeypatch):
+    import importlib.util
+
+    from hypertriton.training import LAST_CHECKPOINT, load_training_state
+
+    script = tmp_path / "tiny_run.py"
+    script.write_text(TRAIN_SCRIPT)
+    outputs = launch_ranks(script, 2, [str(tmp_path / "ddp"), "1"], timeout=240)
+    assert all("SUMMARY \"interrupted\"" in out for out in outputs)
+    ddp_counts = load_training_state(tmp_path / "ddp" / LAST_CHECKPOINT)["train_counts"]
+
+    spec = importlib.util.spec_from_file_location("tiny_run", script)
+    tiny_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny_run)
+    for name in TORCHRUN_VARS:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_run.tiny_run(str(tmp_path / "single"), interrupt_at=1)
+    single_counts = load_training_state(tmp_path / "single" / LAST_CHECKPOINT)["train_counts"]
+    # The first global batch: 4 episodes, 2 per rank; rank 0 used to save its own 2 as the totals.
+    assert ddp_counts["episodes"] == single_counts["episodes"] == 4
+    for key in ("intersection", "union", "class_episodes"):
+        assert torch.equal(ddp_counts[key], single_counts[key]), key
+    assert single_counts["union"].sum() > 0
 
 
 STOP_IN_VALIDATION_SCRIPT = textwrap.dedent("""

@@ -114,3 +114,20 @@ def test_all_reduce_without_process_group_keeps_counts():
     assert (meter.all_reduce().miou(), meter.fb_iou(), meter.episodes) == before
     assert before[0] == pytest.approx(50.0)
 
+
+
+def test_counts_added_from_two_meters_equal_one_meter_counting_both():
+    # How training under torchrun sums each rank's batch into the epoch's meter.
+    batches = [(torch.tensor([[[1, 0, 0, 0]], [[0, 0, 0, 0]]]), torch.tensor([[[1., 0, 0, 0]], [[0, 1, 1, 1]]]),
+                torch.tensor([3, 3])),
+               (torch.tensor([[[1, 1, 0, 0]]]), torch.tensor([[[0., 1, 0, 0]]]), torch.tensor([7]))]
+    whole, summed = SegmentationMeter([3, 7]), SegmentationMeter([3, 7])
+    for pred, gt, class_id in batches:
+        whole.update(pred, {"query_mask": gt, "class_id": class_id})
+        part = SegmentationMeter([3, 7])
+        part.update(pred, {"query_mask": gt, "class_id": class_id})
+        summed.add_counts_vector(part.counts_vector())
+    assert summed.counts_vector().tolist() == whole.counts_vector().tolist()
+    assert (summed.miou(), summed.episodes, summed.evaluated_classes()) == (pytest.approx(37.5), 3, [3, 7])
+    with pytest.raises(ValueError, match=r"counts: expected \[11\] \(a meter over 2 classes\), got \[12\]"):
+        summed.add_counts_vector(torch.zeros(12))
