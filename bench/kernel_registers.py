@@ -129,7 +129,10 @@ def compile_one(job: dict) -> dict:
     autotuned, extra, fp32_pointers = _kernels()[job["kernel"]]
     config = autotuned.configs[job["config"]]
     fn = autotuned.fn
-    constexprs = {**extra, "INPUT_PRECISION": job["precision"], "INT64": job["int64"], **config.kwargs}
+    # The fused kernel's fp32 product of correlations and weights: TF32 only with PyTorch's flag, off by default.
+    weight_precision = job["precision"] if job["dtype"] == "fp32" else "ieee"
+    constexprs = {**extra, "INPUT_PRECISION": job["precision"], "WEIGHT_PRECISION": weight_precision,
+                  "INT64": job["int64"], **config.kwargs}
     constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
     row = {**job, "blocks": config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
     # Triton prints ptxas's report as it compiles (its flags differ between versions), and only when

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -18,19 +20,52 @@ def autotune_configs(gpu_configs: list[triton.Config], interpreted_config: trito
     return [interpreted_config] if INTERPRETED else gpu_configs
 
 
+def matmul_allows_tf32() -> bool:
+    """Whether PyTorch's own fp32 matrix products on CUDA may use TF32 tensor cores.
+
+    PyTorch has two switches for it: ``torch.backends.cuda.matmul.fp32_precision`` ("tf32", "ieee", or
+    "none" = not set; it reports ``torch.backends.fp32_precision`` when only that is set) and the older
+    ``torch.backends.cuda.matmul.allow_tf32``, which raises once the newer one has been used.
+    """
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:  # the two switches mixed; the newer one said nothing definite
+        return False
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``input_precision`` for ``tl.dot`` on inputs of ``dtype``.
 
     fp32 products use TF32 tensor cores exactly when PyTorch's own matmuls would
-    (``torch.backends.cuda.matmul.allow_tf32``); the interpreter always computes in IEEE fp32.
-    The flag only affects fp32 inputs: fp16/bf16 products are exact in an fp32 accumulator, and for
-    them Triton's default ("tf32", ignored) is kept.
+    (:func:`matmul_allows_tf32`); the interpreter always computes in IEEE fp32. The flag only affects
+    fp32 inputs: fp16/bf16 products are exact in an fp32 accumulator, and for them Triton's default
+    ("tf32", ignored) is kept.
     """
     if INTERPRETED:
         return "ieee"
     if dtype != torch.float32:
         return "tf32"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32" if matmul_allows_tf32() else "ieee"
+
+
+def on_the_inputs_device(launcher):
+    """Decorate a launcher so that its kernels run on its first tensor argument's CUDA device.
+
+    Triton launches on PyTorch's current device, not on the tensors': tensors on ``cuda:1`` while
+    ``cuda:0`` is current (a model moved with ``.to("cuda:1")``) would fail to launch.
+    """
+    @functools.wraps(launcher)
+    def launch(*args, **kwargs):
+        first = next((value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)), None)
+        if first is None or first.device.type != "cuda":
+            return launcher(*args, **kwargs)
+        with torch.cuda.device(first.device):
+            return launcher(*args, **kwargs)
+
+    return launch
 
 
 def check_float_dtype(name: str, tensor: torch.Tensor) -> None:

@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import autotune_configs, check_float_dtype, dot_acc, dot_precision, needs_int64
+from ._config import (autotune_configs, check_float_dtype, dot_acc, dot_precision, needs_int64,
+                      on_the_inputs_device)
 
 MAX_GRID_Z = 65535  # CUDA's limit on the third grid dimension
 
@@ -180,6 +181,7 @@ def _check_geometry(stride, padding) -> None:
         raise ValueError(f"padding: expected non-negative ints, got {padding}")
 
 
+@on_the_inputs_device
 def center_pivot_conv4d_into(
     x: torch.Tensor,
     weight_query: torch.Tensor,
@@ -376,10 +378,11 @@ def _center_pivot_conv4d_grad_input_kernel(
     i_c = tl.program_id(1)
     i_b = tl.program_id(2)
     o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
     if INT64:
         i_b = i_b.to(tl.int64)
         o_p = o_p.to(tl.int64)
-    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        o_c = o_c.to(tl.int64)  # channel * input-channel stride passes 2^31 in a large input
     m_p = o_p < NX
     m_c = o_c < CIN
 
@@ -432,8 +435,9 @@ def _center_pivot_conv4d_grad_weight_kernel(
     BLOCK_O: tl.constexpr,  # output channels per tile
     BLOCK_C: tl.constexpr,  # input channels per tile
 ):
-    i_t = tl.program_id(0)  # tap: query-branch taps first, then support-branch taps
-    i_oc = tl.program_id(1)
+    # Channel tiles on the first grid axis: Cout * Cin tiles can pass the 65535 that a second axis holds.
+    i_oc = tl.program_id(0)
+    i_t = tl.program_id(1)  # tap: query-branch taps first, then support-branch taps
     i_split = tl.program_id(2)
     n_c_tiles = tl.cdiv(CIN, BLOCK_C)
     i_o = i_oc // n_c_tiles
@@ -453,12 +457,13 @@ def _center_pivot_conv4d_grad_weight_kernel(
     dsh = tl.where(is_q, 0, t_s // KSW - PSH)
     dsw = tl.where(is_q, 0, t_s % KSW - PSW)
 
-    o_start = i_split * CHUNK
     o_step = tl.arange(0, BLOCK_P)
     if INT64:
-        o_start = o_start.to(tl.int64)
+        # The reduction B * NP (so a split's start) or the partials' offsets can pass 2^31.
+        i_split = i_split.to(tl.int64)
         o_o = o_o.to(tl.int64)
         o_c = o_c.to(tl.int64)
+    o_start = i_split * CHUNK
     b_acc = tl.zeros((BLOCK_O, BLOCK_C), dtype=tl.float32)
     b_bias = tl.zeros((BLOCK_O,), dtype=tl.float32)
     for r0 in range(0, CHUNK, BLOCK_P):
@@ -500,6 +505,7 @@ MAX_GRID_PROGRAMS = 4096  # splits stop growing once the weight-gradient grid ha
 MAX_PARTIALS = 1 << 22  # fp32 partial weight-gradient elements at most (16 MiB), unless one split needs more
 
 
+@on_the_inputs_device
 def center_pivot_conv4d_backward(
     grad_out: torch.Tensor,
     x: torch.Tensor,
@@ -584,11 +590,11 @@ def center_pivot_conv4d_backward(
             partial_b.zero_()
             partial_b[0] = grad_out.float().sum(dim=(0, 2, 3, 4, 5))
         else:
-            int64 = needs_int64(x, grad_out, extra=reduction + chunk)
+            int64 = needs_int64(x, grad_out, partial_w, extra=reduction + chunk)
             # One program reduces one split of the (batch, output position) pairs for one tap and one
-            # BLOCK_O x BLOCK_C tile of (output channel, input channel); axes: taps, channel tiles, splits.
+            # BLOCK_O x BLOCK_C tile of (output channel, input channel); axes: channel tiles, taps, splits.
             def grid(meta):
-                return n_taps, triton.cdiv(cout, meta["BLOCK_O"]) * triton.cdiv(cin, meta["BLOCK_C"]), splits
+                return triton.cdiv(cout, meta["BLOCK_O"]) * triton.cdiv(cin, meta["BLOCK_C"]), n_taps, splits
 
             _center_pivot_conv4d_grad_weight_kernel[grid](
                 x, grad_out, partial_w, partial_b, cin, cout, *sizes, n_p, reduction, chunk,

@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import autotune_configs, check_float_dtype, dot_acc, dot_precision, needs_int64
+from ._config import (autotune_configs, check_float_dtype, dot_acc, dot_precision, needs_int64,
+                      on_the_inputs_device)
 
 MAX_GRID_Y = 65535  # CUDA's limit on the second and third grid dimensions
 
@@ -37,7 +38,8 @@ def _configs():
 
 # The kernel adds into its prefilled output: autotuning runs it many times per config on the real
 # arguments, so the output is restored after each of those runs (else the first call per shape is wrong).
-@triton.autotune(configs=_configs(), key=["C", "NQ", "L", "COUT", "KS", "INPUT_PRECISION"], restore_value=["p_out"])
+@triton.autotune(configs=_configs(), key=["C", "NQ", "L", "COUT", "KS", "INPUT_PRECISION", "WEIGHT_PRECISION"],
+                 restore_value=["p_out"])
 @triton.jit
 def _support_branch_kernel(
     p_query,  # normalized query at the pivot query positions [B, L, C, NQ], contiguous
@@ -56,6 +58,7 @@ def _support_branch_kernel(
     COUT: tl.constexpr,  # output channels
     KS: tl.constexpr,  # support conv kernel size (square)
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32", for fp32 inputs only
+    WEIGHT_PRECISION: tl.constexpr,  # the same for the fp32 product of correlations and weights
     INT64: tl.constexpr,  # whether offsets can pass 2^31 (then all index math is int64)
     BLOCK_Q: tl.constexpr,  # pivot query positions per program
     BLOCK_C: tl.constexpr,  # channels per step of the correlation's reduction
@@ -109,7 +112,7 @@ def _support_branch_kernel(
             # [BLOCK_T, BLOCK_O] weights of this layer: W[o, layer, t]
             p_wt = p_weight + (o_o[None, :] * L + layer) * (KS * KS) + o_t[:, None]
             b_w = tl.load(p_wt, mask=(o_t[:, None] < KS * KS) & m_o[None, :], other=0.0).to(tl.float32)
-            acc = tl.dot(corr, b_w, acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(corr, b_w, acc, input_precision=WEIGHT_PRECISION)
 
         # Each (query, window, channel) belongs to exactly one program: plain read-add-write.
         p_o = p_out + ((i_b * COUT + o_o[None, :]) * NQ + o_q[:, None]) * NS2 + window
@@ -122,6 +125,7 @@ def _next_pow2_at_least_16(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+@on_the_inputs_device
 def support_branch_into(query: torch.Tensor, support: torch.Tensor, weight: torch.Tensor, windows: torch.Tensor,
                         counts: torch.Tensor, support_size: tuple[int, int], stride: int, padding: int,
                         out: torch.Tensor) -> torch.Tensor:
@@ -158,7 +162,10 @@ def support_branch_into(query: torch.Tensor, support: torch.Tensor, weight: torc
     _support_branch_kernel[grid](
         query, support, weight, windows, counts, out,
         layers, channels, nq, hs, ws, ws2, ns2, max_windows, stride, padding,
+        # The correlations are fp32 whatever the features' dtype: their product with the weights is an
+        # fp32 product (TF32 only where PyTorch's fp32 matmuls may use it), even for bf16/fp16 features.
         COUT=out_channels, KS=ks, INPUT_PRECISION=dot_precision(query.dtype),
+        WEIGHT_PRECISION=dot_precision(torch.float32),
         INT64=needs_int64(query, support, out), BLOCK_T=_next_pow2_at_least_16(ks * ks),
         BLOCK_O=_next_pow2_at_least_16(out_channels),
     )

@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import autotune_configs, check_float_dtype, dot_acc, dot_precision, needs_int64
+from ._config import (autotune_configs, check_float_dtype, dot_acc, dot_precision, needs_int64,
+                      on_the_inputs_device)
 
 MAX_GRID_Y = 65535  # CUDA's limit on the second and third grid dimensions
 
@@ -114,6 +115,7 @@ def _active_flags(active: torch.Tensor | None, batch: int, positions: int, devic
     return (active != 0).to(torch.int8).contiguous()
 
 
+@on_the_inputs_device
 def correlation_into(query: torch.Tensor, support: torch.Tensor, out: torch.Tensor,
                      active: torch.Tensor | None = None) -> torch.Tensor:
     """Write ``relu(einsum("bcij,bckl->bijkl", query, support))`` into ``out`` and return it.
@@ -279,6 +281,7 @@ def _correlation_grad_kernel(
     tl.store(p_r, b_acc.to(p_grad.dtype.element_ty), mask=m_x[:, None] & m_c[None, :])
 
 
+@on_the_inputs_device
 def correlation_backward(grad_out: torch.Tensor, out: torch.Tensor, query: torch.Tensor, support: torch.Tensor,
                          needs_input_grad=(True, True), active: torch.Tensor | None = None):
     """Gradients of :func:`correlation_into` for its (already normalized) inputs (no autograd).

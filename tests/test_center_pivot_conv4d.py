@@ -248,3 +248,17 @@ def test_autocast_computes_in_its_dtype_on_every_backend(backend):
         got = hypertriton.center_pivot_conv4d(x, wq, bq, ws, bs, stride, backend=backend)
     assert got.dtype == torch.float16
     torch.testing.assert_close(got.double().cpu(), want, atol=2e-2, rtol=1e-2)
+
+
+def test_bias_sum_of_no_biases_is_made_like_the_weights():
+    # The zeros standing for two missing biases were made on the CPU in fp32 whatever the weights: a
+    # host-to-GPU copy (a synchronization) in every bias-less forward on a GPU (tests/test_gpu.py checks that).
+    from hypertriton.ops.center_pivot_conv4d import bias_sum
+
+    weight = torch.ones(3, 2, 1, 1, dtype=torch.float64, device="meta")
+    zeros = bias_sum(None, None, 3, like=weight)
+    assert (zeros.shape, zeros.dtype, zeros.device.type) == ((3,), torch.float64, "meta")
+    assert torch.equal(bias_sum(None, None, 2), torch.zeros(2)) and bias_sum(None, None) is None
+    bias = torch.tensor([1.0, 2.0])
+    assert torch.equal(bias_sum(bias, None, 2, like=weight), bias)
+    assert torch.equal(bias_sum(bias, bias), 2 * bias)

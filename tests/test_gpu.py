@@ -260,6 +260,50 @@ def test_conv_past_int32_offsets():
     assert not out.isnan().any(), "some elements past 2^31 were never written"
 
 
+def _products64(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """``(sum(a * b), sqrt(sum((a * b)^2)))`` in float64, one slab of the third dim at a time (a whole
+    float64 copy would not fit)."""
+    total = torch.zeros(2, dtype=torch.float64, device=a.device)
+    for i in range(a.shape[2]):
+        products = a[:, :, i].double() * b[:, :, i].double()
+        total += torch.stack([products.sum(), products.square().sum()])
+    return total[0].item(), total[1].sqrt().item()
+
+
+def test_conv_backward_past_int32_offsets():
+    """The backward kernels' int64 paths, checked through the adjoint identities of a bias-free conv,
+    ``<g, conv(x)> = <grad x, x> = <grad w_q, w_q> + <grad w_s, w_s>``: a gradient written to a wrapped
+    offset, or not written, moves these sums by about the square root of their term count, hundreds of
+    times what rounding does."""
+    need_memory(48)
+    batch, cin, cout, side = 1, 2, 1, 216
+    assert (cin - 1) * side**4 > TWO_31  # grad x's channel offsets
+    assert batch * side**4 > TWO_31  # the weight gradient's reduction over (batch, output position)
+    generator = torch.Generator(device=DEVICE).manual_seed(20)
+    x = torch.randn(batch, cin, side, side, side, side, generator=generator, device=DEVICE, dtype=torch.float16)
+    # fp32 weights (the kernels cast them to x's dtype) so that their gradients, sums of billions of
+    # terms, do not overflow fp16; their values are fp16's, so the forward used exactly them.
+    wq, _, ws, _ = [None if p is None else p.float() for p in conv_params(cin, cout, 3, torch.float16, 21,
+                                                                          bias=False)]
+    stride, padding = (1, 1, 1, 1), (1, 1, 1, 1)
+    out = torch.empty((batch, cout, side, side, side, side), dtype=torch.float16, device=DEVICE)
+    center_pivot_conv4d_into(x, wq, None, ws, None, stride, padding, out)
+    grad = torch.randn(out.shape, generator=generator, device=DEVICE, dtype=torch.float16)
+    through_output, spread_output = _products64(grad, out)
+    del out
+    grad_x, grad_wq, grad_bq, grad_ws, _ = center_pivot_conv4d_backward(grad, x, wq, ws, stride, padding)
+    assert not grad_x.isnan().any()
+    through_input, spread_input = _products64(grad_x, x)
+    through_weights = sum((g.double() * w.double()).sum().item() for g, w in ((grad_wq, wq), (grad_ws, ws)))
+    # Rounding the fp16 output and input gradient moves each term by at most 2^-11 of itself, with random
+    # signs: a sum by a few 2^-11 * sqrt(sum of squared terms). The weight gradients are fp32.
+    tolerance = 8 * 2**-11 * (spread_output + spread_input)
+    assert abs(through_input - through_output) < tolerance, (through_input, through_output, tolerance)
+    assert abs(through_weights - through_output) < tolerance, (through_weights, through_output, tolerance)
+    bias_grad = sum(grad[:, :, i].double().sum().item() for i in range(side))
+    assert abs(grad_bq.item() - bias_grad) < 1e-3 * abs(bias_grad) + 1.0, (grad_bq.item(), bias_grad)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Backward of the center-pivot conv
 
@@ -322,17 +366,19 @@ def test_conv_backward_fp32_follows_allow_tf32(tf32, upstream, case):
 # The fused first layer's Triton forward never waits for the GPU
 # ---------------------------------------------------------------------------------------------------
 
-def test_fused_forward_reads_nothing_back():
+@pytest.mark.parametrize("bias", [True, False], ids=["biases", "no-biases"])
+def test_fused_forward_reads_nothing_back(bias):
     """No ``.item()``, ``.tolist()``, ``nonzero()`` or other read-back in the Triton fused forward (each would
     make the host wait for the GPU; it used to happen several times per batch element): CUDA's sync debug
-    mode raises on any synchronizing call. A warm-up call first, as autotuning synchronizes."""
+    mode raises on any synchronizing call. A warm-up call first, as autotuning synchronizes. Without
+    biases, the zeros standing for them were made on the CPU and copied over (a synchronizing copy)."""
     from hypertriton.ops.fused_first_layer import fused_hypercorrelation_cp_conv4d
 
     generator = torch.Generator(device=DEVICE).manual_seed(0)
     query = [torch.randn(3, 32, 17, 19, generator=generator, device=DEVICE) for _ in range(2)]
     support = [torch.randn(3, 32, 17, 19, generator=generator, device=DEVICE) for _ in range(2)]
     mask = (torch.rand(3, 68, 76, generator=generator, device=DEVICE) > 0.7).float()
-    wq, bq, ws, bs = conv_params(2, 16, 5, torch.float32, 1)
+    wq, bq, ws, bs = conv_params(2, 16, 5, torch.float32, 1, bias=bias)
     args = (query, support, mask, wq, bq, ws, bs, (1, 1, 4, 4))
     with torch.no_grad():
         warm = fused_hypercorrelation_cp_conv4d(*args, backend="triton")
@@ -343,7 +389,28 @@ def test_fused_forward_reads_nothing_back():
         finally:
             torch.cuda.set_sync_debug_mode("default")
         corr = reference.hypercorrelation(query, support, mask)[0]
-        expected = reference.center_pivot_conv4d(corr.double(), wq.double(), bq.double(), ws.double(), bs.double(),
-                                                 (1, 1, 4, 4), (2, 2, 2, 2))
+        params = [None if p is None else p.double() for p in (wq, bq, ws, bs)]
+        expected = reference.center_pivot_conv4d(corr.double(), *params, (1, 1, 4, 4), (2, 2, 2, 2))
     torch.testing.assert_close(out, warm, rtol=0, atol=0)
-    assert_tf32_close(out, expected, "fused forward")  # cuDNN's conv may run in TF32 (its default)
+    assert_tf32_close(out, expected, "fused forward")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tensors on another GPU than the current one
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_kernels_run_on_the_inputs_gpu_not_the_current_one():
+    # Triton launches on the current device; a model moved to cuda:1 used to fail to launch.
+    assert torch.cuda.current_device() == 0
+    other = torch.device("cuda", 1)
+    generator = torch.Generator(device=other).manual_seed(3)
+    x = torch.randn(2, 3, 5, 4, 6, 5, generator=generator, device=other)
+    params = [p.to(other) for p in conv_params(3, 4, 3, torch.float32, 4)]
+    out = torch.full((2, 4, 5, 4, 3, 3), NAN, device=other)
+    center_pivot_conv4d_into(x, *params, (1, 1, 2, 2), (1, 1, 1, 1), out)
+    expected = reference.center_pivot_conv4d(x.double(), *[p.double() for p in params], (1, 1, 2, 2), (1, 1, 1, 1))
+    assert_close_dtype(out, expected, torch.float32)
+    grad_x = center_pivot_conv4d_backward(torch.ones_like(out), x, params[0], params[2], (1, 1, 2, 2),
+                                          (1, 1, 1, 1))[0]
+    assert grad_x.device == other and not grad_x.isnan().any()

@@ -411,6 +411,38 @@ def test_needs_int64_counts_strided_reach():
     assert needs_int64(torch.empty(4, device="meta"), extra=2**31)
 
 
+@pytest.fixture
+def fp32_precision_switches():
+    """PyTorch's TF32 switches as they were, restored after the test through the older one (which sets
+    both; resetting the newer one to "none" would leave reading allow_tf32 raising for later tests)."""
+    matmul = torch.backends.cuda.matmul
+    saved = (torch.backends.fp32_precision, matmul.allow_tf32)
+    yield matmul
+    torch.backends.fp32_precision, matmul.allow_tf32 = saved
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"),
+                    reason="this PyTorch has only allow_tf32")
+def test_dot_precision_follows_either_tf32_switch(monkeypatch, fp32_precision_switches):
+    # Reading allow_tf32 raises once the newer fp32_precision switch is used: every fp32 launch on a GPU
+    # used to fail then (the interpreter never reads the switch).
+    from hypertriton.kernels import _config
+
+    matmul = fp32_precision_switches
+    monkeypatch.setattr(_config, "INTERPRETED", False)
+    for setting, expected in [(lambda: setattr(matmul, "allow_tf32", True), "tf32"),
+                              (lambda: setattr(matmul, "allow_tf32", False), "ieee"),
+                              (lambda: setattr(matmul, "fp32_precision", "tf32"), "tf32"),
+                              (lambda: setattr(matmul, "fp32_precision", "ieee"), "ieee"),
+                              (lambda: setattr(torch.backends, "fp32_precision", "tf32"), "tf32")]:
+        torch.backends.fp32_precision, matmul.fp32_precision = "none", "none"
+        setting()
+        assert _config.dot_precision(torch.float32) == expected, expected
+        assert _config.dot_precision(torch.bfloat16) == "tf32"  # ignored by Triton for 16-bit inputs
+    monkeypatch.setattr(_config, "INTERPRETED", True)
+    assert _config.dot_precision(torch.float32) == "ieee"  # the interpreter computes IEEE fp32 only
+
+
 def test_int64_index_path_matches_reference(monkeypatch):
     """The int64 variants of both kernels (used past 2^31 on GPUs) on tiny inputs."""
     from hypertriton.kernels import center_pivot_conv4d, hypercorrelation

@@ -270,7 +270,7 @@ def center_pivot_conv4d_split(splits, weight_query, bias_query, weight_support, 
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else \
         splits[0].first_row.dtype
     weight_query, weight_support = weight_query.to(dtype), weight_support.to(dtype)
-    bias = bias_sum(bias_query, bias_support, out_channels).to(device=device, dtype=dtype)
+    bias = bias_sum(bias_query, bias_support, out_channels, like=weight_query).to(device=device, dtype=dtype)
     taps = _geometry(_support_taps, hs, ws, ksh, ksw, (ssh, ssw), (psh, psw)).to(device)  # [Hs*Ws, Hs'*Ws']
     tap_table = weight_support.permute(2, 3, 1, 0).reshape(ksh * ksw, channels, out_channels)
     pivot_index = (torch.arange(hs2, device=device)[:, None] * ssh * ws
@@ -339,12 +339,15 @@ def _clipping_classes(size: int, kernel: int, pad: int, device) -> tuple[torch.T
     return torch.where(interior, torch.full_like(index, pad), mapped), small
 
 
-def bias_sum(bias_query, bias_support, out_channels: int | None = None):
+def bias_sum(bias_query, bias_support, out_channels: int | None = None, like: torch.Tensor | None = None):
     """``bias_query + bias_support`` ``[Cout]``: both reach every output of a center-pivot conv. A missing
-    one counts as zero; when both are missing, None, or zeros of ``out_channels`` when given."""
+    one counts as zero; when both are missing, None, or zeros of ``out_channels`` when given (on ``like``'s
+    device and in its dtype: a CPU tensor would be copied to the GPU, a synchronizing copy)."""
     present = [b for b in (bias_query, bias_support) if b is not None]
     if not present:
-        return None if out_channels is None else torch.zeros(out_channels)
+        if out_channels is None:
+            return None
+        return torch.zeros(out_channels) if like is None else like.new_zeros(out_channels)
     return present[0] if len(present) == 1 else present[0] + present[1]
 
 

@@ -398,7 +398,7 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
     hq2, wq2, hs2, ws2 = spec.out_size
     out_channels = weight_query.shape[0]
     device = query[0].device
-    bias = bias_sum(bias_query, bias_support, weight_query.shape[0]).to(weight_query).view(-1, 1, 1)
+    bias = bias_sum(bias_query, bias_support, weight_query.shape[0], like=weight_query).to(weight_query).view(-1, 1, 1)
 
     inverse_norms, query_finite = _inverse_query_norms(query)  # [B, Hq, Wq] per layer
     actives = []
@@ -644,8 +644,8 @@ def _forward_triton(query, support, mask, weight_query, bias_query, weight_suppo
     # Returned itself (not a view of it): in-place ops on a custom Function's output must stay allowed.
     result = new_output((batch, out_channels, hq2, wq2, hs2, ws2), query[0].dtype, query[0].device)
     out = result.view(batch, out_channels, hq2 * wq2, hs2 * ws2)
-    out.copy_(bias_sum(bias_query, bias_support, weight_query.shape[0]).to(weight_query).view(1, -1, 1, 1)
-              .expand_as(out))
+    biases = bias_sum(bias_query, bias_support, weight_query.shape[0], like=weight_query).to(weight_query)
+    out.copy_(biases.view(1, -1, 1, 1).expand_as(out))
 
     query_normed = [normalize_with_norms(q)[0] for q in query]
     flat_mask = None if mask is None else mask.view(batch, 1, hs * ws)
