@@ -42,3 +42,17 @@ def poison_op_outputs(monkeypatch):
     from hypertriton.ops import _alloc
 
     monkeypatch.setattr(_alloc, "POISON_OUTPUTS", True)
+
+
+@pytest.fixture(autouse=True)
+def ieee_fp32_convolutions_on_cuda():
+    """On a GPU, cuDNN's fp32 convolutions (the original's, and the fused op's query branch) may use TF32
+    by default (``torch.backends.cudnn.allow_tf32``), which fp32 tolerances would not pass; our kernels
+    follow the matmul flag, off by default. Tests of TF32 set the flags they check themselves."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = saved

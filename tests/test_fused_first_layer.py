@@ -23,6 +23,19 @@ from hypertriton.ops import fused_first_layer as ffl
 from hypertriton.testing import assert_close_dtype
 
 MASK_KINDS = ("empty", "full", "blob", "pixel", "random")
+DEVICES = dict(available_backends())  # the triton backend runs on CUDA where there is a GPU, else interpreted
+
+
+def on_device(backend: str, *values):
+    """``values`` (tensors, or lists/tuples of them; None kept) moved to the device ``backend`` runs on."""
+    device = DEVICES.get(backend, "cpu")
+
+    def move(value):
+        if isinstance(value, (list, tuple)):
+            return type(value)(move(item) for item in value)
+        return value if value is None else value.to(device)
+
+    return move(values) if len(values) > 1 else move(values[0])
 
 
 def make_mask(kind: str, batch: int, h: int, w: int, gen: torch.Generator) -> torch.Tensor:
@@ -218,10 +231,11 @@ def test_triton_backend_matches_dense_reference(seed, batch, layers, channels, h
                                              out_channels=out_channels, dtype=torch.float32)
     mask = make_mask(mask_kind, batch, 2 * hs, 2 * ws, gen).float()
     stride = (query_stride, query_stride, support_stride, support_stride)
-    out = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, stride, backend="triton")
+    out = ffl.fused_hypercorrelation_cp_conv4d(*on_device("triton", query, support, mask, weights[0], weights[1],
+                                                          weights[2], weights[3]), stride, backend="triton")
     double = lambda ts: [t.double() for t in ts]  # noqa: E731
     expected = dense(double(query), double(support), mask.double(), double(weights), stride)
-    assert_close_dtype(out, expected, dtype=torch.float32, scale=10)
+    assert_close_dtype(out.cpu(), expected, dtype=torch.float32, scale=10)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -234,10 +248,10 @@ def test_missing_biases_count_as_zero(backend, which):
     if which in ("support", "both"):
         bias_support = None
     mask = make_mask("blob", 2, 12, 14, gen).float()
-    out = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, weight_query, bias_query, weight_support,
-                                               bias_support, (1, 1, 2, 2), backend=backend)
+    out = ffl.fused_hypercorrelation_cp_conv4d(*on_device(backend, query, support, mask, weight_query, bias_query,
+                                                          weight_support, bias_support), (1, 1, 2, 2), backend=backend)
     expected = dense(query, support, mask, (weight_query, bias_query, weight_support, bias_support), (1, 1, 2, 2))
-    assert_close_dtype(out, expected)
+    assert_close_dtype(out.cpu(), expected)
 
 
 def test_gradcheck_float64():
@@ -281,11 +295,12 @@ def test_non_finite_features_keep_dense_semantics(where, backend):
         support[1][0, 1, 5, 6] = float("nan")  # not a pivot: only the support-dim branch reads it
     else:
         query[0][1, 2, 4, 0] = float("nan")
-    out = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, (1, 1, 2, 2), backend=backend)
+    out = ffl.fused_hypercorrelation_cp_conv4d(*on_device(backend, query, support, mask), *on_device(backend, weights),
+                                               (1, 1, 2, 2), backend=backend)
     double = lambda ts: [t.double() for t in ts]  # noqa: E731
     expected = dense(double(query), double(support), mask.double(), double(weights), (1, 1, 2, 2))
     assert expected.isnan().any()  # the case exercises the property
-    assert_close_dtype(out, expected, dtype=dtype)  # NaNs at the same places, the rest close
+    assert_close_dtype(out.cpu(), expected, dtype=dtype)  # NaNs at the same places, the rest close
 
 
 class _LargestTensor(TorchDispatchMode):
@@ -446,8 +461,10 @@ def test_bias_windows_are_exactly_those_without_an_active_position(backend, mask
     gen, query, support, weights = make_case(15, 2, 2, 3, 5, 4, 13, 11, 3, 5, dtype=dtype)
     mask = make_mask(mask_kind, 2, 13, 11, gen).to(dtype)  # at the support map's size: no resize
     stride, kernel, pad = (1, 1, 4, 4), 5, 2
-    out, flags = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, stride, backend=backend,
+    out, flags = ffl.fused_hypercorrelation_cp_conv4d(*on_device(backend, query, support, mask),
+                                                      *on_device(backend, weights), stride, backend=backend,
                                                       return_bias_windows=True)
+    out, flags = out.cpu(), flags.cpu()
     assert flags.shape == (2, 4 * 3) and flags.dtype == torch.bool
     double = lambda ts: [t.double() for t in ts]  # noqa: E731
     expected = dense(double(query), double(support), mask.double(), double(weights), stride)
@@ -477,8 +494,10 @@ def test_a_window_all_in_the_padding_with_an_active_pivot_is_not_bias_only(backe
     want = reference.center_pivot_conv4d(reference.hypercorrelation(query, support, mask)[0], *weights, stride,
                                          padding)
     with torch.no_grad():
-        out, flags = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, stride, padding,
+        out, flags = ffl.fused_hypercorrelation_cp_conv4d(*on_device(backend, query, support, mask),
+                                                          *on_device(backend, weights), stride, padding,
                                                           backend=backend, return_bias_windows=True)
+        out, flags = out.cpu(), flags.cpu()
         split = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, stride, padding,
                                                      backend="torch", column_split_share=0.0)
     assert flags.tolist() == [[False], [True]]
