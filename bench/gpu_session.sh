@@ -39,15 +39,27 @@ echo "===== install" >>"$log"
     "$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 } >>"$log" 2>&1
 
+# Test processes in parallel where pytest-xdist is there (the image has it): compiling every kernel
+# variant the tests reach takes minutes on one process (0.6-2.7 s per config for sm_90).
+parallel=()
+if "$py" -c "import xdist" 2>/dev/null; then
+    parallel=(-n 4)
+fi
 # The GPU-only tests, then every autotune config run alone (on a GPU each compiles and runs for real).
-stage gpu-tests "${GPU_TESTS_S:-150}" "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernel_configs.py
+stage gpu-tests "${GPU_TESTS_S:-150}" "$py" -m pytest -q -p no:cacheprovider "${parallel[@]}" tests/test_gpu.py \
+    tests/test_kernel_configs.py
 # The GPU targets first (learner forward, batch 8, size 50); one process per group and variant,
-# so few variants: each process pays CUDA's start-up.
-stage bench "${BENCH_S:-180}" "$py" bench/run.py --device cuda --batch 8 --size 50 \
+# so few variants: each process pays CUDA's start-up. Autotuning results are kept on disk, so that the
+# memory workers do not time every config again (the timing worker chose on the same shapes).
+TRITON_CACHE_AUTOTUNING=1 stage bench "${BENCH_S:-180}" "$py" bench/run.py --device cuda --batch 8 --size 50 \
     --cases learner_forward,fused_first_layer --variants original,triton,torch,triton-lean --repeats 5 \
     --timeout 120 --out "$out" --name cuda-resnet50-size50-b8-float32
-stage max-size "${MAX_SIZE_S:-120}" "$py" bench/run.py --device cuda --batch 8 --size 50 --max-size 256 \
-    --masks object --variants original,triton --timeout 60 --out "$out" --name cuda-resnet50-b8-float32-max-size
-stage op-tests "${OP_TESTS_S:-60}" "$py" -m pytest -q -p no:cacheprovider -k triton \
-    tests/test_hypercorrelation.py tests/test_center_pivot_conv4d.py tests/test_fused_first_layer.py
+TRITON_CACHE_AUTOTUNING=1 stage max-size "${MAX_SIZE_S:-120}" "$py" bench/run.py --device cuda --batch 8 --size 50 \
+    --max-size 256 --masks object --variants original,triton --timeout 60 --out "$out" \
+    --name cuda-resnet50-b8-float32-max-size
+# The Triton op tests: numerics, which no tile size changes, so each kernel keeps its first config (no
+# autotuning of every hypothesis shape; tests/test_kernel_configs.py above ran every config).
+HYPERTRITON_TEST_ONE_CONFIG=1 stage op-tests "${OP_TESTS_S:-60}" "$py" -m pytest -q -p no:cacheprovider \
+    "${parallel[@]}" -k triton tests/test_hypercorrelation.py tests/test_center_pivot_conv4d.py \
+    tests/test_fused_first_layer.py
 grep -E "^=====|passed|failed" "$log"

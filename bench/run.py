@@ -742,9 +742,11 @@ def max_size_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def measure_group(group: dict, launch, progress) -> list[dict]:
+def measure_group(group: dict, launch, progress, on_update=None) -> list[dict]:
     """The rows of one (size, case, mask): its variants timed together in one process (``launch("time", ...)``),
-    then each one's peak memory, FLOPs and error in a fresh process (``launch("measure", ...)``)."""
+    then each one's peak memory, FLOPs and error in a fresh process (``launch("measure", ...)``).
+    ``on_update(rows)`` is called with the group's rows after the timing and after each measurement, so that
+    a run cut short (a GPU session's time limit) keeps what it has."""
     label = f"{group['size']} {group['case']} {group['mask']}"
     progress.set_postfix_str(f"{label} timing")
     timing = launch("time", group)
@@ -759,7 +761,6 @@ def measure_group(group: dict, launch, progress) -> list[dict]:
     progress.update(1)
     rows = []
     for variant in group["variants"]:
-        progress.set_postfix_str(f"{label} {variant} memory")
         row = {k: group[k] for k in ("size", "case", "mask")} | {"variant": variant}
         variant_timing = alone.get(variant, timing)
         if variant in alone:
@@ -769,13 +770,21 @@ def measure_group(group: dict, launch, progress) -> list[dict]:
             row["error"] = error
         else:
             row["times"] = variant_timing["times"][variant]
+        rows.append(row)
+    if on_update is not None:
+        on_update(rows)
+    for row in rows:
+        variant = row["variant"]
+        progress.set_postfix_str(f"{label} {variant} memory")
+        if "times" in row:
             measured = launch("measure", {k: v for k, v in group.items() if k != "variants"} | {"variant": variant})
             if "error" in measured:
                 row["measure_error"] = measured["error"]
             row.update({k: v for k, v in measured.items() if k != "error"})
+            if on_update is not None:
+                on_update(rows)
         if "error" in row or "measure_error" in row:
             progress.write(f"failed: {row}")
-        rows.append(row)
         progress.update(1)
     return rows
 
@@ -979,7 +988,8 @@ def main(argv=None) -> int:
     rows = []
     progress = tqdm(total=sum(len(g["variants"]) + 1 for g in groups), desc="bench", unit="run")
     for done, group in enumerate(groups):
-        rows += measure_group(group, launch, progress)
+        rows += measure_group(group, launch, progress,
+                              on_update=lambda group_rows, done=done: write_report(rows + group_rows, done))
         if done + 1 < len(groups):
             write_report(rows, done + 1)
     progress.close()

@@ -436,3 +436,23 @@ def test_git_commit_marks_changed_tracked_files(bench_run, tmp_path, monkeypatch
     assert bench_run._git_commit() == head
     (tmp_path / "tracked.txt").write_text("b")
     assert bench_run._git_commit() == head + "+dirty"
+
+
+def test_a_group_reports_its_timings_before_measuring_memory(bench_run, tmp_path):
+    # A GPU session's stage limit can cut a run during a group's memory measurements: the timings are
+    # written as soon as they exist.
+    updates = []
+
+    def launch(mode, job):
+        if mode == "time":
+            return {"times": {"original": [0.4], "torch": [0.1]}, "errors": {}}
+        raise KeyboardInterrupt  # the stage's time limit, during the first memory measurement
+
+    group = {"size": 50, "case": "learner_forward", "mask": "object", "variants": ["original", "torch"]}
+    with pytest.raises(KeyboardInterrupt):
+        bench_run.measure_group(group, launch, _Progress(),
+                                on_update=lambda rows: updates.append([dict(row) for row in rows]))
+    assert [[(row["variant"], row["times"]) for row in rows] for rows in updates] == [
+        [("original", [0.4]), ("torch", [0.1])]]
+    report = _report(bench_run.summarize(updates[-1]))
+    assert "| 50 | learner_forward | object | torch | 100.0 |" in bench_run.markdown(report)
