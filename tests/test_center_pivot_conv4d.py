@@ -92,6 +92,45 @@ def test_gradients_match_reference(backend, upstream, stride, layout, support):
     assert_gradients_match([out], [ref_out], [x, *params], ref_inputs, upstream, scale=20)
 
 
+GRADIENT_CASES = {  # batch, cin, cout, map sizes, kernels, stride, bias, layout
+    "batch1-1x1-kernel3": (1, 2, 3, (1, 1, 1, 1), (3, 3, 3, 3), (1, 1, 1, 1), True, "contiguous"),
+    "support-stride-past-the-map": (2, 3, 2, (3, 4, 3, 4), (3, 3, 5, 5), (1, 1, 5, 5), True, "contiguous"),
+    "query-stride-past-the-map": (1, 2, 2, (1, 3, 4, 4), (3, 3, 3, 3), (2, 2, 2, 2), True, "contiguous"),
+    "strided-no-bias": (2, 3, 4, (5, 4, 6, 5), (3, 3, 5, 3), (1, 1, 2, 2), False, "strided"),
+    "query-major-no-bias": (2, 3, 4, (4, 3, 2, 2), (3, 3, 3, 3), (1, 1, 1, 1), False, "channels_last"),
+}
+
+
+@pytest.mark.parametrize("backend", BACKEND_IDS)
+@pytest.mark.parametrize("upstream", ["random", "sum"])
+@pytest.mark.parametrize("case", list(GRADIENT_CASES))
+def test_gradients_at_the_edge_cases(backend, upstream, case):
+    batch, cin, cout, sizes, kernels, stride, bias, layout = GRADIENT_CASES[case]
+    device = DEVICES[backend]
+    x = make_tensor((batch, cin, *sizes), 0, layout, device=device).requires_grad_()
+    params = [p if p is None else p.requires_grad_() for p in weights(cout, cin, kernels, 1, bias, device=device)]
+    leaves = [t for t in (x, *params) if t is not None]
+    ref_inputs = [None if t is None else t.detach().double().cpu().requires_grad_() for t in (x, *params)]
+    out = hypertriton.center_pivot_conv4d(x, *params, stride, backend=backend)
+    ref_out = expected(*ref_inputs, stride)
+    assert_close_dtype(out.detach().cpu(), ref_out.detach(), torch.float32, scale=4)
+    assert_gradients_match([out], [ref_out], leaves, [t for t in ref_inputs if t is not None], upstream, scale=20)
+
+
+def test_a_support_window_wholly_in_the_padding_holds_the_biases():
+    # Legal padding (never HSNet's) puts a support window outside the map: the torch backend's query-major
+    # path by tap products must give it the biases (an output of 0 there passed every other test).
+    x = to_query_major(make_tensor((2, 3, 3, 3, 4, 4), 2))
+    wq, bq, ws, bs = weights(2, 3, (3, 3, 1, 1), 3, True)
+    stride, padding = (1, 1, 8, 8), (1, 1, 1, 1)
+    with torch.no_grad():
+        got = hypertriton.center_pivot_conv4d(x, wq, bq, ws, bs, stride, padding, backend="torch")
+    want = reference.center_pivot_conv4d(x.double(), wq.double(), bq.double(), ws.double(), bs.double(), stride,
+                                         padding)
+    assert got.shape == want.shape == (2, 2, 3, 3, 1, 1)
+    assert_close_dtype(got, want, torch.float32)
+
+
 @pytest.mark.parametrize("backend", BACKEND_IDS)
 def test_nan_lands_where_reference_puts_it(backend):
     device = DEVICES[backend]

@@ -12,7 +12,8 @@ from unittest import mock
 
 import pytest
 import torch
-from helpers import available_backends
+import helpers
+from helpers import assert_gradients_match, available_backends, make_tensor
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -236,6 +237,47 @@ def test_triton_backend_matches_dense_reference(seed, batch, layers, channels, h
     double = lambda ts: [t.double() for t in ts]  # noqa: E731
     expected = dense(double(query), double(support), mask.double(), double(weights), stride)
     assert_close_dtype(out.cpu(), expected, dtype=torch.float32, scale=10)
+
+
+@settings(max_examples=8, deadline=None)
+@given(backend=st.sampled_from(["torch", "triton"]), batch=st.integers(1, 2), layers=st.integers(1, 3),
+       channels=st.integers(1, 4), hq=st.integers(1, 6), wq=st.integers(1, 6), hs=st.integers(1, 8),
+       ws=st.integers(1, 8), kernel=st.sampled_from([1, 3, 5]), support_stride=st.integers(1, 5),
+       mask_kind=st.sampled_from(helpers.MASK_KINDS), layout=st.sampled_from(helpers.LAYOUTS),
+       grad=st.booleans(), seed=st.integers(0, 2**16))
+@example(backend="triton", batch=1, layers=1, channels=1, hq=1, wq=1, hs=1, ws=1, kernel=3, support_stride=1,
+         mask_kind="none", layout="contiguous", grad=True, seed=0)  # batch 1, 1x1 maps, no mask
+@example(backend="triton", batch=2, layers=2, channels=3, hq=4, wq=5, hs=6, ws=7, kernel=3, support_stride=2,
+         mask_kind="blob", layout="strided", grad=True, seed=1)  # non-contiguous, odd sizes
+@example(backend="triton", batch=2, layers=2, channels=3, hq=3, wq=4, hs=3, ws=3, kernel=5, support_stride=4,
+         mask_kind="zero", layout="channels_last", grad=True, seed=2)  # stride past the map, zero mask
+@example(backend="torch", batch=1, layers=2, channels=3, hq=3, wq=3, hs=3, ws=3, kernel=3, support_stride=5,
+         mask_kind="none", layout="strided", grad=True, seed=3)
+def test_every_backend_forward_and_gradients_at_the_edge_cases(backend, batch, layers, channels, hq, wq, hs, ws,
+                                                               kernel, support_stride, mask_kind, layout, grad,
+                                                               seed):
+    """Gradients through the triton backend (the default GPU training path) were checked by no test: a
+    backward that raised on triton passed the whole suite."""
+    device = DEVICES[backend]
+    generator = torch.Generator().manual_seed(seed)
+    query = [make_tensor((batch, channels, hq, wq), seed + i, layout, device=device) for i in range(layers)]
+    support = [make_tensor((batch, channels, hs, ws), seed + 10 + i, layout, device=device) for i in range(layers)]
+    weights = [torch.randn(3, layers, kernel, kernel, generator=generator), torch.randn(3, generator=generator),
+               torch.randn(3, layers, kernel, kernel, generator=generator), torch.randn(3, generator=generator)]
+    leaves = [*(t.detach().requires_grad_(grad) for t in (*query, *support)),  # detach() keeps the layout
+              *(w.to(device).requires_grad_(grad) for w in weights)]
+    ref_leaves = [t.detach().double().cpu().requires_grad_(grad) for t in leaves]
+    mask = helpers.make_mask(mask_kind, batch, 2 * hs, 2 * ws, seed)
+    stride = (1, 1, support_stride, support_stride)
+    out = ffl.fused_hypercorrelation_cp_conv4d(leaves[:layers], leaves[layers:2 * layers],
+                                               None if mask is None else mask.to(device), *leaves[2 * layers:],
+                                               stride, backend=backend)
+    corr = reference.hypercorrelation(ref_leaves[:layers], ref_leaves[layers:2 * layers],
+                                      None if mask is None else mask.double())[0]
+    ref = reference.center_pivot_conv4d(corr, *ref_leaves[2 * layers:], stride, (kernel // 2,) * 4)
+    assert_close_dtype(out.detach().cpu(), ref.detach(), torch.float32, scale=10)
+    if grad:
+        assert_gradients_match([out], [ref], leaves, ref_leaves, "random", scale=20)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

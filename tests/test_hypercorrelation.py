@@ -79,6 +79,60 @@ def test_gradients_match_reference(backend, upstream, mask_kind):
     assert_gradients_match(outputs, ref_outputs, leaves, ref_leaves, upstream, scale=10)
 
 
+# Gradients at the edge cases, features and a soft support mask alike (the mask's gradient was checked
+# nowhere: detaching it inside the op passed every test).
+GRADIENT_CASES = {  # layers [(channels, query size, support size)], batch, layout, mask kind
+    "batch1-1x1-no-mask": ([(2, (1, 1), (1, 1))], 1, "contiguous", "none"),
+    "odd-sizes-no-mask": ([(3, (5, 3), (3, 7)), (3, (5, 3), (3, 7))], 2, "contiguous", "none"),
+    "full-mask": ([(3, (4, 3), (5, 2))], 2, "contiguous", "full"),
+    "zero-mask": ([(3, (4, 3), (5, 2))], 2, "contiguous", "zero"),
+    "strided-blob": ([(3, (4, 3), (5, 2)), (2, (2, 2), (3, 3))], 2, "strided", "blob"),
+    "channels-last-pixel": ([(3, (4, 3), (5, 2))], 1, "channels_last", "pixel"),
+}
+
+
+@pytest.mark.parametrize("backend", BACKEND_IDS)
+@pytest.mark.parametrize("upstream", ["random", "sum"])
+@pytest.mark.parametrize("case", list(GRADIENT_CASES))
+def test_gradients_at_the_edge_cases_including_the_mask(backend, upstream, case):
+    layers, batch, layout, mask_kind = GRADIENT_CASES[case]
+    device, n = DEVICES[backend], len(layers)
+    query, support = build(layers, batch, 5, layout, torch.float32, device)
+    leaves = [t.detach().requires_grad_() for t in query + support]  # detach() keeps the layout
+    assert layout == "contiguous" or not all(t.is_contiguous() for t in leaves)
+    ref_leaves = [t.detach().double().cpu().requires_grad_() for t in leaves]
+    mask = make_mask(mask_kind, batch, 7, 9, 0)
+    if mask is not None:  # soft values (zeros kept), so that the mask's gradient is not all zero
+        mask = mask * (0.5 + torch.rand(mask.shape, generator=torch.Generator().manual_seed(1)))
+        leaves.append(mask.to(device).requires_grad_())
+        ref_leaves.append(mask.double().requires_grad_())
+    outputs = hypertriton.hypercorrelation(leaves[:n], leaves[n:2 * n], leaves[2 * n] if mask is not None else None,
+                                           backend=backend)
+    ref_outputs = reference.hypercorrelation(ref_leaves[:n], ref_leaves[n:2 * n],
+                                             ref_leaves[2 * n] if mask is not None else None)
+    for got, want in zip(outputs, ref_outputs):  # with gradients the forward takes another path
+        assert_close_dtype(got.detach().cpu(), want.detach(), torch.float32)
+    if mask_kind in ("full", "blob"):  # the case exercises the property: the mask has a gradient
+        mask_grad, = torch.autograd.grad(sum(o.sum() for o in ref_outputs), ref_leaves[-1], retain_graph=True)
+        assert mask_grad.abs().max() > 0
+    assert_gradients_match(outputs, ref_outputs, leaves, ref_leaves, upstream, scale=10)
+
+
+@pytest.mark.parametrize("backend", BACKEND_IDS)
+def test_fp16_features_whose_norms_pass_the_fp16_range(backend):
+    # A channel vector's norm can pass fp16's 65504 while every feature fits: norms must be taken in fp32
+    # (computing them in the features' dtype passed every other test of the ops).
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(1, 64, 3, 3, generator=generator) * 1e4
+    support = torch.randn(1, 64, 4, 4, generator=generator) * 1e4
+    assert query.norm(dim=1).min() > 65504 and query.abs().max() < 65504
+    device = DEVICES[backend]
+    got = hypertriton.hypercorrelation([query.half().to(device)], [support.half().to(device)], backend=backend)[0]
+    want = reference.hypercorrelation([query.half().double()], [support.half().double()])[0]
+    assert want.max() > 0.2
+    assert_close_dtype(got.cpu(), want, torch.float16)
+
+
 @pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
 def test_torch_backend_multiplies_active_support_positions_only(grad):
     """The cost follows the object's area: the matrix products cover the active support positions (mask
