@@ -146,9 +146,13 @@ def test_support_grids_two_versus_three_run_where_the_original_crashes():
     pyramid = make_pyramid(inch, [(16, 2), (33, 4), (66, 8)], [(16, 2), (33, 4), (66, 8)], 1, 6)
     with torch.no_grad(), pytest.raises(RuntimeError):
         reference(pyramid)
+    oracle = HPNLearner(inch, backend="reference")  # the einsum path, on the same weights
+    oracle.load_state_dict(ours.state_dict())
     with torch.no_grad():
         logits = ours(pyramid)
+        expected = oracle(pyramid)
     assert logits.shape == (1, 2, 132, 16) and torch.isfinite(logits).all()
+    assert_close_dtype(logits, expected, scale=10)
 
 
 @given(sizes=st.tuples(*[st.integers(1, 5)] * 8), seed=st.integers(0, 2**16))
