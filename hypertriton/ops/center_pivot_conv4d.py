@@ -162,7 +162,7 @@ def _cp_conv_torch_query_major(x, weight_query, bias_query, weight_support, bias
         # mixing blocks' 3x3 query convolutions, see cpu_conv): per batch item, one 2D transpose turns
         # the query-major [Hq*Wq, Hs*Ws*C] memory into Hs*Ws maps [C, Hq, Wq] and one turns their
         # results back (contiguous 2D transposes: several times faster than a 6D permuted copy).
-        out = torch.empty(batch, hq, wq, hs, ws, out_channels, dtype=x.dtype)
+        out = new_output((batch, hq, wq, hs, ws, out_channels), x.dtype, x.device)
         flat_in = x.permute(0, 2, 3, 4, 5, 1).reshape(batch, hq * wq, hs * ws * channels)
         flat_out = out.view(batch, hq * wq, hs * ws, out_channels)
         bias = bias_sum(bias_query, bias_support)
@@ -278,7 +278,7 @@ def center_pivot_conv4d_split(splits, weight_query, bias_query, weight_support, 
     rows = _clipping_classes(hq, kqh, pqh, device)
     cols = _clipping_classes(wq, kqw, pqw, device)
 
-    out = torch.empty(batch, hq * wq, hs2 * ws2, out_channels, dtype=dtype, device=device)
+    out = new_output((batch, hq * wq, hs2 * ws2, out_channels), dtype, device)
     with torch.autocast(device.type, enabled=False):
         for item, split in enumerate(splits):
             values, first_row, fixed = split.varying.to(dtype), split.first_row.to(dtype), split.is_constant
@@ -397,7 +397,7 @@ def _support_branch_by_taps(flat, weight, bias, stride, padding, out_size, into=
     out_channels, channels, kh, kw = weight.shape
     ws = flat.shape[2] // channels
     (sh, sw), (ph, pw), (hs2, ws2) = stride, padding, out_size
-    out = torch.empty(n, hs2 * ws2 * out_channels, dtype=flat.dtype, device=flat.device) if into is None else into
+    out = new_output((n, hs2 * ws2 * out_channels), flat.dtype, flat.device) if into is None else into
     grid = out.view(n, hs2, ws2, out_channels)
     table = weight.permute(2, 3, 1, 0)  # [kh, kw, C, Cout]: a kernel row's taps over adjacent columns
     for oy in range(hs2):

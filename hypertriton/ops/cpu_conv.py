@@ -39,6 +39,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ._alloc import new_output
+
 __all__ = ["conv2d", "run_conv_module", "nnpack_usable", "nnpack_allowed", "ENV_VARIABLE"]
 
 ENV_VARIABLE = "HYPERTRITON_NNPACK"
@@ -135,7 +137,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     bias = torch.zeros(weight.shape[0], dtype=x.dtype) if bias is None else bias
     if x.shape[0] == 1:  # NNPACK's own result: no copy into a batch (a pass over memory, ~0.4 ms at 128x50x50)
         return torch._nnpack_spatial_convolution(x, weight, bias, list(padding), [1, 1])
-    out = torch.empty(x.shape[0], weight.shape[0], x.shape[2], x.shape[3], dtype=x.dtype)
+    out = new_output((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]), x.dtype, x.device)
     for index in range(x.shape[0]):
         out[index:index + 1] = torch._nnpack_spatial_convolution(x[index:index + 1], weight, bias, list(padding),
                                                                  [1, 1])

@@ -505,7 +505,7 @@ class _SplitTarget:
                  ws2: int, dtype: torch.dtype):
         device = varying.device
         self.index = varying.nonzero().flatten()  # the stored windows, ascending
-        self.rows = torch.empty(positions, self.index.numel(), out_channels, dtype=dtype, device=device)
+        self.rows = new_output((positions, self.index.numel(), out_channels), dtype, device)
         self.column_of = torch.full(varying.shape, -1, dtype=torch.int64, device=device)
         self.column_of[self.index] = torch.arange(self.index.numel(), device=device)
         # Where each stored window lies in the support branch's box of windows (row-major).

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ._alloc import new_output
+
 __all__ = ["is_query_major", "to_query_major", "empty_query_major", "group_norm", "resize_query_dims",
            "channel_moments", "merge_moments", "group_affine", "query_major_moments", "normalize_query_major",
            "autocast_output_dtype", "ColumnSplit", "split_constant_columns", "group_norm_split"]
@@ -48,7 +50,7 @@ def to_query_major(x: torch.Tensor) -> torch.Tensor:
 def empty_query_major(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """An uninitialized ``[B, C, Hq, Wq, Hs, Ws]`` tensor in the query-major layout."""
     b, c, hq, wq, hs, ws = shape
-    return torch.empty(b, hq, wq, hs, ws, c, dtype=dtype, device=device).permute(0, 5, 1, 2, 3, 4)
+    return new_output((b, hq, wq, hs, ws, c), dtype, device).permute(0, 5, 1, 2, 3, 4)
 
 
 def _channels_last_rows(x: torch.Tensor) -> torch.Tensor:
