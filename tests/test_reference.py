@@ -55,13 +55,37 @@ def test_correlation_matches_loops():
     assert (reference.correlation(q, s)[0, :, :, 1, 1] == 0).all()
 
 
-@pytest.mark.parametrize("stride, kernels", [((1, 1, 1, 1), (3, 3, 3, 3)), ((1, 1, 2, 2), (3, 3, 5, 3)),
-                                             ((2, 3, 3, 2), (1, 3, 3, 1)), ((1, 1, 4, 4), (5, 5, 3, 3))])
-def test_center_pivot_matches_loops(stride, kernels):
+def test_correlation_of_1x1_maps_and_of_a_zero_mask():
+    torch.manual_seed(5)
+    q, s = torch.randn(1, 4, 1, 1, dtype=torch.float64), torch.randn(1, 4, 1, 1, dtype=torch.float64)
+    torch.testing.assert_close(reference.correlation(q, s), loop_correlation(q, s))
+    levels = reference.hypercorrelation([q.expand(1, 4, 3, 2)], [s.expand(1, 4, 2, 3)], torch.zeros(1, 5, 5))
+    assert torch.equal(levels[0], torch.zeros(1, 1, 3, 2, 2, 3, dtype=torch.float64))
+
+
+def test_resize_mask_is_bilinear_with_aligned_corners():
+    # By hand: 2 -> 4 points per side with the corners kept, so output point i sits at input i/3 and
+    # a single 1 in the corner spreads as (1 - i/3)(1 - j/3). (Half-pixel centres would give 1, 3/4, 1/4,
+    # 0 along a side; from 2 to 3 points both conventions agree.)
+    mask = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    side = torch.tensor([1.0, 2 / 3, 1 / 3, 0.0])
+    torch.testing.assert_close(reference.resize_mask(mask, (4, 4)), (side[:, None] * side[None, :])[None, None])
+
+
+@pytest.mark.parametrize("sizes, stride, kernels", [
+    ((2, 2, 4, 3, 5, 4), (1, 1, 1, 1), (3, 3, 3, 3)),
+    ((2, 2, 4, 3, 5, 4), (1, 1, 2, 2), (3, 3, 5, 3)),
+    ((2, 2, 4, 3, 5, 4), (2, 3, 3, 2), (1, 3, 3, 1)),
+    ((2, 2, 4, 3, 5, 4), (1, 1, 4, 4), (5, 5, 3, 3)),
+    ((1, 1, 1, 1, 1, 1), (1, 1, 1, 1), (3, 3, 3, 3)),  # batch 1, 1x1 maps: only the centre taps see input
+    ((1, 2, 3, 1, 3, 4), (2, 2, 5, 5), (3, 3, 3, 3)),  # strides past the map: one output along those dims
+    ((1, 2, 3, 3, 2, 2), (1, 1, 1, 1), (5, 5, 3, 3)),  # kernels larger than the map
+])
+def test_center_pivot_matches_loops(sizes, stride, kernels):
     torch.manual_seed(1)
-    x = torch.randn(2, 2, 4, 3, 5, 4, dtype=torch.float64)
-    wq = torch.randn(3, 2, *kernels[:2], dtype=torch.float64)
-    ws = torch.randn(3, 2, *kernels[2:], dtype=torch.float64)
+    x = torch.randn(*sizes, dtype=torch.float64)
+    wq = torch.randn(3, sizes[1], *kernels[:2], dtype=torch.float64)
+    ws = torch.randn(3, sizes[1], *kernels[2:], dtype=torch.float64)
     bq, bs = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
     padding = tuple(k // 2 for k in kernels)
     expected = loop_center_pivot(x, wq, bq, ws, bs, stride, padding)
