@@ -128,12 +128,15 @@ def _correlation_stack_torch(query: list[torch.Tensor], support: list[torch.Tens
     return out.view(shape)
 
 
+# ``active`` has no default on purpose: PyTorch 2.11's dispatcher drops an argument equal to its default
+# before autograd records the inputs, so the backward's gradient for it was one too many and every
+# backward without a mask (active None) failed there on the triton backend.
 @torch.library.custom_op("hypertriton::correlation_stack", mutates_args=())
 def correlation_stack_triton(query: list[torch.Tensor], support: list[torch.Tensor],
-                             active: Optional[torch.Tensor] = None) -> torch.Tensor:
+                             active: Optional[torch.Tensor]) -> torch.Tensor:
     """Triton: ``relu(<q_l, s_l>)`` for normalized ``[B, C_l, Hq, Wq]``/``[B, C_l, Hs, Ws]`` pairs,
     written into one ``[B, L, Hq, Wq, Hs, Ws]`` tensor (one kernel launch per layer, no temporaries);
-    ``active`` ``[B, Hs*Ws]``: see :func:`active_positions`."""
+    ``active`` ``[B, Hs*Ws]`` or None: see :func:`active_positions`."""
     from ..kernels.hypercorrelation import correlation_into
 
     out = new_output(_level_shape(query[0], support[0], len(query)), query[0].dtype, query[0].device)
@@ -143,7 +146,7 @@ def correlation_stack_triton(query: list[torch.Tensor], support: list[torch.Tens
 
 
 @correlation_stack_triton.register_fake
-def _(query, support, active=None):
+def _(query, support, active):
     return query[0].new_empty(_level_shape(query[0], support[0], len(query)))
 
 
