@@ -160,8 +160,9 @@ class SegmentationMeter:
     def all_reduce(self) -> "SegmentationMeter":
         """Sum the counts over all processes (no-op without an initialized process group)."""
         counts = all_reduce_sum(self.counts_vector())
-        self.intersection.zero_(), self.union.zero_(), self.class_episodes.zero_()
-        self.episodes = 0
+        # New tensors, not zeroed in place: a saved state may still hold the old ones.
+        self.intersection, self.union = torch.zeros_like(self.intersection), torch.zeros_like(self.union)
+        self.class_episodes, self.episodes = torch.zeros_like(self.class_episodes), 0
         return self.add_counts_vector(counts)
 
     def iou(self) -> torch.Tensor:
