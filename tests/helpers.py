@@ -6,9 +6,17 @@ import contextlib
 from unittest import mock
 
 import torch
+from hypothesis import settings
 from hypothesis import strategies as st
 
 from hypertriton.backend import triton_unavailable_reason
+
+def examples(count: int) -> int:
+    """A test's own example count, scaled like the loaded hypothesis profile's against the default one
+    (tests/conftest.py): ``count`` by default, 12x under ``HYPOTHESIS_PROFILE=thorough`` (a fixed count
+    ignored the profile)."""
+    default = settings.get_profile("default").max_examples
+    return max(1, round(count * settings.default.max_examples / default))
 
 
 def kernel_device() -> str:

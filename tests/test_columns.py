@@ -7,13 +7,14 @@ from unittest import mock
 
 import pytest
 import torch
+from helpers import examples
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from hypertriton.ops import _columns
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), rows=st.integers(1, 6), width=st.integers(1, 40), share=st.floats(0, 1),
        shuffled=st.booleans(), zero_rest=st.booleans(), strided=st.booleans(), min_elements=st.sampled_from([0, 10**9]))
 @example(seed=0, rows=1, width=1, share=1.0, shuffled=False, zero_rest=True, strided=False, min_elements=0)

@@ -13,7 +13,7 @@ from unittest import mock
 import pytest
 import torch
 import helpers
-from helpers import assert_gradients_match, available_backends, make_tensor
+from helpers import assert_gradients_match, available_backends, examples, make_tensor
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -102,7 +102,7 @@ shapes = dict(
 )
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(**shapes)
 @example(seed=0, batch=1, layers=3, channels=4, hq=7, wq=7, hs=9, ws=9, k_query=3, k_support=5, support_stride=4,
          query_stride=1, mask_kind="empty", mask_size=12, chunk_elements=64)
@@ -149,7 +149,7 @@ def test_forward_placing_products_run_by_run_matches_dense_reference(mask_kind, 
         assert any(run_by_run)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=examples(15), deadline=None)
 @given(**shapes, upstream=st.sampled_from(["random", "sum"]), frozen=st.booleans(), soft_mask=st.booleans())
 @example(seed=4, batch=2, layers=2, channels=3, hq=5, wq=4, hs=8, ws=7, k_query=3, k_support=5, support_stride=4,
          query_stride=1, mask_kind="blob", mask_size=10, chunk_elements=7, upstream="sum", frozen=False,
@@ -214,7 +214,7 @@ def test_zero_feature_vectors_get_the_reference_gradient(backend):
         assert_close_dtype(g, w, msg=lambda m, i=index: f"gradient of input {i}: {m}")
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=examples(6), deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 2), layers=st.integers(1, 3), channels=st.integers(1, 20),
        hq=st.integers(1, 6), wq=st.integers(1, 6), hs=st.integers(1, 8), ws=st.integers(1, 8),
        kernel=st.sampled_from([1, 3, 5]), support_stride=st.integers(1, 4), query_stride=st.sampled_from([1, 2]),
@@ -239,7 +239,7 @@ def test_triton_backend_matches_dense_reference(seed, batch, layers, channels, h
     assert_close_dtype(out.cpu(), expected, dtype=torch.float32, scale=10)
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=examples(8), deadline=None)
 @given(backend=st.sampled_from(["torch", "triton"]), batch=st.integers(1, 2), layers=st.integers(1, 3),
        channels=st.integers(1, 4), hq=st.integers(1, 6), wq=st.integers(1, 6), hs=st.integers(1, 8),
        ws=st.integers(1, 8), kernel=st.sampled_from([1, 3, 5]), support_stride=st.integers(1, 5),
@@ -623,7 +623,7 @@ def test_output_rows_refuses_what_it_cannot_do():
                                              (1, 1, 2, 2), backend="torch", output_rows=(0, 2))
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(**shapes)
 @example(seed=0, batch=2, layers=2, channels=3, hq=5, wq=4, hs=9, ws=9, k_query=3, k_support=5, support_stride=4,
          query_stride=1, mask_kind="empty", mask_size=9, chunk_elements=64)  # nothing active: every window constant

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import kernel_device, make_tensor, seeds
+from helpers import examples, kernel_device, make_tensor, seeds
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -51,7 +51,7 @@ def relayout(tensor: torch.Tensor, layout: str) -> torch.Tensor:
 sides = st.integers(1, 7)
 
 
-@settings(max_examples=15)
+@settings(max_examples=examples(15))
 @given(batch=st.integers(1, 2), channels=st.integers(1, 8), hq=sides, wq=sides, hs=sides, ws=sides,
        layers=st.integers(1, 3), layout=st.sampled_from(["contiguous", "channels_last", "strided"]),
        out_order=st.sampled_from(["standard", "support_major"]), dtype=st.sampled_from(sorted(DTYPES)),
@@ -115,7 +115,7 @@ def active_pattern(pattern: str, batch: int, hs: int, ws: int, seed: int) -> tor
     return active
 
 
-@settings(max_examples=10)
+@settings(max_examples=examples(10))
 @given(batch=st.integers(1, 3), channels=st.integers(1, 6), hq=sides, wq=sides, hs=st.integers(1, 9),
        ws=st.integers(1, 9), pattern=st.sampled_from(["random", "none", "all", "one", "block"]),
        layout=st.sampled_from(["contiguous", "channels_last", "strided"]), dtype=st.sampled_from(sorted(DTYPES)),
@@ -156,7 +156,7 @@ def test_correlation_skips_tiles_without_active_positions():
         correlation_into(query, support, out, active[:, :24])
 
 
-@settings(max_examples=8)
+@settings(max_examples=examples(8))
 @given(batch=st.integers(1, 2), channels=st.integers(1, 6), hq=sides, wq=sides, hs=st.integers(1, 9),
        ws=st.integers(1, 9), pattern=st.sampled_from(["random", "none", "one", "block"]),
        upstream=st.sampled_from(["random", "sum"]), seed=seeds)
@@ -221,7 +221,7 @@ def test_correlation_bad_input_raises():
         correlation_into(q.long(), q.long(), torch.empty(1, 2, 2, 2, 2, device=DEVICE))
 
 
-@settings(max_examples=10)
+@settings(max_examples=examples(10))
 @given(batch=st.integers(1, 2), channels=st.integers(1, 8), hq=sides, wq=sides, hs=sides, ws=sides,
        layout=st.sampled_from(["contiguous", "channels_last", "strided"]), upstream=st.sampled_from(["random", "sum"]),
        dtype=st.sampled_from(sorted(DTYPES)), seed=seeds)
@@ -300,7 +300,7 @@ kernel_sides = st.sampled_from([1, 3, 5])
 conv_sides = st.integers(1, 6)
 
 
-@settings(max_examples=15)
+@settings(max_examples=examples(15))
 @given(batch=st.integers(1, 2), cin=st.integers(1, 8), cout=st.integers(1, 6),
        shape=st.tuples(conv_sides, conv_sides, conv_sides, conv_sides),
        kernel=st.tuples(kernel_sides, kernel_sides, kernel_sides, kernel_sides),
@@ -650,7 +650,7 @@ def test_batches_beyond_the_launch_grid(monkeypatch):
 # center_pivot_conv4d_backward
 
 
-@settings(max_examples=8)
+@settings(max_examples=examples(8))
 @given(batch=st.integers(1, 2), cin=st.integers(1, 5), cout=st.integers(1, 5),
        shape=st.tuples(*[st.integers(1, 5)] * 4), kernel=st.tuples(*[kernel_sides] * 4),
        stride=st.tuples(st.integers(1, 2), st.integers(1, 2), st.integers(1, 5), st.integers(1, 5)),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import make_tensor, seeds
+from helpers import examples, make_tensor, seeds
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
@@ -29,7 +29,7 @@ def test_to_query_major_keeps_values_and_is_idempotent():
     assert q.permute(0, 2, 3, 4, 5, 1).is_contiguous()
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=examples(20), deadline=None)
 @given(batch=st.integers(1, 2), groups=st.integers(1, 4), per_group=st.integers(1, 4), sizes=st.tuples(*[sides] * 4),
        offset=st.sampled_from([0.0, 100.0]), affine=st.booleans(), seed=seeds)
 @example(batch=1, groups=4, per_group=4, sizes=(5, 5, 3, 3), offset=100.0, affine=True, seed=0)
@@ -110,7 +110,7 @@ def test_group_norm_module_output_accepts_inplace_relu_and_loads_groupnorm_state
     assert x.grad is not None
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=examples(15), deadline=None)
 @given(batch=st.integers(1, 2), channels=st.integers(1, 3), sizes=st.tuples(*[sides] * 4),
        target=st.tuples(st.integers(1, 7), st.integers(1, 7)), seed=seeds)
 def test_resize_query_dims_equals_the_channels_first_resize(batch, channels, sizes, target, seed):
@@ -120,7 +120,7 @@ def test_resize_query_dims_equals_the_channels_first_resize(batch, channels, siz
     torch.testing.assert_close(got, _resize_pair(x, target, "query"), rtol=1e-12, atol=1e-12)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=examples(20), deadline=None)
 @given(cin=st.integers(1, 4), cout=st.integers(1, 4), size=st.tuples(sides, sides),
        kernel=st.tuples(st.sampled_from([1, 3, 5]), st.sampled_from([1, 3, 5])),
        stride=st.tuples(st.integers(1, 3), st.integers(1, 3)), seed=seeds)
@@ -191,7 +191,7 @@ def test_group_norm_inference_path_and_inplace_option(inplace):
     assert torch.equal(y.detach(), x)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=examples(20), deadline=None)
 @given(batch=st.integers(1, 2), groups=st.integers(1, 3), per_group=st.integers(1, 3), sizes=st.tuples(*[sides] * 4),
        share=st.sampled_from([0.0, 0.5, 1.0]), offset=st.sampled_from([0.0, 100.0]), relu=st.booleans(), seed=seeds)
 @example(batch=1, groups=2, per_group=2, sizes=(1, 1, 1, 1), share=1.0, offset=0.0, relu=True, seed=0)  # 1x1 maps

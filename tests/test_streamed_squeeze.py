@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import make_mask
+from helpers import examples, make_mask
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -36,7 +36,7 @@ def learner(seed: int, backend: str, dtype=torch.float64) -> HPNLearner:
     return HPNLearner(INCH, backend=backend).to(dtype).eval()
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=examples(12), deadline=None)
 @given(layer2=st.tuples(st.integers(1, 11), st.integers(1, 9)), support2=st.tuples(st.integers(2, 10), st.integers(2, 10)),
        batch=st.integers(1, 2), mask_kind=st.sampled_from(["blob", "full", "zero", "random", "pixel"]),
        rows_per_step=st.sampled_from([None, 1, 2, 3, 50]), backend=st.sampled_from(["torch", "reference"]),

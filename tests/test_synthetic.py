@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers import examples
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -53,7 +54,7 @@ def _assert_items_equal(a: dict, b: dict):
             assert a[key] == b[key], key
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=examples(8), deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), index=st.integers(0, 49), split=st.sampled_from(["trn", "val", "test"]))
 @example(seed=0, index=0, split="test")
 def test_episodes_are_a_function_of_seed_fold_split_and_index(seed, index, split):
@@ -75,7 +76,7 @@ def test_more_shots_extend_the_same_episode():
     assert not torch.equal(five["support_imgs"][0], five["support_imgs"][1])
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=examples(6), deadline=None)
 @given(fold=st.integers(0, 3), split=st.sampled_from(["trn", "test"]), seed=st.integers(0, 1000))
 def test_every_query_has_a_distractor_sharing_each_attribute(fold, split, seed):
     dataset = SyntheticDataset(fold=fold, split=split, nshot=1, img_size=SIZE, episodes=40, seed=seed)
