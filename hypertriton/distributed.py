@@ -118,6 +118,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise ValueError(f"device: expected cpu, cuda or cuda:N, got {str(device)!r}")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r} requested but CUDA is not available")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ValueError(f"device: {str(device)!r} requested but this machine has {count} GPU(s) "
+                         f"(cuda:0 to cuda:{count - 1})")
     return resolved
 
 
@@ -138,9 +142,20 @@ def init_distributed(device: str | torch.device | None = None, backend: str | No
     rank, world_size, local_rank = env_ranks()
     device = resolve_device(device)
     if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if world_size > 1 and count > 1 and device.index not in (None, local_rank):
+            # The same cuda:N on every rank: NCCL refuses two ranks on one GPU, with an error that names
+            # neither the flag nor the fix.
+            raise ValueError(f"device: {str(device)!r} under torchrun (LOCAL_RANK={local_rank}): each of the "
+                             f"{world_size} processes needs a GPU of its own; pass 'cuda' and each takes "
+                             "cuda:LOCAL_RANK")
         if device.index is None:
-            # One GPU per process: torchrun's LOCAL_RANK is the only reliable way to pick it on a node.
-            device = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+            # One GPU per process: torchrun's LOCAL_RANK is the only reliable way to pick it on a node. One
+            # visible GPU per process (CUDA_VISIBLE_DEVICES set per rank) is cuda:0 for each.
+            if count > 1 and local_rank >= count:
+                raise ValueError(f"LOCAL_RANK={local_rank} but this machine has {count} GPUs: start at most "
+                                 f"{count} processes per node (torchrun --nproc_per_node {count})")
+            device = torch.device("cuda", local_rank if count > 1 else 0)
         torch.cuda.set_device(device)
 
     if dist.is_available() and dist.is_initialized():

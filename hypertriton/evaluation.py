@@ -77,8 +77,10 @@ def _base_dataset(dataset):
     return dataset
 
 
-def _loader(source, bsz: int, nworker: int, max_episodes: int | None) -> DataLoader:
-    """A loader over this rank's shard of the episodes (the first ``max_episodes`` when given)."""
+def _loader(source, bsz: int, nworker: int, max_episodes: int | None,
+            device: torch.device = torch.device("cpu")) -> DataLoader:
+    """A loader over this rank's shard of the episodes (the first ``max_episodes`` when given), pinning
+    memory only for a GPU ``device`` (pinning for a CPU run on a GPU machine opened a CUDA context)."""
     if isinstance(source, DataLoader):
         dataset = source.dataset
         bsz = source.batch_size or bsz
@@ -93,7 +95,7 @@ def _loader(source, bsz: int, nworker: int, max_episodes: int | None) -> DataLoa
     sampler = ShardSampler(length, hdist.get_rank(), hdist.get_world_size())
     kwargs = {} if collate is None else {"collate_fn": collate}
     return DataLoader(dataset, batch_size=bsz, sampler=sampler, num_workers=nworker,
-                      pin_memory=torch.cuda.is_available(),
+                      pin_memory=device.type == "cuda",
                       worker_init_fn=ignore_stop_signals_in_worker if nworker else None, **kwargs)
 
 
@@ -139,7 +141,7 @@ def evaluate(model, dataset_or_loader, nshot: int, device, progress: bool = True
         there), so ``miou_of_evaluated_classes`` averages over ``classes_evaluated`` only.
     """
     device = torch.device(device)
-    loader = _loader(dataset_or_loader, bsz, nworker, max_episodes)
+    loader = _loader(dataset_or_loader, bsz, nworker, max_episodes, device)
     dataset = _base_dataset(loader.dataset)
     original_size = bool(getattr(dataset, "use_original_imgsize", False))
     if original_size and (loader.batch_size or 1) > 1:

@@ -342,7 +342,7 @@ class SeededEpisodes(Dataset):
         state = (random.getstate(), np.random.get_state(), torch.get_rng_state())
         random.seed(seed)
         np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU stream only: torch.manual_seed reseeds every GPU too
         try:
             return self.dataset[index]
         finally:

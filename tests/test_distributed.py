@@ -100,6 +100,66 @@ def test_cuda_device_without_cuda_is_an_error(no_torchrun_env):
         hdist.init_distributed("cuda")
 
 
+@pytest.fixture
+def two_fake_gpus(no_torchrun_env, monkeypatch):
+    """CUDA as a machine with two GPUs shows it to init_distributed; returns the devices it was set to
+    and the process-group backends it started (no GPU, no process group is touched)."""
+    calls = {"set_device": [], "init_process_group": []}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls["set_device"].append(str(device)))
+    monkeypatch.setattr(hdist.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(hdist.dist, "init_process_group",
+                        lambda **kwargs: calls["init_process_group"].append(kwargs["backend"]))
+
+    def torchrun(local_rank: int, world_size: int = 2):
+        monkeypatch.setenv("RANK", str(local_rank))
+        monkeypatch.setenv("WORLD_SIZE", str(world_size))
+        monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+
+    return calls, torchrun
+
+
+def test_each_torchrun_process_takes_its_own_gpu(two_fake_gpus):
+    calls, torchrun = two_fake_gpus
+    for local_rank, requested in [(0, "cuda"), (1, "cuda"), (1, "cuda:1")]:
+        torchrun(local_rank)
+        ctx = hdist.init_distributed(requested)
+        assert ctx.device == torch.device("cuda", local_rank) and ctx.backend == "nccl"
+    assert calls == {"set_device": ["cuda:0", "cuda:1", "cuda:1"], "init_process_group": ["nccl"] * 3}
+
+
+@pytest.mark.parametrize("local_rank, world_size, device, message", [
+    # every rank on cuda:0: NCCL's own error named neither the flag nor the fix
+    (1, 2, "cuda:0", r"device: 'cuda:0' under torchrun \(LOCAL_RANK=1\): each of the 2 processes needs a GPU"),
+    # more processes than GPUs: rank 2 used to wrap around onto cuda:0
+    (2, 3, "cuda", r"LOCAL_RANK=2 but this machine has 2 GPUs: start at most 2 processes per node"),
+    (0, 1, "cuda:2", r"device: 'cuda:2' requested but this machine has 2 GPU\(s\) \(cuda:0 to cuda:1\)"),
+], ids=["same-gpu-for-all", "more-processes-than-gpus", "no-such-gpu"])
+def test_a_gpu_assignment_that_cannot_work_is_named(two_fake_gpus, local_rank, world_size, device, message):
+    calls, torchrun = two_fake_gpus
+    torchrun(local_rank, world_size)
+    with pytest.raises(ValueError, match=message):
+        hdist.init_distributed(device)
+    assert calls == {"set_device": [], "init_process_group": []}
+
+
+def test_one_visible_gpu_per_process_is_cuda_0_for_each(two_fake_gpus, monkeypatch):
+    calls, torchrun = two_fake_gpus
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # CUDA_VISIBLE_DEVICES set per rank
+    torchrun(3, 4)
+    assert hdist.init_distributed("cuda").device == torch.device("cuda", 0)
+
+
+def test_evaluation_pins_memory_only_for_a_gpu(monkeypatch):
+    from hypertriton.evaluation import _loader
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a CPU run on a GPU machine
+    dataset = torch.utils.data.TensorDataset(torch.zeros(4, 1))
+    assert not _loader(dataset, 1, 0, None, torch.device("cpu")).pin_memory
+    assert _loader(dataset, 1, 0, None, torch.device("cuda", 0)).pin_memory
+
+
 COLLECTIVES_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch

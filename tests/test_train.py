@@ -190,6 +190,20 @@ def test_seeded_episodes_are_a_function_of_the_seed_and_leave_global_rng_alone()
     assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == expected_next
 
 
+def test_seeded_episodes_leave_the_gpu_generators_alone(monkeypatch):
+    # torch.manual_seed also reseeds every CUDA generator (and nothing restored them): drawing an episode in
+    # the main process (nworker=0) moved the GPUs' random streams. Checked here by recording the reseed.
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "_is_in_bad_fork", lambda: False)
+    torch.manual_seed(5)
+    assert reseeded == [5]  # the stand-in sees what torch.manual_seed does
+    reseeded.clear()
+    dataset = SeededEpisodes(_GlobalRngDataset())
+    assert dataset[(0, 11)] == dataset[(0, 11)]
+    assert reseeded == []
+
+
 # --------------------------------------------------------------------------------------------------
 # the loop: files, best checkpoint, resume
 

@@ -119,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
                                 img_size=args.img_size, use_original_imgsize=args.use_original_imgsize)
     except (ValueError, FileNotFoundError) as error:  # DatasetError, CheckpointError, InputError included
         print(f"hypertriton evaluate: error: {error}", file=sys.stderr)
+        hdist.cleanup_distributed()  # a process group joined before the error is left, not abandoned
         return 2
     from hypertriton.data import DatasetError
 
