@@ -65,12 +65,9 @@ def ieee_fp32_convolutions_on_cuda():
 @pytest.fixture(autouse=True)
 def one_config_per_kernel_when_asked(monkeypatch):
     """``HYPERTRITON_TEST_ONE_CONFIG=1``: every Triton kernel keeps its first autotune config, so that a
-    GPU run of the op tests compiles one config per new shape instead of timing every one (numerics do
-    not depend on the tile size; ``tests/test_kernel_configs.py`` runs each config on its own)."""
+    GPU run of the op tests compiles one config per new shape instead of timing every one."""
     if os.environ.get("HYPERTRITON_TEST_ONE_CONFIG") == "1":
-        from hypertriton import kernels
+        from helpers import keep_first_autotune_config
 
-        for autotuned in kernels.autotuned_kernels().values():
-            monkeypatch.setattr(autotuned, "configs", autotuned.configs[:1])
-            monkeypatch.setattr(autotuned, "cache", {})
+        keep_first_autotune_config(monkeypatch)
     yield

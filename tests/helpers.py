@@ -11,6 +11,18 @@ from hypothesis import strategies as st
 
 from hypertriton.backend import triton_unavailable_reason
 
+
+def keep_first_autotune_config(monkeypatch) -> None:
+    """Every Triton kernel runs its first GPU config only, until the test ends: numerics do not depend on
+    the tile size, and autotuning would compile and time every config again for each new shape and dtype
+    (``tests/test_kernel_configs.py`` runs each config on its own)."""
+    from hypertriton import kernels
+
+    for autotuned in kernels.autotuned_kernels().values():
+        monkeypatch.setattr(autotuned, "configs", autotuned.configs[:1])
+        monkeypatch.setattr(autotuned, "cache", {})
+
+
 def examples(count: int) -> int:
     """A test's own example count, scaled like the loaded hypothesis profile's against the default one
     (tests/conftest.py): ``count`` by default, 12x under ``HYPOTHESIS_PROFILE=thorough`` (a fixed count

@@ -6,6 +6,7 @@ GPU memory and are skipped on devices under 24 GiB.
 
 import pytest
 import torch
+from helpers import keep_first_autotune_config
 
 from hypertriton import kernels, reference
 from hypertriton.testing import assert_close_dtype, tolerance
@@ -28,12 +29,9 @@ TWO_31 = 2**31
 
 @pytest.fixture(autouse=True)
 def one_config_per_kernel(monkeypatch):
-    """Every kernel runs its first GPU config only. These tests check numerics, which no tile size
-    changes; autotuning would compile every config again for each new shape and dtype, minutes of a
-    short GPU session. ``tests/test_kernel_configs.py`` runs every config; the benchmark autotunes."""
-    for autotuned in kernels.autotuned_kernels().values():
-        monkeypatch.setattr(autotuned, "configs", autotuned.configs[:1])
-        monkeypatch.setattr(autotuned, "cache", {})
+    """These tests check numerics: each kernel keeps its first GPU config (autotuning every config for
+    each new shape and dtype would take minutes of a short GPU session); the benchmark autotunes."""
+    keep_first_autotune_config(monkeypatch)
 
 
 @pytest.fixture
