@@ -673,10 +673,18 @@ def train(config: TrainConfig, *, model: torch.nn.Module | None = None, train_da
     created_group = not hdist.is_distributed()
     ctx = hdist.init_distributed(config.device)
     try:
-        return _train(config, ctx, model, train_dataset, val_dataset, on_step, validate_fn or _validate)
-    finally:
+        result = _train(config, ctx, model, train_dataset, val_dataset, on_step, validate_fn or _validate)
+    except KeyboardInterrupt:
+        # A second Ctrl-C means now: tearing the process group down can wait on ranks that are already
+        # gone (a test's two-process run hung there once in 240 s), and the process exits anyway.
+        raise
+    except BaseException:
         if created_group:
             hdist.cleanup_distributed()
+        raise
+    if created_group:
+        hdist.cleanup_distributed()
+    return result
 
 
 def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_dataset, val_dataset, on_step,
