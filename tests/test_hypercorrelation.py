@@ -133,6 +133,35 @@ def test_fp16_features_whose_norms_pass_the_fp16_range(backend):
     assert_close_dtype(got.cpu(), want, torch.float16)
 
 
+# fp16 bound on a correlation of fp16 features, with fp32 accumulation: each normalized feature rounded to fp16
+# (relative 2^-11, so at most 2^-10 on a dot product of unit vectors) plus the output's rounding (2^-12 below 1).
+FP16_CORRELATION_BOUND = 2.0 ** -10 + 2.0 ** -12 + 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKEND_IDS)
+@pytest.mark.parametrize("mask_kind", ["none", "blob"])
+def test_fp16_correlations_keep_fp16_precision(backend, mask_kind):
+    # The shared fp16 tolerance (rtol 1e-2, atol 5e-3) also accepts a result rounded to bf16 on the way; this
+    # bound does not, on data where bf16's rounding of the output alone passes it (checked below).
+    generator = torch.Generator().manual_seed(3)
+    device = DEVICES[backend]
+    errors, bf16_errors = [], []
+    for channels in (2, 8, 64):
+        # Non-negative features: cosines spread over about [0.3, 1], where an output ulp is largest.
+        query = (torch.randn(2, channels, 5, 6, generator=generator).abs() * 30).half()
+        support = (torch.randn(2, channels, 7, 4, generator=generator).abs() * 30).half()
+        mask = make_mask(mask_kind, 2, 14, 8, channels)
+        got = hypertriton.hypercorrelation([query.to(device)], [support.to(device)],
+                                           None if mask is None else mask.to(device), backend=backend)[0]
+        want = reference.hypercorrelation([query.double()], [support.double()],
+                                          None if mask is None else mask.double())[0]
+        assert got.dtype == torch.float16
+        errors.append(float((got.cpu().double() - want).abs().max()))
+        bf16_errors.append(float((want.to(torch.bfloat16).double() - want).abs().max()))
+    assert max(bf16_errors) > FP16_CORRELATION_BOUND  # the data tells fp16 from bf16
+    assert max(errors) <= FP16_CORRELATION_BOUND, errors
+
+
 @pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
 def test_torch_backend_multiplies_active_support_positions_only(grad):
     """The cost follows the object's area: the matrix products cover the active support positions (mask
