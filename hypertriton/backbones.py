@@ -24,13 +24,11 @@ import torchvision
 from torch import nn
 
 from ._io import load_error_summary, load_on_cpu
+from .data.common import IMAGENET_MEAN, IMAGENET_STD  # re-exported: the one definition is the data's
 from .ops.cpu_conv import run_conv_module
 
 __all__ = ["BackboneSpec", "BACKBONES", "get_spec", "build_backbone", "extract_features", "freeze",
            "IMAGENET_MEAN", "IMAGENET_STD"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)

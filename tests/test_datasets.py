@@ -57,6 +57,27 @@ def test_transform_is_torchvisions_bit_for_bit(pascal_data):
         assert torch.equal(build_transform(SIZE)(image), original(image))
 
 
+def test_transform_normalizes_with_imagenets_published_statistics():
+    # The test above takes the constants from the package; these are the original's values, by hand.
+    from hypertriton.backbones import IMAGENET_MEAN as backbone_mean
+    from hypertriton.data.common import build_transform
+
+    image = Image.new("RGB", (7, 5), (255, 0, 128))  # constant: any resize keeps the values
+    out = build_transform(4)(image)
+    want = torch.tensor([(1 - 0.485) / 0.229, (0 - 0.456) / 0.224, (128 / 255 - 0.406) / 0.225])
+    assert out.shape == (3, 4, 4)
+    torch.testing.assert_close(out, want.view(3, 1, 1).expand(3, 4, 4), rtol=0, atol=1e-6)
+    assert backbone_mean == IMAGENET_MEAN
+
+
+def test_every_benchmark_resizes_to_400_px_by_default(pascal_data, coco_data, fss_data):
+    # The published protocol's size; the tests above all pass img_size themselves.
+    for benchmark, data, fold in (("pascal", pascal_data, 0), ("coco", coco_data, 1), ("fss", fss_data, 0)):
+        item = build_dataset(benchmark, data.datapath, data.splits, fold=fold, split="test", nshot=1)[0]
+        assert item["query_img"].shape == (3, 400, 400), benchmark
+        assert item["support_imgs"].shape[-2:] == item["query_mask"].shape == (400, 400), benchmark
+
+
 def nearest(raw: np.ndarray, size=SIZE) -> np.ndarray:
     """Nearest resize as F.interpolate(mode='nearest') picks sources: floor(dst * in / out). ``size``: a
     side or ``(H, W)``."""
