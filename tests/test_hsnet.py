@@ -289,6 +289,24 @@ def test_predict_mask_nshot_resizes_to_the_original_image_size(monkeypatch):
         model.predict_mask_nshot(batch, 1)
 
 
+def test_original_size_predictions_resize_the_learners_logits_straight_to_that_size(monkeypatch):
+    # The original interpolates the learner's logits once, to the original image size (bilinear,
+    # align_corners=True); going through the resized image's size first moves pixels along every edge.
+    model = HSNet("resnet18", backend="torch").eval()
+    logits = torch.randn(1, 2, 32, 32, generator=torch.Generator().manual_seed(4))
+    monkeypatch.setattr(model, "forward_features", lambda *args: logits)
+    batch = {"query_img": torch.randn(1, 3, 64, 64), "support_imgs": torch.randn(1, 1, 3, 64, 64),
+             "support_masks": torch.ones(1, 1, 64, 64), "org_query_imsize": torch.tensor([90, 70])}
+    want = F.interpolate(logits, (70, 90), mode="bilinear", align_corners=True).argmax(dim=1)
+    two_steps = F.interpolate(F.interpolate(logits, (64, 64), mode="bilinear", align_corners=True), (70, 90),
+                              mode="bilinear", align_corners=True).argmax(dim=1)
+    assert not torch.equal(two_steps, want)  # the data tells the two apart
+    assert torch.equal(model.predict_mask_nshot(batch, 1), want)
+    batch["query_mask"] = torch.zeros(1, 70, 90)  # the truth at the original size sets the size as well
+    del batch["org_query_imsize"]
+    assert torch.equal(model.predict_mask_nshot(batch, 1), want)
+
+
 def test_nshot_and_shapes_are_checked():
     model = model_for("resnet18")
     batch = {"query_img": torch.randn(1, 3, 64, 64), "support_imgs": torch.randn(1, 2, 3, 64, 64),
