@@ -391,6 +391,20 @@ def test_a_new_run_refuses_a_logpath_holding_an_earlier_one(tmp_path, uninterrup
         train(tiny_config(tmp_path / "file"))
 
 
+def test_the_optimizer_is_the_originals_adam_over_the_learner_only(uninterrupted):
+    from hypertriton.learner import HPNLearner
+
+    summary, state, _ = uninterrupted
+    group, = state["optimizer"]["param_groups"]
+    # Adam's defaults (AdamW would show weight_decay 0.01, SGD neither betas nor these moments).
+    assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (1e-3, (0.9, 0.999), 1e-8, 0)
+    assert not group["amsgrad"] and not group.get("decoupled_weight_decay", False)
+    learner_params = sum(1 for _ in HPNLearner([2, 2, 2]).parameters())  # the layer counts leave the tensors' count
+    assert len(group["params"]) == learner_params  # the frozen backbone is not optimized
+    moments = next(iter(state["optimizer"]["state"].values()))
+    assert set(moments) == {"step", "exp_avg", "exp_avg_sq"}
+
+
 def test_scheduled_lr_hand_computed_values():
     assert [scheduled_lr(0.1, "constant", step, 10) for step in (0, 5, 10)] == [0.1, 0.1, 0.1]
     # cos(0) = 1, cos(pi/2) = 0, cos(pi) = -1, cos(pi/4) = sqrt(2)/2
