@@ -169,6 +169,10 @@ def init_distributed(device: str | torch.device | None = None, backend: str | No
     if backend is None:
         backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {} if timeout is None else {"timeout": timeout}
+    if backend == "nccl":
+        # Binds the group to this rank's GPU: NCCL then sets up its communicator for that device at once,
+        # and barrier() need not guess which GPU this rank uses (a warning, or a hang if it guesses wrong).
+        kwargs["device_id"] = device
     dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size, **kwargs)
     return DistributedContext(rank, world_size, local_rank, device, backend)
 

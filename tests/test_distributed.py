@@ -110,7 +110,8 @@ def two_fake_gpus(no_torchrun_env, monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls["set_device"].append(str(device)))
     monkeypatch.setattr(hdist.dist, "is_initialized", lambda: False)
     monkeypatch.setattr(hdist.dist, "init_process_group",
-                        lambda **kwargs: calls["init_process_group"].append(kwargs["backend"]))
+                        lambda **kwargs: calls["init_process_group"].append(
+                            (kwargs["backend"], str(kwargs.get("device_id")))))
 
     def torchrun(local_rank: int, world_size: int = 2):
         monkeypatch.setenv("RANK", str(local_rank))
@@ -126,7 +127,9 @@ def test_each_torchrun_process_takes_its_own_gpu(two_fake_gpus):
         torchrun(local_rank)
         ctx = hdist.init_distributed(requested)
         assert ctx.device == torch.device("cuda", local_rank) and ctx.backend == "nccl"
-    assert calls == {"set_device": ["cuda:0", "cuda:1", "cuda:1"], "init_process_group": ["nccl"] * 3}
+    # The group is bound to the rank's GPU (device_id), as NCCL's barrier otherwise guesses it.
+    assert calls == {"set_device": ["cuda:0", "cuda:1", "cuda:1"],
+                     "init_process_group": [("nccl", "cuda:0"), ("nccl", "cuda:1"), ("nccl", "cuda:1")]}
 
 
 @pytest.mark.parametrize("local_rank, world_size, device, message", [
