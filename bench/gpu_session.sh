@@ -3,12 +3,13 @@
 # install the tree, the GPU tests and every kernel config, the batch-8 benchmark against the original,
 # the largest size each variant fits in GPU memory, then the Triton op tests. Every stage has its own
 # time limit and writes its output as it goes, so a stage cut short keeps what it measured and the next
-# one still runs. The default limits add up to 510 s: one device call (at most 600 s) with room to spare.
+# one still runs. The default limits add up to 570 s: one device call (at most 600 s).
 #
 #   bash bench/gpu_session.sh            # results under $OUT (the device tool's folder) or bench/results/gpu-session,
 #                                        # every log in session-log.txt there
 #
-# Stage limits in seconds (environment): GPU_TESTS_S (150), BENCH_S (180), MAX_SIZE_S (120), OP_TESTS_S (60).
+# Stage limits in seconds (environment): GPU_TESTS_S (150), BENCH_S (180), MAX_SIZE_S (120), OP_TESTS_S (60),
+# TRAIN_STEP_S (60; last, so a device call cut at 600 s loses only it).
 # PYTHON: the interpreter that holds torch and triton (default python3: on the lent machine's image
 # that is the one; a bare "python" may not exist there).
 # Copy the benchmark's .json/.md into bench/results/ afterwards and name the device in the commit.
@@ -62,4 +63,15 @@ TRITON_CACHE_AUTOTUNING=1 stage max-size "${MAX_SIZE_S:-120}" "$py" bench/run.py
 HYPERTRITON_TEST_ONE_CONFIG=1 stage op-tests "${OP_TESTS_S:-60}" "$py" -m pytest -q -p no:cacheprovider \
     "${parallel[@]}" -k triton tests/test_hypercorrelation.py tests/test_center_pivot_conv4d.py \
     tests/test_fused_first_layer.py
+# A training step (learner forward + backward, batch 8), never timed on a GPU: the fused layer's backward
+# recomputes its correlations in PyTorch, per episode and in chunks, and reads sizes back to the host
+# (its backward: about 9,600 ATen calls and 168 host reads at batch 8, counted on CPU), where the original
+# runs a few large kernels. Written beside $OUT and then copied without its plot: the device tool brings
+# back at most 8 files, and a stage cut short must not leave a ninth.
+train_out="${TMPDIR:-/tmp}/hypertriton-train-step"
+rm -rf "$train_out"
+TRITON_CACHE_AUTOTUNING=1 stage train-step "${TRAIN_STEP_S:-60}" "$py" bench/run.py --device cuda --batch 8 \
+    --size 50 --cases forward_backward --masks object --variants original,triton,triton-unfused --repeats 3 \
+    --timeout 50 --out "$train_out" --name cuda-resnet50-size50-b8-float32-train-step
+cp "$train_out"/*.json "$train_out"/*.md "$out"/ 2>/dev/null
 grep -E "^=====|passed|failed" "$log"
