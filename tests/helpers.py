@@ -135,3 +135,68 @@ def counting_nnpack():
 
     with mock.patch.object(torch, "_nnpack_spatial_convolution", counting):
         yield calls
+
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launch_gloo_ranks(argv: list[str], world_size: int, workdir, timeout: float = 240.0) -> list[str]:
+    """Run the Python command line ``argv`` as ranks 0..world_size-1 of a gloo job, as torchrun would;
+    returns each rank's stdout, after asserting that every rank exited with 0.
+
+    The rendezvous store is served from here, on a port the system picks, for the whole job (as torchrun's
+    agent does): a port probed free and released could be taken before rank 0 binds it. Output goes to files
+    in ``workdir`` (a full pipe stalls a rank inside a collective until the other times out). A rank still
+    running at ``timeout`` gets SIGABRT, which makes Python's faulthandler print every thread's stack into
+    the failure message, so that a hang names where it hangs.
+    """
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    store = dist.TCPStore("127.0.0.1", 0, None, is_master=True, wait_for_workers=False)
+    base = {key: value for key, value in os.environ.items() if key not in TORCHRUN_VARS}
+    base.update(WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port),
+                TORCHELASTIC_USE_AGENT_STORE="True", OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
+    procs, logs = [], []
+    try:
+        for rank in range(world_size):
+            out, err = workdir / f"rank{rank}.out", workdir / f"rank{rank}.err"
+            with open(out, "w") as stdout, open(err, "w") as stderr:
+                env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
+                procs.append(subprocess.Popen([sys.executable, *map(str, argv)], env=env, stdout=stdout,
+                                              stderr=stderr))
+            logs.append((out, err))
+        deadline = time.monotonic() + timeout
+        hung = []
+        for rank, proc in enumerate(procs):
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                hung.append(rank)
+        for rank in hung:
+            procs[rank].send_signal(signal.SIGABRT)
+        for rank in hung:
+            try:
+                procs[rank].wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                procs[rank].kill()
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        del store
+    stacks = "\n".join(f"rank {rank} hung past {timeout:g} s; its stacks:\n{logs[rank][1].read_text()[-6000:]}"
+                       for rank in hung)
+    assert not hung, stacks
+    for rank, (proc, (_, err)) in enumerate(zip(procs, logs)):
+        assert proc.returncode == 0, f"rank {rank} failed ({proc.returncode}):\n{err.read_text()[-6000:]}"
+    return [out.read_text() for out, _ in logs]

@@ -5,46 +5,23 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import TORCHRUN_VARS, launch_gloo_ranks
 
 from hypertriton import distributed as hdist
-
-TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch_ranks(script: Path, world_size: int, args: list[str], timeout: float = 120) -> list[str]:
     """Run ``script`` as ranks 0..world_size-1 of a gloo job, as torchrun would; returns their stdouts."""
-    port = free_port()
-    procs = []
-    for rank in range(world_size):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(script), *args], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    outputs = []
-    try:
-        for rank, proc in enumerate(procs):
-            out, err = proc.communicate(timeout=timeout)
-            assert proc.returncode == 0, f"rank {rank} failed ({proc.returncode}):\n{err[-3000:]}"
-            outputs.append(out)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    return outputs
+    workdir = tempfile.mkdtemp(prefix="ranks-", dir=script.parent)  # one per launch: a test may launch twice
+    return launch_gloo_ranks([script, *args], world_size, workdir, timeout=timeout)
 
 
 @pytest.fixture

@@ -7,9 +7,6 @@ import io
 import json
 import os
 import re
-import socket
-import subprocess
-import sys
 import time
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -19,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from datagen import make_fss, make_pascal
+from helpers import launch_gloo_ranks
 from hypothesis import example, given
 from hypothesis import strategies as st
 from PIL import Image
@@ -204,12 +202,6 @@ hdist.cleanup_distributed()
 """
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_two_gloo_ranks(pascal_data, tmp_path, mode: str = "none", bsz: int = 2) -> list[dict]:
     """WORKER's result on each of 2 gloo ranks; mode: "none" (no stop_requested), "never" (one that never
     asks), "stop" (rank 1 asks before its third batch)."""
@@ -218,12 +210,7 @@ def run_two_gloo_ranks(pascal_data, tmp_path, mode: str = "none", bsz: int = 2) 
     script.write_text(WORKER.format(datapath=str(pascal_data.datapath),
                                     splits=str(pascal_data.splits), size=SIZE, episodes=EPISODES,
                                     vis=str(tmp_path / "vis"), out=str(tmp_path / "rank"), mode=mode, bsz=bsz))
-    env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-               OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, str(script)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
-    outputs = [p.communicate(timeout=240)[0].decode() for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
+    launch_gloo_ranks([script], 2, tmp_path / "ranks", timeout=240)
     return [json.loads((tmp_path / f"rank{rank}").read_text()) for rank in range(2)]
 
 
