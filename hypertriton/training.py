@@ -53,6 +53,7 @@ import math
 import os
 import random
 import time
+import traceback
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -675,11 +676,16 @@ def train(config: TrainConfig, *, model: torch.nn.Module | None = None, train_da
     try:
         result = _train(config, ctx, model, train_dataset, val_dataset, on_step, validate_fn or _validate)
     except KeyboardInterrupt:
-        # A second Ctrl-C means now: tearing the process group down can wait on ranks that are already
-        # gone (a test's two-process run hung there once in 240 s), and the process exits anyway.
+        # A second Ctrl-C means now: the process exits anyway, and the teardown below is where a gloo run
+        # can hang (a test's two-process run did, once in 240 s).
         raise
-    except BaseException:
+    except BaseException as error:
         if created_group:
+            # The traceback's frames hold the DDP model, whose reducer would then outlive the group's
+            # registration and drop its last reference while this thread holds the GIL: gloo's worker thread,
+            # still releasing the last collective's tensor, needs the GIL, and the process hangs (seen under
+            # load with gdb). Freed first, the group goes with its registration instead.
+            traceback.clear_frames(error.__traceback__)
             hdist.cleanup_distributed()
         raise
     if created_group:

@@ -190,7 +190,7 @@ TRAIN_SCRIPT = textwrap.dedent("""
 
     IMG = 64
 
-    def tiny_run(logpath, interrupt_at=None):
+    def tiny_run(logpath, interrupt_at=None, error=False):
         torch.manual_seed(0)
         model = HSNet("resnet18")
         val = SyntheticDataset(split="val", fold=0, img_size=IMG, episodes=6)
@@ -207,17 +207,24 @@ TRAIN_SCRIPT = textwrap.dedent("""
 
         def on_step(progress):
             if progress["global_step"] == interrupt_at:
+                if error:
+                    raise RuntimeError("boom")
                 raise KeyboardInterrupt  # a second Ctrl-C: no collective can run any more
 
         return train(config, model=model, train_dataset=trn, val_dataset=val, on_step=on_step)
 
     if __name__ == "__main__":
         try:
-            summary = tiny_run(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None)
+            summary = tiny_run(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None,
+                               error=sys.argv[3:] == ["error"])
         except KeyboardInterrupt:
             # As after a real second Ctrl-C: out at once, without the process group's teardown at exit.
             print("SUMMARY " + json.dumps("interrupted"), flush=True)
             os._exit(0)
+        except RuntimeError as failure:
+            # A plain exit: every destructor runs, after train() left the process group.
+            from hypertriton import distributed as hdist
+            summary = {"error": str(failure), "group_left": not hdist.is_distributed()}
         print("SUMMARY " + json.dumps(summary))
 """)
 
@@ -306,6 +313,18 @@ def test_a_second_ctrl_c_under_torchrun_saves_every_ranks_training_counts(tmp_pa
     for key in ("intersection", "union", "class_episodes"):
         assert torch.equal(ddp_counts[key], single_counts[key]), key
     assert single_counts["union"].sum() > 0
+
+
+def test_an_error_on_every_rank_leaves_train_with_it_and_the_process_group_torn_down(tmp_path):
+    # The teardown used to run while the error's traceback still held the DDP model: its reducer then
+    # dropped the group's last reference with the GIL held while gloo's worker thread waited for the GIL
+    # (a hang under load, 3 runs in 13 in an audit's reproduction). A race: this run takes the path, it
+    # cannot force the interleaving.
+    script = tmp_path / "tiny_run.py"
+    script.write_text(TRAIN_SCRIPT)
+    outputs = launch_ranks(script, 2, [str(tmp_path / "ddp"), "1", "error"], timeout=240)
+    summaries = [json.loads(out.split("SUMMARY ", 1)[1]) for out in outputs]
+    assert summaries == [{"error": "boom", "group_left": True}] * 2
 
 
 STOP_IN_VALIDATION_SCRIPT = textwrap.dedent("""
