@@ -41,6 +41,20 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
+def seeded_global_generators():
+    """Each test starts from the same torch, numpy and random states, whatever ran before it in its worker
+    (under pytest-xdist that differs from run to run): a test drawing from the global generators draws the
+    same numbers every run (one bias-gradient test failed about once in 200 such draws)."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+
+
+@pytest.fixture(autouse=True)
 def poison_op_outputs(monkeypatch):
     """Every output an op allocates starts as NaN, so an element a kernel never writes fails the test."""
     from hypertriton.ops import _alloc
