@@ -206,6 +206,10 @@ def evaluate(model, dataset_or_loader, nshot: int, device, progress: bool = True
         if was_training and hasattr(net, "train"):
             net.train()
     meter.all_reduce()  # every rank gets here, stopped or not: they stop before the same batch
+    # The last collective before a caller leaves the process group: a barrier holds no Python tensor, whereas
+    # releasing the all-reduce's tensor takes gloo's worker thread the GIL, which a teardown right after it
+    # holds while it waits for that thread (the hang training.train avoids the same way).
+    hdist.barrier()
     fb_iou = meter.fb_iou()
     result = {"benchmark": getattr(dataset, "benchmark", None), "nshot": nshot, "miou": meter.miou(),
               "fb_iou": fb_iou, "fbiou": fb_iou, "per_class_iou": meter.per_class_iou(),
