@@ -206,9 +206,9 @@ def evaluate(model, dataset_or_loader, nshot: int, device, progress: bool = True
         if was_training and hasattr(net, "train"):
             net.train()
     meter.all_reduce()  # every rank gets here, stopped or not: they stop before the same batch
-    # The last collective before a caller leaves the process group: a barrier holds no Python tensor, whereas
-    # releasing the all-reduce's tensor takes gloo's worker thread the GIL, which a teardown right after it
-    # holds while it waits for that thread (the hang training.train avoids the same way).
+    # The last collective before a caller leaves the process group: a barrier holds no Python tensor. Gloo's
+    # worker thread needs the GIL to release the all-reduce's tensor, and a teardown right after it holds the
+    # GIL while it waits for that thread (training.train ends with a barrier for the same reason).
     hdist.barrier()
     fb_iou = meter.fb_iou()
     result = {"benchmark": getattr(dataset, "benchmark", None), "nshot": nshot, "miou": meter.miou(),
