@@ -317,9 +317,9 @@ def test_a_second_ctrl_c_under_torchrun_saves_every_ranks_training_counts(tmp_pa
 
 def test_an_error_on_every_rank_leaves_train_with_it_and_the_process_group_torn_down(tmp_path):
     # The teardown used to run while the error's traceback still held the DDP model: its reducer then
-    # dropped the group's last reference with the GIL held while gloo's worker thread waited for the GIL
-    # (a hang under load, 3 runs in 13 in an audit's reproduction). A race: this run takes the path, it
-    # cannot force the interleaving.
+    # dropped the group's last reference with the GIL held while gloo's worker thread waited for the GIL.
+    # A race, which this test cannot force: beside a CPU hog (torch 2.11) it hung in 4 runs of 12 with the
+    # old teardown and in none of 12 with the fix.
     script = tmp_path / "tiny_run.py"
     script.write_text(TRAIN_SCRIPT)
     outputs = launch_ranks(script, 2, [str(tmp_path / "ddp"), "1", "error"], timeout=240)
