@@ -1,4 +1,5 @@
-"""The examples in the modules' docstrings run as written (doctest; those marked ``+SKIP`` need data)."""
+"""The examples in the modules' docstrings run as written (doctest; those marked ``+SKIP`` need data), and so does the
+README's ops example."""
 
 from __future__ import annotations
 
@@ -24,3 +25,24 @@ def test_docstring_examples_run_as_written(name):
     result = doctest.testmod(importlib.import_module(name), optionflags=flags, report=False)
     assert result.failed == 0, (f"{name}: {result.failed} of {result.attempted} examples fail "
                                 "(doctest.testmod on the module shows them)")
+
+
+def test_the_readmes_ops_example_runs_and_gives_the_shapes_its_comments_name():
+    import re
+
+    import torch
+
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Using the ops"):]
+    start = section.index("```python\n") + len("```python\n")
+    code = section[start:section.index("\n```", start)]
+    claimed = [tuple(int(d) for d in dims.split(","))
+               for comment in re.findall(r"#[^\n]*", code) for dims in re.findall(r"\[(\d+(?:, \d+)+)\]", comment)]
+    namespace = {}
+    torch.manual_seed(0)
+    exec(compile(code, "README.md: Using the ops", "exec"), namespace)
+    module_out = namespace["conv"](namespace["levels"][0])
+    actual = [tuple(t.shape) for t in (*namespace["levels"], namespace["out"])]
+    assert claimed == actual
+    # The functional form with the module's parameters is the module.
+    torch.testing.assert_close(namespace["out"], module_out)
