@@ -239,15 +239,18 @@ def _support_windows(active, hs: int, ws: int, kernel: tuple[int, int], spec: _S
     if active.numel() == 0:
         return _SupportWindows((1, 1), (0, 0), slice(0, 0), slice(0, 0), active, None)
     rows, cols = active // ws, active % ws
-    window_rows = _window_range(int(rows.min()), int(rows.max()), kernel[0], sh, ph, hs2)
-    window_cols = _window_range(int(cols.min()), int(cols.max()), kernel[1], sw, pw, ws2)
+    # One read back to the host for the bounding box (a GPU waits at each; this runs per episode and level).
+    row_min, row_max, col_min, col_max = torch.stack([rows.min(), rows.max(), cols.min(), cols.max()]).tolist()
+    window_rows = _window_range(row_min, row_max, kernel[0], sh, ph, hs2)
+    window_cols = _window_range(col_min, col_max, kernel[1], sw, pw, ws2)
     # The grid is the input region those windows read, padding included (it stays zero).
     top, left = window_rows.start * sh - ph, window_cols.start * sw - pw
     height = (window_rows.stop - window_rows.start - 1) * sh + kernel[0]
     width = (window_cols.stop - window_cols.start - 1) * sw + kernel[1]
     local_rows, local_cols = rows - top, cols - left
     inside = (local_rows >= 0) & (local_rows < height) & (local_cols >= 0) & (local_cols < width)
-    columns = None if bool(inside.all()) else inside.nonzero().squeeze(1)
+    columns = inside.nonzero().squeeze(1)  # its size is the one read back
+    columns = None if columns.numel() == inside.numel() else columns
     positions = local_rows * width + local_cols
     if columns is not None:
         positions = positions[columns]
