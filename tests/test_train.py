@@ -394,7 +394,7 @@ def test_a_new_run_refuses_a_logpath_holding_an_earlier_one(tmp_path, uninterrup
 def test_the_optimizer_is_the_originals_adam_over_the_learner_only(uninterrupted):
     from hypertriton.learner import HPNLearner
 
-    summary, state, _ = uninterrupted
+    _, state, _ = uninterrupted
     group, = state["optimizer"]["param_groups"]
     # Adam's defaults (AdamW would show weight_decay 0.01, SGD neither betas nor these moments).
     assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (1e-3, (0.9, 0.999), 1e-8, 0)
