@@ -20,6 +20,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from helpers import TORCHRUN_VARS
 
 from hypertriton.data.synthetic import SyntheticDataset
 from hypertriton.model import HSNet
@@ -33,7 +34,7 @@ IMG = 64
 @pytest.fixture(autouse=True)
 def _single_process(monkeypatch):
     # A test run under torchrun must not make these single-process runs join its group.
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+    for name in TORCHRUN_VARS:
         monkeypatch.delenv(name, raising=False)
 
 
