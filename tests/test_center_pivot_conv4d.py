@@ -246,6 +246,8 @@ def with_constant_columns(batch, cin, sizes, share, seed):
          bias=False, seed=2)  # query map smaller than the kernel, stride past the support map
 @example(batch=2, cin=2, cout=2, sizes=(5, 5, 6, 6), kernels=(3, 3, 3, 3), support_stride=(2, 2), share=0.0,
          bias=True, seed=3)  # nothing constant
+@example(batch=1, cin=1, cout=2, sizes=(1, 1, 1, 2), kernels=(1, 1, 1, 1), support_stride=(1, 1), share=0.0,
+         bias=False, seed=0)  # one input channel (both layouts at once) through the plain path
 def test_constant_columns_match_reference(batch, cin, cout, sizes, kernels, support_stride, share, bias, seed):
     """The second squeeze layer's sparse form (constant support columns: per-window constants, products
     over the varying positions only, constant pivots through a k x k map) equals the dense conv; forced

@@ -33,7 +33,7 @@ from ..backend import resolve_backend
 from . import cpu_conv
 from ._alloc import new_output
 from ._validation import check_cp_conv_args, check_tensor, check_triton_dtypes, shape_of
-from .layout import is_query_major, split_constant_columns
+from .layout import is_query_major, split_constant_columns, to_query_major
 
 
 # Elements of one step of the strided query branch's temporaries (fp32: 4 MB).
@@ -249,7 +249,9 @@ def center_pivot_conv4d_constant_columns(x, constant, weight_query, bias_query, 
                          f"gradient and constant [B, Hs*Ws] = [{batch}, {hs * ws}]; got x {shape_of(x)}, stride "
                          f"{tuple(stride)}, constant {shape_of(constant)}")
     if float(constant.float().mean()) < MIN_CONSTANT_SHARE:
-        return _cp_conv_torch(x, weight_query, bias_query, weight_support, bias_support, stride, padding)
+        # A one-channel x is in both layouts, and the plain path then writes the standard one.
+        return to_query_major(_cp_conv_torch(x, weight_query, bias_query, weight_support, bias_support, stride,
+                                             padding))
     return center_pivot_conv4d_split(split_constant_columns(x, constant), weight_query, bias_query, weight_support,
                                      bias_support, stride, padding)
 
