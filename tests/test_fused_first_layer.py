@@ -468,6 +468,23 @@ def test_blob_mask_skips_most_support_positions():
     assert math.isclose(float(resized[0, active].abs().sum()), float(resized[0].abs().sum()))
 
 
+@pytest.mark.parametrize("reads_cheap", [True, False], ids=["cpu", "gpu-like"])
+def test_active_positions_hold_every_non_finite_support_position(monkeypatch, reads_cheap):
+    """Masked-out support positions with a NaN or inf feature stay active (their correlations are NaN),
+    whether a first read-back tells that some exist (CPU) or every position is checked (GPU, where the
+    read would wait for the device)."""
+    monkeypatch.setattr(ffl, "_host_reads_are_cheap", lambda tensor: reads_cheap)
+    generator = torch.Generator().manual_seed(5)
+    mask = torch.zeros(30)
+    mask[:5] = 1.0
+    support = [torch.randn(3, 30, generator=generator), torch.randn(4, 30, generator=generator)]
+    assert ffl._active_positions(mask, support, query_finite=True).tolist() == [0, 1, 2, 3, 4]
+    support[1][2, 17] = float("nan")
+    support[0][0, 23] = float("-inf")
+    assert ffl._active_positions(mask, support, query_finite=True).tolist() == [0, 1, 2, 3, 4, 17, 23]
+    assert ffl._active_positions(mask, support, query_finite=False) is None  # a NaN query reaches all
+
+
 @pytest.mark.parametrize("mask_kind, budget, own_products", [
     ("full", ffl.CHUNK_ELEMENTS, False), ("blob", ffl.CHUNK_ELEMENTS, False),
     ("full", 2 * 6 * 5 * 2, True), ("blob", 2 * 6 * 5 * 2, True),

@@ -117,6 +117,11 @@ def _inverse_query_norms(query: list[torch.Tensor]) -> tuple[list[torch.Tensor],
     return [1.0 / (n[:, 0] + reference.NORM_EPS) for n in norms], finite
 
 
+def _host_reads_are_cheap(tensor: torch.Tensor) -> bool:
+    """Whether reading ``tensor``'s values back to the host makes nothing wait (CPU tensors)."""
+    return tensor.device.type == "cpu"
+
+
 def _active_positions(mask_b, support_b: list[torch.Tensor], query_finite: bool) -> torch.Tensor | None:
     """Indices of the support positions whose correlations may be nonzero, or None for all of them.
 
@@ -126,9 +131,14 @@ def _active_positions(mask_b, support_b: list[torch.Tensor], query_finite: bool)
     if mask_b is None or not query_finite:
         return None
     active = mask_b != 0
-    # One cheap reduction per layer decides whether the per-position check is needed at all (an
-    # overflowing finite sum only costs that check); all layers' in one host sync, as a GPU waits at each.
-    finite = torch.isfinite(torch.stack([s.sum() for s in support_b])).tolist()  # s: [C, Hs*Ws]
+    if _host_reads_are_cheap(active):
+        # One cheap reduction per layer decides whether the per-position check is needed at all (an
+        # overflowing finite sum only costs that check); all layers' in one read.
+        finite = torch.isfinite(torch.stack([s.sum() for s in support_b])).tolist()  # s: [C, Hs*Ws]
+    else:
+        # On a GPU that read would wait for the device (once per episode and level in the backward);
+        # checking every position costs less.
+        finite = [False] * len(support_b)
     for s, ok in zip(support_b, finite):
         if not ok:
             active |= ~torch.isfinite(s).all(dim=0)
