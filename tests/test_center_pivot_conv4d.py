@@ -265,6 +265,28 @@ def test_constant_columns_match_reference(batch, cin, cout, sizes, kernels, supp
         assert_close_dtype(got, want, torch.float32, scale=max(1.0, taps / 25))
 
 
+@pytest.mark.parametrize("case", ["float16", "float64", "autocast", "empty batch"])
+@pytest.mark.parametrize("share", [0.0, 1.0], ids=["plain-path", "split-path"])
+def test_constant_columns_follow_the_ops_dtype_rules(case, share):
+    """Whichever path the share of constant columns picks, the output follows ``center_pivot_conv4d``'s
+    rules (fp32 weights cast to x's dtype, autocast's dtype under autocast) and equals it; an empty batch
+    gives an empty output. The plain path once skipped the casts (fp16 and fp64 x raised) and read an
+    empty batch's share as NaN."""
+    batch = 0 if case == "empty batch" else 2
+    dtype = {"float16": torch.float16, "float64": torch.float64}.get(case, torch.float32)
+    # Constant over the query dims in every support column, so that flagging all of them is true.
+    x = to_query_major(make_tensor((batch, 3, 1, 1, 4, 5), 0).expand(batch, 3, 3, 4, 4, 5).contiguous()).to(dtype)
+    flags = torch.full((batch, 20), share == 1.0)
+    wq, bq, ws, bs = weights(4, 3, (3, 3, 3, 3), 1, True)
+    stride, padding = (1, 1, 2, 2), (1, 1, 1, 1)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=case == "autocast"):
+        want = hypertriton.center_pivot_conv4d(x, wq, bq, ws, bs, stride, padding, backend="torch")
+        got = cp_ops.center_pivot_conv4d_constant_columns(x, flags, wq, bq, ws, bs, stride, padding)
+    assert got.dtype == want.dtype == (torch.bfloat16 if case == "autocast" else dtype)
+    assert got.shape == want.shape and is_query_major(got)
+    assert_close_dtype(got.float(), want.float(), dtype=want.dtype)
+
+
 def test_constant_columns_refuse_what_they_cannot_do():
     x, flags = with_constant_columns(1, 2, (4, 4, 5, 5), 0.5, 0)
     wq, bq, ws, bs = weights(3, 2, (3, 3, 3, 3), 0, True)

@@ -248,10 +248,11 @@ def center_pivot_conv4d_constant_columns(x, constant, weight_query, bias_query, 
         raise ValueError(f"center_pivot_conv4d_constant_columns: needs a query-major x, query stride 1, no "
                          f"gradient and constant [B, Hs*Ws] = [{batch}, {hs * ws}]; got x {shape_of(x)}, stride "
                          f"{tuple(stride)}, constant {shape_of(constant)}")
-    if float(constant.float().mean()) < MIN_CONSTANT_SHARE:
-        # A one-channel x is in both layouts, and the plain path then writes the standard one.
-        return to_query_major(_cp_conv_torch(x, weight_query, bias_query, weight_support, bias_support, stride,
-                                             padding))
+    if constant.numel() == 0 or float(constant.float().mean()) < MIN_CONSTANT_SHARE:
+        # Through the public op, which casts the weights and follows autocast as the split path does. A
+        # one-channel x is in both layouts, and the plain path then writes the standard one.
+        return to_query_major(center_pivot_conv4d(x, weight_query, bias_query, weight_support, bias_support,
+                                                  stride, padding, backend="torch"))
     return center_pivot_conv4d_split(split_constant_columns(x, constant), weight_query, bias_query, weight_support,
                                      bias_support, stride, padding)
 
@@ -272,7 +273,10 @@ def center_pivot_conv4d_split(splits, weight_query, bias_query, weight_support, 
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else \
         splits[0].first_row.dtype
     weight_query, weight_support = weight_query.to(dtype), weight_support.to(dtype)
-    bias = bias_sum(bias_query, bias_support, out_channels, like=weight_query).to(device=device, dtype=dtype)
+    # Each bias in the products' dtype before the sum, as center_pivot_conv4d has it (fp32 biases summed in
+    # fp32 were off by fp32's rounding for fp64 features).
+    bias = bias_sum(*[None if b is None else b.to(dtype) for b in (bias_query, bias_support)], out_channels,
+                    like=weight_query).to(device=device)
     taps = _geometry(_support_taps, hs, ws, ksh, ksw, (ssh, ssw), (psh, psw)).to(device)  # [Hs*Ws, Hs'*Ws']
     tap_table = weight_support.permute(2, 3, 1, 0).reshape(ksh * ksw, channels, out_channels)
     pivot_index = (torch.arange(hs2, device=device)[:, None] * ssh * ws
