@@ -420,6 +420,21 @@ def test_under_autocast_the_correlation_and_convs_take_the_autocast_dtype(grad):
         assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (*query, weights[0], weights[2]))
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["biases", "no-biases"])
+def test_the_reference_backend_ignores_autocast(bias):
+    """The einsum oracle computes in the features' dtype under autocast too (without biases it returned
+    autocast's bf16)."""
+    gen, query, support, weights = make_case(7, 1, 2, 4, 5, 5, 6, 6, 3, 3, dtype=torch.float32)
+    if not bias:
+        weights = (weights[0], None, weights[2], None)
+    mask = make_mask("blob", 1, 12, 12, gen)
+    exact = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, (1, 1, 2, 2), backend="reference")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, (1, 1, 2, 2), backend="reference")
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, exact, rtol=0, atol=0)
+
+
 def test_half_precision_features_return_their_dtype():
     gen, query, support, weights = make_case(9, 1, 2, 4, 5, 5, 6, 6, 3, 3, dtype=torch.float32)
     mask = make_mask("random", 1, 6, 6, gen)
