@@ -976,7 +976,8 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
         # return the autocast dtype without biases to promote them back).
         with torch.autocast(device.type, enabled=False):
             corr = reference.hypercorrelation(query_feats, support_feats, support_mask)[0]
-            cast = [None if t is None else t.to(dtype) for t in (weight_query, bias_query, weight_support, bias_support)]
+            cast = [None if t is None else t.to(dtype)
+                    for t in (weight_query, bias_query, weight_support, bias_support)]
             out = reference.center_pivot_conv4d(corr, *cast, stride, padding)
         return (out, None) if return_bias_windows else out
 
