@@ -8,11 +8,12 @@
   with Triton backward kernels;
 - ``torch``: a ``conv3d`` for the support branch that writes the output layout directly, plus a
   batched ``conv2d`` on the pivot support positions (a strided view picks them; no index cache, so
-  nothing goes stale when the input size changes). A query-major input
-  (:mod:`hypertriton.ops.layout`) gives a query-major output: its support branch is a channels-last
-  ``conv2d`` over its own memory, or one matrix product for support maps no larger than the kernel; its
-  query branch is a channels-last ``conv3d`` over all support positions when the support stride is 1
-  (HSNet's mixing blocks), else a ``conv2d`` on the gathered pivots, added in place.
+  nothing goes stale when the input size changes). A query-major input (:mod:`hypertriton.ops.layout`)
+  of more than one channel gives a query-major output (a one-channel input is in both layouts and gives
+  the standard one). On that path the support branch is a channels-last ``conv2d`` over the input's own
+  memory, or one matrix product for support maps no larger than the kernel; the query branch is a
+  channels-last ``conv3d`` over all support positions when the support stride is 1 (HSNet's mixing
+  blocks), else a ``conv2d`` on the gathered pivots, added in place.
 
 :func:`center_pivot_conv4d_constant_columns` is the inference form for an input whose support columns
 are partly constant over the query dims (a squeeze block's second layer outside the object): it
