@@ -13,7 +13,7 @@ from torch import nn
 from .backend import check_backend_name, resolve_backend
 from .modules import CenterPivotConv4d, GroupNorm4d
 from .ops import cpu_conv
-from .ops._validation import shape_of
+from .ops._validation import AUTOCAST_INPUT_DTYPES, shape_of
 from .ops.center_pivot_conv4d import MIN_CONSTANT_SHARE, center_pivot_conv4d_split
 from .ops.fused_first_layer import fused_hypercorrelation_cp_conv
 from .ops.layout import (autocast_output_dtype, empty_query_major, group_affine, group_norm_split, is_query_major,
@@ -161,27 +161,39 @@ class HPNLearner(nn.Module):
                 raise ValueError(f"hypercorr_pyramid: batch sizes differ between levels "
                                  f"({[shape_of(t) for t in pyramid]})")
             batch = level.shape[0]
+        if batch == 0:
+            shapes = ", ".join(shape_of(t) for t in pyramid)
+            raise ValueError(f"hypercorr_pyramid: an empty batch ({shapes}); expected at least one episode")
         dtypes = [level.dtype for level in pyramid]
         dtype = next(self.parameters()).dtype
-        autocast = torch.is_autocast_enabled(pyramid[0].device.type)
         # Every layer casts its weights to its input's dtype, except the decoder's plain convolutions.
-        if not all(d.is_floating_point for d in dtypes) or (not autocast and set(dtypes) != {dtype}):
-            raise TypeError(f"hypercorr_pyramid: expected levels in the learner's dtype {dtype} (any floating "
-                            f"dtype under torch.autocast), got {dtypes} for [corr_l4, corr_l3, corr_l2]; convert "
-                            "them or move the learner with .to(dtype)")
+        if not self._dtypes_accepted(dtypes, pyramid[0].device):
+            raise TypeError(f"hypercorr_pyramid: expected levels in the learner's dtype {dtype} (under "
+                            f"torch.autocast: float32, float16 or bfloat16), got {dtypes} for [corr_l4, corr_l3, "
+                            "corr_l2]; convert them or move the learner with .to(dtype)")
 
-    def _check_feature_dtypes(self, levels) -> None:
-        """Before any work: features in the learner's dtype (any floating dtype under autocast), as
-        :meth:`forward` asks of its hypercorrelation; else the decoder's convolutions fail at the end."""
+    def _dtypes_accepted(self, dtypes, device: torch.device) -> bool:
+        """Inputs in the learner's dtype, or under autocast in dtypes it casts (float64 it leaves alone)."""
+        if set(dtypes) == {next(self.parameters()).dtype}:
+            return True
+        return torch.is_autocast_enabled(device.type) and all(d in AUTOCAST_INPUT_DTYPES for d in dtypes)
+
+    def _check_features(self, levels) -> None:
+        """Before any work: a non-empty batch of features in the learner's dtype (under autocast, dtypes it
+        casts), as :meth:`forward` asks of its hypercorrelation; else the decoder's convolutions fail at
+        the end."""
         feats = [t for pair in levels for side in pair for t in side if isinstance(t, torch.Tensor)]
         if not feats:
             return
+        if feats[0].shape[0] == 0:
+            raise ValueError(f"levels: an empty batch (first query features {shape_of(feats[0])}); expected at "
+                             "least one episode")
         dtype = next(self.parameters()).dtype
         dtypes = sorted({t.dtype for t in feats}, key=str)
-        autocast = torch.is_autocast_enabled(feats[0].device.type)
-        if not all(d.is_floating_point for d in dtypes) or (not autocast and dtypes != [dtype]):
-            raise TypeError(f"levels: expected features in the learner's dtype {dtype} (any floating dtype under "
-                            f"torch.autocast), got {dtypes}; convert them or move the learner with .to(dtype)")
+        if not self._dtypes_accepted(dtypes, feats[0].device):
+            raise TypeError(f"levels: expected features in the learner's dtype {dtype} (under torch.autocast: "
+                            f"float32, float16 or bfloat16), got {dtypes}; convert them or move the learner with "
+                            ".to(dtype)")
 
     @property
     def squeeze_blocks(self) -> tuple[nn.Sequential, nn.Sequential, nn.Sequential]:
@@ -311,7 +323,7 @@ class HPNLearner(nn.Module):
                 layers about twice. With gradients it is ignored.
             rows_per_step: query rows per streamed step (None: automatic).
         """
-        self._check_feature_dtypes(levels)
+        self._check_features(levels)
         lean = lean and not torch.is_grad_enabled()
         # Lean mode is for memory: no NNPACK, whose layout copies would raise its peak (hypertriton.ops.cpu_conv).
         with cpu_conv.nnpack_allowed(not lean):

@@ -21,6 +21,7 @@ from . import checkpoint as ckpt
 from .backend import check_backend_name
 from .backbones import build_backbone, extract_features, get_spec
 from .learner import HPNLearner
+from .ops._validation import AUTOCAST_INPUT_DTYPES
 from .ops._validation import shape_of as _tensor_shape
 from .ops.hypercorrelation import hypercorrelation
 
@@ -130,18 +131,20 @@ class HSNet(nn.Module):
         return self
 
     def _check_images(self, img, name: str) -> torch.Tensor:
-        """``img`` must be an image batch ``[B, 3, H, W]`` in the backbone's dtype (any float dtype under
-        ``torch.autocast``, which casts it)."""
+        """``img`` must be an image batch ``[B, 3, H, W]`` in the backbone's dtype (under ``torch.autocast``,
+        also another dtype that autocast casts: float32, float16 or bfloat16)."""
         _check_images(img, name)
         weight = next(self.backbone.parameters())
         if img.device != weight.device:
             raise ValueError(f"{name} is on {img.device} but the model is on {weight.device}; move one of them "
                              "(.to(device))")
         dtype = weight.dtype
-        if img.dtype != dtype and not (img.is_floating_point() and torch.is_autocast_enabled(img.device.type)):
+        cast_by_autocast = img.dtype in AUTOCAST_INPUT_DTYPES and torch.is_autocast_enabled(img.device.type)
+        if img.dtype != dtype and not cast_by_autocast:
             raise TypeError(f"{name}: expected {dtype} images (the model's dtype) normalized with ImageNet's mean "
                             f"and std, got dtype {img.dtype}; convert them (uint8 pixels: scale to [0, 1], then "
-                            "normalize), move the model with .to(dtype), or run under torch.autocast")
+                            "normalize), move the model with .to(dtype), or run under torch.autocast (which "
+                            "casts float32, float16 and bfloat16, not float64)")
         return img
 
     def extract_features(self, img: torch.Tensor) -> list[torch.Tensor]:

@@ -336,6 +336,9 @@ def test_nshot_and_shapes_are_checked():
         model(pixels, torch.randn(1, 3, 64, 64), torch.ones(1, 64, 64))
     with pytest.raises(TypeError, match=r"support_img: expected torch.float32 images .* got dtype torch.float64"):
         model(torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64, dtype=torch.float64), torch.ones(1, 64, 64))
+    with torch.autocast("cpu", torch.bfloat16), pytest.raises(TypeError, match=r"query_img: .* got dtype torch.float64"
+                                                              r".*not float64"):  # autocast does not cast it
+        model(torch.randn(1, 3, 64, 64, dtype=torch.float64), torch.randn(1, 3, 64, 64), torch.ones(1, 64, 64))
 
 
 # ----------------------------------------------------------------------------- multi-class

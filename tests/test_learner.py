@@ -214,6 +214,18 @@ def test_bad_pyramids_are_rejected_with_the_argument_named():
         ours([good[0], good[1].double(), good[2]])
     with pytest.raises(TypeError, match=r"torch.int64"):
         ours([level.long() for level in good])
+    # Autocast casts float16 and bfloat16 but leaves float64 alone, which then met bf16 weights deep inside.
+    with torch.autocast("cpu", torch.bfloat16), torch.no_grad():
+        assert ours([level.half() for level in good]).dtype == torch.bfloat16
+        with pytest.raises(TypeError, match=r"autocast: float32, float16 or bfloat16\), got \[torch.float64"):
+            ours([level.double() for level in good])
+    # An empty batch reached a reshape that cannot infer a size from 0 elements.
+    with pytest.raises(ValueError, match=r"hypercorr_pyramid: an empty batch \(\[0, 1, 1, 1, 1, 1\], .*at least"):
+        ours([level[:0] for level in good])
+    levels = [([torch.randn(0, 8, 3, 3)], [torch.randn(0, 8, 3, 3)])] * 3
+    for lean in (False, True):
+        with pytest.raises(ValueError, match=r"levels: an empty batch \(first query features \[0, 8, 3, 3\]\)"):
+            ours.forward_fused(levels, None, lean=lean)
 
 
 def test_fused_inference_convolves_only_the_varying_columns_of_the_second_layer(monkeypatch):

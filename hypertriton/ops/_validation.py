@@ -22,6 +22,11 @@ def check_tensor(value, name: str, ndim: int, layout: str) -> torch.Tensor:
     return value
 
 
+# The dtypes torch.autocast casts to its own; it leaves float64 alone, so a float64 input next to its
+# casts fails deep inside a layer.
+AUTOCAST_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def check_triton_dtypes(tensors: dict[str, torch.Tensor]) -> None:
     """The Triton kernels take fp32, fp16 and bf16 (``tl.dot``); name the first input they cannot."""
     for name, tensor in tensors.items():
