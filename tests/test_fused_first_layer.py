@@ -450,6 +450,9 @@ def test_half_precision_features_return_their_dtype():
     ("level_sizes", ValueError, "ONE pyramid level"),
     ("weight_channels", ValueError, "one input channel per layer"),
     ("correlation_dtype", TypeError, "correlation_dtype"),
+    # Once blamed on the fp32 query features, which the kernels saw cast to it.
+    ("triton_correlation_dtype", TypeError, "correlation_dtype: the triton backend takes float32, float16 or "
+                                            "bfloat16, got torch.float64"),
     ("padding", ValueError, "padding"),
     ("conv", TypeError, "CenterPivotConv4d"),
 ])
@@ -462,6 +465,9 @@ def test_bad_input_is_named(case, error, match):
         weights = (torch.randn(3, 3, 3, 3, dtype=torch.float64),) + weights[1:]
     if case == "correlation_dtype":
         kwargs["correlation_dtype"] = torch.int8
+    if case == "triton_correlation_dtype":
+        query, support, weights = [[t.float() for t in ts] for ts in (query, support, weights)]
+        kwargs.update(correlation_dtype=torch.float64, backend="triton")
     if case == "padding":
         kwargs["padding"] = (0, 0, 1, 1)
     with pytest.raises(error, match=match):

@@ -968,6 +968,9 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
         raise ValueError(f"column_split_share: the torch backend without gradients (under torch.no_grad()) and "
                          f"without output_rows only; got backend {name!r}, grad mode "
                          f"{torch.is_grad_enabled()}, output_rows {output_rows!r}")
+    if name == "triton" and correlation_dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"correlation_dtype: the triton backend takes float32, float16 or bfloat16, got "
+                        f"{correlation_dtype}; use backend='torch' for it")
     if name == "reference":
         if correlation_dtype is not None:
             raise ValueError("correlation_dtype: the reference backend computes in the features' dtype only; "
