@@ -195,3 +195,21 @@ def test_hooked_convolutions_run_as_modules(where):
             assert_close_dtype(out, relu_of_bias, "winograd", scale=float(relu_of_bias.abs().max().clamp(min=1)))
     finally:
         handle.remove()
+
+
+def test_conv2d_subclasses_keep_their_own_forward():
+    """A subclass of nn.Conv2d (quantization-aware training, adapters) runs its own forward in inference
+    too: NNPACK took every nn.Conv2d, and inference silently differed from training."""
+    class Doubled(torch.nn.Conv2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    learner = HPNLearner([3, 6, 4])
+    plain = learner.decoder1[0]
+    doubled = Doubled(plain.in_channels, plain.out_channels, 3, padding=1)
+    doubled.load_state_dict(plain.state_dict())
+    encoded = torch.randn(1, 128, side_for_nnpack(), side_for_nnpack())
+    with torch.no_grad(), counting_nnpack() as nnpack_calls:
+        got = cpu_conv.run_conv_module(doubled, encoded)
+    assert nnpack_calls == []
+    torch.testing.assert_close(got, 2 * F.conv2d(encoded, plain.weight, plain.bias, padding=1))

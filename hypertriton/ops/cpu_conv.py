@@ -157,8 +157,9 @@ def _has_hooks(module: torch.nn.Module) -> bool:
 def run_conv_module(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``module(x)``; a stride-1 ``nn.Conv2d`` (no dilation, groups or non-zero padding mode) that NNPACK
     can run (:func:`nnpack_usable`) and that has no hooks runs through :func:`conv2d` with its own
-    parameters. Anything else is called as a module, so that its hooks run."""
-    if (isinstance(module, torch.nn.Conv2d) and module.stride == (1, 1) and module.dilation == (1, 1)
+    parameters. Anything else is called as a module, so that its hooks run, as does a subclass of
+    ``nn.Conv2d`` (quantization-aware or adapter layers have their own ``forward``)."""
+    if (type(module) is torch.nn.Conv2d and module.stride == (1, 1) and module.dilation == (1, 1)
             and module.groups == 1 and isinstance(module.padding, tuple) and module.padding_mode == "zeros"
             and not _has_hooks(module) and nnpack_usable(x, module.weight, module.bias, (1, 1), module.padding)):
         return conv2d(x, module.weight, module.bias, 1, module.padding)
