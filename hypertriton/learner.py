@@ -165,16 +165,22 @@ class HPNLearner(nn.Module):
             shapes = ", ".join(shape_of(t) for t in pyramid)
             raise ValueError(f"hypercorr_pyramid: an empty batch ({shapes}); expected at least one episode")
         dtypes = [level.dtype for level in pyramid]
-        dtype = next(self.parameters()).dtype
+        dtype = self._dtype
         # Every layer casts its weights to its input's dtype, except the decoder's plain convolutions.
         if not self._dtypes_accepted(dtypes, pyramid[0].device):
             raise TypeError(f"hypercorr_pyramid: expected levels in the learner's dtype {dtype} (under "
                             f"torch.autocast: float32, float16 or bfloat16), got {dtypes} for [corr_l4, corr_l3, "
                             "corr_l2]; convert them or move the learner with .to(dtype)")
 
+    @property
+    def _dtype(self) -> torch.dtype:
+        # Read from a weight, not from parameters(): a DataParallel replica has none (its weights are
+        # plain attributes).
+        return self.decoder2[-1].weight.dtype
+
     def _dtypes_accepted(self, dtypes, device: torch.device) -> bool:
         """Inputs in the learner's dtype, or under autocast in dtypes it casts (float64 it leaves alone)."""
-        if set(dtypes) == {next(self.parameters()).dtype}:
+        if set(dtypes) == {self._dtype}:
             return True
         return torch.is_autocast_enabled(device.type) and all(d in AUTOCAST_INPUT_DTYPES for d in dtypes)
 
@@ -188,7 +194,7 @@ class HPNLearner(nn.Module):
         if feats[0].shape[0] == 0:
             raise ValueError(f"levels: an empty batch (first query features {shape_of(feats[0])}); expected at "
                              "least one episode")
-        dtype = next(self.parameters()).dtype
+        dtype = self._dtype
         dtypes = sorted({t.dtype for t in feats}, key=str)
         if not self._dtypes_accepted(dtypes, feats[0].device):
             raise TypeError(f"levels: expected features in the learner's dtype {dtype} (under torch.autocast: "

@@ -134,7 +134,9 @@ class HSNet(nn.Module):
         """``img`` must be an image batch ``[B, 3, H, W]`` in the backbone's dtype (under ``torch.autocast``,
         also another dtype that autocast casts: float32, float16 or bfloat16)."""
         _check_images(img, name)
-        weight = next(self.backbone.parameters())
+        # A weight of the backbone's first convolution, not next(parameters()): a DataParallel replica has
+        # no parameters (its weights are plain attributes).
+        weight = next(m.weight for m in self.backbone.modules() if isinstance(m, nn.Conv2d))
         if img.device != weight.device:
             raise ValueError(f"{name} is on {img.device} but the model is on {weight.device}; move one of them "
                              "(.to(device))")

@@ -434,3 +434,27 @@ def test_pretrained_loads_from_the_hub_cache_or_a_file(monkeypatch, tmp_path):
         bb.build_backbone("resnet18", weights=tmp_path / "missing.pth")
     with pytest.raises(ValueError, match="is not a resnet34 state_dict"):
         bb.build_backbone("resnet34", weights=path)
+
+
+def test_data_parallel_replicas_run(monkeypatch):
+    """nn.DataParallel (how the original trained) runs replicas whose parameters() is empty (their weights
+    are plain attributes); the dtype and device checks read next(parameters()) and raised a bare
+    StopIteration. Replicas made on CPU: the GPU broadcast is stood in for by copies."""
+    replicate_module = importlib.import_module("torch.nn.parallel.replicate")  # the package re-exports a function
+
+    monkeypatch.setattr(replicate_module, "_broadcast_coalesced_reshape",
+                        lambda tensors, devices, detach=False: [[t.detach().clone() if detach else t.clone()
+                                                                 for t in tensors] for _ in devices])
+    model = model_for("resnet18")
+    query, support, mask = images(1, 64, 64, 3)
+    with torch.no_grad():
+        want = model(query, support, mask)
+        for replica in replicate_module.replicate(model, [0, 1], detach=True):
+            assert list(replica.parameters()) == []
+            torch.testing.assert_close(replica(query, support, mask), want, rtol=0, atol=0)
+        # The learner's dense path (its own dtype check) on a replica of the learner alone.
+        pyramid = [torch.rand(1, channels, side, side, side, side)
+                   for channels, side in zip(model.hpn_learner.inch, (2, 4, 8))]
+        want = model.hpn_learner(pyramid)
+        for replica in replicate_module.replicate(model.hpn_learner, [0, 1], detach=True):
+            torch.testing.assert_close(replica(pyramid), want, rtol=0, atol=0)
