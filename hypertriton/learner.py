@@ -13,6 +13,7 @@ from torch import nn
 from .backend import check_backend_name, resolve_backend
 from .modules import CenterPivotConv4d, GroupNorm4d
 from .ops import cpu_conv
+from .ops._autocast import autocast_enabled
 from .ops._validation import AUTOCAST_INPUT_DTYPES, shape_of
 from .ops.center_pivot_conv4d import MIN_CONSTANT_SHARE, center_pivot_conv4d_split
 from .ops.fused_first_layer import fused_hypercorrelation_cp_conv
@@ -182,7 +183,7 @@ class HPNLearner(nn.Module):
         """Inputs in the learner's dtype, or under autocast in dtypes it casts (float64 it leaves alone)."""
         if set(dtypes) == {self._dtype}:
             return True
-        return torch.is_autocast_enabled(device.type) and all(d in AUTOCAST_INPUT_DTYPES for d in dtypes)
+        return autocast_enabled(device.type) and all(d in AUTOCAST_INPUT_DTYPES for d in dtypes)
 
     def _check_features(self, levels) -> None:
         """Before any work: a non-empty batch of features in the learner's dtype (under autocast, dtypes it

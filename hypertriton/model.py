@@ -21,6 +21,7 @@ from . import checkpoint as ckpt
 from .backend import check_backend_name
 from .backbones import build_backbone, extract_features, get_spec
 from .learner import HPNLearner
+from .ops._autocast import autocast_enabled
 from .ops._validation import AUTOCAST_INPUT_DTYPES
 from .ops._validation import shape_of as _tensor_shape
 from .ops.hypercorrelation import hypercorrelation
@@ -141,7 +142,7 @@ class HSNet(nn.Module):
             raise ValueError(f"{name} is on {img.device} but the model is on {weight.device}; move one of them "
                              "(.to(device))")
         dtype = weight.dtype
-        cast_by_autocast = img.dtype in AUTOCAST_INPUT_DTYPES and torch.is_autocast_enabled(img.device.type)
+        cast_by_autocast = img.dtype in AUTOCAST_INPUT_DTYPES and autocast_enabled(img.device.type)
         if img.dtype != dtype and not cast_by_autocast:
             raise TypeError(f"{name}: expected {dtype} images (the model's dtype) normalized with ImageNet's mean "
                             f"and std, got dtype {img.dtype}; convert them (uint8 pixels: scale to [0, 1], then "

@@ -354,3 +354,21 @@ def test_squeeze_rest_refuses_a_column_split_it_cannot_take():
     ours.backend = "reference"
     with torch.no_grad(), pytest.raises(ValueError, match="column split needs inference"):
         ours.squeeze_rest(block, splits)
+
+
+def test_layers_and_the_dense_learner_run_on_the_meta_device():
+    """Shape-only runs (meta tensors, as in meta-device initialization): the autocast queries raised
+    "unknown device type for autocast" there."""
+    from hypertriton import CenterPivotConv4d
+    from hypertriton.modules import GroupNorm4d
+
+    meta = torch.device("meta")
+    conv = CenterPivotConv4d(3, 8, 3, (1, 1, 2, 2)).to(meta)
+    assert conv(torch.empty(1, 3, 5, 5, 5, 5, device=meta)).shape == (1, 8, 5, 5, 3, 3)
+    norm = GroupNorm4d(4, 8).to(meta)
+    assert norm(torch.empty(1, 8, 3, 3, 3, 3, device=meta)).shape == (1, 8, 3, 3, 3, 3)
+    learner = HPNLearner(INCH["resnet50"]).to(meta)
+    pyramid = [torch.empty(2, channels, side, side, side, side, device=meta)
+               for channels, side in zip(INCH["resnet50"], (2, 4, 8))]
+    out = learner(pyramid)
+    assert out.device == meta and out.shape == (2, 2, 16, 16)

@@ -33,6 +33,7 @@ from .. import reference
 from ..backend import resolve_backend
 from . import cpu_conv
 from ._alloc import new_output
+from ._autocast import autocast_enabled, autocast_off
 from ._validation import check_cp_conv_args, check_tensor, check_triton_dtypes, shape_of
 from .layout import is_query_major, split_constant_columns, to_query_major
 
@@ -271,7 +272,7 @@ def center_pivot_conv4d_split(splits, weight_query, bias_query, weight_support, 
     hs2, ws2 = output_size(shape, (kqh, kqw), (ksh, ksw), stride, padding)[2:]
     device = splits[0].first_row.device
     # Autocast would run the convolutions in its dtype; the products here follow it.
-    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else \
+    dtype = torch.get_autocast_dtype(device.type) if autocast_enabled(device.type) else \
         splits[0].first_row.dtype
     weight_query, weight_support = weight_query.to(dtype), weight_support.to(dtype)
     # Each bias in the products' dtype before the sum, as center_pivot_conv4d has it (fp32 biases summed in
@@ -286,7 +287,7 @@ def center_pivot_conv4d_split(splits, weight_query, bias_query, weight_support, 
     cols = _clipping_classes(wq, kqw, pqw, device)
 
     out = new_output((batch, hq * wq, hs2 * ws2, out_channels), dtype, device)
-    with torch.autocast(device.type, enabled=False):
+    with autocast_off(device.type):
         for item, split in enumerate(splits):
             values, first_row, fixed = split.varying.to(dtype), split.first_row.to(dtype), split.is_constant
             # The constant columns' share of the support branch, biases included: one query position's.
@@ -530,7 +531,7 @@ def center_pivot_conv4d(x, weight_query, bias_query, weight_support, bias_suppor
 
     # Like an nn.Module called on another dtype: the input's dtype decides; under autocast, as a conv
     # would, the autocast dtype (the Triton kernels do not follow autocast by themselves).
-    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:  # autocast leaves fp64 alone
+    if autocast_enabled(x.device.type) and x.dtype != torch.float64:  # autocast leaves fp64 alone
         x = x.to(torch.get_autocast_dtype(x.device.type))
     weight_query, weight_support = weight_query.to(x.dtype), weight_support.to(x.dtype)
     bias_query = None if bias_query is None else bias_query.to(x.dtype)

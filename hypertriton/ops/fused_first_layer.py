@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from .. import reference
 from ..backend import resolve_backend, warn_if_reduced_precision_slow
 from ._alloc import new_output
+from ._autocast import autocast_enabled, autocast_off
 from ._columns import column_runs, copy_columns_
 from ._norms import channel_norm, normalize_with_norms, squared_norm
 from ._validation import (check_cp_conv_args, check_feature_lists, check_support_mask, check_triton_dtypes,
@@ -977,7 +978,7 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
                              f"got {correlation_dtype}")
         # The oracle computes in the features' dtype, autocast or not (under autocast its einsums would
         # return the autocast dtype without biases to promote them back).
-        with torch.autocast(device.type, enabled=False):
+        with autocast_off(device.type):
             corr = reference.hypercorrelation(query_feats, support_feats, support_mask)[0]
             cast = [None if t is None else t.to(dtype)
                     for t in (weight_query, bias_query, weight_support, bias_support)]
@@ -987,7 +988,7 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
     # Under autocast the correlation products and the convs over them take the autocast dtype (as
     # autocast runs the dense path's matrix products and convs); normalization, accumulation and the
     # output keep the precisions chosen below, so autocast is off inside.
-    if correlation_dtype is None and torch.is_autocast_enabled(device.type):
+    if correlation_dtype is None and autocast_enabled(device.type):
         correlation_dtype = torch.get_autocast_dtype(device.type)
     if correlation_dtype is not None:
         warn_if_reduced_precision_slow(correlation_dtype, device, "the fused layer's correlation")
@@ -1005,7 +1006,7 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
     mask = _resized_mask(support_mask, s0, compute)
     cast = [None if t is None else t.to(compute) for t in (weight_query, bias_query, weight_support, bias_support)]
     features = [f.to(compute) for f in (*query_feats, *support_feats)]
-    with torch.autocast(device.type, enabled=False):
+    with autocast_off(device.type):
         if column_split_share is not None:  # inference only, so no autograd Function around it
             raw, bias_only = _forward(features[:layers], features[layers:], mask, *cast, spec, column_split_share)
         else:

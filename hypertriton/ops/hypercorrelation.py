@@ -26,6 +26,7 @@ import torch
 from .. import reference
 from ..backend import resolve_backend
 from ._alloc import new_output
+from ._autocast import autocast_off
 from ._columns import column_runs, copy_columns_
 from ._norms import normalize
 from ._validation import check_feature_lists, check_support_mask, check_triton_dtypes
@@ -218,7 +219,7 @@ def hypercorrelation(query_feats, support_feats, support_mask=None, backend: str
     if name == "triton":
         check_triton_dtypes({f"query_feats[{i}]": q for i, q in enumerate(query_feats)})
     if name == "reference":
-        with torch.autocast(device.type, enabled=False):
+        with autocast_off(device.type):
             return reference.hypercorrelation(query_feats, support_feats, support_mask)
 
     dtype = query_feats[0].dtype
@@ -250,6 +251,6 @@ def hypercorrelation(query_feats, support_feats, support_mask=None, backend: str
                                                     active))
         else:
             # Products in the compute dtype under autocast too, as the Triton kernel accumulates.
-            with torch.autocast(device.type, enabled=False):
+            with autocast_off(device.type):
                 outputs.append(_correlation_stack_torch(q_level, s_level, active).to(dtype))
     return outputs

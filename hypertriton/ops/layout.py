@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ._alloc import new_output
+from ._autocast import autocast_enabled
 
 __all__ = ["is_query_major", "to_query_major", "empty_query_major", "group_norm", "resize_query_dims",
            "channel_moments", "merge_moments", "group_affine", "query_major_moments", "normalize_query_major",
@@ -260,7 +261,7 @@ def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None = None,
 def autocast_output_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype a GroupNorm over fp32 ``x`` returns under ``torch.autocast`` (the next conv's: it would
     round to it anyway), or None (``x``'s own) outside autocast or for other dtypes."""
-    if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+    if x.dtype == torch.float32 and autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return None
 
