@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._hooks import has_hooks
 from .backend import check_backend_name
-from .ops._validation import as_quadruple, shape_of
+from .ops._validation import as_quadruple, check_tensor, shape_of
 from .ops.center_pivot_conv4d import center_pivot_conv4d
 from .ops.hypercorrelation import hypercorrelation
 from .ops.layout import autocast_output_dtype, group_norm
@@ -90,8 +91,28 @@ class CenterPivotConv4d(nn.Module):
         if isinstance(x, torch.Tensor) and x.dim() == 6 and x.shape[1] != self.in_channels:
             raise ValueError(f"x: {type(self).__name__} expects {self.in_channels} input channels "
                              f"[B, {self.in_channels}, Hq, Wq, Hs, Ws], got shape {shape_of(x)}")
+        if has_hooks(self.conv1) or has_hooks(self.conv2):
+            return self._forward_through_the_branch_modules(x)
         return center_pivot_conv4d(x, self.conv1.weight, self.conv1.bias, self.conv2.weight, self.conv2.bias,
                                    self.stride, self.padding, backend=self.backend)
+
+    def _forward_through_the_branch_modules(self, x: torch.Tensor) -> torch.Tensor:
+        """The original's formulation, calling ``conv1`` and ``conv2`` as modules, so that their hooks run
+        (feature capture; ``weight_norm``, ``spectral_norm`` and pruning, which recompute the weights in a
+        pre-hook) and see what the original's saw: ``conv1`` the query maps ``[B*Hs'*Ws', Cin, Hq, Wq]`` at
+        the pivot support positions, ``conv2`` the support maps ``[B*Hq'*Wq', Cin, Hs, Ws]`` at the pivot
+        query positions. Equal to the fused op up to rounding."""
+        check_tensor(x, "x", 6, "[B, Cin, Hq, Wq, Hs, Ws]")
+        sqh, sqw, ssh, ssw = self.stride
+        pivots_s = x[:, :, :, :, ::ssh, ::ssw]
+        b, c, hq, wq, hs2, ws2 = pivots_s.shape
+        query_maps = self.conv1(pivots_s.permute(0, 4, 5, 1, 2, 3).reshape(b * hs2 * ws2, c, hq, wq))
+        out_q = query_maps.view(b, hs2, ws2, *query_maps.shape[1:]).permute(0, 3, 4, 5, 1, 2)
+        pivots_q = x[:, :, ::sqh, ::sqw]
+        _, _, hq2, wq2, hs, ws = pivots_q.shape
+        support_maps = self.conv2(pivots_q.permute(0, 2, 3, 1, 4, 5).reshape(b * hq2 * wq2, c, hs, ws))
+        out_s = support_maps.view(b, hq2, wq2, *support_maps.shape[1:]).permute(0, 3, 1, 2, 4, 5)
+        return out_q + out_s
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

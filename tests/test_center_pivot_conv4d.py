@@ -325,3 +325,37 @@ def test_bias_sum_of_no_biases_is_made_like_the_weights():
     bias = torch.tensor([1.0, 2.0])
     assert torch.equal(bias_sum(bias, None, 2, like=weight), bias)
     assert torch.equal(bias_sum(bias, bias), 2 * bias)
+
+
+@pytest.mark.parametrize("stride", [(1, 1, 2, 2), (2, 1, 3, 2), (1, 1, 1, 1)])
+def test_hooked_branch_convolutions_run_as_modules(stride):
+    """Hooks on ``conv1``/``conv2`` run and see the original's 2D maps (``conv1``: query maps at the pivot
+    support positions; ``conv2``: support maps at the pivot query positions), a hook's result is used,
+    and ``weight_norm`` (a pre-hook recomputing the weight) is followed, in training too. The fused op
+    read the weights and never called the branches: the hooks never ran, and weight_norm's weight
+    went stale."""
+    conv = hypertriton.CenterPivotConv4d(3, 4, (3, 3, 5, 5), stride)
+    x = make_tensor((2, 3, 6, 7, 9, 8), 0)
+    out_size = [-(-n // s) for n, s in zip(x.shape[2:], stride)]
+    seen = []
+    record = [branch.register_forward_hook(lambda m, args, out: seen.append((m, tuple(args[0].shape))))
+              for branch in (conv.conv1, conv.conv2)]
+    silence_query = conv.conv1.register_forward_hook(lambda m, args, out: torch.zeros_like(out))
+    got = conv(x)
+    assert seen == [(conv.conv1, (2 * out_size[2] * out_size[3], 3, 6, 7)),
+                    (conv.conv2, (2 * out_size[0] * out_size[1], 3, 9, 8))]
+    zero = torch.zeros_like(conv.conv1.weight)
+    assert_close_dtype(got, expected(x, zero, None, conv.conv2.weight, conv.conv2.bias, stride), torch.float32)
+    for handle in (*record, silence_query):
+        handle.remove()
+
+    with pytest.warns(FutureWarning):  # the old weight_norm: still in use, and the pre-hook kind
+        torch.nn.utils.weight_norm(conv.conv1)
+    with torch.no_grad():
+        conv.conv1.weight_g.mul_(2)
+    for _ in range(2):  # a stale weight from the first call would fail the second backward
+        out = conv(x)
+        out.sum().backward()
+    assert_close_dtype(out, expected(x, conv.conv1.weight, conv.conv1.bias, conv.conv2.weight, conv.conv2.bias,
+                                     stride), torch.float32)
+    assert conv.conv1.weight_g.grad is not None

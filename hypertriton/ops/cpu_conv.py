@@ -39,6 +39,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .._hooks import has_forward_hooks
 from ._alloc import new_output
 
 __all__ = ["conv2d", "run_conv_module", "nnpack_usable", "nnpack_allowed", "ENV_VARIABLE"]
@@ -144,16 +145,6 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out
 
 
-def _has_hooks(module: torch.nn.Module) -> bool:
-    """Whether calling ``module`` runs forward hooks (its own or global ones): feature capture, or the
-    pre-hooks of ``weight_norm``, ``spectral_norm`` and pruning, which recompute ``module.weight``.
-    Backward hooks need no check: NNPACK runs only where no gradient is recorded."""
-    from torch.nn.modules import module as torch_module
-
-    return bool(module._forward_hooks or module._forward_pre_hooks or torch_module._global_forward_hooks
-                or torch_module._global_forward_pre_hooks)
-
-
 def run_conv_module(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``module(x)``; a stride-1 ``nn.Conv2d`` (no dilation, groups or non-zero padding mode) that NNPACK
     can run (:func:`nnpack_usable`) and that has no hooks runs through :func:`conv2d` with its own
@@ -161,6 +152,6 @@ def run_conv_module(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     ``nn.Conv2d`` (quantization-aware or adapter layers have their own ``forward``)."""
     if (type(module) is torch.nn.Conv2d and module.stride == (1, 1) and module.dilation == (1, 1)
             and module.groups == 1 and isinstance(module.padding, tuple) and module.padding_mode == "zeros"
-            and not _has_hooks(module) and nnpack_usable(x, module.weight, module.bias, (1, 1), module.padding)):
+            and not has_forward_hooks(module) and nnpack_usable(x, module.weight, module.bias, (1, 1), module.padding)):
         return conv2d(x, module.weight, module.bias, 1, module.padding)
     return module(x)
