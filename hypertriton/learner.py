@@ -11,12 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backend import check_backend_name, resolve_backend
-from .modules import CenterPivotConv4d, GroupNorm4d
+from ._hooks import has_hooks
+from .modules import CenterPivotConv4d, GroupNorm4d, ReLUAfterGroupNorm, calling_each_module
 from .ops import cpu_conv
 from .ops._autocast import autocast_enabled
 from .ops._validation import AUTOCAST_INPUT_DTYPES, shape_of
 from .ops.center_pivot_conv4d import MIN_CONSTANT_SHARE, center_pivot_conv4d_split
 from .ops.fused_first_layer import fused_hypercorrelation_cp_conv
+from .ops.hypercorrelation import hypercorrelation
 from .ops.layout import (autocast_output_dtype, empty_query_major, group_affine, group_norm_split, is_query_major,
                          merge_moments, normalize_query_major, query_major_moments, resize_query_dims,
                          split_constant_columns, to_query_major)
@@ -36,14 +38,15 @@ def make_building_block(in_channels: int, out_channels, kernel_sizes, support_st
     """``len(out_channels)`` x [CenterPivotConv4d (kernel k^4, stride (1, 1, s, s), padding k//2) ->
     GroupNorm(group) -> ReLU], as one ``nn.Sequential`` (conv at indices 0, 3, 6; GroupNorm at 1, 4, 7, the
     original's indices and state_dict keys). Each ReLU runs inside the GroupNorm before it
-    (:class:`GroupNorm4d` ``relu=True``, one pass over memory); its own slot holds an ``nn.Identity``."""
+    (:class:`GroupNorm4d` ``relu=True``, one pass over memory); its own slot holds a
+    :class:`hypertriton.modules.ReLUAfterGroupNorm`."""
     layers = []
     for index, (channels, kernel, stride) in enumerate(zip(out_channels, kernel_sizes, support_strides)):
         cin = in_channels if index == 0 else out_channels[index - 1]
         layers.append(CenterPivotConv4d(cin, channels, kernel, (1, 1, stride, stride), kernel // 2, backend=backend))
         # The conv's output is fresh and read by nothing else: inference may normalize it in place.
         layers.append(GroupNorm4d(group, channels, inplace=True, relu=True))
-        layers.append(nn.Identity())
+        layers.append(ReLUAfterGroupNorm())
     return nn.Sequential(*layers)
 
 
@@ -311,7 +314,32 @@ class HPNLearner(nn.Module):
         return _run_decoder(self.decoder2, decoded).contiguous()
 
     def forward(self, hypercorr_pyramid) -> torch.Tensor:
+        if self.hooks_inside():
+            self._check_pyramid(hypercorr_pyramid)
+            return self._forward_calling_each_module(hypercorr_pyramid)
         return self.decode(self.encode(hypercorr_pyramid))
+
+    def hooks_inside(self) -> bool:
+        """Whether a module inside the learner has hooks of its own (forward, pre-forward or backward).
+        Its fast paths skip modules (a squeeze block's first layer runs fused with the correlation; the
+        blocks' ``nn.Sequential`` are not called), feed others a column split or a query-major layout,
+        and fuse each ReLU into the GroupNorm before it, normalizing in place in inference. With hooks
+        inside, :meth:`forward` and :meth:`forward_fused` instead run the original's formulation, each
+        block and layer called as a module (:func:`hypertriton.modules.calling_each_module`), so that
+        every hook runs once and sees the original's tensors: the dense hypercorrelation and the
+        original's speed and memory. Global hooks (profilers) do not count."""
+        return any(has_hooks(module) for module in self.modules() if module is not self)
+
+    def _forward_calling_each_module(self, hypercorr_pyramid) -> torch.Tensor:
+        """The original HSNet learner's forward; see :meth:`hooks_inside`."""
+        with calling_each_module():
+            sqz4, sqz3, sqz2 = (block(level) for block, level in zip(self.squeeze_blocks, hypercorr_pyramid))
+            mix43 = self.encoder_layer4to3(resize_4d(sqz4, sqz3.shape[2:4], sqz3.shape[4:6]) + sqz3)
+            mix432 = self.encoder_layer3to2(resize_4d(mix43, sqz2.shape[2:4], sqz2.shape[4:6]) + sqz2)
+            decoded = self.decoder1(mix432.flatten(4).mean(dim=-1))
+            decoded = F.interpolate(decoded, (2 * decoded.shape[-2], 2 * decoded.shape[-1]), mode="bilinear",
+                                    align_corners=True)
+            return self.decoder2(decoded).contiguous()
 
     def forward_fused(self, levels, support_mask, lean: bool = False, rows_per_step: int | None = None
                       ) -> torch.Tensor:
@@ -331,6 +359,8 @@ class HPNLearner(nn.Module):
             rows_per_step: query rows per streamed step (None: automatic).
         """
         self._check_features(levels)
+        if self.hooks_inside():  # the original's formulation, on the dense hypercorrelation
+            return self(self._dense_pyramid(levels, support_mask))
         lean = lean and not torch.is_grad_enabled()
         # Lean mode is for memory: no NNPACK, whose layout copies would raise its peak (hypertriton.ops.cpu_conv).
         with cpu_conv.nnpack_allowed(not lean):
@@ -350,6 +380,10 @@ class HPNLearner(nn.Module):
                                                               column_split_share=share))
                 squeezed.append(self.squeeze_rest(block, outputs.pop(0), outputs.pop()))
             return self.decode(self._mix_levels(squeezed))
+
+    def _dense_pyramid(self, levels, support_mask) -> list[torch.Tensor]:
+        """Each level's hypercorrelation ``[B, L, Hq, Wq, Hs, Ws]``, deepest first."""
+        return [hypercorrelation(query, support, support_mask, backend=self.backend)[0] for query, support in levels]
 
     def _streamed_levels(self, levels) -> list[bool]:
         """Which levels a lean forward streams: those whose first-layer output would be at least a quarter

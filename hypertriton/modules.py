@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ._hooks import has_hooks
@@ -12,6 +16,24 @@ from .ops._validation import as_quadruple, check_tensor, shape_of
 from .ops.center_pivot_conv4d import center_pivot_conv4d
 from .ops.hypercorrelation import hypercorrelation
 from .ops.layout import autocast_output_dtype, group_norm
+
+
+# True while a model calls each of its modules as the original HSNet does, so that hooks on them run and
+# see the original's tensors (see calling_each_module).
+_calling_each_module = contextvars.ContextVar("hypertriton_calling_each_module", default=False)
+
+
+@contextlib.contextmanager
+def calling_each_module():
+    """Within this block :class:`GroupNorm4d` is a plain ``nn.GroupNorm`` (no ReLU fused into it, never in
+    place) and :class:`ReLUAfterGroupNorm` applies the ReLU: a model that calls each of its modules (as
+    :class:`hypertriton.HPNLearner` does when they carry hooks) gives every module the original's input
+    and output."""
+    token = _calling_each_module.set(True)
+    try:
+        yield
+    finally:
+        _calling_each_module.reset(token)
 
 
 class HyperCorr(nn.Module):
@@ -126,7 +148,7 @@ class GroupNorm4d(nn.GroupNorm):
     ``inplace=True``: in inference (no gradient recorded) a query-major input is overwritten with the
     result (HSNet's blocks use it on the fresh output of the convolution before it). ``relu=True``: a ReLU
     follows, fused into the same pass over memory in inference (HSNet's blocks: the ``nn.ReLU`` after it
-    becomes an ``nn.Identity``; neither has state, so checkpoints are unaffected). Under
+    becomes a :class:`ReLUAfterGroupNorm`; neither has state, so checkpoints are unaffected). Under
     ``torch.autocast`` a query-major result comes in the autocast dtype (statistics stay fp32): the
     next convolution would round it so anyway, and the ReLU between commutes with that rounding.
 
@@ -143,9 +165,20 @@ class GroupNorm4d(nn.GroupNorm):
         self.inplace, self.relu = inplace, relu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _calling_each_module.get():
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         out_dtype = autocast_output_dtype(x) if isinstance(x, torch.Tensor) else None
         return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, inplace=self.inplace,
                           out_dtype=out_dtype, relu=self.relu)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", relu=True" if self.relu else "")
+
+
+class ReLUAfterGroupNorm(nn.Identity):
+    """The ReLU after a :class:`GroupNorm4d` ``relu=True``, which applies it itself: an identity, except
+    within :func:`calling_each_module`, where that GroupNorm leaves the ReLU to this module. No state
+    (an ``nn.ReLU``'s slot in the original's checkpoints)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x) if _calling_each_module.get() else x

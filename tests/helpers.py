@@ -124,6 +124,27 @@ def assert_gradients_match(outputs, ref_outputs, inputs, ref_inputs, upstream: s
 
 
 @contextlib.contextmanager
+def watching_forward(modules, callback, before: bool = False):
+    """``callback(module, args, output)`` after each forward of each of ``modules`` (``before=True``:
+    ``callback(module, args)`` before it), without hooks: a learner with hooks inside runs another path,
+    the one hooks need (``HPNLearner.hooks_inside``), not the fast path a test wants to watch."""
+    for module in modules:
+        def watched(*args, module=module, forward=module.forward, **kwargs):
+            if before:
+                callback(module, args)
+            out = forward(*args, **kwargs)
+            if not before:
+                callback(module, args, out)
+            return out
+        module.forward = watched  # an instance attribute, which nn.Module.__call__ takes
+    try:
+        yield
+    finally:
+        for module in modules:
+            del module.forward
+
+
+@contextlib.contextmanager
 def counting_nnpack():
     """Yields a list that records the input shape of every call reaching NNPACK (calls go through)."""
     calls = []

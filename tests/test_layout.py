@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import examples, make_tensor, seeds
+from helpers import examples, make_tensor, seeds, watching_forward
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
@@ -143,10 +143,9 @@ def test_torch_backend_learner_runs_query_major_and_equals_the_reference_backend
     reference.load_state_dict(ours.state_dict())
     pyramid = [torch.rand(2, c, s, s, s, s, dtype=torch.float64) for c, s in ((3, 2), (6, 4), (4, 8))]
     seen = []
-    for module in ours.modules():
-        if isinstance(module, GroupNorm4d):
-            module.register_forward_hook(lambda _m, _i, out: seen.append(is_query_major(out)))
-    torch.testing.assert_close(ours(pyramid), reference(pyramid), rtol=1e-9, atol=1e-10)
+    norms = [module for module in ours.modules() if isinstance(module, GroupNorm4d)]
+    with watching_forward(norms, lambda _m, _i, out: seen.append(is_query_major(out))):
+        torch.testing.assert_close(ours(pyramid), reference(pyramid), rtol=1e-9, atol=1e-10)
     # every GroupNorm after each block's first layer saw (and returned) the query-major layout
     assert len(seen) == 15 and all(seen)
 

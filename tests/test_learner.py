@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import available_backends
+from helpers import available_backends, watching_forward
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -328,10 +328,10 @@ def test_mixing_frees_each_level_and_block_input_once_read(monkeypatch):
 
     monkeypatch.setattr(HPNLearner, "squeeze_rest", recording_rest)
     block = ours.encoder_layer3to2
-    block[0].register_forward_pre_hook(lambda module, args: block_inputs.append(weakref.ref(args[0])))
-    block[3].register_forward_pre_hook(
-        lambda module, args: alive.append((squeezed[2]() is not None, block_inputs[-1]() is not None)))
-    with torch.no_grad():
+    with torch.no_grad(), \
+            watching_forward([block[0]], lambda module, args: block_inputs.append(weakref.ref(args[0])), before=True), \
+            watching_forward([block[3]], lambda module, args: alive.append(
+                (squeezed[2]() is not None, block_inputs[-1]() is not None)), before=True):
         ours.eval().forward_fused(levels, torch.ones(1, 160, 144))
     assert len(squeezed) == 3 and alive == [(False, False)]
 
@@ -372,3 +372,48 @@ def test_layers_and_the_dense_learner_run_on_the_meta_device():
                for channels, side in zip(INCH["resnet50"], (2, 4, 8))]
     out = learner(pyramid)
     assert out.device == meta and out.shape == (2, 2, 16, 16)
+
+
+HOOKED = ["encoder_layer4", "encoder_layer2.0", "encoder_layer2.0.conv1", "encoder_layer3.1", "encoder_layer3.2",
+          "encoder_layer3.3.conv2", "encoder_layer4to3", "encoder_layer3to2.4", "decoder1", "decoder2.2"]
+
+
+@pytest.mark.parametrize("module_name", HOOKED)
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_hooks_inside_run_once_and_see_the_originals_tensors(module_name, grad):
+    """A forward hook on any module inside the learner (a block, a layer, a branch of a center-pivot conv,
+    a GroupNorm, a decoder convolution) runs once per forward and sees what the same hook on the original
+    sees, with or without gradients, through forward and forward_fused: the fast paths skipped the
+    blocks, fused the first layers and the ReLUs, split columns and normalized in place, so such hooks
+    never ran, ran on other tensors, or saw their output overwritten."""
+    reference, ours = make_pair(INCH["resnet50"])
+    levels = small_resnet50_levels(3)
+    levels = [([q[:, :, :s, :s] for q in query], [t[:, :, :s, :s] for t in support])  # square maps
+              for (query, support), s in zip(levels, (3, 5, 10))]
+    mask = torch.zeros(1, 40, 40)
+    mask[:, 5:25, 10:30] = 1.0
+    pyramid = [ours._dense_pyramid([level], mask)[0] for level in levels]
+    captured = {}
+
+    def capture(name):
+        return lambda module, args, output: captured.setdefault(name, []).append(output.detach().clone())
+
+    handles = [reference.get_submodule(module_name).register_forward_hook(capture("original")),
+               ours.get_submodule(module_name).register_forward_hook(capture("ours"))]
+    try:
+        with torch.set_grad_enabled(grad):
+            want = reference([level.clone() for level in pyramid])
+            dense = ours(pyramid)
+            fused = ours.forward_fused(levels, mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+    calls = len(captured["original"])
+    assert calls >= 1 and len(captured["ours"]) == 2 * calls  # forward, then forward_fused
+    for got, expected in zip(captured["ours"], captured["original"] * 2):
+        assert_close_dtype(got, expected, torch.float32, scale=10)
+    for logits in (dense, fused):
+        assert_close_dtype(logits, want, torch.float32, scale=10)
+    if grad:
+        fused.sum().backward()
+        assert all(p.grad is not None for p in ours.parameters())
