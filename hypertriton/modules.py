@@ -13,7 +13,7 @@ from torch import nn
 from ._hooks import has_hooks
 from .backend import check_backend_name
 from .ops._validation import as_quadruple, check_tensor, shape_of
-from .ops.center_pivot_conv4d import center_pivot_conv4d
+from .ops.center_pivot_conv4d import center_pivot_conv4d, output_size
 from .ops.hypercorrelation import hypercorrelation
 from .ops.layout import autocast_output_dtype, group_norm
 
@@ -125,6 +125,7 @@ class CenterPivotConv4d(nn.Module):
         the pivot support positions, ``conv2`` the support maps ``[B*Hq'*Wq', Cin, Hs, Ws]`` at the pivot
         query positions. Equal to the fused op up to rounding."""
         check_tensor(x, "x", 6, "[B, Cin, Hq, Wq, Hs, Ws]")
+        output_size(x.shape, self.kernel_size[:2], self.kernel_size[2:], self.stride, self.padding)  # the op's check
         sqh, sqw, ssh, ssw = self.stride
         pivots_s = x[:, :, :, :, ::ssh, ::ssw]
         b, c, hq, wq, hs2, ws2 = pivots_s.shape
