@@ -65,8 +65,8 @@ HYPERTRITON_TEST_ONE_CONFIG=1 stage op-tests "${OP_TESTS_S:-60}" "$py" -m pytest
     tests/test_fused_first_layer.py
 # A training step (learner forward + backward, batch 8), never timed on a GPU: the fused layer's backward
 # recomputes its correlations in PyTorch, per episode and in chunks, and reads sizes back to the host
-# (its backward: about 9,500 ATen calls and 123 host reads at batch 8, counted on CPU; a GPU skips the 24
-# finite-feature reads of those), where the original runs a few large kernels. Written beside $OUT and then
+# (its backward: about 9,500 ATen calls and 123 host reads at batch 8, counted on CPU before its 24
+# finite-feature reads were dropped), where the original runs a few large kernels. Written beside $OUT and then
 # copied without its plot: the device tool brings back at most 8 files, and a stage cut short must not leave
 # a ninth.
 train_out="${TMPDIR:-/tmp}/hypertriton-train-step"

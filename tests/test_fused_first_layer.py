@@ -489,12 +489,11 @@ def test_blob_mask_skips_most_support_positions():
     assert math.isclose(float(resized[0, active].abs().sum()), float(resized[0].abs().sum()))
 
 
-@pytest.mark.parametrize("reads_cheap", [True, False], ids=["cpu", "gpu-like"])
-def test_active_positions_hold_every_non_finite_support_position(monkeypatch, reads_cheap):
+def test_active_positions_hold_every_non_finite_support_position():
     """Masked-out support positions with a NaN or inf feature stay active (their correlations are NaN),
-    whether a first read-back tells that some exist (CPU) or every position is checked (GPU, where the
-    read would wait for the device)."""
-    monkeypatch.setattr(ffl, "_host_reads_are_cheap", lambda tensor: reads_cheap)
+    found without reading anything back to the host (a GPU would wait); so do positions whose finite
+    features overflow the fp32 channel sum (exact, at the cost of their correlations). fp16 features are
+    summed in fp32: their sums past fp16's range do not count."""
     generator = torch.Generator().manual_seed(5)
     mask = torch.zeros(30)
     mask[:5] = 1.0
@@ -504,6 +503,11 @@ def test_active_positions_hold_every_non_finite_support_position(monkeypatch, re
     support[0][0, 23] = float("-inf")
     assert ffl._active_positions(mask, support, query_finite=True).tolist() == [0, 1, 2, 3, 4, 17, 23]
     assert ffl._active_positions(mask, support, query_finite=False) is None  # a NaN query reaches all
+    large = [torch.full((4, 30), 6e4, dtype=torch.float16)]  # channel sums past fp16's range, not fp32's
+    assert ffl._active_positions(mask, large, query_finite=True).tolist() == [0, 1, 2, 3, 4]
+    huge = [torch.full((4, 30), 1.0), torch.full((4, 30), 1.0)]
+    huge[1][:, 9] = 3e38  # finite entries whose fp32 sum overflows: active, at the cost of its correlations
+    assert ffl._active_positions(mask, huge, query_finite=True).tolist() == [0, 1, 2, 3, 4, 9]
 
 
 @pytest.mark.parametrize("mask_kind, budget, own_products", [

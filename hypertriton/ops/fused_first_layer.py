@@ -118,31 +118,22 @@ def _inverse_query_norms(query: list[torch.Tensor]) -> tuple[list[torch.Tensor],
     return [1.0 / (n[:, 0] + reference.NORM_EPS) for n in norms], finite
 
 
-def _host_reads_are_cheap(tensor: torch.Tensor) -> bool:
-    """Whether reading ``tensor``'s values back to the host makes nothing wait (CPU tensors)."""
-    return tensor.device.type == "cpu"
-
-
 def _active_positions(mask_b, support_b: list[torch.Tensor], query_finite: bool) -> torch.Tensor | None:
     """Indices of the support positions whose correlations may be nonzero, or None for all of them.
 
-    Active: mask != 0 (NaN included), or a non-finite support feature (``NaN * 0`` stays NaN). When the
-    query is non-finite somewhere, every support position is active (its NaN reaches all of them).
+    Active: mask != 0 (NaN included), or a non-finite support feature (``NaN * 0`` stays NaN), found as a
+    non-finite sum over the channels (finite features whose fp32 sum overflows are active too: exact, at
+    the cost of their correlations). When the query is non-finite somewhere, every support position is
+    active (its NaN reaches all of them).
     """
     if mask_b is None or not query_finite:
         return None
     active = mask_b != 0
-    if _host_reads_are_cheap(active):
-        # One cheap reduction per layer decides whether the per-position check is needed at all (an
-        # overflowing finite sum only costs that check); all layers' in one read.
-        finite = torch.isfinite(torch.stack([s.sum() for s in support_b])).tolist()  # s: [C, Hs*Ws]
-    else:
-        # On a GPU that read would wait for the device (once per episode and level in the backward);
-        # checking every position costs less.
-        finite = [False] * len(support_b)
-    for s, ok in zip(support_b, finite):
-        if not ok:
-            active |= ~torch.isfinite(s).all(dim=0)
+    # A column (support position) whose channel sum is non-finite holds a NaN or inf feature, or (rarely)
+    # finite ones that overflow the fp32 sum, which only costs its correlations. One reduction per layer
+    # and no read back to the host (a GPU would wait for it).
+    sums = torch.stack([s.sum(dim=0, dtype=torch.float32) for s in support_b])  # s: [C, Hs*Ws]
+    active |= ~torch.isfinite(sums).all(dim=0)
     positions = active.nonzero().squeeze(1)
     return None if positions.numel() == active.numel() else positions
 
