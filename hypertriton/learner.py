@@ -357,9 +357,14 @@ class HPNLearner(nn.Module):
                 for about half the peak memory with a full mask, at the cost of computing those fused
                 layers about twice. With gradients it is ignored.
             rows_per_step: query rows per streamed step (None: automatic).
+
+        With hooks on the learner or inside it, this is ``self(dense hypercorrelation pyramid)``, as in the
+        original (see :meth:`hooks_inside`).
         """
         self._check_features(levels)
-        if self.hooks_inside():  # the original's formulation, on the dense hypercorrelation
+        if has_hooks(self) or self.hooks_inside():
+            # The original's call hpn_learner(hypercorrelation pyramid), so that the learner's own hooks run
+            # too (HSNet calls this method, not the module).
             return self(self._dense_pyramid(levels, support_mask))
         lean = lean and not torch.is_grad_enabled()
         # Lean mode is for memory: no NNPACK, whose layout copies would raise its peak (hypertriton.ops.cpu_conv).

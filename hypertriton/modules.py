@@ -12,6 +12,7 @@ from torch import nn
 
 from ._hooks import has_hooks
 from .backend import check_backend_name
+from .ops._autocast import autocast_enabled
 from .ops._validation import as_quadruple, check_tensor, shape_of
 from .ops.center_pivot_conv4d import center_pivot_conv4d, output_size
 from .ops.hypercorrelation import hypercorrelation
@@ -123,8 +124,15 @@ class CenterPivotConv4d(nn.Module):
         (feature capture; ``weight_norm``, ``spectral_norm`` and pruning, which recompute the weights in a
         pre-hook) and see what the original's saw: ``conv1`` the query maps ``[B*Hs'*Ws', Cin, Hq, Wq]`` at
         the pivot support positions, ``conv2`` the support maps ``[B*Hq'*Wq', Cin, Hs, Ws]`` at the pivot
-        query positions. Equal to the fused op up to rounding."""
+        query positions (the original's at every query position: the same with query stride 1). Equal to
+        the fused op up to rounding. As ``nn.Conv2d`` modules, the branches take ``x`` in their weights'
+        dtype only (or any dtype under autocast); the op would cast the weights."""
         check_tensor(x, "x", 6, "[B, Cin, Hq, Wq, Hs, Ws]")
+        weights = {self.conv1.weight.dtype, self.conv2.weight.dtype}
+        if weights != {x.dtype} and not autocast_enabled(x.device.type):
+            raise TypeError(f"x: {x.dtype} against conv1/conv2 weights in {sorted(weights, key=str)}; with hooks on "
+                            "conv1 or conv2 they run as nn.Conv2d modules, which take their own dtype: convert x, "
+                            "move the module with .to(dtype), or run under torch.autocast")
         output_size(x.shape, self.kernel_size[:2], self.kernel_size[2:], self.stride, self.padding)  # the op's check
         sqh, sqw, ssh, ssw = self.stride
         pivots_s = x[:, :, :, :, ::ssh, ::ssw]

@@ -359,3 +359,6 @@ def test_hooked_branch_convolutions_run_as_modules(stride):
     assert_close_dtype(out, expected(x, conv.conv1.weight, conv.conv1.bias, conv.conv2.weight, conv.conv2.bias,
                                      stride), torch.float32)
     assert conv.conv1.weight_g.grad is not None
+    # As nn.Conv2d modules the branches take x in their weights' dtype: said up front, naming x.
+    with pytest.raises(TypeError, match=r"x: torch.float16 against conv1/conv2 weights in \[torch.float32\]"):
+        conv(x.half())

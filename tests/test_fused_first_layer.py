@@ -730,3 +730,25 @@ def test_column_split_under_autocast_keeps_the_dense_outputs_values(mask_kind):
     for b, split in enumerate(splits):
         assert split.varying.dtype == split.first_row.dtype == torch.float32
         assert torch.equal(split.dense(), want[b])
+
+
+def test_a_hooked_conv_is_called_on_the_dense_hypercorrelation():
+    """fused_hypercorrelation_cp_conv promises conv(hypercorrelation(...)[0]); with hooks on conv or its
+    branches (weight_norm and its kind, feature capture) it calls conv so that they run, and refuses the
+    fused-only options. It read the weights past the hooks (a conv1 hook zeroing its output was ignored)."""
+    from hypertriton import CenterPivotConv4d
+
+    gen, query, support, _ = make_case(12, 1, 2, 4, 5, 5, 6, 6, 3, 3, dtype=torch.float32)
+    mask = make_mask("blob", 1, 12, 12, gen)
+    conv = CenterPivotConv4d(2, 3, 3, (1, 1, 2, 2))
+    handle = conv.conv1.register_forward_hook(lambda module, args, output: torch.zeros_like(output))
+    try:
+        got = ffl.fused_hypercorrelation_cp_conv(query, support, mask, conv)
+        with pytest.raises(ValueError, match=r"conv: has hooks.*\['return_bias_windows'\]"):
+            ffl.fused_hypercorrelation_cp_conv(query, support, mask, conv, return_bias_windows=True)
+    finally:
+        handle.remove()
+    corr = reference.hypercorrelation([q.double() for q in query], [s.double() for s in support], mask.double())[0]
+    want = reference.center_pivot_conv4d(corr, torch.zeros_like(conv.conv1.weight).double(), None,
+                                         conv.conv2.weight.double(), conv.conv2.bias.double(), (1, 1, 2, 2), (1,) * 4)
+    assert_close_dtype(got, want, torch.float32)

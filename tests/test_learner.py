@@ -417,3 +417,23 @@ def test_hooks_inside_run_once_and_see_the_originals_tensors(module_name, grad):
     if grad:
         fused.sum().backward()
         assert all(p.grad is not None for p in ours.parameters())
+
+
+def test_a_hook_on_the_learner_itself_runs_on_the_fused_path():
+    """HSNet calls forward_fused as a method: a hook on the learner (where logits are captured) never ran
+    there. With one, forward_fused calls the learner on the dense pyramid, as the original does."""
+    _, ours = make_pair(INCH["resnet50"])
+    levels = small_resnet50_levels(4)
+    mask = torch.ones(1, 160, 144)
+    with torch.no_grad():
+        plain = ours.forward_fused(levels, mask)
+    seen = []
+    handle = ours.register_forward_hook(lambda module, args, output: seen.append((len(args[0]), output.clone())))
+    try:
+        with torch.no_grad():
+            hooked = ours.forward_fused(levels, mask)
+    finally:
+        handle.remove()
+    assert len(seen) == 1 and seen[0][0] == 3  # called once, on the three levels' hypercorrelations
+    torch.testing.assert_close(seen[0][1], hooked, rtol=0, atol=0)
+    assert_close_dtype(hooked, plain, torch.float32, scale=10)

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
+from .._hooks import has_hooks
 from ..backend import resolve_backend, warn_if_reduced_precision_slow
 from ._alloc import new_output
 from ._autocast import autocast_enabled, autocast_off
@@ -51,7 +52,7 @@ from ._norms import channel_norm, normalize_with_norms, squared_norm
 from ._validation import (check_cp_conv_args, check_feature_lists, check_support_mask, check_triton_dtypes,
                           shape_of)
 from .center_pivot_conv4d import bias_sum, output_size
-from .hypercorrelation import active_positions
+from .hypercorrelation import active_positions, hypercorrelation
 from .layout import ColumnSplit
 
 # Elements of one chunk's dense correlation buffer (fp32: 8 MB). Large enough that the matrix
@@ -1030,7 +1031,9 @@ def fused_hypercorrelation_cp_conv(query_feats, support_feats, support_mask, con
 
     Returns:
         ``[B, Cout, Hq', Wq', Hs', Ws']``, what ``conv(hypercorrelation(...)[0])`` returns (with
-        ``return_bias_windows``, a pair, see :func:`fused_hypercorrelation_cp_conv4d`).
+        ``return_bias_windows``, a pair, see :func:`fused_hypercorrelation_cp_conv4d`). A ``conv`` with
+        hooks (on itself, ``conv1`` or ``conv2``) is called on the dense hypercorrelation, so that they
+        run; the options are then refused.
 
     Example:
         >>> from hypertriton import CenterPivotConv4d
@@ -1045,6 +1048,16 @@ def fused_hypercorrelation_cp_conv(query_feats, support_feats, support_mask, con
                             f"{type(conv).__name__} without {attribute!r}")
     if backend is None:
         backend = getattr(conv, "backend", None)
+    if any(isinstance(m, torch.nn.Module) and has_hooks(m) for m in (conv, conv.conv1, conv.conv2)):
+        # Hooks run only when the modules are called (weight_norm and its kind recompute a weight there):
+        # the dense path, where the conv sees the hypercorrelation as in the original.
+        options = dict(correlation_dtype=correlation_dtype, chunk_elements=chunk_elements, output_rows=output_rows,
+                       return_bias_windows=return_bias_windows, column_split_share=column_split_share)
+        set_options = [name for name, value in options.items() if value not in (None, False)]
+        if set_options:
+            raise ValueError(f"conv: has hooks, which run only through conv(hypercorrelation(...)[0]), the dense "
+                             f"path; it takes none of {set_options}")
+        return conv(hypercorrelation(query_feats, support_feats, support_mask, backend=backend)[0])
     return fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, conv.conv1.weight,
                                             conv.conv1.bias, conv.conv2.weight, conv.conv2.bias, conv.stride,
                                             conv.padding, backend=backend, correlation_dtype=correlation_dtype,
