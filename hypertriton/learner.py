@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backend import check_backend_name, resolve_backend
-from ._hooks import has_hooks
+from ._hooks import has_hooks, hooks_below
 from .modules import CenterPivotConv4d, GroupNorm4d, ReLUAfterGroupNorm, calling_each_module
 from .ops import cpu_conv
 from .ops._autocast import autocast_enabled
@@ -328,7 +328,7 @@ class HPNLearner(nn.Module):
         block and layer called as a module (:func:`hypertriton.modules.calling_each_module`), so that
         every hook runs once and sees the original's tensors: the dense hypercorrelation and the
         original's speed and memory. Global hooks (profilers) do not count."""
-        return any(has_hooks(module) for module in self.modules() if module is not self)
+        return hooks_below(self)
 
     def _forward_calling_each_module(self, hypercorr_pyramid) -> torch.Tensor:
         """The original HSNet learner's forward; see :meth:`hooks_inside`."""
