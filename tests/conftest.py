@@ -36,6 +36,19 @@ def share_cores_among_xdist_workers() -> None:
 
 share_cores_among_xdist_workers()
 
+
+def take_ctrl_c_as_a_terminal_would() -> None:
+    """A shell without job control starts background commands with SIGINT ignored, and Python keeps that:
+    the tests that press Ctrl-C (in this process or in the processes they start, which inherit it) then
+    saw nothing happen. Python's own handler, as in a terminal."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+take_ctrl_c_as_a_terminal_would()
+
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
