@@ -30,7 +30,7 @@ def hooks_below(module: nn.Module) -> bool:
         child = stack.pop()
         if child is None:
             continue
-        if child._forward_hooks or child._forward_pre_hooks or child._backward_hooks or child._backward_pre_hooks:
+        if has_hooks(child):
             return True
         stack.extend(child._modules.values())
     return False
