@@ -63,6 +63,8 @@ def _parse(argv):
         check_writable(args.out, "--out")
     except ValueError as error:
         parser.error(str(error))
+    if Path(args.out).suffix.lower() != ".png":
+        parser.error(f"--out: the figure is a PNG file; give a name ending in .png, got {args.out!r}")
     return args
 
 

@@ -80,6 +80,7 @@ def test_demo_refuses_partial_own_image_arguments(demo, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--out", "{tmp}"], "--out: '{tmp}' is a folder; expected a file name"),
     (["--img-size", "0"], "--img-size must be >= 64"),
+    (["--out", "{tmp}/figure.jpg"], "--out: the figure is a PNG file; give a name ending in .png, got"),
 ])
 def test_demo_refuses_what_would_fail_before_running_episodes(demo, tmp_path, capsys, extra, message):
     with mock.patch.object(demo, "run_synthetic", side_effect=AssertionError("ran")), pytest.raises(SystemExit):
