@@ -37,8 +37,8 @@ from .compact import is_compact, load_compact, save_compact  # noqa: F401  (part
 
 __all__ = [
     "BUNDLED_CHECKPOINT", "BUNDLED_BACKBONE", "BUNDLED_IMG_SIZE", "IMAGE_SUFFIXES", "InputError",
-    "read_image", "read_mask", "image_tensor", "mask_tensor", "load_model", "segment", "overlay",
-    "write_pngs", "save_compact", "load_compact", "is_compact",
+    "VanishingMaskWarning", "read_image", "read_mask", "image_tensor", "mask_tensor", "vanishing_masks",
+    "load_model", "segment", "overlay", "write_pngs", "save_compact", "load_compact", "is_compact",
 ]
 
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "synthetic_resnet18.pt"
@@ -46,11 +46,17 @@ BUNDLED_BACKBONE = "resnet18"
 BUNDLED_IMG_SIZE = 96
 DEFAULT_IMG_SIZE = 400  # the original HSNet's input size, for user checkpoints
 MIN_IMG_SIZE = 64  # the smallest model input the command line accepts (HSNet runs from 32 px, poorly)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
 REPRODUCE_HINT = "docs/synthetic.md gives the commands that train it"
+# Under transparent pixels: the ImageNet mean colour, which the model's input normalization maps to 0.
+TRANSPARENT_FILL = (124, 116, 104, 255)
 
 class InputError(ValueError):
     """A user-supplied file that cannot be used; the message names the file and the problem."""
+
+
+class VanishingMaskWarning(UserWarning):
+    """A support mask whose object pixels all vanish at the model's input size."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -68,6 +74,14 @@ def _open(path, role: str) -> Image.Image:
         image.load()  # decode now, so a truncated file fails here and not halfway through a run
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
         raise InputError(f"{role}: cannot read {str(path)!r} as an image ({type(error).__name__}: {error})") from None
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1:
+        # PIL keeps a multi-frame file open to seek its other frames; keep the first frame, close the file.
+        warnings.warn(f"{role}: {str(path)!r} holds {frames} frames (an animation or a multi-page file); "
+                      "the first is used", stacklevel=3)
+        first = image.copy()
+        image.close()
+        image = first
     # Upright as viewers and annotation tools show it: phone photos store their pixels sideways and say
     # so in the EXIF orientation tag, which PIL does not apply by itself. Unparsable EXIF: as stored.
     try:
@@ -78,7 +92,10 @@ def _open(path, role: str) -> Image.Image:
 
 def read_image(path, role: str = "image") -> np.ndarray:
     """An image file as RGB ``uint8`` ``[H, W, 3]``, turned upright by its EXIF orientation (as image
-    viewers show it). 16-bit grey images are scaled to 8 bits (PIL's own conversion clips them).
+    viewers show it). 16-bit grey images are scaled to 8 bits by the bit depth their values use (PIL's
+    own conversion clips them). Transparent pixels take the ImageNet mean colour, which the model's
+    normalization maps to zero, whatever colour the file hides under them. Multi-frame files (animations,
+    multi-page TIFFs): the first frame, with a warning.
 
     Raises:
         InputError: the file is missing or is not a readable image.
@@ -86,32 +103,53 @@ def read_image(path, role: str = "image") -> np.ndarray:
     image = _open(path, role)
     if image.mode.startswith("I") or image.mode == "F":
         image = Image.fromarray(_grey_to_8bit(np.asarray(image), image.mode, path, role))
+    elif image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
+        image = Image.alpha_composite(Image.new("RGBA", image.size, TRANSPARENT_FILL), image.convert("RGBA"))
     return np.asarray(image.convert("RGB"))
 
 
 def _grey_to_8bit(values: np.ndarray, mode: str, path, role: str) -> np.ndarray:
-    """A 16-bit, 32-bit integer or float grey image (PIL modes ``I;16*``, ``I``, ``F``) as ``uint8``."""
+    """A 16-bit, 32-bit integer or float grey image (PIL modes ``I;16*``, ``I``, ``F``) as ``uint8``.
+
+    Integers are scaled by the smallest of 8, 10, 12, 14 or 16 bits that holds their largest value:
+    cameras and microscopes store 10-14-bit data in 16-bit files, which a 16-bit scale would darken
+    4-64x (to near black).
+    """
     values = values.astype(np.float64)
     top = float(values.max()) if values.size else 0.0
     if float(values.min(initial=0.0)) < 0:
         scale = None
     elif mode == "F":
         scale = 255.0 if top <= 1 else (1.0 if top <= 255 else None)
-    else:  # integers: 16-bit files, or 8/16-bit values that an older PIL reads as 32-bit
-        scale = 1.0 if mode == "I" and top <= 255 else (1 / 257 if top <= 65535 else None)
+    else:
+        bits = next((bits for bits in (8, 10, 12, 14, 16) if top < 2 ** bits), None)
+        scale = None if bits is None else 255 / (2 ** bits - 1)
     if scale is None:
         raise InputError(f"{role}: {str(path)!r} is a {mode} image with values in [{values.min():g}, {top:g}]; "
                          "expected an 8- or 16-bit image (or floats in [0, 1])")
     return np.rint(values * scale).clip(0, 255).astype(np.uint8)
 
 
+def _palette_is_grey(image: Image.Image) -> bool:
+    """Whether every palette entry a ``P``/``PA`` image uses is a grey (R = G = B)."""
+    indices = np.unique(np.asarray(image if image.mode == "P" else image.getchannel(0)))
+    palette = np.asarray(image.getpalette("RGB") or [], dtype=np.uint8).reshape(-1, 3)
+    if indices.size and int(indices.max()) >= len(palette):
+        return False
+    used = palette[indices]
+    return bool((used == used[:, :1]).all())
+
+
 def read_mask(path, image_hw: tuple[int, int] | None = None, role: str = "mask",
-              image_path=None) -> np.ndarray:
+               image_path=None) -> np.ndarray:
     """A binary mask file as ``bool`` ``[H, W]`` (True = object).
 
-    Accepted: one channel (or equal RGB channels, or palette indices; an alpha channel is ignored)
-    holding only 0 and 1, or only 0 and 255 (or 65535 in a 16-bit file); one value alone is fine. An
-    EXIF orientation, if the file has one, is applied as in :func:`read_image`.
+    Accepted: one channel (or equal RGB channels) holding only 0 and 1, or only 0 and 255 (or 65535 in
+    a 16-bit file); one value alone is fine. Palette images are read by their colours when every colour
+    they use is a grey (as image editors save black-and-white drawings, in any index order) and by their
+    indices otherwise (VOC's class masks). An alpha channel is ignored unless the colours are all the same
+    and it is not: then it is the mask (an object drawn as the opaque part of a layer). An EXIF
+    orientation, if the file has one, is applied as in :func:`read_image`.
 
     Args:
         image_hw: the ``(H, W)`` of the mask's image; a mask of another size is refused.
@@ -122,7 +160,10 @@ def read_mask(path, image_hw: tuple[int, int] | None = None, role: str = "mask",
             {0, 1} / {0, 255}, or no object pixel at all.
     """
     image = _open(path, role)
-    if image.mode in ("RGB", "RGBA"):
+    if image.mode in ("P", "PA") and _palette_is_grey(image):
+        image = image.convert("LA" if image.mode == "PA" else "L")
+    alpha = np.asarray(image.getchannel("A")) if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") else None
+    if image.mode in ("RGB", "RGBA", "RGBa"):
         rgb = np.asarray(image.convert("RGB"))
         if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
             raise InputError(f"{role}: {str(path)!r} is a colour image; a mask must be one channel (or grey) "
@@ -130,10 +171,13 @@ def read_mask(path, image_hw: tuple[int, int] | None = None, role: str = "mask",
         values = rgb[..., 0]
     elif image.mode == "1":
         values = np.asarray(image, dtype=np.uint8)
-    elif image.mode in ("LA", "La", "PA"):  # grey or palette index, plus an alpha channel that is not the mask
+    elif alpha is not None:  # grey or palette index, plus an alpha channel
         values = np.asarray(image.getchannel(0))
     else:  # L, P (palette indices, as VOC masks), I, I;16, F
         values = np.asarray(image)
+    channel = ""
+    if alpha is not None and values.size and values.min() == values.max() and alpha.min() != alpha.max():
+        values, channel = alpha, " in its alpha channel (its colours are all the same)"
     if values.ndim != 2:
         raise InputError(f"{role}: {str(path)!r} has {values.shape[2]} channels (PIL mode {image.mode}); a mask "
                          "must be one channel (or grey) holding 0 for background and 1 or 255 for the object")
@@ -147,8 +191,14 @@ def read_mask(path, image_hw: tuple[int, int] | None = None, role: str = "mask",
     found = np.unique(values)
     if not any(set(found.tolist()) <= {0, top} for top in (1, 255, 65535)):
         shown = ", ".join(str(v) for v in found[:8]) + (", ..." if len(found) > 8 else "")
-        raise InputError(f"{role}: {str(path)!r} is not a binary mask: it holds the values {{{shown}}}; expected "
-                         "only 0 (background) and 1 or 255 (object)")
+        hint = ""
+        if Path(path).suffix.lower() in (".jpg", ".jpeg"):
+            hint = "; JPEG compression blurs a mask's edges into other values: save masks as PNG"
+        elif 255 in found.tolist() and len(found) > 2:
+            hint = ("; a PASCAL class mask marks each object by its class index and the boundary by 255 "
+                    "(ignored): write the object you want as 255 and everything else as 0")
+        raise InputError(f"{role}: {str(path)!r} is not a binary mask: it holds the values {{{shown}}}{channel}; "
+                         f"expected only 0 (background) and 1 or 255 (object){hint}")
     mask = values > 0
     if not mask.any():
         raise InputError(f"{role}: {str(path)!r} marks no object pixel (all zero)")
@@ -172,6 +222,15 @@ def mask_tensor(mask: np.ndarray, size: int) -> torch.Tensor:
     from .data.common import resize_mask
 
     return resize_mask(torch.from_numpy(mask), (size, size))
+
+
+def vanishing_masks(masks: Sequence[np.ndarray], size: int,
+                    resized: Sequence[torch.Tensor] | None = None) -> list[int]:
+    """Indices of the ``bool`` ``[H, W]`` masks that mark object pixels but none once resized to
+    ``size`` x ``size`` (nearest neighbour, as the model's input); ``resized``: those resized masks,
+    if already computed."""
+    resized = resized if resized is not None else [mask_tensor(mask, size) for mask in masks]
+    return [k for k, (mask, small) in enumerate(zip(masks, resized)) if mask.any() and not small.any()]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -279,11 +338,10 @@ def segment(model, query: np.ndarray, supports: Sequence[np.ndarray], support_ma
                              f"(its image's size), got {got}")
     device = next(model.parameters()).device
     resized_masks = [mask_tensor(m, img_size) for m in support_masks]
-    for k, (mask, resized) in enumerate(zip(support_masks, resized_masks)):
-        if mask.any() and not resized.any():
-            warnings.warn(f"support_masks[{k}]: its {int(mask.sum())} object pixels all vanish when the mask is "
-                          f"resized to {img_size}x{img_size} for the model, which then sees no object; mark a "
-                          "larger region or use a larger img_size", stacklevel=2)
+    for k in vanishing_masks(support_masks, img_size, resized_masks):
+        warnings.warn(f"support_masks[{k}]: its {int(support_masks[k].sum())} object pixels all vanish when the "
+                      f"mask is resized to {img_size}x{img_size} for the model, which then sees no object; mark "
+                      "a larger region or use a larger img_size", VanishingMaskWarning, stacklevel=2)
     batch = {
         "query_img": image_tensor(query, img_size)[None].to(device),
         "support_imgs": torch.stack([image_tensor(s, img_size) for s in supports])[None].to(device),

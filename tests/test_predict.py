@@ -241,6 +241,135 @@ def test_read_mask_accepts_zero_one_palette_and_grey_rgb(tmp_path):
         lib.read_mask(tmp_path / "colour.png")
 
 
+def test_palette_masks_are_read_by_colour_when_grey_and_by_index_when_coloured(tmp_path):
+    drawn = np.array([[0, 1, 1], [0, 0, 1]], np.uint8)  # 1 = object
+    # An editor's two-colour palette may put white first: index 0 shows the object.
+    inverted = Image.fromarray(1 - drawn, mode="P")
+    inverted.putpalette([255, 255, 255, 0, 0, 0])
+    inverted.save(tmp_path / "white_first.png")
+    np.testing.assert_array_equal(lib.read_mask(tmp_path / "white_first.png", (2, 3)), drawn > 0)
+    # A web palette's black and white sit at indices that are not 0/1 or 0/255.
+    web = Image.fromarray(np.where(drawn > 0, 225, 16).astype(np.uint8), mode="P")
+    web.putpalette([0, 0, 0] * 16 + [0, 0, 0] + [7, 7, 7] * 208 + [255, 255, 255] + [9, 9, 9] * 30)
+    web.save(tmp_path / "web.png")
+    np.testing.assert_array_equal(lib.read_mask(tmp_path / "web.png", (2, 3)), drawn > 0)
+    # VOC's coloured palette: the indices are the classes, whatever their colours.
+    voc = Image.fromarray(drawn, mode="P")
+    voc.putpalette([0, 0, 0, 128, 0, 0])
+    voc.save(tmp_path / "voc.png")
+    np.testing.assert_array_equal(lib.read_mask(tmp_path / "voc.png", (2, 3)), drawn > 0)
+    voc_class = Image.fromarray(np.array([[0, 15, 15], [255, 0, 15]], np.uint8), mode="P")
+    voc_class.putpalette([0, 0, 0] + [128, 0, 64] * 255)
+    voc_class.save(tmp_path / "voc_class.png")
+    with pytest.raises(lib.InputError, match=r"values \{0, 15, 255\}.*boundary by 255 \(ignored\)"):
+        lib.read_mask(tmp_path / "voc_class.png", (2, 3))
+
+
+def test_a_mask_in_the_alpha_channel_is_read_when_the_colours_are_all_the_same(tmp_path):
+    drawn = np.array([[0, 255, 255], [0, 0, 255]], np.uint8)
+    for name, colour in (("white", 255), ("black", 0)):
+        rgba = np.dstack([np.full((2, 3, 3), colour, np.uint8), drawn])
+        _save(tmp_path / f"{name}.png", rgba)
+        np.testing.assert_array_equal(lib.read_mask(tmp_path / f"{name}.png", (2, 3)), drawn > 0)
+        Image.fromarray(np.dstack([np.full((2, 3), colour, np.uint8), drawn]), mode="LA").save(tmp_path / "la.png")
+        np.testing.assert_array_equal(lib.read_mask(tmp_path / "la.png", (2, 3)), drawn > 0)
+    soft = np.dstack([np.full((2, 3, 3), 255, np.uint8), (drawn // 2)])  # half-transparent edges
+    _save(tmp_path / "soft.png", soft)
+    with pytest.raises(lib.InputError, match=r"values \{0, 127\} in its alpha channel"):
+        lib.read_mask(tmp_path / "soft.png", (2, 3))
+
+
+def test_jpeg_masks_are_refused_with_the_reason(tmp_path):
+    noisy = np.zeros((16, 16), np.uint8)
+    noisy[4:12, 4:12] = 255
+    Image.fromarray(noisy).save(tmp_path / "mask.jpg", quality=60)
+    assert len(np.unique(np.asarray(Image.open(tmp_path / "mask.jpg")))) > 2  # the premise: JPEG adds values
+    with pytest.raises(lib.InputError, match="JPEG compression blurs a mask's edges .* save masks as PNG"):
+        lib.read_mask(tmp_path / "mask.jpg", (16, 16))
+
+
+def test_transparent_pixels_are_read_as_the_imagenet_mean_colour(tmp_path):
+    from hypertriton.data.common import IMAGENET_MEAN
+
+    fill = np.array(lib.TRANSPARENT_FILL[:3], np.float64)
+    np.testing.assert_array_equal(fill, np.round(np.array(IMAGENET_MEAN) * 255))
+    hidden = np.zeros((2, 3, 4), np.uint8)
+    hidden[..., :3] = (250, 10, 10)  # red under the transparency, as editors leave it
+    hidden[..., 3] = [[0, 0, 255], [255, 128, 0]]
+    _save(tmp_path / "rgba.png", hidden)
+    alpha = hidden[..., 3:4] / 255
+    expected = np.rint(alpha * hidden[..., :3] + (1 - alpha) * fill)
+    np.testing.assert_allclose(lib.read_image(tmp_path / "rgba.png"), expected, atol=1)
+    # A palette image with one transparent index, as GIFs and small PNGs store transparency.
+    palette = Image.fromarray(np.array([[0, 1, 1]], np.uint8), mode="P")
+    palette.putpalette([250, 10, 10, 0, 200, 0])
+    palette.save(tmp_path / "p.png", transparency=0)
+    np.testing.assert_array_equal(lib.read_image(tmp_path / "p.png"), [[fill, (0, 200, 0), (0, 200, 0)]])
+
+
+def test_high_bit_depth_grey_images_are_scaled_by_the_bits_their_values_use(tmp_path):
+    twelve_bit = np.array([[0, 4095, 2048]], np.uint16)  # a 12-bit camera's data in a 16-bit file
+    Image.fromarray(twelve_bit).save(tmp_path / "q12.png")
+    np.testing.assert_array_equal(lib.read_image(tmp_path / "q12.png")[..., 0], [[0, 255, 128]])
+    eight_bit = np.array([[0, 200, 255]], np.uint16)
+    Image.fromarray(eight_bit).save(tmp_path / "q8.png")
+    np.testing.assert_array_equal(lib.read_image(tmp_path / "q8.png")[..., 0], [[0, 200, 255]])
+
+
+def test_multi_frame_files_give_their_first_frame_with_a_warning_and_are_closed(tmp_path):
+    import gc
+    import warnings
+
+    frames = [Image.fromarray(np.full((4, 5, 3), value, np.uint8)) for value in (0, 255)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image = lib.read_image(tmp_path / "anim.gif", role="--query")
+        gc.collect()
+    messages = [str(w.message) for w in caught]
+    assert [w.category for w in caught] == [UserWarning], messages  # no ResourceWarning: the file was closed
+    assert "anim.gif' holds 2 frames" in messages[0] and "the first is used" in messages[0]
+    np.testing.assert_array_equal(image, np.zeros((4, 5, 3), np.uint8))
+
+
+def test_outputs_that_would_replace_inputs_are_refused(files, checkpoint, tmp_path, capsys):
+    folder = tmp_path / "cats"
+    folder.mkdir()
+    (folder / "cat.png").write_bytes((files["queries"] / "wide.png").read_bytes())
+    truth = np.zeros((72, 120), np.uint8)
+    truth[10:30, 20:60] = 255
+    _save(folder / "cat_mask.png", truth)  # the user's own ground truth, next to its image
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for overrides in ({"query": [folder]},  # its outputs would land on the query folder's files
+                      {"supports": [folder / "cat.png"], "masks": [folder / "cat_mask.png"],
+                       "query": [folder / "cat.png"]}):  # a support mask would be replaced by the prediction
+        assert _predict(files, folder, checkpoint, **overrides) == 2
+        err = capsys.readouterr().err
+        assert "--out: writing" in err and "cat_mask.png' would replace the input" in err, err
+        assert "nothing was written" in err
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    # An earlier run's outputs elsewhere are replaced, and the summary says so.
+    out = tmp_path / "out"
+    query = [files["queries"] / "wide.png"]
+    assert _predict(files, out, checkpoint, query=query) == 0
+    assert "replacing" not in capsys.readouterr().out
+    assert _predict(files, out, checkpoint, query=query) == 0
+    assert "wrote 2 files to" in (said := capsys.readouterr().out) and "(2 of them replacing files" in said
+
+
+def test_a_vanishing_support_mask_is_named_once_by_its_file(files, checkpoint, tmp_path, capsys):
+    support = np.zeros((640, 640, 3), np.uint8)
+    tiny = np.zeros((640, 640), np.uint8)
+    tiny[1:3, 1:3] = 255
+    _save(tmp_path / "big.png", support)
+    _save(tmp_path / "tiny.png", tiny)
+    assert _predict(files, tmp_path / "out", checkpoint, supports=[tmp_path / "big.png"],
+                    masks=[tmp_path / "tiny.png"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1, err  # once, not once per query
+    assert "hypertriton predict: warning: --support-mask: the 4 object pixels of" in err and "tiny.png' all vanish" in err
+
+
 def test_images_are_read_upright_by_their_exif_orientation(tmp_path):
     # A phone photo stores its pixels sideways and the EXIF tag 0x0112 says how to turn them; viewers and
     # annotation tools show (and masks are drawn on) the turned image.

@@ -1,8 +1,8 @@
 """``hypertriton predict``: segment your own images given K annotated supports.
 
 Every input is checked before anything runs (files exist and decode, each mask has its image's size,
-holds only 0 and 1 or 0 and 255 and marks at least one pixel, the checkpoint fits), so a bad input
-writes nothing; then each query is segmented and its files written at once, each through a temporary
+holds only 0 and 1 or 0 and 255 and marks at least one pixel, no output would replace an input, the
+checkpoint fits), so a bad input writes nothing; then each query is segmented and its files written at once, each through a temporary
 file, so an interrupted run keeps the queries done and leaves no partial file.
 
 Outputs, per query ``NAME.ext``: ``OUT/NAME_mask.png`` (0 = background, 255 = object, the query's
@@ -120,10 +120,17 @@ def _pairs_by_name(image_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import warnings
+
     from hypertriton.predict import InputError
 
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"hypertriton predict: warning: {message}", file=sys.stderr)
+
     try:
-        return _run(args)
+        with warnings.catch_warnings():  # restores showwarning on the way out
+            warnings.showwarning = show_warning
+            return _run(args)
     except InputError as error:
         print(f"hypertriton predict: error: {error}", file=sys.stderr)
         print("nothing was written", file=sys.stderr)
@@ -131,14 +138,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import warnings
+
     import numpy as np
     from tqdm.auto import tqdm
 
     from hypertriton._io import check_writable
     from hypertriton.backend import resolve_backend
     from hypertriton.distributed import resolve_device
-    from hypertriton.predict import (MIN_IMG_SIZE, InputError, load_model, overlay, read_image, read_mask,
-                                     segment, write_pngs)
+    from hypertriton.predict import (MIN_IMG_SIZE, InputError, VanishingMaskWarning, load_model, overlay,
+                                     read_image, read_mask, segment, vanishing_masks, write_pngs)
 
     if args.img_size is not None and args.img_size < MIN_IMG_SIZE:
         raise InputError(f"--img-size: expected an integer >= {MIN_IMG_SIZE}, got {args.img_size}")
@@ -166,6 +175,8 @@ def _run(args: argparse.Namespace) -> int:
         out = check_writable(args.out, "--out", folder=True)
     except ValueError as error:
         raise InputError(str(error)) from None
+    targets = {stem: _targets(out, stem, args.overlay) for stem in names}
+    _refuse_overwriting_inputs(targets, pairs, queries)
     try:
         backend = resolve_backend(args.backend, device)
     except (ValueError, RuntimeError) as error:
@@ -173,6 +184,11 @@ def _run(args: argparse.Namespace) -> int:
     model, img_size = load_model(args.checkpoint, args.backbone, backend=backend, device=device)
     model.lean = args.lean
     img_size = args.img_size or img_size
+    for k in vanishing_masks(masks, img_size):
+        warnings.warn(f"--support-mask: the {int(masks[k].sum())} object pixels of {str(pairs[k][1])!r} all vanish "
+                      f"at the model's {img_size}x{img_size} input, which then sees no object in that support; mark "
+                      "a larger region or raise --img-size", VanishingMaskWarning)
+    replaced = sum(path.exists() for paths in targets.values() for path in paths)
 
     # 2. Segment each query and write its files at once (each whole or not at all): memory stays that of
     # one query, and an interruption keeps the queries done.
@@ -181,11 +197,37 @@ def _run(args: argparse.Namespace) -> int:
                                                                                        had_folder))
     for query_path in bar:
         query = read_image(query_path, role="--query")
-        mask = segment(model, query, supports, masks, img_size)
-        outputs = {out / f"{query_path.stem}_mask.png": mask.astype(np.uint8) * 255}
-        if args.overlay:
-            outputs[out / f"{query_path.stem}_overlay.png"] = overlay(query, mask)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", VanishingMaskWarning)  # said once above, with the file names
+            mask = segment(model, query, supports, masks, img_size)
+        mask_path, *overlay_path = targets[query_path.stem]
+        outputs = {mask_path: mask.astype(np.uint8) * 255}
+        if overlay_path:
+            outputs[overlay_path[0]] = overlay(query, mask)
         written += len(write_pngs(outputs))
+    again = f" ({replaced} of them replacing files of the same name)" if replaced else ""
     print(f"{len(queries)} queries segmented with {len(supports)} support(s) (backend {backend}, {img_size} px); "
-          f"wrote {written} files to {out}")
+          f"wrote {written} files to {out}{again}")
     return 0
+
+
+def _targets(out: Path, stem: str, with_overlay: bool) -> list[Path]:
+    """The files a query named ``stem`` writes: its mask, then (``with_overlay``) its overlay."""
+    return [out / f"{stem}_mask.png"] + ([out / f"{stem}_overlay.png"] if with_overlay else [])
+
+
+def _refuse_overwriting_inputs(targets: dict[str, list[Path]], pairs: list[tuple[Path, Path]],
+                               queries: list[Path]) -> None:
+    """An output that is one of the inputs (a query folder that is also --out, holding NAME.png and a
+    NAME_mask.png, or an earlier run's outputs) would be replaced, then read as a query: refused."""
+    from hypertriton.predict import InputError
+
+    inputs = {path.resolve(): ("--support", path) for path, _mask in pairs}
+    inputs.update((path.resolve(), ("--support-mask", path)) for _image, path in pairs)
+    inputs.update((path.resolve(), ("--query", path)) for path in queries)
+    for paths in targets.values():
+        for path in paths:
+            if path.resolve() in inputs:
+                role, given = inputs[path.resolve()]
+                raise InputError(f"--out: writing {str(path)!r} would replace the input {str(given)!r} ({role}); "
+                                 "choose another --out folder")
