@@ -345,6 +345,27 @@ def test_non_finite_features_keep_dense_semantics(where, backend):
     assert_close_dtype(out.cpu(), expected, dtype=dtype)  # NaNs at the same places, the rest close
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("value, query_nan", [(1e20, True), (3e38, False), (3e38, True)])
+def test_huge_finite_features_at_masked_out_positions_correlate_to_zero(backend, value, query_nan):
+    """Finite support features too large for an fp32 norm (1e20) or product (3e38) at a masked-out
+    position: the dense path multiplies them by the zero mask first, so their correlations are 0. The
+    fused layer computes that position anyway (its channel sum overflows; every position does when the
+    query holds a NaN) and once gave NaN in its whole column there."""
+    gen, query, support, weights = make_case(11, 2, 2, 3, 5, 5, 8, 8, 3, 3, dtype=torch.float32)
+    mask = torch.zeros(2, 8, 8)
+    mask[:, :3, :3] = 1.0
+    support[1][:, :, 5, 6] = value
+    if query_nan:
+        query[0][1, 2, 4, 0] = float("nan")
+    out = ffl.fused_hypercorrelation_cp_conv4d(*on_device(backend, query, support, mask), *on_device(backend, weights),
+                                               (1, 1, 2, 2), backend=backend)
+    double = lambda ts: [t.double() for t in ts]  # noqa: E731
+    expected = dense(double(query), double(support), mask.double(), double(weights), (1, 1, 2, 2))
+    assert expected.isnan().any() == query_nan and not expected.isnan().all()
+    assert_close_dtype(out.cpu(), expected, dtype=torch.float32)  # NaNs at the same places, the rest close
+
+
 class _LargestTensor(TorchDispatchMode):
     """Records the largest tensor any op produces while active."""
 

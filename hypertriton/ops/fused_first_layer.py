@@ -153,17 +153,27 @@ def _normalized_active_support(support_b, mask_b, active):
     return out
 
 
-def _active_support_and_scales(support_b, mask_b, active):
+def _active_support_and_scales(support_b, mask_b, active, query_finite: bool = True):
     """The raw support features at the active positions, per layer ``[C, N_act]`` (the features themselves
     when all are active), and per layer the column factors ``[N_act]`` that normalize their masked form:
     ``normalize(s * m) = s * (m / (|m| * ||s|| + eps))``. The no-grad forward scales the products by these
     instead of storing normalized copies (4 x 5 MB at ResNet-50's 400-px layer2 level with a full mask);
     equal up to rounding, non-finite features included (their factor or product is NaN, as in the dense
-    path)."""
+    path).
+
+    Masked-out positions computed anyway (a channel sum that overflows, or a non-finite query, which makes
+    every position active) have their features multiplied by 0 first, as the dense path does: 0 for finite
+    features however large, NaN for non-finite ones. The factor alone cannot give that: ``0 / (0 * inf +
+    eps)`` is NaN, and so is a product that overflowed, times 0. (With a finite query and every position
+    active, a masked-out position is one with a non-finite feature, NaN either way: no copy is made.)"""
     m = None if mask_b is None else (mask_b if active is None else mask_b.index_select(0, active))
+    zero_masked_out = m is not None and (active is not None or not query_finite)
     raws, scales = [], []
     for s in support_b:  # [C, Hs*Ws]
         raw = s if active is None else s.index_select(1, active)
+        if zero_masked_out:
+            keep = (m != 0).to(raw.dtype)
+            raw = raw * keep if active is None else raw.mul_(keep)  # index_select made a copy: in place
         norm = squared_norm(raw.unsqueeze(0))[0, 0].sqrt()
         scales.append(1.0 / (norm + reference.NORM_EPS) if m is None else m / (m.abs() * norm + reference.NORM_EPS))
         raws.append(raw)
@@ -430,7 +440,7 @@ def _forward(query, support, mask, weight_query, bias_query, weight_support, bia
         support_b = [s[b].flatten(1) for s in support]
         mask_b = None if mask is None else mask[b]
         active = actives[b]
-        support_active, support_scales = _active_support_and_scales(support_b, mask_b, active)
+        support_active, support_scales = _active_support_and_scales(support_b, mask_b, active, query_finite[b])
         windows = _support_windows(active, hs, ws, weight_support.shape[-2:], spec)
         if split:
             target = _SplitTarget(~bias_only[b], hq2 * wq2, out_channels, windows, ws2, spec.compute_dtype)
