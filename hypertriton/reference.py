@@ -29,7 +29,8 @@ def normalize(features: torch.Tensor) -> torch.Tensor:
     """``f / (||f||_2 + eps)`` over the channel dim of ``[B, C, H, W]``, in ``features``' dtype.
 
     The norm is taken in fp32 at least, as the backends take it: in fp16 one past 65504 would be inf and
-    zero every correlation of that position (what the original does in fp16).
+    zero every correlation of that position (as the original does with fp16 norms: without a mask, or
+    under CPU autocast; in plain fp16 with a mask, it fails on a dtype mismatch).
     """
     norm_dtype = torch.promote_types(features.dtype, torch.float32)
     norm = torch.linalg.vector_norm(features, dim=1, keepdim=True, dtype=norm_dtype)
@@ -37,11 +38,12 @@ def normalize(features: torch.Tensor) -> torch.Tensor:
 
 
 def correlation(query: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
-    """One layer: ``relu(<q(xq), s(xs)>)`` of normalized features.
+    """One layer: ``relu(<q(xq), s(xs)>)`` of normalized features, in ``query``'s dtype.
 
-    Shape: query ``[B, C, Hq, Wq]``, support ``[B, C, Hs, Ws]`` -> ``[B, Hq, Wq, Hs, Ws]``.
+    Shape: query ``[B, C, Hq, Wq]``, support ``[B, C, Hs, Ws]`` -> ``[B, Hq, Wq, Hs, Ws]``. A support in a
+    wider dtype (masked in fp32) is normalized there, then rounded to ``query``'s dtype.
     """
-    corr = torch.einsum("bcij,bckl->bijkl", normalize(query), normalize(support))
+    corr = torch.einsum("bcij,bckl->bijkl", normalize(query), normalize(support).to(query.dtype))
     return torch.relu(corr)
 
 
@@ -71,13 +73,16 @@ def hypercorrelation(query_feats, support_feats, support_mask=None) -> list[torc
         query_feats: list of ``[B, C_l, Hq_l, Wq_l]``, shallow to deep.
         support_feats: list of ``[B, C_l, Hs_l, Ws_l]``, same length and channels.
         support_mask: optional ``[B, H, W]``; resized to each support map (bilinear,
-            ``align_corners=True``) and multiplied into the support features.
+            ``align_corners=True``) and multiplied into the support features, in fp32 at least (as the
+            original's fp32 mask promotes them): in fp16 a 0/255 mask would overflow features past 257
+            and a value below 6e-8 would round to 0.
 
     Returns:
         One ``[B, L_p, Hq, Wq, Hs, Ws]`` tensor per level, deepest level first.
     """
     if support_mask is not None:
-        support_feats = [s * resize_mask(support_mask, s.shape[-2:]).to(s.dtype) for s in support_feats]
+        wide = [torch.promote_types(s.dtype, torch.float32) for s in support_feats]
+        support_feats = [s.to(w) * resize_mask(support_mask, s.shape[-2:]).to(w) for s, w in zip(support_feats, wide)]
     corrs = [correlation(q, s) for q, s in zip(query_feats, support_feats)]
     return [torch.stack([corrs[i] for i in level], dim=1) for level in pyramid_levels(query_feats, support_feats)]
 

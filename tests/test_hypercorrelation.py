@@ -162,6 +162,22 @@ def test_fp16_correlations_keep_fp16_precision(backend, mask_kind):
     assert max(errors) <= FP16_CORRELATION_BOUND, errors
 
 
+@pytest.mark.parametrize("backend", BACKEND_IDS)
+@pytest.mark.parametrize("scale", [255.0, 3e-8], ids=["0-255", "tiny"])
+def test_fp16_features_are_masked_in_fp32(backend, scale):
+    # The original's fp32 mask promotes the masked support to fp32. Masked in fp16, a 0/255 mask overflows
+    # features past 257 (NaN correlations) and mask values below 6e-8 round to 0 or to a subnormal.
+    generator = torch.Generator().manual_seed(1)
+    query = (torch.randn(1, 8, 3, 3, generator=generator).abs() * 300).half()
+    support = (torch.randn(1, 8, 3, 3, generator=generator).abs() * 300).half()
+    mask = (torch.rand(1, 3, 3, generator=generator) + 0.1) * scale
+    device = DEVICES[backend]
+    got = hypertriton.hypercorrelation([query.to(device)], [support.to(device)], mask.to(device), backend=backend)[0]
+    want = reference.hypercorrelation([query.double()], [support.double()], mask.double())[0]
+    assert want.max() > 0.3
+    assert float((got.cpu().double() - want).abs().max()) <= FP16_CORRELATION_BOUND
+
+
 @pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
 def test_torch_backend_multiplies_active_support_positions_only(grad):
     """The cost follows the object's area: the matrix products cover the active support positions (mask
