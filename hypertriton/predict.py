@@ -69,10 +69,13 @@ def _open(path, role: str) -> Image.Image:
         raise InputError(f"{role}: no such file {str(path)!r}")
     if not path.is_file():
         raise InputError(f"{role}: {str(path)!r} is not a file")
+    image = None
     try:
         image = Image.open(path)
         image.load()  # decode now, so a truncated file fails here and not halfway through a run
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+        if image is not None:
+            image.close()  # the error's traceback would keep the file open until a garbage collection
         raise InputError(f"{role}: cannot read {str(path)!r} as an image ({type(error).__name__}: {error})") from None
     frames = getattr(image, "n_frames", 1)
     if frames > 1:

@@ -332,6 +332,20 @@ def test_multi_frame_files_give_their_first_frame_with_a_warning_and_are_closed(
     np.testing.assert_array_equal(image, np.zeros((4, 5, 3), np.uint8))
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open files through /proc")
+def test_an_unreadable_image_leaves_no_file_open(files, tmp_path):
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(files["supports"][0].read_bytes()[:200])
+    open_files = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
+    before = open_files()
+    kept = []
+    for _ in range(3):
+        with pytest.raises(lib.InputError, match="cannot read") as caught:
+            lib.read_image(truncated)
+        kept.append(caught.value)  # a caller keeping the errors (and their tracebacks) must not keep the files
+    assert open_files() == before
+
+
 def test_outputs_that_would_replace_inputs_are_refused(files, checkpoint, tmp_path, capsys):
     folder = tmp_path / "cats"
     folder.mkdir()
