@@ -22,6 +22,24 @@ def ignore_stop_signals_in_worker(_worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def stop_loader_workers(loader_or_iterator) -> None:
+    """Stop a DataLoader's worker processes now (a DataLoader with persistent workers, or an iterator of
+    one); nothing for a loader without workers, or one already stopped.
+
+    Workers that ignore SIGTERM (:func:`ignore_stop_signals_in_worker`) stop only when told to by their
+    iterator: PyTorch's fallback, ``terminate()``, is a SIGTERM, and so is what ``multiprocessing`` sends
+    its children at exit before waiting for them. An error raised in a worker leaves the iterator in a
+    reference cycle (the re-raised error's traceback), and when the garbage collector frees it, the
+    queues may go before the iterator sends that message: the worker is left running and the interpreter
+    waits for it forever at exit. So the code that owns the iterator stops it here, while all is alive.
+    (``_shutdown_workers`` is private to PyTorch, idempotent, and the same in torch 2.11 to 2.14.)
+    """
+    iterator = getattr(loader_or_iterator, "_iterator", loader_or_iterator)
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if callable(shutdown):
+        shutdown()
+
+
 class StopRequest:
     """First SIGINT/SIGTERM sets :attr:`requested` and, when ``verbose``, prints what happens next
     (:meth:`describe`); a second one raises ``KeyboardInterrupt``. Handlers are installed only from the

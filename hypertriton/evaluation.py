@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from . import distributed as hdist
 from ._io import atomic_file
-from ._signals import ignore_stop_signals_in_worker
+from ._signals import ignore_stop_signals_in_worker, stop_loader_workers
 from .data.common import IMAGENET_MEAN, IMAGENET_STD
 from .metrics import SegmentationMeter
 
@@ -152,7 +152,8 @@ def evaluate(model, dataset_or_loader, nshot: int, device, progress: bool = True
         raise ValueError("class_ids: the dataset has no class_ids attribute; pass the classes to average over")
     meter = SegmentationMeter(class_ids)
     net = model.module if hasattr(model, "module") else model
-    was_training = getattr(net, "training", False)
+    # Each module's own mode comes back at the end (a BatchNorm the caller froze in eval mode stays so).
+    modes = [(module, module.training) for module in net.modules()] if isinstance(net, torch.nn.Module) else []
     if hasattr(net, "eval"):
         net.eval()
     visualize_dir = Path(visualize_dir) if visualize_dir is not None else None
@@ -169,9 +170,11 @@ def evaluate(model, dataset_or_loader, nshot: int, device, progress: bool = True
         visualize_dir.mkdir(parents=True, exist_ok=True)
 
     indices = iter(loader.sampler)  # a ShardSampler: this rank's episode indices in loader order
-    bar = tqdm(loader, desc=f"evaluate {getattr(dataset, 'benchmark', '')} {nshot}-shot".strip(),
+    batches = iter(loader)
+    # Counted by hand: tqdm.auto's bar calls iter() on an iterable it wraps, which for a loader would start
+    # a second set of workers (and read every episode twice).
+    bar = tqdm(total=len(loader), desc=f"evaluate {getattr(dataset, 'benchmark', '')} {nshot}-shot".strip(),
                disable=not progress or not hdist.is_main_process(), dynamic_ncols=True)
-    batches = iter(bar)
     stopped = False
     try:
         with torch.no_grad():
@@ -199,12 +202,15 @@ def evaluate(model, dataset_or_loader, nshot: int, device, progress: bool = True
                 episode_index = [next(indices) for _ in range(pred.shape[0])]
                 if visualize_dir is not None:
                     _write_panels(visualize_dir, batch, pred.cpu(), inter.cpu(), union.cpu(), episode_index)
+                bar.update(1)
                 if progress:
                     bar.set_postfix(miou=f"{meter.miou():.2f}", refresh=False)
     finally:
         bar.close()
-        if was_training and hasattr(net, "train"):
-            net.train()
+        if not loader.persistent_workers:  # a caller's loader keeps its persistent workers for its next use
+            stop_loader_workers(batches)
+        for module, mode in modes:
+            module.training = mode
     meter.all_reduce()  # every rank gets here, stopped or not: they stop before the same batch
     # The last collective before a caller leaves the process group: a barrier holds no Python tensor. Gloo's
     # worker thread needs the GIL to release the all-reduce's tensor, and a teardown right after it holds the

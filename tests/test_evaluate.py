@@ -92,6 +92,73 @@ def test_all_foreground_matches_hand_count_and_batching(dataset):
     assert evaluate(AllForeground(), loader, 1, "cpu", progress=False)["miou"] == pytest.approx(miou, abs=1e-9)
 
 
+FAILING_WORKER_SCRIPT = """
+import sys, time
+import torch
+from torch.utils.data import Dataset
+from hypertriton.evaluation import evaluate
+
+
+class Broken(Dataset):
+    class_ids = [0]
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, index):
+        if index == 2:
+            raise OSError("episode 2 is unreadable")
+        return {"query_mask": torch.zeros(4, 4), "class_id": torch.tensor(0)}
+
+
+class Model:
+    def predict_mask_nshot(self, batch, nshot):
+        return batch["query_mask"].long()
+
+
+if __name__ == "__main__":
+    try:
+        evaluate(Model(), Broken(), 1, "cpu", progress=False, nworker=1)
+    except OSError as error:
+        print("raised:", error, flush=True)
+"""
+
+
+def test_an_error_in_a_worker_stops_the_workers_and_the_process_exits(tmp_path):
+    """Workers ignore SIGTERM (a Ctrl-C or torchrun's stop reaches the whole process group), so they must be
+    told to stop: an error from a worker once left them running and the interpreter waiting at exit."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "failing_worker.py"
+    script.write_text(FAILING_WORKER_SCRIPT)
+    try:
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process did not exit within 120 s after evaluate() raised")
+    assert "raised: Caught OSError in DataLoader worker process 0" in done.stdout, done.stderr
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_loader_is_iterated_once_and_every_modules_mode_restored(dataset, monkeypatch):
+    calls = []
+    original_iter = DataLoader.__iter__
+    monkeypatch.setattr(DataLoader, "__iter__", lambda self: calls.append(1) or original_iter(self))
+
+    class FrozenNormModel(torch.nn.Module, Truth):
+        def __init__(self):
+            torch.nn.Module.__init__(self)
+            Truth.__init__(self)
+            self.norm = torch.nn.BatchNorm2d(2)
+
+    model = FrozenNormModel()
+    model.norm.eval()  # frozen by the caller while the rest trains
+    result = evaluate(model, dataset, 1, "cpu", progress=True, max_episodes=4)
+    assert result["episodes"] == 4 and result["miou_of_evaluated_classes"] == 100.0
+    assert len(calls) == 1  # a progress bar wrapping the loader started a second set of workers
+    assert model.training and not model.norm.training
+
+
 def test_original_size_is_passed_only_when_asked(pascal_data, dataset):
     model = Truth()
     evaluate(model, dataset, 1, "cpu", progress=False, max_episodes=2)
