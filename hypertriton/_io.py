@@ -4,6 +4,7 @@ never a truncated one."""
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,8 +55,10 @@ def load_error_summary(error: BaseException) -> str:
     text = str(error)
     if "weights_only" in text or "Weights only load failed" in text:
         # torch's advice (reload with weights_only=False) would run code from the file: not offered here.
-        return (f"{type(error).__name__}: it holds more than tensors and plain containers, or is no PyTorch file "
-                "at all; hypertriton loads only plain checkpoints, so that no file can run code")
+        found = re.search(r"Unsupported global: (?:GLOBAL )?([\w.]+)", text)
+        what = f" (a {found.group(1)})" if found else ""
+        return (f"{type(error).__name__}: it holds more than tensors and plain containers{what}, or is no PyTorch "
+                "file at all; hypertriton loads only plain checkpoints, so that no file can run code")
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 

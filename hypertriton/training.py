@@ -68,7 +68,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from hypertriton import distributed as hdist
 from hypertriton.backend import check_backend_name, reduced_precision_slow_reason, warn_if_reduced_precision_slow
 from hypertriton._io import atomic_file, atomic_save, check_writable, load_error_summary, load_on_cpu
-from hypertriton._signals import StopRequest, ignore_stop_signals_in_worker
+from hypertriton._signals import StopRequest, ignore_stop_signals_in_worker, stop_loader_workers
 from hypertriton.checkpoint import TRAIN_STATE_FORMAT
 from hypertriton.evaluation import EvaluationStopped, evaluate
 
@@ -204,8 +204,15 @@ class TrainConfig:
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+        if not (isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool) and math.isfinite(self.lr)
+                and self.lr > 0):
             raise ValueError(f"lr: expected a positive finite number, got {self.lr!r}")
+        # Plain Python values: last.pt holds the config (and the optimizer the rate), and is read back with
+        # weights_only=True, which refuses a numpy scalar (a np.float64 passes as a float above).
+        self.lr = float(self.lr)
+        for name in ("backbone_weights", "datapath", "splits", "logpath", "resume"):
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
             raise ValueError(f"seed: expected an integer in [0, 2**64), got {self.seed!r}")
         if not isinstance(self.nworker, int) or self.nworker < 0:
@@ -819,7 +826,7 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
     last_val, epoch_loss, meter = None, None, None
     epoch, step = start_epoch, start_step
     # False only while an optimizer step is under way (model and optimizer then hold half an update).
-    consistent = True
+    consistent, uncounted = True, None
     try:
         while epoch < config.epochs and not stopping:
             sampler.set_epoch(epoch)
@@ -839,12 +846,15 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
                 step_meter = _train_meter(train_dataset) if meter is not None and ctx.is_distributed else meter
                 consistent = False
                 loss = training_step(train_model, batch, optimizer, scaler, amp_dtype, step_meter)
-                consistent = True
                 step += 1
                 global_step += 1
+                size = batch["query_img"].shape[0]
+                # This rank's share of the step's loss, until the all-reduce below counts every rank's: a second
+                # Ctrl-C in between saves the step with it (the whole loss on one process).
+                uncounted = (loss * size, size)
+                consistent = True
                 # One collective per step: the batch's loss (and counts) summed over ranks, and whether any
                 # rank was asked to stop (all ranks must leave the loop after the same step, or DDP deadlocks).
-                size = batch["query_img"].shape[0]
                 payload = torch.tensor([loss * size, size, float(stop.requested)], dtype=torch.float64)
                 if step_meter is not meter:
                     payload = torch.cat([payload, step_meter.counts_vector()])
@@ -852,7 +862,7 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
                 if step_meter is not meter:
                     meter.add_counts_vector(totals[3:])
                 loss = float(totals[0] / totals[1])
-                loss_sum, loss_count = loss_sum + float(totals[0]), loss_count + int(totals[1])
+                loss_sum, loss_count, uncounted = loss_sum + float(totals[0]), loss_count + int(totals[1]), None
                 stopping = bool(totals[2] > 0)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
@@ -898,7 +908,7 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
                     # writes it again.
                     if ctx.is_main:
                         save_checkpoint(model, logdir / BEST_CHECKPOINT)  # atomic, original format
-                    best_miou, best_epoch = last_val["miou"], epoch
+                    best_miou, best_epoch = float(last_val["miou"]), epoch  # a validate_fn's np.float64 too
                     log.write("best", epoch=epoch, miou=best_miou, checkpoint=BEST_CHECKPOINT)
             row = {"train_loss": epoch_loss, "train_miou": meter.miou() if meter else None,
                    "train_fbiou": meter.fb_iou() if meter else None,
@@ -914,21 +924,23 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
                 tqdm.write(f"epoch {epoch}: loss {epoch_loss:.4f}{val_text}")
             epoch, step, loss_sum, loss_count, meter = epoch + 1, 0, 0.0, 0, None
             save_last()
+        summary = {"epochs_completed": epoch, "global_step": global_step,
+                   "best_miou": best_miou if best_epoch is not None else None, "best_epoch": best_epoch,
+                   "train_loss": epoch_loss, "val": last_val, "interrupted": stopping, "logpath": str(logdir)}
+        log.write("end", **{k: v for k, v in summary.items() if k != "logpath"})
     except KeyboardInterrupt:
         # A second Ctrl-C: no collective is safe any more; rank 0 keeps what it has if it is whole.
         if consistent:
+            if uncounted is not None:
+                loss_sum, loss_count = loss_sum + uncounted[0], loss_count + uncounted[1]
             save_last()
             log.write("stop", epoch=epoch, step=step, global_step=global_step, reason="interrupt",
                       checkpoint=LAST_CHECKPOINT)
-        log.close()
         raise
     finally:
         stop.restore()
+        stop_loader_workers(loader)  # see there: they ignore SIGTERM, so they are told to stop
+        log.close()  # on any error too (the log file, TensorBoard's writer thread)
 
-    summary = {"epochs_completed": epoch, "global_step": global_step,
-               "best_miou": best_miou if best_epoch is not None else None, "best_epoch": best_epoch,
-               "train_loss": epoch_loss, "val": last_val, "interrupted": stopping, "logpath": str(logdir)}
-    log.write("end", **{k: v for k, v in summary.items() if k != "logpath"})
-    log.close()
     hdist.barrier()
     return summary

@@ -288,6 +288,76 @@ def test_a_second_ctrl_c_while_the_best_model_is_written_keeps_it_for_the_resume
         assert torch.equal(value, validation.seen[2][key]), key  # epoch 1's weights, validated again
 
 
+def test_numpy_numbers_and_paths_in_the_recipe_leave_a_resumable_last_pt(tmp_path):
+    """last.pt is read back with weights_only=True, which refuses numpy scalars: a np.float64 rate (which
+    passes as a float) or a validate_fn's np.float64 mIoU once made a run that could never resume."""
+    import numpy as np
+
+    trn, val = tiny_data()
+    validation = _ScriptedValidation([np.float64(10.0), np.float64(30.0)])
+    config = dataclasses.replace(tiny_config(tmp_path, lr=np.logspace(-4, -2, 3)[1], epochs=2, max_steps_per_epoch=1),
+                                 logpath=tmp_path)
+    train(config, train_dataset=trn, val_dataset=val, validate_fn=validation)
+    state = load_training_state(tmp_path / LAST_CHECKPOINT)
+    assert type(state["best_miou"]) is float and state["best_miou"] == 30.0
+    assert type(state["config"]["lr"]) is float and state["config"]["logpath"] == str(tmp_path)
+    assert type(state["optimizer"]["param_groups"][0]["lr"]) is float
+
+
+def test_a_state_holding_more_than_plain_values_is_refused_naming_what_it_holds(tmp_path):
+    import numpy as np
+
+    torch.save({"best_miou": np.float64(1.0)}, tmp_path / "numpy.pt")
+    with pytest.raises(ValueError, match=r"plain containers \(a numpy\.[\w.]*scalar\)"):
+        load_training_state(tmp_path / "numpy.pt")
+
+
+def test_an_error_in_training_closes_the_log(tmp_path):
+    """Closed, not left to the garbage collector (which warns, and only runs when nothing keeps the error's
+    frames: a caller's process group kept them)."""
+    import gc
+    import warnings
+
+    trn, val = tiny_data()
+
+    def fail(info):
+        raise RuntimeError("a callback's bug")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError, match="a callback's bug"):
+            train(tiny_config(tmp_path, epochs=1, max_steps_per_epoch=1), train_dataset=trn, val_dataset=val,
+                  on_step=fail)
+        gc.collect()
+    assert not [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert [row["event"] for row in read_log(tmp_path)] == ["start", "step"]
+
+
+def test_a_second_ctrl_c_during_the_steps_all_reduce_saves_the_step_with_its_loss(tmp_path, monkeypatch, uninterrupted):
+    """The step is taken (weights updated, step counted) before its loss is summed over the ranks: a second
+    Ctrl-C in between saves this process's share, and the resumed run logs the uninterrupted run's losses."""
+    from hypertriton import training
+
+    trn, val = tiny_data()
+    all_reduce, calls = training.hdist.all_reduce_sum, []
+
+    def interrupted_on_the_second_step(payload):
+        calls.append(payload)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return all_reduce(payload)
+
+    monkeypatch.setattr(training.hdist, "all_reduce_sum", interrupted_on_the_second_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tmp_path), train_dataset=trn, val_dataset=val)
+    state = load_training_state(tmp_path / LAST_CHECKPOINT)
+    assert (state["step"], state["global_step"], state["loss_count"]) == (2, 2, 4)
+    monkeypatch.setattr(training.hdist, "all_reduce_sum", all_reduce)
+    train(tiny_config(tmp_path, resume="auto"), train_dataset=trn, val_dataset=val)
+    epoch_losses = lambda log: [row["train_loss"] for row in log if row["event"] == "epoch"]  # noqa: E731
+    assert epoch_losses(read_log(tmp_path)) == pytest.approx(epoch_losses(uninterrupted[2]), rel=1e-6)
+
+
 def test_a_validate_fn_taking_stop_requested_gets_the_stop_request(tmp_path):
     """What lets a validation of one's own stop with the others under torchrun (see
     test_distributed.py for the default one): the run's stop request, as a callable."""
