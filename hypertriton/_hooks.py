@@ -3,12 +3,14 @@ calling it must know when that would skip something.
 
 Only a module's own hooks count. Global hooks (``register_module_forward_hook``) are what profilers and
 module trackers (``FlopCounterMode``) register to watch every module; they must not switch the model to
-another path than the one they watch.
+another path than the one they watch (they only keep outputs from being overwritten in place:
+:func:`has_global_forward_hooks`).
 """
 
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.modules import module as _module_internals
 
 
 def has_forward_hooks(module: nn.Module) -> bool:
@@ -34,3 +36,10 @@ def hooks_below(module: nn.Module) -> bool:
             return True
         stack.extend(child._modules.values())
     return False
+
+
+def has_global_forward_hooks() -> bool:
+    """Whether global forward hooks are registered (``register_module_forward_hook``): they may keep a
+    module's output, so no later step may overwrite it in place. (PyTorch keeps them in a private
+    module-level dict, the same in torch 2.11 to 2.14.)"""
+    return bool(getattr(_module_internals, "_global_forward_hooks", None))

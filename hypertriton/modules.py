@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._hooks import has_hooks
+from ._hooks import has_global_forward_hooks, has_hooks
 from .backend import check_backend_name
 from .ops._autocast import autocast_enabled
 from .ops._validation import as_quadruple, check_tensor, shape_of
@@ -155,7 +155,8 @@ class GroupNorm4d(nn.GroupNorm):
     :mod:`hypertriton.ops.layout`); same parameters and state_dict keys as ``nn.GroupNorm``, so original
     checkpoints load unchanged. Other layouts and ranks behave exactly as ``nn.GroupNorm``.
     ``inplace=True``: in inference (no gradient recorded) a query-major input is overwritten with the
-    result (HSNet's blocks use it on the fresh output of the convolution before it). ``relu=True``: a ReLU
+    result (HSNet's blocks use it on the fresh output of the convolution before it), unless global forward
+    hooks are registered (they may keep that output). ``relu=True``: a ReLU
     follows, fused into the same pass over memory in inference (HSNet's blocks: the ``nn.ReLU`` after it
     becomes a :class:`ReLUAfterGroupNorm`; neither has state, so checkpoints are unaffected). Under
     ``torch.autocast`` a query-major result comes in the autocast dtype (statistics stay fp32): the
@@ -177,7 +178,9 @@ class GroupNorm4d(nn.GroupNorm):
         if _calling_each_module.get():
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         out_dtype = autocast_output_dtype(x) if isinstance(x, torch.Tensor) else None
-        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, inplace=self.inplace,
+        # A global hook may have kept x (the convolution's output): not overwritten then.
+        inplace = self.inplace and not has_global_forward_hooks()
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, inplace=inplace,
                           out_dtype=out_dtype, relu=self.relu)
 
     def extra_repr(self) -> str:

@@ -419,6 +419,36 @@ def test_hooks_inside_run_once_and_see_the_originals_tensors(module_name, grad):
         assert all(p.grad is not None for p in ours.parameters())
 
 
+def test_outputs_a_global_hook_keeps_are_not_overwritten():
+    """Global hooks (activation recorders, module trackers) leave the fast path as it is, but the GroupNorm
+    after each center-pivot conv then runs out of place: it normalized the conv's output in place, which a
+    recorder had kept (it found GroupNorm + ReLU of it after the forward)."""
+    from hypertriton import CenterPivotConv4d
+
+    _, ours = make_pair(INCH["resnet50"])
+    levels = small_resnet50_levels(5)
+    mask = torch.zeros(1, 160, 144)
+    mask[0, 20:120, 30:110] = 1.0
+    kept = []
+
+    def record(module, args, output):
+        if isinstance(module, CenterPivotConv4d):
+            kept.append((output, output.clone()))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        with torch.no_grad():
+            hooked = ours.forward_fused(levels, mask)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        plain = ours.forward_fused(levels, mask)
+    assert len(kept) >= 6  # the blocks' later layers run as modules on the fast path
+    for output, at_the_time in kept:
+        assert torch.equal(output, at_the_time)
+    torch.testing.assert_close(hooked, plain, rtol=0, atol=0)
+
+
 def test_a_hook_on_the_learner_itself_runs_on_the_fused_path():
     """HSNet calls forward_fused as a method: a hook on the learner (where logits are captured) never ran
     there. With one, forward_fused calls the learner on the dense pyramid, as the original does."""
