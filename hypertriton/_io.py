@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,16 +16,57 @@ import torch
 
 def temporary_path(path: Path) -> Path:
     """A fresh hidden name next to ``path`` to write it under before renaming. Create it with
-    ``open(..., "x")`` rather than ``mkstemp``: the file then gets the umask's permissions, not 0600."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    ``open(..., "x")`` rather than ``mkstemp``: the file then gets the umask's permissions, not 0600.
+    The name holds the writer's host and process id, for :func:`remove_stale_temporaries`."""
+    return path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+# How torch's zip writer reports a write that failed (in torch 2.11 to 2.14).
+_WRITE_FAILED = re.compile(r"inline_container|PytorchStreamWriter failed|unexpected pos")
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove the temporaries of ``path`` that a killed writer left (``kill -9``, a node lost mid-save:
+    a 170 MB checkpoint each): those of this host whose process no longer runs. Another host's, or a
+    running process's, are left alone (a shared file system may hold a live writer's). Returns those
+    removed."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.{re.escape(_HOST)}\.(\d+)\.[0-9a-f]{{8}}\.tmp")
+    removed = []
+    try:
+        candidates = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for candidate in candidates:
+        found = pattern.fullmatch(candidate.name)
+        if found and not _process_runs(int(found.group(1))):
+            try:
+                candidate.unlink()
+                removed.append(candidate)
+            except OSError:  # gone already, or not ours to remove
+                pass
+    return removed
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by another user
+        return True
+    return True
 
 
 @contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "wb"):
     """Yield a handle to a temporary file next to ``path``; on success it is synced and renamed over
-    ``path`` (``os.replace`` is atomic within one file system); on any error it is removed."""
+    ``path`` (``os.replace`` is atomic within one file system), and the folder synced so that the rename
+    survives a crash; on any error it is removed. Temporaries of ``path`` that killed writers left are
+    removed first (:func:`remove_stale_temporaries`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = temporary_path(path)
     try:
         with open(tmp, mode.replace("w", "x")) as handle:
@@ -35,12 +77,38 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb"):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:  # a platform or file system without folder handles: the rename stands as written
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj, path)``, atomically (see :func:`atomic_file`)."""
+    """``torch.save(obj, path)``, atomically (see :func:`atomic_file`).
+
+    Raises:
+        OSError: the file could not be written (a full disk, a file size limit), naming it; torch's own
+            error for that ("unexpected pos ...") names neither.
+    """
     with atomic_file(path) as handle:
-        torch.save(obj, handle)
+        try:
+            torch.save(obj, handle)
+        except (OSError, RuntimeError) as error:
+            if isinstance(error, RuntimeError) and not _WRITE_FAILED.search(str(error)):
+                raise  # not a failed write (an object that cannot be pickled, say)
+            summary = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise OSError(f"cannot write {str(path)!r}: {type(error).__name__}: {summary} (is the disk full?); "
+                          "the file as it was before is kept") from error
     return Path(path)
 
 

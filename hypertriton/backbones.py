@@ -160,7 +160,8 @@ def load_imagenet_weights(name: str, weights: str | os.PathLike | None = None,
         raise WeightsUnavailableError(_missing_weights_message(name, url, f"{cached} does not exist and "
                                                                "downloading is off"))
     try:
-        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True, check_hash=True)
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True, check_hash=True,
+                                                  weights_only=True)  # as every other file hypertriton reads
     except Exception as error:  # URLError, HTTPError, socket errors, hash mismatches: all mean "no file"
         raise WeightsUnavailableError(_missing_weights_message(name, url, f"download failed: {error}")) from error
 

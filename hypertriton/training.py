@@ -675,7 +675,8 @@ def train(config: TrainConfig, *, model: torch.nn.Module | None = None, train_da
         mean), "val" (last validation, or None), "interrupted", "logpath"}``.
 
     Under torchrun (``WORLD_SIZE`` set) the process group is joined here and left at the end if this
-    call created it.
+    call created it. The global random generators (Python's ``random``, NumPy's, torch's) are seeded
+    from ``config.seed`` (or restored from ``last.pt`` when resuming) and left as training leaves them.
     """
     config.validate()
     created_group = not hdist.is_distributed()

@@ -625,6 +625,34 @@ def test_atomic_save_never_leaves_a_partial_file(tmp_path):
     assert torch.equal(torch.load(path, weights_only=True)["value"], torch.arange(3))
 
 
+def test_atomic_save_removes_what_killed_writers_left_and_names_a_failed_write(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from hypertriton import _io
+
+    path = tmp_path / "last.pt"
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(finished.stdout)  # a process that ran and is gone
+    stale = tmp_path / f".last.pt.{_io._HOST}.{dead}.0123abcd.tmp"
+    live = tmp_path / f".last.pt.{_io._HOST}.{os.getpid()}.4567abcd.tmp"  # a writer still running
+    elsewhere = tmp_path / f".last.pt.otherhost.{dead}.89abcdef.tmp"  # another machine's, on a shared disk
+    for leftover in (stale, live, elsewhere):
+        leftover.write_bytes(b"half a checkpoint")
+    atomic_save({"value": torch.arange(3)}, path)
+    assert sorted(os.listdir(tmp_path)) == sorted(["last.pt", live.name, elsewhere.name])
+
+    def disk_full(obj, handle):
+        handle.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match=r"cannot write '.*last\.pt': RuntimeError: .*unexpected pos .*disk full"):
+        atomic_save({"value": torch.arange(4)}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["value"], torch.arange(3))
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("bsz", 0, "bsz: expected a positive integer"),
     ("lr", float("nan"), "lr: expected a positive finite number"),
