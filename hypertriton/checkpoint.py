@@ -43,11 +43,13 @@ def read_state_dict(source) -> dict[str, torch.Tensor]:
 
     Files are read with ``map_location="cpu"`` and ``weights_only=True`` (checkpoints saved from a GPU
     load on a CPU-only machine; no code is unpickled). A mapping holding the state_dict under
-    ``"state_dict"`` or ``"model"`` is unwrapped.
+    ``"state_dict"`` or ``"model"`` is unwrapped; a compact file (:mod:`hypertriton.compact`, the bundled
+    weights' format) is expanded.
 
     Raises:
         FileNotFoundError: the path does not exist.
-        CheckpointError: the file is not a PyTorch checkpoint, or holds no state_dict.
+        CheckpointError: the file is not a PyTorch checkpoint, is a malformed compact one, holds no
+            state_dict, or holds tensors without data (on the meta device).
     """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
@@ -73,7 +75,7 @@ def read_state_dict(source) -> dict[str, torch.Tensor]:
                               "to last.pt for --resume; it holds no backbone); load the best_model.pt written "
                               "next to it")
     if is_compact(loaded):  # the bundled weights' codebook format
-        loaded = load_compact(loaded)[0]
+        loaded = load_compact(loaded, name=_describe(source))[0]
     for wrapper in ("state_dict", "model"):
         if isinstance(loaded, Mapping) and isinstance(loaded.get(wrapper), Mapping):
             loaded = loaded[wrapper]
@@ -84,12 +86,29 @@ def read_state_dict(source) -> dict[str, torch.Tensor]:
     if bad:
         raise CheckpointError(f"checkpoint: {_describe(source)} is not a state_dict: {len(bad)} entries are not "
                               f"name -> tensor pairs, e.g. {bad[:3]!r}")
+    # A state_dict of a model built on torch.device("meta") has shapes but no values: nothing to load.
+    meta = [key for key, value in loaded.items() if value.is_meta]
+    if meta:
+        raise CheckpointError(f"checkpoint: {_describe(source)} holds {len(meta)} tensors without data (on the meta "
+                              f"device), e.g. {meta[0]!r}; save the state_dict of a model with real weights")
     return dict(loaded)
 
 
 def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = PREFIX) -> dict[str, torch.Tensor]:
-    """``state_dict`` with a leading ``prefix`` (DataParallel's ``module.``) removed from every key."""
-    return {key.removeprefix(prefix): value for key, value in state_dict.items()}
+    """``state_dict`` with a leading ``prefix`` (DataParallel's ``module.``) removed from every key; keys
+    with and without it may be mixed.
+
+    Raises:
+        CheckpointError: both ``prefix + key`` and ``key`` are present (two values for one weight).
+    """
+    stripped: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        name = key.removeprefix(prefix)
+        if name in stripped:
+            raise CheckpointError(f"checkpoint: the state_dict holds both {prefix + name!r} and {name!r}, two "
+                                  f"values for one weight once {prefix!r} is removed; keep only one of them")
+        stripped[name] = value
+    return stripped
 
 
 def _block_count(state_dict: Mapping[str, torch.Tensor], stage: str) -> int:
@@ -101,11 +120,12 @@ def infer_backbone(state_dict: Mapping[str, torch.Tensor]) -> str:
     """The backbone name of an HSNet state_dict (``module.`` prefix already stripped).
 
     Read from the ``backbone.*`` keys (VGG's ``features``, or ResNet's block type and layer3 depth);
-    without them, from the learner's input channels (layers per level), which name the original
-    backbones unambiguously.
+    without them (a learner-only state_dict), from the learner's input channels (layers per level),
+    which tell resnet18, vgg16 and resnet101 apart but not resnet34 from resnet50.
 
     Raises:
-        CheckpointError: the keys match no known backbone, or are not HSNet's at all.
+        CheckpointError: the keys match no known backbone, fit several (a learner-only resnet34 or
+            resnet50 state_dict: pass ``backbone=``), or are not HSNet's at all.
     """
     from .backbones import BACKBONES
 
@@ -123,9 +143,13 @@ def infer_backbone(state_dict: Mapping[str, torch.Tensor]) -> str:
     key = "hpn_learner.encoder_layer{}.0.conv1.weight"
     if all(key.format(level) in state_dict for level in (4, 3, 2)):
         inch = tuple(int(state_dict[key.format(level)].shape[1]) for level in (4, 3, 2))
-        for name in ("resnet50", "resnet101", "vgg16", "resnet18"):  # originals first (resnet34 = resnet50's)
-            if BACKBONES[name].layers_per_level == inch:
-                return name
+        fitting = sorted(name for name, spec in BACKBONES.items() if spec.layers_per_level == inch)
+        if len(fitting) == 1:
+            return fitting[0]
+        if fitting:
+            raise CheckpointError(f"checkpoint: learner input channels {list(inch)} fit the backbones {fitting} "
+                                  "alike, and there are no 'backbone.*' keys to tell them apart; pass "
+                                  f"backbone= (one of {fitting}: the one it was trained with)")
         raise CheckpointError(f"checkpoint: learner input channels {list(inch)} match none of {sorted(BACKBONES)}; "
                               f"pass backbone=")
     sample = list(state_dict)[:5]
@@ -142,6 +166,10 @@ def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: 
               source: str = "the given state_dict") -> None:
     """Copy ``state_dict`` (no prefix) into ``model``, or explain exactly what does not fit.
 
+    BatchNorm's ``num_batches_tracked`` counters may be missing (files from before PyTorch 0.4.1, or
+    converted ones), as for ``model.load_state_dict``: they keep the model's values (0 for a new model).
+    Nothing reads them in eval mode, nor in training with BatchNorm's default ``momentum``.
+
     Args:
         strict: when False, keys missing from ``state_dict`` keep the model's values (e.g. a learner-only
             checkpoint on a pretrained backbone); unexpected and mis-shaped keys are always errors.
@@ -150,6 +178,11 @@ def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: 
         CheckpointError: listing the missing, unexpected and mis-shaped keys (with both shapes).
     """
     own = model.state_dict()
+    counters = {f"{name}.num_batches_tracked".lstrip(".") for name, module in model.named_modules()
+                if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats}
+    absent_counters = {key: own[key] for key in counters if key in own and key not in state_dict}
+    if absent_counters:  # filled in here: torch fills them only for a state_dict without version metadata
+        state_dict = {**state_dict, **absent_counters}
     missing = [key for key in own if key not in state_dict] if strict else []
     unexpected = [key for key in state_dict if key not in own]
     misshaped = [f"{key} (checkpoint {list(value.shape)}, model {list(own[key].shape)})"

@@ -67,12 +67,26 @@ def test_save_checkpoint_round_trips_in_the_original_key_format(tmp_path):
 
 
 @pytest.mark.parametrize("backbone", ["resnet50", "resnet101", "vgg16", "resnet18", "resnet34"])
-def test_backbone_is_inferred_from_the_keys(backbone):
+def test_backbone_is_inferred_from_the_keys_and_an_ambiguous_learner_is_refused(backbone):
     state = ckpt.strip_prefix(original_format_state_dict(backbone, device="meta"))
     assert ckpt.infer_backbone(state) == backbone
     learner_only = {k: v for k, v in state.items() if k.startswith("hpn_learner.")}
-    # without backbone keys the learner's input channels decide (resnet34 shares resnet50's)
-    assert ckpt.infer_backbone(learner_only) == ("resnet50" if backbone == "resnet34" else backbone)
+    if backbone in ("resnet34", "resnet50"):  # same learner input channels: the keys cannot tell which
+        with pytest.raises(ckpt.CheckpointError, match=r"fit the backbones \['resnet34', 'resnet50'\].*pass backbone="):
+            ckpt.infer_backbone(learner_only)
+    else:  # without backbone keys the learner's input channels decide
+        assert ckpt.infer_backbone(learner_only) == backbone
+
+
+def test_a_learner_only_resnet34_file_is_not_built_around_resnet50(tmp_path):
+    state = ckpt.strip_prefix(original_format_state_dict("resnet34"))
+    path = tmp_path / "learner.pt"
+    torch.save({k: v for k, v in state.items() if k.startswith("hpn_learner.")}, path)
+    with pytest.raises(ckpt.CheckpointError, match="pass backbone="):
+        HSNet.from_checkpoint(path, strict=False)
+    model = HSNet.from_checkpoint(path, backbone="resnet34", strict=False)
+    assert model.backbone_name == "resnet34"
+    torch.testing.assert_close(model.hpn_learner.decoder2[2].bias, state["hpn_learner.decoder2.2.bias"])
 
 
 def test_a_learner_only_checkpoint_needs_strict_false(resnet18_file):
@@ -167,3 +181,176 @@ def test_an_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     torch.testing.assert_close(torch.load(path)["a"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_dataparallel_and_plain_keys_for_one_weight_are_refused_not_one_dropped(resnet18_file):
+    state = torch.load(resnet18_file)
+    state["hpn_learner.decoder2.2.bias"] = torch.full((2,), 7.0)  # also saved as module.hpn_learner.decoder2.2.bias
+    with pytest.raises(ckpt.CheckpointError, match=r"both 'module.hpn_learner.decoder2.2.bias' and "
+                                                   r"'hpn_learner.decoder2.2.bias'"):
+        HSNet.from_checkpoint(state)
+    assert ckpt.strip_prefix({"module.a": torch.zeros(1), "b": torch.ones(1)}).keys() == {"a", "b"}
+
+
+def test_tensors_without_data_are_refused_by_name(tmp_path):
+    meta = original_format_state_dict("resnet18", device="meta")
+    path = tmp_path / "meta.pt"
+    torch.save(meta, path)
+    for source, named in ((meta, "the given state_dict"), (path, repr(str(path)))):
+        with pytest.raises(ckpt.CheckpointError) as info:
+            HSNet.from_checkpoint(source)
+        assert f"{named} holds {len(meta)} tensors without data (on the meta device)" in str(info.value)
+        assert "'module.backbone.conv1.weight'" in str(info.value)
+
+
+def test_a_checkpoint_without_batchnorm_counters_loads_as_torch_loads_it(resnet18_file):
+    """Files from before PyTorch 0.4.1 (or converted) have no num_batches_tracked; torch's strict
+    load_state_dict accepts them, keeping the model's counter (0 for a new model)."""
+    state = {k: v for k, v in torch.load(resnet18_file).items() if not k.endswith("num_batches_tracked")}
+    assert len(state) < len(torch.load(resnet18_file))
+    model = HSNet.from_checkpoint(state)
+    reference = HSNet("resnet18")
+    reference.load_state_dict(ckpt.strip_prefix(state), strict=True)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    assert model.backbone.bn1.num_batches_tracked.item() == 0
+    del state["module.backbone.bn1.running_mean"]  # the statistics themselves are still required
+    with pytest.raises(ckpt.CheckpointError, match=r"missing keys \(1\): backbone.bn1.running_mean$"):
+        HSNet.from_checkpoint(state)
+
+
+# --------------------------------------------------------------------------------------------------
+# The compact format (the bundled weights')
+
+
+def _compact_file(tmp_path) -> Path:
+    from hypertriton.compact import save_compact
+
+    g = torch.Generator().manual_seed(0)
+    state = {"a4": torch.randn(64, 65, generator=g), "b8": torch.randn(4097, generator=g),
+             "c16": torch.randn(5, generator=g), "n": torch.tensor(3)}
+    return save_compact(state, tmp_path / "compact.pt", bits={"": 4, "b8": 8}, metadata={"img_size": 96})
+
+
+def _set(key, field, value):
+    def change(payload):
+        payload["tensors"][key][field] = value(payload["tensors"][key][field]) if callable(value) else value
+    return change
+
+
+def _drop(key, field):
+    return lambda payload: payload["tensors"][key].pop(field)
+
+
+MALFORMED_COMPACT = {
+    "version 2": (lambda payload: payload.update(version=2), r"is compact format version 2; this hypertriton reads "
+                                                             r"version 1 \(written by a newer hypertriton"),
+    "version banana": (lambda payload: payload.update(version="banana"), "is compact format version 'banana'"),
+    "version True": (lambda payload: payload.update(version=True), "is compact format version True"),
+    "unknown kind": (_set("a4", "kind", "codebook2"), r"tensor 'a4': unknown kind 'codebook2'; expected one of"),
+    "integer dtype": (_set("a4", "dtype", "int8"), r"tensor 'a4': dtype 'int8' is not one the writer stores"),
+    "torch function as dtype": (_set("b8", "dtype", "load"), r"tensor 'b8': dtype 'load' is not one"),
+    "short index": (_set("a4", "index", lambda index: index[:10]), r"tensor 'a4': 'index' has shape \[10\]; shape "
+                                                                   r"\[64, 65\] needs 2080 bytes"),
+    "long index": (_set("b8", "index", lambda index: torch.cat([index, index])), r"'index' has shape \[8194\]"),
+    "short codebook": (_set("b8", "codebook", lambda book: book[:3]), r"tensor 'b8': codebook8 needs a codebook of "
+                                                                     r"256 values, got shape \[3\]"),
+    "no shape": (_drop("a4", "shape"), r"tensor 'a4': no 'shape' field"),
+    "negative shape": (_set("a4", "shape", torch.tensor([-1])), r"'shape' is \[-1\], expected a list of sizes"),
+    "float raw": (_set("n", "data", torch.zeros(2)), r"tensor 'n': a raw entry holds torch.float32"),
+    "fp16 not a tensor": (_set("c16", "data", [1.0]), r"tensor 'c16': 'data' is a list, expected a tensor"),
+    "tensors a list": (lambda payload: payload.update(tensors=[1, 2]), r"'tensors' is a list, expected a mapping"),
+    "metadata a string": (lambda payload: payload.update(metadata="x"), r"'metadata' is a str, expected a mapping"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED_COMPACT)
+def test_a_compact_file_the_writer_could_not_have_written_is_refused_naming_file_and_entry(tmp_path, case):
+    from hypertriton.compact import load_compact
+
+    change, message = MALFORMED_COMPACT[case]
+    payload = torch.load(_compact_file(tmp_path), weights_only=True)
+    change(payload)
+    path = tmp_path / "bad.pt"
+    torch.save(payload, path)
+    for load in (load_compact, ckpt.read_state_dict, HSNet.from_checkpoint):
+        with pytest.raises(ckpt.CheckpointError, match=message) as info:
+            load(path)
+        assert str(info.value).startswith(f"checkpoint: {str(path)!r}")
+
+
+def test_what_the_compact_writer_stores_exactly_or_in_any_float_dtype_round_trips(tmp_path):
+    from hypertriton.compact import load_compact, save_compact
+
+    g = torch.Generator().manual_seed(1)
+    levels = torch.linspace(-1, 1, 16)
+    state = {f"w_{dtype}": levels[torch.randint(0, 16, (4096,), generator=g)].to(dtype)
+             for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+    state.update(count=torch.tensor(5), flags=torch.tensor([True, False]), pixels=torch.arange(7, dtype=torch.uint8),
+                 phase=torch.tensor([1 + 2j]))
+    loaded, _ = load_compact(save_compact(state, tmp_path / "all.pt", bits=4))
+    for key, value in state.items():
+        assert loaded[key].dtype == value.dtype, key
+        torch.testing.assert_close(loaded[key], value, rtol=0, atol=1e-3 if value.is_floating_point() else 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# python -m hypertriton.data.synthetic bundle
+
+
+@pytest.fixture()
+def trained_run(tmp_path) -> Path:
+    """A run folder as 'hypertriton train' leaves it, with a tiny learner-only resnet18 best_model.pt
+    (the learner's input channels [2, 2, 2] name resnet18; small tensors keep the bundling fast)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({f"module.hpn_learner.encoder_layer{level}.0.conv1.weight": torch.ones(4, 2, 3, 3, 3, 3)
+                for level in (4, 3, 2)}, run / "best_model.pt")
+    (run / "config.json").write_text('{"benchmark": "synthetic", "fold": 2, "backbone": "resnet18", "img_size": 128}')
+    return run
+
+
+def _bundle(run, *flags) -> tuple[int, dict | None]:
+    from hypertriton.compact import load_compact
+    from hypertriton.data.synthetic import _main
+
+    out = run.parent / "bundle.pt"
+    out.unlink(missing_ok=True)
+    code = _main(["bundle", str(run / "best_model.pt"), "--out", str(out), *flags])
+    return code, (load_compact(out)[1] if out.exists() else None)
+
+
+def test_bundle_records_the_training_runs_settings_from_its_config(trained_run, capsys):
+    assert _bundle(trained_run) == (0, {"backbone": "resnet18", "img_size": 128, "benchmark": "synthetic", "fold": 2})
+    assert "note" not in capsys.readouterr().err
+
+
+def test_bundle_flags_win_over_the_config_with_a_note(trained_run, capsys):
+    code, metadata = _bundle(trained_run, "--img-size", "80")
+    assert code == 0 and metadata["img_size"] == 80 and metadata["fold"] == 2
+    assert f"note: --img-size 80 overrides img_size=128 recorded in '{trained_run / 'config.json'}'" \
+        in capsys.readouterr().err
+
+
+def test_bundle_without_a_config_uses_the_defaults_and_says_so(trained_run, capsys):
+    (trained_run / "config.json").unlink()
+    code, metadata = _bundle(trained_run, "--fold", "1")
+    assert code == 0 and (metadata["img_size"], metadata["backbone"], metadata["fold"]) == (96, "resnet18", 1)
+    assert "no config.json of 'hypertriton train' next to" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config, flags, message", [
+    ('{"img_size": 128}', [], r"is not the config.json that 'hypertriton train' writes \(no 'benchmark' field\)"),
+    ('{"benchmark": "synthetic", "img_size": null}', [], r"img_size None \(in '.*config.json'\) is not an integer "
+                                                        r"from 64 to 4096"),
+    ('{"benchmark": "synthetic", "img_size": 32}', [], "img_size 32"),
+    ('{"benchmark": "synthetic"}', ["--img-size", "96", "--backbone", "resnet50"],
+     r"backbone 'resnet50' \(given\) does not fit .* whose keys are those of 'resnet18'"),
+])
+def test_bundle_refuses_settings_it_cannot_record_truthfully(trained_run, capsys, config, flags, message):
+    import re
+
+    (trained_run / "config.json").write_text(config)
+    assert _bundle(trained_run, *flags) == (2, None)
+    err = capsys.readouterr().err
+    assert re.search(message, err) and err.rstrip().endswith("nothing was written") and "Traceback" not in err
