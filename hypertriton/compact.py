@@ -20,7 +20,15 @@ from .checkpoint import CheckpointError
 __all__ = ["COMPACT_FORMAT", "save_compact", "is_compact", "load_compact"]
 
 COMPACT_FORMAT = "hypertriton-compact-checkpoint"
+COMPACT_VERSION = 1
 _MIN_QUANTIZED = 4096  # smaller tensors (BN, GroupNorm, biases) are kept in fp16
+_KINDS = {"raw": None, "fp16": None, "codebook4": 16, "codebook8": 256}  # kind -> codebook levels
+# The dtypes save_compact can quantize: the floating ones that convert to float32 and back (torch implements
+# no such conversion for float4_e2m1fn_x2, so the writer cannot produce it).
+_CODEBOOK_DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in
+                    (torch.float16, torch.bfloat16, torch.float32, torch.float64,
+                     *(getattr(torch, name) for name in dir(torch)
+                       if name.startswith("float8_") and isinstance(getattr(torch, name), torch.dtype)))}
 
 
 def _kmeans_codebook(values: torch.Tensor, levels: int, iterations: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +93,8 @@ def save_compact(state_dict: Mapping[str, torch.Tensor], path, bits: Mapping[str
             entries[key] = {"kind": f"codebook{nbits}", "codebook": codebook.to(torch.float16), "index": index,
                             "shape": torch.tensor(value.shape, dtype=torch.int64),
                             "dtype": str(value.dtype).removeprefix("torch.")}
-    payload = {"format": COMPACT_FORMAT, "version": 1, "metadata": dict(metadata or {}), "tensors": entries}
+    payload = {"format": COMPACT_FORMAT, "version": COMPACT_VERSION, "metadata": dict(metadata or {}),
+               "tensors": entries}
     return atomic_save(payload, path)
 
 
@@ -94,26 +103,89 @@ def is_compact(loaded) -> bool:
     return isinstance(loaded, Mapping) and loaded.get("format") == COMPACT_FORMAT
 
 
-def load_compact(source) -> tuple[dict[str, torch.Tensor], dict]:
-    """Expand a compact checkpoint (a path or the loaded object) to ``(state_dict, metadata)``; every
-    floating tensor comes back as float32 (or its saved dtype)."""
-    loaded = load_on_cpu(source) if isinstance(source, (str, os.PathLike)) \
-        else source
+def _expand_entry(key: str, entry, where: str) -> torch.Tensor:
+    """One tensor of ``tensors``, checked against what :func:`save_compact` writes for it."""
+    def refuse(problem: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint: {where}: tensor {key!r}: {problem}")
+
+    def tensor_field(name: str, dtypes: tuple[torch.dtype, ...] | None = None) -> torch.Tensor:
+        if name not in entry:
+            raise refuse(f"no {name!r} field (kind {entry['kind']!r} needs it)")
+        value = entry[name]
+        if not isinstance(value, torch.Tensor):
+            raise refuse(f"{name!r} is a {type(value).__name__}, expected a tensor")
+        if dtypes is not None and value.dtype not in dtypes:
+            raise refuse(f"{name!r} is {value.dtype}, expected {' or '.join(map(str, dtypes))}")
+        return value
+
+    if not isinstance(entry, Mapping) or entry.get("kind") not in _KINDS:
+        got = entry.get("kind") if isinstance(entry, Mapping) else type(entry).__name__
+        raise refuse(f"unknown kind {got!r}; expected one of {list(_KINDS)}")
+    kind = entry["kind"]
+    if kind == "raw":
+        data = tensor_field("data")
+        if data.is_floating_point():  # the writer turns every floating tensor into fp16 or a codebook
+            raise refuse(f"a raw entry holds {data.dtype}; expected a non-floating tensor")
+        return data
+    if kind == "fp16":
+        return tensor_field("data", (torch.float16,)).float()
+    levels = _KINDS[kind]
+    shape = tensor_field("shape", (torch.int64,))
+    if shape.dim() != 1 or bool((shape < 0).any()):
+        raise refuse(f"'shape' is {shape.tolist()}, expected a list of sizes >= 0")
+    shape = torch.Size(shape.tolist())
+    dtype_name = entry.get("dtype")
+    if dtype_name not in _CODEBOOK_DTYPES:
+        raise refuse(f"dtype {dtype_name!r} is not one the writer stores as a codebook; expected one of "
+                     f"{sorted(_CODEBOOK_DTYPES)}")
+    codebook = tensor_field("codebook", (torch.float16,))
+    if codebook.shape != (levels,):
+        raise refuse(f"{kind} needs a codebook of {levels} values, got shape {list(codebook.shape)}")
+    index = tensor_field("index", (torch.uint8,))
+    expected = (shape.numel() + 1) // 2 if kind == "codebook4" else shape.numel()
+    if index.shape != (expected,):
+        raise refuse(f"'index' has shape {list(index.shape)}; shape {list(shape)} needs {expected} "
+                     f"{'bytes (two 4-bit indices per byte)' if kind == 'codebook4' else 'bytes'}")
+    if kind == "codebook4":
+        index = torch.stack([index & 0x0F, index >> 4], dim=1).reshape(-1)[: shape.numel()]
+    # uint8 indices cannot exceed 255 = the last of codebook8's 256 levels, nor 4-bit ones codebook4's 16
+    return codebook.float()[index.long()].reshape(shape).to(_CODEBOOK_DTYPES[dtype_name])
+
+
+def load_compact(source, name: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Expand a compact checkpoint to ``(state_dict, metadata)``; every floating tensor comes back as
+    float32 (or its saved dtype).
+
+    Args:
+        source: a path (``str`` or ``os.PathLike``) of a file written by :func:`save_compact`, or the
+            object ``torch.load`` read from one.
+        name: how messages call ``source`` when it is an object (e.g. the file it was read from).
+
+    Only what :func:`save_compact` writes is accepted: version 1; entries of kind ``raw`` (a non-floating
+    tensor), ``fp16`` (a float16 tensor) or ``codebook4``/``codebook8`` (16/256 float16 levels, uint8
+    indices that cover ``shape`` exactly, and a floating ``dtype``); ``metadata`` a mapping.
+
+    Raises:
+        CheckpointError: naming the file (or ``name``), the entry and what is wrong with it.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        where = repr(str(source))
+        loaded = load_on_cpu(source)
+    else:
+        where = name if name is not None else "the given object"
+        loaded = source
     if not is_compact(loaded):
-        raise CheckpointError(f"checkpoint: {source!r} is not a compact hypertriton checkpoint")
-    state_dict = {}
-    for key, entry in loaded["tensors"].items():
-        kind = entry["kind"]
-        if kind == "raw":
-            state_dict[key] = entry["data"]
-        elif kind == "fp16":
-            state_dict[key] = entry["data"].float()
-        else:
-            shape = torch.Size(entry["shape"].tolist())
-            index = entry["index"]
-            if kind == "codebook4":
-                index = torch.stack([index & 0x0F, index >> 4], dim=1).reshape(-1)
-            index = index[: shape.numel()].long()
-            dtype = getattr(torch, entry["dtype"])
-            state_dict[key] = entry["codebook"].float()[index].reshape(shape).to(dtype)
-    return state_dict, dict(loaded.get("metadata", {}))
+        raise CheckpointError(f"checkpoint: {where} is not a compact hypertriton checkpoint")
+    version = loaded.get("version")
+    if type(version) is not int or version != COMPACT_VERSION:  # not isinstance: True == 1, but is no version
+        newer = " (written by a newer hypertriton? upgrade it)" if type(version) is int and version > 1 else ""
+        raise CheckpointError(f"checkpoint: {where} is compact format version {version!r}; this hypertriton "
+                              f"reads version {COMPACT_VERSION}{newer}")
+    tensors, metadata = loaded.get("tensors"), loaded.get("metadata", {})
+    if not isinstance(tensors, Mapping) or not all(isinstance(key, str) for key in tensors):
+        raise CheckpointError(f"checkpoint: {where}: 'tensors' is a {type(tensors).__name__}, expected a mapping "
+                              "of name -> entry")
+    if not isinstance(metadata, Mapping):
+        raise CheckpointError(f"checkpoint: {where}: 'metadata' is a {type(metadata).__name__}, expected a mapping")
+    state_dict = {key: _expand_entry(key, entry, where) for key, entry in tensors.items()}
+    return state_dict, dict(metadata)

@@ -46,6 +46,7 @@ BUNDLED_BACKBONE = "resnet18"
 BUNDLED_IMG_SIZE = 96
 DEFAULT_IMG_SIZE = 400  # the original HSNet's input size, for user checkpoints
 MIN_IMG_SIZE = 64  # the smallest model input the command line accepts (HSNet runs from 32 px, poorly)
+MAX_IMG_SIZE = 4096  # the largest training size a compact checkpoint may record (beyond: hours per image)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
 REPRODUCE_HINT = "docs/synthetic.md gives the commands that train it"
 # Under transparent pixels: the ImageNet mean colour, which the model's input normalization maps to 0.
@@ -263,12 +264,13 @@ def load_model(checkpoint=None, backbone: str | None = None, backend: str | None
 
     Returns:
         ``(model, img_size)``: the model in eval mode on ``device``; ``img_size`` is the side it was
-        trained at: from a compact checkpoint's metadata (the bundled one), else from the
-        ``config.json`` that ``hypertriton train`` writes next to its ``best_model.pt``, else 400 (the
-        original's).
+        trained at: from a compact checkpoint's metadata (the bundled one; an integer from 64 to 4096),
+        else from the ``config.json`` that ``hypertriton train`` writes next to its ``best_model.pt``,
+        else 400 (the original's).
 
     Raises:
-        InputError: missing bundled checkpoint, missing file, or a file that is not a fitting checkpoint.
+        InputError: missing bundled checkpoint, missing file, a file that is not a fitting checkpoint, or
+            a compact file that is malformed or records an image size outside the above.
     """
     from .checkpoint import CheckpointError
     from .model import HSNet
@@ -287,9 +289,17 @@ def load_model(checkpoint=None, backbone: str | None = None, backend: str | None
     except Exception:  # missing, a folder, not even a torch file: let from_checkpoint phrase the error
         loaded = None
     if is_compact(loaded):
-        state_dict, metadata = load_compact(loaded)
-        img_size = int(metadata.get("img_size", img_size))
-        backbone = backbone or metadata.get("backbone")
+        try:
+            state_dict, metadata = load_compact(loaded, name=repr(str(path)))
+        except CheckpointError as error:
+            raise InputError(str(error)) from None
+        # The file's metadata is data like its weights: a size the model cannot run at (or would take
+        # hours at) is refused here, naming the file, rather than crashing or hanging later.
+        img_size = metadata.get("img_size", img_size)
+        if type(img_size) is not int or not MIN_IMG_SIZE <= img_size <= MAX_IMG_SIZE:  # not isinstance: True
+            raise InputError(f"checkpoint {str(path)!r}: its metadata gives img_size={img_size!r}; expected an "
+                             f"integer from {MIN_IMG_SIZE} to {MAX_IMG_SIZE} (the side the model was trained at)")
+        backbone = backbone or metadata.get("backbone")  # an unknown name is refused by HSNet, below
         source = state_dict
     elif isinstance(loaded, Mapping):
         source = loaded  # read once, not twice

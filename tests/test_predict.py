@@ -546,3 +546,42 @@ def test_ctrl_c_in_a_command_is_one_line_and_exit_code_130(monkeypatch, capsys):
     monkeypatch.setattr(command, "run", interrupted)
     assert main(["predict", "--query", "q.png", "--support", "s.png", "--support-mask", "m.png", "--out", "o"]) == 130
     assert capsys.readouterr().err == "hypertriton predict: interrupted\n"
+
+
+def _bundled_copy(path: Path, **metadata) -> Path:
+    """The bundled checkpoint with ``metadata`` entries replaced (None: removed)."""
+    payload = torch.load(lib.BUNDLED_CHECKPOINT, weights_only=True)
+    payload["metadata"].update(metadata)
+    payload["metadata"] = {key: value for key, value in payload["metadata"].items() if value is not None}
+    torch.save(payload, path)
+    return path
+
+
+@pytest.mark.parametrize("img_size", [1, 20, 63, 4097, 10**6, -8, 0, "12abc", "96", 96.7, True])
+def test_load_model_refuses_a_compact_image_size_the_model_cannot_run_at(tmp_path, img_size):
+    import re
+
+    path = _bundled_copy(tmp_path / "bad_size.pt", img_size=img_size)
+    with pytest.raises(lib.InputError, match=rf"checkpoint {re.escape(repr(str(path)))}: its metadata gives img_size="
+                                             rf"{re.escape(repr(img_size))}; expected an integer from 64 to 4096"):
+        lib.load_model(path)
+
+
+def test_load_model_takes_the_smallest_compact_image_size_and_defaults_without_one(tmp_path):
+    assert lib.load_model(_bundled_copy(tmp_path / "64.pt", img_size=64))[1] == 64
+    assert lib.load_model(_bundled_copy(tmp_path / "none.pt", img_size=None))[1] == 400  # nothing recorded
+
+
+def test_a_malformed_compact_checkpoint_is_one_error_line_and_exit_code_2(files, tmp_path, capsys):
+    import re
+
+    payload = torch.load(lib.BUNDLED_CHECKPOINT, weights_only=True)
+    payload["version"] = 2
+    bad = tmp_path / "bad.pt"
+    torch.save(payload, bad)
+    with pytest.raises(lib.InputError, match=rf"checkpoint: {re.escape(repr(str(bad)))} is compact format version 2"):
+        lib.load_model(bad)
+    assert _predict(files, tmp_path / "out", bad) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hypertriton predict: error: checkpoint: {str(bad)!r} is compact format version 2")
+    assert err.count("\n") == 2 and "nothing was written" in err and not (tmp_path / "out").exists()

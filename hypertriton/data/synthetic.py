@@ -536,6 +536,88 @@ def pretrain_backbone(out, backbone: str = "resnet18", fold: int = 0, img_size: 
     return {"steps": steps, "loss": float(np.mean(losses[-50:])), "seconds": time.time() - start}
 
 
+_BUNDLE_DEFAULTS = {"backbone": "resnet18", "img_size": 96, "fold": 0}  # the bundled run's, when nothing says
+_BUNDLE_PROG = "python -m hypertriton.data.synthetic bundle"
+
+
+def _bundle(args) -> int:
+    """The ``bundle`` command: ``args.checkpoint`` -> the compact file ``args.out``, with the training run's
+    backbone, image size and fold as metadata (see the command's help). Returns the exit code: 2, with the
+    reason on stderr, when refused."""
+    import json
+    import os
+    import sys
+    from pathlib import Path
+
+    from ..checkpoint import CheckpointError, infer_backbone, read_state_dict, strip_prefix
+    from ..predict import MAX_IMG_SIZE, MIN_IMG_SIZE, save_compact
+
+    def note(message: str) -> None:
+        print(f"{_BUNDLE_PROG}: note: {message}", file=sys.stderr)
+
+    def refuse(message: str) -> int:
+        print(f"{_BUNDLE_PROG}: error: {message}; nothing was written", file=sys.stderr)
+        return 2
+
+    try:
+        state_dict = strip_prefix(read_state_dict(args.checkpoint))
+    except (CheckpointError, FileNotFoundError) as error:
+        return refuse(str(error))
+    given = {name: getattr(args, name) for name in _BUNDLE_DEFAULTS}
+    config_path = Path(args.checkpoint).parent / "config.json"
+    recorded, benchmark = None, "synthetic"
+    if config_path.exists():
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            config = error
+        if not isinstance(config, dict) or "benchmark" not in config:
+            if None in given.values():  # a config.json of unknown origin must not be silently replaced by defaults
+                why = f"{type(config).__name__}: {config}" if isinstance(config, Exception) else "no 'benchmark' field"
+                return refuse(f"{str(config_path)!r} is not the config.json that 'hypertriton train' writes ({why}); "
+                              "pass --backbone, --img-size and --fold")
+        else:
+            recorded = {name: config[name] for name in _BUNDLE_DEFAULTS if name in config}
+            benchmark = str(config["benchmark"])
+    values, origins, defaulted = {}, {}, []
+    for name, default in _BUNDLE_DEFAULTS.items():
+        flag = "--" + name.replace("_", "-")
+        if given[name] is not None:
+            values[name], origins[name] = given[name], "given"
+            if recorded is not None and name in recorded and recorded[name] != given[name]:
+                note(f"{flag} {given[name]} overrides {name}={recorded[name]!r} recorded in {str(config_path)!r}")
+        elif recorded is not None and name in recorded:
+            values[name], origins[name] = recorded[name], f"in {str(config_path)!r}"
+        else:
+            values[name], origins[name] = default, "the default"
+            defaulted.append((name, f"{flag} {default}"))
+    if defaulted:
+        why = (f"no config.json of 'hypertriton train' next to {args.checkpoint!r}" if recorded is None
+               else f"{str(config_path)!r} records no {', '.join(name for name, _ in defaulted)}")
+        note(f"{why}: using the defaults {', '.join(flag for _, flag in defaulted)}; pass the flags if the run used "
+             "others")
+    img_size, fold, backbone = values["img_size"], values["fold"], values["backbone"]
+    if type(img_size) is not int or not MIN_IMG_SIZE <= img_size <= MAX_IMG_SIZE:
+        return refuse(f"img_size {img_size!r} ({origins['img_size']}) is not an integer from {MIN_IMG_SIZE} to "
+                      f"{MAX_IMG_SIZE}, which a bundle needs to be loaded; pass --img-size")
+    if type(fold) is not int or fold < 0:
+        return refuse(f"fold {fold!r} ({origins['fold']}) is not an integer >= 0; pass --fold")
+    try:
+        from_keys = infer_backbone(state_dict)
+    except CheckpointError:  # e.g. a learner-only file: the keys do not decide, so the given name stands
+        from_keys = backbone
+    if backbone != from_keys:
+        return refuse(f"backbone {backbone!r} ({origins['backbone']}) does not fit {args.checkpoint!r}, whose keys "
+                      f"are those of {from_keys!r}, so the bundle could not be loaded; pass --backbone {from_keys}")
+    metadata = {"backbone": backbone, "img_size": img_size, "benchmark": benchmark, "fold": fold}
+    # 4-bit codebooks for the backbone, 8-bit for the learner: a resnet18 HSNet fits in about 9 MB.
+    state_dict = {"module." + key: value for key, value in state_dict.items()}
+    path = save_compact(state_dict, args.out, bits={"": 4, "module.hpn_learner.": 8}, metadata=metadata)
+    print(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB): backbone {backbone}, img_size {img_size}, "
+          f"fold {fold}")
+    return 0
+
+
 def _main(argv=None) -> int:
     import argparse
 
@@ -557,25 +639,21 @@ def _main(argv=None) -> int:
     base.add_argument("--img-size", type=int, default=96)
     base.add_argument("--episodes", type=int, default=1000)
     base.add_argument("--seed", type=int, default=0)
-    bundle = sub.add_parser("bundle", help="compress a trained checkpoint into the package's bundled-weights format")
+    bundle = sub.add_parser(
+        "bundle", help="compress a trained checkpoint into the package's bundled-weights format",
+        description="Compress CHECKPOINT into the compact format, recording the backbone, image size and fold "
+                    "it was trained with (predict and evaluate read them). They are read from the config.json "
+                    "that 'hypertriton train' writes next to CHECKPOINT; a flag given here wins over it (with a "
+                    "note on stderr). Without a config.json they default to resnet18, 96 and 0 (with a note). "
+                    "A backbone that contradicts CHECKPOINT's keys is refused.")
     bundle.add_argument("checkpoint", help="best_model.pt written by 'hypertriton train --benchmark synthetic'")
     bundle.add_argument("--out", required=True, help="e.g. hypertriton/weights/synthetic_resnet18.pt")
-    bundle.add_argument("--backbone", default="resnet18")
-    bundle.add_argument("--fold", type=int, default=0)
-    bundle.add_argument("--img-size", type=int, default=96)
+    bundle.add_argument("--backbone", default=None, help="default: train's config.json, else resnet18")
+    bundle.add_argument("--fold", type=int, default=None, help="default: train's config.json, else 0")
+    bundle.add_argument("--img-size", type=int, default=None, help="default: train's config.json, else 96")
     args = parser.parse_args(argv)
     if args.tool == "bundle":
-        import os
-
-        from ..checkpoint import read_state_dict, strip_prefix
-        from ..predict import save_compact
-
-        metadata = {"backbone": args.backbone, "img_size": args.img_size, "benchmark": "synthetic", "fold": args.fold}
-        # 4-bit codebooks for the backbone, 8-bit for the learner: a resnet18 HSNet fits in about 9 MB.
-        state_dict = {"module." + key: value for key, value in strip_prefix(read_state_dict(args.checkpoint)).items()}
-        path = save_compact(state_dict, args.out, bits={"": 4, "module.hpn_learner.": 8}, metadata=metadata)
-        print(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
-        return 0
+        return _bundle(args)
     if args.tool == "baselines":
         dataset = SyntheticDataset(fold=args.fold, split="test", img_size=args.img_size, episodes=args.episodes,
                                    seed=args.seed)
