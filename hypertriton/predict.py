@@ -37,8 +37,8 @@ from .compact import is_compact, load_compact, save_compact  # noqa: F401  (part
 
 __all__ = [
     "BUNDLED_CHECKPOINT", "BUNDLED_BACKBONE", "BUNDLED_IMG_SIZE", "IMAGE_SUFFIXES", "InputError",
-    "VanishingMaskWarning", "read_image", "read_mask", "image_tensor", "mask_tensor", "vanishing_masks",
-    "load_model", "segment", "overlay", "write_pngs", "save_compact", "load_compact", "is_compact",
+    "VanishingMaskWarning", "InputWarning", "read_image", "read_mask", "image_tensor", "mask_tensor",
+    "vanishing_masks", "load_model", "segment", "overlay", "write_pngs", "save_compact", "load_compact", "is_compact",
 ]
 
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "synthetic_resnet18.pt"
@@ -58,6 +58,11 @@ class InputError(ValueError):
 
 class VanishingMaskWarning(UserWarning):
     """A support mask whose object pixels all vanish at the model's input size."""
+
+
+class InputWarning(UserWarning):
+    """A user-supplied file that is read, but maybe not as its owner expects (a multi-frame file, 16-bit
+    data that reads dark)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -80,9 +85,11 @@ def _open(path, role: str) -> Image.Image:
         raise InputError(f"{role}: cannot read {str(path)!r} as an image ({type(error).__name__}: {error})") from None
     frames = getattr(image, "n_frames", 1)
     if frames > 1:
+        # Phone JPEGs (MPO) carry extra frames (a preview, a depth map) behind the photo: no warning there.
+        if image.format != "MPO":
+            warnings.warn(f"{role}: {str(path)!r} holds {frames} frames (an animation or a multi-page file); "
+                          "the first is used", InputWarning, stacklevel=3)
         # PIL keeps a multi-frame file open to seek its other frames; keep the first frame, close the file.
-        warnings.warn(f"{role}: {str(path)!r} holds {frames} frames (an animation or a multi-page file); "
-                      "the first is used", stacklevel=3)
         first = image.copy()
         image.close()
         image = first
@@ -96,10 +103,11 @@ def _open(path, role: str) -> Image.Image:
 
 def read_image(path, role: str = "image") -> np.ndarray:
     """An image file as RGB ``uint8`` ``[H, W, 3]``, turned upright by its EXIF orientation (as image
-    viewers show it). 16-bit grey images are scaled to 8 bits by the bit depth their values use (PIL's
-    own conversion clips them). Transparent pixels take the ImageNet mean colour, which the model's
-    normalization maps to zero, whatever colour the file hides under them. Multi-frame files (animations,
-    multi-page TIFFs): the first frame, with a warning.
+    viewers show it). 16-bit grey images are scaled to 8 bits (divided by 257; PIL's own conversion
+    clips them), with a warning when their values use 12 bits or fewer. Transparent pixels take the
+    ImageNet mean colour, which the model's normalization maps to zero, whatever colour the file hides
+    under them. Multi-frame files (animations, multi-page TIFFs): the first frame, with a warning (not
+    for a phone's MPO JPEG, whose other frames are previews).
 
     Raises:
         InputError: the file is missing or is not a readable image.
@@ -115,9 +123,8 @@ def read_image(path, role: str = "image") -> np.ndarray:
 def _grey_to_8bit(values: np.ndarray, mode: str, path, role: str) -> np.ndarray:
     """A 16-bit, 32-bit integer or float grey image (PIL modes ``I;16*``, ``I``, ``F``) as ``uint8``.
 
-    Integers are scaled by the smallest of 8, 10, 12, 14 or 16 bits that holds their largest value:
-    cameras and microscopes store 10-14-bit data in 16-bit files, which a 16-bit scale would darken
-    4-64x (to near black).
+    16-bit values are divided by 257, whatever the image holds, so that images from one camera keep their
+    relative brightness; data of 12 bits or fewer in a 16-bit file then reads dark, which a warning says.
     """
     values = values.astype(np.float64)
     top = float(values.max()) if values.size else 0.0
@@ -125,34 +132,41 @@ def _grey_to_8bit(values: np.ndarray, mode: str, path, role: str) -> np.ndarray:
         scale = None
     elif mode == "F":
         scale = 255.0 if top <= 1 else (1.0 if top <= 255 else None)
-    else:
-        bits = next((bits for bits in (8, 10, 12, 14, 16) if top < 2 ** bits), None)
-        scale = None if bits is None else 255 / (2 ** bits - 1)
+    else:  # integers: 16-bit files, or 8/16-bit values that an older PIL reads as 32-bit
+        scale = 1.0 if mode == "I" and top <= 255 else (1 / 257 if top <= 65535 else None)
     if scale is None:
         raise InputError(f"{role}: {str(path)!r} is a {mode} image with values in [{values.min():g}, {top:g}]; "
                          "expected an 8- or 16-bit image (or floats in [0, 1])")
+    if scale == 1 / 257 and 0 < top < 4096:
+        warnings.warn(f"{role}: {str(path)!r} is a 16-bit image whose values reach only {top:g} of 65535 (data of "
+                      f"12 bits or fewer?): read as 16-bit it comes out dark (at most {round(top / 257)} of 255); "
+                      "scale it to the full range first if that is not what it shows", InputWarning,
+                      stacklevel=4)
     return np.rint(values * scale).clip(0, 255).astype(np.uint8)
 
 
-def _palette_is_grey(image: Image.Image) -> bool:
-    """Whether every palette entry a ``P``/``PA`` image uses is a grey (R = G = B)."""
+def _palette_is_black_and_white(image: Image.Image) -> bool:
+    """Whether every palette entry a ``P``/``PA`` image uses is black or white (or 0/1 greys): a drawing
+    saved with a palette, to read by its colours in whatever index order the editor chose."""
     indices = np.unique(np.asarray(image if image.mode == "P" else image.getchannel(0)))
     palette = np.asarray(image.getpalette("RGB") or [], dtype=np.uint8).reshape(-1, 3)
     if indices.size and int(indices.max()) >= len(palette):
         return False
     used = palette[indices]
-    return bool((used == used[:, :1]).all())
+    greys = set(used[:, 0].tolist())
+    return bool((used == used[:, :1]).all()) and (greys <= {0, 255} or greys <= {0, 1})
 
 
 def read_mask(path, image_hw: tuple[int, int] | None = None, role: str = "mask",
-               image_path=None) -> np.ndarray:
+              image_path=None) -> np.ndarray:
     """A binary mask file as ``bool`` ``[H, W]`` (True = object).
 
     Accepted: one channel (or equal RGB channels) holding only 0 and 1, or only 0 and 255 (or 65535 in
     a 16-bit file); one value alone is fine. Palette images are read by their colours when every colour
-    they use is a grey (as image editors save black-and-white drawings, in any index order) and by their
-    indices otherwise (VOC's class masks). An alpha channel is ignored unless the colours are all the same
-    and it is not: then it is the mask (an object drawn as the opaque part of a layer). An EXIF
+    they use is black or white (as image editors save black-and-white drawings, in any index order) and
+    by their indices otherwise (VOC's class masks). An alpha channel (a palette's transparent entry too)
+    is ignored unless the colours are all the same and it is not: then it is the mask (an object drawn as
+    the opaque part of a layer). An EXIF
     orientation, if the file has one, is applied as in :func:`read_image`.
 
     Args:
@@ -164,8 +178,9 @@ def read_mask(path, image_hw: tuple[int, int] | None = None, role: str = "mask",
             {0, 1} / {0, 255}, or no object pixel at all.
     """
     image = _open(path, role)
-    if image.mode in ("P", "PA") and _palette_is_grey(image):
-        image = image.convert("LA" if image.mode == "PA" else "L")
+    if image.mode in ("P", "PA") and _palette_is_black_and_white(image):
+        transparent = image.mode == "PA" or "transparency" in image.info
+        image = image.convert("LA" if transparent else "L")
     alpha = np.asarray(image.getchannel("A")) if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") else None
     if image.mode in ("RGB", "RGBA", "RGBa"):
         rgb = np.asarray(image.convert("RGB"))
@@ -264,7 +279,7 @@ def load_model(checkpoint=None, backbone: str | None = None, backend: str | None
 
     Returns:
         ``(model, img_size)``: the model in eval mode on ``device``; ``img_size`` is the side it was
-        trained at: from a compact checkpoint's metadata (the bundled one; an integer from 64 to 4096),
+        trained at: from a compact checkpoint's metadata (the bundled one; an integer from 32 to 4096),
         else from the ``config.json`` that ``hypertriton train`` writes next to its ``best_model.pt``,
         else 400 (the original's).
 
@@ -273,7 +288,7 @@ def load_model(checkpoint=None, backbone: str | None = None, backend: str | None
             a compact file that is malformed or records an image size outside the above.
     """
     from .checkpoint import CheckpointError
-    from .model import HSNet
+    from .model import MIN_IMAGE_SIZE, HSNet
 
     if checkpoint is None:
         if not BUNDLED_CHECKPOINT.is_file():
@@ -296,9 +311,9 @@ def load_model(checkpoint=None, backbone: str | None = None, backend: str | None
         # The file's metadata is data like its weights: a size the model cannot run at (or would take
         # hours at) is refused here, naming the file, rather than crashing or hanging later.
         img_size = metadata.get("img_size", img_size)
-        if type(img_size) is not int or not MIN_IMG_SIZE <= img_size <= MAX_IMG_SIZE:  # not isinstance: True
+        if type(img_size) is not int or not MIN_IMAGE_SIZE <= img_size <= MAX_IMG_SIZE:  # not isinstance: True
             raise InputError(f"checkpoint {str(path)!r}: its metadata gives img_size={img_size!r}; expected an "
-                             f"integer from {MIN_IMG_SIZE} to {MAX_IMG_SIZE} (the side the model was trained at)")
+                             f"integer from {MIN_IMAGE_SIZE} to {MAX_IMG_SIZE} (the side the model was trained at)")
         backbone = backbone or metadata.get("backbone")  # an unknown name is refused by HSNet, below
         source = state_dict
     elif isinstance(loaded, Mapping):

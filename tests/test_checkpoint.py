@@ -342,8 +342,8 @@ def test_bundle_without_a_config_uses_the_defaults_and_says_so(trained_run, caps
 @pytest.mark.parametrize("config, flags, message", [
     ('{"img_size": 128}', [], r"is not the config.json that 'hypertriton train' writes \(no 'benchmark' field\)"),
     ('{"benchmark": "synthetic", "img_size": null}', [], r"img_size None \(in '.*config.json'\) is not an integer "
-                                                        r"from 64 to 4096"),
-    ('{"benchmark": "synthetic", "img_size": 32}', [], "img_size 32"),
+                                                        r"from 32 to 4096"),
+    ('{"benchmark": "synthetic", "img_size": 31}', [], "img_size 31"),
     ('{"benchmark": "synthetic"}', ["--img-size", "96", "--backbone", "resnet50"],
      r"backbone 'resnet50' \(given\) does not fit .* whose keys are those of 'resnet18'"),
 ])

@@ -4,6 +4,7 @@ refused with a clear message and nothing written, compact checkpoints."""
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -258,6 +259,16 @@ def test_palette_masks_are_read_by_colour_when_grey_and_by_index_when_coloured(t
     voc.putpalette([0, 0, 0, 128, 0, 0])
     voc.save(tmp_path / "voc.png")
     np.testing.assert_array_equal(lib.read_mask(tmp_path / "voc.png", (2, 3)), drawn > 0)
+    # Both entries black, the background's transparent (Pillow's RGBA.quantize(2), PNG optimizers): the alpha.
+    transparent = Image.fromarray(1 - drawn, mode="P")
+    transparent.putpalette([0, 0, 0, 0, 0, 0])
+    transparent.save(tmp_path / "trns.png", transparency=1)
+    np.testing.assert_array_equal(lib.read_mask(tmp_path / "trns.png", (2, 3)), drawn > 0)
+    # A palette of other greys (0 and 128) is read by index, as before.
+    mid_grey = Image.fromarray(drawn, mode="P")
+    mid_grey.putpalette([0, 0, 0, 128, 128, 128])
+    mid_grey.save(tmp_path / "mid_grey.png")
+    np.testing.assert_array_equal(lib.read_mask(tmp_path / "mid_grey.png", (2, 3)), drawn > 0)
     voc_class = Image.fromarray(np.array([[0, 15, 15], [255, 0, 15]], np.uint8), mode="P")
     voc_class.putpalette([0, 0, 0] + [128, 0, 64] * 255)
     voc_class.save(tmp_path / "voc_class.png")
@@ -307,13 +318,18 @@ def test_transparent_pixels_are_read_as_the_imagenet_mean_colour(tmp_path):
     np.testing.assert_array_equal(lib.read_image(tmp_path / "p.png"), [[fill, (0, 200, 0), (0, 200, 0)]])
 
 
-def test_high_bit_depth_grey_images_are_scaled_by_the_bits_their_values_use(tmp_path):
-    twelve_bit = np.array([[0, 4095, 2048]], np.uint16)  # a 12-bit camera's data in a 16-bit file
+def test_sixteen_bit_images_keep_one_scale_and_low_bit_data_is_said_to_read_dark(tmp_path):
+    # One scale for every 16-bit image (a support and a query from one camera keep their relative
+    # brightness, whatever each one's brightest pixel); 12-bit data then reads dark, which a warning says.
+    twelve_bit = np.array([[0, 4095, 2000]], np.uint16)
     Image.fromarray(twelve_bit).save(tmp_path / "q12.png")
-    np.testing.assert_array_equal(lib.read_image(tmp_path / "q12.png")[..., 0], [[0, 255, 128]])
-    eight_bit = np.array([[0, 200, 255]], np.uint16)
-    Image.fromarray(eight_bit).save(tmp_path / "q8.png")
-    np.testing.assert_array_equal(lib.read_image(tmp_path / "q8.png")[..., 0], [[0, 200, 255]])
+    with pytest.warns(lib.InputWarning, match=r"q12\.png' is a 16-bit image whose values reach only 4095 of 65535"):
+        np.testing.assert_array_equal(lib.read_image(tmp_path / "q12.png")[..., 0], [[0, 16, 8]])  # round(v / 257)
+    brighter = np.array([[0, 4096, 2000]], np.uint16)
+    Image.fromarray(brighter).save(tmp_path / "q12b.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # past 12 bits: no warning
+        np.testing.assert_array_equal(lib.read_image(tmp_path / "q12b.png")[..., 0], [[0, 16, 8]])
 
 
 def test_multi_frame_files_give_their_first_frame_with_a_warning_and_are_closed(tmp_path):
@@ -327,7 +343,7 @@ def test_multi_frame_files_give_their_first_frame_with_a_warning_and_are_closed(
         image = lib.read_image(tmp_path / "anim.gif", role="--query")
         gc.collect()
     messages = [str(w.message) for w in caught]
-    assert [w.category for w in caught] == [UserWarning], messages  # no ResourceWarning: the file was closed
+    assert [w.category for w in caught] == [lib.InputWarning], messages  # no ResourceWarning: the file was closed
     assert "anim.gif' holds 2 frames" in messages[0] and "the first is used" in messages[0]
     np.testing.assert_array_equal(image, np.zeros((4, 5, 3), np.uint8))
 
@@ -344,6 +360,22 @@ def test_an_unreadable_image_leaves_no_file_open(files, tmp_path):
             lib.read_image(truncated)
         kept.append(caught.value)  # a caller keeping the errors (and their tracebacks) must not keep the files
     assert open_files() == before
+
+
+def test_a_multi_frame_query_is_said_once_and_a_phones_mpo_not_at_all(files, checkpoint, tmp_path, capsys):
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    frames = [Image.fromarray(np.full((40, 50, 3), value, np.uint8)) for value in (90, 200)]
+    frames[0].save(queries / "anim.gif", save_all=True, append_images=frames[1:])
+    assert _predict(files, tmp_path / "out", checkpoint, query=[queries]) == 0
+    err = capsys.readouterr().err
+    assert err.count("holds 2 frames") == 1 and "hypertriton predict: warning: --query:" in err, err
+    # A phone's JPEG with a preview frame behind the photo (MPO): read without a word.
+    frames[0].save(tmp_path / "phone.mpo", format="MPO", save_all=True, append_images=frames[1:])
+    assert Image.open(tmp_path / "phone.mpo").n_frames == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(lib.read_image(tmp_path / "phone.mpo")[0, 0], [90, 90, 90])
 
 
 def test_outputs_that_would_replace_inputs_are_refused(files, checkpoint, tmp_path, capsys):
@@ -381,7 +413,8 @@ def test_a_vanishing_support_mask_is_named_once_by_its_file(files, checkpoint, t
                     masks=[tmp_path / "tiny.png"]) == 0
     err = capsys.readouterr().err
     assert err.count("warning:") == 1, err  # once, not once per query
-    assert "hypertriton predict: warning: --support-mask: the 4 object pixels of" in err and "tiny.png' all vanish" in err
+    assert "hypertriton predict: warning: --support-mask: the 4 object pixels of" in err
+    assert "tiny.png' all vanish" in err
 
 
 def test_images_are_read_upright_by_their_exif_orientation(tmp_path):
@@ -557,18 +590,19 @@ def _bundled_copy(path: Path, **metadata) -> Path:
     return path
 
 
-@pytest.mark.parametrize("img_size", [1, 20, 63, 4097, 10**6, -8, 0, "12abc", "96", 96.7, True])
+@pytest.mark.parametrize("img_size", [1, 20, 31, 4097, 10**6, -8, 0, "12abc", "96", 96.7, True])
 def test_load_model_refuses_a_compact_image_size_the_model_cannot_run_at(tmp_path, img_size):
     import re
 
     path = _bundled_copy(tmp_path / "bad_size.pt", img_size=img_size)
     with pytest.raises(lib.InputError, match=rf"checkpoint {re.escape(repr(str(path)))}: its metadata gives img_size="
-                                             rf"{re.escape(repr(img_size))}; expected an integer from 64 to 4096"):
+                                             rf"{re.escape(repr(img_size))}; expected an integer from 32 to 4096"):
         lib.load_model(path)
 
 
 def test_load_model_takes_the_smallest_compact_image_size_and_defaults_without_one(tmp_path):
-    assert lib.load_model(_bundled_copy(tmp_path / "64.pt", img_size=64))[1] == 64
+    assert lib.load_model(_bundled_copy(tmp_path / "32.pt", img_size=32))[1] == 32  # the model's own minimum
+    assert lib.load_model(_bundled_copy(tmp_path / "48.pt", img_size=48))[1] == 48  # trainable, so bundled
     assert lib.load_model(_bundled_copy(tmp_path / "none.pt", img_size=None))[1] == 400  # nothing recorded
 
 

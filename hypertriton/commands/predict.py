@@ -2,8 +2,9 @@
 
 Every input is checked before anything runs (files exist and decode, each mask has its image's size,
 holds only 0 and 1 or 0 and 255 and marks at least one pixel, no output would replace an input, the
-checkpoint fits), so a bad input writes nothing; then each query is segmented and its files written at once, each through a temporary
-file, so an interrupted run keeps the queries done and leaves no partial file.
+checkpoint fits), so a bad input writes nothing; then each query is segmented and its files written at
+once, each through a temporary file, so an interrupted run keeps the queries done and leaves no partial
+file.
 
 Outputs, per query ``NAME.ext``: ``OUT/NAME_mask.png`` (0 = background, 255 = object, the query's
 size) and ``OUT/NAME_overlay.png`` (the query with the mask tinted red and outlined).
@@ -122,10 +123,15 @@ def _pairs_by_name(image_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
 def run(args: argparse.Namespace) -> int:
     import warnings
 
-    from hypertriton.predict import InputError
+    from hypertriton.predict import InputError, InputWarning, VanishingMaskWarning
+
+    default_show = warnings.showwarning
 
     def show_warning(message, category, filename, lineno, file=None, line=None):
-        print(f"hypertriton predict: warning: {message}", file=sys.stderr)
+        if issubclass(category, (InputWarning, VanishingMaskWarning)):  # about the user's files: one line
+            print(f"hypertriton predict: warning: {message}", file=sys.stderr)
+        else:  # another library's: as Python shows it, with its category and origin
+            default_show(message, category, filename, lineno, file, line)
 
     try:
         with warnings.catch_warnings():  # restores showwarning on the way out
@@ -146,8 +152,8 @@ def _run(args: argparse.Namespace) -> int:
     from hypertriton._io import check_writable
     from hypertriton.backend import resolve_backend
     from hypertriton.distributed import resolve_device
-    from hypertriton.predict import (MIN_IMG_SIZE, InputError, VanishingMaskWarning, load_model, overlay,
-                                     read_image, read_mask, segment, vanishing_masks, write_pngs)
+    from hypertriton.predict import (MIN_IMG_SIZE, InputError, InputWarning, VanishingMaskWarning, load_model,
+                                     overlay, read_image, read_mask, segment, vanishing_masks, write_pngs)
 
     if args.img_size is not None and args.img_size < MIN_IMG_SIZE:
         raise InputError(f"--img-size: expected an integer >= {MIN_IMG_SIZE}, got {args.img_size}")
@@ -195,16 +201,18 @@ def _run(args: argparse.Namespace) -> int:
     written = 0
     bar = tqdm(queries, desc="segmenting", unit="image", disable=not args.progress or (len(queries) == 1 and not
                                                                                        had_folder))
-    for query_path in bar:
-        query = read_image(query_path, role="--query")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", VanishingMaskWarning)  # said once above, with the file names
+    with warnings.catch_warnings():
+        # Said in step 1 already, once per file (the vanishing masks with their file names).
+        warnings.simplefilter("ignore", VanishingMaskWarning)
+        warnings.simplefilter("ignore", InputWarning)
+        for query_path in bar:
+            query = read_image(query_path, role="--query")
             mask = segment(model, query, supports, masks, img_size)
-        mask_path, *overlay_path = targets[query_path.stem]
-        outputs = {mask_path: mask.astype(np.uint8) * 255}
-        if overlay_path:
-            outputs[overlay_path[0]] = overlay(query, mask)
-        written += len(write_pngs(outputs))
+            mask_path, *overlay_path = targets[query_path.stem]
+            outputs = {mask_path: mask.astype(np.uint8) * 255}
+            if overlay_path:
+                outputs[overlay_path[0]] = overlay(query, mask)
+            written += len(write_pngs(outputs))
     again = f" ({replaced} of them replacing files of the same name)" if replaced else ""
     print(f"{len(queries)} queries segmented with {len(supports)} support(s) (backend {backend}, {img_size} px); "
           f"wrote {written} files to {out}{again}")

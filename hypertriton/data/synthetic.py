@@ -550,7 +550,8 @@ def _bundle(args) -> int:
     from pathlib import Path
 
     from ..checkpoint import CheckpointError, infer_backbone, read_state_dict, strip_prefix
-    from ..predict import MAX_IMG_SIZE, MIN_IMG_SIZE, save_compact
+    from ..model import MIN_IMAGE_SIZE
+    from ..predict import MAX_IMG_SIZE, save_compact
 
     def note(message: str) -> None:
         print(f"{_BUNDLE_PROG}: note: {message}", file=sys.stderr)
@@ -597,8 +598,8 @@ def _bundle(args) -> int:
         note(f"{why}: using the defaults {', '.join(flag for _, flag in defaulted)}; pass the flags if the run used "
              "others")
     img_size, fold, backbone = values["img_size"], values["fold"], values["backbone"]
-    if type(img_size) is not int or not MIN_IMG_SIZE <= img_size <= MAX_IMG_SIZE:
-        return refuse(f"img_size {img_size!r} ({origins['img_size']}) is not an integer from {MIN_IMG_SIZE} to "
+    if type(img_size) is not int or not MIN_IMAGE_SIZE <= img_size <= MAX_IMG_SIZE:
+        return refuse(f"img_size {img_size!r} ({origins['img_size']}) is not an integer from {MIN_IMAGE_SIZE} to "
                       f"{MAX_IMG_SIZE}, which a bundle needs to be loaded; pass --img-size")
     if type(fold) is not int or fold < 0:
         return refuse(f"fold {fold!r} ({origins['fold']}) is not an integer >= 0; pass --fold")
