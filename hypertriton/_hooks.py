@@ -39,7 +39,9 @@ def hooks_below(module: nn.Module) -> bool:
 
 
 def has_global_forward_hooks() -> bool:
-    """Whether global forward hooks are registered (``register_module_forward_hook``): they may keep a
-    module's output, so no later step may overwrite it in place. (PyTorch keeps them in a private
-    module-level dict, the same in torch 2.11 to 2.14.)"""
-    return bool(getattr(_module_internals, "_global_forward_hooks", None))
+    """Whether global forward hooks or pre-hooks are registered (``register_module_forward_hook``,
+    ``register_module_forward_pre_hook``): they may keep a module's output or input, so no later step may
+    overwrite it in place. (PyTorch keeps them in private module-level dicts, the same in torch 2.11 to
+    2.14.)"""
+    return bool(getattr(_module_internals, "_global_forward_hooks", None)
+                or getattr(_module_internals, "_global_forward_pre_hooks", None))

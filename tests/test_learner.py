@@ -419,34 +419,42 @@ def test_hooks_inside_run_once_and_see_the_originals_tensors(module_name, grad):
         assert all(p.grad is not None for p in ours.parameters())
 
 
-def test_outputs_a_global_hook_keeps_are_not_overwritten():
+def test_tensors_global_hooks_keep_are_not_overwritten():
     """Global hooks (activation recorders, module trackers) leave the fast path as it is, but the GroupNorm
-    after each center-pivot conv then runs out of place: it normalized the conv's output in place, which a
-    recorder had kept (it found GroupNorm + ReLU of it after the forward)."""
+    after each center-pivot conv then runs out of place: it normalized the conv's output (its own input) in
+    place, which a recorder had kept (it found GroupNorm + ReLU of it after the forward)."""
     from hypertriton import CenterPivotConv4d
+    from hypertriton.modules import GroupNorm4d
 
     _, ours = make_pair(INCH["resnet50"])
     levels = small_resnet50_levels(5)
     mask = torch.zeros(1, 160, 144)
     mask[0, 20:120, 30:110] = 1.0
+    with torch.no_grad():
+        plain = ours.forward_fused(levels, mask)
     kept = []
 
-    def record(module, args, output):
+    def keep_conv_outputs(module, args, output):
         if isinstance(module, CenterPivotConv4d):
             kept.append((output, output.clone()))
 
-    handle = torch.nn.modules.module.register_module_forward_hook(record)
-    try:
-        with torch.no_grad():
-            hooked = ours.forward_fused(levels, mask)
-    finally:
-        handle.remove()
-    with torch.no_grad():
-        plain = ours.forward_fused(levels, mask)
-    assert len(kept) >= 6  # the blocks' later layers run as modules on the fast path
-    for output, at_the_time in kept:
-        assert torch.equal(output, at_the_time)
-    torch.testing.assert_close(hooked, plain, rtol=0, atol=0)
+    def keep_norm_inputs(module, args):
+        if isinstance(module, GroupNorm4d):
+            kept.append((args[0], args[0].clone()))
+
+    for register, hook in ((torch.nn.modules.module.register_module_forward_hook, keep_conv_outputs),
+                           (torch.nn.modules.module.register_module_forward_pre_hook, keep_norm_inputs)):
+        kept.clear()
+        handle = register(hook)
+        try:
+            with torch.no_grad():
+                hooked = ours.forward_fused(levels, mask)
+        finally:
+            handle.remove()
+        assert len(kept) >= 6, hook.__name__  # the blocks' later layers run as modules on the fast path
+        for tensor, at_the_time in kept:
+            assert torch.equal(tensor, at_the_time), hook.__name__
+        torch.testing.assert_close(hooked, plain, rtol=0, atol=0)
 
 
 def test_a_hook_on_the_learner_itself_runs_on_the_fused_path():
