@@ -152,8 +152,10 @@ def evaluate(model, dataset_or_loader, nshot: int, device, progress: bool = True
         raise ValueError("class_ids: the dataset has no class_ids attribute; pass the classes to average over")
     meter = SegmentationMeter(class_ids)
     net = model.module if hasattr(model, "module") else model
-    # Each module's own mode comes back at the end (a BatchNorm the caller froze in eval mode stays so).
+    # Each module's own mode comes back at the end (a BatchNorm the caller froze in eval mode stays so);
+    # a model that is no nn.Module but has train()/eval() gets train() back if it was training.
     modes = [(module, module.training) for module in net.modules()] if isinstance(net, torch.nn.Module) else []
+    was_training = getattr(net, "training", False)
     if hasattr(net, "eval"):
         net.eval()
     visualize_dir = Path(visualize_dir) if visualize_dir is not None else None
@@ -211,6 +213,8 @@ def evaluate(model, dataset_or_loader, nshot: int, device, progress: bool = True
             stop_loader_workers(batches)
         for module, mode in modes:
             module.training = mode
+        if not modes and was_training and hasattr(net, "train"):
+            net.train()
     meter.all_reduce()  # every rank gets here, stopped or not: they stop before the same batch
     # The last collective before a caller leaves the process group: a barrier holds no Python tensor. Gloo's
     # worker thread needs the GIL to release the all-reduce's tensor, and a teardown right after it holds the

@@ -159,6 +159,21 @@ def test_the_loader_is_iterated_once_and_every_modules_mode_restored(dataset, mo
     assert model.training and not model.norm.training
 
 
+def test_a_model_that_is_no_module_gets_its_training_mode_back(dataset):
+    class Wrapper(Truth):
+        training = True
+
+        def train(self, mode=True):
+            self.training = mode
+
+        def eval(self):
+            self.train(False)
+
+    model = Wrapper()
+    evaluate(model, dataset, 1, "cpu", progress=False, max_episodes=2)
+    assert model.training
+
+
 def test_original_size_is_passed_only_when_asked(pascal_data, dataset):
     model = Truth()
     evaluate(model, dataset, 1, "cpu", progress=False, max_episodes=2)
