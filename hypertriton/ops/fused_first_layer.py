@@ -167,12 +167,11 @@ def _active_support_and_scales(support_b, mask_b, active, query_finite: bool = T
     eps)`` is NaN, and so is a product that overflowed, times 0. (With a finite query and every position
     active, a masked-out position is one with a non-finite feature, NaN either way: no copy is made.)"""
     m = None if mask_b is None else (mask_b if active is None else mask_b.index_select(0, active))
-    zero_masked_out = m is not None and (active is not None or not query_finite)
+    keep = (m != 0).to(support_b[0].dtype) if m is not None and (active is not None or not query_finite) else None
     raws, scales = [], []
     for s in support_b:  # [C, Hs*Ws]
         raw = s if active is None else s.index_select(1, active)
-        if zero_masked_out:
-            keep = (m != 0).to(raw.dtype)
+        if keep is not None:
             raw = raw * keep if active is None else raw.mul_(keep)  # index_select made a copy: in place
         norm = squared_norm(raw.unsqueeze(0))[0, 0].sqrt()
         scales.append(1.0 / (norm + reference.NORM_EPS) if m is None else m / (m.abs() * norm + reference.NORM_EPS))
