@@ -256,14 +256,34 @@ def vanishing_masks(masks: Sequence[np.ndarray], size: int,
 # Model
 
 
+def read_train_config(checkpoint) -> dict | None:
+    """The ``config.json`` that ``hypertriton train`` wrote next to ``checkpoint``, or None when there is
+    no such file.
+
+    Raises:
+        ValueError: a ``config.json`` is there but is not train's (unreadable, not JSON, no ``benchmark``
+            field), saying why.
+    """
+    path = Path(checkpoint).parent / "config.json"
+    if not path.exists():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{type(error).__name__}: {error}") from None
+    if not isinstance(config, dict) or "benchmark" not in config:
+        raise ValueError("no 'benchmark' field")
+    return config
+
+
 def _training_img_size(checkpoint: Path) -> int | None:
     """The image size in the ``config.json`` that ``hypertriton train`` wrote next to ``checkpoint``,
     or None (no such file, or not one of train's)."""
     try:
-        config = json.loads((checkpoint.parent / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        config = read_train_config(checkpoint)
+    except ValueError:
         return None
-    size = config.get("img_size") if isinstance(config, dict) and "benchmark" in config else None
+    size = config.get("img_size") if config is not None else None
     return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
 
 

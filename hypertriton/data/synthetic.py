@@ -544,14 +544,13 @@ def _bundle(args) -> int:
     """The ``bundle`` command: ``args.checkpoint`` -> the compact file ``args.out``, with the training run's
     backbone, image size and fold as metadata (see the command's help). Returns the exit code: 2, with the
     reason on stderr, when refused."""
-    import json
     import os
     import sys
     from pathlib import Path
 
     from ..checkpoint import CheckpointError, infer_backbone, read_state_dict, strip_prefix
     from ..model import MIN_IMAGE_SIZE
-    from ..predict import MAX_IMG_SIZE, save_compact
+    from ..predict import MAX_IMG_SIZE, read_train_config, save_compact
 
     def note(message: str) -> None:
         print(f"{_BUNDLE_PROG}: note: {message}", file=sys.stderr)
@@ -566,20 +565,15 @@ def _bundle(args) -> int:
         return refuse(str(error))
     given = {name: getattr(args, name) for name in _BUNDLE_DEFAULTS}
     config_path = Path(args.checkpoint).parent / "config.json"
-    recorded, benchmark = None, "synthetic"
-    if config_path.exists():
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            config = error
-        if not isinstance(config, dict) or "benchmark" not in config:
-            if None in given.values():  # a config.json of unknown origin must not be silently replaced by defaults
-                why = f"{type(config).__name__}: {config}" if isinstance(config, Exception) else "no 'benchmark' field"
-                return refuse(f"{str(config_path)!r} is not the config.json that 'hypertriton train' writes ({why}); "
-                              "pass --backbone, --img-size and --fold")
-        else:
-            recorded = {name: config[name] for name in _BUNDLE_DEFAULTS if name in config}
-            benchmark = str(config["benchmark"])
+    try:
+        config = read_train_config(args.checkpoint)
+    except ValueError as why:
+        if None in given.values():  # a config.json of unknown origin must not be silently replaced by defaults
+            return refuse(f"{str(config_path)!r} is not the config.json that 'hypertriton train' writes ({why}); "
+                          "pass --backbone, --img-size and --fold")
+        config = None
+    recorded = None if config is None else {name: config[name] for name in _BUNDLE_DEFAULTS if name in config}
+    benchmark = "synthetic" if config is None else str(config["benchmark"])
     values, origins, defaulted = {}, {}, []
     for name, default in _BUNDLE_DEFAULTS.items():
         flag = "--" + name.replace("_", "-")
