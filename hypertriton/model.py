@@ -374,7 +374,7 @@ class HSNet(nn.Module):
             kwargs: more :class:`HSNet` arguments (``pretrained``, ``backbone_weights``, ...).
 
         Returns:
-            The model in eval mode, on the CPU.
+            The model in eval mode, on the CPU. The global random generator is left as it was.
 
         Raises:
             FileNotFoundError, CheckpointError (a ``ValueError``): a missing file, a file that is not a
@@ -382,7 +382,10 @@ class HSNet(nn.Module):
         """
         state_dict = ckpt.strip_prefix(ckpt.read_state_dict(source))
         name = backbone if backbone is not None else ckpt.infer_backbone(state_dict)
-        model = cls(name, backend=backend, **kwargs)
+        # The initial weights are drawn only to be overwritten: draw them from a copy of the global
+        # generator, so that loading a model does not shift a seeded run's later draws.
+        with torch.random.fork_rng(devices=[]):
+            model = cls(name, backend=backend, **kwargs)
         described = repr(str(source)) if isinstance(source, (str, os.PathLike)) else "the given state_dict"
         try:
             ckpt.load_into(model, state_dict, strict=strict, source=described)

@@ -354,3 +354,11 @@ def test_bundle_refuses_settings_it_cannot_record_truthfully(trained_run, capsys
     assert _bundle(trained_run, *flags) == (2, None)
     err = capsys.readouterr().err
     assert re.search(message, err) and err.rstrip().endswith("nothing was written") and "Traceback" not in err
+
+
+def test_loading_a_checkpoint_leaves_the_global_generator_as_it_was(resnet18_file):
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    HSNet.from_checkpoint(resnet18_file)
+    torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
