@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from unittest import mock
 
+import pytest
 import torch
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -221,3 +222,14 @@ def launch_gloo_ranks(argv: list[str], world_size: int, workdir, timeout: float 
     for rank, (proc, (_, err)) in enumerate(zip(procs, logs)):
         assert proc.returncode == 0, f"rank {rank} failed ({proc.returncode}):\n{err.read_text()[-6000:]}"
     return [out.read_text() for out, _ in logs]
+
+
+def check_second_derivatives(backend: str, device: str, penalty_gradients, op: str) -> None:
+    """``penalty_gradients(backend, device)`` (gradients of a gradient penalty, ``create_graph=True``)
+    equals the einsum reference's on the CPU; the Triton backend refuses, naming ``op``."""
+    if backend == "triton":
+        with pytest.raises(RuntimeError, match=f"second derivatives .* {op} are not supported"):
+            penalty_gradients("triton", device)
+        return
+    for got, want in zip(penalty_gradients(backend, "cpu"), penalty_gradients("reference", "cpu")):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)

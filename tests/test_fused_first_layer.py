@@ -308,6 +308,23 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(fn, (*query, *support, *weights))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("upstream_records", [False, True], ids=["constant upstream", "recording upstream"])
+def test_second_derivatives_are_refused(backend, upstream_records):
+    """``create_graph=True`` through the explicit backward: refused whether or not the incoming gradient
+    records a graph (a once-differentiable backward returned constants when it did not, so a gradient
+    penalty lost its terms silently)."""
+    gen, query, support, weights = make_case(9, 1, 2, 3, 4, 3, 5, 6, 3, 3, out_channels=2, dtype=torch.float32)
+    mask = make_mask("blob", 1, 5, 6, gen).float()
+    query, support, mask, *weights = on_device(backend, query, support, mask, *weights)
+    query = [q.requires_grad_() for q in query]
+    weights = [w.requires_grad_() for w in weights]
+    out = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, (1, 1, 2, 2), backend=backend)
+    loss = (out * weights[0].sum()).sum() if upstream_records else out.sum()
+    with pytest.raises(RuntimeError, match="second derivatives .* fused first layer are not supported"):
+        torch.autograd.grad(loss, query, create_graph=True)
+
+
 def test_module_form_equals_conv_of_hypercorrelation():
     """``fused_hypercorrelation_cp_conv(..., conv)`` equals ``conv(hypercorrelation level)``."""
     from hypertriton import CenterPivotConv4d

@@ -4,8 +4,8 @@ from unittest import mock
 
 import pytest
 import torch
-from helpers import (BACKEND_IDS, LAYOUTS, MASK_KINDS, assert_gradients_match, available_backends, make_mask,
-                     make_tensor, seeds)
+from helpers import (BACKEND_IDS, LAYOUTS, MASK_KINDS, assert_gradients_match, available_backends,
+                     check_second_derivatives, make_mask, make_tensor, seeds)
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -307,3 +307,25 @@ def test_autocast_keeps_the_features_dtype_on_every_backend(backend):
     assert [g.dtype for g in got] == [torch.float32] * 2
     for g, w in zip(got, want):
         assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("backend", BACKEND_IDS)
+def test_second_derivatives_equal_the_reference_or_are_refused(backend):
+    """A gradient penalty (``create_graph=True``) with a mask that leaves most support positions out: the
+    torch backend's equals the einsum reference's; the Triton op refuses with a message naming it."""
+    gen = torch.Generator().manual_seed(4)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    query0 = [torch.randn(1, 3, 4, 5, generator=gen, dtype=torch.float64) for _ in range(2)]
+    support0 = [torch.randn(1, 3, 5, 4, generator=gen, dtype=torch.float64) for _ in range(2)]
+    mask = torch.zeros(1, 5, 4, dtype=torch.float64)
+    mask[0, 1:3, 1:3] = 1.0
+
+    def penalty_gradients(backend, device):
+        query = [q.to(device, dtype).requires_grad_() for q in query0]
+        support = [s.to(device, dtype).requires_grad_() for s in support0]
+        (level,) = hypertriton.hypercorrelation(query, support, mask.to(device, dtype), backend=backend)
+        weights = torch.arange(level.numel(), device=device, dtype=dtype).view(level.shape).cos()
+        grads = torch.autograd.grad((level * weights).sum(), query, create_graph=True)
+        return torch.autograd.grad(sum(g.square().sum() for g in grads), query + support)
+
+    check_second_derivatives(backend, DEVICES.get(backend, "cpu"), penalty_gradients, "Triton hypercorrelation")

@@ -54,6 +54,38 @@ def test_group_norm_matches_torch_values_and_gradients(batch, groups, per_group,
         torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-9)
 
 
+@settings(max_examples=examples(10), deadline=None)
+@given(batch=st.integers(1, 2), groups=st.integers(1, 3), per_group=st.integers(1, 3), sizes=st.tuples(*[sides] * 4),
+       affine=st.booleans(), relu=st.booleans(), seed=seeds)
+@example(batch=1, groups=2, per_group=2, sizes=(3, 2, 2, 3), affine=True, relu=False, seed=0)
+@example(batch=2, groups=1, per_group=3, sizes=(1, 1, 2, 1), affine=False, relu=True, seed=1)
+def test_group_norm_second_derivatives_match_torch(batch, groups, per_group, sizes, affine, relu, seed):
+    """A gradient penalty through the query-major GroupNorm (``create_graph=True``, then a gradient of
+    the gradients) equals the same penalty through ``F.group_norm``, for the input and the affine
+    parameters; an explicit backward that is not differentiable would lose its terms silently."""
+    assume(per_group * sizes[0] * sizes[1] * sizes[2] * sizes[3] > 1)
+    channels = groups * per_group
+    x = make_tensor((batch, channels, *sizes), seed, "channels_last", torch.float64)
+    gen = torch.Generator().manual_seed(seed + 1)
+    weight = torch.randn(channels, generator=gen, dtype=torch.float64) if affine else None
+    bias = torch.randn(channels, generator=gen, dtype=torch.float64) if affine else None
+    upstream = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    probe = torch.randn(x.numel(), generator=gen, dtype=torch.float64)
+
+    def penalty_gradients(norm, x):
+        inputs = [x.requires_grad_()] + [p.clone().requires_grad_() for p in (weight, bias) if p is not None]
+        out = norm(inputs[0], groups, *inputs[1:]) if affine else norm(inputs[0], groups)
+        out = torch.relu(out) if relu else out
+        first = torch.autograd.grad(out, inputs, upstream, create_graph=True)
+        penalty = sum((g * probe[:g.numel()].view(g.shape)).square().sum() for g in first)
+        return torch.autograd.grad(penalty, inputs)
+
+    got = penalty_gradients(group_norm, x.clone())
+    want = penalty_gradients(F.group_norm, x.contiguous())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-9)
+
+
 def test_group_norm_refuses_one_value_per_group_as_torch_does():
     x = to_query_major(torch.randn(1, 4, 1, 1, 1, 1))
     with pytest.raises(ValueError, match="more than 1 value"):

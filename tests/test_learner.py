@@ -189,6 +189,28 @@ def test_gradients_equal_the_originals():
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_a_gradient_penalty_equals_the_originals(backend):
+    """Second derivatives through the dense learner (``create_graph=True``): a penalty on the gradient
+    of the loss with respect to the correlations, differentiated for every weight, equals the
+    original's. A once-differentiable GroupNorm once returned constants here, dropping its terms."""
+    inch = INCH["vgg16"]
+    reference, ours = make_pair(inch, 8, backend)
+    reference, ours = reference.double(), ours.double()
+    pyramid = [level.double() for level in make_pyramid(inch, [(2, 2), (3, 3), (4, 4)], [(2, 2), (3, 3), (4, 4)], 1, 8)]
+    target = torch.randint(0, 2, (1, 8, 8), generator=torch.Generator().manual_seed(8))
+
+    def penalty_gradients(learner):
+        inputs = [level.clone().requires_grad_() for level in pyramid]
+        loss = F.cross_entropy(learner(inputs), target)
+        grads = torch.autograd.grad(loss, inputs, create_graph=True)
+        return torch.autograd.grad(sum(g.square().sum() for g in grads), list(learner.parameters()))
+
+    for name, got, want in zip(dict(reference.named_parameters()), penalty_gradients(ours),
+                               penalty_gradients(reference)):
+        torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-12, msg=name)
+
+
 def test_original_oracle_recomputes_pruning_indices_per_call():
     """The only defect fixed in the oracle: pruning after a size change uses the new size."""
     conv = original.OriginalCenterPivotConv4d(2, 3, (3,) * 4, (1, 1, 2, 2), (1,) * 4)

@@ -11,6 +11,14 @@ def shape_of(tensor: torch.Tensor) -> str:
     return "[" + ", ".join(str(size) for size in tensor.shape) + "]"
 
 
+def refuse_second_derivatives(op: str, instead: str) -> None:
+    """Raise inside an autograd ``backward`` that runs under ``create_graph=True`` (grad mode is then on):
+    the explicit backward is not itself differentiable."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"hypertriton: second derivatives (autograd.grad(..., create_graph=True)) through "
+                           f"{op} are not supported; {instead}")
+
+
 def check_tensor(value, name: str, ndim: int, layout: str) -> torch.Tensor:
     """``value`` must be a floating tensor with ``ndim`` dims (``layout`` names them, e.g. ``[B, C, H, W]``)."""
     if not isinstance(value, torch.Tensor):

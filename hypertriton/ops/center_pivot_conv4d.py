@@ -34,7 +34,7 @@ from ..backend import resolve_backend
 from . import cpu_conv
 from ._alloc import new_output
 from ._autocast import autocast_enabled, autocast_off
-from ._validation import check_cp_conv_args, check_tensor, check_triton_dtypes, shape_of
+from ._validation import check_cp_conv_args, check_tensor, check_triton_dtypes, refuse_second_derivatives, shape_of
 from .layout import is_query_major, split_constant_columns, to_query_major
 
 
@@ -481,6 +481,7 @@ def _(grad, x, weight_query, weight_support, stride, padding, needs):
 
 
 def _cp_conv_backward(ctx, grad):
+    refuse_second_derivatives("the Triton center-pivot convolution", "use backend='torch' or 'reference'")
     x, weight_query, weight_support = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:5])
     needs[2] = needs[2] and ctx.has_bias[0]

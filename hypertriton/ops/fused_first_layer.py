@@ -50,7 +50,7 @@ from ._autocast import autocast_enabled, autocast_off
 from ._columns import column_runs, copy_columns_
 from ._norms import channel_norm, normalize_with_norms, squared_norm
 from ._validation import (check_cp_conv_args, check_feature_lists, check_support_mask, check_triton_dtypes,
-                          shape_of)
+                          refuse_second_derivatives, shape_of)
 from .center_pivot_conv4d import bias_sum, output_size
 from .hypercorrelation import active_positions, hypercorrelation
 from .layout import ColumnSplit
@@ -747,8 +747,11 @@ class _FusedFirstLayer(torch.autograd.Function):
         return out, bias_only
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad, _bias_only):
+        # once_differentiable would refuse only where the incoming gradient records a graph and otherwise
+        # return constants, silently dropping every term of a gradient penalty through this layer.
+        refuse_second_derivatives("the fused first layer", "build the model with HSNet(fused=False) (or call "
+                                  "HyperCorr, then CenterPivotConv4d) on the 'torch' or 'reference' backend")
         spec = ctx.spec
         grad = _logical_output(grad, spec)
         mask, weight_query, weight_support, *features = ctx.saved_tensors

@@ -29,7 +29,7 @@ from ._alloc import new_output
 from ._autocast import autocast_off
 from ._columns import column_runs, copy_columns_
 from ._norms import normalize
-from ._validation import check_feature_lists, check_support_mask, check_triton_dtypes
+from ._validation import check_feature_lists, check_support_mask, check_triton_dtypes, refuse_second_derivatives
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -176,6 +176,7 @@ def _(grad, output, query, support, active=None):
 
 
 def _correlation_stack_backward(ctx, grad):
+    refuse_second_derivatives("the Triton hypercorrelation", "use backend='torch' or 'reference'")
     output, active, *features = ctx.saved_tensors
     grads = correlation_stack_backward_triton(grad, output, features[: ctx.layers], features[ctx.layers:], active)
     return grads[: ctx.layers], grads[ctx.layers:], None

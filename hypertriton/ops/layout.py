@@ -189,8 +189,8 @@ class _GroupNormChannelsLast(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, groups: int, weight, bias, eps: float, out_dtype: torch.dtype):
         mean_g, rstd_g, gamma, shift, scale = _group_statistics(rows, groups, weight, bias, eps)
-        ctx.save_for_backward(rows, mean_g, rstd_g, gamma)
-        ctx.groups, ctx.has_affine = groups, (weight is not None, bias is not None)
+        ctx.save_for_backward(rows, mean_g, rstd_g, gamma, weight, bias)
+        ctx.groups, ctx.eps, ctx.has_affine = groups, eps, (weight is not None, bias is not None)
         ctx.param_dtypes = tuple(None if p is None else p.dtype for p in (weight, bias))
         # Written through a view into a fresh tensor that is returned itself: a custom Function must not
         # return a view (the ReLU after it runs in place).
@@ -199,9 +199,10 @@ class _GroupNormChannelsLast(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        rows, mean_g, rstd_g, gamma = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable themselves
+            return _GroupNormChannelsLast._differentiable_backward(ctx, grad)
+        rows, mean_g, rstd_g, gamma, _, _ = ctx.saved_tensors
         groups = ctx.groups
         batch, count, channels = rows.shape
         per_group = channels // groups
@@ -228,6 +229,28 @@ class _GroupNormChannelsLast(torch.autograd.Function):
         grad_weight = dy_xhat_c.sum(dim=0).to(ctx.param_dtypes[0]) if ctx.has_affine[0] else None
         grad_bias = sum_dy.sum(dim=0).to(ctx.param_dtypes[1]) if ctx.has_affine[1] else None
         return grad_rows, None, grad_weight, grad_bias, None, None
+
+    @staticmethod
+    def _differentiable_backward(ctx, grad):
+        """The gradients through autograd over ``F.group_norm`` recomputed from the saved input: second
+        derivatives (gradient penalties, Hessian-vector products) then flow through them. Costs what
+        autograd's own GroupNorm would; only taken under ``create_graph=True``."""
+        rows, mean_g, _, _, weight, bias = ctx.saved_tensors
+        acc = mean_g.dtype
+        wanted = [(index, tensor) for index, tensor in ((0, rows), (2, weight), (3, bias))
+                  if tensor is not None and ctx.needs_input_grad[index]]
+        if not wanted:
+            return None, None, None, None, None, None
+        with torch.enable_grad():
+            weight_acc = None if weight is None else weight.to(acc)
+            bias_acc = None if bias is None else bias.to(acc)
+            out = F.group_norm(rows.to(acc).transpose(1, 2), ctx.groups, weight_acc, bias_acc, ctx.eps)
+            out = out.transpose(1, 2).to(grad.dtype)
+            grads = torch.autograd.grad(out, [tensor for _, tensor in wanted], grad, create_graph=True)
+        result = [None] * 6
+        for (index, _), value in zip(wanted, grads):
+            result[index] = value
+        return tuple(result)
 
 
 def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
