@@ -396,6 +396,26 @@ def test_layers_and_the_dense_learner_run_on_the_meta_device():
     assert out.device == meta and out.shape == (2, 2, 16, 16)
 
 
+def test_a_default_device_leaves_cpu_runs_alone():
+    """A shape-only dry run under ``with torch.device("meta")`` (or any default device) must not leave
+    cached index tensors on that device: the next real run raised "Cannot copy out of meta tensor"."""
+    from hypertriton.ops.center_pivot_conv4d import _support_taps
+
+    _support_taps.cache_clear()  # as if these sizes were new in this process
+    inch = [1, 1, 1]
+    torch.manual_seed(9)
+    learner = HPNLearner(inch).eval()
+    pyramid = [torch.rand(1, 1, side, side, side, side) for side in (2, 4, 8)]
+    fresh = [torch.rand(1, 1, side, side, side, side) for side in (3, 5, 9)]
+    with torch.no_grad():
+        before = learner(pyramid)
+        with torch.device("meta"):
+            meta_learner = HPNLearner(inch)
+            assert meta_learner([p.to("meta") for p in fresh]).device.type == "meta"
+            torch.testing.assert_close(learner(pyramid), before, rtol=0, atol=0)  # CPU inputs, meta default
+        assert learner(fresh).device.type == "cpu"
+
+
 HOOKED = ["encoder_layer4", "encoder_layer2.0", "encoder_layer2.0.conv1", "encoder_layer3.1", "encoder_layer3.2",
           "encoder_layer3.3.conv2", "encoder_layer4to3", "encoder_layer3to2.4", "decoder1", "decoder2.2"]
 

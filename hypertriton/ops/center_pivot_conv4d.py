@@ -104,8 +104,10 @@ def _support_taps(hs: int, ws: int, kh: int, kw: int, stride: tuple[int, int], p
     position ``t`` of a strided, padded 2D convolution, or ``kh*kw`` (a zero tap) where none does."""
     (sh, sw), (ph, pw) = stride, padding
     hs2, ws2 = (hs + 2 * ph - kh) // sh + 1, (ws + 2 * pw - kw) // sw + 1
-    dy = torch.arange(hs)[:, None] - torch.arange(hs2)[None, :] * sh + ph  # [Hs, Hs']
-    dx = torch.arange(ws)[:, None] - torch.arange(ws2)[None, :] * sw + pw  # [Ws, Ws']
+    # On the CPU whatever the default device: the cached tensor outlives a `with torch.device(...)` block.
+    cpu = torch.device("cpu")
+    dy = torch.arange(hs, device=cpu)[:, None] - torch.arange(hs2, device=cpu)[None, :] * sh + ph  # [Hs, Hs']
+    dx = torch.arange(ws, device=cpu)[:, None] - torch.arange(ws2, device=cpu)[None, :] * sw + pw  # [Ws, Ws']
     valid = ((dy >= 0) & (dy < kh))[:, None, :, None] & ((dx >= 0) & (dx < kw))[None, :, None, :]
     taps = dy[:, None, :, None] * kw + dx[None, :, None, :]
     return torch.where(valid, taps, torch.full_like(taps, kh * kw)).reshape(hs * ws, hs2 * ws2)
@@ -355,7 +357,7 @@ def bias_sum(bias_query, bias_support, out_channels: int | None = None, like: to
     if not present:
         if out_channels is None:
             return None
-        return torch.zeros(out_channels) if like is None else like.new_zeros(out_channels)
+        return torch.zeros(out_channels, device="cpu") if like is None else like.new_zeros(out_channels)
     return present[0] if len(present) == 1 else present[0] + present[1]
 
 

@@ -135,7 +135,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         _pool_threads, _pool_pid = torch.get_num_threads(), os.getpid()
     x = x.contiguous()
     # NNPACK's wrapper rejects a missing bias.
-    bias = torch.zeros(weight.shape[0], dtype=x.dtype) if bias is None else bias
+    bias = torch.zeros(weight.shape[0], dtype=x.dtype, device=x.device) if bias is None else bias
     if x.shape[0] == 1:  # NNPACK's own result: no copy into a batch (a pass over memory, ~0.4 ms at 128x50x50)
         return torch._nnpack_spatial_convolution(x, weight, bias, list(padding), [1, 1])
     out = new_output((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]), x.dtype, x.device)
