@@ -66,3 +66,32 @@ def test_query_major_input_compiles_without_graph_breaks(shape):
     x = to_query_major(torch.randn(*shape, generator=torch.Generator().manual_seed(2)))
     compiled = torch.compile(conv, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), conv(x))
+
+
+class _CorrelateTwoLayers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.corr = hypertriton.HyperCorr(backend="torch")
+
+    def forward(self, q0, q1, s0, s1, mask):
+        return self.corr([q0, q1], [s0, s1], mask)[0]
+
+
+@pytest.mark.parametrize("tracer", ["torch.jit.trace", "torch.export"])
+def test_a_traced_hypercorrelation_keeps_the_mask_an_input(tracer):
+    """Traced with one mask, run with another: the result is the other mask's. The sparse path's active
+    set is data-dependent, so traces take the dense products (jit.trace once failed on its shape keys)."""
+    import warnings
+
+    generator = torch.Generator().manual_seed(3)
+    feats = [torch.randn(1, 3, *size, generator=generator) for size in ((4, 4), (4, 4), (5, 5), (5, 5))]
+    traced_mask, other_mask = (torch.rand(2, 1, 10, 10, generator=generator) > 0.6).float()
+    model = _CorrelateTwoLayers().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's warnings about Python values
+        if tracer == "torch.jit.trace":
+            traced = torch.jit.trace(model, (*feats, traced_mask), check_trace=False)
+        else:
+            traced = torch.export.export(model, (*feats, traced_mask)).module()
+    assert traced(*feats, other_mask).abs().max() > 0
+    torch.testing.assert_close(traced(*feats, other_mask), model(*feats, other_mask))

@@ -225,13 +225,13 @@ def hypercorrelation(query_feats, support_feats, support_mask=None, backend: str
 
     dtype = query_feats[0].dtype
     compute = _compute_dtype(dtype)
-    masks = {}  # resized once per support map size
+    masks = {}  # resized once per support map size (plain ints: torch.jit.trace's shapes are tensors)
+    map_size = lambda t: tuple(int(n) for n in t.shape[-2:])  # noqa: E731
     if support_mask is not None:
         for s in support_feats:
-            size = tuple(s.shape[-2:])
-            if size not in masks:
-                masks[size] = reference.resize_mask(support_mask, size).to(compute)
-        support_feats = [s.to(compute) * masks[tuple(s.shape[-2:])] for s in support_feats]
+            if map_size(s) not in masks:
+                masks[map_size(s)] = reference.resize_mask(support_mask, map_size(s)).to(compute)
+        support_feats = [s.to(compute) * masks[map_size(s)] for s in support_feats]
     # Normalizing costs O(features), little next to the O(Hq*Wq*Hs*Ws) correlation.
     query_normed = [normalize(q.to(compute)) for q in query_feats]
     support_normed = [normalize(s.to(compute)) for s in support_feats]
@@ -242,10 +242,10 @@ def hypercorrelation(query_feats, support_feats, support_mask=None, backend: str
         s_level = [support_normed[i] for i in level]
         active = None
         # The active set is data-dependent: under torch.compile the products stay dense (a graph break
-        # otherwise), which is exact too.
-        if support_mask is not None and not torch.compiler.is_compiling():
+        # otherwise), which is exact too; torch.jit.trace would freeze this mask's set into the trace.
+        if support_mask is not None and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
             with torch.no_grad():
-                active = active_positions(masks[tuple(s_level[0].shape[-2:])], q_level, s_level)
+                active = active_positions(masks[map_size(s_level[0])], q_level, s_level)
         if name == "triton":
             # The kernel reads the inputs' dtype and accumulates in fp32.
             outputs.append(correlation_stack_triton([q.to(dtype) for q in q_level], [s.to(dtype) for s in s_level],
