@@ -325,6 +325,23 @@ def test_second_derivatives_are_refused(backend, upstream_records):
         torch.autograd.grad(loss, query, create_graph=True)
 
 
+def test_features_made_in_inference_mode_train_the_weights():
+    """A frozen backbone run under ``torch.inference_mode()`` makes inference tensors; the conv weights
+    still train on them (autograd cannot save inference tensors, so the layer keeps copies), with the
+    gradients that ordinary tensors get, as HyperCorr followed by CenterPivotConv4d gives."""
+    gen, query, support, weights = make_case(10, 1, 2, 3, 4, 3, 5, 6, 3, 3, out_channels=2, dtype=torch.float32)
+    mask = make_mask("blob", 1, 5, 6, gen).float()
+    with torch.inference_mode():
+        frozen = [t.clone() for t in (*query, *support, mask)]
+    grads = []
+    for query_in, support_in, mask_in in ((query, support, mask), (frozen[:2], frozen[2:4], frozen[4])):
+        leaves = [w.detach().requires_grad_() for w in weights]
+        out = ffl.fused_hypercorrelation_cp_conv4d(query_in, support_in, mask_in, *leaves, (1, 1, 2, 2), backend="torch")
+        grads.append(torch.autograd.grad(out.square().sum(), leaves))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_module_form_equals_conv_of_hypercorrelation():
     """``fused_hypercorrelation_cp_conv(..., conv)`` equals ``conv(hypercorrelation level)``."""
     from hypertriton import CenterPivotConv4d

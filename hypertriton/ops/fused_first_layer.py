@@ -1010,6 +1010,9 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
     mask = _resized_mask(support_mask, s0, compute)
     cast = [None if t is None else t.to(compute) for t in (weight_query, bias_query, weight_support, bias_support)]
     features = [f.to(compute) for f in (*query_feats, *support_feats)]
+    if torch.is_grad_enabled():  # what backward reads is saved, and autograd cannot save inference tensors
+        mask, *cast = [t.clone() if t is not None and t.is_inference() else t for t in (mask, *cast)]
+        features = [f.clone() if f.is_inference() else f for f in features]
     with autocast_off(device.type):
         if column_split_share is not None:  # inference only, so no autograd Function around it
             raw, bias_only = _forward(features[:layers], features[layers:], mask, *cast, spec, column_split_share)
