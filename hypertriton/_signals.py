@@ -1,7 +1,10 @@
 """Ctrl-C / SIGTERM handling shared by the long-running commands (training, evaluation).
 
-The first signal only asks the work to stop at its next safe point; a second one interrupts at once
-(``KeyboardInterrupt``). DataLoader workers ignore both, since they reach the whole process group.
+The first signal only asks the work to stop at its next safe point; a second Ctrl-C (SIGINT) interrupts
+at once (``KeyboardInterrupt``). A repeated SIGTERM does not: a scheduler's stop (SLURM's scancel,
+preemption, time limit; systemd) signals every process of a job, and torchrun, stopped too, forwards its
+own SIGTERM to its workers, so each worker gets two at once, and the scheduler follows with SIGKILL after
+its grace period anyway. DataLoader workers ignore both, since they reach the whole process group.
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ def stop_loader_workers(loader_or_iterator) -> None:
 
 class StopRequest:
     """First SIGINT/SIGTERM sets :attr:`requested` and, when ``verbose``, prints what happens next
-    (:meth:`describe`); a second one raises ``KeyboardInterrupt``. Handlers are installed only from the
-    main thread (elsewhere signals are left alone); usable as a context manager."""
+    (:meth:`describe`); a later SIGINT raises ``KeyboardInterrupt``, a later SIGTERM is ignored (see the
+    module's docstring). Handlers are installed only from the main thread (elsewhere signals are left
+    alone); usable as a context manager."""
 
     def __init__(self, verbose: bool):
         self.requested = False
@@ -77,9 +81,12 @@ class StopRequest:
 
     def _handle(self, signum, _frame) -> None:
         if self.requested:
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         self.requested = True
         if self.verbose:
-            print(f"\n{signal.Signals(signum).name} received: {self.describe()} (send it again to stop at once)",
+            again = "press Ctrl-C again" if signum == signal.SIGINT else "send SIGINT (Ctrl-C)"
+            print(f"\n{signal.Signals(signum).name} received: {self.describe()} ({again} to stop at once)",
                   file=sys.stderr, flush=True)
         self.on_first_signal()

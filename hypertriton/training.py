@@ -495,7 +495,7 @@ class _StopNow(BaseException):
 
 class _StopRequest(StopRequest):
     """First SIGINT/SIGTERM asks the loop to stop after the current step, or the validation at once (it
-    changes nothing a resume needs); a second one interrupts."""
+    changes nothing a resume needs); a second Ctrl-C interrupts."""
 
     def __init__(self, verbose: bool):
         super().__init__(verbose)

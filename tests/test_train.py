@@ -735,9 +735,14 @@ class SlowEpisodes(SyntheticDataset):
         time.sleep(0.6)  # the main process waits on its worker for every batch
         return super().__getitem__(index)
 
+def signal_the_group(times):
+    for _ in range(times):
+        os.killpg(os.getpgid(0), signal.SIGTERM)
+        time.sleep(0.05)
+
 def on_step(info):
     if info["global_step"] == 1:  # SIGTERM to the process group, as torchrun or a scheduler sends it
-        threading.Timer(0.3, os.killpg, (os.getpgid(0), signal.SIGTERM)).start()
+        threading.Timer(0.3, signal_the_group, (int(sys.argv[2]),)).start()
 
 config = TrainConfig(benchmark="synthetic", backbone="resnet18", pretrained=False, img_size=64, bsz=2, epochs=2,
                      max_steps_per_epoch=6, val_episodes=0, device="cpu", progress=False, tensorboard=False,
@@ -747,16 +752,20 @@ print("stopped", summary["interrupted"], summary["global_step"])
 """
 
 
-def test_sigterm_to_the_process_group_stops_cleanly_while_waiting_for_a_batch(tmp_path):
+@pytest.mark.parametrize("signals", [1, 2], ids=["one SIGTERM", "two SIGTERMs"])
+def test_sigterm_to_the_process_group_stops_cleanly_while_waiting_for_a_batch(tmp_path, signals):
     # The data-loader worker gets the signal too; were it to die, the main process, waiting for its next
-    # batch, would crash with "DataLoader worker exited unexpectedly" and save nothing.
+    # batch, would crash with "DataLoader worker exited unexpectedly" and save nothing. Two SIGTERMs: a
+    # scheduler signals every process of a job, torchrun among them, which forwards its own to its
+    # workers; that second one once interrupted the step at once, and nothing was saved.
     import subprocess
     import sys
 
     script = tmp_path / "run.py"
     script.write_text(SIGTERM_WHILE_WAITING)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "run")], env={**env, "OMP_NUM_THREADS": "1"},
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), str(signals)],
+                          env={**env, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=180, start_new_session=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "stopped True 2" in proc.stdout, proc.stdout + proc.stderr[-3000:]
