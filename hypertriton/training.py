@@ -31,7 +31,10 @@ the number of data-loader workers, and ends with the same parameters (on a GPU, 
 nondeterminism of some CUDA kernels, which two uninterrupted runs show too).
 
 Distributed: ``bsz`` is the global batch, split evenly over the ranks (so ``--bsz 20`` is the original
-recipe on any number of GPUs: DDP averages the per-rank gradients of equal-sized shards). Validation
+recipe on any number of GPUs: DDP averages the per-rank gradients of equal-sized shards). Where the world
+size does not divide the epoch's episodes, the sampler evens the shards by repeating up to ``W - 1`` of
+them in the epoch's last step; the repeats count for nothing there (loss weight 0, and not in the
+training mIoU), so that step too equals the single-process one. Validation
 is sharded over the ranks by :func:`hypertriton.evaluation.evaluate`, whose all-reduced counts equal a
 single-process evaluation.
 
@@ -392,8 +395,13 @@ class EpisodeSampler(DistributedSampler):
 TRAINING_KEYS = ("query_img", "query_mask", "support_imgs", "support_masks")
 
 
-def compute_loss(logits: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+def compute_loss(logits: torch.Tensor, query_mask: torch.Tensor,
+                 episode_weights: torch.Tensor | None = None) -> torch.Tensor:
     """The original loss: cross-entropy over {background, foreground}, mean over all query pixels.
+
+    ``episode_weights`` ``[B]``: instead, the sum over episodes of each one's weight times its mean over
+    its pixels (under torchrun, the last step of an epoch gives the sampler's repeated padding episodes
+    weight 0).
 
     Shape:
         logits ``[B, 2, H, W]``; query_mask ``[B, H, W]`` with values in {0, 1} (PASCAL boundary pixels
@@ -411,7 +419,10 @@ def compute_loss(logits: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor
         raise ValueError(f"query_mask: expected values 0 (background) and 1 (object) only, found "
                          f"{values[:6].tolist()}{' ...' if values.numel() > 6 else ''}; a 0/255 mask needs "
                          "(mask > 0), a soft one thresholding")
-    return F.cross_entropy(logits.float(), query_mask.long())
+    if episode_weights is None:
+        return F.cross_entropy(logits.float(), query_mask.long())
+    per_episode = F.cross_entropy(logits.float(), query_mask.long(), reduction="none").flatten(1).mean(dim=1)
+    return (per_episode * episode_weights.to(per_episode)).sum()
 
 
 def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
@@ -422,13 +433,14 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
 
 def training_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
                   scaler: torch.amp.GradScaler | None = None, amp_dtype: torch.dtype | None = None,
-                  meter=None) -> float:
+                  meter=None, episode_weights: torch.Tensor | None = None) -> float:
     """One optimizer step on a batch of 1-shot episodes; returns the loss (a Python float).
 
     ``batch`` holds ``query_img`` ``[B, 3, H, W]``, ``query_mask`` ``[B, H, W]``, ``support_imgs``
     ``[B, K, 3, H, W]`` and ``support_masks`` ``[B, K, H, W]`` on the model's device; the first shot is
     used, as in the original training. With a :class:`~hypertriton.metrics.SegmentationMeter`, the
     argmax prediction of this step is counted into it (the original's training mIoU/FB-IoU).
+    ``episode_weights`` ``[B]``: see :func:`compute_loss`; episodes of weight 0 are not counted either.
     """
     missing = [key for key in TRAINING_KEYS if key not in batch]
     if missing:
@@ -444,7 +456,7 @@ def training_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Op
     optimizer.zero_grad(set_to_none=True)
     with _autocast(device, amp_dtype):
         logits = model(batch["query_img"], batch["support_imgs"][:, 0], batch["support_masks"][:, 0])
-    loss = compute_loss(logits, batch["query_mask"])
+    loss = compute_loss(logits, batch["query_mask"], episode_weights)
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -453,8 +465,39 @@ def training_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Op
         loss.backward()
         optimizer.step()
     if meter is not None:
-        meter.update(logits.detach().argmax(dim=1), batch)
+        prediction = logits.detach().argmax(dim=1)
+        if episode_weights is not None and not bool((episode_weights != 0).all()):
+            keep = (episode_weights != 0).to(prediction.device)
+            prediction, batch = prediction[keep], _select_episodes(batch, keep)
+        meter.update(prediction, batch)
     return float(loss.detach())
+
+
+def _select_episodes(batch: dict, keep: torch.Tensor) -> dict:
+    """The episodes of ``batch`` flagged in ``keep`` ``[B]`` (entries without a batch dim kept whole)."""
+    count = keep.shape[0]
+    return {key: value[keep.to(value.device)] if isinstance(value, torch.Tensor) and value.dim() > 0
+            and value.shape[0] == count else value for key, value in batch.items()}
+
+
+def _padding_episode_weights(rank: int, world_size: int, dataset_size: int, first: int,
+                            size: int) -> torch.Tensor | None:
+    """Per-episode loss weights ``[size]`` of a rank's batch whose episodes hold positions
+    ``first .. first+size-1`` of its :class:`EpisodeSampler` shard, or None when every rank's batch at
+    this step is made of real episodes (the plain mean loss then holds).
+
+    With a dataset size that the world size does not divide, DistributedSampler pads the epoch by
+    repeating its first episodes (shard position ``i`` of rank ``r`` is padded position ``r + W*i``; those
+    past the dataset's size are repeats), all in the last step. Repeats get weight 0 and the others
+    ``W / (real episodes of the step over all ranks)``: DDP's average over the ranks then gives each real
+    episode of the step the same weight, as one process would."""
+    start, stop = world_size * first, world_size * (first + size)
+    if stop <= dataset_size:
+        return None
+    real_in_step = max(min(dataset_size, stop) - start, 0)
+    positions = rank + world_size * torch.arange(first, first + size)
+    real = positions < dataset_size
+    return real.double() * (world_size / real_in_step) if real_in_step else real.double()
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -845,11 +888,16 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
                 # the epoch's meter then holds every rank's episodes at every step, which last.pt keeps
                 # even when a second Ctrl-C leaves no time for a collective.
                 step_meter = _train_meter(train_dataset) if meter is not None and ctx.is_distributed else meter
+                size = batch["query_img"].shape[0]
+                weights = _padding_episode_weights(ctx.rank, ctx.world_size, len(train_dataset), step * rank_bsz, size)
                 consistent = False
-                loss = training_step(train_model, batch, optimizer, scaler, amp_dtype, step_meter)
+                loss = training_step(train_model, batch, optimizer, scaler, amp_dtype, step_meter,
+                                     episode_weights=None if weights is None else weights.to(device))
                 step += 1
                 global_step += 1
-                size = batch["query_img"].shape[0]
+                if weights is not None:  # this rank's loss sum and count over its real episodes
+                    real = int((weights != 0).sum())
+                    loss, size = (loss / float(weights.max()) / real if real else 0.0), real
                 # This rank's share of the step's loss, until the all-reduce below counts every rank's: a second
                 # Ctrl-C in between saves the step with it (the whole loss on one process).
                 uncounted = (loss * size, size)

@@ -68,6 +68,17 @@ def test_compute_loss_is_pixel_mean_cross_entropy():
     assert compute_loss(logits, mask).item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_compute_loss_with_episode_weights_sums_weighted_episode_means():
+    # Episode 0: the two pixels above (mean -(log(3/4) + log(2/3)) / 2); episode 1: both logits 0 -> log 2.
+    logits = torch.tensor([[[[0.0, math.log(2.0)]], [[math.log(3.0), 0.0]]], [[[0.0, 0.0]], [[0.0, 0.0]]]])
+    mask = torch.tensor([[[1.0, 0.0]], [[1.0, 0.0]]])
+    first, second = (-math.log(3 / 4) - math.log(2 / 3)) / 2, math.log(2.0)
+    assert compute_loss(logits, mask, torch.tensor([0.5, 0.5])).item() == pytest.approx(
+        compute_loss(logits, mask).item(), rel=1e-6)
+    assert compute_loss(logits, mask, torch.tensor([2.0, 0.0])).item() == pytest.approx(2 * first, rel=1e-6)
+    assert compute_loss(logits, mask, torch.tensor([0.0, 1.0])).item() == pytest.approx(second, rel=1e-6)
+
+
 @pytest.mark.parametrize("logits_shape, mask_shape, message", [
     ((1, 3, 2, 2), (1, 2, 2), r"logits: expected shape \[B, 2, H, W\]"),
     ((1, 2, 2, 2), (1, 2, 3), "query_mask: expected shape"),
@@ -159,6 +170,44 @@ def test_episode_sampler_shards_one_epoch_with_world_independent_seeds(world_siz
     sampler.set_epoch(3)
     sampler.set_start(2)
     assert list(sampler) == shards[0][2:] and len(sampler) == len(shards[0]) - 2
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("dataset_size", [1, 2, 5, 7, 12])
+@pytest.mark.parametrize("rank_bsz", [1, 2, 3])
+def test_padding_episodes_weigh_nothing_and_each_step_averages_its_real_episodes(world_size, dataset_size,
+                                                                                   rank_bsz):
+    """Against the sampler itself: per step, the episodes that repeat an earlier one of the epoch (the
+    sampler's padding) get weight 0 and every other one W / (real episodes of the step), so that DDP's
+    mean over the ranks is the mean over the step's distinct episodes; None when nothing is padded."""
+    from hypertriton.training import _padding_episode_weights
+
+    dataset = list(range(dataset_size))
+    shards = []
+    for rank in range(world_size):
+        sampler = EpisodeSampler(dataset, world_size, rank, seed=1)
+        sampler.set_epoch(2)
+        shards.append([index for index, _ in sampler])
+    seen = set()
+    for first in range(0, len(shards[0]), rank_bsz):
+        step = [shard[first:first + rank_bsz] for shard in shards]
+        weights = [_padding_episode_weights(rank, world_size, dataset_size, first, len(step[rank]))
+                   for rank in range(world_size)]
+        repeats = [[] for _ in range(world_size)]
+        # In the sampler's order (rank r's i-th episode is padded position r + W*i), which repeat one before?
+        for position in range(first, first + len(step[0])):
+            for rank in range(world_size):
+                index = step[rank][position - first]
+                repeats[rank].append(index in seen)
+                seen.add(index)
+        real = sum(not flag for flags in repeats for flag in flags)
+        if not any(flag for flags in repeats for flag in flags):
+            assert all(w is None for w in weights)
+            continue
+        for rank in range(world_size):
+            expected = [0.0 if flag else world_size / real for flag in repeats[rank]]
+            assert weights[rank].tolist() == pytest.approx(expected)
+    assert seen == set(dataset)
 
 
 def test_episode_seed_depends_on_seed_epoch_and_index():
