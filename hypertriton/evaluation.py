@@ -85,7 +85,9 @@ def _loader(source, bsz: int, nworker: int, max_episodes: int | None,
         dataset = source.dataset
         bsz = source.batch_size or bsz
         nworker, collate = source.num_workers, source.collate_fn
-        if isinstance(source.sampler, ShardSampler) and max_episodes is None:
+        sampler = source.sampler
+        if (isinstance(sampler, ShardSampler) and max_episodes is None and sampler.rank == hdist.get_rank()
+                and sampler.world_size == hdist.get_world_size()):
             return source
     elif isinstance(source, Dataset):
         dataset, collate = source, None
@@ -117,7 +119,8 @@ def evaluate(model, dataset_or_loader, nshot: int, device, progress: bool = True
         model: has ``predict_mask_nshot(batch, nshot) -> [B, H, W]`` 0/1 mask at the query mask's size
             (an ``HSNet``, possibly wrapped in DistributedDataParallel).
         dataset_or_loader: a benchmark dataset (``hypertriton.data.build_dataset``) or a DataLoader over
-            one; a loader is re-sharded unless its sampler is a :class:`ShardSampler`.
+            one; a loader is re-sharded unless its sampler is a :class:`ShardSampler` of this process's rank and
+            world size.
         nshot: supports per episode used by the k-shot vote.
         device: where batches go.
         progress: show a tqdm bar (rank 0 only).
@@ -175,8 +178,11 @@ def evaluate(model, dataset_or_loader, nshot: int, device, progress: bool = True
     batches = iter(loader)
     # Counted by hand: tqdm.auto's bar calls iter() on an iterable it wraps, which for a loader would start
     # a second set of workers (and read every episode twice).
-    bar = tqdm(total=len(loader), desc=f"evaluate {getattr(dataset, 'benchmark', '')} {nshot}-shot".strip(),
-               disable=not progress or not hdist.is_main_process(), dynamic_ncols=True)
+    # In episodes of all ranks: rank 0 shows it, and its shard is the largest (ranks go batch by batch).
+    world_size = hdist.get_world_size()
+    bar = tqdm(total=loader.sampler.length, unit="episode", dynamic_ncols=True,
+               desc=f"evaluate {getattr(dataset, 'benchmark', '')} {nshot}-shot".strip(),
+               disable=not progress or not hdist.is_main_process())
     stopped = False
     try:
         with torch.no_grad():
@@ -204,8 +210,8 @@ def evaluate(model, dataset_or_loader, nshot: int, device, progress: bool = True
                 episode_index = [next(indices) for _ in range(pred.shape[0])]
                 if visualize_dir is not None:
                     _write_panels(visualize_dir, batch, pred.cpu(), inter.cpu(), union.cpu(), episode_index)
-                bar.update(1)
-                if progress:
+                bar.update(min(pred.shape[0] * world_size, bar.total - bar.n))
+                if progress and world_size == 1:  # (under torchrun the counts are summed only at the end)
                     bar.set_postfix(miou=f"{meter.miou():.2f}", refresh=False)
     finally:
         bar.close()

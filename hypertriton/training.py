@@ -665,7 +665,13 @@ def _train_meter(dataset: Dataset, counts: dict | None = None):
     return meter
 
 
-def _check_resume_config(saved: dict, config: TrainConfig, world_size: int) -> None:
+def _check_resume_config(saved: dict, config: TrainConfig, world_size: int, warn: bool = True) -> None:
+    """Refuse a resume whose settings change the run's trajectory; warn (when ``warn``: rank 0 under
+    torchrun, so that each warning shows once) about settings that change its outcome only."""
+    def note(message: str) -> None:
+        if warn:
+            warnings.warn(message, stacklevel=5)  # at the call of train()
+
     changed = [name for name in _TRAJECTORY_FIELDS if saved.get(name) != getattr(config, name)]
     if changed:
         details = ", ".join(f"{name}: {saved.get(name)!r} -> {getattr(config, name)!r}" for name in changed)
@@ -673,19 +679,18 @@ def _check_resume_config(saved: dict, config: TrainConfig, world_size: int) -> N
                          "resume with the original values or start a new run")
     for name in ("lr", "lr_schedule", "amp", "max_steps_per_epoch"):
         if saved.get(name) != getattr(config, name):
-            warnings.warn(f"resume: {name} changed from {saved.get(name)!r} to {getattr(config, name)!r}; "
-                          "the continued run will differ from an uninterrupted one", stacklevel=3)
+            note(f"resume: {name} changed from {saved.get(name)!r} to {getattr(config, name)!r}; "
+                 "the continued run will differ from an uninterrupted one")
     if "cosine" in (saved.get("lr_schedule"), config.lr_schedule) and saved.get("epochs") != config.epochs:
-        warnings.warn(f"resume: epochs changed from {saved.get('epochs')!r} to {config.epochs!r}; the cosine "
-                      "schedule now spans the new length, so the learning rate jumps where the run resumes",
-                      stacklevel=3)
+        note(f"resume: epochs changed from {saved.get('epochs')!r} to {config.epochs!r}; the cosine "
+             "schedule now spans the new length, so the learning rate jumps where the run resumes")
     if saved.get("val_episodes") != config.val_episodes:
-        warnings.warn(f"resume: val_episodes changed from {saved.get('val_episodes')!r} to "
-                      f"{config.val_episodes!r}; the best mIoU so far was measured on other episodes, so "
-                      "best_model.pt is chosen by comparing scores over different sets", stacklevel=3)
+        note(f"resume: val_episodes changed from {saved.get('val_episodes')!r} to {config.val_episodes!r}; the "
+             "best mIoU so far was measured on other episodes, so best_model.pt is chosen by comparing scores "
+             "over different sets")
     if saved.get("world_size", world_size) != world_size:
-        warnings.warn(f"resume: the run used {saved.get('world_size')} processes, now {world_size}; the "
-                      "episodes are the same but float rounding in gradient averaging differs", stacklevel=3)
+        note(f"resume: the run used {saved.get('world_size')} processes, now {world_size}; the "
+             "episodes are the same but float rounding in gradient averaging differs")
 
 
 def train(config: TrainConfig, *, model: torch.nn.Module | None = None, train_dataset: Dataset | None = None,
@@ -774,7 +779,7 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
                                 "ended before its first save; start it again without resume")
     state = load_training_state(resume_path) if resume_path is not None else None
     if state is not None:
-        _check_resume_config(state["config"], config, ctx.world_size)
+        _check_resume_config(state["config"], config, ctx.world_size, warn=ctx.is_main)
 
     # Every rank builds the same initial model (DDP would broadcast rank 0's anyway).
     _seed_everything(config.seed)

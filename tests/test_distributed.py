@@ -55,6 +55,24 @@ def test_env_ranks_rejects_bad_environment(no_torchrun_env, monkeypatch, env, me
         hdist.env_ranks()
 
 
+@pytest.mark.parametrize("rank, world_size, same, expected", [
+    (None, None, True, "hypertriton train: error: boom\n"),
+    (None, None, False, "hypertriton train: error: boom\n"),
+    (0, 2, True, "hypertriton train: error: boom\n"),
+    (1, 2, True, ""),  # rank 0 says it for both
+    (1, 2, False, "hypertriton train: error (rank 1 of 2): boom\n"),  # perhaps this rank's alone
+])
+def test_errors_are_printed_once_or_by_their_rank(no_torchrun_env, monkeypatch, capsys, rank, world_size, same,
+                                                  expected):
+    from hypertriton.commands import print_error
+
+    if rank is not None:
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    print_error("train", ValueError("boom"), same_on_every_rank=same)
+    assert capsys.readouterr().err == expected
+
+
 def test_single_process_context_and_identity_collectives(no_torchrun_env):
     ctx = hdist.init_distributed("cpu")
     assert (ctx.rank, ctx.world_size, ctx.backend, ctx.device) == (0, 1, None, torch.device("cpu"))

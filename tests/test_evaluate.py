@@ -90,6 +90,12 @@ def test_all_foreground_matches_hand_count_and_batching(dataset):
     assert 0 < miou < 100
     loader = DataLoader(Subset(dataset, range(EPISODES)), batch_size=3)
     assert evaluate(AllForeground(), loader, 1, "cpu", progress=False)["miou"] == pytest.approx(miou, abs=1e-9)
+    # A loader sharded for another rank or world size (made outside torchrun, say) is re-sharded, not
+    # trusted: this process alone must score every episode.
+    subset = Subset(dataset, range(EPISODES))
+    loader = DataLoader(subset, batch_size=3, sampler=ShardSampler(EPISODES, rank=1, world_size=2))
+    result = evaluate(AllForeground(), loader, 1, "cpu", progress=False)
+    assert result["episodes"] == EPISODES and result["miou"] == pytest.approx(miou, abs=1e-9)
 
 
 FAILING_WORKER_SCRIPT = """

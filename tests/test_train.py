@@ -619,6 +619,7 @@ def test_resume_refuses_a_different_recipe(tmp_path):
     assert messages == ["resume: epochs changed from 1 to 2", "resume: lr_schedule changed from 'constant' to 'cosine'",
                         "resume: val_episodes changed from 0 to 2"]
     assert "the cosine schedule now spans the new length" in " ".join(str(w.message) for w in caught)
+    assert {w.filename for w in caught} == {__file__}  # shown at the caller's line, not inside the library
     atomic_save({"module.x": torch.zeros(1)}, tmp_path / "weights.pt")
     with pytest.raises(ValueError, match="weights.pt is not a hypertriton training state"):
         train(tiny_config(tmp_path, resume=str(tmp_path / "weights.pt")), train_dataset=trn)

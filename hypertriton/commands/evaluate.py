@@ -22,6 +22,7 @@ from pathlib import Path
 
 from hypertriton._io import atomic_file
 from hypertriton._signals import StopRequest
+from hypertriton.commands import print_error
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,6 +111,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         _check(args)
+    except (ValueError, FileNotFoundError) as error:
+        print_error("evaluate", error, same_on_every_rank=True)
+        return 2
+    try:
         ctx = hdist.init_distributed(args.device)
         amp = _resolve_amp(args.amp, ctx.device)
         model, checkpoint_img_size = load_model(args.load, args.backbone, backend=args.backend, device=ctx.device)
@@ -118,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         dataset = build_dataset(args.benchmark, args.datapath, args.splits, args.fold, args.split, args.nshot,
                                 img_size=args.img_size, use_original_imgsize=args.use_original_imgsize)
     except (ValueError, FileNotFoundError) as error:  # DatasetError, CheckpointError, InputError included
-        print(f"hypertriton evaluate: error: {error}", file=sys.stderr)
+        print_error("evaluate", error, same_on_every_rank=False)
         hdist.cleanup_distributed()  # a process group joined before the error is left, not abandoned
         return 2
     from hypertriton.data import DatasetError
@@ -156,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
                     "miou_of_evaluated_classes": result["miou_of_evaluated_classes"],
                 }, args.json)
     except DatasetError as error:
-        print(f"hypertriton evaluate: error: {error}", file=sys.stderr)
+        print_error("evaluate", error, same_on_every_rank=False)
         return 2
     finally:
         hdist.cleanup_distributed()

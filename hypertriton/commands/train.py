@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 
+from hypertriton.commands import print_error
 from hypertriton.training import LR_SCHEDULES, ORIGINAL_BSZ, TrainConfig
 
 _DEFAULTS = TrainConfig()
@@ -113,11 +114,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
     except ValueError as error:  # TrainConfig checks its values when built
-        print(f"hypertriton train: error: {error}", file=sys.stderr)
+        print_error("train", error, same_on_every_rank=True)
         return 2
     if config.benchmark != "synthetic" and (config.datapath is None or config.splits is None):
-        print(f"hypertriton train: error: --datapath and --splits are required for --benchmark "
-              f"{config.benchmark}", file=sys.stderr)
+        print_error("train", f"--datapath and --splits are required for --benchmark {config.benchmark}",
+                    same_on_every_rank=True)
         return 2
     is_main = env_ranks()[0] == 0
     try:
@@ -128,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
                   "if it was saved)", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, WeightsUnavailableError) as error:
-        print(f"hypertriton train: error: {error}", file=sys.stderr)
+        print_error("train", error, same_on_every_rank=False)
         return 2
     if is_main:
         best = summary["best_miou"]
