@@ -74,6 +74,7 @@ from hypertriton._io import atomic_file, atomic_save, check_writable, load_error
 from hypertriton._signals import StopRequest, ignore_stop_signals_in_worker, stop_loader_workers
 from hypertriton.checkpoint import TRAIN_STATE_FORMAT
 from hypertriton.evaluation import EvaluationStopped, evaluate
+from hypertriton.model import foreground
 
 __all__ = [
     "TrainConfig",
@@ -465,7 +466,7 @@ def training_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Op
         loss.backward()
         optimizer.step()
     if meter is not None:
-        prediction = logits.detach().argmax(dim=1)
+        prediction = foreground(logits.detach())
         if episode_weights is not None and not bool((episode_weights != 0).all()):
             keep = (episode_weights != 0).to(prediction.device)
             prediction, batch = prediction[keep], _select_episodes(batch, keep)

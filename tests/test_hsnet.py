@@ -16,7 +16,7 @@ from helpers import counting_nnpack
 
 from hypertriton import HSNet
 from hypertriton import backbones as bb
-from hypertriton.model import vote_nshot
+from hypertriton.model import foreground, vote_nshot
 from hypertriton.ops import cpu_conv
 from hypertriton.testing import assert_close_dtype
 
@@ -210,6 +210,18 @@ def test_backbone_stays_frozen_under_train():
 
 
 # ----------------------------------------------------------------------------- k-shot voting
+def test_foreground_is_the_argmax_ties_and_nan_included():
+    nan, inf = float("nan"), float("inf")
+    pairs = [(0.0, 1.0), (1.0, 0.0), (0.5, 0.5), (-0.0, 0.0), (nan, 1.0), (1.0, nan), (nan, nan), (-inf, inf),
+             (inf, inf), (inf, nan)]
+    logits = torch.tensor(pairs).t().reshape(1, 2, 2, 5)
+    got = foreground(logits)
+    assert got.dtype == torch.int64 and got.shape == (1, 2, 5)
+    torch.testing.assert_close(got, logits.argmax(dim=1), rtol=0, atol=0)
+    random = torch.randn(3, 2, 7, 9, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(foreground(random), random.argmax(dim=1), rtol=0, atol=0)
+
+
 def test_vote_nshot_on_hand_computed_votes():
     votes = torch.tensor([[[0, 1, 2, 3]], [[0, 0, 0, 0]], [[1, 1, 0, 0]], [[0, 2, 1, 1]]])
     expected = torch.tensor([[[0.0, 0, 1, 1]],   # max 3: 1/3 < 0.5 <= 2/3
