@@ -6,18 +6,21 @@ The library side of ``hypertriton predict`` and ``examples/one_shot_demo.py``:
   (missing, unreadable, mask size different from its image, mask not binary, mask empty).
 - :func:`load_model`: an HSNet from a checkpoint file (original format or the compact format of the
   bundled weights), or the bundled synthetic-benchmark checkpoint when no file is given.
-- :func:`segment`: a query's mask from K annotated supports, at the query's own size.
+- :func:`segment`: a query's mask from K annotated supports, at the query's own size;
+  :func:`prepare_supports` runs the supports through the backbone once for many queries.
 - :func:`overlay`, :func:`write_pngs`: outputs, written all-or-nothing.
 - :func:`save_compact`, :func:`load_compact` (from :mod:`hypertriton.compact`): the bundled
   checkpoint's storage (per-tensor k-means codebooks, 4 or 8 bits per weight).
 
 Example::
 
-    from hypertriton.predict import load_model, read_image, read_mask, segment
+    from hypertriton.predict import load_model, prepare_supports, read_image, read_mask, segment
     model, img_size = load_model()                      # the bundled checkpoint
     support = read_image("support.jpg")
     mask = segment(model, read_image("query.jpg"), [support], [read_mask("support.png", support.shape[:2])],
                    img_size)                            # bool [H, W] at the query's size
+    prepared = prepare_supports(model, [support], [read_mask("support.png", support.shape[:2])], img_size)
+    masks = [segment(model, read_image(path), prepared) for path in ("q1.jpg", "q2.jpg")]
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import json
 import os
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +42,8 @@ from .compact import is_compact, load_compact, save_compact  # noqa: F401  (part
 __all__ = [
     "BUNDLED_CHECKPOINT", "BUNDLED_BACKBONE", "BUNDLED_IMG_SIZE", "IMAGE_SUFFIXES", "InputError",
     "VanishingMaskWarning", "InputWarning", "read_image", "read_mask", "image_tensor", "mask_tensor",
-    "vanishing_masks", "load_model", "segment", "overlay", "write_pngs", "save_compact", "load_compact", "is_compact",
+    "vanishing_masks", "load_model", "PreparedSupports", "prepare_supports", "segment", "overlay", "write_pngs",
+    "save_compact", "load_compact", "is_compact",
 ]
 
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "synthetic_resnet18.pt"
@@ -358,26 +363,34 @@ def _check_rgb(image, name: str) -> None:
         raise ValueError(f"{name}: expected a numpy RGB uint8 image [H, W, 3] (as read_image returns), got {got}")
 
 
-def segment(model, query: np.ndarray, supports: Sequence[np.ndarray], support_masks: Sequence[np.ndarray],
-            img_size: int) -> np.ndarray:
-    """The query's object mask given K supports, at the query's own size.
+@dataclass(frozen=True)
+class PreparedSupports:
+    """K supports resized for a model and run through its backbone once (:func:`prepare_supports`), for
+    segmenting many queries against them. Tied to the model and its weights at preparation time."""
 
-    Every image is resized to ``img_size`` x ``img_size`` for the model (as in training); the logits are
-    resized back to the query's size before the argmax (as the original's ``use_original_imgsize``),
-    and K > 1 shots are combined by the original vote.
+    model: object
+    features: list  # per shot, the backbone's feature maps, batch 1
+    masks: torch.Tensor  # [1, K, img_size, img_size]
+    img_size: int
+
+    @property
+    def shots(self) -> int:
+        return len(self.features)
+
+
+def prepare_supports(model, supports: Sequence[np.ndarray], support_masks: Sequence[np.ndarray],
+                     img_size: int) -> PreparedSupports:
+    """Check K supports, resize them to ``img_size`` x ``img_size`` and compute their backbone features.
 
     Args:
-        query: RGB ``uint8`` ``[H, W, 3]``.
-        supports: K RGB images ``[Hk, Wk, 3]`` (any sizes).
+        supports: K RGB ``uint8`` images ``[Hk, Wk, 3]`` (any sizes).
         support_masks: K ``bool`` masks ``[Hk, Wk]``.
 
-    Returns:
-        ``bool`` ``[H, W]``.
+    Warns :class:`VanishingMaskWarning` for a mask whose object vanishes at ``img_size``.
     """
     if len(supports) != len(support_masks) or not supports:
         raise ValueError(f"supports/support_masks: expected K >= 1 of each, got {len(supports)} and "
                          f"{len(support_masks)}")
-    _check_rgb(query, "query")
     for k, (image, mask) in enumerate(zip(supports, support_masks)):
         _check_rgb(image, f"supports[{k}]")
         if not isinstance(mask, np.ndarray) or mask.shape != image.shape[:2]:
@@ -390,14 +403,45 @@ def segment(model, query: np.ndarray, supports: Sequence[np.ndarray], support_ma
         warnings.warn(f"support_masks[{k}]: its {int(support_masks[k].sum())} object pixels all vanish when the "
                       f"mask is resized to {img_size}x{img_size} for the model, which then sees no object; mark "
                       "a larger region or use a larger img_size", VanishingMaskWarning, stacklevel=2)
-    batch = {
-        "query_img": image_tensor(query, img_size)[None].to(device),
-        "support_imgs": torch.stack([image_tensor(s, img_size) for s in supports])[None].to(device),
-        "support_masks": torch.stack(resized_masks)[None].to(device),
-        "org_query_imsize": (query.shape[1], query.shape[0]),  # PIL order (W, H), as the datasets give it
-    }
     with torch.no_grad():
-        mask = model.predict_mask_nshot(batch, len(supports))
+        features = [model.extract_features(image_tensor(image, img_size)[None].to(device)) for image in supports]
+    return PreparedSupports(model, features, torch.stack(resized_masks)[None].to(device), img_size)
+
+
+def segment(model, query: np.ndarray, supports, support_masks: Sequence[np.ndarray] | None = None,
+            img_size: int | None = None) -> np.ndarray:
+    """The query's object mask given K supports, at the query's own size.
+
+    Every image is resized to ``img_size`` x ``img_size`` for the model (as in training); the logits are
+    resized back to the query's size before the argmax (as the original's ``use_original_imgsize``),
+    and K > 1 shots are combined by the original vote.
+
+    Args:
+        query: RGB ``uint8`` ``[H, W, 3]``.
+        supports: K RGB images ``[Hk, Wk, 3]`` (any sizes), with ``support_masks`` (K ``bool`` masks
+            ``[Hk, Wk]``) and ``img_size``; or what :func:`prepare_supports` returned for this model
+            (then neither), which spares their backbone for every query.
+
+    Returns:
+        ``bool`` ``[H, W]``.
+    """
+    if isinstance(supports, PreparedSupports):
+        if supports.model is not model:
+            raise ValueError("supports: prepared for another model; prepare them again with this one")
+        if support_masks is not None or img_size not in (None, supports.img_size):
+            raise ValueError(f"support_masks/img_size: prepared supports hold their masks and their size "
+                             f"({supports.img_size}); pass neither")
+        prepared = supports
+    else:
+        if img_size is None:
+            raise ValueError("img_size: required with support images (the side the model's input is resized to)")
+        _check_rgb(query, "query")
+        prepared = prepare_supports(model, supports, support_masks, img_size)
+    _check_rgb(query, "query")
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        query_feats = model.extract_features(image_tensor(query, prepared.img_size)[None].to(device))
+        mask = model.predict_from_features(query_feats, prepared.features, prepared.masks, query.shape[:2])
     return mask[0].cpu().numpy() > 0
 
 
@@ -434,7 +478,10 @@ def write_pngs(files: Mapping[Path, np.ndarray]) -> list[Path]:
             temporary = temporary_path(path)
             with open(temporary, "xb") as stream:
                 staged.append((temporary, path))
-                Image.fromarray(np.ascontiguousarray(array)).save(stream, format="PNG")
+                # Level 1 for colour images (overlays): a photo-sized one encodes 4x faster than at PIL's
+                # default, 6, for files about 30% larger.
+                Image.fromarray(np.ascontiguousarray(array)).save(stream, format="PNG",
+                                                                   compress_level=1 if array.ndim == 3 else 6)
         for temporary, path in staged:
             os.replace(temporary, path)
     except BaseException:

@@ -448,6 +448,39 @@ def test_write_pngs_leaves_nothing_when_one_file_fails(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("shots", [1, 2])
+def test_prepared_supports_run_their_backbone_once_and_give_the_originals_masks(files, monkeypatch, shots):
+    model, img_size = lib.load_model()  # the bundled, trained model: masks of both classes
+    supports = [lib.read_image(p) for p in files["supports"][:shots]]
+    masks = [lib.read_mask(m, s.shape[:2]) for m, s in zip(files["masks"], supports)]
+    queries = [lib.read_image(p) for p in sorted(files["queries"].iterdir()) if p.suffix != ".txt"]
+    extract, calls = model.extract_features, []
+    monkeypatch.setattr(model, "extract_features", lambda images: calls.append(len(images)) or extract(images))
+    prepared = lib.prepare_supports(model, supports, masks, img_size)
+    assert calls == [1] * shots
+    foreground = []
+    for query in queries:
+        del calls[:]
+        got = lib.segment(model, query, prepared)
+        assert calls == [1]  # the query's backbone only
+        # The original's path: every image through the backbone, logits resized to the query's size.
+        batch = {"query_img": lib.image_tensor(query, img_size)[None],
+                 "support_imgs": torch.stack([lib.image_tensor(s, img_size) for s in supports])[None],
+                 "support_masks": torch.stack([lib.mask_tensor(m, img_size) for m in masks])[None],
+                 "org_query_imsize": (query.shape[1], query.shape[0])}
+        with torch.no_grad():
+            want = model.predict_mask_nshot(batch, shots)[0].numpy() > 0
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(lib.segment(model, query, supports, masks, img_size), want)
+        foreground.append(got.mean())
+    assert any(0 < share < 1 for share in foreground)
+    other, _ = lib.load_model()
+    with pytest.raises(ValueError, match="prepared for another model"):
+        lib.segment(other, queries[0], prepared)
+    with pytest.raises(ValueError, match="pass neither"):
+        lib.segment(model, queries[0], prepared, masks, img_size)
+
+
 def test_segment_names_inputs_that_are_not_what_read_image_and_read_mask_return(checkpoint):
     model, _ = lib.load_model(checkpoint)
     image, mask = np.zeros((64, 64, 3), np.uint8), np.ones((64, 64), bool)

@@ -153,7 +153,8 @@ def _run(args: argparse.Namespace) -> int:
     from hypertriton.backend import resolve_backend
     from hypertriton.distributed import resolve_device
     from hypertriton.predict import (MIN_IMG_SIZE, InputError, InputWarning, VanishingMaskWarning, load_model,
-                                     overlay, read_image, read_mask, segment, vanishing_masks, write_pngs)
+                                     overlay, prepare_supports, read_image, read_mask, segment, vanishing_masks,
+                                     write_pngs)
 
     if args.img_size is not None and args.img_size < MIN_IMG_SIZE:
         raise InputError(f"--img-size: expected an integer >= {MIN_IMG_SIZE}, got {args.img_size}")
@@ -205,9 +206,10 @@ def _run(args: argparse.Namespace) -> int:
         # Said in step 1 already, once per file (the vanishing masks with their file names).
         warnings.simplefilter("ignore", VanishingMaskWarning)
         warnings.simplefilter("ignore", InputWarning)
+        prepared = prepare_supports(model, supports, masks, img_size)  # their backbone runs once, not per query
         for query_path in bar:
             query = read_image(query_path, role="--query")
-            mask = segment(model, query, supports, masks, img_size)
+            mask = segment(model, query, prepared)
             mask_path, *overlay_path = targets[query_path.stem]
             outputs = {mask_path: mask.astype(np.uint8) * 255}
             if overlay_path:
