@@ -28,7 +28,7 @@ _EXPORTS = {
     "save_checkpoint": "hypertriton.checkpoint",
     "evaluate": "hypertriton.evaluation",
     "train": "hypertriton.training",
-    "TrainConfig": "hypertriton.training",
+    "TrainConfig": "hypertriton.train_config",
     "resolve_backend": "hypertriton.backend",
     "BACKENDS": "hypertriton.backend",
 }

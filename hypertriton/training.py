@@ -59,7 +59,6 @@ import time
 import traceback
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -69,12 +68,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from hypertriton import distributed as hdist
-from hypertriton.backend import check_backend_name, reduced_precision_slow_reason, warn_if_reduced_precision_slow
+from hypertriton.backend import reduced_precision_slow_reason, warn_if_reduced_precision_slow
 from hypertriton._io import atomic_file, atomic_save, check_writable, load_error_summary, load_on_cpu
 from hypertriton._signals import StopRequest, ignore_stop_signals_in_worker, stop_loader_workers
 from hypertriton.checkpoint import TRAIN_STATE_FORMAT
 from hypertriton.evaluation import EvaluationStopped, evaluate
-from hypertriton.model import foreground
+from hypertriton.train_config import (  # noqa: F401  (part of this module's API)
+    LR_SCHEDULES, ORIGINAL_BSZ, TRAJECTORY_FIELDS, TrainConfig)
 
 __all__ = [
     "TrainConfig",
@@ -94,13 +94,6 @@ LOG_FILE = "log.jsonl"
 STATE_FORMAT = TRAIN_STATE_FORMAT
 STATE_VERSION = 1
 
-# Config fields that change the training trajectory: resuming with a different value cannot continue
-# the same run.
-LR_SCHEDULES = ("constant", "cosine")
-# The original recipe's global batch: 40 episodes on COCO, 20 on the other benchmarks.
-ORIGINAL_BSZ = {"coco": 40, "default": 20}
-
-
 def scheduled_lr(lr: float, schedule: str, step: int, total_steps: int) -> float:
     """Learning rate of optimizer step ``step`` (0-based) of ``total_steps``: ``lr`` throughout for
     ``"constant"``; for ``"cosine"``, ``lr * (1 + cos(pi * step / total_steps)) / 2`` (``lr`` at step 0,
@@ -111,127 +104,6 @@ def scheduled_lr(lr: float, schedule: str, step: int, total_steps: int) -> float
         raise ValueError(f"schedule: expected one of {LR_SCHEDULES}, got {schedule!r}")
     progress = min(max(step, 0), total_steps) / max(total_steps, 1)
     return 0.5 * lr * (1.0 + math.cos(math.pi * progress))
-
-
-_TRAJECTORY_FIELDS = ("benchmark", "fold", "backbone", "bsz", "seed", "img_size", "nshot", "pretrained")
-
-
-@dataclass
-class TrainConfig:
-    """Everything :func:`train` needs; the defaults are the original recipe.
-
-    Attributes:
-        benchmark: ``"pascal"``, ``"coco"``, ``"fss"`` or ``"synthetic"``.
-        fold: cross-validation fold (PASCAL/COCO/synthetic 0..3; FSS-1000 0).
-        backbone: ``"vgg16"``, ``"resnet50"``, ``"resnet101"`` (or the small ``"resnet18"``/``"resnet34"``).
-        pretrained: start from ImageNet backbone weights (the original recipe). ``False`` keeps the
-            random initialisation (tests, synthetic experiments).
-        backbone_weights: path of a torchvision weights file for the backbone (offline machines;
-            implies ``pretrained``).
-        backend: op backend of the hypercorrelation and 4D convolutions (``None``: automatic).
-        datapath: root folder of the datasets (original layouts).
-        splits: folder with the original split files.
-        logpath: output folder (checkpoints, logs).
-        epochs: total number of epochs (the run stops after epoch ``epochs - 1``).
-        bsz: global batch size (episodes per optimizer step, summed over all ranks); None (the
-            default): the original's for the benchmark, :data:`ORIGINAL_BSZ` (COCO 40, else 20).
-        lr: Adam learning rate (the peak rate under ``lr_schedule="cosine"``).
-        lr_schedule: ``"constant"`` (the original recipe) or ``"cosine"``: the rate falls from ``lr``
-            to 0 along half a cosine over the run's ``epochs * steps_per_epoch`` optimizer steps. The
-            rate is a function of the global step alone, so a resumed run follows the same schedule.
-        nworker: data-loader worker processes per rank.
-        img_size: side of the square training/validation images.
-        nshot: supports per episode: validation votes over all of them (the original's k-shot);
-            training draws them but learns from the first, as the original trains 1-shot.
-        amp: ``"off"``, ``"auto"`` (bf16 on CPUs with AVX512-BF16 or AMX, else off; bf16 on GPUs that
-            support it, else fp16),
-            ``"bf16"`` or ``"fp16"`` (GPU only, with gradient scaling).
-        resume: path of a ``last.pt`` to continue from, ``"auto"`` for ``logpath/last.pt``, or ``None``.
-        seed: seeds model initialisation, episode order and episode draws.
-        max_steps_per_epoch: cap on optimizer steps per epoch (quick runs); ``None`` = full epochs.
-        val_episodes: validation episodes per epoch (``None``: the whole validation split; 0: no
-            validation, so no ``best_model.pt``). Fewer episodes than the split's classes leave some
-            classes without one; ``val_miou`` still averages over all of them (those count 0, as the
-            protocol's mean), which lowers it but not which epoch is best (the episodes are the same
-            every epoch).
-        val_bsz: validation batch size per process (``None``: the training batch per process, ``bsz``
-            divided by the number of processes).
-        log_every: write a ``step`` row to ``log.jsonl`` every this many optimizer steps.
-        device: ``"cuda"``, ``"cpu"`` or ``None`` (CUDA when available).
-        progress: show tqdm progress bars (rank 0 only).
-        tensorboard: also log to TensorBoard when it is installed.
-    """
-
-    benchmark: str = "pascal"
-    fold: int = 0
-    backbone: str = "resnet101"
-    pretrained: bool = True
-    backbone_weights: str | None = None
-    backend: str | None = None
-    datapath: str | None = None
-    splits: str | None = None
-    logpath: str = "logs/train"
-    epochs: int = 2000
-    bsz: int | None = None
-    lr: float = 1e-3
-    lr_schedule: str = "constant"
-    nworker: int = 0
-    img_size: int = 400
-    nshot: int = 1
-    amp: str = "off"
-    resume: str | None = None
-    seed: int = 0
-    max_steps_per_epoch: int | None = None
-    val_episodes: int | None = None
-    val_bsz: int | None = None
-    log_every: int = 50
-    device: str | None = None
-    progress: bool = True
-    tensorboard: bool = True
-
-    def __post_init__(self) -> None:
-        # At construction too, so an impossible value fails where it is made (names of backbones,
-        # benchmarks and folds are checked when train() builds them).
-        self.validate()
-
-    def original_bsz(self) -> int:
-        """The original recipe's global batch for this benchmark."""
-        return ORIGINAL_BSZ.get(self.benchmark, ORIGINAL_BSZ["default"])
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the first field with an impossible value (also run by :func:`train`,
-        which sees any field changed after construction). ``bsz=None`` becomes :meth:`original_bsz`."""
-        if self.bsz is None:
-            self.bsz = self.original_bsz()
-        positive = {"epochs": self.epochs, "bsz": self.bsz, "img_size": self.img_size, "nshot": self.nshot,
-                    "log_every": self.log_every}
-        for name, value in positive.items():
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool) and math.isfinite(self.lr)
-                and self.lr > 0):
-            raise ValueError(f"lr: expected a positive finite number, got {self.lr!r}")
-        # Plain Python values: last.pt holds the config (and the optimizer the rate), and is read back with
-        # weights_only=True, which refuses a numpy scalar (a np.float64 passes as a float above).
-        self.lr = float(self.lr)
-        for name in ("backbone_weights", "datapath", "splits", "logpath", "resume"):
-            if isinstance(getattr(self, name), os.PathLike):
-                setattr(self, name, os.fspath(getattr(self, name)))
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
-            raise ValueError(f"seed: expected an integer in [0, 2**64), got {self.seed!r}")
-        if not isinstance(self.nworker, int) or self.nworker < 0:
-            raise ValueError(f"nworker: expected an integer >= 0, got {self.nworker!r}")
-        for name in ("max_steps_per_epoch", "val_bsz"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}: expected a positive integer or None, got {value!r}")
-        if self.val_episodes is not None and (not isinstance(self.val_episodes, int) or self.val_episodes < 0):
-            raise ValueError(f"val_episodes: expected an integer >= 0 or None, got {self.val_episodes!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule: expected one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if self.amp not in ("off", "auto", "bf16", "fp16"):
-            raise ValueError(f"amp: expected one of 'off', 'auto', 'bf16', 'fp16', got {self.amp!r}")
-        check_backend_name(self.backend)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -466,6 +338,8 @@ def training_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Op
         loss.backward()
         optimizer.step()
     if meter is not None:
+        from hypertriton.model import foreground  # (its backbones import torchvision: not at module load)
+
         prediction = foreground(logits.detach())
         if episode_weights is not None and not bool((episode_weights != 0).all()):
             keep = (episode_weights != 0).to(prediction.device)
@@ -673,7 +547,7 @@ def _check_resume_config(saved: dict, config: TrainConfig, world_size: int, warn
         if warn:
             warnings.warn(message, stacklevel=5)  # at the call of train()
 
-    changed = [name for name in _TRAJECTORY_FIELDS if saved.get(name) != getattr(config, name)]
+    changed = [name for name in TRAJECTORY_FIELDS if saved.get(name) != getattr(config, name)]
     if changed:
         details = ", ".join(f"{name}: {saved.get(name)!r} -> {getattr(config, name)!r}" for name in changed)
         raise ValueError(f"resume: the run was started with different settings ({details}); "

@@ -20,7 +20,6 @@ import os
 import sys
 from pathlib import Path
 
-from hypertriton._io import atomic_file
 from hypertriton._signals import StopRequest
 from hypertriton.commands import print_error
 
@@ -96,6 +95,8 @@ class _StopAfterBatch(StopRequest):
 
 def write_json_atomic(data: dict, path: str | os.PathLike) -> Path:
     """Write ``data`` as JSON to ``path`` via a temporary file renamed over it."""
+    from hypertriton._io import atomic_file
+
     with atomic_file(path, "w") as handle:
         json.dump(data, handle, indent=2)
         handle.write("\n")

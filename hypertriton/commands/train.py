@@ -15,7 +15,7 @@ import os
 import sys
 
 from hypertriton.commands import print_error
-from hypertriton.training import LR_SCHEDULES, ORIGINAL_BSZ, TrainConfig
+from hypertriton.train_config import BACKBONE_NAMES, BENCHMARK_NAMES, LR_SCHEDULES, ORIGINAL_BSZ, TrainConfig
 
 _DEFAULTS = TrainConfig()
 
@@ -39,14 +39,11 @@ def _non_negative_int(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from hypertriton.backbones import BACKBONES
-    from hypertriton.data import BENCHMARKS
-
-    parser.add_argument("--benchmark", default=_DEFAULTS.benchmark, choices=sorted(BENCHMARKS),
+    parser.add_argument("--benchmark", default=_DEFAULTS.benchmark, choices=BENCHMARK_NAMES,
                         help="few-shot benchmark (default: %(default)s)")
     parser.add_argument("--fold", type=int, default=_DEFAULTS.fold, help="fold whose classes are held out "
                         "(default: %(default)s)")
-    parser.add_argument("--backbone", default=_DEFAULTS.backbone, choices=sorted(BACKBONES),
+    parser.add_argument("--backbone", default=_DEFAULTS.backbone, choices=BACKBONE_NAMES,
                         help="frozen feature extractor (default: %(default)s)")
     parser.add_argument("--no-pretrained", dest="pretrained", action="store_false",
                         help="keep the backbone's random initialisation instead of ImageNet weights")
