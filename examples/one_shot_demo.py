@@ -115,12 +115,17 @@ def run_synthetic(args, model, img_size: int) -> list[list[Image.Image]]:
     rows, ious = [], {1: [], 5: []}
     for index in indices:
         item = dataset[index]
-        batch = {key: item[key][None] for key in ("query_img", "support_imgs", "support_masks")}
         truth = item["query_mask"].numpy() > 0
         predictions = {}
         with torch.no_grad():
+            # Each image through the backbone once; the 1-shot episode is the first support alone.
+            query_feats = model.extract_features(item["query_img"][None])
+            support_feats = [model.extract_features(image[None]) for image in item["support_imgs"]]
+            support_masks = item["support_masks"][None]
             for shots in (1, 5):
-                predictions[shots] = model.predict_mask_nshot(batch, shots)[0].numpy() > 0
+                mask = model.predict_from_features(query_feats, support_feats[:shots], support_masks[:, :shots],
+                                                   truth.shape)
+                predictions[shots] = mask[0].numpy() > 0
                 ious[shots].append(_iou(predictions[shots], truth))
         name = class_name(int(item["class_id"]))
         print(f"{index:>7}  {name:<26} {100 * ious[1][-1]:>10.1f} {100 * ious[5][-1]:>10.1f}")
