@@ -451,12 +451,12 @@ def segment(model, query: np.ndarray, supports, support_masks: Sequence[np.ndarr
 
 def overlay(image: np.ndarray, mask: np.ndarray, colour=(255, 40, 40), alpha: float = 0.5) -> np.ndarray:
     """``image`` ``[H, W, 3]`` uint8 with ``mask`` ``[H, W]`` tinted in ``colour`` and outlined."""
-    out = image.astype(np.float32).copy()
+    out = image.copy()
     tint = np.asarray(colour, dtype=np.float32)
-    out[mask] = (1 - alpha) * out[mask] + alpha * tint
-    edge = mask & ~_erode(mask)
-    out[edge] = tint
-    return out.round().clip(0, 255).astype(np.uint8)
+    # Arithmetic on the object's pixels only (a photo's float copy cost more than the model at 96 px).
+    out[mask] = ((1 - alpha) * image[mask].astype(np.float32) + alpha * tint).round().clip(0, 255).astype(np.uint8)
+    out[mask & ~_erode(mask)] = tint.round().clip(0, 255).astype(np.uint8)
+    return out
 
 
 def _erode(mask: np.ndarray) -> np.ndarray:

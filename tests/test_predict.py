@@ -531,6 +531,16 @@ def test_overlay_tints_and_outlines_only_the_mask():
     np.testing.assert_array_equal(out[~mask], image[~mask])
     np.testing.assert_array_equal(out[2, 2], [150, 50, 50])  # interior: half image, half colour
     np.testing.assert_array_equal(out[1, 1], [200, 0, 0])  # border: the colour itself
+    # Any image: inside, the rounded blend in float32; on the border, the colour; outside, the image.
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    mask = rng.random((40, 30)) < 0.6
+    out = lib.overlay(image, mask, colour=(255, 40, 40), alpha=0.3)
+    blend = (0.7 * image.astype(np.float32) + np.float32(0.3) * np.float32([255, 40, 40])).round().astype(np.uint8)
+    border = mask & ~lib._erode(mask)
+    np.testing.assert_array_equal(out[~mask], image[~mask])
+    np.testing.assert_array_equal(out[mask & ~border], blend[mask & ~border])
+    np.testing.assert_array_equal(out[border], np.broadcast_to([255, 40, 40], out[border].shape))
 
 
 def test_compact_checkpoint_round_trip(tmp_path):
