@@ -224,12 +224,17 @@ def launch_gloo_ranks(argv: list[str], world_size: int, workdir, timeout: float 
     return [out.read_text() for out, _ in logs]
 
 
-def check_second_derivatives(backend: str, device: str, penalty_gradients, op: str) -> None:
-    """``penalty_gradients(backend, device)`` (gradients of a gradient penalty, ``create_graph=True``)
-    equals the einsum reference's on the CPU; the Triton backend refuses, naming ``op``."""
-    if backend == "triton":
-        with pytest.raises(RuntimeError, match=f"second derivatives .* {op} are not supported"):
-            penalty_gradients("triton", device)
-        return
-    for got, want in zip(penalty_gradients(backend, "cpu"), penalty_gradients("reference", "cpu")):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+def check_second_derivatives(backend: str, device: str, penalty_gradients) -> None:
+    """``penalty_gradients(backend, device, dtype)`` (gradients of a gradient penalty, taken with
+    ``create_graph=True``) equals the float64 einsum reference's: in float64 on the CPU backends, in
+    float32 on Triton (which takes no float64). Absolute tolerances follow the largest gradient of the
+    set: a support mask's gradient through the normalization nearly cancels (the features' scale drops
+    out), so in float32 it keeps only the digits the largest terms leave it."""
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-9
+    got = penalty_gradients(backend, device, dtype)
+    want = penalty_gradients("reference", "cpu", torch.float64)
+    assert len(got) == len(want)
+    largest = max(float(w.abs().max()) for w in want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.cpu().double(), w, rtol=tolerance, atol=tolerance * largest)

@@ -13,7 +13,7 @@ from unittest import mock
 import pytest
 import torch
 import helpers
-from helpers import assert_gradients_match, available_backends, examples, make_tensor
+from helpers import assert_gradients_match, available_backends, check_second_derivatives, examples, make_tensor
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -308,21 +308,28 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(fn, (*query, *support, *weights))
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("upstream_records", [False, True], ids=["constant upstream", "recording upstream"])
-def test_second_derivatives_are_refused(backend, upstream_records):
-    """``create_graph=True`` through the explicit backward: refused whether or not the incoming gradient
-    records a graph (a once-differentiable backward returned constants when it did not, so a gradient
-    penalty lost its terms silently)."""
-    gen, query, support, weights = make_case(9, 1, 2, 3, 4, 3, 5, 6, 3, 3, out_channels=2, dtype=torch.float32)
-    mask = make_mask("blob", 1, 5, 6, gen).float()
-    query, support, mask, *weights = on_device(backend, query, support, mask, *weights)
-    query = [q.requires_grad_() for q in query]
-    weights = [w.requires_grad_() for w in weights]
-    out = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, (1, 1, 2, 2), backend=backend)
-    loss = (out * weights[0].sum()).sum() if upstream_records else out.sum()
-    with pytest.raises(RuntimeError, match="second derivatives .* fused first layer are not supported"):
-        torch.autograd.grad(loss, query, create_graph=True)
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+def test_second_derivatives_equal_the_references(backend):
+    """A gradient penalty (``create_graph=True``) through the fused layer equals the einsum reference's,
+    for the features, the mask and the weights. The explicit backward is not differentiable; under
+    ``create_graph`` it recomputes through the reference (a once-differentiable backward returned
+    constants there, so a penalty lost its terms silently)."""
+    gen, query0, support0, weights0 = make_case(9, 1, 2, 3, 4, 3, 5, 6, 3, 3, out_channels=2)
+    mask0 = make_mask("blob", 1, 5, 6, gen) * 0.75 + 0.25 * make_mask("blob", 1, 5, 6, gen)
+
+    def penalty_gradients(backend, device, dtype):
+        query = [q.to(device, dtype).requires_grad_() for q in query0]
+        support = [s.to(device, dtype).requires_grad_() for s in support0]
+        mask = mask0.to(device, dtype).requires_grad_()
+        weights = [w.to(device, dtype).requires_grad_() for w in weights0]
+        out = ffl.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, (1, 1, 2, 2), backend=backend)
+        # The upstream gradient records a graph through a weight (or it does not: both ways).
+        loss = (out.square() * weights[1].sum()).sum() + out.sum()
+        grads = torch.autograd.grad(loss, query + [weights[0]], create_graph=True)
+        penalty = sum(g.square().sum() for g in grads)
+        return torch.autograd.grad(penalty, query + support + [mask, weights[0], weights[2]])
+
+    check_second_derivatives(backend, DEVICES.get(backend, "cpu"), penalty_gradients)
 
 
 def test_features_made_in_inference_mode_train_the_weights():
@@ -336,7 +343,8 @@ def test_features_made_in_inference_mode_train_the_weights():
     grads = []
     for query_in, support_in, mask_in in ((query, support, mask), (frozen[:2], frozen[2:4], frozen[4])):
         leaves = [w.detach().requires_grad_() for w in weights]
-        out = ffl.fused_hypercorrelation_cp_conv4d(query_in, support_in, mask_in, *leaves, (1, 1, 2, 2), backend="torch")
+        out = ffl.fused_hypercorrelation_cp_conv4d(query_in, support_in, mask_in, *leaves, (1, 1, 2, 2),
+                                                   backend="torch")
         grads.append(torch.autograd.grad(out.square().sum(), leaves))
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -210,6 +210,26 @@ def test_backbone_stays_frozen_under_train():
 
 
 # ----------------------------------------------------------------------------- k-shot voting
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "dense"])
+def test_torch_func_grad_equals_autograd(fused):
+    """``torch.func.grad`` with ``functional_call`` (the functorch style of meta-learning code) runs every
+    backward under ``create_graph``: through the fused layer and the query-major GroupNorm it needs
+    setup_context-style Functions and differentiable backwards, and gives autograd's gradients."""
+    from torch.func import functional_call, grad
+
+    torch.manual_seed(0)
+    model = HSNet("resnet18", fused=fused).eval()
+    generator = torch.Generator().manual_seed(1)
+    query, support = torch.randn(2, 1, 3, 64, 64, generator=generator)
+    mask = (torch.rand(1, 64, 64, generator=generator) > 0.5).float()
+    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    got = grad(lambda p: functional_call(model, p, (query, support, mask)).square().mean())(params)
+    want = torch.autograd.grad(model(query, support, mask).square().mean(),
+                               [p for p in model.parameters() if p.requires_grad])
+    for (name, g), w in zip(got.items(), want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-8, msg=name)
+
+
 def test_foreground_is_the_argmax_ties_and_nan_included():
     nan, inf = float("nan"), float("inf")
     pairs = [(0.0, 1.0), (1.0, 0.0), (0.5, 0.5), (-0.0, 0.0), (nan, 1.0), (1.0, nan), (nan, nan), (-inf, inf),

@@ -310,17 +310,16 @@ def test_autocast_keeps_the_features_dtype_on_every_backend(backend):
 
 
 @pytest.mark.parametrize("backend", BACKEND_IDS)
-def test_second_derivatives_equal_the_reference_or_are_refused(backend):
-    """A gradient penalty (``create_graph=True``) with a mask that leaves most support positions out: the
-    torch backend's equals the einsum reference's; the Triton op refuses with a message naming it."""
+def test_second_derivatives_equal_the_references(backend):
+    """A gradient penalty (``create_graph=True``) with a mask that leaves most support positions out equals
+    the einsum reference's on every backend."""
     gen = torch.Generator().manual_seed(4)
-    dtype = torch.float32 if backend == "triton" else torch.float64
     query0 = [torch.randn(1, 3, 4, 5, generator=gen, dtype=torch.float64) for _ in range(2)]
     support0 = [torch.randn(1, 3, 5, 4, generator=gen, dtype=torch.float64) for _ in range(2)]
     mask = torch.zeros(1, 5, 4, dtype=torch.float64)
     mask[0, 1:3, 1:3] = 1.0
 
-    def penalty_gradients(backend, device):
+    def penalty_gradients(backend, device, dtype):
         query = [q.to(device, dtype).requires_grad_() for q in query0]
         support = [s.to(device, dtype).requires_grad_() for s in support0]
         (level,) = hypertriton.hypercorrelation(query, support, mask.to(device, dtype), backend=backend)
@@ -328,4 +327,18 @@ def test_second_derivatives_equal_the_reference_or_are_refused(backend):
         grads = torch.autograd.grad((level * weights).sum(), query, create_graph=True)
         return torch.autograd.grad(sum(g.square().sum() for g in grads), query + support)
 
-    check_second_derivatives(backend, DEVICES.get(backend, "cpu"), penalty_gradients, "Triton hypercorrelation")
+    check_second_derivatives(backend, DEVICES.get(backend, "cpu"), penalty_gradients)
+
+
+def test_vmap_is_refused_by_name_and_the_conv_runs_under_it():
+    """torch.func.vmap: the hypercorrelation's sparse paths read the data (refused, saying so, instead of
+    PyTorch's "Cannot access data pointer"); the center-pivot conv runs and equals a loop."""
+    gen = torch.Generator().manual_seed(5)
+    feats = [torch.randn(3, 1, 2, 4, 4, generator=gen) for _ in range(4)]
+    mask = torch.ones(3, 1, 8, 8)
+    with pytest.raises(RuntimeError, match="do not run under torch.func.vmap"):
+        torch.func.vmap(lambda q0, q1, s0, s1, m: hypertriton.hypercorrelation([q0, q1], [s0, s1], m)[0])(*feats, mask)
+    conv = hypertriton.CenterPivotConv4d(2, 3, 3, (1, 1, 2, 2))
+    x = torch.randn(4, 1, 2, 4, 4, 5, 5, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.func.vmap(conv)(x), torch.stack([conv(item) for item in x]))

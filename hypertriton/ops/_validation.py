@@ -11,14 +11,6 @@ def shape_of(tensor: torch.Tensor) -> str:
     return "[" + ", ".join(str(size) for size in tensor.shape) + "]"
 
 
-def refuse_second_derivatives(op: str, instead: str) -> None:
-    """Raise inside an autograd ``backward`` that runs under ``create_graph=True`` (grad mode is then on):
-    the explicit backward is not itself differentiable."""
-    if torch.is_grad_enabled():
-        raise RuntimeError(f"hypertriton: second derivatives (autograd.grad(..., create_graph=True)) through "
-                           f"{op} are not supported; {instead}")
-
-
 def check_tensor(value, name: str, ndim: int, layout: str) -> torch.Tensor:
     """``value`` must be a floating tensor with ``ndim`` dims (``layout`` names them, e.g. ``[B, C, H, W]``)."""
     if not isinstance(value, torch.Tensor):
@@ -92,6 +84,12 @@ def check_feature_lists(query_feats, support_feats) -> tuple[list[torch.Tensor],
                             f"expected one dtype for all layers")
     check_same_device({f"query_feats[{i}]": q for i, q in enumerate(query_feats)}
                       | {f"support_feats[{i}]": s for i, s in enumerate(support_feats)})
+    # (a private PyTorch query; without it the vmap error is PyTorch's "Cannot access data pointer ...")
+    is_vmapped = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", None)
+    if is_vmapped is not None and any(is_vmapped(t) for t in (*query_feats, *support_feats)):
+        raise RuntimeError("hypertriton: the hypercorrelation and the fused first layer do not run under "
+                           "torch.func.vmap (their sparse paths choose support columns from the data); pass the "
+                           "episodes as one batch [B, C, H, W] instead")
     return list(query_feats), list(support_feats)
 
 

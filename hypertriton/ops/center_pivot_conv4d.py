@@ -34,7 +34,8 @@ from ..backend import resolve_backend
 from . import cpu_conv
 from ._alloc import new_output
 from ._autocast import autocast_enabled, autocast_off
-from ._validation import check_cp_conv_args, check_tensor, check_triton_dtypes, refuse_second_derivatives, shape_of
+from ._second_order import recomputed_gradients
+from ._validation import check_cp_conv_args, check_tensor, check_triton_dtypes, shape_of
 from .layout import is_query_major, split_constant_columns, to_query_major
 
 
@@ -483,8 +484,17 @@ def _(grad, x, weight_query, weight_support, stride, padding, needs):
 
 
 def _cp_conv_backward(ctx, grad):
-    refuse_second_derivatives("the Triton center-pivot convolution", "use backend='torch' or 'reference'")
     x, weight_query, weight_support = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True or torch.func: see _second_order
+        def statement(x, weight_query, weight_support):
+            return reference.center_pivot_conv4d(x, weight_query, None, weight_support, None, ctx.stride, ctx.padding)
+
+        needs = ctx.needs_input_grad
+        grad_x, grad_wq, grad_ws = recomputed_gradients(statement, (x, weight_query, weight_support), grad,
+                                                        (needs[0], needs[1], needs[3]))
+        grad_bias = grad.sum(dim=(0, 2, 3, 4, 5))
+        return (grad_x, grad_wq, grad_bias if needs[2] and ctx.has_bias[0] else None, grad_ws,
+                grad_bias if needs[4] and ctx.has_bias[1] else None, None, None)
     needs = list(ctx.needs_input_grad[:5])
     needs[2] = needs[2] and ctx.has_bias[0]
     needs[4] = needs[4] and ctx.has_bias[1]

@@ -49,8 +49,9 @@ from ._alloc import new_output
 from ._autocast import autocast_enabled, autocast_off
 from ._columns import column_runs, copy_columns_
 from ._norms import channel_norm, normalize_with_norms, squared_norm
+from ._second_order import recomputed_gradients
 from ._validation import (check_cp_conv_args, check_feature_lists, check_support_mask, check_triton_dtypes,
-                          refuse_second_derivatives, shape_of)
+                          shape_of)
 from .center_pivot_conv4d import bias_sum, output_size
 from .hypercorrelation import active_positions, hypercorrelation
 from .layout import ColumnSplit
@@ -734,24 +735,26 @@ def _logical_output(raw: torch.Tensor, spec: _Spec) -> torch.Tensor:
 class _FusedFirstLayer(torch.autograd.Function):
     """Autograd around :func:`_forward`; backward recomputes correlation chunks (nothing 4D saved)."""
 
+    # forward/setup_context apart (not forward(ctx, ...)): torch.func transforms (grad, vjp) need it.
     @staticmethod
-    def forward(ctx, spec, mask, weight_query, bias_query, weight_support, bias_support, *features):
+    def forward(spec, mask, weight_query, bias_query, weight_support, bias_support, *features):
         query, support = list(features[: spec.layers]), list(features[spec.layers:])
+        forward = _forward_triton if spec.triton else _forward
+        # Also the [B, Hs'*Ws'] flags of the support windows whose output is only the biases.
+        return forward(query, support, mask, weight_query, bias_query, weight_support, bias_support, spec)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        spec, mask, weight_query, bias_query, weight_support, bias_support, *features = inputs
         ctx.spec = spec
         ctx.has_bias = (bias_query is not None, bias_support is not None)
         ctx.save_for_backward(mask, weight_query, weight_support, *features)
-        forward = _forward_triton if spec.triton else _forward
-        # Also the [B, Hs'*Ws'] flags of the support windows whose output is only the biases.
-        out, bias_only = forward(query, support, mask, weight_query, bias_query, weight_support, bias_support, spec)
-        ctx.mark_non_differentiable(bias_only)
-        return out, bias_only
+        ctx.mark_non_differentiable(output[1])
 
     @staticmethod
     def backward(ctx, grad, _bias_only):
-        # once_differentiable would refuse only where the incoming gradient records a graph and otherwise
-        # return constants, silently dropping every term of a gradient penalty through this layer.
-        refuse_second_derivatives("the fused first layer", "build the model with HSNet(fused=False) (or call "
-                                  "HyperCorr, then CenterPivotConv4d) on the 'torch' or 'reference' backend")
+        if torch.is_grad_enabled():  # create_graph=True or torch.func: see _second_order
+            return _FusedFirstLayer._differentiable_backward(ctx, grad)
         spec = ctx.spec
         grad = _logical_output(grad, spec)
         mask, weight_query, weight_support, *features = ctx.saved_tensors
@@ -766,6 +769,30 @@ class _FusedFirstLayer(torch.autograd.Function):
         grad_features = [g if need else None for g, need in zip(grad_features, needs[6:])]
         return (None, grad_mask, grad_wq if needs[2] else None, grad_bq, grad_ws if needs[4] else None, grad_bs,
                 *grad_features)
+
+
+    @staticmethod
+    def _differentiable_backward(ctx, grad):
+        """Under ``create_graph=True``: through the einsum reference on the saved inputs (this level's 4D
+        correlation is held during the backward; see :mod:`hypertriton.ops._second_order`)."""
+        spec = ctx.spec
+        mask, weight_query, weight_support, *features = ctx.saved_tensors
+        grad = _logical_output(grad, spec)
+        hs, ws = features[spec.layers].shape[-2:]
+
+        def statement(mask, weight_query, weight_support, *features):
+            support_mask = None if mask is None else mask.view(mask.shape[0], hs, ws)  # at the map's size
+            corr = reference.hypercorrelation(features[: spec.layers], features[spec.layers:], support_mask)[0]
+            return reference.center_pivot_conv4d(corr, weight_query, None, weight_support, None, spec.stride,
+                                                 spec.padding)
+
+        needs = ctx.needs_input_grad
+        grad_mask, grad_wq, grad_ws, *grad_features = recomputed_gradients(
+            statement, (mask, weight_query, weight_support, *features), grad,
+            (needs[1], needs[2], needs[4], *needs[6:]))
+        grad_bias = grad.sum(dim=(0, 2, 3, 4, 5))
+        return (None, grad_mask, grad_wq, grad_bias if needs[3] and ctx.has_bias[0] else None, grad_ws,
+                grad_bias if needs[5] and ctx.has_bias[1] else None, *grad_features)
 
 
 def _backward_features_and_weights(grad, features, mask, weight_query, weight_support, spec: _Spec,

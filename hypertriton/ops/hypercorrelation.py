@@ -29,7 +29,8 @@ from ._alloc import new_output
 from ._autocast import autocast_off
 from ._columns import column_runs, copy_columns_
 from ._norms import normalize
-from ._validation import check_feature_lists, check_support_mask, check_triton_dtypes, refuse_second_derivatives
+from ._second_order import recomputed_gradients
+from ._validation import check_feature_lists, check_support_mask, check_triton_dtypes
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -176,8 +177,15 @@ def _(grad, output, query, support, active=None):
 
 
 def _correlation_stack_backward(ctx, grad):
-    refuse_second_derivatives("the Triton hypercorrelation", "use backend='torch' or 'reference'")
     output, active, *features = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True or torch.func: see _second_order
+
+        def statement(*features):  # relu(<q, s>) of the normalized features, layer by layer
+            return torch.stack([torch.relu(torch.einsum("bcij,bckl->bijkl", q, s))
+                                for q, s in zip(features[: ctx.layers], features[ctx.layers:])], dim=1)
+
+        grads = recomputed_gradients(statement, features, grad, [True] * len(features))
+        return grads[: ctx.layers], grads[ctx.layers:], None
     grads = correlation_stack_backward_triton(grad, output, features[: ctx.layers], features[ctx.layers:], active)
     return grads[: ctx.layers], grads[ctx.layers:], None
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ._alloc import new_output
 from ._autocast import autocast_enabled
+from ._second_order import recomputed_gradients
 
 __all__ = ["is_query_major", "to_query_major", "empty_query_major", "group_norm", "resize_query_dims",
            "channel_moments", "merge_moments", "group_affine", "query_major_moments", "normalize_query_major",
@@ -186,27 +187,36 @@ class _GroupNormChannelsLast(torch.autograd.Function):
     the input and the per-group statistics (autograd through the elementwise ops would keep temporaries
     of the input's size)."""
 
+    # forward/setup_context apart (not forward(ctx, ...)): torch.func transforms (grad, vjp) need it.
     @staticmethod
-    def forward(ctx, rows, groups: int, weight, bias, eps: float, out_dtype: torch.dtype):
-        mean_g, rstd_g, gamma, shift, scale = _group_statistics(rows, groups, weight, bias, eps)
-        ctx.save_for_backward(rows, mean_g, rstd_g, gamma, weight, bias)
-        ctx.groups, ctx.eps, ctx.has_affine = groups, eps, (weight is not None, bias is not None)
-        ctx.param_dtypes = tuple(None if p is None else p.dtype for p in (weight, bias))
+    def forward(rows, groups: int, weight, bias, eps: float, out_dtype: torch.dtype):
+        """The normalized rows, and the per-group statistics ``[B, G, 1]`` that backward reuses."""
+        mean_g, rstd_g, _, shift, scale = _group_statistics(rows, groups, weight, bias, eps)
         # Written through a view into a fresh tensor that is returned itself: a custom Function must not
         # return a view (the ReLU after it runs in place).
         out = torch.empty_like(rows, dtype=out_dtype)
         _normalize_into(rows, shift, scale, out)
-        return out
+        return out, mean_g, rstd_g
 
     @staticmethod
-    def backward(ctx, grad):
+    def setup_context(ctx, inputs, output):
+        rows, groups, weight, bias, eps, _ = inputs
+        _, mean_g, rstd_g = output
+        ctx.mark_non_differentiable(mean_g, rstd_g)
+        ctx.save_for_backward(rows, mean_g, rstd_g, weight, bias)
+        ctx.groups, ctx.eps, ctx.has_affine = groups, eps, (weight is not None, bias is not None)
+        ctx.param_dtypes = tuple(None if p is None else p.dtype for p in (weight, bias))
+
+    @staticmethod
+    def backward(ctx, grad, _grad_mean, _grad_rstd):
         if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable themselves
             return _GroupNormChannelsLast._differentiable_backward(ctx, grad)
-        rows, mean_g, rstd_g, gamma, _, _ = ctx.saved_tensors
+        rows, mean_g, rstd_g, weight, _ = ctx.saved_tensors
         groups = ctx.groups
         batch, count, channels = rows.shape
         per_group = channels // groups
         acc = mean_g.dtype
+        gamma = torch.ones(channels, dtype=acc, device=rows.device) if weight is None else weight.to(acc)
         wide, k = _wide(rows)
         grad_wide = grad.reshape(wide.shape)
         sum_dy = grad_wide.sum(dim=1, dtype=acc).view(batch, k, channels).sum(dim=1)  # [B, C]
@@ -232,25 +242,18 @@ class _GroupNormChannelsLast(torch.autograd.Function):
 
     @staticmethod
     def _differentiable_backward(ctx, grad):
-        """The gradients through autograd over ``F.group_norm`` recomputed from the saved input: second
-        derivatives (gradient penalties, Hessian-vector products) then flow through them. Costs what
-        autograd's own GroupNorm would; only taken under ``create_graph=True``."""
-        rows, mean_g, _, _, weight, bias = ctx.saved_tensors
+        """Under ``create_graph=True``: through ``F.group_norm`` (see :mod:`hypertriton.ops._second_order`)."""
+        rows, mean_g, _, weight, bias = ctx.saved_tensors
         acc = mean_g.dtype
-        wanted = [(index, tensor) for index, tensor in ((0, rows), (2, weight), (3, bias))
-                  if tensor is not None and ctx.needs_input_grad[index]]
-        if not wanted:
-            return None, None, None, None, None, None
-        with torch.enable_grad():
-            weight_acc = None if weight is None else weight.to(acc)
-            bias_acc = None if bias is None else bias.to(acc)
-            out = F.group_norm(rows.to(acc).transpose(1, 2), ctx.groups, weight_acc, bias_acc, ctx.eps)
-            out = out.transpose(1, 2).to(grad.dtype)
-            grads = torch.autograd.grad(out, [tensor for _, tensor in wanted], grad, create_graph=True)
-        result = [None] * 6
-        for (index, _), value in zip(wanted, grads):
-            result[index] = value
-        return tuple(result)
+
+        def statement(rows, weight, bias):
+            cast = [None if p is None else p.to(acc) for p in (weight, bias)]
+            out = F.group_norm(rows.to(acc).transpose(1, 2), ctx.groups, *cast, ctx.eps)
+            return out.transpose(1, 2).to(grad.dtype)
+
+        grad_rows, grad_weight, grad_bias = recomputed_gradients(
+            statement, (rows, weight, bias), grad, (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:4]))
+        return grad_rows, None, grad_weight, grad_bias, None, None
 
 
 def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
@@ -275,7 +278,7 @@ def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None = None,
     if not torch.is_grad_enabled():
         affine = _group_statistics(_channels_last_rows(x), groups, weight, bias, eps)[3:]
         return normalize_query_major(x, affine, inplace=inplace, out_dtype=out_dtype, relu=relu)
-    rows = _GroupNormChannelsLast.apply(_channels_last_rows(x), groups, weight, bias, eps, out_dtype)
+    rows = _GroupNormChannelsLast.apply(_channels_last_rows(x), groups, weight, bias, eps, out_dtype)[0]
     if relu:  # the Function saves its input, not its output: the output may be overwritten
         rows = torch.relu_(rows)
     return rows.view(b, hq, wq, hs, ws, c).permute(0, 5, 1, 2, 3, 4)
