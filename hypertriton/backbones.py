@@ -8,8 +8,9 @@ HSNet correlates intermediate features of a frozen classification network:
 - VGG16: the outputs of ``features[17, 19, 21]`` (conv4_1..3), ``[24, 26, 28]`` (conv5_1..3), all
   before their ReLU, and ``[30]`` (pool5).
 
-The backbone module is the complete torchvision model (its ``fc``/``classifier`` included, unused) so
-that the original checkpoints' ``backbone.*`` keys load unchanged.
+The backbone module is the complete torchvision model (its ``fc``/``classifier`` included, unused),
+restated in :mod:`hypertriton.backbone_nets`, so that the original checkpoints' ``backbone.*`` keys
+load unchanged.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from ._io import load_error_summary, load_on_cpu
+from .backbone_nets import IMAGENET_WEIGHTS_URLS, make_backbone_net
 from .data.common import IMAGENET_MEAN, IMAGENET_STD  # re-exported: the one definition is the data's
 from .ops.cpu_conv import run_conv_module
 
@@ -84,14 +85,6 @@ BACKBONES: dict[str, BackboneSpec] = {
     "resnet34": _resnet_spec("resnet34", (4, 6, 3), 1),
 }
 
-# torchvision constructors and ImageNet V1 weights (the ones the original HSNet was trained from)
-_TORCHVISION = {
-    "resnet50": ("resnet50", "ResNet50_Weights"),
-    "resnet101": ("resnet101", "ResNet101_Weights"),
-    "vgg16": ("vgg16", "VGG16_Weights"),
-    "resnet18": ("resnet18", "ResNet18_Weights"),
-    "resnet34": ("resnet34", "ResNet34_Weights"),
-}
 
 
 def get_spec(name: str) -> BackboneSpec:
@@ -103,8 +96,7 @@ def get_spec(name: str) -> BackboneSpec:
 
 def imagenet_weights_url(name: str) -> str:
     """URL of torchvision's ImageNet V1 weights for backbone ``name``."""
-    enum = getattr(torchvision.models, _TORCHVISION[get_spec(name).name][1])
-    return enum.IMAGENET1K_V1.url
+    return IMAGENET_WEIGHTS_URLS[get_spec(name).name]
 
 
 def _hub_cache_path(url: str) -> Path:
@@ -188,12 +180,11 @@ def build_backbone(name: str, pretrained: bool = False, weights: str | os.PathLi
         ``pretrained``/``weights``.
     """
     spec = get_spec(name)
-    constructor = getattr(torchvision.models, _TORCHVISION[spec.name][0])
     if pretrained or weights is not None:
         state_dict = load_imagenet_weights(name, weights, allow_download)
         # built without initialization: every value is overwritten by the file
         with torch.device("meta"):
-            model = constructor(weights=None)
+            model = make_backbone_net(spec.name)
         model = model.to_empty(device="cpu")
         try:
             model.load_state_dict(state_dict)
@@ -201,20 +192,20 @@ def build_backbone(name: str, pretrained: bool = False, weights: str | os.PathLi
             source = weights if weights is not None else imagenet_weights_url(name)
             raise ValueError(f"weights: {source} is not a {name} state_dict: {error}") from error
     elif spec.family == "vgg":
-        model = _random_vgg(constructor)
+        model = _random_vgg()
     else:
-        model = constructor(weights=None)
+        model = make_backbone_net(spec.name)
     return freeze(model)
 
 
-def _random_vgg(constructor) -> nn.Module:
+def _random_vgg() -> nn.Module:
     """A randomly initialized VGG whose unused classifier (123M weights) is zero-filled.
 
     Drawing the classifier's random weights takes seconds and HSNet never uses them; the convolutions
     get torchvision's initialization (Kaiming normal, fan-out, zero bias).
     """
     with torch.device("meta"):
-        model = constructor(weights=None)
+        model = make_backbone_net("vgg16")
     model = model.to_empty(device="cpu")
     for module in model.features:
         if isinstance(module, nn.Conv2d):

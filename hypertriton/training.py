@@ -73,6 +73,7 @@ from hypertriton._io import atomic_file, atomic_save, check_writable, load_error
 from hypertriton._signals import StopRequest, ignore_stop_signals_in_worker, stop_loader_workers
 from hypertriton.checkpoint import TRAIN_STATE_FORMAT
 from hypertriton.evaluation import EvaluationStopped, evaluate
+from hypertriton.model import foreground
 from hypertriton.train_config import (  # noqa: F401  (part of this module's API)
     LR_SCHEDULES, ORIGINAL_BSZ, TRAJECTORY_FIELDS, TrainConfig)
 
@@ -338,8 +339,6 @@ def training_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Op
         loss.backward()
         optimizer.step()
     if meter is not None:
-        from hypertriton.model import foreground  # (its backbones import torchvision: not at module load)
-
         prediction = foreground(logits.detach())
         if episode_weights is not None and not bool((episode_weights != 0).all()):
             keep = (episode_weights != 0).to(prediction.device)

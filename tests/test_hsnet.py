@@ -93,6 +93,47 @@ def test_resnet_features_are_block_outputs_before_the_relu(backbone):
 
 
 @pytest.mark.parametrize("backbone", sorted(bb.BACKBONES))
+def test_backbone_nets_are_torchvisions(backbone):
+    """hypertriton.backbone_nets restates torchvision's classifiers (importing torchvision took 1.3 s):
+    the same modules (repr), state_dict keys and shapes, the same random weights from one seed (ResNets:
+    torchvision's constructor; VGG-16: its convolutions' initialization on a meta-built model, as
+    build_backbone does), the same outputs, and the weights URLs torchvision names."""
+    from hypertriton.backbone_nets import IMAGENET_WEIGHTS_URLS, make_backbone_net
+
+    constructor = getattr(torchvision.models, backbone)
+    if backbone == "vgg16":
+        with torch.device("meta"):
+            theirs = constructor(weights=None)
+        theirs = theirs.to_empty(device="cpu")
+        torch.manual_seed(3)
+        for module in theirs.features:
+            if isinstance(module, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                torch.nn.init.zeros_(module.bias)
+        for tensor in theirs.classifier.parameters():
+            torch.nn.init.zeros_(tensor)
+        torch.manual_seed(3)
+        ours = bb.build_backbone(backbone)
+    else:
+        torch.manual_seed(3)
+        theirs = constructor(weights=None)
+        torch.manual_seed(3)
+        ours = make_backbone_net(backbone)
+        assert repr(make_backbone_net(backbone)) == repr(theirs)
+    assert repr(ours) == repr(theirs)
+    theirs_state, ours_state = theirs.state_dict(), ours.state_dict()
+    assert list(ours_state) == list(theirs_state)
+    for key, value in theirs_state.items():
+        torch.testing.assert_close(ours_state[key], value, rtol=0, atol=0, msg=key)
+    image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(image), theirs.eval()(image), rtol=0, atol=0)
+    weights_enum = getattr(torchvision.models, {"vgg16": "VGG16_Weights"}.get(
+        backbone, f"ResNet{backbone[len('resnet'):]}_Weights"))
+    assert IMAGENET_WEIGHTS_URLS[backbone] == weights_enum.IMAGENET1K_V1.url
+
+
+@pytest.mark.parametrize("backbone", sorted(bb.BACKBONES))
 def test_spec_predicts_feature_sizes(backbone):
     spec = bb.get_spec(backbone)
     with torch.device("meta"):  # shapes only: no weights are drawn or used
