@@ -770,7 +770,6 @@ class _FusedFirstLayer(torch.autograd.Function):
         return (None, grad_mask, grad_wq if needs[2] else None, grad_bq, grad_ws if needs[4] else None, grad_bs,
                 *grad_features)
 
-
     @staticmethod
     def _differentiable_backward(ctx, grad):
         """Under ``create_graph=True``: through the einsum reference on the saved inputs (this level's 4D
@@ -781,7 +780,7 @@ class _FusedFirstLayer(torch.autograd.Function):
         hs, ws = features[spec.layers].shape[-2:]
 
         def statement(mask, weight_query, weight_support, *features):
-            support_mask = None if mask is None else mask.view(mask.shape[0], hs, ws)  # at the map's size
+            support_mask = None if mask is None else mask.reshape(mask.shape[0], hs, ws)  # at the map's size
             corr = reference.hypercorrelation(features[: spec.layers], features[spec.layers:], support_mask)[0]
             return reference.center_pivot_conv4d(corr, weight_query, None, weight_support, None, spec.stride,
                                                  spec.padding)
