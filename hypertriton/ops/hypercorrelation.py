@@ -97,7 +97,8 @@ def _correlation_stack_torch(query: list[torch.Tensor], support: list[torch.Tens
     columns = _active_columns(active, batch, n_s)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in query + support)
     if all(c is None for c in columns):
-        if grad:
+        # torch.compile cannot trace out= into a strided view (out[:, layer] at batch > 1): stacked there.
+        if grad or torch.compiler.is_compiling():
             corrs = [torch.bmm(flat(q).transpose(1, 2), flat(s)) for q, s in zip(query, support)]
             return torch.relu(torch.stack(corrs, dim=1)).view(shape)
         out = new_output((batch, layers, n_q, n_s), query[0].dtype, query[0].device)
