@@ -816,7 +816,7 @@ def parse_args(argv=None):
                              "(auto: AVX512-BF16 or AMX; elsewhere it runs PyTorch's fallback kernels, about 25x "
                              "slower than fp32 without AVX-512), always (on) or never (off)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per row")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per row")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per row (at least 1)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per row before it is reported failed")
     parser.add_argument("--out", default=str(HERE / "results"), help="output folder")
     parser.add_argument("--name", default=None, help="file name stem of the outputs")
@@ -874,7 +874,10 @@ def main(argv=None) -> int:
             raise SystemExit(f"--replot: cannot read {source}: {error}")
         if not report.get("rows"):
             raise SystemExit(f"--replot: {source} holds no timed rows (a --max-size search has nothing to plot)")
-        plot(report, source.with_suffix(".png"))
+        try:
+            plot(report, source.with_suffix(".png"))
+        except ImportError:
+            raise SystemExit("--replot: drawing needs matplotlib, which is not installed (pip install -e \".[bench]\")")
         print(f"wrote {source.with_suffix('.png')}")
         return 0
 

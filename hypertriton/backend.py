@@ -122,7 +122,7 @@ def _onednn_takes(dtype: torch.dtype) -> bool:
         return False
 
 
-def reduced_precision_slow_reason(dtype: torch.dtype, device: torch.device) -> str | None:
+def reduced_precision_slow_reason(dtype: torch.dtype, device: torch.device | str) -> str | None:
     """Why matrix products and convolutions in ``dtype`` (bf16 or fp16) would not run faster than fp32 on
     ``device``, or None where the hardware computes them natively (and autocast in ``dtype`` pays off).
 
@@ -133,6 +133,7 @@ def reduced_precision_slow_reason(dtype: torch.dtype, device: torch.device) -> s
     """
     if dtype not in (torch.bfloat16, torch.float16):
         return None
+    device = torch.device(device)
     name = "bf16" if dtype == torch.bfloat16 else "fp16"
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
@@ -149,8 +150,9 @@ def reduced_precision_slow_reason(dtype: torch.dtype, device: torch.device) -> s
     capability = torch.backends.cpu.get_cpu_capability()
     if _onednn_takes(dtype):
         return f"this CPU ({capability}) has no {needed}: oneDNN only emulates {name} with AVX-512 instructions"
-    return (f"this CPU ({capability}) has no {needed} and no AVX-512: PyTorch runs {name} matrix products and "
-            f"convolutions in scalar fallback loops, about 25x slower than fp32")
+    # (oneDNN takes fp16 only with AMX-FP16 or AVX512-FP16, so an AVX-512 CPU can land here too.)
+    return (f"this CPU ({capability}) has no {needed} and oneDNN does not take {name} on it: PyTorch runs {name} "
+            f"matrix products and convolutions in scalar fallback loops, about 25x slower than fp32")
 
 
 _WARNED_SLOW: set = set()

@@ -140,8 +140,9 @@ def evaluate(model, dataset_or_loader, nshot: int, device, progress: bool = True
         ``{"miou", "fb_iou", "per_class_iou": {class_id: iou}, "episodes", "benchmark", "nshot",
         "classes", "classes_evaluated", "miou_of_evaluated_classes"}`` with IoUs in percent (``"fbiou"``
         repeats ``fb_iou`` for callers using the original's spelling). ``miou`` is the protocol's mean over
-        all ``classes``; a run cut short by ``max_episodes`` may leave some unevaluated (counted as 0
-        there), so ``miou_of_evaluated_classes`` averages over ``classes_evaluated`` only.
+        all ``classes`` (their number, an int); a run cut short by ``max_episodes`` may leave some
+        unevaluated (counted as 0 there), so ``miou_of_evaluated_classes`` averages over
+        ``classes_evaluated`` (the ids of those that had an episode) only.
     """
     device = torch.device(device)
     loader = _loader(dataset_or_loader, bsz, nworker, max_episodes, device)

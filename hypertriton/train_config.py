@@ -38,7 +38,8 @@ class TrainConfig:
         backend: op backend of the hypercorrelation and 4D convolutions (``None``: automatic).
         datapath: root folder of the datasets (original layouts).
         splits: folder with the original split files.
-        logpath: output folder (checkpoints, logs).
+        logpath: output folder (checkpoints, logs); ``hypertriton train``'s default is
+            ``logs/<benchmark>-fold<fold>-<backbone>``.
         epochs: total number of epochs (the run stops after epoch ``epochs - 1``).
         bsz: global batch size (episodes per optimizer step, summed over all ranks); None (the
             default): the original's for the benchmark, :data:`ORIGINAL_BSZ` (COCO 40, else 20).
@@ -46,7 +47,8 @@ class TrainConfig:
         lr_schedule: ``"constant"`` (the original recipe) or ``"cosine"``: the rate falls from ``lr``
             to 0 along half a cosine over the run's ``epochs * steps_per_epoch`` optimizer steps. The
             rate is a function of the global step alone, so a resumed run follows the same schedule.
-        nworker: data-loader worker processes per rank.
+        nworker: data-loader worker processes per rank (``hypertriton train``'s default: the CPU count,
+            at most 8).
         img_size: side of the square training/validation images.
         nshot: supports per episode: validation votes over all of them (the original's k-shot);
             training draws them but learns from the first, as the original trains 1-shot.

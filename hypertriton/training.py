@@ -42,7 +42,8 @@ Example::
 
     from hypertriton.training import TrainConfig, train
     summary = train(TrainConfig(benchmark="synthetic", backbone="resnet18", pretrained=False,
-                                img_size=96, epochs=2, bsz=8, logpath="runs/demo"))
+                                img_size=96, epochs=2, bsz=8, max_steps_per_epoch=20, val_episodes=48,
+                                logpath="runs/demo"))  # a minute on a CPU; full epochs: hours
     print(summary["best_miou"])
 """
 

@@ -68,6 +68,7 @@ def _cpu_with(monkeypatch, features=(), onednn=False):
     ((), True, torch.bfloat16, "oneDNN only emulates bf16"),
     ((), False, torch.bfloat16, "scalar fallback loops"),
     (("avx512_bf16",), True, torch.float16, "no AMX-FP16"),
+    (("avx512_bf16",), False, torch.float16, "oneDNN does not take fp16 on it"),  # AVX-512 without AVX512-FP16
     (("amx_fp16",), True, torch.float16, None),
     ((), False, torch.float32, None),
     ((), False, torch.float64, None),
@@ -96,6 +97,7 @@ def test_reduced_precision_reason_follows_this_cpus_own_flags():
     """The real probes: a CPU that reports AVX512-BF16 or AMX computes bf16 natively, and one without
     AVX-512 has no oneDNN bf16 (its reason names the fallback loops)."""
     reason = backend.reduced_precision_slow_reason(torch.bfloat16, torch.device("cpu"))
+    assert backend.reduced_precision_slow_reason(torch.bfloat16, "cpu") == reason  # a device name works too
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     assert (reason is None) == native
     if not native and not torch.cpu._is_avx512_supported():

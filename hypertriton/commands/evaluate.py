@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "auto (bf16 where the hardware has it: CPUs with AVX512-BF16 or AMX, else fp32; GPUs: else "
                         "fp16) (default: %(default)s)")
     parser.add_argument("--lean", action="store_true", help="stream the squeeze blocks over query rows: about "
-                        "half the learner's peak memory, about 2x its time, same results (HSNet(lean=True))")
+                        "about half the learner's peak memory with large objects (little for small ones), about 2x its time, same results (HSNet(lean=True))")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
 

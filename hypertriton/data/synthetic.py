@@ -619,21 +619,26 @@ def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hypertriton.data.synthetic",
                                      description="tools for the synthetic few-shot benchmark")
     sub = parser.add_subparsers(dest="tool", required=True)
-    pre = sub.add_parser("pretrain-backbone", help="train a backbone on the seen classes (per-pixel attributes)")
-    pre.add_argument("--out", required=True, help="torchvision-format weights file to write")
-    pre.add_argument("--backbone", default="resnet18")
-    pre.add_argument("--fold", type=int, default=0)
-    pre.add_argument("--img-size", type=int, default=96)
-    pre.add_argument("--steps", type=int, default=600)
-    pre.add_argument("--bsz", type=int, default=16)
-    pre.add_argument("--lr", type=float, default=1e-3)
-    pre.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"))
-    pre.add_argument("--seed", type=int, default=0)
-    base = sub.add_parser("baselines", help="mIoU of one-cue segmenters on test episodes")
-    base.add_argument("--fold", type=int, default=0)
-    base.add_argument("--img-size", type=int, default=96)
-    base.add_argument("--episodes", type=int, default=1000)
-    base.add_argument("--seed", type=int, default=0)
+    defaults = argparse.ArgumentDefaultsHelpFormatter  # each --help lists every default
+    pre = sub.add_parser("pretrain-backbone", help="train a backbone on the seen classes (per-pixel attributes)",
+                         description="train a backbone on the seen classes (per-pixel attributes); the bundled "
+                         "checkpoint's recipe (docs/synthetic.md) is --steps 1500 --lr-schedule cosine",
+                         formatter_class=defaults)
+    pre.add_argument("--out", required=True, default=argparse.SUPPRESS, help="torchvision-format weights file to write")
+    pre.add_argument("--backbone", default="resnet18", help="backbone to train")
+    pre.add_argument("--fold", type=int, default=0, help="fold whose classes stay unseen")
+    pre.add_argument("--img-size", type=int, default=96, help="image side")
+    pre.add_argument("--steps", type=int, default=600, help="optimizer steps")
+    pre.add_argument("--bsz", type=int, default=16, help="images per step")
+    pre.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    pre.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"), help="rate schedule")
+    pre.add_argument("--seed", type=int, default=0, help="seed of the initialization and the images")
+    base = sub.add_parser("baselines", help="mIoU of one-cue segmenters on test episodes",
+                          description="mIoU of one-cue segmenters on test episodes", formatter_class=defaults)
+    base.add_argument("--fold", type=int, default=0, help="fold whose test classes are scored")
+    base.add_argument("--img-size", type=int, default=96, help="image side")
+    base.add_argument("--episodes", type=int, default=1000, help="test episodes")
+    base.add_argument("--seed", type=int, default=0, help="seed of the episodes")
     bundle = sub.add_parser(
         "bundle", help="compress a trained checkpoint into the package's bundled-weights format",
         description="Compress CHECKPOINT into the compact format, recording the backbone, image size and fold "
