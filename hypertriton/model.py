@@ -411,7 +411,8 @@ class HSNet(nn.Module):
             kwargs: more :class:`HSNet` arguments (``pretrained``, ``backbone_weights``, ...).
 
         Returns:
-            The model in eval mode, on the CPU. The global random generator is left as it was.
+            The model in eval mode, on the CPU. With ``strict`` nothing is drawn from the global random
+            generator; without, the weights the file lacks are drawn from it, as any new module's.
 
         Raises:
             FileNotFoundError, CheckpointError (a ``ValueError``): a missing file, a file that is not a
@@ -419,10 +420,18 @@ class HSNet(nn.Module):
         """
         state_dict = ckpt.strip_prefix(ckpt.read_state_dict(source))
         name = backbone if backbone is not None else ckpt.infer_backbone(state_dict)
-        # The initial weights are drawn only to be overwritten: draw them from a copy of the global
-        # generator, so that loading a model does not shift a seeded run's later draws.
-        with torch.random.fork_rng(devices=[]):
-            model = cls(name, backend=backend, **kwargs)
+        if strict:
+            # Every weight comes from the file: built on the meta device, nothing is drawn from the global
+            # generator (which would shift a seeded run's later draws; saving and restoring it instead
+            # would rewind what other threads drew meanwhile).
+            with torch.device("meta"):
+                model = cls(name, backend=backend, **kwargs)
+            model = model.to_empty(device="cpu")
+            for buffer_name, buffer in model.named_buffers():
+                if buffer_name.endswith("num_batches_tracked"):  # a file may lack them: 0, as a new model's
+                    buffer.zero_()
+        else:
+            model = cls(name, backend=backend, **kwargs)  # what the file lacks keeps its random initialization
         described = repr(str(source)) if isinstance(source, (str, os.PathLike)) else "the given state_dict"
         try:
             ckpt.load_into(model, state_dict, strict=strict, source=described)
