@@ -122,6 +122,17 @@ def _onednn_takes(dtype: torch.dtype) -> bool:
         return False
 
 
+def being_traced() -> bool:
+    """Whether the calling code is being traced by ``torch.compile`` (dynamo) or ``torch.export``: then the
+    data-dependent choices (sparse columns, NNPACK, cached index tensors) give way to traceable ones.
+
+    Not ``torch.compiler.is_compiling()``: in torch 2.14 that is one flag for the whole process, True in
+    every thread while any thread compiles, which switched other threads' eager inference to those paths
+    (results about 1e-5 apart, as a threaded server answered the same request differently)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return torch.compiler.is_dynamo_compiling() or (is_exporting is not None and is_exporting())
+
+
 def reduced_precision_slow_reason(dtype: torch.dtype, device: torch.device | str) -> str | None:
     """Why matrix products and convolutions in ``dtype`` (bf16 or fp16) would not run faster than fp32 on
     ``device``, or None where the hardware computes them natively (and autocast in ``dtype`` pays off).
@@ -163,7 +174,7 @@ def warn_if_reduced_precision_slow(dtype: torch.dtype, device: torch.device, wha
     ``device`` does not compute natively (:func:`reduced_precision_slow_reason`). Silent while
     ``torch.compile`` traces (a warning there would break the graph)."""
     key = (device.type, dtype)
-    if key in _WARNED_SLOW or torch.compiler.is_compiling():
+    if key in _WARNED_SLOW or being_traced():
         return
     reason = reduced_precision_slow_reason(dtype, device)
     if reason is not None:

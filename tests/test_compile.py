@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import BACKEND_IDS, available_backends
+from helpers import BACKEND_IDS, available_backends, counting_nnpack
 
 import hypertriton
 
@@ -96,3 +96,25 @@ def test_a_traced_hypercorrelation_keeps_the_mask_an_input(tracer):
             traced = torch.export.export(model, (*feats, traced_mask)).module()
     assert traced(*feats, other_mask).abs().max() > 0
     torch.testing.assert_close(traced(*feats, other_mask), model(*feats, other_mask))
+
+
+def test_another_threads_compile_leaves_eager_paths_alone(monkeypatch):
+    """torch.compiler.is_compiling() is one flag for the whole process in torch 2.14: True in every thread
+    while any thread compiles. Eager inference must not read it: it switched NNPACK off and the sparse
+    correlations to dense ones, so a threaded server answered the same request about 1e-5 apart."""
+    from hypertriton import HSNet
+    from hypertriton.ops import cpu_conv
+
+    torch.manual_seed(0)
+    model = HSNet("resnet18").eval()
+    generator = torch.Generator().manual_seed(1)
+    query, support = torch.randn(2, 1, 3, 161, 147, generator=generator)
+    mask = torch.zeros(1, 161, 147)
+    mask[:, 40:100, 50:90] = 1.0
+    with torch.no_grad(), counting_nnpack() as alone_calls:
+        alone = model(query, support, mask)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with torch.no_grad(), counting_nnpack() as calls:
+        during_compile = model(query, support, mask)
+    torch.testing.assert_close(during_compile, alone, rtol=0, atol=0)
+    assert len(calls) == len(alone_calls) and bool(calls) == cpu_conv._nnpack_present()

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
-from ..backend import resolve_backend
+from ..backend import being_traced, resolve_backend
 from . import cpu_conv
 from ._alloc import new_output
 from ._autocast import autocast_enabled, autocast_off
@@ -117,7 +117,7 @@ def _support_taps(hs: int, ws: int, kh: int, kw: int, stride: tuple[int, int], p
 def _geometry(cached_function, *sizes):
     """``cached_function(*sizes)`` (an ``lru_cache`` of index geometry); under ``torch.compile`` the function
     itself, which dynamo traces without its cache-wrapper warning (the sizes are constants there)."""
-    if torch.compiler.is_compiling():
+    if being_traced():
         return cached_function.__wrapped__(*sizes)
     return cached_function(*sizes)
 

@@ -19,8 +19,9 @@ Where it runs: fp32 CPU tensors, no autocast, no tensor requiring a gradient (tr
 convolution and its exact gradient), not while ``torch.compile`` traces, kernel 3x3 or 5x5 with padding
 ``k // 2``, and enough work per image (NNPACK runs one image per call here: its batched entry point is
 several times slower). NNPACK sizes its thread pool once per process, at its first call, from
-``torch.get_num_threads()``; when the thread count differs later, or in a forked child (which has none
-of the pool's threads), PyTorch's convolution runs instead. :func:`nnpack_allowed` turns it off for a
+``torch.get_num_threads()`` (which PyTorch keeps per calling thread); when the thread count differs
+later, or in a forked child (which inherits none of the pool's threads; torch 2.14's NNPACK then runs
+single-threaded, earlier builds are not known to), PyTorch's convolution runs instead. :func:`nnpack_allowed` turns it off for a
 block of code (lean mode does, for memory).
 
 Threads: with 2 threads the backbones still gain (ResNet-50 at 400 px 236 -> 219 ms, VGG16 642 -> 424 ms),
@@ -40,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .._hooks import has_forward_hooks
+from ..backend import being_traced
 from ._alloc import new_output
 
 __all__ = ["conv2d", "run_conv_module", "nnpack_usable", "nnpack_allowed", "ENV_VARIABLE"]
@@ -91,7 +93,7 @@ def nnpack_usable(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, 
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return False
-    if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+    if torch.is_autocast_enabled("cpu") or being_traced():
         return False
     kh, kw = weight.shape[-2:]
     if kh != kw or kh not in KERNEL_SIZES or tuple(padding) != (kh // 2, kw // 2) or tuple(stride) != (1, 1):
@@ -99,7 +101,8 @@ def nnpack_usable(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, 
     threads = torch.get_num_threads()
     if max_threads is not None and threads > max_threads:
         return False
-    # A forked child has none of the pool's threads: NNPACK would wait for them forever.
+    # A forked child inherits none of the pool's threads (torch 2.14 then runs NNPACK single-threaded; no
+    # build is trusted to): PyTorch's convolution there, as for another thread count.
     if _pool_threads is not None and (threads != _pool_threads or os.getpid() != _pool_pid):
         return False
     if x.shape[-2] * x.shape[-1] < MIN_POSITIONS_PER_THREAD * threads:

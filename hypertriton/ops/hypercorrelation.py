@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from .. import reference
-from ..backend import resolve_backend
+from ..backend import being_traced, resolve_backend
 from ._alloc import new_output
 from ._autocast import autocast_off
 from ._columns import column_runs, copy_columns_
@@ -98,7 +98,7 @@ def _correlation_stack_torch(query: list[torch.Tensor], support: list[torch.Tens
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in query + support)
     if all(c is None for c in columns):
         # torch.compile cannot trace out= into a strided view (out[:, layer] at batch > 1): stacked there.
-        if grad or torch.compiler.is_compiling():
+        if grad or being_traced():
             corrs = [torch.bmm(flat(q).transpose(1, 2), flat(s)) for q, s in zip(query, support)]
             return torch.relu(torch.stack(corrs, dim=1)).view(shape)
         out = new_output((batch, layers, n_q, n_s), query[0].dtype, query[0].device)
@@ -252,7 +252,7 @@ def hypercorrelation(query_feats, support_feats, support_mask=None, backend: str
         active = None
         # The active set is data-dependent: under torch.compile the products stay dense (a graph break
         # otherwise), which is exact too; torch.jit.trace would freeze this mask's set into the trace.
-        if support_mask is not None and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+        if support_mask is not None and not being_traced() and not torch.jit.is_tracing():
             with torch.no_grad():
                 active = active_positions(masks[map_size(s_level[0])], q_level, s_level)
         if name == "triton":
