@@ -78,7 +78,10 @@ def test_group_norm_second_derivatives_match_torch(batch, groups, per_group, siz
         out = torch.relu(out) if relu else out
         first = torch.autograd.grad(out, inputs, upstream, create_graph=True)
         penalty = sum((g * probe[:g.numel()].view(g.shape)).square().sum() for g in first)
-        return torch.autograd.grad(penalty, inputs)
+        # The bias's is zero (the first gradients do not depend on it); whether autograd's graph still
+        # reaches it differs between torch versions.
+        second = torch.autograd.grad(penalty, inputs, allow_unused=True)
+        return [torch.zeros_like(t) if g is None else g for g, t in zip(second, inputs)]
 
     got = penalty_gradients(group_norm, x.clone())
     want = penalty_gradients(F.group_norm, x.contiguous())
