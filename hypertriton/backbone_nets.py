@@ -5,7 +5,7 @@ and every command paid it for five module definitions. These are torchvision's R
 the stride on the 3x3 convolution) and VGG-16 as facts: the same modules under the same attribute names
 (so torchvision's and the original HSNet checkpoints' state_dicts load unchanged, and ``repr`` reads the
 same), created and initialized in the same order, so that one seed gives the same random weights as
-torchvision's constructors. ``tests/test_hsnet.py`` checks all three against torchvision.
+torchvision's constructors. ``tests/test_hsnet.py`` checks all five against torchvision.
 """
 
 from __future__ import annotations

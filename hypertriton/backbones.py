@@ -86,7 +86,6 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
-
 def get_spec(name: str) -> BackboneSpec:
     """The :class:`BackboneSpec` of backbone ``name``; ``ValueError`` for an unknown name."""
     if not isinstance(name, str) or name not in BACKBONES:
@@ -177,9 +176,14 @@ def build_backbone(name: str, pretrained: bool = False, weights: str | os.PathLi
 
     Returns:
         The complete torchvision model, frozen (no gradients, eval mode). Random weights unless
-        ``pretrained``/``weights``.
+        ``pretrained``/``weights``; under ``torch.device("meta")`` as the default device, a meta model
+        (neither read nor drawn).
     """
     spec = get_spec(name)
+    if torch.get_default_device().type == "meta":
+        # A shape-only model (HSNet.from_checkpoint builds there, then loads every value from its file):
+        # no weights read, nothing drawn from the random generator.
+        return freeze(make_backbone_net(spec.name))
     if pretrained or weights is not None:
         state_dict = load_imagenet_weights(name, weights, allow_download)
         # built without initialization: every value is overwritten by the file

@@ -96,6 +96,7 @@ LOG_FILE = "log.jsonl"
 STATE_FORMAT = TRAIN_STATE_FORMAT
 STATE_VERSION = 1
 
+
 def scheduled_lr(lr: float, schedule: str, step: int, total_steps: int) -> float:
     """Learning rate of optimizer step ``step`` (0-based) of ``total_steps``: ``lr`` throughout for
     ``"constant"``; for ``"cosine"``, ``lr * (1 + cos(pi * step / total_steps)) / 2`` (``lr`` at step 0,

@@ -366,3 +366,18 @@ def test_loading_a_checkpoint_leaves_the_global_generator_alone(resnet18_file, m
     model = HSNet.from_checkpoint(resnet18_file)
     torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
     assert all(int(b) == 0 for name, b in model.named_buffers() if name.endswith("num_batches_tracked"))
+
+
+@pytest.mark.parametrize("backbone", ["vgg16", "resnet50"])
+def test_backbones_built_on_the_meta_device_read_and_draw_nothing(backbone):
+    """What from_checkpoint relies on for every backbone: VGG's random initialization made real CPU
+    tensors (and drew 15M numbers) even inside ``with torch.device("meta")``; a weights file is not read."""
+    from hypertriton import backbones as bb
+
+    torch.manual_seed(6)
+    expected = torch.rand(2)
+    torch.manual_seed(6)
+    with torch.device("meta"):
+        model = bb.build_backbone(backbone, pretrained=True, weights="no/such/file.pth")
+    assert {p.device.type for p in model.parameters()} == {"meta"} and not model.training
+    torch.testing.assert_close(torch.rand(2), expected, rtol=0, atol=0)
