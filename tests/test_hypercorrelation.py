@@ -338,6 +338,15 @@ def test_vmap_is_refused_by_name_and_the_conv_runs_under_it():
     mask = torch.ones(3, 1, 8, 8)
     with pytest.raises(RuntimeError, match="do not run under torch.func.vmap"):
         torch.func.vmap(lambda q0, q1, s0, s1, m: hypertriton.hypercorrelation([q0, q1], [s0, s1], m)[0])(*feats, mask)
+    # The per-sample-gradient pattern wraps the features in a gradient level first; a vmap over the mask
+    # alone leaves them plain.
+    per_sample = torch.func.vmap(torch.func.grad(
+        lambda q0, q1, s0, s1, m: hypertriton.hypercorrelation([q0, q1], [s0, s1], m)[0].sum()))
+    with pytest.raises(RuntimeError, match="do not run under torch.func.vmap"):
+        per_sample(*feats, mask)
+    plain = [f[0] for f in feats]
+    with pytest.raises(RuntimeError, match="do not run under torch.func.vmap"):
+        torch.func.vmap(lambda m: hypertriton.hypercorrelation(plain[:2], plain[2:], m)[0])(mask)
     conv = hypertriton.CenterPivotConv4d(2, 3, 3, (1, 1, 2, 2))
     x = torch.randn(4, 1, 2, 4, 4, 5, 5, generator=gen)
     with torch.no_grad():

@@ -84,13 +84,25 @@ def check_feature_lists(query_feats, support_feats) -> tuple[list[torch.Tensor],
                             f"expected one dtype for all layers")
     check_same_device({f"query_feats[{i}]": q for i, q in enumerate(query_feats)}
                       | {f"support_feats[{i}]": s for i, s in enumerate(support_feats)})
-    # (a private PyTorch query; without it the vmap error is PyTorch's "Cannot access data pointer ...")
-    is_vmapped = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", None)
-    if is_vmapped is not None and any(is_vmapped(t) for t in (*query_feats, *support_feats)):
+    return list(query_feats), list(support_feats)
+
+
+def refuse_vmap(tensors) -> None:
+    """Raise when ``tensors`` (None allowed) carry a ``torch.func.vmap`` dimension, at any depth of the
+    transforms (``vmap(grad(f))`` wraps them in a gradient level first), of the features or of the mask
+    alone: the hypercorrelation's and the fused layer's sparse paths choose support columns from the
+    data, and PyTorch's own error there ("Cannot access data pointer of Tensor that doesn't have
+    storage") does not say why. Private PyTorch queries: skipped where they are missing."""
+    functorch = getattr(torch._C, "_functorch", None)
+    try:
+        vmapping = any(level.key() == functorch.TransformType.Vmap for level in functorch.get_interpreter_stack() or ())
+        wrapped = any(isinstance(t, torch.Tensor) and functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+    except AttributeError:
+        return
+    if vmapping and wrapped:
         raise RuntimeError("hypertriton: the hypercorrelation and the fused first layer do not run under "
                            "torch.func.vmap (their sparse paths choose support columns from the data); pass the "
                            "episodes as one batch [B, C, H, W] instead")
-    return list(query_feats), list(support_feats)
 
 
 def check_support_mask(support_mask, batch: int, device: torch.device) -> torch.Tensor:

@@ -51,7 +51,7 @@ from ._columns import column_runs, copy_columns_
 from ._norms import channel_norm, normalize_with_norms, squared_norm
 from ._second_order import recomputed_gradients
 from ._validation import (check_cp_conv_args, check_feature_lists, check_support_mask, check_triton_dtypes,
-                          shape_of)
+                          refuse_vmap, shape_of)
 from .center_pivot_conv4d import bias_sum, output_size
 from .hypercorrelation import active_positions, hypercorrelation
 from .layout import ColumnSplit
@@ -966,6 +966,7 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
     device, dtype = q0.device, q0.dtype
     if support_mask is not None:
         check_support_mask(support_mask, q0.shape[0], device)
+    refuse_vmap([*query_feats, *support_feats, support_mask])
     stride, padding = check_cp_conv_args(weight_query, bias_query, weight_support, bias_support, stride, padding,
                                          in_channels=layers, anchor=("query_feats[0]", q0),
                                          channels_of=lambda: f"the level has {layers} layers (one input channel "

@@ -30,7 +30,7 @@ from ._autocast import autocast_off
 from ._columns import column_runs, copy_columns_
 from ._norms import normalize
 from ._second_order import recomputed_gradients
-from ._validation import check_feature_lists, check_support_mask, check_triton_dtypes
+from ._validation import check_feature_lists, check_support_mask, check_triton_dtypes, refuse_vmap
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -225,6 +225,7 @@ def hypercorrelation(query_feats, support_feats, support_mask=None, backend: str
     device = query_feats[0].device
     if support_mask is not None:
         check_support_mask(support_mask, query_feats[0].shape[0], device)
+    refuse_vmap([*query_feats, *support_feats, support_mask])
     name = resolve_backend(backend, device)
     if name == "triton":
         check_triton_dtypes({f"query_feats[{i}]": q for i, q in enumerate(query_feats)})
