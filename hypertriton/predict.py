@@ -425,6 +425,7 @@ def segment(model, query: np.ndarray, supports, support_masks: Sequence[np.ndarr
     Returns:
         ``bool`` ``[H, W]``.
     """
+    _check_rgb(query, "query")  # before the supports' backbone runs
     if isinstance(supports, PreparedSupports):
         if supports.model is not model:
             raise ValueError("supports: prepared for another model; prepare them again with this one")
@@ -435,9 +436,7 @@ def segment(model, query: np.ndarray, supports, support_masks: Sequence[np.ndarr
     else:
         if img_size is None:
             raise ValueError("img_size: required with support images (the side the model's input is resized to)")
-        _check_rgb(query, "query")
         prepared = prepare_supports(model, supports, support_masks, img_size)
-    _check_rgb(query, "query")
     device = next(model.parameters()).device
     with torch.no_grad():
         query_feats = model.extract_features(image_tensor(query, prepared.img_size)[None].to(device))

@@ -55,14 +55,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "auto (bf16 where the hardware has it: CPUs with AVX512-BF16 or AMX, else fp32; GPUs: else "
                         "fp16) (default: %(default)s)")
     parser.add_argument("--lean", action="store_true", help="stream the squeeze blocks over query rows: about "
-                        "about half the learner's peak memory with large objects (little for small ones), about 2x its time, same results (HSNet(lean=True))")
+                        "half the learner's peak memory with large objects (little for small ones), about 2x its "
+                        "time, same results (HSNet(lean=True))")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
 
-def _check(args: argparse.Namespace) -> None:
-    from hypertriton._io import check_writable
+def _check_arguments(args: argparse.Namespace) -> None:
+    """The values alone (the same verdict on every rank)."""
     from hypertriton.backend import check_backend_name
-    from hypertriton.evaluation import check_no_earlier_panels
     from hypertriton.predict import MIN_IMG_SIZE
 
     for name in ("nshot", "bsz"):
@@ -72,12 +72,6 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--img-size must be >= {MIN_IMG_SIZE} (the model's smallest supported input), got "
                          f"{args.img_size}")
     check_backend_name(args.backend, "--backend")
-    # Checked now: a path that cannot be written must not cost the evaluation's result at the end.
-    if args.json:
-        check_writable(args.json, "--json")
-    if args.visualize:
-        check_writable(args.visualize, "--visualize", folder=True)
-        check_no_earlier_panels(args.visualize, "--visualize")
     if args.nworker < 0:
         raise ValueError(f"--nworker must be >= 0, got {args.nworker}")
     if args.max_episodes is not None and args.max_episodes < 1:
@@ -86,6 +80,19 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--use-original-imgsize needs --bsz 1 (query sizes differ), got --bsz {args.bsz}")
     if args.benchmark != "synthetic" and args.splits is None:
         raise ValueError(f"--splits is required for {args.benchmark}")
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """The output paths, checked now: one that cannot be written must not cost the evaluation's result at
+    the end (under torchrun each node sees its own file system, so the verdict may be one rank's)."""
+    from hypertriton._io import check_writable
+    from hypertriton.evaluation import check_no_earlier_panels
+
+    if args.json:
+        check_writable(args.json, "--json")
+    if args.visualize:
+        check_writable(args.visualize, "--visualize", folder=True)
+        check_no_earlier_panels(args.visualize, "--visualize")
 
 
 class _StopAfterBatch(StopRequest):
@@ -111,9 +118,14 @@ def run(args: argparse.Namespace) -> int:
     from hypertriton.training import _resolve_amp
 
     try:
-        _check(args)
+        _check_arguments(args)
     except (ValueError, FileNotFoundError) as error:
         print_error("evaluate", error, same_on_every_rank=True)
+        return 2
+    try:
+        _check_paths(args)
+    except (ValueError, FileNotFoundError) as error:
+        print_error("evaluate", error, same_on_every_rank=False)
         return 2
     try:
         ctx = hdist.init_distributed(args.device)

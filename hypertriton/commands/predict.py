@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--backend", help="hypertriton op backend (triton, torch, reference; default: automatic)")
     parser.add_argument("--lean", action="store_true", help="stream the squeeze blocks over query rows: about "
-                        "about half the learner's peak memory with large objects (little for small ones), about 2x its time, same masks (HSNet(lean=True))")
+                        "half the learner's peak memory with large objects (little for small ones), about 2x its "
+                        "time, same masks (HSNet(lean=True))")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
 

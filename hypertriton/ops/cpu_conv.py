@@ -21,8 +21,8 @@ convolution and its exact gradient), not while ``torch.compile`` traces, kernel 
 several times slower). NNPACK sizes its thread pool once per process, at its first call, from
 ``torch.get_num_threads()`` (which PyTorch keeps per calling thread); when the thread count differs
 later, or in a forked child (which inherits none of the pool's threads; torch 2.14's NNPACK then runs
-single-threaded, earlier builds are not known to), PyTorch's convolution runs instead. :func:`nnpack_allowed` turns it off for a
-block of code (lean mode does, for memory).
+single-threaded, earlier builds are not known to), PyTorch's convolution runs instead.
+:func:`nnpack_allowed` turns it off for a block of code (lean mode does, for memory).
 
 Threads: with 2 threads the backbones still gain (ResNet-50 at 400 px 236 -> 219 ms, VGG16 642 -> 424 ms),
 but the learner's center-pivot convolutions lost (its forward 306 -> 346 ms: between NNPACK's calls
