@@ -6,6 +6,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..backend import being_traced
+
 
 def shape_of(tensor: torch.Tensor) -> str:
     return "[" + ", ".join(str(size) for size in tensor.shape) + "]"
@@ -92,7 +94,10 @@ def refuse_vmap(tensors) -> None:
     transforms (``vmap(grad(f))`` wraps them in a gradient level first), of the features or of the mask
     alone: the hypercorrelation's and the fused layer's sparse paths choose support columns from the
     data, and PyTorch's own error there ("Cannot access data pointer of Tensor that doesn't have
-    storage") does not say why. Private PyTorch queries: skipped where they are missing."""
+    storage") does not say why. Private PyTorch queries: skipped where they are missing, and while
+    torch.compile traces (dynamo cannot trace them)."""
+    if being_traced():
+        return
     functorch = getattr(torch._C, "_functorch", None)
     try:
         vmapping = any(level.key() == functorch.TransformType.Vmap for level in functorch.get_interpreter_stack() or ())
