@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 import warnings
 
 import torch
@@ -167,6 +168,7 @@ def reduced_precision_slow_reason(dtype: torch.dtype, device: torch.device | str
 
 
 _WARNED_SLOW: set = set()
+_WARNED_SLOW_LOCK = threading.Lock()
 
 
 def warn_if_reduced_precision_slow(dtype: torch.dtype, device: torch.device, what: str) -> None:
@@ -178,7 +180,10 @@ def warn_if_reduced_precision_slow(dtype: torch.dtype, device: torch.device, wha
         return
     reason = reduced_precision_slow_reason(dtype, device)
     if reason is not None:
-        _WARNED_SLOW.add(key)
+        with _WARNED_SLOW_LOCK:  # once, also when threads get here together
+            if key in _WARNED_SLOW:
+                return
+            _WARNED_SLOW.add(key)
         name = "bf16" if dtype == torch.bfloat16 else "fp16"
         warnings.warn(f"{what} runs in {name}, but {reason}; fp32 (no autocast) is at least as fast "
                       f"here, and more accurate", RuntimeWarning, stacklevel=3)
