@@ -244,7 +244,7 @@ def test_coco_pickle_with_objects_is_refused(tmp_path):
 
 def test_coco_pickle_of_plain_data_loads_and_shape_is_checked(tmp_path):
     path = tmp_path / "plain.pkl"
-    path.write_bytes(pickle.dumps({1: ["a.jpg", "b.jpg"], 2: [], "x": {1.5, None}}, protocol=2))
+    path.write_bytes(pickle.dumps({1: ["a.jpg", "b.jpg"], 2: [], "x": [1.5, None]}, protocol=2))
     with pytest.raises(DatasetError, match=r"entry 'x' is not"):
         coco.load_class_lists(path)
     path.write_bytes(pickle.dumps({1: ["a.jpg", "b.jpg"], 2: []}, protocol=2))
@@ -252,6 +252,25 @@ def test_coco_pickle_of_plain_data_loads_and_shape_is_checked(tmp_path):
     path.write_bytes(b"not a pickle")
     with pytest.raises(DatasetError, match="cannot unpickle split file .*plain.pkl"):
         coco.load_class_lists(path)
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_coco_pickles_with_tuples_or_sets_are_refused_before_unpickling(tmp_path, protocol):
+    """A key that nests a tuple in itself 60 times is a 505-byte file whose hashing takes 2^60 steps (a
+    million levels crash the interpreter); frozensets nest alike. The format needs neither."""
+    # Written by hand: building that dict here would hash the key. PROTO 2, EMPTY_DICT, the key as
+    # (0,), then 60 times (key, key) through the memo, then its value ["a"], SETITEM, STOP.
+    bomb = bytearray(b"\x80\x02}q\x00" + b"K\x00\x85q\x010")
+    bomb += b"h\x01h\x01\x86q\x010" * 60
+    bomb += b"h\x01]q\x02X\x01\x00\x00\x00aas."
+    path = tmp_path / "fold0.pkl"
+    path.write_bytes(bytes(bomb))
+    with pytest.raises(DatasetError, match=r"refusing to load .*fold0\.pkl: it builds tuples or sets"):
+        coco.load_class_lists(path)
+    for value in ({1: ["a.jpg"], 2: (["b.jpg"],)}, {1: {"a.jpg"}}, {1: [frozenset()]}):
+        path.write_bytes(pickle.dumps(value, protocol=protocol))
+        with pytest.raises(DatasetError, match=r"refusing to load .*fold0\.pkl"):
+            coco.load_class_lists(path)
 
 
 def test_empty_class_is_an_error_not_an_endless_loop():

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import io
 import pickle
+import pickletools
+import reprlib
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +32,11 @@ NCLASS = 80
 NFOLDS = 4
 TEST_EPISODES = 1000
 
-# What a pickle may build: the opcodes for dicts, lists, tuples, str, bytes, int, float, bool and None
-# need no global at all; set and frozenset are reconstructed through these two names.
-_ALLOWED_GLOBALS = {("builtins", "set"), ("builtins", "frozenset"), ("__builtin__", "set"),
-                    ("__builtin__", "frozenset")}
+# What a split pickle may build: dicts, lists, str, bytes, int, float, bool and None need no global and no
+# tuple. Tuples and sets (and so any global at all) are refused too: hashing a key that nests a tuple
+# in itself 60 times (a 505-byte file) takes 2^60 steps, and a million levels crash the interpreter.
+_REFUSED_OPCODES = {"TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE", "EMPTY_SET", "ADDITEMS", "FROZENSET"}
+_ALLOWED_GLOBALS: set[tuple[str, str]] = set()
 
 
 class _PlainUnpickler(pickle.Unpickler):
@@ -44,8 +47,8 @@ class _PlainUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
-        raise DatasetError(f"refusing to load {self._path}: it asks for {module}.{name}; only plain "
-                           f"containers, strings and numbers are allowed in split pickles")
+        raise DatasetError(f"refusing to load {self._path}: it asks for {module}.{name}; only dicts, lists, "
+                           f"strings and numbers are allowed in split pickles")
 
     def persistent_load(self, pid):
         raise DatasetError(f"refusing to load {self._path}: it uses persistent ids; only plain containers, "
@@ -53,7 +56,8 @@ class _PlainUnpickler(pickle.Unpickler):
 
 
 def safe_load_pickle(path: Path):
-    """Unpickle ``path`` allowing only plain containers, strings and numbers (no code can run)."""
+    """Unpickle ``path`` allowing only dicts, lists, strings and numbers (no code runs; no tuple or set
+    whose hashing could take forever)."""
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
@@ -61,6 +65,23 @@ def safe_load_pickle(path: Path):
     except OSError as error:
         raise DatasetError(f"cannot read split file {path}: {error}") from None
     try:
+        # Read, not run: the whole file is checked before anything is built.
+        strings, named, refused = [], [], None
+        for opcode, argument, _position in pickletools.genops(data):
+            if opcode.name == "GLOBAL":
+                named.append(argument.replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL":
+                named.append(".".join(strings[-2:]))
+            elif isinstance(argument, str):
+                strings.append(argument)
+            if opcode.name in _REFUSED_OPCODES and refused is None:
+                refused = opcode.name
+        if named:
+            raise DatasetError(f"refusing to load {path}: it asks for {named[0]}; only dicts, lists, strings and "
+                               "numbers are allowed in split pickles")
+        if refused is not None:
+            raise DatasetError(f"refusing to load {path}: it builds tuples or sets ({refused}); split pickles hold "
+                               "a dict of class ids to lists of names")
         return _PlainUnpickler(io.BytesIO(data), path).load()
     except DatasetError:
         raise
@@ -77,7 +98,8 @@ def load_class_lists(path: Path) -> dict[int, list[str]]:
     for key, names in data.items():
         if isinstance(key, bool) or not isinstance(key, int) or not isinstance(names, (list, tuple)) \
                 or not all(isinstance(name, str) for name in names):
-            raise DatasetError(f"split file {path}: entry {key!r} is not 'int class id -> list of str names'")
+            shown = reprlib.repr(key)  # (a file's own key: its repr may be huge)
+            raise DatasetError(f"split file {path}: entry {shown} is not 'int class id -> list of str names'")
         lists[key] = list(names)
     return lists
 
