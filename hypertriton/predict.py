@@ -274,7 +274,7 @@ def read_train_config(checkpoint) -> dict | None:
         return None
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:  # (JSON nested past Python's recursion limit)
         raise ValueError(f"{type(error).__name__}: {error}") from None
     if not isinstance(config, dict) or "benchmark" not in config:
         raise ValueError("no 'benchmark' field")
@@ -289,7 +289,15 @@ def _training_img_size(checkpoint: Path) -> int | None:
     except ValueError:
         return None
     size = config.get("img_size") if config is not None else None
-    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+    if not isinstance(size, int) or isinstance(size, bool):
+        return None
+    from .model import MIN_IMAGE_SIZE  # (train accepts sizes from there; the command line from 64)
+
+    if not MIN_IMAGE_SIZE <= size <= MAX_IMG_SIZE:  # a file's value decides an allocation: bounded
+        warnings.warn(f"{checkpoint}: the config.json next to it records img_size {size}, outside "
+                      f"{MIN_IMAGE_SIZE}..{MAX_IMG_SIZE}; ignored", InputWarning, stacklevel=3)
+        return None
+    return size
 
 
 def load_model(checkpoint=None, backbone: str | None = None, backend: str | None = None,

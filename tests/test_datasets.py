@@ -306,3 +306,17 @@ def test_synthetic_is_built_through_the_same_entry_point():
     ds = build_dataset("synthetic", None, None, 0, "test", nshot=2, img_size=64)
     item = ds[0]
     assert item["support_masks"].shape == (2, 64, 64) and int(item["class_id"]) in ds.class_ids
+
+
+def test_a_decompression_bomb_is_a_dataset_error_naming_the_file(tmp_path, monkeypatch):
+    """PIL refuses images past twice MAX_IMAGE_PIXELS with DecompressionBombError, which is neither an
+    OSError nor a ValueError: it escaped evaluate/train as a traceback (a 23-KB PNG of 190M pixels)."""
+    from hypertriton.data.common import read_image, read_mask
+
+    path = tmp_path / "bomb.png"
+    Image.new("L", (20, 20)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 400 pixels: past twice the limit
+    with pytest.raises(DatasetError, match=r"cannot read image file .*bomb\.png"):
+        read_image(path)
+    with pytest.raises(DatasetError, match=r"cannot read mask file .*bomb\.png"):
+        read_mask(path)

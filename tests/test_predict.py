@@ -511,6 +511,15 @@ def test_the_training_size_is_read_from_trains_config_next_to_the_checkpoint(che
     assert lib.load_model(run / "best_model.pt")[1] == 64
     (run / "config.json").write_text('{"img_size": 64}')  # not train's: ignored
     assert lib.load_model(run / "best_model.pt")[1] == 400
+    # The file decides an allocation: a size past the compact format's bound is ignored, said so; JSON
+    # nested past Python's recursion limit is an unreadable config, not a traceback.
+    (run / "config.json").write_text('{"benchmark": "synthetic", "img_size": 200000}')
+    with pytest.warns(lib.InputWarning, match="img_size 200000, outside 32..4096; ignored"):
+        assert lib.load_model(run / "best_model.pt")[1] == 400
+    (run / "config.json").write_text("[" * 100000)
+    assert lib.load_model(run / "best_model.pt")[1] == 400
+    with pytest.raises(ValueError, match="RecursionError"):
+        lib.read_train_config(run / "best_model.pt")
 
 
 def test_written_pngs_get_the_umasks_permissions_like_every_other_output(tmp_path):

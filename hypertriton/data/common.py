@@ -136,7 +136,7 @@ def read_image(path: str | os.PathLike) -> Image.Image:
             return image.convert("RGB")
     except FileNotFoundError:
         raise DatasetError(f"image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
         raise DatasetError(f"cannot read image file {path}: {error}") from None
 
 
@@ -155,7 +155,7 @@ def read_mask(path: str | os.PathLike, grey: bool = False) -> torch.Tensor:
             array = np.array(image)
     except FileNotFoundError:
         raise DatasetError(f"mask file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
         raise DatasetError(f"cannot read mask file {path}: {error}") from None
     if array.ndim != 2:
         raise DatasetError(f"mask file {path} has shape {array.shape}; expected a single-channel [H, W] mask")
