@@ -8,6 +8,7 @@ transparently.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +24,7 @@ COMPACT_FORMAT = "hypertriton-compact-checkpoint"
 COMPACT_VERSION = 1
 _MIN_QUANTIZED = 4096  # smaller tensors (BN, GroupNorm, biases) are kept in fp16
 _KINDS = {"raw": None, "fp16": None, "codebook4": 16, "codebook8": 256}  # kind -> codebook levels
+_MAX_ELEMENTS = 2**31  # per tensor: a VGG-16 classifier weight has 103M
 # The dtypes save_compact can quantize: the floating ones that convert to float32 and back (torch implements
 # no such conversion for float4_e2m1fn_x2, so the writer cannot produce it).
 _CODEBOOK_DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in
@@ -116,6 +118,13 @@ def _expand_entry(key: str, entry, where: str) -> torch.Tensor:
             raise refuse(f"{name!r} is a {type(value).__name__}, expected a tensor")
         if dtypes is not None and value.dtype not in dtypes:
             raise refuse(f"{name!r} is {value.dtype}, expected {' or '.join(map(str, dtypes))}")
+        # The writer stores whole tensors. A stride-0 view (torch.save keeps expand()'s) would let a
+        # 3-KB file declare gigabytes that expanding it then allocates.
+        if not (value.is_contiguous() and value.storage_offset() == 0
+                and value.untyped_storage().nbytes() == value.numel() * value.element_size()):
+            raise refuse(f"{name!r} is a view of a storage of another size (strides {list(value.stride())}, "
+                         f"{value.untyped_storage().nbytes()} bytes for {value.numel()} elements); the writer "
+                         "stores whole tensors")
         return value
 
     if not isinstance(entry, Mapping) or entry.get("kind") not in _KINDS:
@@ -133,6 +142,8 @@ def _expand_entry(key: str, entry, where: str) -> torch.Tensor:
     shape = tensor_field("shape", (torch.int64,))
     if shape.dim() != 1 or bool((shape < 0).any()):
         raise refuse(f"'shape' is {shape.tolist()}, expected a list of sizes >= 0")
+    if math.prod(shape.tolist()) > _MAX_ELEMENTS:  # in Python: a product past int64 would wrap in torch
+        raise refuse(f"'shape' {shape.tolist()} holds more than {_MAX_ELEMENTS} elements")
     shape = torch.Size(shape.tolist())
     dtype_name = entry.get("dtype")
     if dtype_name not in _CODEBOOK_DTYPES:

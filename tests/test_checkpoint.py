@@ -250,17 +250,25 @@ MALFORMED_COMPACT = {
     "unknown kind": (_set("a4", "kind", "codebook2"), r"tensor 'a4': unknown kind 'codebook2'; expected one of"),
     "integer dtype": (_set("a4", "dtype", "int8"), r"tensor 'a4': dtype 'int8' is not one the writer stores"),
     "torch function as dtype": (_set("b8", "dtype", "load"), r"tensor 'b8': dtype 'load' is not one"),
-    "short index": (_set("a4", "index", lambda index: index[:10]), r"tensor 'a4': 'index' has shape \[10\]; shape "
-                                                                   r"\[64, 65\] needs 2080 bytes"),
+    "short index": (_set("a4", "index", lambda index: index[:10].clone()),
+                    r"tensor 'a4': 'index' has shape \[10\]; shape \[64, 65\] needs 2080 bytes"),
     "long index": (_set("b8", "index", lambda index: torch.cat([index, index])), r"'index' has shape \[8194\]"),
-    "short codebook": (_set("b8", "codebook", lambda book: book[:3]), r"tensor 'b8': codebook8 needs a codebook of "
-                                                                     r"256 values, got shape \[3\]"),
+    "short codebook": (_set("b8", "codebook", lambda book: book[:3].clone()),
+                       r"tensor 'b8': codebook8 needs a codebook of 256 values, got shape \[3\]"),
     "no shape": (_drop("a4", "shape"), r"tensor 'a4': no 'shape' field"),
     "negative shape": (_set("a4", "shape", torch.tensor([-1])), r"'shape' is \[-1\], expected a list of sizes"),
     "float raw": (_set("n", "data", torch.zeros(2)), r"tensor 'n': a raw entry holds torch.float32"),
     "fp16 not a tensor": (_set("c16", "data", [1.0]), r"tensor 'c16': 'data' is a list, expected a tensor"),
     "tensors a list": (lambda payload: payload.update(tensors=[1, 2]), r"'tensors' is a list, expected a mapping"),
     "metadata a string": (lambda payload: payload.update(metadata="x"), r"'metadata' is a str, expected a mapping"),
+    # A few bytes that would expand to gigabytes: torch.save keeps expand()'s stride-0 views.
+    "stride-0 fp16": (_set("c16", "data", torch.zeros(1, dtype=torch.float16).expand(2**28)),
+                      r"tensor 'c16': 'data' is a view of a storage of another size \(strides \[0\]"),
+    "stride-0 index": (_set("b8", "index", lambda index: index[:1].expand(index.shape[0])),
+                       r"tensor 'b8': 'index' is a view of a storage of another size"),
+    "slice of a larger storage": (_set("c16", "data", lambda data: torch.cat([data, data])[: data.shape[0]]),
+                                  r"'data' is a view of a storage of another size"),
+    "shape past int64": (_set("a4", "shape", torch.tensor([2**32, 2**32])), r"holds more than 2147483648 elements"),
 }
 
 
