@@ -210,6 +210,12 @@ class HSNet(nn.Module):
         return learner.forward_fused(self._levels(query_feats, support_feats), support_mask, lean=self.lean)
 
     def _logits(self, query_feats, support_img, support_mask, size) -> torch.Tensor:
+        logits = self.forward_features(query_feats, self._support_features(support_img, support_mask), support_mask)
+        return F.interpolate(logits, size, mode="bilinear", align_corners=True)
+
+    def _support_features(self, support_img, support_mask) -> list[torch.Tensor]:
+        """The backbone features of ``support_img`` ``[B, 3, H, W]``, its ``support_mask`` ``[B, H, W]``
+        checked against it first."""
         self._check_images(support_img, "support_img")
         if not isinstance(support_mask, torch.Tensor) or support_mask.dim() != 3:
             raise ValueError(f"support_mask: expected [B, H, W], got {_shape(support_mask)}")
@@ -220,8 +226,7 @@ class HSNet(nn.Module):
             # Resizing would hide a mask paired with the wrong image; the caller knows how to resize it.
             raise ValueError(f"support_mask: expected [B, H, W] = {_shape(support_img[:, 0])} (the support images' "
                              f"size), got {_shape(support_mask)}")
-        logits = self.forward_features(query_feats, self.extract_features(support_img), support_mask)
-        return F.interpolate(logits, size, mode="bilinear", align_corners=True)
+        return self.extract_features(support_img)
 
     def forward(self, query_img: torch.Tensor, support_img: torch.Tensor, support_mask: torch.Tensor) -> torch.Tensor:
         """One-shot logits ``[B, 2, H, W]`` at the query image's size (bilinear, ``align_corners=True``).
@@ -285,11 +290,8 @@ class HSNet(nn.Module):
         else:
             size = tuple(query_img.shape[-2:])
         query_feats = self.extract_features(query_img)
-        vote_sum = 0
-        for shot in range(nshot):
-            logits = self._logits(query_feats, support_imgs[:, shot], support_masks[:, shot], size)
-            vote_sum = vote_sum + foreground(logits)
-        return vote_nshot(vote_sum, nshot)
+        support_feats = [self._support_features(support_imgs[:, shot], support_masks[:, shot]) for shot in range(nshot)]
+        return self.predict_from_features(query_feats, support_feats, support_masks[:, :nshot], size)
 
     def predict_from_features(self, query_feats: list[torch.Tensor], support_feats: list[list[torch.Tensor]],
                               support_masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
