@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from ._pickle_guard import check_torch_file
+
 
 def temporary_path(path: Path) -> Path:
     """A fresh hidden name next to ``path`` to write it under before renaming. Create it with
@@ -124,7 +126,13 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
 
 def load_on_cpu(path: str | os.PathLike) -> Any:
     """``torch.load`` onto the CPU, tensors and plain containers only (``weights_only``: a loaded file
-    can run no code; a checkpoint saved on a GPU loads on a machine without one)."""
+    can run no code; a checkpoint saved on a GPU loads on a machine without one), after a read of its
+    pickles that refuses dict keys whose hashing a small file could make take forever.
+
+    Raises:
+        UnsafeFileError: such a file, named (nothing was built from it).
+    """
+    check_torch_file(path)
     return torch.load(path, map_location="cpu", weights_only=True)
 
 

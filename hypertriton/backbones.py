@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._io import load_error_summary, load_on_cpu
+from ._pickle_guard import UnsafeFileError
 from .backbone_nets import IMAGENET_WEIGHTS_URLS, make_backbone_net
 from .data.common import IMAGENET_MEAN, IMAGENET_STD  # re-exported: the one definition is the data's
 from .ops.cpu_conv import run_conv_module
@@ -119,6 +120,8 @@ def _missing_weights_message(name: str, url: str, reason: str) -> str:
 def _load_weights_file(path: Path, name: str) -> dict[str, torch.Tensor]:
     try:
         return load_on_cpu(path)
+    except UnsafeFileError as error:
+        raise ValueError(f"weights: {error}") from None
     except Exception as error:  # unpickling, zip and EOF errors all mean "not a weights file"
         raise ValueError(f"weights: {str(path)!r} is not a PyTorch weights file for {name} (torch.load failed: "
                          f"{load_error_summary(error)})") from error

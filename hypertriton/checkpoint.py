@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ._io import atomic_save, load_error_summary, load_on_cpu
+from ._pickle_guard import UnsafeFileError
 
 __all__ = ["read_state_dict", "strip_prefix", "infer_backbone", "load_into", "save_checkpoint",
            "atomic_save", "CheckpointError"]
@@ -60,6 +61,8 @@ def read_state_dict(source) -> dict[str, torch.Tensor]:
             raise FileNotFoundError(f"checkpoint: no such file {str(path)!r}")
         try:
             loaded = load_on_cpu(path)
+        except UnsafeFileError as error:
+            raise CheckpointError(f"checkpoint: {error}") from None
         except Exception as error:  # unpickling, zip and EOF errors all mean "not a checkpoint"
             raise CheckpointError(f"checkpoint: {str(path)!r} is not a PyTorch checkpoint (torch.load failed: "
                                   f"{load_error_summary(error)})") from error

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ._io import atomic_save, load_on_cpu
+from ._pickle_guard import UnsafeFileError
 from .checkpoint import CheckpointError
 
 __all__ = ["COMPACT_FORMAT", "save_compact", "is_compact", "load_compact"]
@@ -181,7 +182,10 @@ def load_compact(source, name: str | None = None) -> tuple[dict[str, torch.Tenso
     """
     if isinstance(source, (str, os.PathLike)):
         where = repr(str(source))
-        loaded = load_on_cpu(source)
+        try:
+            loaded = load_on_cpu(source)
+        except UnsafeFileError as error:
+            raise CheckpointError(f"checkpoint: {error}") from None
     else:
         where = name if name is not None else "the given object"
         loaded = source

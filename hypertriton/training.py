@@ -71,6 +71,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from hypertriton import distributed as hdist
 from hypertriton.backend import reduced_precision_slow_reason, warn_if_reduced_precision_slow
 from hypertriton._io import atomic_file, atomic_save, check_writable, load_error_summary, load_on_cpu
+from hypertriton._pickle_guard import UnsafeFileError
 from hypertriton._signals import StopRequest, ignore_stop_signals_in_worker, stop_loader_workers
 from hypertriton.checkpoint import TRAIN_STATE_FORMAT
 from hypertriton.evaluation import EvaluationStopped, evaluate
@@ -477,6 +478,8 @@ def load_training_state(path: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"resume: no training state at {path}")
     try:
         state = load_on_cpu(path)
+    except UnsafeFileError as error:
+        raise ValueError(f"resume: {error}") from None
     except Exception as error:  # unpickling, zip and EOF errors all mean "not a training state"
         raise ValueError(f"resume: {path} is not a readable training state ({load_error_summary(error)})") from error
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:

@@ -389,3 +389,85 @@ def test_backbones_built_on_the_meta_device_read_and_draw_nothing(backbone):
         model = bb.build_backbone(backbone, pretrained=True, weights="no/such/file.pth")
     assert {p.device.type for p in model.parameters()} == {"meta"} and not model.training
     torch.testing.assert_close(torch.rand(2), expected, rtol=0, atol=0)
+
+
+# Pickles by hand: a dict keyed by a tuple that nests its child twice, ``depth`` levels (2^depth hashing
+# steps from a few bytes each level; at 64 levels a 1-KB file hangs torch.load).
+def _nested_tuple_key_pickle(depth: int) -> bytes:
+    level = b"h\x01h\x01\x86q\x01"  # BINGET 1, BINGET 1, TUPLE2, BINPUT 1
+    return b"\x80\x02}q\x00K\x00\x85q\x01" + level * depth + b"Ns."  # ... NONE, SETITEM, STOP
+
+
+def _colliding_int_keys_pickle(count: int) -> bytes:
+    # Keys 5 + i * (2^61 - 1) all hash to 5: each insertion compares with every key before it.
+    import pickle
+    return pickle.dumps({5 + i * (2**61 - 1): 0 for i in range(count)}, protocol=2)
+
+
+def _with_data_pickle(path: Path, data_pickle: bytes, legacy: bool) -> Path:
+    """A torch.save file (zip or legacy format) whose object pickle is ``data_pickle``."""
+    import pickle
+    import zipfile
+
+    from torch import serialization
+    if legacy:
+        sys_info = {"protocol_version": serialization.PROTOCOL_VERSION, "little_endian": True,
+                    "type_sizes": {"short": 2, "int": 4, "long": 4}}
+        path.write_bytes(pickle.dumps(serialization.MAGIC_NUMBER, protocol=2)
+                         + pickle.dumps(serialization.PROTOCOL_VERSION, protocol=2)
+                         + pickle.dumps(sys_info, protocol=2) + data_pickle + pickle.dumps([], protocol=2))
+        return path
+    template = path.with_suffix(".template")
+    torch.save({}, template)
+    with zipfile.ZipFile(template) as source, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as target:
+        for record in source.infolist():
+            body = source.read(record)
+            target.writestr(record, data_pickle if record.filename.endswith("/data.pkl") else body)
+    return path
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+@pytest.mark.parametrize("data_pickle, problem", [
+    (_nested_tuple_key_pickle(20), "keys a dict by a tuple"),
+    (_colliding_int_keys_pickle(50), "keys a dict by an integer of 62 bits"),
+], ids=["nested-tuple-key", "colliding-int-keys"])
+def test_a_file_whose_keys_could_hash_forever_is_refused_unbuilt(tmp_path, data_pickle, problem, legacy):
+    # Small enough here to load (and be refused later, differently) without the guard.
+    path = _with_data_pickle(tmp_path / "hostile.pt", data_pickle, legacy)
+    with pytest.raises(ckpt.CheckpointError, match=f"hostile.pt.*{problem}"):
+        ckpt.read_state_dict(path)
+    from hypertriton.training import load_training_state
+    with pytest.raises(ValueError, match=f"resume: .*{problem}"):
+        load_training_state(path)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_a_dict_built_from_unchecked_pairs_is_refused(tmp_path, legacy):
+    import pickle
+    from collections import OrderedDict
+
+    class BuiltFromPairs:
+        def __reduce__(self):
+            return OrderedDict, ([("weight", 1)],)
+    path = _with_data_pickle(tmp_path / "pairs.pt", pickle.dumps(BuiltFromPairs(), protocol=2), legacy)
+    with pytest.raises(ckpt.CheckpointError, match="calls collections.OrderedDict with arguments"):
+        ckpt.read_state_dict(path)
+
+
+def test_the_guard_passes_both_formats_of_a_real_checkpoint_and_a_training_state(tmp_path, resnet18_file):
+    from hypertriton._pickle_guard import check_torch_file
+    state = torch.load(resnet18_file, weights_only=True)
+    legacy = tmp_path / "legacy.pt"
+    torch.save(state, legacy, _use_new_zipfile_serialization=False)
+    loaded = ckpt.read_state_dict(legacy)
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    # What a training state holds beyond names: an optimizer's integer-keyed state, nested containers.
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    for legacy_format in (False, True):
+        path = tmp_path / f"state-{legacy_format}.pt"
+        torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "steps": [1, 2.5, None],
+                    "pair": (1, "a")}, path, _use_new_zipfile_serialization=not legacy_format)
+        check_torch_file(path)  # raises if refused
