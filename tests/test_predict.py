@@ -332,6 +332,29 @@ def test_sixteen_bit_images_keep_one_scale_and_low_bit_data_is_said_to_read_dark
         np.testing.assert_array_equal(lib.read_image(tmp_path / "q12b.png")[..., 0], [[0, 16, 8]])
 
 
+@pytest.mark.parametrize("mode", ["I;16", "F"])
+def test_a_large_grey_image_scales_in_blocks_to_the_whole_images_bytes_in_little_memory(tmp_path, mode):
+    import tracemalloc
+
+    generator = np.random.default_rng(0)
+    if mode == "I;16":
+        values = generator.integers(0, 65536, size=(2048, 2047), dtype=np.uint16)
+        expected = np.rint(values / 257).astype(np.uint8)  # the same bytes as one float64 pass
+    else:
+        values = generator.random((2048, 2047), dtype=np.float32)
+        values[0, :3] = (0.0, 1.0, 0.5 / 255)  # the ends, and a value that rounds half to even
+        expected = np.rint(values.astype(np.float64) * 255).clip(0, 255).astype(np.uint8)
+    tracemalloc.start()
+    try:
+        result = lib._grey_to_8bit(values, mode, "scan.tif", "--query")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(result, expected)
+    # One uint8 output and one float64 block beside the input (a whole-image float64 pass: 13x the input).
+    assert peak < result.nbytes + 3 * 8 * lib._SCALE_BLOCK_PIXELS, (peak, values.nbytes)
+
+
 def test_multi_frame_files_give_their_first_frame_with_a_warning_and_are_closed(tmp_path):
     import gc
     import warnings
