@@ -22,7 +22,21 @@ def temporary_path(path: Path) -> Path:
     """A fresh hidden name next to ``path`` to write it under before renaming. Create it with
     ``open(..., "x")`` rather than ``mkstemp``: the file then gets the umask's permissions, not 0600.
     The name holds the writer's host and process id, for :func:`remove_stale_temporaries`."""
-    return path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    return path.with_name(f".{_temporary_stem(path.name)}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+# What a temporary adds to its target's name is about 32 bytes; file systems allow 255 per name. A longer
+# target name is shortened in its temporaries (a digest keeps them apart), so that a name that fits
+# the file system never fails only in its temporary.
+_TEMPORARY_STEM_BYTES = 200
+
+
+def _temporary_stem(name: str) -> str:
+    encoded = name.encode("utf-8", "surrogateescape")
+    if len(encoded) <= _TEMPORARY_STEM_BYTES:
+        return name
+    digest = hashlib.sha1(encoded).hexdigest()[:12]
+    return encoded[:_TEMPORARY_STEM_BYTES - 13].decode("utf-8", "ignore") + "~" + digest
 
 
 # How torch's zip writer reports a write that failed (in torch 2.11 to 2.14).
@@ -39,9 +53,10 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
     removed = []
     if os.name == "nt":  # os.kill(pid, 0) sends a Ctrl-C there: no way to ask whether a process runs
         return removed
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.{re.escape(_HOST)}\.(\d+)\.[0-9a-f]{{8}}\.tmp")
+    stem = _temporary_stem(path.name)
+    pattern = re.compile(rf"\.{re.escape(stem)}\.{re.escape(_HOST)}\.(\d+)\.[0-9a-f]{{8}}\.tmp")
     try:
-        candidates = list(path.parent.glob(f".{glob.escape(path.name)}.{_HOST}.*.tmp"))
+        candidates = list(path.parent.glob(f".{glob.escape(stem)}.{_HOST}.*.tmp"))
     except OSError:
         return removed
     for candidate in candidates:

@@ -426,6 +426,50 @@ def test_outputs_that_would_replace_inputs_are_refused(files, checkpoint, tmp_pa
     assert "wrote 2 files to" in (said := capsys.readouterr().out) and "(2 of them replacing files" in said
 
 
+def test_a_long_query_name_writes_and_one_too_long_is_refused_before_any_query(files, checkpoint, tmp_path, capsys):
+    import shutil
+
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    shutil.copy(files["queries"] / "wide.png", queries / "a.png")
+    long_stem = "b" * 230  # its outputs fit (230 + 12 bytes); a temporary beside them, 32 bytes longer, would not
+    shutil.copy(files["queries"] / "wide.png", queries / f"{long_stem}.png")
+    out = tmp_path / "out"
+    assert _predict(files, out, checkpoint, query=[queries]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["a_mask.png", "a_overlay.png", f"{long_stem}_mask.png", f"{long_stem}_overlay.png"])
+    too_long = "c" * 246  # c..._overlay.png: 258 bytes
+    shutil.copy(files["queries"] / "wide.png", queries / f"{too_long}.png")
+    capsys.readouterr()
+    assert _predict(files, tmp_path / "out2", checkpoint, query=[queries]) == 2
+    err = capsys.readouterr().err
+    assert f"would write '{too_long}_overlay.png', a name of 258 bytes" in err and "at most 243 bytes" in err, err
+    assert not (tmp_path / "out2").exists()
+
+
+def test_queries_differing_only_in_case_are_refused_where_the_output_folder_ignores_case(
+        files, checkpoint, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from hypertriton.commands import predict as command
+
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    shutil.copy(files["queries"] / "wide.png", queries / "Cat.png")
+    shutil.copy(files["queries"] / "tall.jpg", queries / "cat.jpg")
+    if (queries / "CAT.png").exists():
+        pytest.skip("this file system ignores case: Cat.png and cat.jpg cannot both be made to test with")
+    assert command._ignores_case(tmp_path) is False
+    assert _predict(files, tmp_path / "out", checkpoint, query=[queries]) == 0  # two outputs each, apart
+    assert len(list((tmp_path / "out").iterdir())) == 4
+    monkeypatch.setattr(command, "_ignores_case", lambda folder: True)  # as on macOS and Windows
+    capsys.readouterr()
+    assert _predict(files, tmp_path / "out2", checkpoint, query=[queries]) == 2
+    err = capsys.readouterr().err
+    assert "would write Cat_mask.png and cat_mask.png, one file on" in err, err
+    assert not (tmp_path / "out2").exists()
+
+
 def test_a_vanishing_support_mask_is_named_once_by_its_file(files, checkpoint, tmp_path, capsys):
     support = np.zeros((640, 640, 3), np.uint8)
     tiny = np.zeros((640, 640), np.uint8)

@@ -701,6 +701,16 @@ def test_atomic_save_removes_what_killed_writers_left_and_names_a_failed_write(t
         atomic_save({"value": torch.arange(4)}, path)
     monkeypatch.undo()
     assert torch.equal(torch.load(path, weights_only=True)["value"], torch.arange(3))
+    # A name that fits the file system but not with a temporary's 32 bytes beside it: its temporaries are
+    # shortened (a digest keeps them apart) and found again when stale.
+    long_path = tmp_path / ("n" * 240 + ".pt")
+    stale_long = _io.temporary_path(long_path).with_name(
+        _io.temporary_path(long_path).name.replace(f".{os.getpid()}.", f".{dead}."))
+    assert len(stale_long.name) <= 255 and stale_long.name.startswith("." + "n" * 150)
+    stale_long.write_bytes(b"half a checkpoint")
+    atomic_save({"value": torch.arange(2)}, long_path)
+    assert torch.equal(torch.load(long_path, weights_only=True)["value"], torch.arange(2))
+    assert not stale_long.exists()
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -20,6 +20,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -185,6 +186,7 @@ def _run(args: argparse.Namespace) -> int:
         raise InputError(str(error)) from None
     targets = {stem: _targets(out, stem, args.overlay) for stem in names}
     _refuse_overwriting_inputs(targets, pairs, queries)
+    _refuse_unwritable_names(targets, names, out)
     try:
         backend = resolve_backend(args.backend, device)
     except (ValueError, RuntimeError) as error:
@@ -225,6 +227,56 @@ def _run(args: argparse.Namespace) -> int:
 def _targets(out: Path, stem: str, with_overlay: bool) -> list[Path]:
     """The files a query named ``stem`` writes: its mask, then (``with_overlay``) its overlay."""
     return [out / f"{stem}_mask.png"] + ([out / f"{stem}_overlay.png"] if with_overlay else [])
+
+
+def _nearest_folder(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _refuse_unwritable_names(targets: dict[str, list[Path]], names: dict[str, Path], out: Path) -> None:
+    """Refuse, before the first query runs, what would fail or be lost after earlier queries were written:
+    an output name longer than the file system allows, and two queries whose outputs differ only in case
+    where ``out`` ignores case (macOS's and Windows' default file systems: one would replace the other)."""
+    from hypertriton.predict import InputError
+
+    folder = _nearest_folder(out)
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):  # no pathconf (Windows) or no answer
+        limit = 255
+    for stem, paths in targets.items():
+        for path in paths:
+            size = len(os.fsencode(path.name))
+            if size > limit:
+                room = limit - (size - len(os.fsencode(stem)))
+                raise InputError(f"--query: {str(names[stem])!r} would write {path.name!r}, a name of {size} bytes; "
+                                 f"{str(folder)!r} allows {limit}: rename the query (at most {room} bytes before its "
+                                 "extension)")
+    by_case: dict[str, str] = {}
+    for stem in names:
+        other = by_case.setdefault(stem.casefold(), stem)
+        if other != stem and _ignores_case(folder):
+            raise InputError(f"--query: {str(names[other])!r} and {str(names[stem])!r} would write "
+                             f"{other}_mask.png and {stem}_mask.png, one file on {str(folder)!r}, which ignores the "
+                             "case of names; rename one or run them separately")
+
+
+def _ignores_case(folder: Path) -> bool:
+    """Whether ``folder``'s file system takes names that differ only in case as one (asked by a probe file)."""
+    import uuid
+
+    probe = folder / f".hypertriton-case-probe-{uuid.uuid4().hex}"
+    try:
+        probe.touch(exist_ok=False)
+    except OSError:  # cannot ask: the writes would fail anyway, and are refused elsewhere
+        return False
+    try:
+        return (folder / probe.name.upper()).exists()
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def _refuse_overwriting_inputs(targets: dict[str, list[Path]], pairs: list[tuple[Path, Path]],
