@@ -1,4 +1,4 @@
-"""The ``hypertriton`` command line (also ``python -m hypertriton``).
+"""The hypertriton command line (also: python -m hypertriton).
 
 Each sub-command lives in its own module ``hypertriton.commands.<name>`` exposing
 ``add_arguments(parser)`` and ``run(args) -> int``; this file only dispatches.

@@ -53,7 +53,7 @@ DEFAULT_IMG_SIZE = 400  # the original HSNet's input size, for user checkpoints
 MIN_IMG_SIZE = 64  # the smallest model input the command line accepts (HSNet runs from 32 px, poorly)
 MAX_IMG_SIZE = 4096  # the largest training size a compact checkpoint may record (beyond: hours per image)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
-REPRODUCE_HINT = "docs/synthetic.md gives the commands that train it"
+REPRODUCE_HINT = "docs/synthetic.md (in the source distribution) gives the commands that train it"
 # Under transparent pixels: the ImageNet mean colour, which the model's input normalization maps to 0.
 TRANSPARENT_FILL = (124, 116, 104, 255)
 

@@ -622,7 +622,7 @@ def _main(argv=None) -> int:
     defaults = argparse.ArgumentDefaultsHelpFormatter  # each --help lists every default
     pre = sub.add_parser("pretrain-backbone", help="train a backbone on the seen classes (per-pixel attributes)",
                          description="train a backbone on the seen classes (per-pixel attributes); the bundled "
-                         "checkpoint's recipe (docs/synthetic.md) is --steps 1500 --lr-schedule cosine",
+                         "checkpoint's recipe (docs/synthetic.md in the source) is --steps 1500 --lr-schedule cosine",
                          formatter_class=defaults)
     pre.add_argument("--out", required=True, default=argparse.SUPPRESS, help="torchvision-format weights file to write")
     pre.add_argument("--backbone", default="resnet18", help="backbone to train")

@@ -1,0 +1,144 @@
+"""What an install from the wheel or sdist holds: every package folder listed (the kernels' folder mapping
+means setuptools cannot find them by itself, and an editable install would hide a missing one), the
+declared dependencies exactly those imported, one version, and modules that import without side effects."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.metadata
+import pkgutil
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Where an import name and its distribution's name differ.
+DISTRIBUTION_OF = {"PIL": "pillow"}
+
+
+def _pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+
+
+def _package_folders() -> dict[str, Path]:
+    """Every folder of Python files under the two package roots, by the package name it installs as."""
+    roots = {"hypertriton": ROOT / "hypertriton", "hypertriton.kernels": ROOT / "kernels"}
+    found = {}
+    for name, root in roots.items():
+        for folder in [root, *(path for path in root.rglob("*") if path.is_dir())]:
+            if folder.name == "__pycache__" or not (any(folder.glob("*.py")) or any(folder.glob("*.pt"))):
+                continue
+            found[".".join((name, *folder.relative_to(root).parts))] = folder
+    return found
+
+
+def test_every_package_folder_is_listed_and_mapped_to_its_folder():
+    setuptools = _pyproject()["tool"]["setuptools"]
+    folders = _package_folders()
+    assert set(setuptools["packages"]) == set(folders), (
+        "pyproject.toml [tool.setuptools] packages must list every folder of modules or data")
+    for name, target in setuptools["package-dir"].items():
+        assert (ROOT / target).resolve() == folders[name].resolve()
+    assert any((ROOT / "hypertriton" / "weights").glob("*.pt"))
+    assert setuptools["package-data"] == {"hypertriton.weights": ["*.pt"]}
+
+
+def _imported_top_level_names(folder: Path) -> set[str]:
+    names = set()
+    for path in folder.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return names - set(sys.stdlib_module_names) - {"hypertriton", "__future__"}
+
+
+def test_the_declared_dependencies_are_exactly_what_the_package_imports():
+    project = _pyproject()["project"]
+
+    def distribution(requirement: str) -> str:
+        return re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).lower()
+
+    required = {distribution(r) for r in project["dependencies"]}
+    optional = {distribution(r) for extra in project["optional-dependencies"].values() for r in extra}
+    imported = {DISTRIBUTION_OF.get(name, name).lower()
+                for folder in ("hypertriton", "kernels") for name in _imported_top_level_names(ROOT / folder)}
+    # Imported only inside try/except (matplotlib for plots, tensorboard through torch) may be an extra.
+    assert imported - required - optional == set(), "imported but not declared"
+    assert required - imported == set(), "declared but never imported"
+
+
+def test_the_version_is_written_once_and_installed_as_written():
+    import hypertriton
+
+    project = _pyproject()["project"]
+    assert "version" not in project and "version" in project["dynamic"]
+    assert _pyproject()["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "hypertriton.__version__"}
+    assert importlib.metadata.version("hypertriton") == hypertriton.__version__
+
+
+def _all_modules() -> list[pkgutil.ModuleInfo]:
+    """Every module of the package (an editable install maps the kernels' folder apart: walked on its own)."""
+    import hypertriton
+    import hypertriton.kernels
+
+    found = {module.name: module for module in pkgutil.walk_packages(hypertriton.__path__, "hypertriton.")}
+    found.update((module.name, module) for module in
+                 pkgutil.walk_packages(hypertriton.kernels.__path__, "hypertriton.kernels."))
+    return [*found.values(), pkgutil.ModuleInfo(None, "hypertriton.kernels", True)]
+
+
+def test_every_module_imports_and_the_command_line_module_runs_nothing_on_import():
+    names = [module.name for module in _all_modules()]
+    assert {"hypertriton.__main__", "hypertriton.kernels", "hypertriton.ops.fused_first_layer",
+            "hypertriton.commands.predict"} <= set(names)
+    quiet = subprocess.run([sys.executable, "-c", "import hypertriton.__main__"], capture_output=True, text=True,
+                           timeout=120)
+    assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "", "")
+    for name in names:
+        if name != "hypertriton.__main__":
+            importlib.import_module(name)
+    ran = subprocess.run([sys.executable, "-m", "hypertriton", "--help"], capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0 and "usage: hypertriton" in ran.stdout
+
+
+def test_the_wheel_and_sdist_hold_the_package_and_the_sdist_what_its_tests_and_demo_read(tmp_path):
+    import shutil
+    import tarfile
+    import zipfile
+
+    pytest.importorskip("setuptools", reason="building needs setuptools (not in Python 3.12+ virtual environments)")
+    source = tmp_path / "source"  # a copy: building writes build/ and *.egg-info next to pyproject.toml
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", "__pycache__", "*.egg-info", "build", "dist", ".hypothesis", "runs", "*.png"))
+    names = []
+    for kind in ("sdist", "wheel"):  # one process each: setuptools' build_meta keeps state between calls
+        built = subprocess.run(
+            [sys.executable, "-c", f"import sys; from setuptools import build_meta as b; "
+             f"print('BUILT', b.build_{kind}(sys.argv[1]))", str(tmp_path / "dist")],
+            cwd=source, capture_output=True, text=True, timeout=300)
+        assert built.returncode == 0, built.stderr[-3000:]
+        assert "deprecat" not in built.stderr.lower(), built.stderr[-3000:]
+        names += [line.split()[1] for line in built.stdout.splitlines() if line.startswith("BUILT ")]
+    sdist_name, wheel_name = names
+    with zipfile.ZipFile(tmp_path / "dist" / wheel_name) as wheel:
+        in_wheel = set(wheel.namelist())
+    with tarfile.open(tmp_path / "dist" / sdist_name) as sdist:
+        in_sdist = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
+    for module in _all_modules():
+        stem = module.name.replace(".", "/")
+        assert f"{stem}.py" in in_wheel or f"{stem}/__init__.py" in in_wheel, module.name
+    assert "hypertriton/weights/synthetic_resnet18.pt" in in_wheel
+    assert any(name.endswith(".dist-info/METADATA") for name in in_wheel)
+    assert any(name.endswith("LICENSE") for name in in_wheel)
+    assert not any(name.startswith(("tests/", "bench/", "examples/", "kernels/")) for name in in_wheel)
+    needed = {"LICENSE", "tests/conftest.py", "tests/helpers.py", "tests/datagen.py", "bench/original_hsnet.py",
+              "bench/run.py", "examples/one_shot_demo.py", "docs/synthetic.md", "hypertriton/weights/synthetic_resnet18.pt"}
+    assert needed <= in_sdist, needed - in_sdist
+    assert not any(name.startswith("bench/results/") or "__pycache__" in name for name in in_sdist)
