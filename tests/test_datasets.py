@@ -4,6 +4,7 @@ original image size, training episodes, and a clear error (naming the file) for 
 from __future__ import annotations
 
 import pickle
+import re
 import shutil
 
 import numpy as np
@@ -277,6 +278,26 @@ def test_split_entry_without_file_and_bad_split_lines(pascal_data, tmp_path):
         build_dataset("pascal", root, splits, 0, "test", nshot=1)
     with pytest.raises(DatasetError, match="no pascal split files under"):
         build_dataset("pascal", root, tmp_path / "nowhere", 0, "test", nshot=1)
+
+
+@pytest.mark.parametrize("how", ["absolute", "climbing"])
+def test_a_split_entry_naming_a_file_outside_the_data_folder_is_refused(pascal_data, tmp_path, how):
+    import os
+
+    root, splits = copy_tree(pascal_data, tmp_path)
+    ds = build_dataset("pascal", root, splits, 0, "test", nshot=1, img_size=SIZE)
+    inside = ds.episodes[0].query
+    outside = tmp_path / "elsewhere" / "private"
+    outside.parent.mkdir()
+    shutil.copy(ds.image_path(inside), outside.with_suffix(".jpg"))  # a readable image out of the data folder
+    shutil.copy(ds.mask_path(inside), outside.with_suffix(".png"))
+    name = str(outside) if how == "absolute" else os.path.relpath(outside, ds.image_path(inside).parent)
+    val = splits / "pascal" / "val" / "fold0.txt"
+    val.write_text(f"{name}__01\n" + val.read_text())
+    ds = build_dataset("pascal", root, splits, 0, "test", nshot=1, img_size=SIZE)
+    assert ds.episodes[0].query == name
+    with pytest.raises(DatasetError, match=rf"split entry '{re.escape(name)}' does not name a file inside the data"):
+        ds[0]
 
 
 def test_bad_arguments(pascal_data):

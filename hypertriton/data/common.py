@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Callable, Sequence
 
 import numpy as np
@@ -126,6 +126,16 @@ def read_split_lines(path: Path) -> list[str]:
     # The original drops the text after the last '\n' (the files end with one); skipping empty lines
     # is the same on those files and also tolerates a missing final newline.
     return [line for line in text.split("\n") if line]
+
+
+def check_entry_name(name: str) -> str:
+    """A split entry names a file inside the data folder: refuse an absolute name or one climbing out with
+    ``..`` (a split file from elsewhere would otherwise read any image the user can read)."""
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    if not name or posix.is_absolute() or windows.drive or windows.root or ".." in windows.parts:
+        raise DatasetError(f"split entry {name!r} does not name a file inside the data folder (absolute, or "
+                           "climbing out with '..'); split files name images relative to it")
+    return name
 
 
 def read_image(path: str | os.PathLike) -> Image.Image:
@@ -311,12 +321,14 @@ class FewShotDataset(Dataset):
         }
 
     def load_image(self, name: str) -> Image.Image:
+        check_entry_name(name)
         path = self.image_path(name)
         if not path.exists():
             raise DatasetError(f"split entry {name!r} has no image file: {path} does not exist")
         return read_image(path)
 
     def load_mask(self, name: str, image_size: tuple[int, int]) -> torch.Tensor:
+        check_entry_name(name)
         path = self.mask_path(name)
         if not path.exists():
             raise DatasetError(f"split entry {name!r} has no mask file: {path} does not exist")
