@@ -300,6 +300,24 @@ def test_a_split_entry_naming_a_file_outside_the_data_folder_is_refused(pascal_d
         ds[0]
 
 
+def test_every_benchmark_dataset_pickles_and_loads_in_a_spawned_worker(pascal_data, coco_data, fss_data):
+    import pickle
+
+    from torch.utils.data import DataLoader
+
+    datasets = {"pascal": build_dataset("pascal", pascal_data.datapath, pascal_data.splits, 0, "test", 1, img_size=SIZE),
+                "coco": build_dataset("coco", coco_data.datapath, coco_data.splits, 1, "test", 1, img_size=SIZE),
+                "fss": build_dataset("fss", fss_data.datapath, fss_data.splits, 0, "test", 1, img_size=SIZE),
+                "synthetic": build_dataset("synthetic", None, None, 0, "test", 1, img_size=32)}
+    for name, dataset in datasets.items():
+        copy = pickle.loads(pickle.dumps(dataset))  # what spawn does to a data-loader worker's dataset
+        assert torch.equal(copy[0]["query_img"], dataset[0]["query_img"]), name
+    # macOS's and Windows' default start method, on one benchmark (a spawned worker imports torch afresh).
+    loader = DataLoader(datasets["fss"], batch_size=2, num_workers=1, multiprocessing_context="spawn")
+    batch = next(iter(loader))
+    assert torch.equal(batch["query_img"][1], datasets["fss"][1]["query_img"])
+
+
 def test_bad_arguments(pascal_data):
     args = (pascal_data.datapath, pascal_data.splits)
     with pytest.raises(ValueError, match="benchmark must be one of"):
