@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from . import distributed as hdist
 from ._io import atomic_file
-from ._signals import ignore_stop_signals_in_worker, stop_loader_workers
+from ._signals import ignore_stop_signals_in_worker, start_loader, stop_loader_workers
 from .data.common import IMAGENET_MEAN, IMAGENET_STD
 from .metrics import SegmentationMeter
 
@@ -176,7 +176,7 @@ def evaluate(model, dataset_or_loader, nshot: int, device, progress: bool = True
         visualize_dir.mkdir(parents=True, exist_ok=True)
 
     indices = iter(loader.sampler)  # a ShardSampler: this rank's episode indices in loader order
-    batches = iter(loader)
+    batches = start_loader(loader)  # its workers ignore Ctrl-C from birth, also when spawned
     # Counted by hand: tqdm.auto's bar calls iter() on an iterable it wraps, which for a loader would start
     # a second set of workers (and read every episode twice).
     # In episodes of all ranks: rank 0 shows it, and its shard is the largest (ranks go batch by batch).

@@ -72,7 +72,7 @@ from hypertriton import distributed as hdist
 from hypertriton.backend import reduced_precision_slow_reason, warn_if_reduced_precision_slow
 from hypertriton._io import atomic_file, atomic_save, check_writable, load_error_summary, load_on_cpu
 from hypertriton._pickle_guard import UnsafeFileError
-from hypertriton._signals import StopRequest, ignore_stop_signals_in_worker, stop_loader_workers
+from hypertriton._signals import StopRequest, ignore_stop_signals_in_worker, start_loader, stop_loader_workers
 from hypertriton.checkpoint import TRAIN_STATE_FORMAT
 from hypertriton.evaluation import EvaluationStopped, evaluate
 from hypertriton.model import foreground
@@ -764,7 +764,7 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
             train_counts = None
             bar = tqdm(total=steps_per_epoch, initial=step, desc=f"epoch {epoch}", disable=not show,
                        dynamic_ncols=True, leave=False)
-            for batch in (loader if step < steps_per_epoch else ()):
+            for batch in (start_loader(loader) if step < steps_per_epoch else ()):
                 batch = _to_device(batch, device)
                 for group in optimizer.param_groups:
                     group["lr"] = scheduled_lr(config.lr, config.lr_schedule, global_step, total_steps)

@@ -238,3 +238,27 @@ def check_second_derivatives(backend: str, device: str, penalty_gradients) -> No
     largest = max(float(w.abs().max()) for w in want)
     for g, w in zip(got, want):
         torch.testing.assert_close(g.cpu().double(), w, rtol=tolerance, atol=tolerance * largest)
+
+
+class SignalDispositionProbe(torch.utils.data.Dataset):
+    """Items say how a data-loader worker handled SIGINT and SIGTERM when it unpickled this dataset, which a
+    spawned worker does while it starts, before any ``worker_init_fn`` runs."""
+
+    def __init__(self, length: int = 2):
+        self.length = length
+        self.at_start = None
+
+    def __getstate__(self):
+        return {"length": self.length}
+
+    def __setstate__(self, state):
+        import signal
+
+        self.length = state["length"]
+        self.at_start = [str(signal.getsignal(signum)) for signum in (signal.SIGINT, signal.SIGTERM)]
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        return self.at_start

@@ -675,6 +675,39 @@ def test_atomic_save_never_leaves_a_partial_file(tmp_path):
     assert torch.equal(torch.load(path, weights_only=True)["value"], torch.arange(3))
 
 
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks (not on Windows)")
+def test_spawned_loader_workers_ignore_stop_signals_from_birth_and_the_main_process_keeps_its_handlers():
+    from torch.utils.data import DataLoader
+
+    import threading
+
+    from hypertriton._signals import ignore_stop_signals_in_worker, start_loader
+    from helpers import SignalDispositionProbe
+
+    loader = DataLoader(SignalDispositionProbe(), batch_size=None, num_workers=1, multiprocessing_context="spawn",
+                        worker_init_fn=ignore_stop_signals_in_worker)
+    before = [signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)]
+    got = list(start_loader(loader))
+    # A Ctrl-C in the seconds a spawned worker imports torch no longer kills it (it did: default_int_handler).
+    assert got == [[str(signal.SIG_IGN)] * 2] * 2, got
+    assert [signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)] == before
+    assert not ({signal.SIGINT, signal.SIGTERM} & signal.pthread_sigmask(signal.SIG_BLOCK, []))
+    # A signal arriving while the workers start reaches the main process's handler once they have.
+    received = []
+    try:
+        signal.signal(signal.SIGTERM, lambda signum, _frame: received.append(signum))
+
+        class SignalledWhileStarting(DataLoader):
+            def __iter__(self):
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)  # one the main thread takes
+                return super().__iter__()
+        list(start_loader(SignalledWhileStarting([1, 2], batch_size=None, num_workers=1,
+                                                 multiprocessing_context="spawn")))
+        assert received == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, before[1])
+
+
 def test_atomic_save_removes_what_killed_writers_left_and_names_a_failed_write(tmp_path, monkeypatch):
     import subprocess
     import sys
