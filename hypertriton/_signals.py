@@ -58,6 +58,17 @@ def start_loader(loader):
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
+def refuse_while_a_spawned_process_imports(call: str) -> None:
+    """Raise when ``call`` runs while a process started by spawn (macOS's and Windows' data-loader
+    workers) imports the caller's script: a script that calls ``train()``/``evaluate()`` outside an
+    ``if __name__ == "__main__":`` block runs it again in every worker, which then rewrote the run's
+    files and failed with multiprocessing's bootstrapping error, far from its cause."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):  # set while spawn prepares a child
+        raise RuntimeError(f"{call} was called while a process started by spawn (macOS's and Windows' default, "
+                           "and how data-loader workers start there) was importing your script: put the call "
+                           "under 'if __name__ == \"__main__\":', or pass nworker=0")
+
+
 def stop_loader_workers(loader_or_iterator) -> None:
     """Stop a DataLoader's worker processes now (a DataLoader with persistent workers, or an iterator of
     one); nothing for a loader without workers, or one already stopped.

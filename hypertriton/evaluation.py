@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from . import distributed as hdist
 from ._io import atomic_file
-from ._signals import ignore_stop_signals_in_worker, start_loader, stop_loader_workers
+from ._signals import (ignore_stop_signals_in_worker, refuse_while_a_spawned_process_imports, start_loader,
+                       stop_loader_workers)
 from .data.common import IMAGENET_MEAN, IMAGENET_STD
 from .metrics import SegmentationMeter
 
@@ -144,6 +145,7 @@ def evaluate(model, dataset_or_loader, nshot: int, device, progress: bool = True
         unevaluated (counted as 0 there), so ``miou_of_evaluated_classes`` averages over
         ``classes_evaluated`` (the ids of those that had an episode) only.
     """
+    refuse_while_a_spawned_process_imports("evaluate()")
     device = torch.device(device)
     loader = _loader(dataset_or_loader, bsz, nworker, max_episodes, device)
     dataset = _base_dataset(loader.dataset)

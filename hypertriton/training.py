@@ -72,7 +72,8 @@ from hypertriton import distributed as hdist
 from hypertriton.backend import reduced_precision_slow_reason, warn_if_reduced_precision_slow
 from hypertriton._io import atomic_file, atomic_save, check_writable, load_error_summary, load_on_cpu
 from hypertriton._pickle_guard import UnsafeFileError
-from hypertriton._signals import StopRequest, ignore_stop_signals_in_worker, start_loader, stop_loader_workers
+from hypertriton._signals import (StopRequest, ignore_stop_signals_in_worker, refuse_while_a_spawned_process_imports,
+                                  start_loader, stop_loader_workers)
 from hypertriton.checkpoint import TRAIN_STATE_FORMAT
 from hypertriton.evaluation import EvaluationStopped, evaluate
 from hypertriton.model import foreground
@@ -605,6 +606,7 @@ def train(config: TrainConfig, *, model: torch.nn.Module | None = None, train_da
     call created it. The global random generators (Python's ``random``, NumPy's, torch's) are seeded
     from ``config.seed`` (or restored from ``last.pt`` when resuming) and left as training leaves them.
     """
+    refuse_while_a_spawned_process_imports("train()")
     config.validate()
     created_group = not hdist.is_distributed()
     ctx = hdist.init_distributed(config.device)

@@ -708,6 +708,28 @@ def test_spawned_loader_workers_ignore_stop_signals_from_birth_and_the_main_proc
         signal.signal(signal.SIGTERM, before[1])
 
 
+def test_train_in_a_script_without_a_main_guard_under_spawn_fails_in_the_worker_with_the_fix_and_writes_once(
+        tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(f"""
+import multiprocessing
+multiprocessing.set_start_method("spawn", force=True)  # macOS's and Windows' default
+from hypertriton import TrainConfig, train
+train(TrainConfig(benchmark="synthetic", backbone="resnet18", pretrained=False, img_size=64, bsz=2, epochs=1,
+                  max_steps_per_epoch=1, val_episodes=0, device="cpu", progress=False, tensorboard=False,
+                  logpath={str(tmp_path / "run")!r}, nworker=1))
+""")
+    ran = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert ran.returncode != 0
+    assert "train() was called while a process started by spawn" in ran.stderr
+    assert "if __name__ == \"__main__\":" in ran.stderr
+    starts = [line for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if '"start"' in line]
+    assert len(starts) == 1, starts  # the worker wrote nothing (it ran train() again, writing a second)
+
+
 def test_atomic_save_removes_what_killed_writers_left_and_names_a_failed_write(tmp_path, monkeypatch):
     import subprocess
     import sys
