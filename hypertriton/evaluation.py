@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
@@ -81,25 +82,44 @@ def _base_dataset(dataset):
 def _loader(source, bsz: int, nworker: int, max_episodes: int | None,
             device: torch.device = torch.device("cpu")) -> DataLoader:
     """A loader over this rank's shard of the episodes (the first ``max_episodes`` when given), pinning
-    memory only for a GPU ``device`` (pinning for a CPU run on a GPU machine opened a CUDA context)."""
+    memory only for a GPU ``device`` (pinning for a CPU run on a GPU machine opened a CUDA context).
+
+    A caller's ``DataLoader`` is used as given when its sampler is this rank's :class:`ShardSampler`;
+    otherwise a new one over the shard keeps its batch size, workers, collate function, worker start
+    method and ``worker_init_fn`` (run after the workers' own), timeout, prefetching, persistence,
+    pinning and generator.
+    """
+    settings: dict = {"pin_memory": device.type == "cuda"}
+    user_init = None
     if isinstance(source, DataLoader):
         dataset = source.dataset
         bsz = source.batch_size or bsz
-        nworker, collate = source.num_workers, source.collate_fn
+        nworker, user_init = source.num_workers, source.worker_init_fn
+        settings.update(collate_fn=source.collate_fn, multiprocessing_context=source.multiprocessing_context,
+                        timeout=source.timeout, generator=source.generator, pin_memory=source.pin_memory,
+                        persistent_workers=source.persistent_workers and nworker > 0)
+        if nworker > 0:
+            settings["prefetch_factor"] = source.prefetch_factor
         sampler = source.sampler
         if (isinstance(sampler, ShardSampler) and max_episodes is None and sampler.rank == hdist.get_rank()
                 and sampler.world_size == hdist.get_world_size()):
             return source
     elif isinstance(source, Dataset):
-        dataset, collate = source, None
+        dataset = source
     else:
         raise TypeError(f"dataset_or_loader must be a torch Dataset or DataLoader, got {type(source).__name__}")
     length = len(dataset) if max_episodes is None else min(int(max_episodes), len(dataset))
     sampler = ShardSampler(length, hdist.get_rank(), hdist.get_world_size())
-    kwargs = {} if collate is None else {"collate_fn": collate}
-    return DataLoader(dataset, batch_size=bsz, sampler=sampler, num_workers=nworker,
-                      pin_memory=device.type == "cuda",
-                      worker_init_fn=ignore_stop_signals_in_worker if nworker else None, **kwargs)
+    init = (None if not nworker else ignore_stop_signals_in_worker if user_init is None
+            else functools.partial(_init_worker_then, user_init))
+    return DataLoader(dataset, batch_size=bsz, sampler=sampler, num_workers=nworker, worker_init_fn=init, **settings)
+
+
+def _init_worker_then(user_init: Callable[[int], None], worker_id: int) -> None:
+    """A worker's own set-up, then the caller's loader's ``worker_init_fn`` (a module-level function and
+    a ``partial``, so that it pickles for spawned workers)."""
+    ignore_stop_signals_in_worker(worker_id)
+    user_init(worker_id)
 
 
 def _agree(stop: bool, has_batch: bool) -> tuple[bool, bool]:

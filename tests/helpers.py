@@ -262,3 +262,14 @@ class SignalDispositionProbe(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         return self.at_start
+
+
+# Set to "parent" by a test before it starts loader workers: a forked worker sees that, a spawned one the
+# module's own value.
+PROCESS_MARK = "fresh"
+
+
+def record_worker_start(path: str, worker_id: int) -> None:
+    """A ``worker_init_fn`` (with ``functools.partial``): writes ``PROCESS_MARK`` to ``path``."""
+    with open(path, "a") as handle:
+        handle.write(f"{worker_id} {PROCESS_MARK}\n")

@@ -165,6 +165,24 @@ def test_the_loader_is_iterated_once_and_every_modules_mode_restored(dataset, mo
     assert model.training and not model.norm.training
 
 
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_a_callers_loader_keeps_its_worker_start_method_and_init_function(dataset, tmp_path, monkeypatch, context):
+    import functools
+    import multiprocessing
+
+    import helpers
+
+    if context not in multiprocessing.get_all_start_methods():
+        pytest.skip(f"no {context} start method on this platform")
+    monkeypatch.setattr(helpers, "PROCESS_MARK", "parent")  # seen by forked workers, not by spawned ones
+    record = tmp_path / "workers.txt"
+    loader = DataLoader(dataset, batch_size=2, num_workers=1, multiprocessing_context=context,
+                        worker_init_fn=functools.partial(helpers.record_worker_start, str(record)))
+    result = evaluate(Truth(), loader, 1, "cpu", progress=False, max_episodes=4)  # re-sharded: a new loader
+    assert result["episodes"] == 4 and result["miou_of_evaluated_classes"] == 100.0
+    assert record.read_text() == ("0 parent\n" if context == "fork" else "0 fresh\n")
+
+
 def test_a_model_that_is_no_module_gets_its_training_mode_back(dataset):
     class Wrapper(Truth):
         training = True
