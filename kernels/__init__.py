@@ -44,7 +44,13 @@ def _index_scalars_under_old_interpreters() -> None:
 
 if INTERPRETED:
     import numpy
-    import triton
+
+    try:
+        import triton
+    except ImportError as error:
+        raise ImportError("TRITON_INTERPRET=1 is set but the triton package is not installed (torch's macOS and "
+                          "Windows wheels do not bring it): pip install triton, or unset TRITON_INTERPRET and use "
+                          "the torch backend") from error
 
     if (tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 7)
             and tuple(int(part) for part in numpy.__version__.split(".")[:2]) >= (2, 4)):

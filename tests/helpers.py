@@ -38,6 +38,11 @@ def kernel_device() -> str:
     calling test module when neither is possible (the variable set too late, no GPU)."""
     import pytest
 
+    from hypertriton.backend import triton_installed
+
+    if not triton_installed():
+        pytest.skip("the triton package is not installed (torch's macOS and Windows wheels do not bring it)",
+                    allow_module_level=True)
     from hypertriton import kernels
 
     if not kernels.INTERPRETED and not torch.cuda.is_available():
@@ -57,6 +62,15 @@ def available_backends() -> list[tuple[str, str]]:
 
 
 BACKEND_IDS = [name for name, _ in available_backends()]
+TRITON_RUNS = "triton" in BACKEND_IDS
+needs_triton = pytest.mark.skipif(not TRITON_RUNS, reason="the Triton kernels cannot run here: "
+                                  f"{triton_unavailable_reason(torch.device('cpu'))}")
+
+
+def backend_params(*names: str) -> list:
+    """``names`` for ``pytest.mark.parametrize``, the triton backend skipped (with the reason) where it
+    cannot run."""
+    return [pytest.param(name, marks=needs_triton) if name == "triton" else name for name in names]
 LAYOUTS = ("contiguous", "channels_last", "strided")
 
 

@@ -13,7 +13,8 @@ from unittest import mock
 import pytest
 import torch
 import helpers
-from helpers import assert_gradients_match, available_backends, check_second_derivatives, examples, make_tensor
+from helpers import (TRITON_RUNS, assert_gradients_match, available_backends, backend_params, check_second_derivatives,
+                     examples, make_tensor, needs_triton)
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -25,6 +26,7 @@ from hypertriton.testing import assert_close_dtype
 
 MASK_KINDS = ("empty", "full", "blob", "pixel", "random")
 DEVICES = dict(available_backends())  # the triton backend runs on CUDA where there is a GPU, else interpreted
+EDGE_BACKEND = "triton" if TRITON_RUNS else "torch"  # the edge-case examples' backend, where it runs
 
 
 def on_device(backend: str, *values):
@@ -225,6 +227,7 @@ def test_zero_feature_vectors_get_the_reference_gradient(backend):
          mask_kind="pixel", out_channels=16)
 @example(seed=2, batch=1, layers=1, channels=2, hq=3, wq=3, hs=5, ws=5, kernel=3, support_stride=2, query_stride=1,
          mask_kind="empty", out_channels=3)
+@needs_triton
 def test_triton_backend_matches_dense_reference(seed, batch, layers, channels, hq, wq, hs, ws, kernel, support_stride,
                                                 query_stride, mask_kind, out_channels):
     """The Triton support-branch kernel (interpreted on CPU) gives the dense result, in fp32."""
@@ -240,16 +243,16 @@ def test_triton_backend_matches_dense_reference(seed, batch, layers, channels, h
 
 
 @settings(max_examples=examples(8), deadline=None)
-@given(backend=st.sampled_from(["torch", "triton"]), batch=st.integers(1, 2), layers=st.integers(1, 3),
+@given(backend=st.sampled_from(["torch", "triton"] if TRITON_RUNS else ["torch"]), batch=st.integers(1, 2), layers=st.integers(1, 3),
        channels=st.integers(1, 4), hq=st.integers(1, 6), wq=st.integers(1, 6), hs=st.integers(1, 8),
        ws=st.integers(1, 8), kernel=st.sampled_from([1, 3, 5]), support_stride=st.integers(1, 5),
        mask_kind=st.sampled_from(helpers.MASK_KINDS), layout=st.sampled_from(helpers.LAYOUTS),
        grad=st.booleans(), seed=st.integers(0, 2**16))
-@example(backend="triton", batch=1, layers=1, channels=1, hq=1, wq=1, hs=1, ws=1, kernel=3, support_stride=1,
+@example(backend=EDGE_BACKEND, batch=1, layers=1, channels=1, hq=1, wq=1, hs=1, ws=1, kernel=3, support_stride=1,
          mask_kind="none", layout="contiguous", grad=True, seed=0)  # batch 1, 1x1 maps, no mask
-@example(backend="triton", batch=2, layers=2, channels=3, hq=4, wq=5, hs=6, ws=7, kernel=3, support_stride=2,
+@example(backend=EDGE_BACKEND, batch=2, layers=2, channels=3, hq=4, wq=5, hs=6, ws=7, kernel=3, support_stride=2,
          mask_kind="blob", layout="strided", grad=True, seed=1)  # non-contiguous, odd sizes
-@example(backend="triton", batch=2, layers=2, channels=3, hq=3, wq=4, hs=3, ws=3, kernel=5, support_stride=4,
+@example(backend=EDGE_BACKEND, batch=2, layers=2, channels=3, hq=3, wq=4, hs=3, ws=3, kernel=5, support_stride=4,
          mask_kind="zero", layout="channels_last", grad=True, seed=2)  # stride past the map, zero mask
 @example(backend="torch", batch=1, layers=2, channels=3, hq=3, wq=3, hs=3, ws=3, kernel=3, support_stride=5,
          mask_kind="none", layout="strided", grad=True, seed=3)
@@ -280,7 +283,7 @@ def test_every_backend_forward_and_gradients_at_the_edge_cases(backend, batch, l
         assert_gradients_match([out], [ref], leaves, ref_leaves, "random", scale=20)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", backend_params("torch", "triton"))
 @pytest.mark.parametrize("which", ["query", "support", "both"])
 def test_missing_biases_count_as_zero(backend, which):
     gen, query, support, weights = make_case(13, 2, 2, 3, 5, 4, 6, 7, 3, 3, dtype=torch.float32)
@@ -308,7 +311,7 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(fn, (*query, *support, *weights))
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+@pytest.mark.parametrize("backend", backend_params("torch", "triton", "reference"))
 def test_second_derivatives_equal_the_references(backend):
     """A gradient penalty (``create_graph=True``) through the fused layer equals the einsum reference's,
     for the features, the mask and the weights. The explicit backward is not differentiable; under
@@ -366,7 +369,7 @@ def test_module_form_equals_conv_of_hypercorrelation():
     assert_close_dtype(ffl.fused_hypercorrelation_cp_conv(query, support, mask, conv, backend="reference"), want)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", backend_params("torch", "triton"))
 @pytest.mark.parametrize("where", ["support_masked_out", "query"])
 def test_non_finite_features_keep_dense_semantics(where, backend):
     """A NaN support feature under a zero mask, or a NaN query feature, spreads NaN as in the dense path
@@ -387,7 +390,7 @@ def test_non_finite_features_keep_dense_semantics(where, backend):
     assert_close_dtype(out.cpu(), expected, dtype=dtype)  # NaNs at the same places, the rest close
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", backend_params("torch", "triton"))
 @pytest.mark.parametrize("value, query_nan", [(1e20, True), (3e38, False), (3e38, True)])
 def test_huge_finite_features_at_masked_out_positions_correlate_to_zero(backend, value, query_nan):
     """Finite support features too large for an fp32 norm (1e20) or product (3e38) at a masked-out
@@ -514,8 +517,8 @@ def test_half_precision_features_return_their_dtype():
     ("weight_channels", ValueError, "one input channel per layer"),
     ("correlation_dtype", TypeError, "correlation_dtype"),
     # Once blamed on the fp32 query features, which the kernels saw cast to it.
-    ("triton_correlation_dtype", TypeError, "correlation_dtype: the triton backend takes float32, float16 or "
-                                            "bfloat16, got torch.float64"),
+    pytest.param("triton_correlation_dtype", TypeError, "correlation_dtype: the triton backend takes float32, "
+                 "float16 or bfloat16, got torch.float64", marks=needs_triton),
     ("padding", ValueError, "padding"),
     ("conv", TypeError, "CenterPivotConv4d"),
 ])
@@ -599,7 +602,7 @@ def test_query_branch_reuses_the_support_branchs_correlations(mask_kind, budget,
     assert_close_dtype(got, dense(query, support, mask, weights, stride))
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", backend_params("torch", "triton"))
 @pytest.mark.parametrize("mask_kind", MASK_KINDS)
 def test_bias_windows_are_exactly_those_without_an_active_position(backend, mask_kind):
     """``return_bias_windows``: a flagged window holds exactly the biases at every query position of the
@@ -628,7 +631,7 @@ def test_bias_windows_are_exactly_those_without_an_active_position(backend, mask
             assert torch.equal(ours[b, :, :, :, window], ours[b, :, :1, :1, window].expand(-1, 5, 4))
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", backend_params("torch", "triton"))
 def test_a_window_all_in_the_padding_with_an_active_pivot_is_not_bias_only(backend):
     """Support padding >= kernel (legal, never HSNet's): a window can lie in the padding while its pivot,
     outside it, is active; the query branch then adds to it, so it is not flagged, and the torch backend's
