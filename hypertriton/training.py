@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from hypertriton import distributed as hdist
-from hypertriton.backend import reduced_precision_slow_reason, warn_if_reduced_precision_slow
+from hypertriton.backend import reduced_precision_slow_reason, resolve_backend, warn_if_reduced_precision_slow
 from hypertriton._io import atomic_file, atomic_save, check_writable, load_error_summary, load_on_cpu
 from hypertriton._pickle_guard import UnsafeFileError
 from hypertriton._signals import (StopRequest, ignore_stop_signals_in_worker, refuse_while_a_spawned_process_imports,
@@ -644,6 +644,10 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
     rank_bsz = config.bsz // ctx.world_size
     amp_dtype = _resolve_amp(config.amp, device)
     show = config.progress and ctx.is_main
+    try:  # here, not at the first forward: before any file is written or data read
+        resolve_backend(config.backend if model is None else getattr(model, "backend", None), device)
+    except RuntimeError as error:
+        raise ValueError(f"backend: {error}") from None
 
     check_writable(logdir, "logpath", folder=True)
     resume_path = None

@@ -406,6 +406,18 @@ def test_cli_refuses_what_would_fail_before_evaluating(tmp_path, capsys, extra, 
     assert "Traceback" not in err
 
 
+def test_cli_refuses_a_backend_that_cannot_run_here_before_loading_anything(tmp_path, capsys, monkeypatch):
+    from hypertriton.cli import main
+    from hypertriton.predict import BUNDLED_CHECKPOINT
+
+    monkeypatch.delenv("TRITON_INTERPRET")  # the triton backend cannot run on this CPU now
+    with mock.patch("hypertriton.data.build_dataset", side_effect=AssertionError("data read")):
+        code = main(["evaluate", "--benchmark", "synthetic", "--load", str(BUNDLED_CHECKPOINT), "--backend", "triton",
+                     "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--backend: backend 'triton' cannot run on cpu" in err and "Traceback" not in err, err
+
+
 def test_cli_evaluates_at_the_size_the_checkpoint_was_trained_at(tmp_path, capsys):
     """The bundled checkpoint records 96 px; at the protocol's 400 it would score near 0."""
     from hypertriton.cli import main

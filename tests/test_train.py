@@ -925,6 +925,18 @@ def test_cli_defaults_are_the_original_recipe():
     assert TrainConfig(benchmark="coco", bsz=8).bsz == 8
 
 
+def test_cli_refuses_a_backend_that_cannot_run_here_before_writing_anything(tmp_path, capsys, monkeypatch):
+    from hypertriton.cli import main
+
+    monkeypatch.delenv("TRITON_INTERPRET")  # the triton backend cannot run on this CPU now
+    code = main(["train", "--benchmark", "synthetic", "--backbone", "resnet18", "--no-pretrained", "--img-size", "64",
+                 "--bsz", "2", "--backend", "triton", "--device", "cpu", "--logpath", str(tmp_path / "run"),
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "backend: backend 'triton' cannot run on cpu" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
 def test_cli_requires_data_for_real_benchmarks(capsys):
     from hypertriton.cli import main
 

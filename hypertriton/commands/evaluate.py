@@ -112,6 +112,7 @@ def write_json_atomic(data: dict, path: str | os.PathLike) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from hypertriton import distributed as hdist
+    from hypertriton.backend import resolve_backend
     from hypertriton.data import build_dataset
     from hypertriton.evaluation import EvaluationStopped, evaluate, format_result
     from hypertriton.predict import load_model
@@ -129,6 +130,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         ctx = hdist.init_distributed(args.device)
+        try:  # here, not at the first episode after the model and data are loaded
+            resolve_backend(args.backend, ctx.device)
+        except RuntimeError as error:
+            raise ValueError(f"--backend: {error}") from None
         amp = _resolve_amp(args.amp, ctx.device)
         model, checkpoint_img_size = load_model(args.load, args.backbone, backend=args.backend, device=ctx.device)
         model.lean = args.lean
