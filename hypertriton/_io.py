@@ -8,6 +8,7 @@ import hashlib
 import os
 import re
 import socket
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -99,12 +100,27 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", durable: bool = False
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        _replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     if durable:
         _sync_folder(path.parent)
+
+
+# Windows refuses to replace a file another process holds open (a virus scanner reading the last
+# checkpoint, a concurrent torch.load), for a moment: such a refusal is retried for about two seconds.
+_REPLACE_RETRIES = (0.05, 0.1, 0.2, 0.4, 0.8) if os.name == "nt" else ()
+
+
+def _replace(source: Path, target: Path) -> None:
+    for wait in _REPLACE_RETRIES:
+        try:
+            os.replace(source, target)
+            return
+        except PermissionError:
+            time.sleep(wait)
+    os.replace(source, target)
 
 
 def _sync_folder(folder: Path) -> None:

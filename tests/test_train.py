@@ -730,6 +730,30 @@ train(TrainConfig(benchmark="synthetic", backbone="resnet18", pretrained=False, 
     assert len(starts) == 1, starts  # the worker wrote nothing (it ran train() again, writing a second)
 
 
+def test_a_replace_refused_for_a_moment_is_retried_where_windows_refuses_it(tmp_path, monkeypatch):
+    from hypertriton import _io
+
+    refusals = []
+    real_replace = os.replace
+
+    def held_open_twice(source, target):
+        if len(refusals) < 2:
+            refusals.append(target)
+            raise PermissionError(13, "The process cannot access the file because it is being used")
+        real_replace(source, target)
+
+    monkeypatch.setattr(_io.os, "replace", held_open_twice)
+    monkeypatch.setattr(_io, "_REPLACE_RETRIES", (0.0, 0.0, 0.0))  # as on Windows
+    atomic_save({"value": torch.arange(3)}, tmp_path / "last.pt")
+    assert len(refusals) == 2 and torch.equal(torch.load(tmp_path / "last.pt", weights_only=True)["value"],
+                                              torch.arange(3))
+    refusals.clear()
+    monkeypatch.setattr(_io, "_REPLACE_RETRIES", ())  # elsewhere a refusal is an error at once
+    with pytest.raises(PermissionError):
+        atomic_save({"value": torch.arange(4)}, tmp_path / "last.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary left
+
+
 def test_atomic_save_removes_what_killed_writers_left_and_names_a_failed_write(tmp_path, monkeypatch):
     import subprocess
     import sys
