@@ -25,15 +25,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from hypertriton._io import check_writable
 from hypertriton.backend import resolve_backend
 from hypertriton.data.synthetic import SyntheticDataset, class_name, denormalize_image
-from hypertriton.predict import (MIN_IMG_SIZE, InputError, load_model, overlay, read_image, read_mask,
-                                 segment, write_pngs)
+from hypertriton import visualize
+from hypertriton.predict import MIN_IMG_SIZE, InputError, load_model, read_image, read_mask, segment, write_pngs
 
 PANEL = 160  # side of one picture in the figure, pixels
+FIGURE_ROWS = 6  # episodes drawn in the figure
 
 
 def _parse(argv):
@@ -69,29 +70,30 @@ def _parse(argv):
 
 
 def _tile(image: np.ndarray, title: str) -> Image.Image:
-    """One figure cell: ``image`` (uint8 ``[H, W, 3]``) scaled to PANEL px with a title strip."""
-    picture = Image.fromarray(image).resize((PANEL, PANEL), Image.NEAREST)
-    cell = Image.new("RGB", (PANEL, PANEL + 16), "white")
-    cell.paste(picture, (0, 16))
-    ImageDraw.Draw(cell).text((3, 2), title, fill="black")
-    return cell
+    """One figure cell: ``image`` (uint8 ``[H, W, 3]``) fitted into PANEL x PANEL px, its aspect ratio kept
+    (a 2000x300 photo stays wide, on grey), under its title."""
+    scale = PANEL / max(image.shape[:2])
+    fitted = visualize.fit_height(image, max(1, round(image.shape[0] * scale)))
+    box = Image.new("RGB", (PANEL, PANEL), (235, 235, 235))
+    box.paste(fitted.crop((0, 0, min(fitted.width, PANEL), fitted.height)),
+              ((PANEL - min(fitted.width, PANEL)) // 2, (PANEL - fitted.height) // 2))
+    return visualize.captioned(box, title)
 
 
-def _figure(rows: list[list[Image.Image]]) -> np.ndarray:
-    columns = max(len(row) for row in rows)
-    sheet = Image.new("RGB", (columns * (PANEL + 4), len(rows) * (PANEL + 20)), "white")
-    for r, row in enumerate(rows):
-        for c, cell in enumerate(row):
-            sheet.paste(cell, (c * (PANEL + 4), r * (PANEL + 20)))
-    return np.asarray(sheet)
+def _grid(images: list[np.ndarray], title: str) -> Image.Image:
+    """Up to four images in a 2x2 grid as one cell (the 5-shot episode's other supports)."""
+    half = PANEL // 2
+    box = Image.new("RGB", (PANEL, PANEL), (235, 235, 235))
+    for k, image in enumerate(images[:4]):
+        box.paste(Image.fromarray(image).resize((half - 1, half - 1), Image.BOX), ((k % 2) * half, (k // 2) * half))
+    return visualize.captioned(box, title)
 
 
-def _spotlight(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """``image`` with everything outside ``mask`` dimmed and the mask outlined in white: readable
-    whatever the object's colour (a colour tint vanishes on an object of that colour)."""
-    out = overlay(image, mask, colour=(255, 255, 255), alpha=0.0)
-    out[~mask] = (out[~mask] * 0.3).astype(np.uint8)
-    return out
+def _figure(rows: list[list[Image.Image]], title: str) -> np.ndarray:
+    return np.asarray(visualize.sheet(rows, title=title, gap=4))
+
+
+_spotlight = visualize.spotlight  # everything outside the mask dimmed, the mask outlined in white
 
 
 def _uint8(image: np.ndarray) -> np.ndarray:
@@ -129,11 +131,13 @@ def run_synthetic(args, model, img_size: int) -> list[list[Image.Image]]:
                 ious[shots].append(_iou(predictions[shots], truth))
         name = class_name(int(item["class_id"]))
         print(f"{index:>7}  {name:<26} {100 * ious[1][-1]:>10.1f} {100 * ious[5][-1]:>10.1f}")
-        if len(rows) < 6:
+        if len(rows) < FIGURE_ROWS:
             query = _uint8(denormalize_image(item["query_img"]))
-            support = _uint8(denormalize_image(item["support_imgs"][0]))
+            supports = [_spotlight(_uint8(denormalize_image(image)), mask.numpy() > 0)
+                        for image, mask in zip(item["support_imgs"], item["support_masks"])]
             rows.append([
-                _tile(_spotlight(support, item["support_masks"][0].numpy() > 0), f"support: {name}"),
+                _tile(supports[0], f"{index}: {name}"),
+                _grid(supports[1:], "+ supports 2-5"),
                 _tile(query, "query"),
                 _tile(_spotlight(query, predictions[1]), f"1-shot IoU {100 * ious[1][-1]:.0f}"),
                 _tile(_spotlight(query, predictions[5]), f"5-shot IoU {100 * ious[5][-1]:.0f}"),
@@ -141,6 +145,8 @@ def run_synthetic(args, model, img_size: int) -> list[list[Image.Image]]:
             ])
     print(f"mean IoU over {len(indices)} episodes: 1-shot {100 * np.mean(ious[1]):.1f}, "
           f"5-shot {100 * np.mean(ious[5]):.1f}  (docs/synthetic.md: class mIoU on 1000 episodes)")
+    if len(indices) > FIGURE_ROWS:
+        print(f"the figure shows the first {FIGURE_ROWS} episodes")
     return rows
 
 
@@ -181,7 +187,9 @@ def _run(args) -> int:
         print(f"one_shot_demo: error: {error}", file=sys.stderr)
         return 2
     out = Path(args.out).resolve()
-    write_pngs({out: _figure(rows)})
+    title = ("your images" if args.support else
+             "unseen classes of the synthetic benchmark: supports with their masks, the query, its predictions")
+    write_pngs({out: _figure(rows, title)})
     print(f"figure: {out}")
     print(f"done in {time.time() - start:.1f} s")
     return 0

@@ -28,13 +28,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from . import distributed as hdist
+from . import visualize
 from ._io import atomic_file
 from ._signals import (ignore_stop_signals_in_worker, refuse_while_a_spawned_process_imports, start_loader,
                        stop_loader_workers)
 from .data.common import IMAGENET_MEAN, IMAGENET_STD
 from .metrics import SegmentationMeter
 
-__all__ = ["EvaluationStopped", "ShardSampler", "evaluate", "format_result", "render_panel"]
+__all__ = ["EvaluationStopped", "ShardSampler", "evaluate", "format_result", "panel_tiles", "render_panel"]
 
 
 class EvaluationStopped(Exception):
@@ -265,26 +266,12 @@ def evaluate(model, dataset_or_loader, nshot: int, device, progress: bool = True
 
 _MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-_COLORS = {"support": (255, 64, 64), "pred": (64, 96, 255), "truth": (64, 200, 64)}
 
 
 def _to_rgb(image: torch.Tensor) -> np.ndarray:
     """Normalized ``[3, H, W]`` -> uint8 ``[H, W, 3]``."""
     rgb = (image.detach().cpu().float() * _STD + _MEAN).clamp(0, 1)
     return (rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-
-
-def _overlay(rgb: np.ndarray, mask: torch.Tensor | None, color, ignore: torch.Tensor | None = None) -> np.ndarray:
-    """Blend ``mask`` (any size, resized nearest to the image) over ``rgb`` in ``color``; ignore in grey."""
-    out = rgb.astype(np.float32)
-    height, width = rgb.shape[:2]
-    for layer, tint in ((mask, color), (ignore, (200, 200, 200))):
-        if layer is None:
-            continue
-        resized = torch.nn.functional.interpolate(layer[None, None].float().cpu(), size=(height, width),
-                                                  mode="nearest")[0, 0].numpy() > 0.5
-        out[resized] = 0.5 * out[resized] + 0.5 * np.array(tint, dtype=np.float32)
-    return out.round().astype(np.uint8)
 
 
 def _as_batch(batch: Mapping, pred: torch.Tensor) -> tuple[Mapping, torch.Tensor]:
@@ -309,30 +296,60 @@ def _as_batch(batch: Mapping, pred: torch.Tensor) -> tuple[Mapping, torch.Tensor
     return batch, pred
 
 
-def render_panel(batch: Mapping, pred: torch.Tensor, row: int = 0) -> Image.Image:
-    """One episode as a PIL image: each support with its mask (red), the query, the query with the
-    prediction (blue) and with the truth (green; PASCAL boundary grey), side by side.
-
-    Args:
-        batch: a collated batch dict (``query_img`` ``[B, 3, H, W]``, ``support_imgs`` ``[B, K, 3, H, W]``,
-            ``support_masks`` ``[B, K, H, W]``, ``query_mask`` ``[B, H, W]``), or one dataset item (the same
-            without ``B``).
-        pred: ``[B, H, W]`` predicted 0/1 masks (``[H, W]`` with one item).
-        row: which episode of the batch.
-    """
+def panel_tiles(batch: Mapping, pred: torch.Tensor, row: int = 0) -> list[tuple[str, np.ndarray]]:
+    """The pictures of one episode's panel, each ``(caption, uint8 [H, W, 3])`` at its image's own size:
+    every support spotlighting its mask, the query, the query spotlighting the prediction and the truth
+    (ignored pixels grey), and the errors (:func:`hypertriton.visualize.error_map`). Arguments as for
+    :func:`render_panel`; masks of another size than their image are resized to it (nearest)."""
     batch, pred = _as_batch(batch, pred)
     if not -len(pred) <= row < len(pred):
         raise IndexError(f"row: {row} is out of range for a batch of {len(pred)} episodes")
     query = _to_rgb(batch["query_img"][row])
+    size = query.shape[:2]
     ignore = batch.get("query_ignore_idx")
-    ignore = ignore[row] if ignore is not None else None
-    tiles = [_overlay(_to_rgb(img), mask, _COLORS["support"])
-             for img, mask in zip(batch["support_imgs"][row], batch["support_masks"][row])]
-    tiles += [query, _overlay(query, pred[row], _COLORS["pred"]),
-              _overlay(query, batch["query_mask"][row], _COLORS["truth"], ignore)]
-    gap = np.full((query.shape[0], 4, 3), 255, dtype=np.uint8)
-    strip = [part for tile in tiles for part in (tile, gap)][:-1]
-    return Image.fromarray(np.concatenate(strip, axis=1))
+    ignore = _mask_at(ignore[row], size) if ignore is not None else None
+    supports = [_to_rgb(image) for image in batch["support_imgs"][row]]
+    tiles = [(f"support {k + 1}", visualize.spotlight(image, _mask_at(mask, image.shape[:2])))
+             for k, (image, mask) in enumerate(zip(supports, batch["support_masks"][row]))]
+    predicted, truth = _mask_at(pred[row], size), _mask_at(batch["query_mask"][row], size)
+    shown_truth = visualize.spotlight(query, truth)
+    if ignore is not None:
+        shown_truth[ignore] = visualize.IGNORED
+    return tiles + [("query", query), ("prediction", visualize.spotlight(query, predicted)), ("truth", shown_truth),
+                    ("errors", visualize.error_map(query, predicted, truth, ignore))]
+
+
+def render_panel(batch: Mapping, pred: torch.Tensor, row: int = 0, title: str | None = None) -> Image.Image:
+    """One episode as a PIL image: :func:`panel_tiles` side by side, captioned, at one height (at least
+    160 px; each keeps its aspect ratio), under a title line with the error colours' legend.
+
+    Args:
+        batch: a collated batch dict (``query_img`` ``[B, 3, H, W]``, ``support_imgs`` ``[B, K, 3, H, W]``,
+            ``support_masks`` ``[B, K, H, W]``, ``query_mask`` ``[B, H, W]``, optional ``query_ignore_idx``),
+            or one dataset item (the same without ``B``).
+        pred: ``[B, H, W]`` predicted 0/1 masks (``[H, W]`` with one item).
+        row: which episode of the batch.
+        title: the title line (default: the number of shots).
+    """
+    tiles = panel_tiles(batch, pred, row)
+    height = max(_PANEL_MIN_HEIGHT, max(tile.shape[0] for _, tile in tiles))
+    shots = len(tiles) - 4
+    cells = [visualize.captioned(visualize.fit_height(tile, height), caption) for caption, tile in tiles]
+    legend = [(visualize.FALSE_POSITIVE, "false positive"), (visualize.MISSED, "missed")]
+    if batch.get("query_ignore_idx") is not None:
+        legend.append((visualize.IGNORED, "not scored"))
+    return visualize.sheet([cells], title=title or f"{shots}-shot episode", legend=legend)
+
+
+_PANEL_MIN_HEIGHT = 160
+
+
+def _mask_at(layer: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """A 0/1 (or 255-ignore) map as a bool array of ``size`` (nearest, as masks are resized everywhere)."""
+    layer = layer.detach().cpu().float()
+    if tuple(layer.shape) != tuple(size):
+        layer = torch.nn.functional.interpolate(layer[None, None], size=size, mode="nearest")[0, 0]
+    return layer.numpy() > 0.5
 
 
 PANEL_GLOB = "episode*_class*_iou*.png"
@@ -351,11 +368,17 @@ def check_no_earlier_panels(folder: str | os.PathLike, name: str = "visualize_di
 
 def _write_panels(folder: Path, batch, pred, inter, union, episode_index) -> None:
     for row in range(pred.shape[0]):
-        fg_iou = float(inter[row, 1]) / max(float(union[row, 1]), 1.0) * 100
         index, class_id = episode_index[row], int(batch["class_id"][row])
-        path = folder / f"episode{index:05d}_class{class_id}_iou{fg_iou:.1f}.png"
+        shots = batch["support_imgs"].shape[1]
+        if float(union[row, 1]) > 0:
+            fg_iou = float(inter[row, 1]) / float(union[row, 1]) * 100
+            iou_name, iou_text = f"{fg_iou:.1f}", f"foreground IoU {fg_iou:.1f}"
+        else:  # no object in the truth nor in the prediction: right, but no IoU to give
+            iou_name, iou_text = "NA", "foreground IoU n/a (no object in truth or prediction)"
+        path = folder / f"episode{index:05d}_class{class_id}_iou{iou_name}.png"
+        title = f"episode {index} | class {class_id} | {shots}-shot | {iou_text}"
         with atomic_file(path) as handle:
-            render_panel(batch, pred, row).save(handle, format="PNG")
+            render_panel(batch, pred, row, title=title).save(handle, format="PNG")
 
 
 def format_result(result: Mapping) -> str:

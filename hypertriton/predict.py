@@ -466,19 +466,13 @@ def segment(model, query: np.ndarray, supports, support_masks: Sequence[np.ndarr
 # Output
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, colour=(255, 40, 40), alpha: float = 0.5) -> np.ndarray:
-    """``image`` ``[H, W, 3]`` uint8 with ``mask`` ``[H, W]`` tinted in ``colour`` and outlined."""
-    out = image.copy()
-    tint = np.asarray(colour, dtype=np.float32)
-    # Arithmetic on the object's pixels only (a photo's float copy cost more than the model at 96 px).
-    out[mask] = ((1 - alpha) * image[mask].astype(np.float32) + alpha * tint).round().clip(0, 255).astype(np.uint8)
-    out[mask & ~_erode(mask)] = tint.round().clip(0, 255).astype(np.uint8)
-    return out
+def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``image`` ``[H, W, 3]`` uint8 with everything outside ``mask`` ``[H, W]`` (bool) dimmed and the mask's
+    border drawn in white, wider on larger images (:func:`hypertriton.visualize.spotlight`): it reads on
+    an object of any colour, where a colour tint vanished on objects of its colour."""
+    from .visualize import spotlight
 
-
-def _erode(mask: np.ndarray) -> np.ndarray:
-    padded = np.pad(mask, 1, constant_values=False)
-    return (padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
+    return spotlight(image, mask)
 
 
 def write_pngs(files: Mapping[Path, np.ndarray]) -> list[Path]:

@@ -41,7 +41,9 @@ def test_demo_runs_unseen_episodes_with_the_bundled_checkpoint(demo, tmp_path, c
     means = re.search(r"1-shot ([\d.]+), 5-shot ([\d.]+)", text)
     assert means and abs(float(means.group(1)) - np.mean([r[0] for r in rows])) < 0.06
     figure = Image.open(out)
-    assert figure.format == "PNG" and figure.size == (5 * (demo.PANEL + 4), 2 * (demo.PANEL + 20))
+    # Two rows of six cells (support, supports 2-5, query, 1-shot, 5-shot, truth) 4 px apart, each under a
+    # 22-px caption, under a 26-px title line.
+    assert figure.format == "PNG" and figure.size == (6 * demo.PANEL + 5 * 4, 26 + 2 * (demo.PANEL + 22) + 4)
 
 
 def test_demo_segments_own_images(demo, tmp_path, capsys):
@@ -59,7 +61,11 @@ def test_demo_segments_own_images(demo, tmp_path, capsys):
     assert demo.main(argv) == 0
     text = capsys.readouterr().out
     assert "HSNet resnet18" in text and "% of the pixels segmented" in text and out.is_file()
-    assert Image.open(out).size == (3 * (demo.PANEL + 4), demo.PANEL + 20)
+    figure = np.asarray(Image.open(out))
+    assert figure.shape[1::-1] == (3 * demo.PANEL + 2 * 4, 26 + demo.PANEL + 22)
+    # The 90x70 query keeps its shape: 160x124 in its cell, grey above and below (it was stretched square).
+    cell = figure[26 + 22:, demo.PANEL + 4:2 * demo.PANEL + 4]
+    assert (cell[:18] == 235).all() and (cell[-18:] == 235).all() and not (cell[18:-18] == 235).all()
 
 
 def test_demo_says_clearly_when_the_bundled_checkpoint_is_absent(demo, monkeypatch, tmp_path, capsys):

@@ -232,7 +232,9 @@ def test_visualize_writes_one_panel_per_episode(dataset, tmp_path):
     expected = [f"episode{i:05d}_class{dataset.episodes[i].class_id}_iou0.0.png" for i in range(4)]
     assert files == expected
     panel = Image.open(tmp_path / "vis" / files[0])
-    assert panel.size == (4 * SIZE + 3 * 4, SIZE)  # support, query, prediction, truth with 4-px gaps
+    # support, query, prediction, truth, errors: 160 px high each (the 24-px images enlarged), 6 px apart,
+    # under captions and a title line
+    assert panel.width == 5 * 160 + 4 * 6 and panel.height > 160
     # A second run into the same folder would add panels beside these (their names carry the IoU): refused.
     with pytest.raises(ValueError, match=r"visualize_dir: .* holds 4 panels of an earlier evaluation \(such as "
                                          r"episode00000_class\d+_iou0\.0\.png\)"):
@@ -241,25 +243,67 @@ def test_visualize_writes_one_panel_per_episode(dataset, tmp_path):
 
 
 def test_panel_of_one_item_equals_its_row_in_a_batch(dataset):
+    from hypertriton import visualize
+    from hypertriton.evaluation import panel_tiles
+
     items = [dataset[i] for i in range(3)]
     batch = torch.utils.data.default_collate(items)
     pred = 1 - batch["query_mask"].long()
     from_batch = np.asarray(render_panel(batch, pred, row=2))
     from_item = np.asarray(render_panel(items[2], pred[2]))
     np.testing.assert_array_equal(from_item, from_batch)
-    query = items[2]["query_mask"].numpy() == 1
-    assert query.any() and not query.all()
-    # The prediction tile (third, after the support and the query) is tinted exactly where pred is 1.
-    tile = slice(2 * (SIZE + 4), 2 * (SIZE + 4) + SIZE)
-    plain = np.asarray(render_panel(items[2], torch.zeros(SIZE, SIZE, dtype=torch.long)))
-    tinted = (from_item[:, tile] != plain[:, tile]).any(axis=2)
-    np.testing.assert_array_equal(tinted, ~query)
+    tiles = dict(panel_tiles(items[2], pred[2]))
+    assert list(tiles) == ["support 1", "query", "prediction", "truth", "errors"]
+    query = tiles["query"]
+    truth = items[2]["query_mask"].numpy() == 1
+    ignore = items[2]["query_ignore_idx"].numpy() == 1
+    assert truth.any() and not truth.all()
+    support_mask = items[2]["support_masks"][0].numpy() == 1
+    np.testing.assert_array_equal(tiles["support 1"], visualize.spotlight(first_support_rgb(items[2]), support_mask))
+    np.testing.assert_array_equal(tiles["prediction"], visualize.spotlight(query, ~truth))
+    expected_truth = visualize.spotlight(query, truth)
+    expected_truth[ignore] = visualize.IGNORED
+    np.testing.assert_array_equal(tiles["truth"], expected_truth)
+    np.testing.assert_array_equal(tiles["errors"], visualize.error_map(query, ~truth, truth, ignore))
     with pytest.raises(ValueError, match=r"pred: expected \[B, H, W\] with B = 3 .* got \[2, 24, 24\]"):
         render_panel(batch, pred[:2])
     with pytest.raises(IndexError, match="row: 3 is out of range for a batch of 3"):
         render_panel(batch, pred, row=3)
     with pytest.raises(KeyError, match="missing query_mask"):
         render_panel({k: v for k, v in items[0].items() if k != "query_mask"}, pred[0])
+
+
+def first_support_rgb(item) -> np.ndarray:
+    """The first support image as uint8 RGB, stated apart from the panel's code."""
+    from hypertriton.data.common import IMAGENET_MEAN, IMAGENET_STD
+
+    std, mean = torch.tensor(IMAGENET_STD).view(3, 1, 1), torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    rgb = item["support_imgs"][0] * std + mean
+    return (rgb.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def test_a_panel_lays_out_supports_and_query_of_other_sizes_and_names_an_episode_without_object(dataset, tmp_path):
+    item = dataset[0]
+    wide_query = {**item, "query_img": torch.randn(3, 20, 50), "query_mask": torch.zeros(20, 50),
+                  "query_ignore_idx": torch.zeros(20, 50)}
+    panel = render_panel(wide_query, torch.zeros(20, 50, dtype=torch.long))  # the query 2.5x as wide
+    assert panel.width == 160 + 4 * 400 + 4 * 6  # the support, then four tiles of the query, 160 px high
+    # No object in the truth nor in the prediction: right, with no IoU to give (it read 0.0).
+    class NoObject(Truth):
+        def predict_mask_nshot(self, batch, nshot):
+            return torch.zeros_like(batch["query_mask"], dtype=torch.long)
+
+    class Empty(torch.utils.data.Dataset):
+        class_ids = dataset.class_ids
+
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, index):
+            return {**dataset[0], "query_mask": torch.zeros(SIZE, SIZE)}
+
+    evaluate(NoObject(), Empty(), 1, "cpu", progress=False, visualize_dir=tmp_path / "vis")
+    assert [p.name for p in (tmp_path / "vis").iterdir()] == [f"episode00000_class{dataset[0]['class_id']}_iouNA.png"]
 
 
 @given(st.integers(0, 40), st.integers(1, 5))

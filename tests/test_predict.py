@@ -81,6 +81,18 @@ def test_predict_writes_masks_and_overlays_at_each_query_size(files, checkpoint,
         np.testing.assert_array_equal(np.asarray(Image.open(out / f"{name}_overlay.png")), lib.overlay(query, expected))
 
 
+def test_queries_where_no_object_was_found_are_named(files, checkpoint, tmp_path, capsys, monkeypatch):
+    segment = lib.segment
+
+    def nothing_in_tall(model, query, *args, **kwargs):
+        mask = segment(model, query, *args, **kwargs)
+        return np.zeros_like(mask) if query.shape[:2] == (90, 56) else np.ones_like(mask)
+
+    monkeypatch.setattr(lib, "segment", nothing_in_tall)
+    assert _predict(files, tmp_path / "out", checkpoint) == 0
+    assert "no object found in 1 of the 2 queries: tall.jpg" in capsys.readouterr().out
+
+
 def test_support_folders_pair_images_and_masks_by_name(files, checkpoint, tmp_path):
     image_dir, mask_dir = tmp_path / "imgs", tmp_path / "masks"
     image_dir.mkdir(), mask_dir.mkdir()
@@ -599,24 +611,23 @@ def test_written_pngs_get_the_umasks_permissions_like_every_other_output(tmp_pat
     assert (tmp_path / "a.png").stat().st_mode & 0o777 == 0o644
 
 
-def test_overlay_tints_and_outlines_only_the_mask():
+def test_overlay_spotlights_the_mask_with_a_border_that_widens_with_the_photo():
+    from hypertriton import visualize
+
     image = np.full((5, 5, 3), 100, np.uint8)
     mask = np.zeros((5, 5), bool)
     mask[1:4, 1:4] = True
-    out = lib.overlay(image, mask, colour=(200, 0, 0), alpha=0.5)
-    np.testing.assert_array_equal(out[~mask], image[~mask])
-    np.testing.assert_array_equal(out[2, 2], [150, 50, 50])  # interior: half image, half colour
-    np.testing.assert_array_equal(out[1, 1], [200, 0, 0])  # border: the colour itself
-    # Any image: inside, the rounded blend in float32; on the border, the colour; outside, the image.
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)
-    mask = rng.random((40, 30)) < 0.6
-    out = lib.overlay(image, mask, colour=(255, 40, 40), alpha=0.3)
-    blend = (0.7 * image.astype(np.float32) + np.float32(0.3) * np.float32([255, 40, 40])).round().astype(np.uint8)
-    border = mask & ~lib._erode(mask)
-    np.testing.assert_array_equal(out[~mask], image[~mask])
-    np.testing.assert_array_equal(out[mask & ~border], blend[mask & ~border])
-    np.testing.assert_array_equal(out[border], np.broadcast_to([255, 40, 40], out[border].shape))
+    out = lib.overlay(image, mask)
+    np.testing.assert_array_equal(out[~mask], np.full((16, 3), 30))  # outside: dimmed to 0.3
+    np.testing.assert_array_equal(out[2, 2], [100, 100, 100])  # inside: the photo as it is
+    np.testing.assert_array_equal(out[1, 1], [255, 255, 255])  # border: white
+    # On a photo, a border wide enough to survive viewing it scaled down (1 px per 400).
+    photo = np.full((1200, 1600, 3), 200, np.uint8)
+    blob = np.zeros((1200, 1600), bool)
+    blob[300:900, 400:1200] = True
+    out = lib.overlay(photo, blob)
+    assert (out[600, 400:404] == 255).all() and (out[600, 404] == 200).all()
+    np.testing.assert_array_equal(out, visualize.spotlight(photo, blob, width=4))
 
 
 def test_compact_checkpoint_round_trip(tmp_path):

@@ -40,8 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "else 400, the protocol's)")
     parser.add_argument("--use-original-imgsize", action="store_true",
                         help="score at each query image's original size (logits resized to it)")
-    parser.add_argument("--visualize", metavar="DIR", help="write a PNG panel per episode (supports, query, "
-                        "prediction, truth)")
+    parser.add_argument("--visualize", metavar="DIR", help="write a PNG panel per episode: supports, query, "
+                        "prediction, truth (each dimmed outside its mask, outlined in white) and errors (orange: "
+                        "false positive, blue: missed), titled with episode, class, shots and IoU")
     parser.add_argument("--json", metavar="FILE", help="write the result with per-class IoU as JSON")
     parser.add_argument("--bsz", type=int, default=1, help="episodes per batch (default: %(default)s; must be 1 "
                         "with --use-original-imgsize)")

@@ -7,7 +7,7 @@ once, each through a temporary file, so an interrupted run keeps the queries don
 file.
 
 Outputs, per query ``NAME.ext``: ``OUT/NAME_mask.png`` (0 = background, 255 = object, the query's
-size) and ``OUT/NAME_overlay.png`` (the query with the mask tinted red and outlined).
+size) and ``OUT/NAME_overlay.png`` (the query, dimmed outside the mask, the mask outlined in white).
 
 Examples::
 
@@ -202,7 +202,7 @@ def _run(args: argparse.Namespace) -> int:
 
     # 2. Segment each query and write its files at once (each whole or not at all): memory stays that of
     # one query, and an interruption keeps the queries done.
-    written = 0
+    written, empty = 0, []
     bar = tqdm(queries, desc="segmenting", unit="image", disable=not args.progress or (len(queries) == 1 and not
                                                                                        had_folder))
     with warnings.catch_warnings():
@@ -218,9 +218,14 @@ def _run(args: argparse.Namespace) -> int:
             if overlay_path:
                 outputs[overlay_path[0]] = overlay(query, mask)
             written += len(write_pngs(outputs))
+            if not mask.any():
+                empty.append(query_path.name)
     again = f" ({replaced} of them replacing files of the same name)" if replaced else ""
     print(f"{len(queries)} queries segmented with {len(supports)} support(s) (backend {backend}, {img_size} px); "
           f"wrote {written} files to {out}{again}")
+    if empty:  # an all-black mask and an overlay that is the photo dimmed: said, not left to be noticed
+        named = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        print(f"no object found in {len(empty)} of the {len(queries)} queries: {named}")
     return 0
 
 
