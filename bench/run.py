@@ -35,6 +35,7 @@ import argparse
 import datetime
 import gc
 import json
+import math
 import os
 import platform
 import re
@@ -43,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -499,7 +501,7 @@ def markdown(report: dict) -> str:
               "ones they replace); % peak: their rate against the GEMM peak above, in the dtype they run in (a "
               "row near 100% can only get faster by doing fewer FLOPs; Winograd rows can pass it). "
               "Rel. error: max |row - original| / max |original|.", ""]
-    lines.append("| size | case | mask | variant | median ms | p20 ms | p80 ms | speedup | paired (p20-p80) | peak MB "
+    lines.append("| size | case | mask | variant | median ms | p20 ms | p80 ms | speedup | paired (p20-p80) | peak MiB "
                  "| mem ratio | eff. GFLOP/s | GFLOP run | % peak | rel. error |")
     lines.append("|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in report["rows"]:
@@ -554,78 +556,336 @@ def targets(report: dict) -> list[dict]:
     return out
 
 
-def plot(report: dict, path: Path) -> None:
-    """A PNG of the report: across sizes, median time and peak extra memory against size for the learner
-    forward (one colour per variant, solid for the object mask, dashed for the full one); at one size,
-    speedup and memory ratio over the original for every case, mask and variant."""
-    import matplotlib
-    import matplotlib.ticker
+# ---------------------------------------------------------------------------------------------- plot
+# One colour per variant, the same in every plot: a backend's variants in related hues, the original in dark
+# grey. A variant missing here (a new backend) gets one of FALLBACK_COLOURS picked by its name, so that its
+# colour too stays the same from plot to plot.
+VARIANT_COLOURS = {
+    "original": "#404040",
+    "reference": "#9467bd",
+    "torch": "#ff7f0e",
+    "torch-unfused": "#d62728",
+    "torch-lean": "#8c564b",
+    "torch+bf16": "#e377c2",
+    "triton": "#1f77b4",
+    "triton-unfused": "#17becf",
+    "triton-lean": "#2ca02c",
+    "triton+bf16": "#bcbd22",
+}
+FALLBACK_COLOURS = ("#7f7f7f", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#dbdb8d")
+FAILED_COLOUR = "#c00000"  # the text of a failed or unmeasured entry
+IMAGE_PX_PER_SIZE = 8  # image side (px) = 8 x size for every backbone (bench/cases.py image_side: 50 <-> 400 px)
+MASK_STYLES = {"object": "-", "full": "--"}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    rows = [r for r in report["rows"] if "median_s" in r]
-    sizes = sorted({r["size"] for r in rows})
-    args = report["args"]
-    title = f"{args['backbone']}, batch {args['batch']}, {args['dtype']}, {report['machine']['device']}"
-    variants = list(dict.fromkeys(r["variant"] for r in rows))
-    colours = {v: plt.get_cmap("tab10")(i % 10) for i, v in enumerate(variants)}
-    if len(sizes) > 1:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        case = "learner_forward" if any(r["case"] == "learner_forward" for r in rows) else rows[0]["case"]
-        for mask, style in (("object", "-"), ("full", "--")):
-            for variant in variants:
-                points = sorted((r["size"], r["median_s"], r.get("peak_bytes")) for r in rows
-                                if (r["case"], r["mask"], r["variant"]) == (case, mask, variant))
-                if not points:
-                    continue
-                xs, label = [p[0] for p in points], f"{variant} ({mask})"
-                axes[0].plot(xs, [p[1] * 1e3 for p in points], style, marker="o", color=colours[variant], label=label)
-                if all(p[2] is not None for p in points):
-                    axes[1].plot(xs, [p[2] / 2**20 for p in points], style, marker="o", color=colours[variant],
-                                 label=label)
-        for ax, label in zip(axes, ("median time (ms)", "peak extra memory (MB)")):
-            ax.set_xlabel("size (side of the finest feature map)")
-            ax.set_ylabel(label)
-            ax.set_yscale("log")
-            ax.grid(True, alpha=0.3)
-        axes[0].legend(fontsize=7)
-        fig.suptitle(f"{case}: {title}")
+def variant_colour(variant: str) -> str:
+    """The plots' fixed colour of ``variant`` (:data:`VARIANT_COLOURS`)."""
+    if variant in VARIANT_COLOURS:
+        return VARIANT_COLOURS[variant]
+    return FALLBACK_COLOURS[zlib.crc32(variant.encode()) % len(FALLBACK_COLOURS)]
+
+
+def _short(text, limit: int = 90) -> str:
+    """One line of at most ``limit`` characters (an error message in a plot)."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3].rstrip() + "..."
+
+
+def _speedup_shown(row: dict) -> tuple[float, float | None, float | None, str, bool] | None:
+    """What the plot shows as a row's speedup: (value, p20, p80, label, paired). Where the rounds were paired,
+    the median of the per-round ratios with their p20-p80, labelled as the markdown's "paired (p20-p80)" cell
+    (the figure the READMEs quote); elsewhere the ratio of the medians, as its "speedup" cell. None without either."""
+    if row.get("paired_speedup") is not None:
+        return row["paired_speedup"], row["paired_p20"], row["paired_p80"], _paired(row), True
+    if row.get("speedup") is not None:
+        return row["speedup"], None, None, f"{row['speedup']:.2f}x", False
+    return None
+
+
+def _plot_title(report: dict, head: str) -> str:
+    """The figure's title: what ran, then where (CPU or GPU model, threads), torch version and date, then the
+    free-text machine name when the run had one, so that plots of different machines never look alike."""
+    info, args = report["machine"], report["args"]
+    lines = [f"{head}: {args['backbone']}, batch {args['batch']}, {args['dtype']}"
+             + (" (partial results)" if report.get("partial") else "")]
+    cpu = info.get("cpu") or "CPU not recorded"
+    if info.get("cpu_capability"):
+        cpu += f" ({info['cpu_capability']})"
+    threads = info.get("torch_threads")
+    cpu += "" if threads is None else f", {threads} torch thread{'' if threads == 1 else 's'}"
+    cpu += f" of {info['cpu_count']} cores" if info.get("cpu_count") else ""
+    versions = f"torch {info.get('torch') or 'not recorded'}"
+    if info.get("gpu"):
+        where = f"{info.get('device', 'cuda')}: {info['gpu']} (host {cpu})"
+        versions += f", triton {info.get('triton') or 'not installed'}"
     else:
-        bars = [r for r in rows if r["variant"] != "original" and r.get("speedup")]
-        # Room for the title and the two-line axis labels, then per bar.
-        fig, axes = plt.subplots(1, 2, figsize=(12, 1.9 + 0.25 * max(len(bars), 1)), sharey=True)
-        positions = list(range(len(bars)))[::-1]
-        labels = [f"{r['case']} / {r['mask']} / {r['variant']}" for r in bars]
-        for ax, key, name in zip(axes, ("speedup", "memory_ratio"), ("speedup over the original",
-                                                                     "peak memory: original / row")):
-            values = [r.get(key) or 0 for r in bars]
-            ax.barh(positions, values, color=[colours[r["variant"]] for r in bars])
-            spread = key == "speedup" and any(r.get("paired_speedup") for r in bars)
-            for y, value, row in zip(positions, values, bars):
-                if spread and row.get("paired_speedup"):
-                    # How far the rounds agree: the paired ratios' p20-p80, the dot at their median.
-                    ax.plot([row["paired_p20"], row["paired_p80"]], [y, y], color="black", linewidth=1)
-                    ax.plot([row["paired_speedup"]], [y], "o", color="black", markersize=2)
-                    value = max(value, row["paired_p80"])
-                if value:
-                    ax.text(value, y, f" {row.get(key) or 0:.2f}x", va="center", fontsize=6)
-            ax.axvline(1.0, color="black", linewidth=0.8)
-            ax.set_xscale("log")
-            reach = values + [r["paired_p80"] for r in bars if spread and r.get("paired_speedup")]
-            ax.set_xlim(right=max(reach + [1.0]) * 1.6)  # room for the value labels
-            ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=2))
-            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
-            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-            ax.set_xlabel(f"{name} (log scale; 1x = same)" + ("\nbars: ratio of medians; whiskers: paired ratios, "
-                                                               "p20-p80 and median" if spread else ""))
-            ax.grid(True, axis="x", alpha=0.3)
-        axes[0].set_yticks(positions)
-        axes[0].set_yticklabels(labels, fontsize=7)
-        fig.suptitle(f"size {sizes[0]}: {title}")
-    fig.tight_layout()
+        where = f"{info.get('device', 'cpu')}: {cpu}"
+    date = str(report.get("date") or "")[:10]
+    lines.append(f"{where}; {versions}" + (f"; {date}" if date else ""))
+    if args.get("machine"):
+        lines.append(_short(args["machine"], 130))
+    return "\n".join(lines)
+
+
+def _one_size_entries(rows: list[dict]) -> list[dict]:
+    """The rows of a one-size plot, in the report's order: every row but an original that ran (the 1x the
+    others are measured against). Each with its speedup (:func:`_speedup_shown`) and memory ratio, or the
+    reason there is none: the row failed, its original failed or is missing, a peak was not measured."""
+    originals = {(r["case"], r["mask"]): r for r in rows if r["variant"] == "original"}
+    entries = []
+    for row in rows:
+        failed = "median_s" not in row
+        if row["variant"] == "original" and not failed:
+            continue
+        base = originals.get((row["case"], row["mask"]))
+        entry = {"row": row, "speed": None, "memory": row.get("memory_ratio"),
+                 "label": f"{row['case']} / {row['mask']} / {row['variant']}"
+                          + (" (timed alone)" if row.get("timed_alone") else "")}
+        if failed:
+            entry["speed_note"] = f"failed: {_short(row.get('error') or 'no time recorded')}"
+            entry["memory_note"] = "failed: not measured"
+        elif base is None or "median_s" not in base:
+            entry["speed_note"] = entry["memory_note"] = (
+                "n/a: no original in this run" if base is None else
+                "n/a: the original failed (its row says why)")
+        else:
+            entry["speed"] = _speedup_shown(row)
+            if entry["speed"] is None:
+                entry["speed_note"] = "n/a: no speedup recorded"
+            if entry["memory"] is None:
+                if row.get("peak_bytes") is None:
+                    why = row.get("measure_error")
+                    entry["memory_note"] = "n/a: memory not measured" + (f" ({_short(why, 60)})" if why else "")
+                elif not base.get("peak_bytes"):
+                    entry["memory_note"] = "n/a: the original's memory not measured"
+                else:
+                    entry["memory_note"] = "n/a: no memory ratio"
+        entries.append(entry)
+    return entries
+
+
+def _ratio_axis(ax, matplotlib, reach: list[float]) -> None:
+    """A log-scale ratio axis around 1x with room for the labels at both ends."""
+    low, high = min(reach + [1.0]), max(reach + [1.0])
+    ax.set_xscale("log")
+    ax.set_xlim(low / 3.2, high * 3.2)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    low_exp, high_exp = math.floor(math.log2(low / 3.2)), math.ceil(math.log2(high * 3.2))
+    step = 1 if high_exp - low_exp <= 8 else 2  # every power of 2, or every other one: always 1x
+    ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(
+        [2.0**e for e in range(low_exp, high_exp + 1) if e % step == 0]))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x" if v >= 1 else f"1/{1 / v:g}x"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.grid(True, axis="x", alpha=0.3)
+
+
+def _value_label(ax, value: float, y: float, ends: list[float], text: str) -> None:
+    """``text`` beside a bar drawn from 1x: right of its far end (whisker included) above 1x, left of it below."""
+    if value >= 1:
+        ax.text(max(ends), y, f" {text}", va="center", ha="left", fontsize=6)
+    else:
+        ax.text(min(ends), y, f"{text} ", va="center", ha="right", fontsize=6)
+
+
+def _draw_one_size(fig, report: dict, rows: list[dict]) -> None:
+    """Speedup and memory ratio over the original of every row at one size, as bars from 1x on log axes."""
+    import matplotlib
+    import matplotlib.lines
+    import matplotlib.patches
+    import matplotlib.ticker
+    import matplotlib.transforms
+
+    entries = _one_size_entries(rows)
+    header, footer, per_row = 0.8, 1.3, 0.22  # inches: three title lines; axis labels and legend; one row
+    height = header + footer + per_row * max(len(entries), 4)
+    fig.set_size_inches(12, height)
+    axes = fig.subplots(1, 2, sharey=True)
+    positions = list(range(len(entries)))[::-1]
+    paired = any(e["speed"] and e["speed"][4] for e in entries)
+    for ax, panel in zip(axes, ("speed", "memory")):
+        note_at = matplotlib.transforms.blended_transform_factory(ax.transAxes, ax.transData)
+        reach = []
+        for y, entry in zip(positions, entries):
+            colour = variant_colour(entry["row"]["variant"])
+            if panel == "speed" and entry["speed"] is not None:
+                value, p20, p80, text, is_paired = entry["speed"]
+                ax.barh(y, value - 1, left=1, height=0.7, color=colour)
+                ends = [value]
+                if is_paired:
+                    ax.plot([p20, p80], [y, y], color="black", linewidth=1)
+                    ax.plot([value], [y], "o", color="black", markersize=2.5)
+                    ax.plot([entry["row"]["speedup"]], [y], "D", markerfacecolor="none", markeredgecolor="black",
+                            markeredgewidth=0.6, markersize=3)
+                    ends += [p20, p80, entry["row"]["speedup"]]
+                elif paired:
+                    text += " (ratio of medians)"
+                reach += ends
+                _value_label(ax, value, y, ends, text)
+            elif panel == "memory" and entry["memory"] is not None:
+                value = entry["memory"]
+                ax.barh(y, value - 1, left=1, height=0.7, color=colour)
+                reach.append(value)
+                _value_label(ax, value, y, [value], f"{value:.1f}x")
+            else:
+                note = entry.get(f"{panel}_note", "n/a")
+                ax.text(0.01, y, note, transform=note_at, va="center", ha="left", fontsize=6, color=FAILED_COLOUR)
+        _ratio_axis(ax, matplotlib, reach)
+        if not entries:
+            ax.text(0.5, 0.5, "nothing to compare: " + ("no row but the original's" if rows else "no rows"),
+                    transform=ax.transAxes,
+                    ha="center", va="center", color=FAILED_COLOUR)
+        elif not reach:
+            ax.text(0.5, 1.0, "no ratio to draw: see the notes at each row", transform=ax.transAxes,
+                    ha="center", va="bottom", fontsize=7, color=FAILED_COLOUR)
+    axes[0].set_ylim(-0.7, max(len(entries), 1) - 0.3)
+    axes[0].set_yticks(positions)
+    axes[0].set_yticklabels([e["label"] for e in entries], fontsize=7)
+    if paired:
+        how = ("bars, dots and labels: the median over rounds of the original's time / the row's in the same "
+               "round\n(paired; as the markdown's paired column); whiskers and (...): its p20-p80; "
+               "diamonds: ratio of the medians")
+    else:
+        how = "bars and labels: the original's median time / the row's"
+    axes[0].set_xlabel(f"speedup over the original (log scale, bars from 1x = same)\n{how}", fontsize=8)
+    axes[1].set_xlabel("peak extra memory: the original's / the row's (log scale, bars from 1x = same)\n"
+                       "label: as the markdown's mem ratio column", fontsize=8)
+    present = list(dict.fromkeys(e["row"]["variant"] for e in entries))
+    handles = [matplotlib.patches.Patch(color=variant_colour(v), label=v) for v in _in_table_order(present)]
+    if paired:
+        handles += [matplotlib.lines.Line2D([], [], color="black", linewidth=1, marker="o", markersize=2.5,
+                                            label="paired median, p20-p80"),
+                    matplotlib.lines.Line2D([], [], linestyle="none", marker="D", markerfacecolor="none",
+                                            markeredgecolor="black", markersize=3, label="ratio of medians")]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(handles), 8),
+                   fontsize=7, frameon=False)
+    sizes = sorted({r["size"] for r in rows})
+    head = (f"size {sizes[0]} ({IMAGE_PX_PER_SIZE * sizes[0]}-px images), each row against the original"
+            if sizes else "no rows")
+    fig.suptitle(_plot_title(report, head), fontsize=9, y=1 - 0.05 / height, va="top")
+    fig.tight_layout(rect=(0, 0.3 / height, 1, 1))  # tight_layout leaves room for the title, not for the legend
+
+
+def _in_table_order(variants: list[str]) -> list[str]:
+    """``variants`` in :data:`VARIANT_COLOURS`'s order, unknown ones last (a legend reads the same everywhere)."""
+    known = list(VARIANT_COLOURS)
+    return sorted(variants, key=lambda v: (known.index(v) if v in known else len(known), v))
+
+
+def _draw_sweep(fig, report: dict, rows: list[dict], sizes: list[int]) -> None:
+    """Median time and peak extra memory against size for one case (the learner forward where it ran): a
+    colour per variant, a line style per mask; a failed or unmeasured point is an 'x' at the panel's top
+    edge (the line breaks there) and named in a note below."""
+    import matplotlib.lines
+    import matplotlib.transforms
+
+    case = "learner_forward" if any(r["case"] == "learner_forward" for r in rows) else rows[0]["case"]
+    chosen = [r for r in rows if r["case"] == case]
+    masks = sorted({r["mask"] for r in chosen}, key=lambda m: (list(MASK_STYLES).index(m) if m in MASK_STYLES
+                                                               else len(MASK_STYLES), m))
+    variants = _in_table_order(list(dict.fromkeys(r["variant"] for r in chosen)))
+    fig.set_size_inches(12.5, 5.6)
+    axes = fig.subplots(1, 2)
+    missing = {}  # (variant, mask, size) -> why a point has no value
+    for ax, panel in zip(axes, ("time", "memory")):
+        top_edge = matplotlib.transforms.blended_transform_factory(ax.transData, ax.transAxes)
+        drawn = False
+        for mask in masks:
+            style = MASK_STYLES.get(mask, ":")
+            for variant in variants:
+                series = {r["size"]: r for r in chosen if (r["mask"], r["variant"]) == (mask, variant)}
+                if not series:
+                    continue
+                xs, ys, gaps = sorted(series), [], []
+                for size in xs:
+                    row = series[size]
+                    if "median_s" not in row:
+                        value, why = None, f"failed: {_short(row.get('error') or 'no time recorded', 70)}"
+                    elif panel == "time":
+                        value, why = row["median_s"] * 1e3, None
+                    elif row.get("peak_bytes") is None:
+                        value = None
+                        why = "memory not measured" + (f": {_short(row['measure_error'], 60)}"
+                                                       if row.get("measure_error") else "")
+                    else:
+                        value, why = row["peak_bytes"] / 2**20, None
+                    ys.append(float("nan") if value is None else value)
+                    if value is None:
+                        gaps.append(size)
+                        missing.setdefault((variant, mask, size), why)
+                colour = variant_colour(variant)
+                if any(y == y for y in ys):  # not all NaN
+                    ax.plot(xs, ys, style, marker="o", markersize=4, color=colour)
+                    drawn = True
+                if gaps:
+                    ax.plot(gaps, [0.97] * len(gaps), linestyle="none", marker="x", markersize=8,
+                            markeredgewidth=2, color=colour, transform=top_edge, clip_on=False)
+        if drawn:
+            ax.set_yscale("log")
+        else:
+            ax.set_yticks([])
+            ax.text(0.5, 0.5, "nothing measured to draw:\nevery point failed (see the notes below)",
+                    transform=ax.transAxes, ha="center", va="center", color=FAILED_COLOUR)
+        ax.set_xlim(min(sizes) - 0.06 * (max(sizes) - min(sizes)), max(sizes) + 0.06 * (max(sizes) - min(sizes)))
+        ax.set_xticks(sizes)
+        ax.set_xlabel(f"size: side of the finest feature map (x{IMAGE_PX_PER_SIZE} = image side in px)")
+        top = ax.secondary_xaxis("top", functions=(lambda s: s * IMAGE_PX_PER_SIZE, lambda px: px / IMAGE_PX_PER_SIZE))
+        top.set_xticks([size * IMAGE_PX_PER_SIZE for size in sizes])
+        top.set_xlabel("image side (px)", fontsize=8)
+        top.tick_params(labelsize=8)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("median time (ms)")
+    axes[1].set_ylabel("peak extra memory (MiB)")
+    Line2D = matplotlib.lines.Line2D
+    handles = [Line2D([], [], color=variant_colour(v), linewidth=2, label=v) for v in variants]
+    handles += [Line2D([], [], color="black", linestyle=MASK_STYLES.get(m, ":"), label=f"{m} mask") for m in masks]
+    if missing:
+        handles.append(Line2D([], [], color="black", linestyle="none", marker="x", markeredgewidth=2,
+                              label="failed / not measured\n(at the top edge)"))
+    # One legend for both panels, outside them on the right.
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(0.835, 0.5), fontsize=8, frameon=False,
+               title="colour: variant\nline: support mask", title_fontsize=8)
+    bottom = 0.0
+    if missing:
+        grouped = {}  # (variant, mask, why) -> sizes
+        for (variant, mask, size), why in missing.items():
+            grouped.setdefault((variant, mask, why), []).append(size)
+        reasons = {why for _, _, why in grouped}
+        if len(reasons) == 1 and len(missing) == len({(r["variant"], r["mask"], r["size"]) for r in chosen}):
+            notes = [f"every point: {reasons.pop()}"]
+        else:
+            notes = [f"{variant} ({mask}) at size{'s' if len(sizes_) > 1 else ''} "
+                     f"{', '.join(map(str, sorted(sizes_)))}: {why}"
+                     for (variant, mask, why), sizes_ in sorted(grouped.items(), key=lambda item: (
+                         min(item[1]), variants.index(item[0][0]), item[0][1]))]
+        shown = notes[:5] + ([f"... and {len(notes) - 5} more (see the markdown)"] if len(notes) > 5 else [])
+        fig.text(0.01, 0.01, "x = no value: " + "\n".join(shown), fontsize=7, color=FAILED_COLOUR, va="bottom")
+        bottom = (0.2 + 0.14 * len(shown)) / 5.6
+    fig.suptitle(_plot_title(report, f"{case} against size, both masks"), fontsize=9, y=0.99, va="top")
+    fig.tight_layout(rect=(0, bottom, 0.83, 1))  # room for the title is left by tight_layout itself
+
+
+def figure(report: dict):
+    """The report's plot as a matplotlib Figure (:func:`plot` saves it): across sizes, time and memory against
+    size (:func:`_draw_sweep`); at one size, speedup and memory ratio of every row (:func:`_draw_one_size`)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure()
+    FigureCanvasAgg(fig)
+    rows = report["rows"]
+    sizes = sorted({r["size"] for r in rows})
+    if len(sizes) > 1:
+        _draw_sweep(fig, report, rows, sizes)
+    else:
+        _draw_one_size(fig, report, rows)
+    return fig
+
+
+def plot(report: dict, path: Path) -> None:
+    """Draw :func:`figure` into the PNG ``path`` (replaced atomically)."""
+    fig = figure(report)
     _atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110), binary=True)
-    plt.close(fig)
 
 
 def _write_results(stem: Path, report: dict, text: str) -> None:
@@ -634,12 +894,22 @@ def _write_results(stem: Path, report: dict, text: str) -> None:
     _atomic_write(stem.with_name(stem.name + ".md"), lambda handle: handle.write(text))
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and back: this driver runs no threads that create files)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, write, binary: bool = False) -> None:
+    """Write ``path`` through a temporary file in its folder, then replace it; the file gets the mode a plain
+    ``open`` would give it (0644 under umask 022), not ``mkstemp``'s 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb" if binary else "w") as handle:
             write(handle)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -657,7 +927,7 @@ def search_max_sizes(args, groups: list[dict], info: dict, launch, device: str, 
     progress = tqdm(desc="largest size", unit="try")
     found = []
     stem = args.name or f"{device.split(':')[0]}-{args.backbone}-b{args.batch}-{dtype}-max-size"
-    out = Path(args.out)
+    out = _out_folder(args)
 
     def write() -> tuple[dict, str]:
         """JSON and markdown of the searches done so far (rewritten after each: an interrupted run keeps them)."""
@@ -690,7 +960,7 @@ def search_max_sizes(args, groups: list[dict], info: dict, launch, device: str, 
                 if "error" in result:
                     errors[size], ok = result["error"], False
                 elif limit_bytes is not None and peak is not None and peak > limit_bytes:
-                    errors[size], ok = f"peak {peak / 2**20:.1f} MB > limit {limit_bytes / 2**20:.1f} MB", False
+                    errors[size], ok = f"peak {peak / 2**20:.1f} MiB > limit {limit_bytes / 2**20:.1f} MiB", False
                 else:
                     peaks[size], ok = peak, True
                 row["tried"][str(size)] = ok
@@ -727,7 +997,7 @@ def max_size_markdown(report: dict) -> str:
     lines += ["", "Size = side of the finest feature map (image side = 8 x size px). A size runs when the case "
               "completes (on CUDA: without running out of memory); the search assumes that every smaller "
               "size runs too.", "",
-              "| case | mask | variant | largest size | image px | peak MB there | first failure |",
+              "| case | mask | variant | largest size | image px | peak MiB there | first failure |",
               "|---|---|---|---:|---:|---:|---|"]
     for row in report["max_sizes"]:
         largest = row["largest"]
@@ -818,7 +1088,9 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per row")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per row (at least 1)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per row before it is reported failed")
-    parser.add_argument("--out", default=str(HERE / "results"), help="output folder")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: bench/results); with --replot, the PNG file to write or the "
+                             "folder to write it into (default: beside the JSON)")
     parser.add_argument("--name", default=None, help="file name stem of the outputs")
     parser.add_argument("--machine", default=None, help="free-text machine name written into the results")
     parser.add_argument("--note", default=None, help="free-text note written into the results")
@@ -829,11 +1101,26 @@ def parse_args(argv=None):
                         help="with --max-size: also count a run as not fitting when its peak extra memory "
                              "exceeds this many GiB (e.g. to emulate a smaller device)")
     parser.add_argument("--replot", default=None, metavar="RESULTS.json",
-                        help="instead of measuring: redraw the PNG plot (beside it) from an earlier run's JSON")
+                        help="instead of measuring: redraw the PNG plot from an earlier run's JSON (beside it, "
+                             "or where --out says)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-mode", default=None, choices=["time", "measure", "peak"],
                         help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def _out_folder(args) -> Path:
+    """``--out``: the folder the results are written to (default ``bench/results``)."""
+    return Path(args.out) if args.out else HERE / "results"
+
+
+def _replot_target(source: Path, out: str | None) -> Path:
+    """Where ``--replot`` writes the plot of ``source``: beside it; with ``--out``, that file when it names a
+    ``.png``, else into that folder under the JSON's stem."""
+    if not out:
+        return source.with_suffix(".png")
+    target = Path(out)
+    return target if target.suffix.lower() == ".png" else target / source.with_suffix(".png").name
 
 
 def check_args(args) -> None:
@@ -874,11 +1161,12 @@ def main(argv=None) -> int:
             raise SystemExit(f"--replot: cannot read {source}: {error}")
         if not report.get("rows"):
             raise SystemExit(f"--replot: {source} holds no timed rows (a --max-size search has nothing to plot)")
+        target = _replot_target(source, args.out)
         try:
-            plot(report, source.with_suffix(".png"))
+            plot(report, target)
         except ImportError:
             raise SystemExit("--replot: drawing needs matplotlib, which is not installed (pip install -e \".[bench]\")")
-        print(f"wrote {source.with_suffix('.png')}")
+        print(f"wrote {target}")
         return 0
 
     import torch
@@ -970,7 +1258,7 @@ def main(argv=None) -> int:
 
     stem = args.name or (f"{device.split(':')[0]}-{args.backbone}-size{'_'.join(map(str, sizes))}-b{args.batch}-"
                          f"{dtype}")
-    out = Path(args.out)
+    out = _out_folder(args)
 
     def write_report(rows: list[dict], groups_done: int) -> tuple[dict, str]:
         """JSON and markdown of the rows so far: rewritten after every group, so that an interrupted run

@@ -76,7 +76,7 @@ def test_markdown_shows_the_peak_and_each_row(bench_run):
     assert "float32 100 GFLOP/s, bfloat16 320 GFLOP/s" in text
     torch_row = next(line for line in text.splitlines() if "| torch |" in line)
     cells = [cell.strip() for cell in torch_row.strip("|").split("|")]
-    # ... | speedup | paired (p20-p80) | peak MB | mem ratio | eff. GFLOP/s | GFLOP run | % peak | rel. error
+    # ... | speedup | paired (p20-p80) | peak MiB | mem ratio | eff. GFLOP/s | GFLOP run | % peak | rel. error
     assert cells[7:14] == ["4.00x", "5.00x (3.20-5.60)", "10.0", "10.0x", "400.0", "8.00", "80"]
     assert "failed: exit 1: boom" in text
     speed_target = next(t for t in report["targets"] if t["variant"] == "torch" and t["metric"] == "speedup")
@@ -219,6 +219,209 @@ def test_plot_writes_a_png_for_one_size_and_for_a_sweep(bench_run, tmp_path, siz
     path = tmp_path / "plot.png"
     bench_run.plot(report, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _drawn(bench_run, report, tmp_path, monkeypatch):
+    """The matplotlib figure that ``plot`` saves for ``report`` (caught at ``savefig``, the PNG still written)."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    saved, real_savefig = [], Figure.savefig
+
+    def savefig(self, *args, **kwargs):
+        saved.append(self)
+        return real_savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    bench_run.plot(report, tmp_path / "plot.png")
+    assert len(saved) == 1 and (tmp_path / "plot.png").stat().st_size > 0
+    return saved[0]
+
+
+def _texts(artist) -> list[str]:
+    import matplotlib.text
+
+    return [text.get_text() for text in artist.findobj(matplotlib.text.Text) if text.get_text()]
+
+
+def _row_positions(ax) -> dict[str, float]:
+    """A one-size plot's row labels and their y positions."""
+    return {label.get_text(): y for label, y in zip(ax.get_yticklabels(), ax.get_yticks())}
+
+
+def _failed(row: dict, error: str) -> dict:
+    return {key: row[key] for key in ("size", "case", "mask", "variant")} | {"error": error}
+
+
+def test_plot_labels_the_speedup_with_the_statistic_it_draws_as_the_markdown_prints_it(bench_run, tmp_path,
+                                                                                       monkeypatch):
+    """The paired median (the dot) is what the label reads, in the markdown's own words: "5.00x (3.20-5.60)",
+    not the ratio of medians (4.00x) at the whisker's end; a row without paired rounds shows its ratio of
+    medians and says so; the axis label names the statistic."""
+    report = _report(bench_run.summarize(_rows(), peaks={}, dtype="float32"))
+    torch_line = next(line for line in bench_run.markdown(report).splitlines() if "| torch |" in line)
+    ratio_cell, paired_cell = [cell.strip() for cell in torch_line.strip("|").split("|")][7:9]
+    assert (ratio_cell, paired_cell) == ("4.00x", "5.00x (3.20-5.60)")
+    speed = _drawn(bench_run, report, tmp_path, monkeypatch).axes[0]
+    labels = {text.get_text().strip(): text for text in speed.texts}
+    assert paired_cell in labels and ratio_cell not in labels
+    y = _row_positions(speed)["learner_forward / object / torch"]
+    assert labels[paired_cell].get_position() == (pytest.approx(5.6), pytest.approx(y))  # beside its whisker
+    assert any(list(line.get_xdata()) == [pytest.approx(5.0)] and line.get_marker() == "o" for line in speed.lines)
+    assert "8.00x (ratio of medians)" in labels  # torch+bf16: one round, nothing to pair
+    assert "paired" in speed.get_xlabel() and "median over rounds" in speed.get_xlabel()
+
+
+def test_plot_draws_ratio_bars_from_1x(bench_run, tmp_path, monkeypatch):
+    rows = _rows()[:2] + [dict(_rows()[1], variant="reference", times=[1.0, 0.8, 0.6], peak_bytes=200 * 2**20)]
+    report = _report(bench_run.summarize(rows, peaks={}, dtype="float32"))
+    speed, memory = _drawn(bench_run, report, tmp_path, monkeypatch).axes
+    for ax, expected in ((speed, {"torch": 5.0, "reference": 0.5}), (memory, {"torch": 10.0, "reference": 0.5})):
+        positions = _row_positions(speed)  # the panels share their rows
+        spans = {label.rsplit(" / ", 1)[1]: sorted([bar.get_x(), bar.get_x() + bar.get_width()])
+                 for bar in ax.patches for label, y in positions.items()
+                 if bar.get_y() <= y <= bar.get_y() + bar.get_height()}
+        assert spans == {"torch": [pytest.approx(1.0), pytest.approx(expected["torch"])],
+                         "reference": [pytest.approx(expected["reference"]), pytest.approx(1.0)]}
+
+
+def test_plot_marks_failed_and_unmeasured_rows_where_they_would_be(bench_run, tmp_path, monkeypatch):
+    original, ours, _, reference_failed = _rows()
+    full = [_failed(dict(original, mask="full"), "OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB"),
+            dict(ours, mask="full")]
+    ours_unmeasured = {key: value for key, value in ours.items() if key != "peak_bytes"}
+    ours_unmeasured["measure_error"] = "exit -9: Killed"
+    rows = bench_run.summarize([original, ours_unmeasured, reference_failed] + full, peaks={}, dtype="float32")
+    speed, memory = _drawn(bench_run, _report(rows), tmp_path, monkeypatch).axes
+    positions = _row_positions(speed)
+
+    def note(ax, label):
+        texts = [t for t in ax.texts if t.get_position()[1] == pytest.approx(positions[label])]
+        assert texts, f"nothing written at {label}"
+        return texts[0].get_text()
+
+    assert note(speed, "learner_forward / object / reference").startswith("failed: exit 1: boom")
+    assert note(speed, "learner_forward / full / original").startswith("failed: OutOfMemoryError: CUDA out of memory")
+    assert note(speed, "learner_forward / full / torch").startswith("n/a")
+    assert note(memory, "learner_forward / full / torch").startswith("n/a")
+    assert note(memory, "learner_forward / object / torch").startswith("n/a: memory not measured (exit -9: Killed)")
+
+
+@pytest.mark.parametrize("sizes", [[50], [13, 25, 50]])
+def test_plot_of_nothing_but_failures_says_so_on_every_panel(bench_run, tmp_path, monkeypatch, sizes):
+    original, ours = _rows()[:2]
+    rows = [_failed(dict(original, size=size), "OutOfMemoryError: CUDA out of memory") for size in sizes]
+    rows += [_failed(dict(ours, size=size), "timed out after 900 s") if len(sizes) > 1 else dict(ours, size=size)
+             for size in sizes]
+    fig = _drawn(bench_run, _report(bench_run.summarize(rows, peaks={}, dtype="float32")), tmp_path, monkeypatch)
+    for ax in fig.axes[:2]:
+        assert ax.texts, "a panel with nothing drawn and nothing said"
+    assert any("failed" in text or "n/a" in text for text in _texts(fig))
+
+
+def test_a_sweep_marks_the_sizes_a_variant_failed_at(bench_run, tmp_path, monkeypatch):
+    rows = [dict(row, size=size) for size in (13, 25, 50) for row in _rows()[:2]]
+    rows[4] = _failed(rows[4], "OutOfMemoryError: CUDA out of memory")  # the original at size 50
+    del rows[3]["peak_bytes"]  # ours at size 25: memory not measured
+    fig = _drawn(bench_run, _report(bench_run.summarize(rows, peaks={}, dtype="float32")), tmp_path, monkeypatch)
+    time_ax, memory_ax = fig.axes[:2]
+
+    def crosses(ax):
+        return sorted(x for line in ax.lines if line.get_marker() == "x" for x in line.get_xdata())
+
+    assert crosses(time_ax) == [50] and crosses(memory_ax) == [25, 50]
+    assert any("original (object) at size 50: failed: OutOfMemoryError" in text for text in _texts(fig))
+    assert any("failed" in text for legend in fig.legends for text in _texts(legend))
+
+
+def _bar_colours(fig) -> dict[str, str]:
+    """Variant -> colour of its bars in a one-size plot."""
+    from matplotlib.colors import to_hex
+
+    speed = fig.axes[0]
+    return {label.rsplit(" / ", 1)[1]: to_hex(bar.get_facecolor()) for bar in speed.patches
+            for label, y in _row_positions(speed).items() if bar.get_y() <= y <= bar.get_y() + bar.get_height()}
+
+
+def test_each_variant_keeps_its_colour_from_plot_to_plot(bench_run, tmp_path, monkeypatch):
+    original, ours = _rows()[:2]
+    first = [original, ours, dict(ours, variant="reference")]
+    second = [original, dict(ours, variant="reference"), dict(ours, variant="torch-lean"), ours]
+    figures = [_drawn(bench_run, _report(bench_run.summarize([dict(r) for r in rows])), tmp_path, monkeypatch)
+               for rows in (first, second)]
+    colours = [_bar_colours(fig) for fig in figures]
+    assert set(colours[0]) == {"torch", "reference"} and set(colours[1]) == {"torch", "reference", "torch-lean"}
+    assert colours[0]["torch"] == colours[1]["torch"] and colours[0]["reference"] == colours[1]["reference"]
+    assert len(set(colours[1].values())) == 3
+    for fig, variants in zip(figures, colours):  # a colour key names each variant drawn
+        legend_texts = [text for legend in fig.legends for text in _texts(legend)]
+        assert set(variants) <= set(legend_texts)
+
+
+def test_the_plot_title_names_the_machine_threads_and_torch(bench_run, tmp_path, monkeypatch):
+    report = _report(bench_run.summarize(_rows()[:2]))
+    report["machine"].update(cpu="AMD EPYC", cpu_capability="AVX2", torch_threads=2, torch="2.14.1+cu130")
+    title = _drawn(bench_run, report, tmp_path, monkeypatch)._suptitle.get_text()
+    assert "AMD EPYC (AVX2)" in title and "2 torch threads" in title and "torch 2.14.1+cu130" in title
+    report["machine"].update(device="cuda", gpu="NVIDIA H200", triton="3.8.0")
+    title = _drawn(bench_run, report, tmp_path, monkeypatch)._suptitle.get_text()
+    assert "NVIDIA H200" in title and "triton 3.8.0" in title
+
+
+def test_memory_is_labelled_in_mib(bench_run, tmp_path, monkeypatch):
+    rows = bench_run.summarize([dict(row, size=size) for size in (13, 50) for row in _rows()[:2]])
+    report = _report(rows)
+    assert "| peak MiB |" in bench_run.markdown(report) and "MB" not in bench_run.markdown(report)
+    fig = _drawn(bench_run, report, tmp_path, monkeypatch)
+    assert fig.axes[1].get_ylabel() == "peak extra memory (MiB)"
+
+
+def test_a_sweep_shares_one_legend_outside_its_panels_and_says_the_image_side(bench_run, tmp_path, monkeypatch):
+    rows = bench_run.summarize([dict(row, size=size, mask=mask) for size in (13, 25, 50)
+                                for mask in ("object", "full") for row in _rows()[:3]])
+    fig = _drawn(bench_run, _report(rows), tmp_path, monkeypatch)
+    assert all(ax.get_legend() is None for ax in fig.axes) and len(fig.legends) == 1
+    legend = fig.legends[0]
+    assert {"original", "torch", "torch+bf16", "object mask", "full mask"} <= set(_texts(legend))
+    handles = getattr(legend, "legend_handles", None) or legend.legendHandles  # matplotlib < 3.7
+    styles = {line.get_label(): line.get_linestyle() for line in handles}
+    assert (styles["object mask"], styles["full mask"]) == ("-", "--")
+    renderer = fig.canvas.get_renderer()
+    box = legend.get_window_extent(renderer)
+    assert not any(box.overlaps(ax.get_window_extent(renderer)) for ax in fig.axes)
+    assert any("px" in text for text in _texts(fig)) and "400" in _texts(fig)  # 50 x 8 px on a second axis
+
+
+def _replot_source(bench_run, tmp_path) -> Path:
+    source = tmp_path / "run.json"
+    source.write_text(json.dumps(_report(bench_run.summarize(_rows()))))
+    return source
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX file modes")
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_replot_writes_the_png_with_the_umask_s_mode(bench_run, tmp_path, umask, mode):
+    pytest.importorskip("matplotlib")
+    import os
+    import stat
+
+    source = _replot_source(bench_run, tmp_path)
+    saved = os.umask(umask)
+    try:
+        assert bench_run.main(["--replot", str(source)]) == 0
+    finally:
+        os.umask(saved)
+    assert stat.S_IMODE((tmp_path / "run.png").stat().st_mode) == mode
+
+
+def test_replot_writes_where_out_says(bench_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    source = _replot_source(bench_run, tmp_path)
+    assert bench_run.main(["--replot", str(source), "--out", str(tmp_path / "elsewhere" / "chosen.png")]) == 0
+    assert (tmp_path / "elsewhere" / "chosen.png").read_bytes()[:4] == b"\x89PNG"
+    assert bench_run.main(["--replot", str(source), "--out", str(tmp_path / "folder")]) == 0
+    assert (tmp_path / "folder" / "run.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "run.png").exists()
 
 
 def test_replot_names_what_it_cannot_plot(bench_run, tmp_path):
