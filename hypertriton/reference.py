@@ -10,6 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+__all__ = ["hypercorrelation", "center_pivot_conv4d", "fused_hypercorrelation_cp_conv4d", "correlation", "normalize",
+           "resize_mask", "pyramid_levels", "NORM_EPS"]
+
 NORM_EPS = 1e-5  # the original adds eps to the L2 norm: f / (||f|| + 1e-5)
 
 
@@ -126,3 +129,23 @@ def center_pivot_conv4d(x, weight_query, bias_query, weight_support, bias_suppor
         if bias is not None:
             out = out + bias.view(1, -1, 1, 1, 1, 1)
     return out
+
+
+def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, weight_query, bias_query, weight_support,
+                                     bias_support, stride, padding):
+    """The fused first squeeze layer's definition: :func:`center_pivot_conv4d` of one pyramid level's
+    :func:`hypercorrelation` (what :func:`hypertriton.fused_hypercorrelation_cp_conv4d` computes without
+    the 4D tensor).
+
+    Args:
+        query_feats, support_feats: the layers of ONE pyramid level, lists of ``[B, C_l, Hq, Wq]`` and
+            ``[B, C_l, Hs, Ws]``.
+        support_mask: ``[B, H, W]`` or None.
+        weight_query, bias_query, weight_support, bias_support, stride, padding: as for
+            :func:`center_pivot_conv4d`, with ``Cin`` = the level's number of layers.
+
+    Returns:
+        ``[B, Cout, Hq', Wq', Hs', Ws']``.
+    """
+    corr = hypercorrelation(query_feats, support_feats, support_mask)[0]
+    return center_pivot_conv4d(corr, weight_query, bias_query, weight_support, bias_support, stride, padding)

@@ -87,8 +87,7 @@ def make_case(seed, batch, layers, channels, hq, wq, hs, ws, k_query, k_support,
 
 def dense(query, support, mask, weights, stride):
     padding = (weights[0].shape[-1] // 2,) * 2 + (weights[2].shape[-1] // 2,) * 2
-    return reference.center_pivot_conv4d(reference.hypercorrelation(query, support, mask)[0], *weights, stride,
-                                         padding)
+    return reference.fused_hypercorrelation_cp_conv4d(query, support, mask, *weights, stride, padding)
 
 
 shapes = dict(
@@ -275,9 +274,9 @@ def test_every_backend_forward_and_gradients_at_the_edge_cases(backend, batch, l
     out = ffl.fused_hypercorrelation_cp_conv4d(leaves[:layers], leaves[layers:2 * layers],
                                                None if mask is None else mask.to(device), *leaves[2 * layers:],
                                                stride, backend=backend)
-    corr = reference.hypercorrelation(ref_leaves[:layers], ref_leaves[layers:2 * layers],
-                                      None if mask is None else mask.double())[0]
-    ref = reference.center_pivot_conv4d(corr, *ref_leaves[2 * layers:], stride, (kernel // 2,) * 4)
+    ref = reference.fused_hypercorrelation_cp_conv4d(ref_leaves[:layers], ref_leaves[layers:2 * layers],
+                                                     None if mask is None else mask.double(),
+                                                     *ref_leaves[2 * layers:], stride, (kernel // 2,) * 4)
     assert_close_dtype(out.detach().cpu(), ref.detach(), torch.float32, scale=10)
     if grad:
         assert_gradients_match([out], [ref], leaves, ref_leaves, "random", scale=20)
@@ -812,6 +811,10 @@ def test_a_hooked_conv_is_called_on_the_dense_hypercorrelation():
         got = ffl.fused_hypercorrelation_cp_conv(query, support, mask, conv)
         with pytest.raises(ValueError, match=r"conv: has hooks.*\['return_bias_windows'\]"):
             ffl.fused_hypercorrelation_cp_conv(query, support, mask, conv, return_bias_windows=True)
+        # Two levels are refused as without hooks (the dense stack convolved its deepest level alone).
+        two_levels = [query[0], torch.randn(1, 4, 3, 3)]
+        with pytest.raises(ValueError, match="expected the layers of ONE pyramid level"):
+            ffl.fused_hypercorrelation_cp_conv(two_levels, [support[0], torch.randn(1, 4, 3, 3)], mask, conv)
     finally:
         handle.remove()
     corr = reference.hypercorrelation([q.double() for q in query], [s.double() for s in support], mask.double())[0]

@@ -37,6 +37,7 @@ Layers: :func:`fused_hypercorrelation_cp_conv4d` (functional, explicit weights) 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,8 @@ from ._validation import (check_cp_conv_args, check_feature_lists, check_support
 from .center_pivot_conv4d import bias_sum, output_size
 from .hypercorrelation import active_positions, hypercorrelation
 from .layout import ColumnSplit
+
+__all__ = ["fused_hypercorrelation_cp_conv4d", "fused_hypercorrelation_cp_conv", "CHUNK_ELEMENTS"]
 
 # Elements of one chunk's dense correlation buffer (fp32: 8 MB). Large enough that the matrix
 # products stay efficient, small enough to stay far below the 4D tensor at every size.
@@ -902,11 +905,15 @@ def _backward_features_and_weights(grad, features, mask, weight_query, weight_su
 # Public functions
 # --------------------------------------------------------------------------------------------------
 
-def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, weight_query, bias_query,
-                                     weight_support, bias_support, stride=1, padding=None,
-                                     backend: str | None = None, correlation_dtype: torch.dtype | None = None,
-                                     chunk_elements: int | None = None, output_rows: tuple[int, int] | None = None,
-                                     return_bias_windows: bool = False, column_split_share: float | None = None):
+def fused_hypercorrelation_cp_conv4d(
+        query_feats: Sequence[torch.Tensor], support_feats: Sequence[torch.Tensor], support_mask: torch.Tensor | None,
+        weight_query: torch.Tensor, bias_query: torch.Tensor | None, weight_support: torch.Tensor,
+        bias_support: torch.Tensor | None, stride: int | tuple[int, int, int, int] = 1,
+        padding: int | tuple[int, int, int, int] | None = None, backend: str | None = None,
+        correlation_dtype: torch.dtype | None = None, chunk_elements: int | None = None,
+        output_rows: tuple[int, int] | None = None, return_bias_windows: bool = False,
+        column_split_share: float | None = None,
+) -> torch.Tensor | list[ColumnSplit] | tuple[torch.Tensor | list[ColumnSplit], torch.Tensor | None]:
     """``center_pivot_conv4d(hypercorrelation(query_feats, support_feats, support_mask)[0], ...)``
     without the 4D tensor.
 
@@ -943,10 +950,18 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
     Returns:
         ``[B, Cout, Hq', Wq', Hs', Ws']`` in the features' dtype (also under ``torch.autocast``), equal
         (up to rounding) to the dense computation; stored query-major (:mod:`hypertriton.ops.layout`) on
-        the ``torch`` backend (or its column split, see ``column_split_share``). With
-        ``return_bias_windows``, a pair: that and ``[B, Hs'*Ws']`` bool, True where the support window
-        contains no active support position, so that the output there is the biases at every query
+        the ``torch`` backend. With ``output_rows=(lo, hi)``: ``[B, Cout, hi - lo, Wq', Hs', Ws']``, those
+        rows. With ``column_split_share`` reached: a ``list[ColumnSplit]``, one per batch element, instead.
+        With ``return_bias_windows``, a pair: that and ``[B, Hs'*Ws']`` bool, True where the support
+        window contains no active support position, so that the output there is the biases at every query
         position (None from the reference backend).
+
+    Raises:
+        TypeError: as :func:`hypertriton.hypercorrelation` and :func:`hypertriton.center_pivot_conv4d`;
+            a ``correlation_dtype`` the backend cannot take.
+        ValueError: as those two; layers of more than one pyramid level; an option its backend, grad mode
+            or query stride does not allow (named).
+        RuntimeError: ``backend="triton"`` where it cannot run; a call under ``torch.func.vmap``.
 
     Example:
         >>> q = [torch.randn(1, 8, 6, 6) for _ in range(2)]
@@ -955,13 +970,8 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
         >>> fused_hypercorrelation_cp_conv4d(q, s, torch.ones(1, 24, 24), w, None, w, None, (1, 1, 2, 2)).shape
         torch.Size([1, 4, 6, 6, 3, 3])
     """
-    query_feats, support_feats = check_feature_lists(query_feats, support_feats)
+    query_feats, support_feats = _one_level(query_feats, support_feats)
     q0, s0 = query_feats[0], support_feats[0]
-    for layer, (q, s) in enumerate(zip(query_feats, support_feats)):
-        if q.shape[-2:] != q0.shape[-2:] or s.shape[-2:] != s0.shape[-2:]:
-            raise ValueError(f"layer {layer}: query {shape_of(q)} / support {shape_of(s)} differ in spatial size "
-                             f"from layer 0 ({shape_of(q0)} / {shape_of(s0)}); expected the layers of ONE "
-                             "pyramid level")
     layers = len(query_feats)
     device, dtype = q0.device, q0.dtype
     if support_mask is not None:
@@ -1010,10 +1020,10 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
         # The oracle computes in the features' dtype, autocast or not (under autocast its einsums would
         # return the autocast dtype without biases to promote them back).
         with autocast_off(device.type):
-            corr = reference.hypercorrelation(query_feats, support_feats, support_mask)[0]
             cast = [None if t is None else t.to(dtype)
                     for t in (weight_query, bias_query, weight_support, bias_support)]
-            out = reference.center_pivot_conv4d(corr, *cast, stride, padding)
+            out = reference.fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, *cast, stride,
+                                                             padding)
         return (out, None) if return_bias_windows else out
 
     # Under autocast the correlation products and the convs over them take the autocast dtype (as
@@ -1054,10 +1064,24 @@ def fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, w
     return (out, bias_only) if return_bias_windows else out
 
 
-def fused_hypercorrelation_cp_conv(query_feats, support_feats, support_mask, conv, backend: str | None = None,
-                                   correlation_dtype: torch.dtype | None = None, chunk_elements: int | None = None,
-                                   output_rows: tuple[int, int] | None = None, return_bias_windows: bool = False,
-                                   column_split_share: float | None = None):
+def _one_level(query_feats, support_feats) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The feature lists, checked, and refused unless all their layers share one spatial size (one level)."""
+    query_feats, support_feats = check_feature_lists(query_feats, support_feats)
+    q0, s0 = query_feats[0], support_feats[0]
+    for layer, (q, s) in enumerate(zip(query_feats, support_feats)):
+        if q.shape[-2:] != q0.shape[-2:] or s.shape[-2:] != s0.shape[-2:]:
+            raise ValueError(f"layer {layer}: query {shape_of(q)} / support {shape_of(s)} differ in spatial size "
+                             f"from layer 0 ({shape_of(q0)} / {shape_of(s0)}); expected the layers of ONE "
+                             "pyramid level")
+    return query_feats, support_feats
+
+
+def fused_hypercorrelation_cp_conv(
+        query_feats: Sequence[torch.Tensor], support_feats: Sequence[torch.Tensor], support_mask: torch.Tensor | None,
+        conv: torch.nn.Module, backend: str | None = None, correlation_dtype: torch.dtype | None = None,
+        chunk_elements: int | None = None, output_rows: tuple[int, int] | None = None,
+        return_bias_windows: bool = False, column_split_share: float | None = None,
+) -> torch.Tensor | list[ColumnSplit] | tuple[torch.Tensor | list[ColumnSplit], torch.Tensor | None]:
     """``conv(hypercorrelation level)`` for a :class:`hypertriton.CenterPivotConv4d` ``conv``, fused.
 
     Args:
@@ -1072,10 +1096,15 @@ def fused_hypercorrelation_cp_conv(query_feats, support_feats, support_mask, con
             :func:`fused_hypercorrelation_cp_conv4d`.
 
     Returns:
-        ``[B, Cout, Hq', Wq', Hs', Ws']``, what ``conv(hypercorrelation(...)[0])`` returns (with
-        ``return_bias_windows``, a pair, see :func:`fused_hypercorrelation_cp_conv4d`). A ``conv`` with
-        hooks (on itself, ``conv1`` or ``conv2``) is called on the dense hypercorrelation, so that they
-        run; the options are then refused.
+        ``[B, Cout, Hq', Wq', Hs', Ws']``, what ``conv(hypercorrelation(...)[0])`` returns (the options'
+        other forms as :func:`fused_hypercorrelation_cp_conv4d`). A ``conv`` with hooks (on itself,
+        ``conv1`` or ``conv2``) is called on the dense hypercorrelation, so that they run; the options are
+        then refused.
+
+    Raises:
+        TypeError: ``conv`` without ``conv1``, ``conv2``, ``stride`` or ``padding``; else as
+            :func:`fused_hypercorrelation_cp_conv4d`.
+        ValueError: options given with a hooked ``conv``; else as :func:`fused_hypercorrelation_cp_conv4d`.
 
     Example:
         >>> from hypertriton import CenterPivotConv4d
@@ -1099,6 +1128,8 @@ def fused_hypercorrelation_cp_conv(query_feats, support_feats, support_mask, con
         if set_options:
             raise ValueError(f"conv: has hooks, which run only through conv(hypercorrelation(...)[0]), the dense "
                              f"path; it takes none of {set_options}")
+        # One level, as the fused path requires: of several, the dense stack's first is the deepest alone.
+        query_feats, support_feats = _one_level(query_feats, support_feats)
         return conv(hypercorrelation(query_feats, support_feats, support_mask, backend=backend)[0])
     return fused_hypercorrelation_cp_conv4d(query_feats, support_feats, support_mask, conv.conv1.weight,
                                             conv.conv1.bias, conv.conv2.weight, conv.conv2.bias, conv.stride,
