@@ -46,4 +46,6 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_EXPORTS))
+    # Each name once (a lazy export, once loaded, is in globals() too), and no implementation details.
+    return sorted(set(_EXPORTS) | {"__version__"} | {name for name in globals() if not name.startswith("_")}
+                  - {"annotations", "importlib"})

@@ -10,6 +10,7 @@ anything else is refused here, before loading, with the file named.
 
 from __future__ import annotations
 
+import os
 import pickletools
 import zipfile
 from pathlib import Path
@@ -137,7 +138,7 @@ def _check_pickle(stream, where: str) -> bool:
     return seen_any
 
 
-def check_torch_file(path: str | Path) -> None:
+def check_torch_file(path: str | os.PathLike) -> None:
     """Refuse a ``torch.save`` file (zip or legacy format) whose pickles key a dict by anything but a
     string or an integer below 2^61 - 1, or fill a set, dict or Counter from unchecked items.
 

@@ -30,7 +30,8 @@ from .data.common import IMAGENET_MEAN, IMAGENET_STD  # re-exported: the one def
 from .ops.cpu_conv import run_conv_module
 
 __all__ = ["BackboneSpec", "BACKBONES", "get_spec", "build_backbone", "extract_features", "freeze",
-           "IMAGENET_MEAN", "IMAGENET_STD"]
+           "IMAGENET_MEAN", "IMAGENET_STD", "WeightsUnavailableError", "load_imagenet_weights",
+           "imagenet_weights_url"]
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,8 @@ def build_backbone(name: str, pretrained: bool = False, weights: str | os.PathLi
         allow_download: whether ``pretrained`` may download the weights when they are not cached.
 
     Returns:
-        The complete torchvision model, frozen (no gradients, eval mode). Random weights unless
+        The complete model as torchvision builds it (restated in :mod:`hypertriton.backbone_nets`, same
+        names and structure; torchvision is not imported), frozen (no gradients, eval mode). Random weights unless
         ``pretrained``/``weights``; under ``torch.device("meta")`` as the default device, a meta model
         (neither read nor drawn).
     """

@@ -21,6 +21,10 @@ import warnings
 
 import torch
 
+__all__ = ["BACKENDS", "BACKEND_CHOICES", "ENV_VARIABLE", "resolve_backend", "check_backend_name",
+           "triton_installed", "interpreter_enabled", "triton_unavailable_reason", "being_traced",
+           "reduced_precision_slow_reason", "warn_if_reduced_precision_slow"]
+
 BACKENDS = ("triton", "torch", "reference")
 ENV_VARIABLE = "HYPERTRITON_BACKEND"
 # What a caller or the environment may name: a backend, or "auto" for the device's default.
@@ -65,7 +69,9 @@ def check_backend_name(backend, name: str = "backend") -> str | None:
     a known name, checked at construction so that a typo fails there and not at the first forward."""
     if backend is None:
         return None
-    if not isinstance(backend, str) or backend.strip().lower() not in BACKEND_CHOICES:
+    if not isinstance(backend, str):  # as resolve_backend: a TypeError for what is no name at all
+        raise TypeError(f"{name}: expected one of {BACKEND_CHOICES} or None, got {backend!r}")
+    if backend.strip().lower() not in BACKEND_CHOICES:
         raise ValueError(f"{name}: expected one of {BACKEND_CHOICES} or None, got {backend!r}")
     return backend
 

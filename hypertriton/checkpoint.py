@@ -174,8 +174,11 @@ def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: 
     Nothing reads them in eval mode, nor in training with BatchNorm's default ``momentum``.
 
     Args:
+        model: the module to load into.
+        state_dict: names (without the ``module.`` prefix, see :func:`strip_prefix`) to tensors.
         strict: when False, keys missing from ``state_dict`` keep the model's values (e.g. a learner-only
             checkpoint on a pretrained backbone); unexpected and mis-shaped keys are always errors.
+        source: how the messages name where the state_dict came from (a file name).
 
     Raises:
         CheckpointError: listing the missing, unexpected and mis-shaped keys (with both shapes).
@@ -202,7 +205,7 @@ def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: 
     model.load_state_dict(state_dict, strict=strict)
 
 
-def save_checkpoint(model: nn.Module, path, prefix: str = PREFIX) -> Path:
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, prefix: str = PREFIX) -> Path:
     """Write ``model``'s state_dict in the original's format (``module.`` before every key), atomically
     (see :func:`atomic_save`), with every tensor moved to the CPU.
 

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+__all__ = ["main", "build_parser", "COMMANDS"]
+
 COMMANDS = {
     "episodes": "print a benchmark's test episodes as JSON lines",
     "evaluate": "evaluate a checkpoint on a few-shot benchmark (mIoU, FB-IoU)",

@@ -64,6 +64,8 @@ def save_compact(state_dict: Mapping[str, torch.Tensor], path, bits: Mapping[str
     floating tensors as fp16; other tensors unchanged. The keys (``module.`` prefix included) are kept.
 
     Args:
+        state_dict: names to tensors (e.g. ``model.state_dict()``).
+        path: the file to write.
         bits: 4 or 8 for every quantized tensor, or ``{key_prefix: bits}`` (the longest matching prefix
             wins; ``""`` is the default).
         metadata: strings and numbers stored next to the weights (backbone, image size, ...).

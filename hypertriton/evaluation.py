@@ -35,7 +35,8 @@ from ._signals import (ignore_stop_signals_in_worker, refuse_while_a_spawned_pro
 from .data.common import IMAGENET_MEAN, IMAGENET_STD
 from .metrics import SegmentationMeter
 
-__all__ = ["EvaluationStopped", "ShardSampler", "evaluate", "format_result", "panel_tiles", "render_panel"]
+__all__ = ["EvaluationStopped", "ShardSampler", "evaluate", "format_result", "panel_tiles", "render_panel",
+           "check_no_earlier_panels"]
 
 
 class EvaluationStopped(Exception):
@@ -131,7 +132,8 @@ def _agree(stop: bool, has_batch: bool) -> tuple[bool, bool]:
     return bool(totals[0] > 0), bool(totals[1] > 0)
 
 
-def evaluate(model, dataset_or_loader, nshot: int, device, progress: bool = True,
+def evaluate(model: torch.nn.Module, dataset_or_loader: Dataset | DataLoader, nshot: int,
+             device: str | torch.device, progress: bool = True,
              visualize_dir: str | os.PathLike | None = None, bsz: int = 1, nworker: int = 0,
              class_ids=None, max_episodes: int | None = None, amp: torch.dtype | None = None,
              stop_requested: Callable[[], bool] | None = None) -> dict:
@@ -165,6 +167,19 @@ def evaluate(model, dataset_or_loader, nshot: int, device, progress: bool = True
         all ``classes`` (their number, an int); a run cut short by ``max_episodes`` may leave some
         unevaluated (counted as 0 there), so ``miou_of_evaluated_classes`` averages over
         ``classes_evaluated`` (the ids of those that had an episode) only.
+
+    Raises:
+        EvaluationStopped: ``stop_requested`` answered True (it carries the result so far).
+        ValueError: ``bsz > 1`` on a dataset scored at the original image sizes, or a bad argument.
+        TypeError: ``dataset_or_loader`` is neither a ``Dataset`` nor a ``DataLoader``.
+
+    Example:
+        >>> from hypertriton import HSNet
+        >>> from hypertriton.data import build_dataset
+        >>> dataset = build_dataset("synthetic", None, None, 0, "test", 1, img_size=64)
+        >>> result = evaluate(HSNet("resnet18"), dataset, 1, "cpu", progress=False, max_episodes=2)
+        >>> result["episodes"], 0 <= result["miou_of_evaluated_classes"] <= 100
+        (2, True)
     """
     refuse_while_a_spawned_process_imports("evaluate()")
     device = torch.device(device)

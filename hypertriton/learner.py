@@ -6,6 +6,8 @@ Built from :class:`hypertriton.CenterPivotConv4d` with the original module names
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -129,7 +131,7 @@ class HPNLearner(nn.Module):
         torch.Size([1, 2, 16, 16])
     """
 
-    def __init__(self, inch, backend: str | None = None):
+    def __init__(self, inch: Sequence[int], backend: str | None = None):
         super().__init__()
         if len(inch) != 3 or not all(isinstance(c, int) and c > 0 for c in inch):
             raise ValueError(f"inch: expected 3 positive ints (layers per level, deepest first), got {inch!r}")
@@ -313,7 +315,7 @@ class HPNLearner(nn.Module):
         # Contiguous whatever layout the encoder ran in, so callers may .view() the logits.
         return _run_decoder(self.decoder2, decoded).contiguous()
 
-    def forward(self, hypercorr_pyramid) -> torch.Tensor:
+    def forward(self, hypercorr_pyramid: Sequence[torch.Tensor]) -> torch.Tensor:
         if self.hooks_inside():
             self._check_pyramid(hypercorr_pyramid)
             return self._forward_calling_each_module(hypercorr_pyramid)

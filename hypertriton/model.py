@@ -12,6 +12,7 @@ import numbers
 import os
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -111,9 +112,10 @@ class HSNet(nn.Module):
     as in the original.
 
     Shape:
-        - query_img, support_img: ``[B, 3, H, W]``, ImageNet-normalized, H and W >= 64
-        - support_mask: ``[B, H, W]`` (0/1, any numeric dtype)
-        - output: logits ``[B, 2, H, W]`` at the query image's size
+        - query_img: ``[B, 3, Hq, Wq]``, support_img: ``[B, 3, Hs, Ws]``, ImageNet-normalized; every side
+          at least ``MIN_IMAGE_SIZE`` (32) px, 64 px and up the supported range
+        - support_mask: ``[B, Hs, Ws]`` (0/1, any numeric dtype), the support image's size
+        - output: logits ``[B, 2, Hq, Wq]`` at the query image's size
 
     Example:
         >>> model = HSNet("resnet18")
@@ -308,6 +310,8 @@ class HSNet(nn.Module):
             As :meth:`predict_mask_nshot`.
         """
         nshot = len(support_feats)
+        if nshot < 1:
+            raise ValueError("support_feats: expected the features of at least one shot, got none")
         if not isinstance(support_masks, torch.Tensor) or support_masks.dim() != 4 or support_masks.shape[1] != nshot:
             raise ValueError(f"support_masks: expected [B, K, H, W] with K = {nshot} (one per shot of support_feats), "
                              f"got {_shape(support_masks)}")
@@ -447,7 +451,7 @@ class HSNet(nn.Module):
             raise
         return model.eval()
 
-    def save_checkpoint(self, path) -> os.PathLike:
+    def save_checkpoint(self, path: str | os.PathLike) -> Path:
         """Write the state_dict in the original's format (``module.`` prefix), atomically."""
         return ckpt.save_checkpoint(self, path)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,8 @@ from .ops._validation import as_quadruple, check_tensor, shape_of
 from .ops.center_pivot_conv4d import center_pivot_conv4d, output_size
 from .ops.hypercorrelation import hypercorrelation
 from .ops.layout import autocast_output_dtype, group_norm
+
+__all__ = ["HyperCorr", "CenterPivotConv4d", "GroupNorm4d", "ReLUAfterGroupNorm", "calling_each_module"]
 
 
 # True while a model calls each of its modules as the original HSNet does, so that hooks on them run and
@@ -60,7 +63,8 @@ class HyperCorr(nn.Module):
         super().__init__()
         self.backend = check_backend_name(backend)
 
-    def forward(self, query_feats, support_feats, support_mask=None) -> list[torch.Tensor]:
+    def forward(self, query_feats: Sequence[torch.Tensor], support_feats: Sequence[torch.Tensor],
+                support_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         return hypercorrelation(query_feats, support_feats, support_mask, backend=self.backend)
 
     def extra_repr(self) -> str:
@@ -92,7 +96,8 @@ class CenterPivotConv4d(nn.Module):
         torch.Size([2, 16, 7, 7, 4, 4])
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, padding=None,
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, ...] = 3,
+                 stride: int | tuple[int, ...] = 1, padding: int | tuple[int, ...] | None = None,
                  bias: bool = True, backend: str | None = None):
         super().__init__()
         kernel_size = as_quadruple(kernel_size, "kernel_size")
@@ -146,8 +151,9 @@ class CenterPivotConv4d(nn.Module):
         return out_q + out_s
 
     def extra_repr(self) -> str:
+        bias = "" if self.conv1.bias is not None else ", bias=False"
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, backend={self.backend!r}")
+                f"padding={self.padding}{bias}, backend={self.backend!r}")
 
 
 class GroupNorm4d(nn.GroupNorm):

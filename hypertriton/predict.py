@@ -31,6 +31,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -39,11 +40,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ._io import load_on_cpu, temporary_path
 from .compact import is_compact, load_compact, save_compact  # noqa: F401  (part of this module's API)
 
+if TYPE_CHECKING:  # for annotations only: the functions import the model where they use it
+    from .model import HSNet
+
 __all__ = [
     "BUNDLED_CHECKPOINT", "BUNDLED_BACKBONE", "BUNDLED_IMG_SIZE", "IMAGE_SUFFIXES", "InputError",
     "VanishingMaskWarning", "InputWarning", "read_image", "read_mask", "image_tensor", "mask_tensor",
     "vanishing_masks", "load_model", "PreparedSupports", "prepare_supports", "segment", "overlay", "write_pngs",
-    "save_compact", "load_compact", "is_compact",
+    "save_compact", "load_compact", "is_compact", "read_train_config", "MIN_IMG_SIZE", "MAX_IMG_SIZE",
 ]
 
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "synthetic_resnet18.pt"
@@ -310,15 +314,16 @@ def _training_img_size(checkpoint: Path) -> int | None:
     return size
 
 
-def load_model(checkpoint=None, backbone: str | None = None, backend: str | None = None,
-               device: str | torch.device = "cpu"):
+def load_model(checkpoint: str | os.PathLike | None = None, backbone: str | None = None, backend: str | None = None,
+               device: str | torch.device = "cpu") -> tuple[HSNet, int]:
     """An HSNet ready to predict, and the image size to feed it.
 
     Args:
-        checkpoint: a checkpoint file (original format, :meth:`HSNet.save_checkpoint`, or compact), or
+        checkpoint: a checkpoint file (original format, :meth:`hypertriton.HSNet.save_checkpoint`, or compact), or
             None for the bundled synthetic-benchmark checkpoint.
         backbone: the backbone name; inferred from the checkpoint's keys when None.
         backend: op backend (None: automatic).
+        device: where the model is put.
 
     Returns:
         ``(model, img_size)``: the model in eval mode on ``device``; ``img_size`` is the side it was
@@ -396,13 +401,21 @@ class PreparedSupports:
         return len(self.features)
 
 
-def prepare_supports(model, supports: Sequence[np.ndarray], support_masks: Sequence[np.ndarray],
+def prepare_supports(model: HSNet, supports: Sequence[np.ndarray], support_masks: Sequence[np.ndarray],
                      img_size: int) -> PreparedSupports:
     """Check K supports, resize them to ``img_size`` x ``img_size`` and compute their backbone features.
 
     Args:
+        model: the HSNet that will segment the queries (the features are its backbone's).
         supports: K RGB ``uint8`` images ``[Hk, Wk, 3]`` (any sizes).
         support_masks: K ``bool`` masks ``[Hk, Wk]``.
+        img_size: the model's input side (see :func:`load_model`).
+
+    Returns:
+        What :func:`segment` takes as ``supports`` for every query, for this model and size.
+
+    Raises:
+        ValueError: no supports, counts that differ, or an image or mask of the wrong shape or type.
 
     Warns :class:`VanishingMaskWarning` for a mask whose object vanishes at ``img_size``.
     """
@@ -426,8 +439,8 @@ def prepare_supports(model, supports: Sequence[np.ndarray], support_masks: Seque
     return PreparedSupports(model, features, torch.stack(resized_masks)[None].to(device), img_size)
 
 
-def segment(model, query: np.ndarray, supports, support_masks: Sequence[np.ndarray] | None = None,
-            img_size: int | None = None) -> np.ndarray:
+def segment(model: HSNet, query: np.ndarray, supports: Sequence[np.ndarray] | PreparedSupports,
+            support_masks: Sequence[np.ndarray] | None = None, img_size: int | None = None) -> np.ndarray:
     """The query's object mask given K supports, at the query's own size.
 
     Every image is resized to ``img_size`` x ``img_size`` for the model (as in training); the logits are
@@ -435,13 +448,27 @@ def segment(model, query: np.ndarray, supports, support_masks: Sequence[np.ndarr
     and K > 1 shots are combined by the original vote.
 
     Args:
+        model: an HSNet (see :func:`load_model`).
         query: RGB ``uint8`` ``[H, W, 3]``.
         supports: K RGB images ``[Hk, Wk, 3]`` (any sizes), with ``support_masks`` (K ``bool`` masks
-            ``[Hk, Wk]``) and ``img_size``; or what :func:`prepare_supports` returned for this model
-            (then neither), which spares their backbone for every query.
+            ``[Hk, Wk]``) and ``img_size`` (the model's input side); or what :func:`prepare_supports`
+            returned for this model (then neither), which spares their backbone for every query.
 
     Returns:
         ``bool`` ``[H, W]``.
+
+    Raises:
+        ValueError: an image that is not RGB ``uint8`` ``[H, W, 3]``, masks that do not match their
+            supports, or prepared supports of another model or size.
+
+    Example:
+        >>> model, size = load_model()  # the bundled checkpoint (synthetic benchmark)
+        >>> image = np.zeros((80, 120, 3), np.uint8)
+        >>> image[20:60, 30:90] = (220, 40, 40)
+        >>> mask = np.zeros((80, 120), bool)
+        >>> mask[20:60, 30:90] = True
+        >>> segment(model, image, [image], [mask], size).shape
+        (80, 120)
     """
     _check_rgb(query, "query")  # before the supports' backbone runs
     if isinstance(supports, PreparedSupports):
@@ -481,7 +508,7 @@ def write_pngs(files: Mapping[Path, np.ndarray]) -> list[Path]:
     Each image goes to a temporary file next to its target first; only when all are written are they
     renamed into place. On any error the temporaries are removed and no target is touched.
     """
-    staged: list[tuple[str, Path]] = []
+    staged: list[tuple[Path, Path]] = []
     try:
         for path, array in files.items():
             path = Path(path)

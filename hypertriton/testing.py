@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+__all__ = ["tolerance", "assert_close_dtype"]
+
 # (rtol, atol) per dtype of the compared computation. Correlations are cosine similarities in [-1, 1]
 # and conv outputs are sums of at most a few hundred such terms in tests, so absolute tolerances are
 # meaningful at these scales.
@@ -21,7 +23,8 @@ TOLERANCES: dict[object, tuple[float, float]] = {
 
 
 def tolerance(dtype: torch.dtype | str) -> tuple[float, float]:
-    """The ``(rtol, atol)`` pair for ``dtype`` (or ``"tf32"``)."""
+    """The ``(rtol, atol)`` pair for ``dtype``, or for ``"tf32"`` (GPU fp32 matrix products) or
+    ``"winograd"`` (NNPACK's fp32 convolutions)."""
     return TOLERANCES[dtype]
 
 

@@ -1,6 +1,6 @@
 """The settings of a training run (:class:`TrainConfig`), without importing torch: the command line
 builds its parser from these defaults, and ``hypertriton --help`` should not wait for torch to load.
-:mod:`hypertriton.training` re-exports everything here."""
+:mod:`hypertriton.training` re-exports everything here (its ``__all__`` includes this module's)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ TRAJECTORY_FIELDS = ("benchmark", "fold", "backbone", "bsz", "seed", "img_size",
 
 @dataclass
 class TrainConfig:
-    """Everything :func:`train` needs; the defaults are the original recipe.
+    """Everything :func:`hypertriton.train` needs; the defaults are the original recipe.
 
     Attributes:
         benchmark: ``"pascal"``, ``"coco"``, ``"fss"`` or ``"synthetic"``.
@@ -108,7 +108,7 @@ class TrainConfig:
         return ORIGINAL_BSZ.get(self.benchmark, ORIGINAL_BSZ["default"])
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first field with an impossible value (also run by :func:`train`,
+        """Raise ``ValueError`` naming the first field with an impossible value (also run by :func:`hypertriton.train`,
         which sees any field changed after construction). ``bsz=None`` becomes :meth:`original_bsz`."""
         if self.bsz is None:
             self.bsz = self.original_bsz()

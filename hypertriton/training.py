@@ -78,9 +78,14 @@ from hypertriton.checkpoint import TRAIN_STATE_FORMAT
 from hypertriton.evaluation import EvaluationStopped, evaluate
 from hypertriton.model import foreground
 from hypertriton.train_config import (  # noqa: F401  (part of this module's API)
-    LR_SCHEDULES, ORIGINAL_BSZ, TRAJECTORY_FIELDS, TrainConfig)
+    BACKBONE_NAMES, BENCHMARK_NAMES, LR_SCHEDULES, ORIGINAL_BSZ, TRAJECTORY_FIELDS, TrainConfig)
 
 __all__ = [
+    "BACKBONE_NAMES",
+    "BENCHMARK_NAMES",
+    "LR_SCHEDULES",
+    "ORIGINAL_BSZ",
+    "TRAJECTORY_FIELDS",
     "TrainConfig",
     "EpisodeSampler",
     "SeededEpisodes",
@@ -90,6 +95,8 @@ __all__ = [
     "load_training_state",
     "train",
     "training_step",
+    "scheduled_lr",
+    "backbone_fingerprint",
 ]
 
 LAST_CHECKPOINT = "last.pt"
@@ -580,8 +587,8 @@ def train(config: TrainConfig, *, model: torch.nn.Module | None = None, train_da
 
     Args:
         config: the run's settings (see :class:`TrainConfig`).
-        model: an HSNet to train instead of ``HSNet(config.backbone, config.pretrained)`` (its weights
-            are replaced by the saved ones when resuming).
+        model: an HSNet to train instead of the one ``config`` describes (``backbone``, ``pretrained``,
+            ``backbone_weights``, ``backend``); its weights are replaced by the saved ones when resuming.
         train_dataset, val_dataset: datasets instead of ``hypertriton.data.build_dataset(...)``
             (``config.img_size`` then does not apply: the items come at the dataset's size). Items are
             dicts as the original datasets return them (:class:`hypertriton.data.FewShotDataset`):

@@ -17,6 +17,8 @@ import triton.language as tl
 from ._config import (autotune_configs, check_float_dtype, dot_acc, dot_precision, needs_int64,
                       on_the_inputs_device)
 
+__all__ = ["center_pivot_conv4d_into", "center_pivot_conv4d_backward"]
+
 MAX_GRID_Z = 65535  # CUDA's limit on the third grid dimension
 
 

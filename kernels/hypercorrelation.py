@@ -16,6 +16,8 @@ import triton.language as tl
 from ._config import (autotune_configs, check_float_dtype, dot_acc, dot_precision, needs_int64,
                       on_the_inputs_device)
 
+__all__ = ["correlation_into", "correlation_backward"]
+
 MAX_GRID_Y = 65535  # CUDA's limit on the second and third grid dimensions
 
 

@@ -15,6 +15,8 @@ import argparse
 import json
 import sys
 
+__all__ = ["add_arguments", "run"]
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--benchmark", required=True, choices=["pascal", "coco", "fss", "synthetic"])

@@ -23,6 +23,8 @@ from pathlib import Path
 from hypertriton._signals import StopRequest
 from hypertriton.commands import print_error
 
+__all__ = ["add_arguments", "run"]
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--benchmark", required=True, choices=["pascal", "coco", "fss", "synthetic"])

@@ -24,6 +24,8 @@ import os
 import sys
 from pathlib import Path
 
+__all__ = ["add_arguments", "run"]
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--support", nargs="+", required=True, metavar="IMG",

@@ -17,6 +17,8 @@ import sys
 from hypertriton.commands import print_error
 from hypertriton.train_config import BACKBONE_NAMES, BENCHMARK_NAMES, LR_SCHEDULES, ORIGINAL_BSZ, TrainConfig
 
+__all__ = ["add_arguments", "run", "config_from_args"]
+
 _DEFAULTS = TrainConfig()
 
 

@@ -28,6 +28,8 @@ import torch
 from .common import (DatasetError, Episode, FewShotDataset, benchmark_split_dir, check_fold, check_split,
                      draw_supports, numpy_choice, torch_choice)
 
+__all__ = ["CocoDataset", "safe_load_pickle", "NCLASS", "NFOLDS"]
+
 NCLASS = 80
 NFOLDS = 4
 TEST_EPISODES = 1000

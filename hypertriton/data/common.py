@@ -29,6 +29,9 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+__all__ = ["DatasetError", "Episode", "FewShotDataset", "ImageTransform", "build_transform", "read_image",
+           "read_mask", "resize_mask", "check_entry_name", "IMAGENET_MEAN", "IMAGENET_STD", "SPLITS"]
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SPLITS = ("trn", "val", "test")

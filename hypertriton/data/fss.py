@@ -25,6 +25,8 @@ import torch
 from .common import (DatasetError, Episode, FewShotDataset, benchmark_split_dir, check_split, draw_supports,
                      numpy_choice, read_split_lines, torch_choice)
 
+__all__ = ["FssDataset"]
+
 CLASS_OFFSET = {"trn": 0, "val": 520, "test": 760}
 IMAGES_PER_CLASS = 10
 

@@ -26,6 +26,8 @@ import torch
 from .common import (DatasetError, Episode, FewShotDataset, benchmark_split_dir, check_fold, check_split,
                      draw_supports, numpy_choice, read_split_lines, torch_choice)
 
+__all__ = ["PascalDataset", "NCLASS", "NFOLDS"]
+
 NCLASS = 20
 NFOLDS = 4
 TEST_EPISODES = 1000

@@ -37,6 +37,9 @@ from torch.utils.data import Dataset
 
 from .common import IMAGENET_MEAN, IMAGENET_STD, SPLITS, check_fold, check_nshot, check_split
 
+__all__ = ["SyntheticDataset", "SyntheticEpisode", "class_name", "class_attributes", "class_id_of", "seen_classes",
+           "unseen_classes", "normalize_image", "denormalize_image", "NCLASS", "NFOLDS"]
+
 SHAPES = ("circle", "square", "triangle", "crescent", "star", "cross", "ring", "hexagon")
 TEXTURES = ("solid", "striped", "checkered", "dotted")
 COLOURS = {

@@ -38,6 +38,8 @@ from ._second_order import recomputed_gradients
 from ._validation import check_cp_conv_args, check_tensor, check_triton_dtypes, shape_of
 from .layout import is_query_major, split_constant_columns, to_query_major
 
+__all__ = ["center_pivot_conv4d", "output_size"]
+
 
 # Elements of one step of the strided query branch's temporaries (fp32: 4 MB).
 QUERY_BRANCH_ELEMENTS = 1 << 20
@@ -506,7 +508,10 @@ def _cp_conv_backward(ctx, grad):
 center_pivot_conv4d_triton.register_autograd(_cp_conv_backward, setup_context=_cp_conv_setup)
 
 
-def center_pivot_conv4d(x, weight_query, bias_query, weight_support, bias_support, stride=1, padding=None,
+def center_pivot_conv4d(x: torch.Tensor, weight_query: torch.Tensor, bias_query: torch.Tensor | None,
+                        weight_support: torch.Tensor, bias_support: torch.Tensor | None,
+                        stride: int | tuple[int, int, int, int] = 1,
+                        padding: int | tuple[int, int, int, int] | None = None,
                         backend: str | None = None) -> torch.Tensor:
     """Center-pivot 4D convolution.
 
@@ -529,6 +534,12 @@ def center_pivot_conv4d(x, weight_query, bias_query, weight_support, bias_suppor
         ``[B, Cout, ceil(Hq/sqh), ceil(Wq/sqw), ceil(Hs/ssh), ceil(Ws/ssw)]`` in ``x``'s dtype (weights
         are cast to it); under ``torch.autocast``, as a convolution layer, in the autocast dtype (``x``
         and the weights cast to it) on every backend.
+
+    Raises:
+        TypeError: ``x`` or a weight that is not a floating tensor, or float64 on the triton backend.
+        ValueError: a shape, channel count, even kernel, stride or padding that does not fit (named, with
+            the shapes received and expected); an unknown backend.
+        RuntimeError: ``backend="triton"`` where it cannot run.
 
     Example:
         >>> x = torch.randn(1, 4, 5, 5, 6, 6)

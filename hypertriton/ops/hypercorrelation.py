@@ -19,6 +19,7 @@ Exact: non-finite features keep the dense result (see :func:`active_positions`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
@@ -31,6 +32,8 @@ from ._columns import column_runs, copy_columns_
 from ._norms import normalize
 from ._second_order import recomputed_gradients
 from ._validation import check_feature_lists, check_support_mask, check_triton_dtypes, refuse_vmap
+
+__all__ = ["hypercorrelation", "active_positions"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -194,7 +197,8 @@ def _correlation_stack_backward(ctx, grad):
 correlation_stack_triton.register_autograd(_correlation_stack_backward, setup_context=_correlation_stack_setup)
 
 
-def hypercorrelation(query_feats, support_feats, support_mask=None, backend: str | None = None):
+def hypercorrelation(query_feats: Sequence[torch.Tensor], support_feats: Sequence[torch.Tensor],
+                     support_mask: torch.Tensor | None = None, backend: str | None = None) -> list[torch.Tensor]:
     """Multi-layer hypercorrelation stacked by pyramid level, deepest level first.
 
     Each layer's support features are multiplied by the support mask resized to their size (bilinear,
@@ -214,6 +218,12 @@ def hypercorrelation(query_feats, support_feats, support_mask=None, backend: str
     Returns:
         One tensor ``[B, L_p, Hq, Wq, Hs, Ws]`` per level, in the features' dtype (also under
         ``torch.autocast``: the products run in it, as the Triton kernel accumulates, on every backend).
+
+    Raises:
+        TypeError: a feature list that is not a list of floating tensors, or float64 on the triton backend.
+        ValueError: mismatched lengths, batches, channels, devices or dtypes (each named with the shapes
+            received and expected); an unknown backend.
+        RuntimeError: ``backend="triton"`` where it cannot run; a call under ``torch.func.vmap``.
 
     Example:
         >>> q = [torch.randn(1, 8, 5, 5), torch.randn(1, 8, 3, 3)]
