@@ -163,8 +163,9 @@ def load_on_cpu(path: str | os.PathLike) -> Any:
     Raises:
         UnsafeFileError: such a file, named (nothing was built from it).
     """
-    check_torch_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    with open(path, "rb") as handle:  # once: the file checked is the file loaded
+        check_torch_file(handle, str(path))
+        return torch.load(handle, map_location="cpu", weights_only=True)
 
 
 def load_error_summary(error: BaseException) -> str:

@@ -4,16 +4,22 @@
 pickle describes, and building a dict hashes its keys. A key that nests a tuple in itself 64 times
 (a 1-KB file) takes 2^64 steps to hash, and 100,000 integer keys that differ by 2^61 - 1 hash alike
 (each insertion compares with all before it); both hang the loader. No checkpoint, weights file or
-training state that hypertriton reads keys a dict by anything but a name or a small integer, so
-anything else is refused here, before loading, with the file named.
+training state that hypertriton reads keys a dict by anything but a name or an integer (below 2^61 - 1),
+so anything else is refused here, before loading, with the file named.
+
+The pickle read is the one ``torch.load`` unpickles: a zip file's ``data.pkl`` as PyTorch's own zip reader
+gives it (Python's ``zipfile`` refuses files that PyTorch reads, such as those saved without CRCs), and
+a legacy file's pickles in order, from the handle then given to ``torch.load`` (no second opening).
 """
 
 from __future__ import annotations
 
-import os
+import io
 import pickletools
 import zipfile
-from pathlib import Path
+from typing import BinaryIO
+
+from torch._utils import IMPORT_MAPPING, NAME_MAPPING  # torch's unpickler renames Python 2 globals by these
 
 __all__ = ["UnsafeFileError", "check_torch_file"]
 
@@ -23,7 +29,7 @@ _DISTINCT_HASH_LIMIT = 2**61 - 1
 # Constructors that hash what they are given; a pickle calls them with no argument (then fills them with
 # SETITEMS, whose keys are checked) or, for Counter, with a dict (whose keys were checked when it was built).
 _HASHING_CONSTRUCTORS = {"builtins.set", "builtins.frozenset", "builtins.dict", "collections.OrderedDict",
-                         "collections.Counter"}
+                         "collections.Counter", "collections.defaultdict"}
 # A legacy (non-zip) torch file starts with five pickles: magic number, protocol version, system info,
 # the saved object and its storages' keys; the storages' raw bytes follow.
 _LEGACY_PICKLES = 5
@@ -34,23 +40,36 @@ class UnsafeFileError(ValueError):
     """A ``torch.save`` file whose pickle would make loading it take forever."""
 
 
+# How a refusal names what a key is.
+_KIND_WORDS = {"tuple": "a tuple", "frozenset": "a frozenset", "float": "a float", "bytes": "bytes", "None": "None",
+               "list": "a list", "dict": "a dict", "set": "a set", "global": "a class or function"}
+
+
 def _key_problem(entry: tuple) -> str | None:
     kind, value = entry
-    if kind == "str":
+    if kind in ("str", "bytes_or_str"):  # bytes_or_str: Python 2's strings, read by torch as str
         return None
     if kind in ("int", "bool") and isinstance(value, int) and abs(value) < _DISTINCT_HASH_LIMIT:
         return None
     if kind == "int":
         return f"an integer of {abs(value).bit_length()} bits" if isinstance(value, int) else "an integer"
-    return {"any": "an object the file builds", "None": "None"}.get(kind, f"a {kind}")
+    return _KIND_WORDS.get(kind, "an object the file builds")
 
 
-def _check_pickle(stream, where: str) -> bool:
-    """Follow one pickle's stack by kind of object (nothing is built). False at the end of the stream."""
+def _global_name(module: str, name: str) -> str:
+    """``module.name`` as torch's unpickler resolves it (``__builtin__ set`` is ``builtins.set``)."""
+    if (module, name) in NAME_MAPPING:
+        module, name = NAME_MAPPING[(module, name)]
+    elif module in IMPORT_MAPPING:
+        module = IMPORT_MAPPING[module]
+    return f"{module}.{name}"
+
+
+def _check_pickle(stream, where: str) -> None:
+    """Follow one pickle's stack by kind of object (nothing is built), up to its STOP."""
     stack: list[tuple] = []
     marks: list[int] = []
     memo: dict = {}
-    seen_any = False
 
     def pop_to_mark() -> list[tuple]:
         start = marks.pop() if marks else 0
@@ -63,12 +82,11 @@ def _check_pickle(stream, where: str) -> bool:
         del stack[len(stack) - count:]
         return items
 
-    def refuse(problem: str) -> UnsafeFileError:
-        return UnsafeFileError(f"{where} keys a dict by {problem}; checkpoints key their entries by name (such "
-                               "keys let a small file make loading hash for hours), so it is not loaded")
+    def refuse(problem: str, what: str = "keys a dict by") -> UnsafeFileError:
+        return UnsafeFileError(f"{where} {what} {problem}; checkpoints key their entries by name (such keys let "
+                               "a small file make loading hash for hours), so it is not loaded")
 
     for opcode, argument, _position in pickletools.genops(stream):
-        seen_any = True
         name = opcode.name
         if name == "MARK":
             marks.append(len(stack))
@@ -83,10 +101,10 @@ def _check_pickle(stream, where: str) -> bool:
         elif name == "DUP":
             stack.append(stack[-1] if stack else ("other", None))
         elif name == "GLOBAL":
-            stack.append(("global", argument.replace(" ", ".")))
+            stack.append(("global", _global_name(*argument.split(" ", 1))))
         elif name == "STACK_GLOBAL":
             module, qualified = pop(2)
-            stack.append(("global", f"{module[1]}.{qualified[1]}"))
+            stack.append(("global", _global_name(str(module[1]), str(qualified[1]))))
         elif name == "SETITEM":
             key = pop(2)[0]
             if (problem := _key_problem(key)) is not None:
@@ -101,7 +119,7 @@ def _check_pickle(stream, where: str) -> bool:
         elif name in ("ADDITEMS", "FROZENSET"):
             for item in pop_to_mark():
                 if (problem := _key_problem(item)) is not None:
-                    raise refuse(problem)
+                    raise refuse(problem, "fills a set with")
             if name == "FROZENSET":
                 stack.append(("frozenset", None))
         elif name in ("REDUCE", "NEWOBJ"):
@@ -109,15 +127,16 @@ def _check_pickle(stream, where: str) -> bool:
             if function[0] == "global" and function[1] in _HASHING_CONSTRUCTORS:
                 given = arguments[1] if arguments[0] == "tuple" else None
                 if given is None or any(kind != "dict" for kind in given):
-                    raise UnsafeFileError(f"{where} calls {function[1]} with arguments it would hash unchecked; "
-                                          "checkpoints build dicts from names, so it is not loaded")
+                    raise UnsafeFileError(f"{where} builds a {function[1]} from items that would be hashed "
+                                          "unchecked; checkpoints build their dicts entry by entry, so it is not "
+                                          "loaded")
             stack.append(("other", None))
         elif name in ("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE"):
             count = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3, "EMPTY_TUPLE": 0}.get(name)
             items = pop_to_mark() if count is None else pop(count)
             stack.append(("tuple", tuple(kind for kind, _ in items)))  # kinds only: nothing nests here
         elif name == "STOP":
-            return True
+            return
         else:  # every other opcode by its documented stack effect
             before = [item.name for item in opcode.stack_before]
             if "mark" in before:
@@ -135,34 +154,66 @@ def _check_pickle(stream, where: str) -> bool:
                     stack.append((kind, name == "NEWTRUE"))
                 else:
                     stack.append((kind, None))
-    return seen_any
 
 
-def check_torch_file(path: str | os.PathLike) -> None:
-    """Refuse a ``torch.save`` file (zip or legacy format) whose pickles key a dict by anything but a
-    string or an integer below 2^61 - 1, or fill a set, dict or Counter from unchecked items.
+def check_torch_file(handle: BinaryIO, name: str) -> None:
+    """Refuse a ``torch.save`` file (zip or legacy format), open as ``handle``, whose pickles key a dict
+    by anything but a string or an integer below 2^61 - 1, or fill a set, dict or Counter from unchecked
+    items. ``handle`` is left where it was.
 
-    Files that are not pickles at all, or are malformed, pass: ``torch.load`` says what is wrong with them.
+    A file that is no torch file at all passes (``torch.load`` says what it is); one whose pickle is read
+    but cannot be followed to its end is refused.
 
     Raises:
-        UnsafeFileError: naming the file and the offending key.
+        UnsafeFileError: naming the file (``name``) and the offending key.
     """
-    path = Path(path)
+    start = handle.tell()
     try:
-        with open(path, "rb") as handle:
-            zipped = handle.read(4) == _ZIP_MAGIC
-            if not zipped:
-                handle.seek(0)
-                for _ in range(_LEGACY_PICKLES):
-                    if not _check_pickle(handle, f"{str(path)!r}"):
-                        break
-                return
-        with zipfile.ZipFile(path) as archive:
-            for record in archive.infolist():
-                if record.filename.endswith(".pkl"):
-                    with archive.open(record) as pickled:
-                        _check_pickle(pickled, f"{str(path)!r} (its {record.filename})")
+        zipped = handle.read(4) == _ZIP_MAGIC
+        handle.seek(start)
+        if zipped:
+            data = _zip_data_pickle(handle, name)
+            if data is not None:
+                _check_strictly(io.BytesIO(data), f"{name!r} (its data.pkl)")
+            return
+        try:  # the magic number: a file that does not start with a pickle is no legacy torch file
+            _check_pickle(handle, repr(name))
+        except (ValueError, EOFError, IndexError, KeyError, TypeError):
+            return
+        for _ in range(_LEGACY_PICKLES - 1):
+            _check_strictly(handle, repr(name))
+    finally:
+        handle.seek(start)
+
+
+def _check_strictly(stream, where: str) -> None:
+    try:
+        _check_pickle(stream, where)
     except UnsafeFileError:
         raise
-    except Exception:  # not a pickle, a damaged zip, a short file: torch.load's own error says it better
-        return
+    except Exception as error:  # what torch.load would unpickle, unreadable to the check: not loaded unchecked
+        raise UnsafeFileError(f"{where}: its pickle cannot be followed to its end ({type(error).__name__}: "
+                              f"{error}), so it is not loaded") from None
+
+
+def _zip_data_pickle(handle: BinaryIO, name: str) -> bytes | None:
+    """The ``data.pkl`` record that ``torch.load`` unpickles, read by PyTorch's zip reader (None where that
+    reader cannot read the file: ``torch.load`` then fails the same way)."""
+    try:
+        import torch
+
+        reader = torch._C.PyTorchFileReader(handle)
+    except AttributeError:  # no such reader in this torch: Python's zipfile, refusing what it cannot read
+        try:
+            with zipfile.ZipFile(handle) as archive:
+                records = [r for r in archive.infolist() if r.filename.rsplit("/", 1)[-1] == "data.pkl"]
+                return archive.read(records[0]) if records else None
+        except (zipfile.BadZipFile, OSError) as error:
+            raise UnsafeFileError(f"{name!r}: its zip archive cannot be read to check it ({error}), so it is not "
+                                  "loaded") from None
+    except Exception:  # not a zip archive PyTorch can read: torch.load says so
+        return None
+    try:
+        return reader.get_record("data.pkl")
+    except Exception:  # no data.pkl (a TorchScript archive, say): torch.load says what it is
+        return None

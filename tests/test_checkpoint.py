@@ -450,8 +450,41 @@ def test_a_dict_built_from_unchecked_pairs_is_refused(tmp_path, legacy):
         def __reduce__(self):
             return OrderedDict, ([("weight", 1)],)
     path = _with_data_pickle(tmp_path / "pairs.pt", pickle.dumps(BuiltFromPairs(), protocol=2), legacy)
-    with pytest.raises(ckpt.CheckpointError, match="calls collections.OrderedDict with arguments"):
+    with pytest.raises(ckpt.CheckpointError, match="builds a collections.OrderedDict from items that would be hashed"):
         ckpt.read_state_dict(path)
+    # A set as protocol 2 writes it: the global is Python 2's __builtin__.set, which torch reads as builtins.set.
+    path = _with_data_pickle(tmp_path / "set.pt", pickle.dumps({"names": {"a", "b"}}, protocol=2), legacy)
+    assert b"__builtin__" in pickle.dumps({"a"}, protocol=2)
+    with pytest.raises(ckpt.CheckpointError, match="builds a builtins.set from items"):
+        ckpt.read_state_dict(path)
+
+
+def test_the_guard_reads_what_torch_reads_a_file_without_crcs_and_python2_strings(tmp_path):
+    from torch import serialization
+
+    from hypertriton._pickle_guard import check_torch_file
+
+    # torch can save without CRCs (Python's zipfile then refuses the archive, torch reads it): the guard
+    # reads the file with torch's reader, so a hostile key there is refused, and a real state_dict loads.
+    previous = serialization.get_crc32_options() if hasattr(serialization, "get_crc32_options") else True
+    serialization.set_crc32_options(False)
+    try:
+        torch.save({(1, 2): torch.zeros(1)}, tmp_path / "tuple-key.pt")
+        torch.save({"weight": torch.ones(2)}, tmp_path / "plain.pt")
+    finally:
+        serialization.set_crc32_options(previous)
+    import zipfile
+    with pytest.raises(zipfile.BadZipFile):
+        zipfile.ZipFile(tmp_path / "plain.pt").read("plain/data.pkl")
+    with pytest.raises(ckpt.CheckpointError, match="keys a dict by a tuple"):
+        ckpt.read_state_dict(tmp_path / "tuple-key.pt")
+    assert torch.equal(ckpt.read_state_dict(tmp_path / "plain.pt")["weight"], torch.ones(2))
+    # A legacy file from Python 2 keys by byte strings (SHORT_BINSTRING), which torch reads as str.
+    python2_keys = b"\x80\x02}q\x00U\x06weightq\x01K\x01s."  # {'weight': 1}
+    path = _with_data_pickle(tmp_path / "py2.pt", python2_keys, legacy=True)
+    with open(path, "rb") as handle:
+        check_torch_file(handle, str(path))  # passes
+    assert torch.load(path, weights_only=True) == {"weight": 1}
 
 
 def test_the_guard_passes_both_formats_of_a_real_checkpoint_and_a_training_state(tmp_path, resnet18_file):
@@ -470,4 +503,6 @@ def test_the_guard_passes_both_formats_of_a_real_checkpoint_and_a_training_state
         path = tmp_path / f"state-{legacy_format}.pt"
         torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "steps": [1, 2.5, None],
                     "pair": (1, "a")}, path, _use_new_zipfile_serialization=not legacy_format)
-        check_torch_file(path)  # raises if refused
+        with open(path, "rb") as handle:
+            check_torch_file(handle, str(path))  # raises if refused
+            assert handle.tell() == 0
