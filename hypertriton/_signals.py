@@ -24,29 +24,39 @@ def ignore_stop_signals_in_worker(_worker_id: int) -> None:
     They still exit when the main process does (PyTorch's workers watch their parent)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # blocked from birth by start_loader: ignored now, so unblocked
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM))
 
 
 def start_loader(loader):
-    """``iter(loader)``; where its workers start by ``spawn`` or ``forkserver`` (macOS's and Windows'
-    default is spawn), with SIGINT and SIGTERM ignored while they start, so that they ignore them from
-    birth. Such a worker is a fresh interpreter that imports torch for seconds before
-    :func:`ignore_stop_signals_in_worker` runs: a Ctrl-C then killed it and the run crashed ("DataLoader
-    worker exited unexpectedly") instead of stopping cleanly. An ignored signal stays ignored across the
-    start of a process; a handled one does not. (Forked workers start with the parent's handler and set
-    their own within milliseconds, as before.)
+    """``iter(loader)``; where its workers start by ``spawn`` (macOS's default) on a POSIX system, with
+    SIGINT and SIGTERM ignored while they start, so that they ignore them from birth. Such a worker is a
+    fresh interpreter that imports torch for seconds before :func:`ignore_stop_signals_in_worker` runs:
+    a Ctrl-C then killed it and the run crashed ("DataLoader worker exited unexpectedly") instead of
+    stopping cleanly. An ignored signal stays ignored across the start of a process; a handled one does
+    not. Forked workers start with the parent's handler and set their own within milliseconds, as before;
+    ``forkserver`` workers are forked by a server that must not be started with the signals ignored, so
+    they are left as they are; Windows has no signal masks.
 
     The main thread blocks the two meanwhile, so a signal it takes in those milliseconds waits for the
     handler restored before they are unblocked (Linux keeps a blocked signal pending whatever its action);
     one that another thread of the process takes then is dropped, and a second Ctrl-C is needed.
     """
+    if loader.num_workers == 0 or getattr(loader, "_iterator", None) is not None:  # no workers to start
+        return iter(loader)
     stops = (signal.SIGINT, signal.SIGTERM)
     previous = {signum: signal.getsignal(signum) for signum in stops}
     context = loader.multiprocessing_context
     method = context.get_start_method() if context is not None else multiprocessing.get_start_method()
-    if (loader.num_workers == 0 or method == "fork" or getattr(loader, "_iterator", None) is not None
-            or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask")
+    if (method != "spawn" or threading.current_thread() is not threading.main_thread()
+            or not hasattr(signal, "pthread_sigmask")
             or any(handler is None for handler in previous.values())):  # None: set outside Python, not restorable
         return iter(loader)
+    # Started now, not inside the window: it unblocks both signals when it starts, which would let one
+    # arrive while they are ignored, and it would inherit their being ignored for the process's life.
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
     try:
         for signum in stops:

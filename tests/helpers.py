@@ -275,7 +275,10 @@ class SignalDispositionProbe(torch.utils.data.Dataset):
         return self.length
 
     def __getitem__(self, index):
-        return self.at_start
+        import signal
+
+        blocked = sorted(int(signum) for signum in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        return {"at_start": self.at_start, "blocked_later": blocked}
 
 
 # Set to "parent" by a test before it starts loader workers: a forked worker sees that, a spawned one the
