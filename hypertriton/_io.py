@@ -180,6 +180,15 @@ def load_error_summary(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """``path`` (made absolute) or its nearest ancestor that exists; the root where none does (a missing
+    Windows drive: a root's parent is itself)."""
+    path = Path(path).absolute()
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
 def check_writable(path: str | os.PathLike, name: str, folder: bool = False) -> Path:
     """Refuse, before any work, an output ``path`` that could not be written at the end: a folder
     where a file is wanted (or a file where a folder is), a parent that is a file, or no permission.
@@ -192,10 +201,9 @@ def check_writable(path: str | os.PathLike, name: str, folder: bool = False) -> 
         raise ValueError(f"{name}: {str(path)!r} exists and is not a folder")
     if not folder and path.is_dir():
         raise ValueError(f"{name}: {str(path)!r} is a folder; expected a file name")
-    existing = path if folder else path.parent
-    existing = existing.absolute()
-    while not existing.exists():
-        existing = existing.parent
+    existing = nearest_existing(path if folder else path.parent)
+    if not existing.exists():
+        raise ValueError(f"{name}: cannot create {str(path)!r}: not even {str(existing)!r} exists")
     if not existing.is_dir():
         raise ValueError(f"{name}: cannot create {str(path)!r}: {str(existing)!r} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):

@@ -455,8 +455,34 @@ def test_a_long_query_name_writes_and_one_too_long_is_refused_before_any_query(f
     capsys.readouterr()
     assert _predict(files, tmp_path / "out2", checkpoint, query=[queries]) == 2
     err = capsys.readouterr().err
-    assert f"would write '{too_long}_overlay.png', a name of 258 bytes" in err and "at most 243 bytes" in err, err
+    assert f"would write '{too_long}_overlay.png', which with the temporary it is written under needs a name of " \
+           "258 bytes" in err and "at most 243 bytes" in err, err
     assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize("limit", [143, -1], ids=["eCryptfs", "no-limit-reported"])
+def test_name_limits_count_the_temporaries_and_the_advice_fits(tmp_path, monkeypatch, limit):
+    import re
+
+    from hypertriton.commands import predict as command
+
+    monkeypatch.setattr(command.os, "pathconf", lambda folder, name: limit)
+    names = {"q" * 120: tmp_path / ("q" * 120 + ".png"), "short": tmp_path / "short.png"}
+    targets = {stem: command._targets(tmp_path, stem, True) for stem in names}
+    if limit < 0:  # "no limit": taken as 255, where 120-byte names fit
+        command._refuse_unwritable_names(targets, names, tmp_path)
+        return
+    # 132-byte outputs fit in 143 bytes, but not the temporaries (32 bytes more) they are written under.
+    with pytest.raises(lib.InputError, match=r"allows 143: rename the query \(at most (\d+) bytes") as refused:
+        command._refuse_unwritable_names(targets, names, tmp_path)
+    room = int(re.search(r"at most (\d+) bytes", str(refused.value)).group(1))
+    for stem, fits in (("q" * room, True), ("q" * (room + 1), False)):  # the advice is exact
+        renamed = {stem: tmp_path / f"{stem}.png"}
+        if fits:
+            command._refuse_unwritable_names({stem: command._targets(tmp_path, stem, True)}, renamed, tmp_path)
+        else:
+            with pytest.raises(lib.InputError):
+                command._refuse_unwritable_names({stem: command._targets(tmp_path, stem, True)}, renamed, tmp_path)
 
 
 def test_queries_differing_only_in_case_are_refused_where_the_output_folder_ignores_case(

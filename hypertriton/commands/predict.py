@@ -236,32 +236,40 @@ def _targets(out: Path, stem: str, with_overlay: bool) -> list[Path]:
     return [out / f"{stem}_mask.png"] + ([out / f"{stem}_overlay.png"] if with_overlay else [])
 
 
-def _nearest_folder(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists():
-        path = path.parent
-    return path
+def _name_limit(folder: Path) -> int:
+    """Bytes a file name may have in ``folder`` (255 where the system does not say, or says no limit)."""
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):  # no pathconf (Windows) or no answer
+        return 255
+    return limit if limit > 0 else 255
 
 
 def _refuse_unwritable_names(targets: dict[str, list[Path]], names: dict[str, Path], out: Path) -> None:
     """Refuse, before the first query runs, what would fail or be lost after earlier queries were written:
-    an output name longer than the file system allows, and two queries whose outputs differ only in case
-    where ``out`` ignores case (macOS's and Windows' default file systems: one would replace the other)."""
+    an output name (or the temporary it is written under) longer than the file system allows, and two
+    queries whose outputs differ only in case where ``out`` ignores case (macOS's and Windows' default file
+    systems: one would replace the other)."""
+    from hypertriton._io import nearest_existing, temporary_path
     from hypertriton.predict import InputError
 
-    folder = _nearest_folder(out)
-    try:
-        limit = os.pathconf(folder, "PC_NAME_MAX")
-    except (AttributeError, OSError, ValueError):  # no pathconf (Windows) or no answer
-        limit = 255
+    folder = nearest_existing(out)
+    limit = _name_limit(folder)
+
+    def longest_name(path: Path) -> int:
+        return max(len(os.fsencode(path.name)), len(os.fsencode(temporary_path(path).name)))
+
     for stem, paths in targets.items():
-        for path in paths:
-            size = len(os.fsencode(path.name))
-            if size > limit:
-                room = limit - (size - len(os.fsencode(stem)))
-                raise InputError(f"--query: {str(names[stem])!r} would write {path.name!r}, a name of {size} bytes; "
-                                 f"{str(folder)!r} allows {limit}: rename the query (at most {room} bytes before its "
-                                 "extension)")
+        too_long = [path for path in paths if longest_name(path) > limit]
+        if too_long:
+            widest = max(too_long, key=longest_name)
+            # The longest stem whose outputs and their temporaries all fit (shortened temporaries: not linear).
+            room = next((n for n in range(len(os.fsencode(stem)) - 1, 0, -1)
+                         if all(longest_name(path.with_name(path.name.replace(stem, "x" * n, 1))) <= limit
+                                for path in paths)), 0)
+            raise InputError(f"--query: {str(names[stem])!r} would write {widest.name!r}, which with the temporary "
+                             f"it is written under needs a name of {longest_name(widest)} bytes; {str(folder)!r} "
+                             f"allows {limit}: rename the query (at most {room} bytes before its extension)")
     by_case: dict[str, str] = {}
     for stem in names:
         other = by_case.setdefault(stem.casefold(), stem)
