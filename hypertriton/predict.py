@@ -493,13 +493,27 @@ def segment(model: HSNet, query: np.ndarray, supports: Sequence[np.ndarray] | Pr
 # Output
 
 
-def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def overlay(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] | None = None,
+            alpha: float | None = None) -> np.ndarray:
     """``image`` ``[H, W, 3]`` uint8 with everything outside ``mask`` ``[H, W]`` (bool) dimmed and the mask's
     border drawn in white, wider on larger images (:func:`hypertriton.visualize.spotlight`): it reads on
-    an object of any colour, where a colour tint vanished on objects of its colour."""
-    from .visualize import spotlight
+    an object of any colour, where a colour tint vanished on objects of its colour.
 
-    return spotlight(image, mask)
+    ``colour``/``alpha`` (deprecated) draw the former overlay instead: the mask tinted in ``colour`` at
+    ``alpha`` (default (255, 40, 40) at 0.5) and outlined in it.
+    """
+    from .visualize import border, spotlight
+
+    if colour is None and alpha is None:
+        return spotlight(image, mask)
+    warnings.warn("overlay(colour=..., alpha=...) draws the former tinted overlay, which vanishes on objects of "
+                  "that colour; overlay(image, mask) spotlights the mask instead", DeprecationWarning, stacklevel=2)
+    tint = np.asarray((255, 40, 40) if colour is None else colour, dtype=np.float32)
+    alpha = 0.5 if alpha is None else alpha
+    out = image.copy()
+    out[mask] = ((1 - alpha) * image[mask].astype(np.float32) + alpha * tint).round().clip(0, 255).astype(np.uint8)
+    out[border(mask)] = tint.round().clip(0, 255).astype(np.uint8)
+    return out
 
 
 def write_pngs(files: Mapping[Path, np.ndarray]) -> list[Path]:

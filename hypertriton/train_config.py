@@ -143,4 +143,7 @@ class TrainConfig:
         if self.backend is not None:  # (hypertriton.backend imports torch, which the parser need not wait for)
             from hypertriton.backend import check_backend_name
 
-            check_backend_name(self.backend)
+            try:
+                check_backend_name(self.backend)
+            except TypeError as error:  # this method promises ValueError for every field
+                raise ValueError(str(error)) from None

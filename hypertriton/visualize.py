@@ -29,8 +29,8 @@ _CAPTION_SIZE = 14
 
 
 def outline_width(height: int, width: int) -> int:
-    """Border width in pixels for an image of that size: 1 px up to 600 px, then 1 px per 400 (a 1-px
-    line on a 2000-px photo disappears when the photo is shown on a screen)."""
+    """Border width in pixels for an image of that size: its longer side / 400, rounded, at least 1 (1 px
+    up to 599 px; a 1-px line on a 2000-px photo disappears when the photo is shown on a screen)."""
     return max(1, round(max(height, width) / 400))
 
 
@@ -52,11 +52,18 @@ def spotlight(image: np.ndarray, mask: np.ndarray, dim: float = DIM, width: int 
     drawn in white (``width`` px, by default :func:`outline_width`); inside, the image as it is."""
     _check(image, mask, "mask")
     width = outline_width(*mask.shape) if width is None else width
-    out = image.copy()
-    outside = ~mask
-    out[outside] = (image[outside] * np.float32(dim)).round().astype(np.uint8)
+    out = _dimmed(image, dim)  # a table lookup: float arithmetic on a photo's pixels took 5x the time
+    np.copyto(out, image, where=mask[..., None])
     out[border(mask, width)] = OUTLINE
     return out
+
+
+def _dimmed(image: np.ndarray, dim: float) -> np.ndarray:
+    """``image`` at ``dim`` of its brightness, each value rounded as ``round(value * dim)`` in float32."""
+    if not 0 <= dim <= 1:
+        raise ValueError(f"dim: expected a share of the brightness in [0, 1], got {dim!r}")
+    table = (np.arange(256, dtype=np.float32) * np.float32(dim)).round().astype(np.uint8)
+    return table[image]
 
 
 def error_map(image: np.ndarray, pred: np.ndarray, truth: np.ndarray, ignore: np.ndarray | None = None,
@@ -66,7 +73,7 @@ def error_map(image: np.ndarray, pred: np.ndarray, truth: np.ndarray, ignore: np
     correct background dimmed."""
     _check(image, pred, "pred")
     _check(image, truth, "truth")
-    out = (image * np.float32(dim)).round().astype(np.uint8)
+    out = _dimmed(image, dim)
     hit = pred & truth
     out[hit] = image[hit]
     out[pred & ~truth] = FALSE_POSITIVE
@@ -87,6 +94,9 @@ def _check(image: np.ndarray, mask: np.ndarray, name: str) -> None:
 def fit_height(image: np.ndarray, height: int) -> Image.Image:
     """``image`` scaled to ``height`` px, its aspect ratio kept (nearest neighbour when enlarging, so that
     borders stay sharp; averaging when shrinking, so that thin lines do not vanish between samples)."""
+    if image.ndim != 3 or 0 in image.shape[:2] or height < 1:
+        raise ValueError(f"image, height: expected an [H, W, 3] image with H, W >= 1 and a height >= 1, got "
+                         f"{list(image.shape)} and {height}")
     source = Image.fromarray(image)
     width = max(1, round(image.shape[1] * height / image.shape[0]))
     if (width, height) == source.size:
@@ -120,6 +130,8 @@ def sheet(rows: Sequence[Sequence[Image.Image]], title: str | None = None,
           legend: Sequence[tuple[tuple[int, int, int], str]] = (), gap: int = 6) -> Image.Image:
     """Cells laid out in rows (left-aligned, ``gap`` px apart) under an optional title line, which ends
     with ``legend``: coloured squares, each followed by its meaning."""
+    if not rows or not all(rows):
+        raise ValueError(f"rows: expected at least one row of at least one cell, got {[len(row) for row in rows]}")
     font = _font()
     head = 0 if title is None and not legend else _CAPTION_SIZE + 12
     widths = [sum(cell.width for cell in row) + gap * (len(row) - 1) for row in rows]

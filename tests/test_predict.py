@@ -656,6 +656,21 @@ def test_overlay_spotlights_the_mask_with_a_border_that_widens_with_the_photo():
     np.testing.assert_array_equal(out, visualize.spotlight(photo, blob, width=4))
 
 
+def test_overlay_with_a_colour_still_draws_the_former_tint_and_says_it_is_deprecated():
+    from hypertriton import visualize
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    mask = rng.random((40, 30)) < 0.6
+    with pytest.warns(DeprecationWarning, match="former tinted overlay"):
+        out = lib.overlay(image, mask, colour=(255, 40, 40), alpha=0.3)
+    blend = (0.7 * image.astype(np.float32) + np.float32(0.3) * np.float32([255, 40, 40])).round().astype(np.uint8)
+    edge = visualize.border(mask)
+    np.testing.assert_array_equal(out[~mask], image[~mask])
+    np.testing.assert_array_equal(out[mask & ~edge], blend[mask & ~edge])
+    np.testing.assert_array_equal(out[edge], np.broadcast_to([255, 40, 40], out[edge].shape))
+
+
 def test_compact_checkpoint_round_trip(tmp_path):
     generator = torch.Generator().manual_seed(0)
     levels16 = torch.linspace(-1, 1, 16)

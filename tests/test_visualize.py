@@ -83,3 +83,10 @@ def test_a_sheet_places_rows_under_a_title_with_its_legend():
     assert plain.width == 3 * 20 + 2 * 6 and titled.height > plain.height
     drawn = np.asarray(titled)[: titled.height - plain.height]
     assert (drawn == visualize.MISSED).all(axis=2).any()  # the legend's square
+
+
+def test_dimming_takes_a_share_of_the_brightness_only():
+    image, mask = _case(5, 4, 4)
+    with pytest.raises(ValueError, match=r"dim: expected a share of the brightness in \[0, 1\], got 1.5"):
+        visualize.spotlight(image, mask, dim=1.5)
+    np.testing.assert_array_equal(visualize.spotlight(image, mask, dim=1.0, width=0), image)
