@@ -42,7 +42,6 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -894,26 +893,13 @@ def _write_results(stem: Path, report: dict, text: str) -> None:
     _atomic_write(stem.with_name(stem.name + ".md"), lambda handle: handle.write(text))
 
 
-def _umask() -> int:
-    """The process's umask (read by setting it and back: this driver runs no threads that create files)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _atomic_write(path: Path, write, binary: bool = False) -> None:
-    """Write ``path`` through a temporary file in its folder, then replace it; the file gets the mode a plain
-    ``open`` would give it (0644 under umask 022), not ``mkstemp``'s 0600."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as handle:
-            write(handle)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write ``path`` through a temporary file in its folder, then replace it (hypertriton's own atomic
+    write: the file gets the mode a plain ``open`` gives, 0644 under umask 022)."""
+    from hypertriton._io import atomic_file
+
+    with atomic_file(path, "wb" if binary else "w") as handle:
+        write(handle)
 
 
 def search_max_sizes(args, groups: list[dict], info: dict, launch, device: str, dtype: str) -> int:

@@ -305,7 +305,8 @@ def test_every_benchmark_dataset_pickles_and_loads_in_a_spawned_worker(pascal_da
 
     from torch.utils.data import DataLoader
 
-    datasets = {"pascal": build_dataset("pascal", pascal_data.datapath, pascal_data.splits, 0, "test", 1, img_size=SIZE),
+    datasets = {"pascal": build_dataset("pascal", pascal_data.datapath, pascal_data.splits, 0, "test", 1,
+                                        img_size=SIZE),
                 "coco": build_dataset("coco", coco_data.datapath, coco_data.splits, 1, "test", 1, img_size=SIZE),
                 "fss": build_dataset("fss", fss_data.datapath, fss_data.splits, 0, "test", 1, img_size=SIZE),
                 "synthetic": build_dataset("synthetic", None, None, 0, "test", 1, img_size=32)}

@@ -242,9 +242,9 @@ def test_triton_backend_matches_dense_reference(seed, batch, layers, channels, h
 
 
 @settings(max_examples=examples(8), deadline=None)
-@given(backend=st.sampled_from(["torch", "triton"] if TRITON_RUNS else ["torch"]), batch=st.integers(1, 2), layers=st.integers(1, 3),
-       channels=st.integers(1, 4), hq=st.integers(1, 6), wq=st.integers(1, 6), hs=st.integers(1, 8),
-       ws=st.integers(1, 8), kernel=st.sampled_from([1, 3, 5]), support_stride=st.integers(1, 5),
+@given(backend=st.sampled_from(["torch", "triton"] if TRITON_RUNS else ["torch"]), batch=st.integers(1, 2),
+       layers=st.integers(1, 3), channels=st.integers(1, 4), hq=st.integers(1, 6), wq=st.integers(1, 6),
+       hs=st.integers(1, 8), ws=st.integers(1, 8), kernel=st.sampled_from([1, 3, 5]), support_stride=st.integers(1, 5),
        mask_kind=st.sampled_from(helpers.MASK_KINDS), layout=st.sampled_from(helpers.LAYOUTS),
        grad=st.booleans(), seed=st.integers(0, 2**16))
 @example(backend=EDGE_BACKEND, batch=1, layers=1, channels=1, hq=1, wq=1, hs=1, ws=1, kernel=3, support_stride=1,
