@@ -165,7 +165,8 @@ def load_on_cpu(path: str | os.PathLike) -> Any:
     """
     with open(path, "rb") as handle:  # once: the file checked is the file loaded
         check_torch_file(handle, str(path))
-        return torch.load(handle, map_location="cpu", weights_only=True)
+        # mmap=False: torch's global mmap default (a config flag) would refuse a handle
+        return torch.load(handle, map_location="cpu", weights_only=True, mmap=False)
 
 
 def load_error_summary(error: BaseException) -> str:

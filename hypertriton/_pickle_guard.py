@@ -65,26 +65,60 @@ def _global_name(module: str, name: str) -> str:
     return f"{module}.{name}"
 
 
-def _check_pickle(stream, where: str) -> None:
-    """Follow one pickle's stack by kind of object (nothing is built), up to its STOP."""
+# A tuple is hashed through all the tuples it holds (as a dict key, a set item, or wherever torch's loader
+# looks something up: a storage key, a layout's name): more than this many, unfolded, or deeper than this,
+# is no checkpoint's (a storage key is a flat tuple; a tensor's size a tuple of ints) and is refused, where
+# it could hash for hours (a tuple holding its child twice, 64 times over) or overflow the C stack.
+_TUPLE_UNFOLDED_LIMIT = 100_000
+_TUPLE_DEPTH_LIMIT = 32
+_SCALAR_KINDS = ("str", "bytes_or_str", "int", "bool", "None", "float")
+
+
+def _check_pickle(stream, where: str, keys_only: bool = False) -> None:
+    """Follow one pickle's stack by kind of object (nothing is built), up to its STOP. ``keys_only``: the
+    pickle is a legacy file's list of storage keys, which torch looks up one by one: strings or integers.
+
+    An entry is ``(kind, value)``: a string's or integer's value, a global's name, a hashing constructor's
+    name for what it built (``"built"``), and for a tuple ``(items, unfolded size, depth)``, its items as
+    ``(kind, value)`` with any tuple among them reduced to ``("tuple", its depth)``.
+    """
     stack: list[tuple] = []
     marks: list[int] = []
     memo: dict = {}
+
+    def refuse(problem: str, what: str = "keys a dict by") -> UnsafeFileError:
+        return UnsafeFileError(f"{where} {what} {problem}; checkpoints key their entries by name (such keys let "
+                               "a small file make loading hash for hours), so it is not loaded")
+
+    def checked(items: list[tuple]) -> list[tuple]:
+        # A set, Counter or OrderedDict constructor handed on (to torch's _rebuild_from_type_v2, say) would be
+        # called on items this check never sees: only a REDUCE may call one, on what it checks below.
+        for kind, value in items:
+            if kind == "global" and value in _HASHING_CONSTRUCTORS:
+                raise UnsafeFileError(f"{where} passes {value} on to be called elsewhere, on items it would hash "
+                                      "unchecked; checkpoints never do, so it is not loaded")
+        return items
 
     def pop_to_mark() -> list[tuple]:
         start = marks.pop() if marks else 0
         items = stack[start:]
         del stack[start:]
-        return items
+        return checked(items)
 
     def pop(count: int) -> list[tuple]:
         items = stack[len(stack) - count:] if count else []
         del stack[len(stack) - count:]
-        return items
+        return checked(items)
 
-    def refuse(problem: str, what: str = "keys a dict by") -> UnsafeFileError:
-        return UnsafeFileError(f"{where} {what} {problem}; checkpoints key their entries by name (such keys let "
-                               "a small file make loading hash for hours), so it is not loaded")
+    def make_tuple(items: list[tuple]) -> tuple:
+        nested = [value for kind, value in items if kind == "tuple"]
+        size = 1 + sum(unfolded for _, unfolded, _ in nested)
+        depth = 1 + max((deep for _, _, deep in nested), default=0)
+        if size > _TUPLE_UNFOLDED_LIMIT or depth > _TUPLE_DEPTH_LIMIT:
+            raise UnsafeFileError(f"{where} builds a tuple {depth} deep, of {size} tuples unfolded; no checkpoint "
+                                  "holds one, and hashing it, as loading may, could take hours, so it is not loaded")
+        light = tuple(("tuple", value[2]) if kind == "tuple" else (kind, value) for kind, value in items)
+        return ("tuple", (light, size, depth))
 
     for opcode, argument, _position in pickletools.genops(stream):
         name = opcode.name
@@ -122,19 +156,52 @@ def _check_pickle(stream, where: str) -> None:
                     raise refuse(problem, "fills a set with")
             if name == "FROZENSET":
                 stack.append(("frozenset", None))
+        elif name in ("EMPTY_LIST", "LIST"):
+            items = pop_to_mark() if name == "LIST" else []
+            # whether every item could be a key: the box is shared with the memo, so later appends count
+            stack.append(("list", {"keys": all(_key_problem(item) is None for item in items)}))
+        elif name in ("APPEND", "APPENDS"):
+            items = pop(1) if name == "APPEND" else pop_to_mark()
+            problems = [problem for item in items if (problem := _key_problem(item)) is not None]
+            if keys_only and problems:
+                raise refuse(problems[0], "lists as a storage key")
+            if problems and stack and stack[-1][0] == "list":
+                stack[-1][1]["keys"] = False
         elif name in ("REDUCE", "NEWOBJ"):
-            function, arguments = pop(2)
+            arguments = pop(1)[0]
+            function = stack.pop() if stack else ("other", None)  # the one place a constructor may be
             if function[0] == "global" and function[1] in _HASHING_CONSTRUCTORS:
-                given = arguments[1] if arguments[0] == "tuple" else None
-                if given is None or any(kind != "dict" for kind in given):
+                # from dicts (keys checked when built) or lists of what could be keys (a set of names)
+                given = arguments[1][0] if arguments[0] == "tuple" else None
+                if given is None or not all(kind == "dict" or (kind == "list" and value["keys"])
+                                            for kind, value in given):
                     raise UnsafeFileError(f"{where} builds a {function[1]} from items that would be hashed "
                                           "unchecked; checkpoints build their dicts entry by entry, so it is not "
                                           "loaded")
+                stack.append(("built", function[1]))
+            else:
+                stack.append(("other", None))
+        elif name == "BUILD":
+            instance, state = pop(2)
+            if instance[0] == "built" and state[0] not in ("dict", "None"):
+                # torch fills an OrderedDict or Counter from the state: from a dict, whose keys were checked
+                raise UnsafeFileError(f"{where} fills a {instance[1]} from a {state[0]} of items that would be "
+                                      "hashed unchecked; checkpoints never do, so it is not loaded")
+            stack.append(instance)
+        elif name == "BINPERSID":
+            pid = pop(1)[0]
+            # torch looks its storage key up in a dict: ("storage", type, key, location, size[, view]), the
+            # legacy format's view a flat (key, offset, size).
+            items = pid[1][0] if pid[0] == "tuple" else None
+            if items is None or any(kind not in (*_SCALAR_KINDS, "global") and not (kind == "tuple" and index == 5
+                                                                                  and value == 1)
+                                    for index, (kind, value) in enumerate(items)):
+                raise UnsafeFileError(f"{where} names a storage by something other than a flat tuple of names and "
+                                      "numbers; torch looks it up as a key, so it is not loaded")
             stack.append(("other", None))
         elif name in ("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE"):
             count = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3, "EMPTY_TUPLE": 0}.get(name)
-            items = pop_to_mark() if count is None else pop(count)
-            stack.append(("tuple", tuple(kind for kind, _ in items)))  # kinds only: nothing nests here
+            stack.append(make_tuple(pop_to_mark() if count is None else pop(count)))
         elif name == "STOP":
             return
         else:  # every other opcode by its documented stack effect
@@ -180,15 +247,15 @@ def check_torch_file(handle: BinaryIO, name: str) -> None:
             _check_pickle(handle, repr(name))
         except (ValueError, EOFError, IndexError, KeyError, TypeError):
             return
-        for _ in range(_LEGACY_PICKLES - 1):
-            _check_strictly(handle, repr(name))
+        for index in range(1, _LEGACY_PICKLES):
+            _check_strictly(handle, repr(name), keys_only=index == _LEGACY_PICKLES - 1)
     finally:
         handle.seek(start)
 
 
-def _check_strictly(stream, where: str) -> None:
+def _check_strictly(stream, where: str, keys_only: bool = False) -> None:
     try:
-        _check_pickle(stream, where)
+        _check_pickle(stream, where, keys_only)
     except UnsafeFileError:
         raise
     except Exception as error:  # what torch.load would unpickle, unreadable to the check: not loaded unchecked

@@ -428,7 +428,7 @@ def _with_data_pickle(path: Path, data_pickle: bytes, legacy: bool) -> Path:
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
 @pytest.mark.parametrize("data_pickle, problem", [
-    (_nested_tuple_key_pickle(20), "keys a dict by a tuple"),
+    (_nested_tuple_key_pickle(20), "builds a tuple 17 deep, of 131071 tuples unfolded"),
     (_colliding_int_keys_pickle(50), "keys a dict by an integer of 62 bits"),
 ], ids=["nested-tuple-key", "colliding-int-keys"])
 def test_a_file_whose_keys_could_hash_forever_is_refused_unbuilt(tmp_path, data_pickle, problem, legacy):
@@ -453,9 +453,13 @@ def test_a_dict_built_from_unchecked_pairs_is_refused(tmp_path, legacy):
     with pytest.raises(ckpt.CheckpointError, match="builds a collections.OrderedDict from items that would be hashed"):
         ckpt.read_state_dict(path)
     # A set as protocol 2 writes it: the global is Python 2's __builtin__.set, which torch reads as builtins.set.
-    path = _with_data_pickle(tmp_path / "set.pt", pickle.dumps({"names": {"a", "b"}}, protocol=2), legacy)
     assert b"__builtin__" in pickle.dumps({"a"}, protocol=2)
+    path = _with_data_pickle(tmp_path / "set.pt", pickle.dumps({"pairs": {(1, 2)}}, protocol=2), legacy)
     with pytest.raises(ckpt.CheckpointError, match="builds a builtins.set from items"):
+        ckpt.read_state_dict(path)
+    # A set of names (a run's class list, say) is what a key could be: it loads.
+    path = _with_data_pickle(tmp_path / "names.pt", pickle.dumps({"names": {"a", "b"}}, protocol=2), legacy)
+    with pytest.raises(ckpt.CheckpointError, match="is not a state_dict"):  # read, then found to hold no tensors
         ckpt.read_state_dict(path)
 
 
@@ -485,6 +489,53 @@ def test_the_guard_reads_what_torch_reads_a_file_without_crcs_and_python2_string
     with open(path, "rb") as handle:
         check_torch_file(handle, str(path))  # passes
     assert torch.load(path, weights_only=True) == {"weight": 1}
+
+
+class _Reduces:
+    """Pickles as ``function(*arguments)`` (with ``state``, through BUILD), to write hostile files with."""
+
+    def __init__(self, function, arguments, state=None):
+        self.reduced = (function, arguments) if state is None else (function, arguments, state)
+
+    def __reduce__(self):
+        return self.reduced
+
+
+def _persistent_id_pickle(key: bytes) -> bytes:
+    # ("storage", FloatStorage, key, "cpu", 0) as a persistent id, which torch looks up by its key
+    return (b"\x80\x02(X\x07\x00\x00\x00storagectorch\nFloatStorage\n" + key
+            + b"X\x03\x00\x00\x00cpuK\x00tQ.")
+
+
+@pytest.mark.parametrize("data_pickle, problem", [
+    # torch's _rebuild_from_type_v2 calls what it is given: set(...) on items no key check sees
+    (lambda: __import__("pickle").dumps(_Reduces(torch._tensor._rebuild_from_type_v2,
+                                                 (set, set, ([(1, 2)],), None)), protocol=2),
+     "passes builtins.set on to be called elsewhere"),
+    (lambda: _persistent_id_pickle(b"K\x01K\x02\x86\x85"), "names a storage by something other than a flat tuple"),
+    # an OrderedDict filled through BUILD from a list of pairs, whose keys torch hashes
+    (lambda: __import__("pickle").dumps(_Reduces(__import__("collections").OrderedDict, (), [((1, 2), 3)]),
+                                        protocol=2), "fills a collections.OrderedDict from a list"),
+], ids=["rebuild-from-type-set", "persistent-id-key", "ordered-dict-build"])
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_every_place_torch_hashes_what_a_file_gives_is_checked(tmp_path, data_pickle, problem, legacy):
+    path = _with_data_pickle(tmp_path / "hostile.pt", data_pickle(), legacy)
+    with pytest.raises(ckpt.CheckpointError, match=problem):
+        ckpt.read_state_dict(path)
+
+
+def test_a_legacy_files_storage_keys_must_be_names(tmp_path):
+    import pickle
+
+    from torch import serialization
+    sys_info = {"protocol_version": serialization.PROTOCOL_VERSION, "little_endian": True,
+                "type_sizes": {"short": 2, "int": 4, "long": 4}}
+    path = tmp_path / "keys.pt"
+    path.write_bytes(pickle.dumps(serialization.MAGIC_NUMBER, protocol=2)
+                     + pickle.dumps(serialization.PROTOCOL_VERSION, protocol=2) + pickle.dumps(sys_info, protocol=2)
+                     + pickle.dumps({"weight": 1}, protocol=2) + pickle.dumps([(1, (2,))], protocol=2))
+    with pytest.raises(ckpt.CheckpointError, match="lists as a storage key a tuple"):
+        ckpt.read_state_dict(path)
 
 
 def test_the_guard_passes_both_formats_of_a_real_checkpoint_and_a_training_state(tmp_path, resnet18_file):
