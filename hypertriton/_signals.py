@@ -28,43 +28,42 @@ def ignore_stop_signals_in_worker(_worker_id: int) -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM))
 
 
-def start_loader(loader):
-    """``iter(loader)``; where its workers start by ``spawn`` (macOS's default) on a POSIX system, with
-    SIGINT and SIGTERM ignored while they start, so that they ignore them from birth. Such a worker is a
-    fresh interpreter that imports torch for seconds before :func:`ignore_stop_signals_in_worker` runs:
-    a Ctrl-C then killed it and the run crashed ("DataLoader worker exited unexpectedly") instead of
-    stopping cleanly. An ignored signal stays ignored across the start of a process; a handled one does
-    not. Forked workers start with the parent's handler and set their own within milliseconds, as before;
-    ``forkserver`` workers are forked by a server that must not be started with the signals ignored, so
-    they are left as they are; Windows has no signal masks.
+ignore_stop_signals_in_worker.unblocks_stop_signals = True  # what start_loader requires of a worker's set-up
 
-    The main thread blocks the two meanwhile, so a signal it takes in those milliseconds waits for the
-    handler restored before they are unblocked (Linux keeps a blocked signal pending whatever its action);
-    one that another thread of the process takes then is dropped, and a second Ctrl-C is needed.
+
+def start_loader(loader):
+    """``iter(loader)``; where its workers start by ``spawn`` (macOS's default) on a POSIX system and
+    their ``worker_init_fn`` is :func:`ignore_stop_signals_in_worker` (or calls it first), with SIGINT and
+    SIGTERM blocked in the main thread while they start, so that the workers are born with both blocked
+    until they ignore them. Such a worker is a fresh interpreter that imports torch for seconds before its
+    ``worker_init_fn`` runs (longer while the parent writes it a large dataset): a Ctrl-C then killed it
+    and the run crashed ("DataLoader worker exited unexpectedly") instead of stopping cleanly. A blocked
+    signal stays blocked across the start of a process and waits there; ignoring it drops it.
+
+    The main process loses nothing: a signal to the process is taken by another of its threads (torch
+    has some), and Python runs the handler in the main thread as always. Forked workers start with the
+    parent's handler and set their own within milliseconds, as before; ``forkserver`` workers come from a
+    server that must not be started with the signals blocked, so they are left as they are; a worker whose
+    ``worker_init_fn`` would not unblock them is not born blocking them; Windows has no signal masks.
     """
     if loader.num_workers == 0 or getattr(loader, "_iterator", None) is not None:  # no workers to start
         return iter(loader)
-    stops = (signal.SIGINT, signal.SIGTERM)
-    previous = {signum: signal.getsignal(signum) for signum in stops}
     context = loader.multiprocessing_context
     method = context.get_start_method() if context is not None else multiprocessing.get_start_method()
-    if (method != "spawn" or threading.current_thread() is not threading.main_thread()
-            or not hasattr(signal, "pthread_sigmask")
-            or any(handler is None for handler in previous.values())):  # None: set outside Python, not restorable
+    init = loader.worker_init_fn
+    unblocks = getattr(getattr(init, "func", init), "unblocks_stop_signals", False)
+    if (method != "spawn" or not unblocks or threading.current_thread() is not threading.main_thread()
+            or not hasattr(signal, "pthread_sigmask")):
         return iter(loader)
-    # Started now, not inside the window: it unblocks both signals when it starts, which would let one
-    # arrive while they are ignored, and it would inherit their being ignored for the process's life.
+    # Started now, not inside the window: it unblocks both signals when it starts, which would let the
+    # workers be born with them unblocked.
     from multiprocessing import resource_tracker
 
     resource_tracker.ensure_running()
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGINT, signal.SIGTERM))
     try:
-        for signum in stops:
-            signal.signal(signum, signal.SIG_IGN)
         return iter(loader)
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 

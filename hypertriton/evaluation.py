@@ -125,6 +125,9 @@ def _init_worker_then(user_init: Callable[[int], None], worker_id: int) -> None:
     user_init(worker_id)
 
 
+_init_worker_then.unblocks_stop_signals = True  # it calls ignore_stop_signals_in_worker first
+
+
 def _agree(stop: bool, has_batch: bool) -> tuple[bool, bool]:
     """Whether any rank asks to stop, and whether any rank has a batch left (one all-reduce; the
     values themselves on one process). A rank whose shard is done (shards differ by one episode) keeps

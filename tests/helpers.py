@@ -255,8 +255,8 @@ def check_second_derivatives(backend: str, device: str, penalty_gradients) -> No
 
 
 class SignalDispositionProbe(torch.utils.data.Dataset):
-    """Items say how a data-loader worker handled SIGINT and SIGTERM when it unpickled this dataset, which a
-    spawned worker does while it starts, before any ``worker_init_fn`` runs."""
+    """Items say which signals a data-loader worker blocked when it unpickled this dataset (which a spawned
+    worker does while it starts, before any ``worker_init_fn`` runs) and when it read the item."""
 
     def __init__(self, length: int = 2):
         self.length = length
@@ -269,7 +269,7 @@ class SignalDispositionProbe(torch.utils.data.Dataset):
         import signal
 
         self.length = state["length"]
-        self.at_start = [str(signal.getsignal(signum)) for signum in (signal.SIGINT, signal.SIGTERM)]
+        self.at_start = sorted(int(signum) for signum in signal.pthread_sigmask(signal.SIG_BLOCK, []))
 
     def __len__(self):
         return self.length
