@@ -123,11 +123,15 @@ def _build(kind: str, tmp_path: Path) -> Path:
     pytest.importorskip("setuptools", reason="building needs setuptools (not in Python 3.12+ virtual environments)")
     source = tmp_path / "source"  # a copy: building writes build/ and *.egg-info next to pyproject.toml
     if not source.exists():
-        listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
-        if listed.returncode == 0 and listed.stdout:  # a checkout: what is tracked, no environments or outputs
-            for name in listed.stdout.splitlines():
-                (source / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(ROOT / name, source / name)
+        try:
+            listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        except OSError:  # no git at all
+            listed = None
+        if (ROOT / ".git").exists() and listed is not None and listed.returncode == 0 and listed.stdout:
+            for name in listed.stdout.splitlines():  # a checkout: what is tracked (and still there), no outputs
+                if (ROOT / name).is_file():
+                    (source / name).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(ROOT / name, source / name)
         else:  # an unpacked sdist: all of it
             shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "dist"))
     # One process per build: setuptools' build_meta keeps state between calls.

@@ -267,9 +267,11 @@ def _refuse_unwritable_names(targets: dict[str, list[Path]], names: dict[str, Pa
             room = next((n for n in range(len(os.fsencode(stem)) - 1, 0, -1)
                          if all(longest_name(path.with_name(path.name.replace(stem, "x" * n, 1))) <= limit
                                 for path in paths)), 0)
+            advice = (f"rename the query (at most {room} bytes before its extension)" if room > 0 else
+                      "no query name fits there: choose another --out")
             raise InputError(f"--query: {str(names[stem])!r} would write {widest.name!r}, which with the temporary "
                              f"it is written under needs a name of {longest_name(widest)} bytes; {str(folder)!r} "
-                             f"allows {limit}: rename the query (at most {room} bytes before its extension)")
+                             f"allows {limit}: {advice}")
     by_case: dict[str, str] = {}
     for stem in names:
         other = by_case.setdefault(stem.casefold(), stem)
