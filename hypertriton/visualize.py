@@ -52,18 +52,27 @@ def spotlight(image: np.ndarray, mask: np.ndarray, dim: float = DIM, width: int 
     drawn in white (``width`` px, by default :func:`outline_width`); inside, the image as it is."""
     _check(image, mask, "mask")
     width = outline_width(*mask.shape) if width is None else width
-    out = _dimmed(image, dim)  # a table lookup: float arithmetic on a photo's pixels took 5x the time
-    np.copyto(out, image, where=mask[..., None])
+    outside = ~mask
+    if outside.mean() < 0.25:  # a large object: dim the few pixels around it (a whole-image lookup: 40x slower)
+        out = image.copy()
+        out[outside] = _dim_table(dim)[image[outside]]
+    else:  # a table lookup over the image, then the object copied back (float arithmetic took 5x the time)
+        out = _dimmed(image, dim)
+        np.copyto(out, image, where=mask[..., None])
     out[border(mask, width)] = OUTLINE
     return out
 
 
-def _dimmed(image: np.ndarray, dim: float) -> np.ndarray:
-    """``image`` at ``dim`` of its brightness, each value rounded as ``round(value * dim)`` in float32."""
+def _dim_table(dim: float) -> np.ndarray:
+    """Each uint8 value at ``dim`` of its brightness, rounded as ``round(value * dim)`` in float32."""
     if not 0 <= dim <= 1:
         raise ValueError(f"dim: expected a share of the brightness in [0, 1], got {dim!r}")
-    table = (np.arange(256, dtype=np.float32) * np.float32(dim)).round().astype(np.uint8)
-    return table[image]
+    return (np.arange(256, dtype=np.float32) * np.float32(dim)).round().astype(np.uint8)
+
+
+def _dimmed(image: np.ndarray, dim: float) -> np.ndarray:
+    """``image`` at ``dim`` of its brightness (:func:`_dim_table`)."""
+    return _dim_table(dim)[image]
 
 
 def error_map(image: np.ndarray, pred: np.ndarray, truth: np.ndarray, ignore: np.ndarray | None = None,

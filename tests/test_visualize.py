@@ -90,3 +90,16 @@ def test_dimming_takes_a_share_of_the_brightness_only():
     with pytest.raises(ValueError, match=r"dim: expected a share of the brightness in \[0, 1\], got 1.5"):
         visualize.spotlight(image, mask, dim=1.5)
     np.testing.assert_array_equal(visualize.spotlight(image, mask, dim=1.0, width=0), image)
+
+
+@pytest.mark.parametrize("object_share", [0.0, 0.5, 0.9, 1.0])
+def test_spotlight_gives_the_formulas_bytes_for_small_and_large_objects(object_share):
+    # Two ways to the same bytes: a lookup over the image (small objects) or over the few pixels around a
+    # large one.
+    rng = np.random.default_rng(6)
+    image = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    mask = rng.random((30, 40)) < object_share
+    expected = image.copy()
+    expected[~mask] = np.rint(image[~mask] * np.float32(visualize.DIM)).astype(np.uint8)
+    expected[visualize.border(mask, 1)] = 255
+    np.testing.assert_array_equal(visualize.spotlight(image, mask, width=1), expected)
