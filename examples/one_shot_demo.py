@@ -93,9 +93,6 @@ def _figure(rows: list[list[Image.Image]], title: str) -> np.ndarray:
     return np.asarray(visualize.sheet(rows, title=title, gap=4))
 
 
-_spotlight = visualize.spotlight  # everything outside the mask dimmed, the mask outlined in white
-
-
 def _uint8(image: np.ndarray) -> np.ndarray:
     return (image * 255).round().clip(0, 255).astype(np.uint8)
 
@@ -133,15 +130,15 @@ def run_synthetic(args, model, img_size: int) -> list[list[Image.Image]]:
         print(f"{index:>7}  {name:<26} {100 * ious[1][-1]:>10.1f} {100 * ious[5][-1]:>10.1f}")
         if len(rows) < FIGURE_ROWS:
             query = _uint8(denormalize_image(item["query_img"]))
-            supports = [_spotlight(_uint8(denormalize_image(image)), mask.numpy() > 0)
+            supports = [visualize.spotlight(_uint8(denormalize_image(image)), mask.numpy() > 0)
                         for image, mask in zip(item["support_imgs"], item["support_masks"])]
             rows.append([
                 _tile(supports[0], f"{index}: {name}"),
                 _grid(supports[1:], "+ supports 2-5"),
                 _tile(query, "query"),
-                _tile(_spotlight(query, predictions[1]), f"1-shot IoU {100 * ious[1][-1]:.0f}"),
-                _tile(_spotlight(query, predictions[5]), f"5-shot IoU {100 * ious[5][-1]:.0f}"),
-                _tile(_spotlight(query, truth), "truth"),
+                _tile(visualize.spotlight(query, predictions[1]), f"1-shot IoU {100 * ious[1][-1]:.0f}"),
+                _tile(visualize.spotlight(query, predictions[5]), f"5-shot IoU {100 * ious[5][-1]:.0f}"),
+                _tile(visualize.spotlight(query, truth), "truth"),
             ])
     print(f"mean IoU over {len(indices)} episodes: 1-shot {100 * np.mean(ious[1]):.1f}, "
           f"5-shot {100 * np.mean(ious[5]):.1f}  (docs/synthetic.md: class mIoU on 1000 episodes)")
@@ -156,8 +153,8 @@ def run_own(args, model, img_size: int) -> list[list[Image.Image]]:
     query = read_image(args.query, role="--query")
     prediction = segment(model, query, [support], [mask], img_size)
     print(f"{args.query}: {100 * prediction.mean():.1f}% of the pixels segmented ({img_size} px model input)")
-    return [[_tile(_spotlight(support, mask), "support + mask"), _tile(query, "query"),
-             _tile(_spotlight(query, prediction), "prediction")]]
+    return [[_tile(visualize.spotlight(support, mask), "support + mask"), _tile(query, "query"),
+             _tile(visualize.spotlight(query, prediction), "prediction")]]
 
 
 def main(argv=None) -> int:

@@ -158,7 +158,8 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
 def load_on_cpu(path: str | os.PathLike) -> Any:
     """``torch.load`` onto the CPU, tensors and plain containers only (``weights_only``: a loaded file
     can run no code; a checkpoint saved on a GPU loads on a machine without one), after a read of its
-    pickles that refuses dict keys whose hashing a small file could make take forever.
+    pickle (:mod:`hypertriton._pickle_guard`) that refuses what the loader would hash unchecked (a small
+    file could make that take forever).
 
     Raises:
         UnsafeFileError: such a file, named (nothing was built from it).

@@ -32,7 +32,7 @@ from . import visualize
 from ._io import atomic_file
 from ._signals import (ignore_stop_signals_in_worker, refuse_while_a_spawned_process_imports, start_loader,
                        stop_loader_workers)
-from .data.common import IMAGENET_MEAN, IMAGENET_STD
+from .data.common import IMAGENET_MEAN, IMAGENET_STD, resize_mask
 from .metrics import SegmentationMeter
 
 __all__ = ["EvaluationStopped", "ShardSampler", "evaluate", "format_result", "panel_tiles", "render_panel",
@@ -367,7 +367,7 @@ def _mask_at(layer: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """A 0/1 (or 255-ignore) map as a bool array of ``size`` (nearest, as masks are resized everywhere)."""
     layer = layer.detach().cpu().float()
     if tuple(layer.shape) != tuple(size):
-        layer = torch.nn.functional.interpolate(layer[None, None], size=size, mode="nearest")[0, 0]
+        layer = resize_mask(layer, size)
     return layer.numpy() > 0.5
 
 

@@ -273,12 +273,13 @@ def _refuse_unwritable_names(targets: dict[str, list[Path]], names: dict[str, Pa
                              f"it is written under needs a name of {longest_name(widest)} bytes; {str(folder)!r} "
                              f"allows {limit}: {advice}")
     by_case: dict[str, str] = {}
-    for stem in names:
-        other = by_case.setdefault(stem.casefold(), stem)
-        if other != stem and _ignores_case(folder):
-            raise InputError(f"--query: {str(names[other])!r} and {str(names[stem])!r} would write "
-                             f"{other}_mask.png and {stem}_mask.png, one file on {str(folder)!r}, which ignores the "
-                             "case of names; rename one or run them separately")
+    twins = [(by_case.setdefault(stem.casefold(), stem), stem) for stem in names]
+    twins = [(other, stem) for other, stem in twins if other != stem]
+    if twins and _ignores_case(folder):  # one probe for the folder, not one per pair
+        other, stem = twins[0]
+        raise InputError(f"--query: {str(names[other])!r} and {str(names[stem])!r} would write "
+                         f"{other}_mask.png and {stem}_mask.png, one file on {str(folder)!r}, which ignores the "
+                         "case of names; rename one or run them separately")
 
 
 def _ignores_case(folder: Path) -> bool:
