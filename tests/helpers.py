@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from unittest import mock
 
 import pytest
@@ -65,6 +66,12 @@ BACKEND_IDS = [name for name, _ in available_backends()]
 TRITON_RUNS = "triton" in BACKEND_IDS
 needs_triton = pytest.mark.skipif(not TRITON_RUNS, reason="the Triton kernels cannot run here: "
                                   f"{triton_unavailable_reason(torch.device('cpu'))}")
+
+
+# os.kill(pid, SIGINT) on Windows terminates the process (only CTRL_C_EVENT reaches a handler there, and
+# it goes to the whole console), and os.killpg does not exist: these tests would kill pytest itself.
+posix_signals = pytest.mark.skipif(sys.platform == "win32", reason="sends POSIX signals (SIGINT/SIGTERM) to "
+                                   "a running process; on Windows os.kill terminates it instead")
 
 
 def backend_params(*names: str) -> list:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TORCHRUN_VARS, launch_gloo_ranks
+from helpers import TORCHRUN_VARS, launch_gloo_ranks, posix_signals
 
 from hypertriton import distributed as hdist
 
@@ -375,6 +375,7 @@ STOP_IN_VALIDATION_SCRIPT = textwrap.dedent("""
 """)
 
 
+@posix_signals
 def test_ctrl_c_on_one_rank_stops_every_rank_in_validation_and_resume_reruns_it(tmp_path):
     from hypertriton.training import LAST_CHECKPOINT, LOG_FILE, load_training_state
 
