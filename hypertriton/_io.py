@@ -52,8 +52,6 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
     running process's, are left alone (a shared file system may hold a live writer's). Returns those
     removed."""
     removed = []
-    if os.name == "nt":  # os.kill(pid, 0) sends a Ctrl-C there: no way to ask whether a process runs
-        return removed
     stem = _temporary_stem(path.name)
     pattern = re.compile(rf"\.{re.escape(stem)}\.{re.escape(_HOST)}\.(\d+)\.[0-9a-f]{{8}}\.tmp")
     try:
@@ -72,6 +70,8 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
 
 
 def _process_runs(pid: int) -> bool:
+    if _WINDOWS:  # os.kill(pid, 0) would terminate the process there
+        return _windows_process_runs(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -79,6 +79,33 @@ def _process_runs(pid: int) -> bool:
     except OSError:  # exists, owned by another user
         return True
     return True
+
+
+# Win32: OpenProcess fails with ERROR_INVALID_PARAMETER for a process id that names no process; a
+# process that ended but whose handle someone still holds reports STILL_ACTIVE no longer.
+_WINDOWS = os.name == "nt"
+_PROCESS_QUERY_LIMITED_INFORMATION = 0x1000
+_ERROR_INVALID_PARAMETER = 87
+_STILL_ACTIVE = 259
+
+
+def _windows_process_runs(pid: int, kernel32: Any = None, last_error: Any = None) -> bool:
+    """Whether process ``pid`` runs, asked of Windows' kernel32 (``kernel32`` and ``last_error`` stand in
+    for ctypes' in tests). Anything unexpected counts as running: a live writer's file is never removed."""
+    import ctypes
+    if kernel32 is None:
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+        last_error = ctypes.get_last_error  # type: ignore[attr-defined]
+    handle = kernel32.OpenProcess(_PROCESS_QUERY_LIMITED_INFORMATION, False, pid)
+    if not handle:  # access denied: it exists, another user's
+        return last_error() != _ERROR_INVALID_PARAMETER
+    try:
+        exit_code = ctypes.c_ulong()
+        if not kernel32.GetExitCodeProcess(handle, ctypes.byref(exit_code)):
+            return True
+        return exit_code.value == _STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
 
 
 @contextmanager

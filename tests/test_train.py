@@ -20,7 +20,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from helpers import TORCHRUN_VARS
+from helpers import TORCHRUN_VARS, posix_signals
 
 from hypertriton.data.synthetic import SyntheticDataset
 from hypertriton.model import HSNet
@@ -453,6 +453,7 @@ def _stop_in_first_validation():
 
 # global step 3 is the last step of epoch 0 (stopped before its validation); 4 is mid-epoch 1; a stop
 # during epoch 0's validation leaves the state after step 3, from which the validation runs again.
+@posix_signals
 @pytest.mark.parametrize("stop_step", [3, 4, "validation"], ids=["end-of-epoch", "mid-epoch", "during-validation"])
 def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted, stop_step):
     reference_summary, reference_state, reference_log = uninterrupted
@@ -537,6 +538,7 @@ def test_scheduled_lr_hand_computed_values():
         scheduled_lr(0.1, "linear", 0, 8)
 
 
+@posix_signals
 def test_cosine_schedule_is_followed_and_survives_a_stop(tmp_path):
     trn, val = tiny_data()
     reference_path = tmp_path / "reference"
@@ -816,6 +818,54 @@ def test_atomic_save_removes_what_killed_writers_left_and_names_a_failed_write(t
     assert not stale_long.exists()
 
 
+class _FakeKernel32:
+    """Windows' OpenProcess/GetExitCodeProcess/CloseHandle as ctypes calls them, over a table of processes
+    (pid -> exit code; STILL_ACTIVE while running) and of pids another user owns."""
+
+    def __init__(self, processes, others=()):
+        self.processes, self.others, self.error, self.open_handles = processes, set(others), 0, set()
+
+    def OpenProcess(self, access, inherit, pid):  # noqa: N802 (the Win32 name)
+        if pid in self.others:
+            self.error = 5  # ERROR_ACCESS_DENIED
+            return 0
+        if pid not in self.processes:
+            self.error = 87  # ERROR_INVALID_PARAMETER
+            return 0
+        self.open_handles.add(1000 + pid)
+        return 1000 + pid
+
+    def GetExitCodeProcess(self, handle, exit_code_ref):  # noqa: N802
+        exit_code_ref._obj.value = self.processes[handle - 1000]
+        return 1
+
+    def CloseHandle(self, handle):  # noqa: N802
+        self.open_handles.remove(handle)
+        return 1
+
+
+def test_on_windows_stale_temporaries_are_found_by_asking_kernel32_whether_their_writer_runs(tmp_path,
+                                                                                               monkeypatch):
+    # os.kill(pid, 0) terminates a process on Windows, so the POSIX probe cannot be used there; these
+    # temporaries were never removed on Windows (170 MB per checkpoint a killed run left).
+    from hypertriton import _io
+
+    kernel32 = _FakeKernel32({10: 259, 11: 0}, others={12})  # 10 runs, 11 ended (handle still held)
+    assert [_io._windows_process_runs(pid, kernel32, lambda: kernel32.error) for pid in (10, 11, 12, 13)] == \
+        [True, False, True, False]
+    assert kernel32.open_handles == set()
+    monkeypatch.setattr(_io, "_WINDOWS", True)
+    ask = _io._windows_process_runs
+    monkeypatch.setattr(_io, "_windows_process_runs", lambda pid: ask(pid, kernel32, lambda: kernel32.error))
+    monkeypatch.setattr(_io.os, "kill", lambda *args: pytest.fail("os.kill on Windows"))
+    path = tmp_path / "last.pt"
+    names = {pid: tmp_path / f".last.pt.{_io._HOST}.{pid}.0123abcd.tmp" for pid in (10, 11, 12, 13)}
+    for leftover in names.values():
+        leftover.write_bytes(b"half a checkpoint")
+    assert sorted(_io.remove_stale_temporaries(path)) == sorted([names[11], names[13]])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names[10].name, names[12].name])
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("bsz", 0, "bsz: expected a positive integer"),
     ("lr", float("nan"), "lr: expected a positive finite number"),
@@ -844,6 +894,7 @@ def test_fp16_on_cpu_is_refused(tmp_path):
 # CLI
 
 
+@posix_signals
 def test_cli_ctrl_c_saves_state_and_resume_finishes_the_run(tmp_path, capsys):
     import subprocess
     import sys
@@ -915,6 +966,7 @@ print("stopped", summary["interrupted"], summary["global_step"])
 """
 
 
+@posix_signals
 @pytest.mark.parametrize("signals", [1, 2], ids=["one SIGTERM", "two SIGTERMs"])
 def test_sigterm_to_the_process_group_stops_cleanly_while_waiting_for_a_batch(tmp_path, signals):
     # The data-loader worker gets the signal too; were it to die, the main process, waiting for its next
