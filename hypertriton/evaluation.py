@@ -319,12 +319,17 @@ def panel_tiles(batch: Mapping, pred: torch.Tensor, row: int = 0) -> list[tuple[
     """The pictures of one episode's panel, each ``(caption, uint8 [H, W, 3])`` at its image's own size:
     every support spotlighting its mask, the query, the query spotlighting the prediction and the truth
     (ignored pixels grey), and the errors (:func:`hypertriton.visualize.error_map`). Arguments as for
-    :func:`render_panel`; masks of another size than their image are resized to it (nearest)."""
+    :func:`render_panel`. The query's tiles are at the size its masks are scored at: with
+    ``use_original_imgsize`` the image's own (the resized query image is enlarged back, so that the
+    prediction is shown at the resolution, and in the aspect ratio, it is scored in); support masks of
+    another size than their image are resized to it (nearest)."""
     batch, pred = _as_batch(batch, pred)
     if not -len(pred) <= row < len(pred):
         raise IndexError(f"row: {row} is out of range for a batch of {len(pred)} episodes")
     query = _to_rgb(batch["query_img"][row])
-    size = query.shape[:2]
+    size = tuple(batch["query_mask"][row].shape[-2:])
+    if size != query.shape[:2]:
+        query = np.array(Image.fromarray(query).resize(size[::-1], Image.BILINEAR))
     ignore = batch.get("query_ignore_idx")
     ignore = _mask_at(ignore[row], size) if ignore is not None else None
     supports = [_to_rgb(image) for image in batch["support_imgs"][row]]

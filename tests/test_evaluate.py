@@ -273,6 +273,32 @@ def test_panel_of_one_item_equals_its_row_in_a_batch(dataset):
         render_panel({k: v for k, v in items[0].items() if k != "query_mask"}, pred[0])
 
 
+def test_an_original_size_panel_shows_the_query_at_the_size_and_shape_it_is_scored_in(pascal_data):
+    # With use_original_imgsize the masks are scored at the image's own size; the panel showed them shrunk to
+    # the model's square input (another aspect ratio; thin parts lost) beside the resized query.
+    from hypertriton import visualize
+    from hypertriton.evaluation import panel_tiles
+
+    original = build_dataset("pascal", pascal_data.datapath, pascal_data.splits, 0, "test", nshot=1, img_size=SIZE,
+                             use_original_imgsize=True)
+    item = next(original[i] for i in range(len(original)) if original[i]["query_mask"].shape[0] != SIZE)
+    height, width = item["query_mask"].shape
+    pred = torch.zeros(height, width, dtype=torch.long)
+    pred[:, -1] = 1  # one column at the right edge
+    tiles = dict(panel_tiles(item, pred))
+    query = tiles["query"]
+    shown = np.array(Image.fromarray(first_query_rgb(item)).resize((width, height), Image.BILINEAR))
+    np.testing.assert_array_equal(query, shown)
+    truth, ignore = item["query_mask"].numpy() == 1, item["query_ignore_idx"].numpy() == 1
+    np.testing.assert_array_equal(tiles["prediction"], visualize.spotlight(query, pred.numpy() == 1))
+    np.testing.assert_array_equal(tiles["errors"], visualize.error_map(query, pred.numpy() == 1, truth, ignore))
+    assert render_panel(item, pred).height > 0
+
+
+def first_query_rgb(item) -> np.ndarray:
+    return first_support_rgb({"support_imgs": item["query_img"][None]})
+
+
 def first_support_rgb(item) -> np.ndarray:
     """The first support image as uint8 RGB, stated apart from the panel's code."""
     from hypertriton.data.common import IMAGENET_MEAN, IMAGENET_STD
