@@ -912,8 +912,8 @@ def search_max_sizes(args, groups: list[dict], info: dict, launch, device: str, 
     limit_bytes = None if args.memory_limit is None else args.memory_limit * 2**30
     progress = tqdm(desc="largest size", unit="try")
     found = []
-    stem = args.name or f"{device.split(':')[0]}-{args.backbone}-b{args.batch}-{dtype}-max-size"
     out = _out_folder(args)
+    stem = args.name or _unused_stem(out, f"{device.split(':')[0]}-{args.backbone}-b{args.batch}-{dtype}-max-size")
 
     def write() -> tuple[dict, str]:
         """JSON and markdown of the searches done so far (rewritten after each: an interrupted run keeps them)."""
@@ -1045,14 +1045,23 @@ def measure_group(group: dict, launch, progress, on_update=None) -> list[dict]:
     return rows
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written; each option's default after its help, where it has one to state."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
     parser.add_argument("--size", type=int, default=50, help="side of the finest feature map (50 = 400 px)")
     parser.add_argument("--sweep", default=None, help="comma-separated sizes, e.g. 13,25,50,75,100 (overrides --size)")
     parser.add_argument("--backbone", default="resnet50", help="resnet50, resnet101 or vgg16 (feature shapes)")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--batch", type=int, default=1, help="episodes per forward")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="the features' dtype")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--backend", default=None,
                         help="comma-separated backends to time (default: all available on the device; the CPU "
@@ -1077,7 +1086,9 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=None,
                         help="output folder (default: bench/results); with --replot, the PNG file to write or the "
                              "folder to write it into (default: beside the JSON)")
-    parser.add_argument("--name", default=None, help="file name stem of the outputs")
+    parser.add_argument("--name", default=None,
+                        help="file name stem of the outputs, replaced if they exist (default: device-backbone-"
+                             "size-batch-dtype, with -2, -3, ... added where that run's files exist already)")
     parser.add_argument("--machine", default=None, help="free-text machine name written into the results")
     parser.add_argument("--note", default=None, help="free-text note written into the results")
     parser.add_argument("--max-size", type=int, default=None,
@@ -1098,6 +1109,16 @@ def parse_args(argv=None):
 def _out_folder(args) -> Path:
     """``--out``: the folder the results are written to (default ``bench/results``)."""
     return Path(args.out) if args.out else HERE / "results"
+
+
+def _unused_stem(out: Path, stem: str) -> str:
+    """``stem``, or ``stem-2``, ``stem-3``, ... the first whose outputs do not exist in ``out``: a run without
+    ``--name`` never replaces an earlier run's results (the committed ones among them); ``--name`` does."""
+    candidate, number = stem, 1
+    while any((out / f"{candidate}{suffix}").exists() for suffix in (".json", ".md", ".png")):
+        number += 1
+        candidate = f"{stem}-{number}"
+    return candidate
 
 
 def _replot_target(source: Path, out: str | None) -> Path:
@@ -1162,6 +1183,9 @@ def main(argv=None) -> int:
     import cases
 
     check_args(args)
+    if args.repeats < 3 and args.max_size is None:
+        print(f"note: --repeats {args.repeats}: a median of so few runs is noise on a busy machine (one run has read "
+              "0.95x where five read 3.2x); 5 or more for numbers to compare", file=sys.stderr)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {device}: CUDA is not available on this machine")
@@ -1242,9 +1266,9 @@ def main(argv=None) -> int:
         peaks = {}
     info["gemm_peak_gflops"] = peaks
 
-    stem = args.name or (f"{device.split(':')[0]}-{args.backbone}-size{'_'.join(map(str, sizes))}-b{args.batch}-"
-                         f"{dtype}")
     out = _out_folder(args)
+    stem = args.name or _unused_stem(out, f"{device.split(':')[0]}-{args.backbone}-size{'_'.join(map(str, sizes))}-"
+                                          f"b{args.batch}-{dtype}")
 
     def write_report(rows: list[dict], groups_done: int) -> tuple[dict, str]:
         """JSON and markdown of the rows so far: rewritten after every group, so that an interrupted run

@@ -659,3 +659,41 @@ def test_a_group_reports_its_timings_before_measuring_memory(bench_run, tmp_path
         [("original", [0.4]), ("torch", [0.1])]]
     report = _report(bench_run.summarize(updates[-1]))
     assert "| 50 | learner_forward | object | torch | 100.0 |" in bench_run.markdown(report)
+
+
+def test_a_run_without_a_name_never_replaces_an_earlier_run_s_results(bench_run, tmp_path, monkeypatch, capsys):
+    # The default name depends only on device, backbone, size, batch and dtype: `bench/run.py --size 50`
+    # on any CPU replaced the committed results its README quotes.
+    import subprocess
+
+    run = subprocess.run
+
+    def no_worker(command, *args, **kwargs):  # the benchmark's workers fail; other commands run
+        if command[0] != sys.executable:
+            return run(command, *args, **kwargs)
+        return subprocess.CompletedProcess(command, 1, "", "no worker in this test")
+
+    monkeypatch.setattr(bench_run.subprocess, "run", no_worker)
+    argv = ["--size", "5", "--cases", "hypercorrelation", "--masks", "object", "--variants", "original",
+            "--device", "cpu", "--repeats", "1", "--out", str(tmp_path)]
+    earlier = {suffix: tmp_path / f"cpu-resnet50-size5-b1-float32{suffix}" for suffix in (".json", ".md")}
+    for path in earlier.values():
+        path.write_text("an earlier run")
+    (tmp_path / "cpu-resnet50-size5-b1-float32-2.png").write_text("a later one's plot")
+    bench_run.main(argv)
+    assert all(path.read_text() == "an earlier run" for path in earlier.values())
+    written = json.loads((tmp_path / "cpu-resnet50-size5-b1-float32-3.json").read_text())
+    assert written["rows"][0]["variant"] == "original" and "error" in written["rows"][0]
+    err = capsys.readouterr().err
+    assert "--repeats 1: a median of so few runs is noise" in err
+    bench_run.main(argv + ["--name", "cpu-resnet50-size5-b1-float32"])  # named: replaced, as asked
+    assert json.loads(earlier[".json"].read_text())["rows"][0]["variant"] == "original"
+
+
+def test_help_states_each_default(bench_run, capsys):
+    with pytest.raises(SystemExit):
+        bench_run.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split()).split("options:", 1)[1]
+    for option, default in (("--size SIZE", "50"), ("--batch BATCH", "1"), ("--repeats REPEATS", "5"),
+                            ("--timeout TIMEOUT", "900"), ("--warmup WARMUP", "1")):
+        assert f"{option} " in text and f"(default: {default})" in text.split(option, 1)[1].split(" --", 1)[0], option
