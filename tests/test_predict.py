@@ -421,12 +421,15 @@ def test_outputs_that_would_replace_inputs_are_refused(files, checkpoint, tmp_pa
     truth[10:30, 20:60] = 255
     _save(folder / "cat_mask.png", truth)  # the user's own ground truth, next to its image
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    for overrides in ({"query": [folder]},  # its outputs would land on the query folder's files
-                      {"supports": [folder / "cat.png"], "masks": [folder / "cat_mask.png"],
-                       "query": [folder / "cat.png"]}):  # a support mask would be replaced by the prediction
+    for overrides, message in (
+            # its outputs would land among the queries, on the user's ground truth
+            ({"query": [folder]}, "is a --query folder: the masks and overlays would be written among the queries"),
+            # a support mask would be replaced by the prediction
+            ({"supports": [folder / "cat.png"], "masks": [folder / "cat_mask.png"], "query": [folder / "cat.png"]},
+             "cat_mask.png' would replace the input")):
         assert _predict(files, folder, checkpoint, **overrides) == 2
         err = capsys.readouterr().err
-        assert "--out: writing" in err and "cat_mask.png' would replace the input" in err, err
+        assert "--out: " in err and message in err, err
         assert "nothing was written" in err
         assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     # An earlier run's outputs elsewhere are replaced, and the summary says so.
@@ -436,6 +439,54 @@ def test_outputs_that_would_replace_inputs_are_refused(files, checkpoint, tmp_pa
     assert "replacing" not in capsys.readouterr().out
     assert _predict(files, out, checkpoint, query=query) == 0
     assert "wrote 2 files to" in (said := capsys.readouterr().out) and "(2 of them replacing files" in said
+
+
+def test_a_query_folder_s_masks_and_overlays_are_not_taken_as_queries(files, checkpoint, tmp_path, capsys):
+    # An --out that was a query folder left NAME_mask.png / NAME_overlay.png there, which the next run over
+    # the folder segmented as queries (writing NAME_mask_mask.png ...); ground-truth masks beside their
+    # images likewise.
+    folder = tmp_path / "queries"
+    folder.mkdir()
+    for name in ("cat.png", "dog.png"):
+        (folder / name).write_bytes((files["queries"] / "wide.png").read_bytes())
+    for name in ("cat_mask.png", "cat_overlay.png", "dog_mask.png"):
+        _save(folder / name, np.zeros((72, 120), np.uint8))
+    _save(folder / "bird_mask.png", np.zeros((72, 120), np.uint8))  # no bird image: a query
+    out = tmp_path / "out"
+    one = {"supports": files["supports"][:1], "masks": files["masks"][:1]}
+    assert _predict(files, out, checkpoint, query=[folder], **one) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{stem}_{kind}.png" for stem in ("bird_mask", "cat", "dog")
+                                                           for kind in ("mask", "overlay"))
+    said = capsys.readouterr()
+    assert "warning: --query: skipped 3 file(s) of folder" in said.err
+    assert "(cat_mask.png, cat_overlay.png, dog_mask.png)" in said.err
+    assert said.out.startswith("3 queries segmented with 1 support (checkpoint ")
+    # A folder of folders: said that they are not searched.
+    nested = tmp_path / "nested"
+    (nested / "inner").mkdir(parents=True)
+    assert _predict(files, out, checkpoint, query=[nested]) == 2
+    assert "holds no image file (sub-folders are not searched)" in capsys.readouterr().err
+
+
+def test_the_summary_names_the_model_and_the_bundled_one_is_said_to_be_a_demonstration(files, tmp_path, capsys):
+    from hypertriton.cli import main
+
+    query = files["queries"] / "wide.png"
+    assert main(["predict", "--support", str(files["supports"][0]), "--support-mask", str(files["masks"][0]),
+                 "--query", str(query), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    said = capsys.readouterr()
+    assert said.out.startswith("1 query segmented with 1 support (the bundled synthetic-shapes model, backend "), said
+    assert "note: no --checkpoint given: using the bundled model, trained only on the synthetic" in said.err
+
+
+def test_pngs_of_a_combined_support_folder_that_match_no_image_are_said_unused(files, checkpoint, tmp_path, capsys):
+    folder = tmp_path / "supports"
+    folder.mkdir()
+    (folder / "1.png").write_bytes(files["masks"][0].read_bytes())
+    Image.open(files["supports"][0]).convert("RGB").save(folder / "1.jpg", quality=95)
+    _save(folder / "2.png", np.zeros((8, 8), np.uint8))  # its image missing
+    assert _predict(files, tmp_path / "out", checkpoint, supports=[folder], masks=[folder]) == 0
+    assert "warning: --support-mask: 1 PNG file(s) of" in (err := capsys.readouterr().err) and "(2.png)" in err, err
 
 
 def test_a_long_query_name_writes_and_one_too_long_is_refused_before_any_query(files, checkpoint, tmp_path, capsys):

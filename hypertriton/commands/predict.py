@@ -60,8 +60,12 @@ def _images_in(folder: Path) -> list[Path]:
 
 
 def _expand(paths: list[str], role: str) -> tuple[list[Path], bool]:
-    """Files as given plus the images of every folder; ``True`` when a folder was among them."""
-    from hypertriton.predict import InputError
+    """Files as given plus the images of every folder; ``True`` when a folder was among them. A folder's
+    ``NAME_mask.png`` / ``NAME_overlay.png`` beside an image ``NAME.*`` are skipped, with a warning: an
+    earlier run's outputs, or the user's ground truth, not queries."""
+    import warnings
+
+    from hypertriton.predict import InputError, InputWarning
 
     files, had_folder = [], False
     for text in paths:
@@ -69,8 +73,20 @@ def _expand(paths: list[str], role: str) -> tuple[list[Path], bool]:
         if path.is_dir():
             had_folder = True
             found = _images_in(path)
-            if not found:
-                raise InputError(f"{role}: folder {text!r} holds no image file")
+            stems = {image.stem for image in found}
+            companions = [image for image in found if image.suffix.lower() == ".png"
+                          and any(image.stem == f"{stem}{suffix}" for stem in stems for suffix in _OUTPUT_SUFFIXES)]
+            if companions:
+                listed = ", ".join(image.name for image in companions[:3]) + (
+                    f" and {len(companions) - 3} more" if len(companions) > 3 else "")
+                warnings.warn(f"{role}: skipped {len(companions)} file(s) of folder {text!r} named as another image's "
+                              f"mask or overlay ({listed}): predict's outputs or ground truth, not queries; name "
+                              "them as files to segment them", InputWarning)
+                found = [image for image in found if image not in companions]
+            if not found:  # (a companion has its image beside it: never all there is)
+                subfolders = any(entry.is_dir() for entry in path.iterdir())
+                raise InputError(f"{role}: folder {text!r} holds no image file"
+                                 + (" (sub-folders are not searched)" if subfolders else ""))
             files.extend(found)
         elif not path.exists():
             raise InputError(f"{role}: no such file or folder {text!r}")
@@ -105,6 +121,17 @@ def _pairs_by_name(image_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
         if not same_folder or path.suffix.lower() == ".png":
             masks_by_stem.setdefault(path.stem, []).append(path)
     images = [path for path in files if not (same_folder and path.suffix.lower() == ".png")]
+    if same_folder and images:
+        image_stems = {image.stem for image in images}
+        unpaired = sorted(stem for stem in masks_by_stem if stem not in image_stems)
+        if unpaired:
+            import warnings
+
+            from hypertriton.predict import InputWarning
+
+            warnings.warn(f"--support-mask: {len(unpaired)} PNG file(s) of {str(mask_dir)!r} match no support image "
+                          f"and are not used ({', '.join(name + '.png' for name in unpaired[:3])}"
+                          f"{' ...' if len(unpaired) > 3 else ''})", InputWarning)
     if not images:
         found = "holds only PNG files, which are taken as the masks" if same_folder and files else "holds no image file"
         raise InputError(f"--support: folder {str(image_dir)!r} {found}")
@@ -186,6 +213,10 @@ def _run(args: argparse.Namespace) -> int:
         out = check_writable(args.out, "--out", folder=True)
     except ValueError as error:
         raise InputError(str(error)) from None
+    for text in args.query:
+        if Path(text).is_dir() and Path(text).resolve() == out.resolve():
+            raise InputError(f"--out: {args.out!r} is a --query folder: the masks and overlays would be written among "
+                             "the queries (and could replace your own NAME_mask.png files); choose another folder")
     targets = {stem: _targets(out, stem, args.overlay) for stem in names}
     _refuse_overwriting_inputs(targets, pairs, queries)
     _refuse_unwritable_names(targets, names, out)
@@ -195,6 +226,13 @@ def _run(args: argparse.Namespace) -> int:
         raise InputError(f"--backend: {error}") from None
     model, img_size = load_model(args.checkpoint, args.backbone, backend=backend, device=device)
     model.lean = args.lean
+    if args.checkpoint is None:
+        checkpoint_name = "the bundled synthetic-shapes model"
+        print("note: no --checkpoint given: using the bundled model, trained only on the synthetic benchmark's "
+              f"shapes at {img_size} px, a demonstration; for photos pass --checkpoint with an HSNet checkpoint (the "
+              "original's, or the best_model.pt of hypertriton train)", file=sys.stderr)
+    else:
+        checkpoint_name = f"checkpoint {Path(args.checkpoint).name}"
     img_size = args.img_size or img_size
     for k in vanishing_masks(masks, img_size):
         warnings.warn(f"--support-mask: the {int(masks[k].sum())} object pixels of {str(pairs[k][1])!r} all vanish "
@@ -223,12 +261,19 @@ def _run(args: argparse.Namespace) -> int:
             if not mask.any():
                 empty.append(query_path.name)
     again = f" ({replaced} of them replacing files of the same name)" if replaced else ""
-    print(f"{len(queries)} queries segmented with {len(supports)} support(s) (backend {backend}, {img_size} px); "
-          f"wrote {written} files to {out}{again}")
+    print(f"{_count(len(queries), 'query', 'queries')} segmented with {_count(len(supports), 'support')} "
+          f"({checkpoint_name}, backend {backend}, {img_size} px); wrote {written} files to {out}{again}")
     if empty:  # an all-black mask and an overlay that is the photo dimmed: said, not left to be noticed
         named = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
         print(f"no object found in {len(empty)} of the {len(queries)} queries: {named}")
     return 0
+
+
+_OUTPUT_SUFFIXES = ("_mask", "_overlay")
+
+
+def _count(number: int, singular: str, plural: str | None = None) -> str:
+    return f"{number} {singular if number == 1 else plural or singular + 's'}"
 
 
 def _targets(out: Path, stem: str, with_overlay: bool) -> list[Path]:
