@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -35,8 +35,8 @@ from ._signals import (ignore_stop_signals_in_worker, refuse_while_a_spawned_pro
 from .data.common import IMAGENET_MEAN, IMAGENET_STD, resize_mask
 from .metrics import SegmentationMeter
 
-__all__ = ["EvaluationStopped", "ShardSampler", "evaluate", "format_result", "panel_tiles", "render_panel",
-           "check_no_earlier_panels"]
+__all__ = ["EpisodePredictor", "EvaluationStopped", "ShardSampler", "evaluate", "format_result", "panel_tiles",
+           "render_panel", "check_no_earlier_panels"]
 
 
 class EvaluationStopped(Exception):
@@ -136,7 +136,16 @@ def _agree(stop: bool, has_batch: bool) -> tuple[bool, bool]:
     return bool(totals[0] > 0), bool(totals[1] > 0)
 
 
-def evaluate(model: torch.nn.Module, dataset_or_loader: Dataset | DataLoader, nshot: int,
+class EpisodePredictor(Protocol):
+    """What :func:`evaluate` needs of a model: an ``HSNet``, a DDP-wrapped one, or any object with this method
+    (its ``train``/``eval`` are used where it has them)."""
+
+    def predict_mask_nshot(self, batch: Mapping, nshot: int) -> torch.Tensor:
+        """``[B, H, W]`` 0/1 masks at the size of ``batch["query_mask"]``."""
+        ...
+
+
+def evaluate(model: EpisodePredictor, dataset_or_loader: Dataset | DataLoader, nshot: int,
              device: str | torch.device, progress: bool = True,
              visualize_dir: str | os.PathLike | None = None, bsz: int = 1, nworker: int = 0,
              class_ids=None, max_episodes: int | None = None, amp: torch.dtype | None = None,

@@ -261,6 +261,8 @@ class HSNet(nn.Module):
         if support_imgs.shape[:2] != support_masks.shape[:2] or support_imgs.shape[0] != batch:
             raise ValueError(f"support_imgs {_shape(support_imgs)} and support_masks {_shape(support_masks)} "
                              f"must share [B, K] with B = {batch} (the query batch)")
+        if support_imgs.shape[1] == 0:  # (it divided by zero in segment, and asked for nshot in [1, 0])
+            raise ValueError(f"support_imgs: expected at least one shot (K >= 1), got {_shape(support_imgs)}")
         return support_imgs, support_masks
 
     def predict_mask_nshot(self, batch: Mapping, nshot: int) -> torch.Tensor:

@@ -481,6 +481,8 @@ def segment(model: HSNet, query: np.ndarray, supports: Sequence[np.ndarray] | Pr
     else:
         if img_size is None:
             raise ValueError("img_size: required with support images (the side the model's input is resized to)")
+        if support_masks is None:
+            raise ValueError("support_masks: required with support images (one bool [H, W] mask per support)")
         prepared = prepare_supports(model, supports, support_masks, img_size)
     device = next(model.parameters()).device
     with torch.no_grad():

@@ -61,7 +61,7 @@ import traceback
 import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -151,7 +151,8 @@ class _RunLog:
         # Flushed per row so a killed run keeps its log up to its last step.
         self._file.flush()
 
-    def scalars(self, step: int, values: dict[str, float]) -> None:
+    def scalars(self, step: int, values: Mapping[str, float | None]) -> None:
+        """TensorBoard scalars at ``step``; a ``None`` (no validation this epoch) is left out."""
         if self._tb is None:
             return
         for name, value in values.items():

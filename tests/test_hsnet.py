@@ -471,6 +471,18 @@ def test_segment_with_one_class_matches_one_shot_prediction():
     torch.testing.assert_close(labels, model.predict(query, support, mask))
 
 
+def test_supports_of_no_shot_are_refused_by_name():
+    # segment divided by zero (after warning that the masks mark no pixel); predict asked for nshot in [1, 0].
+    model = model_for("resnet18")
+    query, support, mask = images(1, 64, 64, 3)
+    none = (support[:, None][:, :0], mask[:, None][:, :0])
+    with pytest.raises(ValueError, match=r"supports\[1\]: support_imgs: expected at least one shot \(K >= 1\), "
+                                         r"got \[1, 0, 3, 64, 64\]"):
+        model.segment(query, {1: none})
+    with pytest.raises(ValueError, match=r"support_imgs: expected at least one shot"):
+        model.predict(query, *none)
+
+
 # ----------------------------------------------------------------------------- pretrained weights
 def test_pretrained_offline_explains_how_to_provide_weights(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))

@@ -646,6 +646,7 @@ def test_segment_names_inputs_that_are_not_what_read_image_and_read_mask_return(
         ((image, [np.zeros((64, 64, 4), np.uint8)], [mask]), r"supports\[0\]: .* got uint8 \[64, 64, 4\]"),
         ((torch.zeros(64, 64, 3), [image], [mask]), r"query: .* got Tensor"),
         ((image, [image], [mask[:, :50]]), r"support_masks\[0\]: expected a numpy array \[H, W\] = \[64, 64\]"),
+        ((image, [image], None), r"support_masks: required with support images"),  # was len(None): TypeError
     ]
     for args, message in cases:
         with pytest.raises(ValueError, match=message):
