@@ -276,7 +276,8 @@ def test_split_entry_without_file_and_bad_split_lines(pascal_data, tmp_path):
     val.unlink()
     with pytest.raises(DatasetError, match=r"split file not found: .*val/fold0\.txt"):
         build_dataset("pascal", root, splits, 0, "test", nshot=1)
-    with pytest.raises(DatasetError, match="no pascal split files under"):
+    with pytest.raises(DatasetError, match=r"no pascal split files under .*; where to get the images, masks and "
+                                           r"split files: README.md, 'Data and weights' .*juhongm999/hsnet"):
         build_dataset("pascal", root, tmp_path / "nowhere", 0, "test", nshot=1)
 
 
@@ -334,7 +335,7 @@ def test_bad_arguments(pascal_data):
 @pytest.mark.parametrize("name, folder", [("pascal", "VOC2012"), ("coco", "COCO2014"), ("fss", "FSS-1000")])
 def test_a_data_root_without_the_benchmarks_folder_is_named(tmp_path, monkeypatch, name, folder):
     """Not the first episode's image reported missing, which says nothing of the data root."""
-    with pytest.raises(DatasetError, match=rf"datapath: '{tmp_path}' holds no {folder}/ folder"):
+    with pytest.raises(DatasetError, match=rf"datapath: '{tmp_path}' holds no {folder}/ folder.*'Data and weights'"):
         build_dataset(name, tmp_path, tmp_path, 0, "test", 1)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DatasetError, match=rf"datapath: none given, and the current folder holds no {folder}/"):

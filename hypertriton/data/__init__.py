@@ -27,6 +27,8 @@ BENCHMARKS = {
 }
 # The folder each real benchmark's files live in, under the data root.
 DATA_FOLDERS = {"pascal": "VOC2012", "coco": "COCO2014", "fss": "FSS-1000"}
+DATA_HINT = ("where to get the images, masks and split files: README.md, 'Data and weights' (the original HSNet "
+             "repository, https://github.com/juhongm999/hsnet, has the split files in data/splits)")
 
 
 def build_dataset(benchmark: str, datapath, splits, fold: int, split: str, nshot: int, img_size: int = 400,
@@ -57,7 +59,7 @@ def build_dataset(benchmark: str, datapath, splits, fold: int, split: str, nshot
         # Otherwise the first episode's image would be reported missing, without a word of datapath.
         where = f"{str(root)!r} holds" if datapath is not None else "none given, and the current folder holds"
         raise DatasetError(f"datapath: {where} no {folder}/ folder; expected the data root of {benchmark}'s "
-                           f"original layout (the folder that holds {folder}/)")
+                           f"original layout (the folder that holds {folder}/); {DATA_HINT}")
     module_name, class_name = BENCHMARKS[benchmark]
     try:
         module = importlib.import_module(module_name)

@@ -126,7 +126,9 @@ def benchmark_split_dir(splits: str | os.PathLike, benchmark: str, marker: str) 
     for candidate in (root / benchmark, root):
         if (candidate / marker).exists():
             return candidate
-    raise DatasetError(f"no {benchmark} split files under {root}: expected {root / benchmark / marker}")
+    from . import DATA_HINT
+
+    raise DatasetError(f"no {benchmark} split files under {root}: expected {root / benchmark / marker}; {DATA_HINT}")
 
 
 def read_split_lines(path: Path) -> list[str]:
