@@ -46,3 +46,24 @@ def test_the_readmes_ops_example_runs_and_gives_the_shapes_its_comments_name():
     assert claimed == actual
     # The functional form with the module's parameters is the module.
     torch.testing.assert_close(namespace["out"], module_out)
+
+
+def test_the_readmes_model_example_runs_and_gives_the_shapes_its_comments_name():
+    import re
+
+    import torch
+
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## The model: HSNet"):]
+    start = section.index("```python\n") + len("```python\n")
+    code = section[start:section.index("\n```", start)]
+    namespace = {}
+    exec(compile(code, "README.md: The model: HSNet", "exec"), namespace)
+    claimed = {name: tuple(int(d) for d in dims.split(", ")) for name, dims in re.findall(
+        r"^\s*(\w+) = [^\n]*#[^\n]*\[(\d+(?:, \d+)+)\]", code, flags=re.M)}
+    assert set(claimed) == {"query_img", "logits", "mask", "coarse"}
+    assert {name: tuple(namespace[name].shape) for name in claimed} == claimed
+    assert set(namespace["labels"].unique().tolist()) <= {0, 7}
+    # The one-shot logits are the coarse ones resized to the image, as the comment says.
+    resized = torch.nn.functional.interpolate(namespace["coarse"], size=(96, 96), mode="bilinear", align_corners=True)
+    torch.testing.assert_close(namespace["logits"], resized)
