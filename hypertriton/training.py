@@ -674,11 +674,8 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
     if state is not None:
         _check_resume_config(state["config"], config, ctx.world_size, warn=ctx.is_main)
 
-    # Every rank builds the same initial model (DDP would broadcast rank 0's anyway).
-    _seed_everything(config.seed)
-    if model is None:
-        model = _build_model(config)
-    model = model.to(device)
+    # The data first: a wrong datapath or splits folder is said before a backbone's ImageNet weights are
+    # fetched (100+ MB). Building a dataset draws nothing from the global generators (each has its own).
     own_data = train_dataset is not None
     if train_dataset is None:
         train_dataset = _build_dataset(config, "trn", config.nshot)
@@ -686,6 +683,11 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
         val_dataset = None
     elif val_dataset is None:
         val_dataset = _build_dataset(config, "val", config.nshot)
+    # Every rank builds the same initial model (DDP would broadcast rank 0's anyway).
+    _seed_everything(config.seed)
+    if model is None:
+        model = _build_model(config)
+    model = model.to(device)
     val_count = 0 if val_dataset is None else min(len(val_dataset), config.val_episodes or len(val_dataset))
 
     params = [p for p in model.parameters() if p.requires_grad]

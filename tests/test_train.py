@@ -818,6 +818,41 @@ def test_atomic_save_removes_what_killed_writers_left_and_names_a_failed_write(t
     assert not stale_long.exists()
 
 
+def test_a_wrong_datapath_is_said_before_the_backbone_weights_are_fetched(tmp_path, monkeypatch):
+    # A typo in --datapath used to wait for a 100-MB ImageNet download (or fail offline on it) first.
+    from hypertriton.data import DatasetError
+
+    fetched = []
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *args, **kwargs: fetched.append(args))
+    with pytest.raises(DatasetError, match=r"datapath: .* holds no VOC2012/ folder"):
+        train(tiny_config(tmp_path / "run", benchmark="pascal", pretrained=True, datapath=str(tmp_path / "typo"),
+                          splits=str(tmp_path)))
+    assert fetched == []
+
+
+def test_building_the_data_first_leaves_the_initial_model_as_seeded(tmp_path):
+    # The datasets are built before the model now; they draw nothing from the global generators, so the
+    # seed gives the model it gave when the model came first.
+    from hypertriton import training
+
+    config = tiny_config(tmp_path / "run", epochs=1, max_steps_per_epoch=1, val_episodes=0)
+    training._seed_everything(config.seed)
+    expected = training._build_model(config).state_dict()
+    built, build = [], training._build_model
+
+    def recording(config):
+        model = build(config)
+        built.append({key: value.clone() for key, value in model.state_dict().items()})
+        return model
+
+    with mock.patch.object(training, "_build_model", recording):
+        train(config)
+    assert len(built) == 1 and built[0].keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(built[0][key], value), key
+
+
 class _FakeKernel32:
     """Windows' OpenProcess/GetExitCodeProcess/CloseHandle as ctypes calls them, over a table of processes
     (pid -> exit code; STILL_ACTIVE while running) and of pids another user owns."""
