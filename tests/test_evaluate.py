@@ -226,6 +226,15 @@ def test_original_size_queries_cannot_be_batched_and_say_so(pascal_data):
         evaluate(Complement(), original, 1, "cpu", progress=False, max_episodes=4, bsz=2)
 
 
+def test_the_progress_bar_scores_the_classes_seen_so_far(dataset, capsys):
+    # The protocol's mIoU counts an unseen class as 0: the bar read 20.00 for a perfect model two
+    # episodes into a 5-class fold (a broken model, to the eye).
+    assert {dataset.episodes[i].class_id for i in range(2)} == {0}
+    evaluate(Truth(), dataset, 1, "cpu", progress=True, max_episodes=2)
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert f"mIoU 100.00 over the 1 of {len(dataset.class_ids)} classes seen" in bar, bar
+
+
 def test_visualize_writes_one_panel_per_episode(dataset, tmp_path):
     evaluate(Complement(), dataset, 1, "cpu", progress=False, max_episodes=4, visualize_dir=tmp_path / "vis", bsz=3)
     files = sorted(p.name for p in (tmp_path / "vis").iterdir())
