@@ -21,7 +21,10 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hypertriton import __version__
+
     parser = argparse.ArgumentParser(prog="hypertriton", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         try:

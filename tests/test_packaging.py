@@ -87,6 +87,15 @@ def test_the_version_is_written_once():
     assert re.fullmatch(r"\d+\.\d+\.\d+", _source_version())
 
 
+def test_the_command_line_says_its_version(capsys):
+    from hypertriton.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"hypertriton {_source_version()}\n"
+
+
 def _all_modules() -> list[pkgutil.ModuleInfo]:
     """Every module of this source tree, by the name it installs as (from the files here, whatever
     ``import hypertriton`` happens to resolve to)."""

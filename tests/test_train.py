@@ -1049,6 +1049,10 @@ def test_cli_defaults_are_the_original_recipe():
     assert config.img_size == 400 and config.resume is None
     resume = config_from_args(build_parser().parse_args(["train", "--resume", "--amp"]))
     assert resume.resume == "auto" and resume.amp == "auto"
+    # evaluate's --amp reads the same (a bare --amp was an error there)
+    evaluate_args = ["evaluate", "--benchmark", "synthetic", "--load", "x.pt"]
+    assert build_parser().parse_args(evaluate_args + ["--amp"]).amp == "auto"
+    assert build_parser().parse_args(evaluate_args).amp == "off"
     assert config.lr_schedule == "constant"
     cosine = config_from_args(build_parser().parse_args(["train", "--lr-schedule", "cosine"]))
     assert cosine.lr_schedule == "cosine"

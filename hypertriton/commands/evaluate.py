@@ -53,8 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "not the protocol)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available; cuda:LOCAL_RANK under torchrun)")
     parser.add_argument("--backend", help="hypertriton op backend (triton, torch, reference; default: automatic)")
-    parser.add_argument("--amp", default="off", choices=["off", "auto", "bf16", "fp16"],
-                        help="reduced-precision inference under torch.autocast: bf16 (CPU or GPU), fp16 (GPU), "
+    parser.add_argument("--amp", nargs="?", const="auto", default="off", choices=["off", "auto", "bf16", "fp16"],
+                        help="reduced-precision inference under torch.autocast (bare --amp means auto, as in train): "
+                        "bf16 (CPU or GPU), fp16 (GPU), "
                         "auto (bf16 where the hardware has it: CPUs with AVX512-BF16 or AMX, else fp32; GPUs: else "
                         "fp16) (default: %(default)s)")
     parser.add_argument("--lean", action="store_true", help="stream the squeeze blocks over query rows: about "
