@@ -220,7 +220,10 @@ class HSNet(nn.Module):
         checked against it first."""
         self._check_images(support_img, "support_img")
         if not isinstance(support_mask, torch.Tensor) or support_mask.dim() != 3:
-            raise ValueError(f"support_mask: expected [B, H, W], got {_shape(support_mask)}")
+            from .ops._validation import channel_hint
+
+            hint = channel_hint(support_mask) if isinstance(support_mask, torch.Tensor) else ""
+            raise ValueError(f"support_mask: expected [B, H, W], got {_shape(support_mask)}{hint}")
         if support_mask.shape[0] != support_img.shape[0]:
             raise ValueError(f"support_mask has batch {support_mask.shape[0]} (shape {_shape(support_mask)}) but "
                              f"support_img has batch {support_img.shape[0]}; expected one mask per support image")

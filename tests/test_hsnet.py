@@ -396,6 +396,9 @@ def test_nshot_and_shapes_are_checked():
         model(torch.randn(1, 3, 64, 64), [torch.randn(3, 64, 64)], torch.ones(1, 64, 64))
     with pytest.raises(ValueError, match=r"support_mask has batch 2 .* support_img has batch 1"):
         model(torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64), torch.ones(2, 64, 64))
+    with pytest.raises(ValueError, match=r"support_mask: expected \[B, H, W\], got \[1, 1, 64, 64\]; for a "
+                                         r"\[B, 1, H, W\] mask pass support_mask\[:, 0\]"):
+        model(torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64), torch.ones(1, 1, 64, 64))
     # A mask of another size than its image is refused, not stretched over it (the file readers refuse it too).
     with pytest.raises(ValueError, match=r"support_mask: expected \[B, H, W\] = \[1, 64, 64\] .* got \[1, 32, 64\]"):
         model(torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64), torch.ones(1, 32, 64))

@@ -110,11 +110,17 @@ def refuse_vmap(tensors) -> None:
                            "episodes as one batch [B, C, H, W] instead")
 
 
+def channel_hint(mask: torch.Tensor, name: str = "support_mask") -> str:
+    """For a ``[B, 1, H, W]`` mask (a segmentation model's usual shape), the one-line fix."""
+    return f"; for a [B, 1, H, W] mask pass {name}[:, 0]" if mask.dim() == 4 and mask.shape[1] == 1 else ""
+
+
 def check_support_mask(support_mask, batch: int, device: torch.device) -> torch.Tensor:
     if not isinstance(support_mask, torch.Tensor):
         raise TypeError(f"support_mask: expected a tensor [B, H, W], got {type(support_mask).__name__}")
     if support_mask.dim() != 3:
-        raise ValueError(f"support_mask: expected a 3D tensor [B, H, W], got shape {shape_of(support_mask)}")
+        raise ValueError(f"support_mask: expected a 3D tensor [B, H, W], got shape {shape_of(support_mask)}"
+                         f"{channel_hint(support_mask)}")
     if min(support_mask.shape[1:]) == 0:
         raise ValueError(f"support_mask: expected at least one pixel [B, H, W], got shape {shape_of(support_mask)}")
     if support_mask.shape[0] != batch:
