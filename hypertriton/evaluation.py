@@ -261,7 +261,8 @@ def evaluate(model: EpisodePredictor, dataset_or_loader: Dataset | DataLoader, n
                 inter, union = meter.update(pred, batch_dev)
                 episode_index = [next(indices) for _ in range(pred.shape[0])]
                 if visualize_dir is not None:
-                    _write_panels(visualize_dir, batch, pred.cpu(), inter.cpu(), union.cpu(), episode_index)
+                    _write_panels(visualize_dir, batch, pred.cpu(), inter.cpu(), union.cpu(), episode_index,
+                                  getattr(dataset, "class_name", None))
                 bar.update(min(pred.shape[0] * world_size, bar.total - bar.n))
                 if progress and world_size == 1:  # (under torchrun the counts are summed only at the end)
                     bar.set_postfix_str(_progress_text(meter), refresh=False)
@@ -407,9 +408,12 @@ def check_no_earlier_panels(folder: str | os.PathLike, name: str = "visualize_di
                          "those")
 
 
-def _write_panels(folder: Path, batch, pred, inter, union, episode_index) -> None:
+def _write_panels(folder: Path, batch, pred, inter, union, episode_index, class_name=None) -> None:
+    """One panel per episode of the batch; ``class_name`` (the dataset's, where it has one) names the class
+    in the title beside its id."""
     for row in range(pred.shape[0]):
         index, class_id = episode_index[row], int(batch["class_id"][row])
+        name = class_name(class_id) if class_name is not None else None
         shots = batch["support_imgs"].shape[1]
         if float(union[row, 1]) > 0:
             fg_iou = float(inter[row, 1]) / float(union[row, 1]) * 100
@@ -417,7 +421,7 @@ def _write_panels(folder: Path, batch, pred, inter, union, episode_index) -> Non
         else:  # no object in the truth nor in the prediction: right, but no IoU to give
             iou_name, iou_text = "NA", "foreground IoU n/a (no object in truth or prediction)"
         path = folder / f"episode{index:05d}_class{class_id}_iou{iou_name}.png"
-        title = f"episode {index} | class {class_id} | {shots}-shot | {iou_text}"
+        title = f"episode {index} | class {class_id}{f' ({name})' if name else ''} | {shots}-shot | {iou_text}"
         with atomic_file(path) as handle:
             render_panel(batch, pred, row, title=title).save(handle, format="PNG")
 

@@ -79,6 +79,22 @@ def test_every_benchmark_resizes_to_400_px_by_default(pascal_data, coco_data, fs
         assert item["support_imgs"].shape[-2:] == item["query_mask"].shape == (400, 400), benchmark
 
 
+def test_classes_have_the_names_their_files_give(pascal_data, coco_data, fss_data):
+    # For pictures and reports ("class 0 (aeroplane)"); COCO's masks carry only ids, so no name is made up.
+    pascal = build_dataset("pascal", pascal_data.datapath, pascal_data.splits, fold=1, split="test", nshot=1)
+    assert [pascal.class_name(c) for c in pascal.class_ids] == ["bus", "car", "cat", "chair", "cow"]  # VOC 6..10
+    assert pascal.class_name(0) == "aeroplane" and pascal.class_name(19) == "tvmonitor"
+    assert pascal.class_name(20) is None
+    fss = build_dataset("fss", fss_data.datapath, fss_data.splits, 0, "test", nshot=1)
+    assert [fss.class_name(c) for c in fss.class_ids] == ["bus", "zebra"] and fss.class_name(0) is None
+    coco = build_dataset("coco", coco_data.datapath, coco_data.splits, fold=1, split="test", nshot=1)
+    assert coco.class_name(coco.class_ids[0]) is None
+    synthetic = build_dataset("synthetic", None, None, 0, "test", nshot=1)
+    from hypertriton.data.synthetic import class_name
+
+    assert synthetic.class_name(synthetic.class_ids[0]) == class_name(synthetic.class_ids[0])
+
+
 def nearest(raw: np.ndarray, size=SIZE) -> np.ndarray:
     """Nearest resize as F.interpolate(mode='nearest') picks sources: floor(dst * in / out). ``size``: a
     side or ``(H, W)``."""

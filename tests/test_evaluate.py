@@ -251,6 +251,16 @@ def test_visualize_writes_one_panel_per_episode(dataset, tmp_path):
     assert sorted(p.name for p in (tmp_path / "vis").iterdir()) == expected
 
 
+def test_panel_titles_name_the_class(dataset, tmp_path, monkeypatch):
+    from hypertriton import evaluation
+
+    titles, render = [], evaluation.render_panel
+    monkeypatch.setattr(evaluation, "render_panel", lambda *args, title: titles.append(title) or render(*args,
+                                                                                                         title=title))
+    evaluate(Complement(), dataset, 1, "cpu", progress=False, max_episodes=1, visualize_dir=tmp_path / "vis")
+    assert titles == ["episode 0 | class 0 (aeroplane) | 1-shot | foreground IoU 0.0"]
+
+
 def test_panel_of_one_item_equals_its_row_in_a_batch(dataset):
     from hypertriton import visualize
     from hypertriton.evaluation import panel_tiles

@@ -272,6 +272,11 @@ class FewShotDataset(Dataset):
         self.transform = build_transform(img_size)
         self.use_original_imgsize = bool(use_original_imgsize)
 
+    def class_name(self, class_id: int) -> str | None:
+        """The readable name of a 0-based class (for pictures and reports), or None where the benchmark's
+        files do not say it."""
+        return None
+
     # -- to implement ---------------------------------------------------------------------------
     def image_path(self, name: str) -> Path:
         raise NotImplementedError

@@ -104,6 +104,10 @@ class FssDataset(FewShotDataset):
             self.episodes = draw_test_episodes(self.queries, self.class_index, self.nshot,
                                                source=str(self.split_file))
 
+    def class_name(self, class_id: int) -> str | None:
+        index = class_id - CLASS_OFFSET[self.split]
+        return self.categories[index] if 0 <= index < len(self.categories) else None
+
     def image_path(self, name: str) -> Path:
         return self.base / name
 

@@ -26,10 +26,13 @@ import torch
 from .common import (DatasetError, Episode, FewShotDataset, benchmark_split_dir, check_fold, check_split,
                      draw_supports, numpy_choice, read_split_lines, torch_choice)
 
-__all__ = ["PascalDataset", "NCLASS", "NFOLDS"]
+__all__ = ["PascalDataset", "NCLASS", "NFOLDS", "CLASS_NAMES"]
 
 NCLASS = 20
 NFOLDS = 4
+# VOC's class indices 1..20 (SegmentationClassAug's pixel values), in order: 0-based class k is index k + 1.
+CLASS_NAMES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+               "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
 TEST_EPISODES = 1000
 
 
@@ -113,6 +116,9 @@ class PascalDataset(FewShotDataset):
             self.episodes = draw_test_episodes(self.metadata, self.nshot, source=self.source)
         elif not self.metadata:
             raise DatasetError(f"{self.source} lists no images")
+
+    def class_name(self, class_id: int) -> str | None:
+        return CLASS_NAMES[class_id] if 0 <= class_id < NCLASS else None
 
     def image_path(self, name: str) -> Path:
         return self.img_dir / f"{name}.jpg"

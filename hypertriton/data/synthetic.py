@@ -364,6 +364,10 @@ class SyntheticDataset(Dataset):
     def __len__(self) -> int:
         return self.episodes
 
+    def class_name(self, class_id: int) -> str | None:
+        """Such as ``"red striped star"`` (:func:`class_name`)."""
+        return class_name(class_id) if 0 <= class_id < NCLASS else None
+
     def episode(self, index: int) -> SyntheticEpisode:
         """Draw episode ``index`` (numpy arrays and object metadata; see :class:`SyntheticEpisode`)."""
         if not 0 <= index < self.episodes:
