@@ -88,8 +88,9 @@ def _loader(source, bsz: int, nworker: int, max_episodes: int | None,
 
     A caller's ``DataLoader`` is used as given when its sampler is this rank's :class:`ShardSampler`;
     otherwise a new one over the shard keeps its batch size, workers, collate function, worker start
-    method and ``worker_init_fn`` (run after the workers' own), timeout, prefetching, persistence,
-    generator and pinning (for a GPU ``device`` only, as above).
+    method and ``worker_init_fn`` (run after the workers' own), timeout, prefetching, generator and
+    pinning (for a GPU ``device`` only, as above). Not persistence: that loader serves this one call, so
+    its workers are stopped when it ends (persistent ones outlived a failed call in its traceback).
     """
     settings: dict = {"pin_memory": device.type == "cuda"}
     user_init = None
@@ -99,8 +100,7 @@ def _loader(source, bsz: int, nworker: int, max_episodes: int | None,
         nworker, user_init = source.num_workers, source.worker_init_fn
         settings.update(collate_fn=source.collate_fn, multiprocessing_context=source.multiprocessing_context,
                         timeout=source.timeout, generator=source.generator,
-                        pin_memory=source.pin_memory and device.type == "cuda",
-                        persistent_workers=source.persistent_workers and nworker > 0)
+                        pin_memory=source.pin_memory and device.type == "cuda")
         if nworker > 0:
             settings["prefetch_factor"] = source.prefetch_factor
         sampler = source.sampler

@@ -525,6 +525,28 @@ def _child_processes() -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the loader's workers in Linux's /proc")
+def test_a_failed_call_with_a_callers_persistent_loader_leaves_no_worker_running(dataset):
+    # evaluate() re-shards a caller's loader into one of its own; that copy kept persistent_workers, so a
+    # failed call whose exception was kept (a search loop's log of failures, a REPL) kept 2 workers alive.
+    class Failing(Truth):
+        def predict_mask_nshot(self, batch, nshot):
+            raise RuntimeError("out of memory, say")
+
+    earlier = set(_child_processes())
+    loader = DataLoader(dataset, batch_size=1, num_workers=2, persistent_workers=True)
+    kept = []
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="out of memory") as caught:
+            evaluate(Failing(), loader, 1, "cpu", progress=False, max_episodes=4)
+        kept.append(caught.value)
+    deadline = time.monotonic() + 10
+    while set(_child_processes()) - earlier and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert set(_child_processes()) - earlier == set()
+    assert evaluate(Truth(), loader, 1, "cpu", progress=False, max_episodes=2)["episodes"] == 2
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the loader's workers in Linux's /proc")
 @pytest.mark.parametrize("nworker", [0, 1])
 def test_cli_ctrl_c_prints_the_result_so_far_marked_as_such(tmp_path, capfd, monkeypatch, nworker):
     """Ctrl-C after the second episode: the third is not run, the two are scored, no JSON is written."""
