@@ -70,7 +70,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from hypertriton import distributed as hdist
 from hypertriton.backend import reduced_precision_slow_reason, resolve_backend, warn_if_reduced_precision_slow
-from hypertriton._io import atomic_file, atomic_save, check_writable, load_error_summary, load_on_cpu
+from hypertriton._io import (atomic_file, atomic_save, check_writable, load_error_summary, load_on_cpu,
+                             remove_stale_temporaries)
 from hypertriton._pickle_guard import UnsafeFileError
 from hypertriton._signals import (StopRequest, ignore_stop_signals_in_worker, refuse_while_a_spawned_process_imports,
                                   start_loader, stop_loader_workers)
@@ -731,19 +732,27 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
     steps_per_epoch = min(full_steps, config.max_steps_per_epoch or full_steps)
     total_steps = config.epochs * steps_per_epoch
 
-    log = _RunLog(logdir, ctx.is_main, config.tensorboard, resumed_at=global_step if state is not None else None)
     if ctx.is_main:
-        recorded = dataclasses.asdict(config)
-        if own_data:  # the items come at the dataset's own size (None: unknown), which predict reads here
-            recorded["img_size"] = getattr(train_dataset, "img_size", None)
-        with atomic_file(logdir / "config.json", "w") as handle:
-            json.dump(recorded, handle, indent=2)
-    log.write("resume" if state is not None else "start", epoch=start_epoch, step=start_step,
-              global_step=global_step, world_size=ctx.world_size, device=str(device),
-              steps_per_epoch=steps_per_epoch, train_episodes=len(train_dataset), val_episodes=val_count,
-              amp=str(amp_dtype).replace("torch.", "") if amp_dtype else "off")
-
-    backbone_sha256 = backbone_fingerprint(model) if ctx.is_main else None
+        # What a writer killed mid-save left (a best_model.pt's temporary is the whole model, and is otherwise
+        # removed only by the next best, which may never come).
+        for name in (LAST_CHECKPOINT, BEST_CHECKPOINT, "config.json"):
+            remove_stale_temporaries(logdir / name)
+    log = _RunLog(logdir, ctx.is_main, config.tensorboard, resumed_at=global_step if state is not None else None)
+    try:  # (the loop's own try closes it from there on)
+        if ctx.is_main:
+            recorded = dataclasses.asdict(config)
+            if own_data:  # the items come at the dataset's own size (None: unknown), which predict reads here
+                recorded["img_size"] = getattr(train_dataset, "img_size", None)
+            with atomic_file(logdir / "config.json", "w") as handle:
+                json.dump(recorded, handle, indent=2)
+        log.write("resume" if state is not None else "start", epoch=start_epoch, step=start_step,
+                  global_step=global_step, world_size=ctx.world_size, device=str(device),
+                  steps_per_epoch=steps_per_epoch, train_episodes=len(train_dataset), val_episodes=val_count,
+                  amp=str(amp_dtype).replace("torch.", "") if amp_dtype else "off")
+        backbone_sha256 = backbone_fingerprint(model) if ctx.is_main else None
+    except BaseException:
+        log.close()
+        raise
 
     def save_last() -> None:
         if not ctx.is_main:

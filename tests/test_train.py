@@ -818,6 +818,42 @@ def test_atomic_save_removes_what_killed_writers_left_and_names_a_failed_write(t
     assert not stale_long.exists()
 
 
+def test_a_run_removes_what_killed_writers_of_its_files_left_and_closes_its_log_when_it_fails_early(
+        tmp_path, monkeypatch):
+    # best_model.pt's temporary (the whole model) was removed only by the next best, which may not come;
+    # config.json's never. And a failure between opening log.jsonl and the loop left it to the collector.
+    import subprocess
+    import sys
+    import warnings
+
+    from hypertriton import _io, training
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(finished.stdout)
+    logdir = tmp_path / "run"
+    logdir.mkdir()
+    left = [logdir / f".{name}.{_io._HOST}.{dead}.0123abcd.tmp" for name in (BEST_CHECKPOINT, "config.json")]
+    for path in left:
+        path.write_bytes(b"half a file")
+    trn, _ = tiny_data()
+    train(tiny_config(logdir, epochs=1, max_steps_per_epoch=1, val_episodes=0), train_dataset=trn)
+    assert not any(path.exists() for path in left)
+
+    def disk_full(path, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(training, "atomic_file", disk_full)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(OSError, match="No space left"):
+            train(tiny_config(tmp_path / "full", epochs=1, max_steps_per_epoch=1, val_episodes=0),
+                  train_dataset=trn)
+        import gc
+
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
+
+
 def test_a_wrong_datapath_is_said_before_the_backbone_weights_are_fetched(tmp_path, monkeypatch):
     # A typo in --datapath used to wait for a 100-MB ImageNet download (or fail offline on it) first.
     from hypertriton.data import DatasetError
