@@ -503,16 +503,36 @@ def load_training_state(path: str | os.PathLike) -> dict:
 FROZEN_PREFIX = "backbone."
 
 
-def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state without the frozen backbone (CPU copies): what training changes."""
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if not k.startswith(FROZEN_PREFIX)}
+def _trainable_state(model: torch.nn.Module, built_buffers: dict[str, torch.Tensor] | None = None
+                     ) -> dict[str, torch.Tensor]:
+    """What training changes (CPU copies): everything but the backbone, and of the backbone what moved
+    from its build: parameters that train (a model fine-tuning part of it) and buffers that differ from
+    ``built_buffers`` (the batch-norm statistics of a backbone left in training mode). HSNet's own frozen
+    backbone adds nothing; these were silently dropped, and a resumed run went on from the built ones."""
+    training = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.startswith(FROZEN_PREFIX) and key not in training:
+            built = (built_buffers or {}).get(key)
+            if built is None or torch.equal(built, value.detach().cpu()):
+                continue
+        state[key] = value.detach().cpu().clone()
+    return state
+
+
+def _backbone_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copies of the backbone's buffers (batch-norm statistics), to tell later which ones moved."""
+    buffers = {name for name, _ in model.named_buffers()}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+            if k.startswith(FROZEN_PREFIX) and k in buffers}
 
 
 def backbone_fingerprint(model: torch.nn.Module) -> str:
     """SHA-256 of the frozen backbone's names, shapes, dtypes and values.
 
-    ``last.pt`` stores this instead of the backbone itself (ResNet-101: 170 MB per save): the backbone
-    never changes, a resumed run rebuilds it from the same settings, and the fingerprint proves it did.
+    ``last.pt`` stores this instead of the backbone itself (ResNet-101: 170 MB per save): a resumed run
+    rebuilds the backbone from the same settings, and the fingerprint proves it did; what training moved
+    in it (a model that fine-tunes part of it) is saved beside (:func:`_trainable_state`).
     """
     digest = hashlib.sha256()
     for key, value in model.state_dict().items():
@@ -700,6 +720,10 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
     start_epoch, start_step, global_step = 0, 0, 0
     best_miou, best_epoch = float("-inf"), None
     loss_sum, loss_count, train_counts = 0.0, 0, None
+    # The backbone as built (a resumed run's saved changes to it are loaded below): what last.pt's
+    # fingerprint proves and what its changed entries are told from.
+    backbone_sha256 = backbone_fingerprint(model) if ctx.is_main else None
+    built_buffers = _backbone_buffers(model) if ctx.is_main else None
     if state is not None:
         _load_trainable_state(model, state, resume_path)
         optimizer.load_state_dict(state["optimizer"])
@@ -749,7 +773,6 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
                   global_step=global_step, world_size=ctx.world_size, device=str(device),
                   steps_per_epoch=steps_per_epoch, train_episodes=len(train_dataset), val_episodes=val_count,
                   amp=str(amp_dtype).replace("torch.", "") if amp_dtype else "off")
-        backbone_sha256 = backbone_fingerprint(model) if ctx.is_main else None
     except BaseException:
         log.close()
         raise
@@ -758,7 +781,7 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
         if not ctx.is_main:
             return
         atomic_save({"format": STATE_FORMAT, "version": STATE_VERSION,
-                     "model": _trainable_state(model), "backbone_sha256": backbone_sha256,
+                     "model": _trainable_state(model, built_buffers), "backbone_sha256": backbone_sha256,
                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                      "epoch": epoch, "step": step, "global_step": global_step,
                      "best_miou": best_miou, "best_epoch": best_epoch,
