@@ -99,6 +99,10 @@ GRADIENT_CASES = {  # batch, cin, cout, map sizes, kernels, stride, bias, layout
     "query-stride-past-the-map": (1, 2, 2, (1, 3, 4, 4), (3, 3, 3, 3), (2, 2, 2, 2), True, "contiguous"),
     "strided-no-bias": (2, 3, 4, (5, 4, 6, 5), (3, 3, 5, 3), (1, 1, 2, 2), False, "strided"),
     "query-major-no-bias": (2, 3, 4, (4, 3, 2, 2), (3, 3, 3, 3), (1, 1, 1, 1), False, "channels_last"),
+    # 1x1 kernels on both branches: the Triton backward returned both weight gradients as views of one
+    # buffer, which a custom op refuses (it raised as soon as weight gradients were asked for)
+    "1x1-kernels": (2, 3, 4, (3, 2, 4, 4), (1, 1, 1, 1), (1, 1, 1, 1), True, "contiguous"),
+    "1x1-kernels-support-stride": (1, 2, 3, (2, 3, 5, 4), (1, 1, 1, 1), (1, 1, 2, 2), False, "contiguous"),
 }
 
 
