@@ -304,8 +304,16 @@ class HPNLearner(nn.Module):
     def encode(self, hypercorr_pyramid) -> torch.Tensor:
         """Squeeze and mix the pyramid, then average over the support dims: ``[B, 128, Hq_2, Wq_2]``."""
         self._check_pyramid(hypercorr_pyramid)
-        return self._mix_levels([self.squeeze_rest(block, block[0](level))
-                                 for block, level in zip(self.squeeze_blocks, hypercorr_pyramid)])
+        return self._mix([self.squeeze_rest(block, block[0](level))
+                          for block, level in zip(self.squeeze_blocks, hypercorr_pyramid)])
+
+    def _overrides(self, name: str) -> bool:
+        """Whether a subclass replaced method ``name``: every path then calls it (the fast paths inline
+        the original's steps, and used to skip a subclass's own silently)."""
+        return getattr(type(self), name) is not getattr(HPNLearner, name)
+
+    def _mix(self, squeezed: list) -> torch.Tensor:
+        return self.mix(*squeezed) if self._overrides("mix") else self._mix_levels(squeezed)
 
     def decode(self, encoded: torch.Tensor) -> torch.Tensor:
         """``[B, 128, h, w]`` -> logits ``[B, 2, 2h, 2w]``."""
@@ -333,12 +341,22 @@ class HPNLearner(nn.Module):
         return hooks_below(self)
 
     def _forward_calling_each_module(self, hypercorr_pyramid) -> torch.Tensor:
-        """The original HSNet learner's forward; see :meth:`hooks_inside`."""
+        """The original HSNet learner's forward; see :meth:`hooks_inside`. A subclass's own ``encode``,
+        ``mix`` or ``decode`` is called in place of the original's step."""
         with calling_each_module():
-            sqz4, sqz3, sqz2 = (block(level) for block, level in zip(self.squeeze_blocks, hypercorr_pyramid))
-            mix43 = self.encoder_layer4to3(resize_4d(sqz4, sqz3.shape[2:4], sqz3.shape[4:6]) + sqz3)
-            mix432 = self.encoder_layer3to2(resize_4d(mix43, sqz2.shape[2:4], sqz2.shape[4:6]) + sqz2)
-            decoded = self.decoder1(mix432.flatten(4).mean(dim=-1))
+            if self._overrides("encode"):
+                encoded = self.encode(hypercorr_pyramid)
+            else:
+                sqz4, sqz3, sqz2 = (block(level) for block, level in zip(self.squeeze_blocks, hypercorr_pyramid))
+                if self._overrides("mix"):
+                    encoded = self.mix(sqz4, sqz3, sqz2)
+                else:
+                    mix43 = self.encoder_layer4to3(resize_4d(sqz4, sqz3.shape[2:4], sqz3.shape[4:6]) + sqz3)
+                    mix432 = self.encoder_layer3to2(resize_4d(mix43, sqz2.shape[2:4], sqz2.shape[4:6]) + sqz2)
+                    encoded = mix432.flatten(4).mean(dim=-1)
+            if self._overrides("decode"):
+                return self.decode(encoded)
+            decoded = self.decoder1(encoded)
             decoded = F.interpolate(decoded, (2 * decoded.shape[-2], 2 * decoded.shape[-1]), mode="bilinear",
                                     align_corners=True)
             return self.decoder2(decoded).contiguous()
@@ -364,9 +382,9 @@ class HPNLearner(nn.Module):
         original (see :meth:`hooks_inside`).
         """
         self._check_features(levels)
-        if has_hooks(self) or self.hooks_inside():
+        if has_hooks(self) or self.hooks_inside() or self._overrides("encode"):
             # The original's call hpn_learner(hypercorrelation pyramid), so that the learner's own hooks run
-            # too (HSNet calls this method, not the module).
+            # too (HSNet calls this method, not the module); a subclass's own encode takes the pyramid.
             return self(self._dense_pyramid(levels, support_mask))
         lean = lean and not torch.is_grad_enabled()
         # Lean mode is for memory: no NNPACK, whose layout copies would raise its peak (hypertriton.ops.cpu_conv).
@@ -386,7 +404,7 @@ class HPNLearner(nn.Module):
                                                               backend=self.backend, return_bias_windows=True,
                                                               column_split_share=share))
                 squeezed.append(self.squeeze_rest(block, outputs.pop(0), outputs.pop()))
-            return self.decode(self._mix_levels(squeezed))
+            return self.decode(self._mix(squeezed))
 
     def _dense_pyramid(self, levels, support_mask) -> list[torch.Tensor]:
         """Each level's hypercorrelation ``[B, L, Hq, Wq, Hs, Ws]``, deepest first."""

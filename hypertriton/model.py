@@ -99,7 +99,9 @@ class HSNet(nn.Module):
             squeezing block (:func:`hypertriton.ops.fused_first_layer.fused_hypercorrelation_cp_conv`):
             the 4D correlation tensors are never stored and support positions outside the mask are
             skipped (exact: their correlations are 0). Same result up to float rounding; False runs the
-            original's dense order of operations (hypercorrelation, then the learner).
+            original's dense order of operations (hypercorrelation, then the learner), as does a subclass
+            that replaces :meth:`hypercorrelation` (the fused op computes HSNet's own). Likewise a learner
+            subclass's own ``encode`` runs on the dense pyramid; its own ``mix``/``decode`` run on every path.
         lean: with ``fused``, in inference (no gradient), stream each squeezing block's first two
             layers over query rows (:meth:`HPNLearner.squeeze_streamed`): with a full mask about half
             the peak memory of the fused path (11.5x below the original's at 400 px) at about 2x its
@@ -207,7 +209,9 @@ class HSNet(nn.Module):
             resize to the image size.
         """
         learner = self.hpn_learner
-        if not self.fused:
+        # A subclass's own hypercorrelation (the fused op computes HSNet's) runs, through the materializing
+        # path: with fused=True it was skipped, silently.
+        if not self.fused or type(self).hypercorrelation is not HSNet.hypercorrelation:
             return learner(self.hypercorrelation(query_feats, support_feats, support_mask))
         return learner.forward_fused(self._levels(query_feats, support_feats), support_mask, lean=self.lean)
 

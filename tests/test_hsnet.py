@@ -486,6 +486,54 @@ def test_supports_of_no_shot_are_refused_by_name():
         model.predict(query, *none)
 
 
+def test_a_subclasss_own_correlation_encode_mix_and_decode_run_on_every_path():
+    # The fused path computed HSNet's correlation whatever a subclass defined, the fused learner path
+    # skipped an own encode/mix, and the path taken with hooks inside the learner skipped all three:
+    # silently (an extension audit: a learned temperature got no gradient).
+    import copy
+
+    from hypertriton.learner import HPNLearner
+
+    model = model_for("resnet18")
+    query, support, mask = images(1, 64, 64, 5)
+    with torch.no_grad():
+        query_feats, support_feats = model.extract_features(query), model.extract_features(support)
+        levels = model._levels(query_feats, support_feats)
+        base = model.hpn_learner(model.hypercorrelation(query_feats, support_feats, mask))
+
+        class HalvedCorrelation(HSNet):
+            def hypercorrelation(self, query_feats, support_feats, support_mask):
+                return [level / 2 for level in super().hypercorrelation(query_feats, support_feats, support_mask)]
+
+        variant = copy.deepcopy(model)
+        variant.__class__ = HalvedCorrelation
+        halved = model.hpn_learner([level / 2 for level in model.hypercorrelation(query_feats, support_feats, mask)])
+        assert variant.fused and not torch.allclose(halved, base, atol=1e-4)
+        torch.testing.assert_close(variant.forward_features(query_feats, support_feats, mask), halved)
+
+        calls = []
+
+        def recording(name, shift=0.0):
+            def method(self, *args):
+                calls.append(name)
+                return getattr(HPNLearner, name)(self, *args) + shift
+            return method
+
+        for name, shift in (("encode", 0.0), ("mix", 0.0), ("decode", 1.0)):
+            learner = copy.deepcopy(model.hpn_learner)
+            learner.__class__ = type(f"Own{name.title()}", (HPNLearner,), {name: recording(name, shift)})
+            pyramid = model.hypercorrelation(query_feats, support_feats, mask)
+            outputs = {"dense": learner(pyramid), "fused": learner.forward_fused(levels, mask)}
+            handle = learner.encoder_layer4[0].register_forward_hook(lambda module, args, output: None)
+            outputs["hooked"] = learner(pyramid)
+            outputs["hooked fused"] = learner.forward_fused(levels, mask)
+            handle.remove()
+            assert calls == [name] * 4, (name, calls)
+            calls.clear()
+            for path, logits in outputs.items():
+                torch.testing.assert_close(logits, base + shift, atol=1e-4, rtol=1e-4, msg=f"{name}, {path}")
+
+
 # ----------------------------------------------------------------------------- pretrained weights
 def test_pretrained_offline_explains_how_to_provide_weights(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
