@@ -56,6 +56,17 @@ class BackboneSpec:
     level_strides: tuple[int, int, int]
     vgg_feat_ids: tuple[int, ...] = ()
 
+    def __post_init__(self) -> None:
+        # A spec of one's own (a subclass with another backbone) that does not add up failed far away, in
+        # the pyramid's slicing ("layers -1..0 ... got []").
+        if len(self.layers_per_level) != 3 or len(self.level_strides) != 3:
+            raise ValueError(f"BackboneSpec {self.name!r}: layers_per_level and level_strides: expected 3 values "
+                             f"each (HSNet's learner takes 3 pyramid levels), got {self.layers_per_level} and "
+                             f"{self.level_strides}")
+        if sum(self.layers_per_level) != len(self.channels) or min(self.layers_per_level) < 1:
+            raise ValueError(f"BackboneSpec {self.name!r}: layers_per_level {self.layers_per_level} must be positive "
+                             f"and add up to the number of features, len(channels) = {len(self.channels)}")
+
     @property
     def num_features(self) -> int:
         return len(self.channels)
@@ -91,7 +102,11 @@ BACKBONES: dict[str, BackboneSpec] = {
 def get_spec(name: str) -> BackboneSpec:
     """The :class:`BackboneSpec` of backbone ``name``; ``ValueError`` for an unknown name."""
     if not isinstance(name, str) or name not in BACKBONES:
-        raise ValueError(f"backbone: unknown backbone {name!r}; expected one of {sorted(BACKBONES)}")
+        # (not the repr of a module passed in: that is pages long)
+        given = repr(name) if isinstance(name, str) else f"a {type(name).__name__}"
+        hint = ("; for a backbone of your own, subclass HSNet and override extract_features (see the README's "
+                "'The model: HSNet')") if not isinstance(name, str) else ""
+        raise ValueError(f"backbone: unknown backbone {given}; expected one of {sorted(BACKBONES)}{hint}")
     return BACKBONES[name]
 
 

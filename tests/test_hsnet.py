@@ -534,6 +534,22 @@ def test_a_subclasss_own_correlation_encode_mix_and_decode_run_on_every_path():
                 torch.testing.assert_close(logits, base + shift, atol=1e-4, rtol=1e-4, msg=f"{name}, {path}")
 
 
+def test_a_backbone_of_ones_own_is_refused_in_a_line_that_says_how_and_a_spec_must_add_up():
+    from hypertriton.backbones import BackboneSpec
+
+    with pytest.raises(ValueError) as caught:
+        HSNet(torch.nn.Sequential(*[torch.nn.Conv2d(3, 3, 1) for _ in range(40)]))
+    message = str(caught.value)
+    assert message.startswith("backbone: unknown backbone a Sequential; expected one of [")
+    assert "subclass HSNet and override extract_features" in message and len(message) < 300  # no module repr
+    with pytest.raises(ValueError, match=r"layers_per_level \(2, 2, 2\) must be positive and add up to the "
+                                         r"number of features, len\(channels\) = 5"):
+        BackboneSpec("mine", "resnet", (8,) * 5, (2, 2, 2), (32, 16, 8))
+    with pytest.raises(ValueError, match="expected 3 values each"):
+        BackboneSpec("mine", "resnet", (8,) * 4, (2, 2), (32, 16))
+    assert BackboneSpec("mine", "resnet", (8,) * 6, (1, 2, 3), (32, 16, 8)).num_features == 6
+
+
 # ----------------------------------------------------------------------------- pretrained weights
 def test_pretrained_offline_explains_how_to_provide_weights(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
