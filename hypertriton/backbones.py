@@ -40,7 +40,8 @@ class BackboneSpec:
 
     Attributes:
         name: ``"resnet50"``, ``"resnet101"``, ``"vgg16"``, ``"resnet18"`` or ``"resnet34"``.
-        family: ``"resnet"`` or ``"vgg"``.
+        family: ``"resnet"`` or ``"vgg"``; ``"custom"`` for a backbone module of one's own (``HSNet(module,
+            spec=...)``), whose forward returns the feature list.
         channels: channels of each extracted feature, shallow to deep.
         layers_per_level: number of features per pyramid level, DEEPEST first: the learner's ``inch``
             and the ``L_p`` of each hypercorrelation level.
@@ -103,9 +104,9 @@ def get_spec(name: str) -> BackboneSpec:
     """The :class:`BackboneSpec` of backbone ``name``; ``ValueError`` for an unknown name."""
     if not isinstance(name, str) or name not in BACKBONES:
         # (not the repr of a module passed in: that is pages long)
-        given = repr(name) if isinstance(name, str) else f"a {type(name).__name__}"
-        hint = ("; for a backbone of your own, subclass HSNet and override extract_features (see the README's "
-                "'The model: HSNet')") if not isinstance(name, str) else ""
+        given = repr(name) if isinstance(name, str) else f"of type {type(name).__name__}"
+        hint = ("; a backbone module of your own goes with its spec: HSNet(module, spec=BackboneSpec(...))"
+                if not isinstance(name, str) else "")
         raise ValueError(f"backbone: unknown backbone {given}; expected one of {sorted(BACKBONES)}{hint}")
     return BACKBONES[name]
 
@@ -269,6 +270,13 @@ def extract_features(backbone: nn.Module, spec: BackboneSpec, img: torch.Tensor)
     if not isinstance(img, torch.Tensor) or img.dim() != 4 or img.shape[1] != 3:
         shape = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
         raise ValueError(f"img: expected an image batch [B, 3, H, W], got {shape}")
+    if spec.family == "custom":  # a module of one's own gives the list itself
+        feats = backbone(img)
+        if not isinstance(feats, (list, tuple)) or len(feats) != spec.num_features:
+            got = f"{len(feats)} tensors" if isinstance(feats, (list, tuple)) else type(feats).__name__
+            raise ValueError(f"backbone {spec.name!r}: its forward must return a list of {spec.num_features} "
+                             f"feature maps (its spec's channels {list(spec.channels)}), got {got}")
+        return list(feats)
     feats = []
     if spec.family == "vgg":
         wanted = set(spec.vgg_feat_ids)

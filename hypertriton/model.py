@@ -20,7 +20,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .backend import check_backend_name
-from .backbones import build_backbone, extract_features, get_spec
+from .backbones import BackboneSpec, build_backbone, extract_features, freeze, get_spec
 from .learner import HPNLearner
 from .ops._autocast import autocast_enabled
 from .ops._validation import AUTOCAST_INPUT_DTYPES
@@ -88,7 +88,8 @@ class HSNet(nn.Module):
 
     Args:
         backbone: ``"resnet50"``, ``"resnet101"``, ``"vgg16"`` (the original's), or ``"resnet18"``,
-            ``"resnet34"`` (small extras).
+            ``"resnet34"`` (small extras); or a module of one's own whose forward maps an image batch to
+            the list of its feature maps ``[B, C_l, h_l, w_l]``, shallow to deep, described by ``spec``.
         pretrained: load torchvision's ImageNet V1 backbone weights (from torch hub's cache, else a
             download; offline, a message says how to provide the file).
         backend: backend of the hypercorrelation and center-pivot convolutions (``"triton"``,
@@ -102,6 +103,9 @@ class HSNet(nn.Module):
             original's dense order of operations (hypercorrelation, then the learner), as does a subclass
             that replaces :meth:`hypercorrelation` (the fused op computes HSNet's own). Likewise a learner
             subclass's own ``encode`` runs on the dense pyramid; its own ``mix``/``decode`` run on every path.
+        spec: with a backbone module, its :class:`~hypertriton.backbones.BackboneSpec` with family
+            ``"custom"``: the channels of its features and how many of them form each of the three
+            pyramid levels (deepest first; a level's maps share one size). None otherwise.
         lean: with ``fused``, in inference (no gradient), stream each squeezing block's first two
             layers over query rows (:meth:`HPNLearner.squeeze_streamed`): with a full mask about half
             the peak memory of the fused path (11.5x below the original's at 400 px) at about 2x its
@@ -128,13 +132,26 @@ class HSNet(nn.Module):
 
     def __init__(self, backbone: str = "resnet50", pretrained: bool = False, backend: str | None = None,
                  backbone_weights: str | os.PathLike | None = None, allow_download: bool = True,
-                 fused: bool = True, lean: bool = False):
+                 fused: bool = True, lean: bool = False, spec: BackboneSpec | None = None):
         super().__init__()
-        self.spec = get_spec(backbone)
+        if isinstance(backbone, nn.Module):
+            if not isinstance(spec, BackboneSpec) or spec.family != "custom":
+                raise ValueError(f"spec: a backbone module needs a BackboneSpec(name, 'custom', channels, "
+                                 f"layers_per_level, level_strides) describing the feature maps it returns, got "
+                                 f"{spec!r}")
+            if pretrained or backbone_weights is not None:
+                raise ValueError("pretrained/backbone_weights: for the torchvision backbones named by string; load "
+                                 "your module's own weights before passing it")
+            self.spec = spec
+        else:
+            if spec is not None:
+                raise ValueError(f"spec: only with a backbone module; {backbone!r} has its own")
+            self.spec = get_spec(backbone)
         self.backbone_name = self.spec.name
         self.backend = check_backend_name(backend)
         self.fused, self.lean = fused, lean
-        self.backbone = build_backbone(backbone, pretrained, backbone_weights, allow_download)
+        self.backbone = (freeze(backbone) if isinstance(backbone, nn.Module)
+                         else build_backbone(backbone, pretrained, backbone_weights, allow_download))
         self.hpn_learner = HPNLearner(list(self.spec.layers_per_level), backend=backend)
 
     # ------------------------------------------------------------------ frozen backbone
@@ -149,7 +166,11 @@ class HSNet(nn.Module):
         _check_images(img, name)
         # A weight of the backbone's first convolution, not next(parameters()): a DataParallel replica has
         # no parameters (its weights are plain attributes).
-        weight = next(m.weight for m in self.backbone.modules() if isinstance(m, nn.Conv2d))
+        weight = next((m.weight for m in self.backbone.modules() if isinstance(m, nn.Conv2d)), None)
+        if weight is None:  # a backbone of one's own without convolutions
+            weight = next(self.backbone.parameters(), None)
+        if weight is None:
+            return img
         if img.device != weight.device:
             raise ValueError(f"{name} is on {img.device} but the model is on {weight.device}; move one of them "
                              "(.to(device))")

@@ -67,3 +67,16 @@ def test_the_readmes_model_example_runs_and_gives_the_shapes_its_comments_name()
     # The one-shot logits are the coarse ones resized to the image, as the comment says.
     resized = torch.nn.functional.interpolate(namespace["coarse"], size=(96, 96), mode="bilinear", align_corners=True)
     torch.testing.assert_close(namespace["logits"], resized)
+
+
+def test_the_readmes_own_backbone_example_runs_and_gives_the_shape_it_names():
+    import textwrap
+
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    at = readme.index("class MyBackbone")
+    start = readme.rindex("```python\n", 0, at) + len("```python\n")
+    code = textwrap.dedent(readme[start:readme.index("```", start)])
+    namespace = {}
+    exec(compile(code, "README.md: a backbone of your own", "exec"), namespace)
+    assert "# [1, 2, 64, 64]" in code and tuple(namespace["logits"].shape) == (1, 2, 64, 64)
+    assert not any(p.requires_grad for p in namespace["model"].backbone.parameters())

@@ -534,14 +534,69 @@ def test_a_subclasss_own_correlation_encode_mix_and_decode_run_on_every_path():
                 torch.testing.assert_close(logits, base + shift, atol=1e-4, rtol=1e-4, msg=f"{name}, {path}")
 
 
+class _TinyPyramid(torch.nn.Module):
+    """A backbone of one's own: 6 feature maps, 1 at stride 4, 2 at stride 8, 3 at stride 16 (shallow
+    to deep), no relation to any torchvision model."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, stride=4, padding=1)
+        self.taps = torch.nn.ModuleList([torch.nn.Conv2d(8, 8, 3, padding=1) for _ in range(5)])
+        self.down = torch.nn.AvgPool2d(2)
+
+    def forward(self, img):
+        feats, x = [], self.stem(img)
+        feats.append(x)
+        x = self.down(x)
+        for tap in self.taps[:2]:
+            x = tap(x)
+            feats.append(x)
+        x = self.down(x)
+        for tap in self.taps[2:]:
+            x = tap(x)
+            feats.append(x)
+        return feats
+
+
+def test_hsnet_takes_a_backbone_module_of_ones_own_with_its_spec():
+    from hypertriton.backbones import BackboneSpec
+
+    spec = BackboneSpec("tiny", "custom", (8,) * 6, (3, 2, 1), (16, 8, 4))
+    torch.manual_seed(0)
+    model = HSNet(_TinyPyramid(), spec=spec, backend="torch").eval()
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    assert [k.split(".")[0] for k in model.state_dict()] == ["backbone"] * 12 + ["hpn_learner"] * (
+        len(model.state_dict()) - 12)
+    query, support, mask = images(2, 64, 80, 3)
+    with torch.no_grad():
+        fused = model(query, support, mask)
+        model.fused = False
+        dense = model(query, support, mask)
+    assert fused.shape == (2, 2, 64, 80)
+    torch.testing.assert_close(fused, dense, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"spec: a backbone module needs a BackboneSpec"):
+        HSNet(_TinyPyramid())
+    with pytest.raises(ValueError, match=r"pretrained/backbone_weights: for the torchvision backbones"):
+        HSNet(_TinyPyramid(), spec=spec, pretrained=True)
+    with pytest.raises(ValueError, match=r"spec: only with a backbone module"):
+        HSNet("resnet18", spec=spec)
+    wrong = HSNet(_TinyPyramid(), spec=BackboneSpec("tiny", "custom", (8,) * 7, (3, 2, 2), (16, 8, 4)))
+    with pytest.raises(ValueError, match=r"backbone 'tiny': its forward must return a list of 7 feature maps .* "
+                                         r"got 6 tensors"):
+        wrong(query, support, mask)
+
+
 def test_a_backbone_of_ones_own_is_refused_in_a_line_that_says_how_and_a_spec_must_add_up():
     from hypertriton.backbones import BackboneSpec
+
+    from hypertriton.backbones import get_spec
 
     with pytest.raises(ValueError) as caught:
         HSNet(torch.nn.Sequential(*[torch.nn.Conv2d(3, 3, 1) for _ in range(40)]))
     message = str(caught.value)
-    assert message.startswith("backbone: unknown backbone a Sequential; expected one of [")
-    assert "subclass HSNet and override extract_features" in message and len(message) < 300  # no module repr
+    assert message.startswith("spec: a backbone module needs a BackboneSpec") and len(message) < 300  # no repr
+    with pytest.raises(ValueError, match=r"unknown backbone of type int; .* HSNet\(module, spec=BackboneSpec"):
+        get_spec(50)
     with pytest.raises(ValueError, match=r"layers_per_level \(2, 2, 2\) must be positive and add up to the "
                                          r"number of features, len\(channels\) = 5"):
         BackboneSpec("mine", "resnet", (8,) * 5, (2, 2, 2), (32, 16, 8))
