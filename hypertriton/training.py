@@ -611,6 +611,10 @@ def train(config: TrainConfig, *, model: torch.nn.Module | None = None, train_da
         config: the run's settings (see :class:`TrainConfig`).
         model: an HSNet to train instead of the one ``config`` describes (``backbone``, ``pretrained``,
             ``backbone_weights``, ``backend``); its weights are replaced by the saved ones when resuming.
+            Any module will do that has ``forward(query_img, support_img, support_mask)`` returning
+            logits ``[B, 2, H, W]`` at the query mask's size (cross-entropy is taken over them), and,
+            for the default validation, ``predict_mask_nshot(batch, nshot)`` (as :func:`evaluate`);
+            a frozen part under the ``backbone.`` prefix is saved in ``last.pt`` only where it changed.
         train_dataset, val_dataset: datasets instead of ``hypertriton.data.build_dataset(...)``
             (``config.img_size`` then does not apply: the items come at the dataset's size). Items are
             dicts as the original datasets return them (:class:`hypertriton.data.FewShotDataset`):
@@ -714,6 +718,11 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model: no parameter requires a gradient; nothing to train")
+    if val_dataset is not None and validate_fn is _validate and not callable(getattr(model, "predict_mask_nshot", None)):
+        # (it failed at the first validation, after an epoch of training)
+        raise TypeError(f"model: the default validation calls model.predict_mask_nshot(batch, nshot), which "
+                        f"{type(model).__name__} lacks; define it (see hypertriton.evaluate), pass validate_fn, "
+                        "or set val_episodes=0")
     optimizer = torch.optim.Adam(params, lr=config.lr)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 

@@ -908,6 +908,27 @@ def test_a_wrong_datapath_is_said_before_the_backbone_weights_are_fetched(tmp_pa
     assert fetched == []
 
 
+def test_a_model_without_the_validation_method_is_refused_before_training(tmp_path):
+    # A forward-only model trained a whole epoch, wrote last.pt, then died at validation with a bare
+    # AttributeError.
+    class ForwardOnly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Conv2d(3, 2, 1)
+
+        def forward(self, query_img, support_img, support_mask):
+            return self.head(query_img)
+
+    trn, val = tiny_data()
+    with pytest.raises(TypeError, match=r"model: the default validation calls model.predict_mask_nshot\(batch, "
+                                        r"nshot\), which ForwardOnly lacks"):
+        train(tiny_config(tmp_path / "run"), model=ForwardOnly(), train_dataset=trn, val_dataset=val)
+    assert not (tmp_path / "run" / LAST_CHECKPOINT).exists()
+    trained = train(tiny_config(tmp_path / "novalidation", val_episodes=0, epochs=1), model=ForwardOnly(),
+                    train_dataset=trn)
+    assert trained["global_step"] == 3
+
+
 def test_building_the_data_first_leaves_the_initial_model_as_seeded(tmp_path):
     # The datasets are built before the model now; they draw nothing from the global generators, so the
     # seed gives the model it gave when the model came first.
