@@ -718,7 +718,8 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model: no parameter requires a gradient; nothing to train")
-    if val_dataset is not None and validate_fn is _validate and not callable(getattr(model, "predict_mask_nshot", None)):
+    validates = val_dataset is not None and validate_fn is _validate
+    if validates and not callable(getattr(model, "predict_mask_nshot", None)):
         # (it failed at the first validation, after an epoch of training)
         raise TypeError(f"model: the default validation calls model.predict_mask_nshot(batch, nshot), which "
                         f"{type(model).__name__} lacks; define it (see hypertriton.evaluate), pass validate_fn, "
