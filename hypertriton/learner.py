@@ -67,9 +67,22 @@ def _resize_pair(x: torch.Tensor, size: tuple[int, int], dims: str) -> torch.Ten
     return flat.view(b, hq, wq, c, *size).permute(0, 3, 1, 2, 4, 5)
 
 
-def _run_decoder(block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """``block(x)``, its stride-1 convolutions through NNPACK where faster (CPU inference; see
-    :mod:`hypertriton.ops.cpu_conv`); the same modules and parameters."""
+def _streamable(block: nn.Module) -> bool:
+    """Whether :meth:`HPNLearner.squeeze_streamed` takes ``block``: HSNet's squeezing-block form
+    (center-pivot conv, GroupNorm, ReLU, center-pivot conv, ...) with query stride 1 in both convs."""
+    if not isinstance(block, nn.Sequential) or len(block) < 4:
+        return False
+    conv1, conv2 = block[0], block[3]
+    return (isinstance(conv1, CenterPivotConv4d) and isinstance(block[1], GroupNorm4d)
+            and isinstance(conv2, CenterPivotConv4d)
+            and tuple(conv1.stride[:2]) == (1, 1) and tuple(conv2.stride[:2]) == (1, 1))
+
+
+def _run_decoder(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``block(x)``; a Sequential's stride-1 convolutions through NNPACK where faster (CPU inference, see
+    :mod:`hypertriton.ops.cpu_conv`): the same modules and parameters. Any other module is called."""
+    if not isinstance(block, nn.Sequential):
+        return block(x)
     for module in block:
         x = cpu_conv.run_conv_module(module, x)
     return x
@@ -181,8 +194,8 @@ class HPNLearner(nn.Module):
     @property
     def _dtype(self) -> torch.dtype:
         # Read from a weight, not from parameters(): a DataParallel replica has none (its weights are
-        # plain attributes).
-        return self.decoder2[-1].weight.dtype
+        # plain attributes). The first convolution's: a decoder of one's own need not be indexable.
+        return self.encoder_layer4[0].conv1.weight.dtype
 
     def _dtypes_accepted(self, dtypes, device: torch.device) -> bool:
         """Inputs in the learner's dtype, or under autocast in dtypes it casts (float64 it leaves alone)."""
@@ -419,7 +432,9 @@ class HPNLearner(nn.Module):
             conv = block[0]
             hs, ws = support[0].shape[-2:]
             sizes.append(query[0][0, 0].numel() * -(-hs // conv.stride[2]) * -(-ws // conv.stride[3]))
-        return [size * 4 >= max(sizes) for size in sizes]
+        # A block of one's own that :meth:`squeeze_streamed` cannot stream (its query dims strided, or not
+        # conv-norm-relu-conv) runs whole: lean is a memory preference, not a reason to fail.
+        return [size * 4 >= max(sizes) and _streamable(block) for size, block in zip(sizes, self.squeeze_blocks)]
 
     def squeeze_streamed(self, block: nn.Sequential, query, support, support_mask,
                          rows_per_step: int | None = None) -> torch.Tensor:

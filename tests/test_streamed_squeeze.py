@@ -103,3 +103,33 @@ def test_hsnet_lean_gives_the_same_logits():
         got = model(query, support, mask)
     assert "lean=True" in repr(model)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
+
+
+def test_blocks_of_ones_own_that_cannot_stream_run_whole_and_any_decoder_module_runs():
+    # lean=True with a query-strided first layer raised "streaming needs query stride 1" (lean is a memory
+    # preference); a decoder that is not an nn.Sequential failed with "'X' object is not iterable".
+    from hypertriton.learner import make_building_block
+
+    levels = make_levels((8, 6), (8, 8), 1, 5, 7)
+    mask = make_mask("blob", 1, 32, 32, 7)
+    model = learner(7, "torch")
+    torch.manual_seed(8)
+    model.encoder_layer2 = make_building_block(INCH[2], [16, 64, 128], [5, 3, 3], [4, 2, 2]).double().eval()
+    model.encoder_layer2[0].stride = (2, 2, 4, 4)  # query-strided: not streamable
+    model.encoder_layer2[0].conv1.stride = (2, 2)
+
+    class Decoder(torch.nn.Module):  # not a Sequential
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) * 2
+
+    model.decoder2 = Decoder(model.decoder2)
+    with torch.no_grad():
+        want = model.forward_fused(levels, mask)
+        got = model.forward_fused(levels, mask, lean=True)
+        dense = model(model._dense_pyramid(levels, mask))
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(dense, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
