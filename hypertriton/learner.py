@@ -67,6 +67,15 @@ def _resize_pair(x: torch.Tensor, size: tuple[int, int], dims: str) -> torch.Ten
     return flat.view(b, hq, wq, c, *size).permute(0, 3, 1, 2, 4, 5)
 
 
+def _check_deepest_first(query_sizes: list[tuple[int, int]], name: str) -> None:
+    """Levels come deepest first, so their query maps never shrink: given shallowest first (with equal layer
+    counts, which nothing else tells apart) the logits came out at the deepest level's size, silently."""
+    if any(deeper[0] > shallower[0] or deeper[1] > shallower[1]
+           for deeper, shallower in zip(query_sizes, query_sizes[1:])):
+        raise ValueError(f"{name}: expected the levels deepest first (layer4, layer3, layer2), each query map at "
+                         f"least as large as the one before, got query sizes {query_sizes}; reversed?")
+
+
 def _streamable(block: nn.Module) -> bool:
     """Whether :meth:`HPNLearner.squeeze_streamed` takes ``block``: HSNet's squeezing-block form
     (center-pivot conv, GroupNorm, ReLU, center-pivot conv, ...) with query stride 1 in both convs."""
@@ -183,6 +192,7 @@ class HPNLearner(nn.Module):
         if batch == 0:
             shapes = ", ".join(shape_of(t) for t in pyramid)
             raise ValueError(f"hypercorr_pyramid: an empty batch ({shapes}); expected at least one episode")
+        _check_deepest_first([tuple(level.shape[2:4]) for level in pyramid], "hypercorr_pyramid")
         dtypes = [level.dtype for level in pyramid]
         dtype = self._dtype
         # Every layer casts its weights to its input's dtype, except the decoder's plain convolutions.
@@ -210,6 +220,8 @@ class HPNLearner(nn.Module):
         feats = [t for pair in levels for side in pair for t in side if isinstance(t, torch.Tensor)]
         if not feats:
             return
+        _check_deepest_first([tuple(pair[0][0].shape[-2:]) for pair in levels
+                              if pair[0] and isinstance(pair[0][0], torch.Tensor)], "levels")
         if feats[0].shape[0] == 0:
             raise ValueError(f"levels: an empty batch (first query features {shape_of(feats[0])}); expected at "
                              "least one episode")

@@ -517,3 +517,22 @@ def test_a_hook_on_the_learner_itself_runs_on_the_fused_path():
     assert len(seen) == 1 and seen[0][0] == 3  # called once, on the three levels' hypercorrelations
     torch.testing.assert_close(seen[0][1], hooked, rtol=0, atol=0)
     assert_close_dtype(hooked, plain, torch.float32, scale=10)
+
+
+def test_levels_given_shallowest_first_are_refused():
+    # With equal layer counts per level nothing else tells the order apart: the logits came out at the
+    # deepest level's size (8x8 instead of 32x32), silently.
+    torch.manual_seed(0)
+    learner = HPNLearner([2, 2, 2], backend="torch").eval()
+    sizes = [(4, 4), (8, 8), (16, 16)]  # deepest first
+    levels = [([torch.randn(1, 3, *size) for _ in range(2)], [torch.randn(1, 3, *size) for _ in range(2)])
+              for size in sizes]
+    mask = torch.ones(1, 64, 64)
+    with torch.no_grad():
+        assert learner.forward_fused(levels, mask).shape == (1, 2, 32, 32)
+        with pytest.raises(ValueError, match=r"levels: expected the levels deepest first .* got query sizes "
+                                             r"\[\(16, 16\), \(8, 8\), \(4, 4\)\]; reversed\?"):
+            learner.forward_fused(levels[::-1], mask)
+        pyramid = learner._dense_pyramid(levels, mask)
+        with pytest.raises(ValueError, match=r"hypercorr_pyramid: expected the levels deepest first"):
+            learner(pyramid[::-1])
