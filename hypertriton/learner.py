@@ -6,6 +6,7 @@ Built from :class:`hypertriton.CenterPivotConv4d` with the original module names
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -28,6 +29,9 @@ from .ops.layout import (autocast_output_dtype, empty_query_major, group_affine,
 __all__ = ["HPNLearner", "make_building_block", "resize_4d"]
 
 SQUEEZE_CHANNELS = (16, 64, 128)
+# The original's squeezing blocks, deepest level first: each layer's kernel side and support-dim stride.
+SQUEEZE_KERNELS = ((3, 3, 3), (5, 3, 3), (5, 5, 3))
+SQUEEZE_STRIDES = ((2, 2, 2), (4, 2, 2), (4, 4, 2))
 # Working chunk of the fused layer in a streamed squeeze block (fp32: 2 MB), and its slabs' height as a
 # fraction of the query map: both small beside the second layer's output, the one tensor held whole.
 STREAM_CHUNK_ELEMENTS = 1 << 19
@@ -65,6 +69,25 @@ def _resize_pair(x: torch.Tensor, size: tuple[int, int], dims: str) -> torch.Ten
     flat = x.permute(0, 2, 3, 1, 4, 5).reshape(b * hq * wq, c, hs, ws)
     flat = F.interpolate(flat, size, mode="bilinear", align_corners=True)
     return flat.view(b, hq, wq, c, *size).permute(0, 3, 1, 2, 4, 5)
+
+
+def _check_squeeze_design(channels, kernel_sizes, support_strides) -> None:
+    """The squeezing blocks' shape, named before any module is built."""
+    def positive_ints(values) -> bool:
+        return all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in values)
+
+    channels = list(channels)
+    if not channels or not positive_ints(channels) or any(c % GROUPS for c in channels):
+        raise ValueError(f"squeeze_channels: expected positive ints divisible by {GROUPS} (the GroupNorm's groups), "
+                         f"got {tuple(channels)}")
+    for name, per_block in (("kernel_sizes", kernel_sizes), ("support_strides", support_strides)):
+        blocks = [list(values) for values in per_block]
+        if len(blocks) != 3 or any(len(values) != len(channels) or not positive_ints(values) for values in blocks):
+            raise ValueError(f"{name}: expected 3 blocks (deepest level first) of {len(channels)} positive ints "
+                             f"(one per entry of squeeze_channels), got {[tuple(b) for b in blocks]}")
+    if any(k % 2 == 0 for values in kernel_sizes for k in values):
+        raise ValueError(f"kernel_sizes: expected odd sides (the query dims keep their size), got "
+                         f"{[tuple(values) for values in kernel_sizes]}")
 
 
 def _check_deepest_first(query_sizes: list[tuple[int, int]], name: str) -> None:
@@ -133,6 +156,12 @@ class HPNLearner(nn.Module):
             ResNet-101, ``[1, 3, 3]`` for VGG16): the ``L_p`` channels of each input level.
         backend: backend of the center-pivot convolutions (``"triton"``, ``"torch"``, ``"reference"``
             or None for automatic).
+        squeeze_channels: output channels of each layer of a squeezing block (the original's
+            ``(16, 64, 128)``; each divisible by 4, the GroupNorm's groups). The last is the mixing
+            blocks' and decoder's width, the one before it the decoder's second.
+        kernel_sizes, support_strides: per squeezing block, deepest level first, each layer's odd kernel
+            side and support-dim stride (the original's ``SQUEEZE_KERNELS``, ``SQUEEZE_STRIDES``); one
+            value per entry of ``squeeze_channels``.
 
     Differences from the original, on purpose (identical results wherever the original runs):
 
@@ -153,21 +182,28 @@ class HPNLearner(nn.Module):
         torch.Size([1, 2, 16, 16])
     """
 
-    def __init__(self, inch: Sequence[int], backend: str | None = None):
+    def __init__(self, inch: Sequence[int], backend: str | None = None,
+                 squeeze_channels: Sequence[int] = SQUEEZE_CHANNELS,
+                 kernel_sizes: Sequence[Sequence[int]] = SQUEEZE_KERNELS,
+                 support_strides: Sequence[Sequence[int]] = SQUEEZE_STRIDES):
         super().__init__()
+        inch = [int(c) if isinstance(c, numbers.Integral) and not isinstance(c, bool) else c for c in inch]
         if len(inch) != 3 or not all(isinstance(c, int) and c > 0 for c in inch):
             raise ValueError(f"inch: expected 3 positive ints (layers per level, deepest first), got {inch!r}")
+        _check_squeeze_design(squeeze_channels, kernel_sizes, support_strides)
         self.inch = tuple(inch)
         self.backend = check_backend_name(backend)
-        ch1, ch2, ch3 = SQUEEZE_CHANNELS
+        channels = [int(c) for c in squeeze_channels]
+        ch3 = channels[-1]
+        ch2 = channels[-2] if len(channels) > 1 else ch3
 
         def block(cin, couts, kernels, strides):
             return make_building_block(cin, couts, kernels, strides, backend=backend)
 
         # squeezing blocks: support dims shrink, query dims keep their size
-        self.encoder_layer4 = block(inch[0], [ch1, ch2, ch3], [3, 3, 3], [2, 2, 2])
-        self.encoder_layer3 = block(inch[1], [ch1, ch2, ch3], [5, 3, 3], [4, 2, 2])
-        self.encoder_layer2 = block(inch[2], [ch1, ch2, ch3], [5, 5, 3], [4, 4, 2])
+        self.encoder_layer4 = block(inch[0], channels, list(kernel_sizes[0]), list(support_strides[0]))
+        self.encoder_layer3 = block(inch[1], channels, list(kernel_sizes[1]), list(support_strides[1]))
+        self.encoder_layer2 = block(inch[2], channels, list(kernel_sizes[2]), list(support_strides[2]))
         # mixing blocks
         self.encoder_layer4to3 = block(ch3, [ch3] * 3, [3, 3, 3], [1, 1, 1])
         self.encoder_layer3to2 = block(ch3, [ch3] * 3, [3, 3, 3], [1, 1, 1])

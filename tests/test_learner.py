@@ -536,3 +536,36 @@ def test_levels_given_shallowest_first_are_refused():
         pyramid = learner._dense_pyramid(levels, mask)
         with pytest.raises(ValueError, match=r"hypercorr_pyramid: expected the levels deepest first"):
             learner(pyramid[::-1])
+
+
+@pytest.mark.parametrize("design", [
+    {"squeeze_channels": (8, 16, 32), "kernel_sizes": ((3, 3, 3),) * 3, "support_strides": ((2, 2, 1), (2, 2, 2),
+                                                                                              (4, 2, 2))},
+    {"squeeze_channels": (8, 24), "kernel_sizes": ((3, 1), (5, 3), (1, 3)), "support_strides": ((1, 2), (4, 1),
+                                                                                                (2, 2))},
+], ids=["narrower", "two-layer-blocks"])
+def test_a_squeeze_design_of_ones_own_runs_alike_on_every_path(design):
+    # The squeezing blocks' channels, kernels and strides were fixed; another design meant reassigning
+    # all seven submodules of a subclass.
+    from helpers import make_mask
+
+    torch.manual_seed(3)
+    learner = HPNLearner([2, 3, 1], backend="torch", **design).double().eval()
+    assert [module.conv1.kernel_size[0] for module in learner.encoder_layer3[::3]] == list(design["kernel_sizes"][1])
+    assert learner.decoder2[-1].in_channels == design["squeeze_channels"][-2]
+    gen = torch.Generator().manual_seed(4)
+    levels = [([torch.randn(1, 4, side, side, generator=gen, dtype=torch.float64) for _ in range(layers)],
+               [torch.randn(1, 4, side, side, generator=gen, dtype=torch.float64) for _ in range(layers)])
+              for layers, side in zip((2, 3, 1), (3, 5, 9))]
+    mask = make_mask("blob", 1, 36, 36, 4)
+    with torch.no_grad():
+        dense = learner(learner._dense_pyramid(levels, mask))
+        fused = learner.forward_fused(levels, mask)
+        lean = learner.forward_fused(levels, mask, lean=True, rows_per_step=2)
+    assert dense.shape == (1, 2, 18, 18)
+    for got in (fused, lean):
+        torch.testing.assert_close(got, dense, rtol=1e-9, atol=1e-9 * float(dense.abs().max()))
+    with pytest.raises(ValueError, match=r"squeeze_channels: expected positive ints divisible by 4"):
+        HPNLearner([2, 3, 1], squeeze_channels=(6, 16))
+    with pytest.raises(ValueError, match=r"support_strides: expected 3 blocks .* of 2 positive ints"):
+        HPNLearner([2, 3, 1], squeeze_channels=(8, 16), kernel_sizes=((3, 3),) * 3, support_strides=((2,),) * 3)
