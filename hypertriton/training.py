@@ -312,6 +312,19 @@ def compute_loss(logits: torch.Tensor, query_mask: torch.Tensor,
     return (per_episode * episode_weights.to(per_episode)).sum()
 
 
+def _own_loss(loss_fn, logits: torch.Tensor, query_mask: torch.Tensor,
+              episode_weights: torch.Tensor | None) -> torch.Tensor:
+    """A caller's per-episode loss, reduced as :func:`compute_loss` reduces the original's."""
+    per_episode = loss_fn(logits, query_mask)
+    if not isinstance(per_episode, torch.Tensor) or per_episode.shape != (logits.shape[0],):
+        got = list(per_episode.shape) if isinstance(per_episode, torch.Tensor) else type(per_episode).__name__
+        raise ValueError(f"loss_fn: expected each episode's loss, a tensor [B] = [{logits.shape[0]}], got {got}")
+    per_episode = per_episode.float()
+    if episode_weights is None:
+        return per_episode.mean()
+    return (per_episode * episode_weights.to(per_episode)).sum()
+
+
 def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
     if amp_dtype is None:
         return nullcontext()
@@ -320,7 +333,8 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
 
 def training_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
                   scaler: torch.amp.GradScaler | None = None, amp_dtype: torch.dtype | None = None,
-                  meter=None, episode_weights: torch.Tensor | None = None) -> float:
+                  meter=None, episode_weights: torch.Tensor | None = None,
+                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> float:
     """One optimizer step on a batch of 1-shot episodes; returns the loss (a Python float).
 
     ``batch`` holds ``query_img`` ``[B, 3, H, W]``, ``query_mask`` ``[B, H, W]``, ``support_imgs``
@@ -328,6 +342,8 @@ def training_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Op
     used, as in the original training. With a :class:`~hypertriton.metrics.SegmentationMeter`, the
     argmax prediction of this step is counted into it (the original's training mIoU/FB-IoU).
     ``episode_weights`` ``[B]``: see :func:`compute_loss`; episodes of weight 0 are not counted either.
+    ``loss_fn(logits, query_mask) -> [B]``: each episode's loss instead of the original's cross-entropy
+    (see :func:`train`); averaged over the batch, or weighted by ``episode_weights``.
     """
     missing = [key for key in TRAINING_KEYS if key not in batch]
     if missing:
@@ -343,7 +359,8 @@ def training_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Op
     optimizer.zero_grad(set_to_none=True)
     with _autocast(device, amp_dtype):
         logits = model(batch["query_img"], batch["support_imgs"][:, 0], batch["support_masks"][:, 0])
-    loss = compute_loss(logits, batch["query_mask"], episode_weights)
+    loss = (compute_loss(logits, batch["query_mask"], episode_weights) if loss_fn is None
+            else _own_loss(loss_fn, logits, batch["query_mask"], episode_weights))
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -604,7 +621,8 @@ def _check_resume_config(saved: dict, config: TrainConfig, world_size: int, warn
 
 def train(config: TrainConfig, *, model: torch.nn.Module | None = None, train_dataset: Dataset | None = None,
           val_dataset: Dataset | None = None, on_step: Callable[[dict], None] | None = None,
-          validate_fn: Callable[..., dict] | None = None) -> dict:
+          validate_fn: Callable[..., dict] | None = None,
+          loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> dict:
     """Train HSNet; returns a summary dict.
 
     Args:
@@ -630,6 +648,9 @@ def train(config: TrainConfig, *, model: torch.nn.Module | None = None, train_da
             process always; under torchrun where ``validate_fn`` takes a ``stop_requested`` keyword (a
             callable to pass on to ``evaluate(stop_requested=...)``, as the default one does), else it
             runs to its end there.
+        loss_fn: ``loss_fn(logits [B, 2, H, W], query_mask [B, H, W]) -> [B]``, each episode's loss,
+            instead of the original's cross-entropy (:func:`compute_loss`); the step takes their mean
+            (under torchrun the sampler's padding episodes weigh 0). Not saved: pass it again to resume.
 
     Returns:
         ``{"epochs_completed", "global_step", "best_miou", "best_epoch", "train_loss" (last epoch's
@@ -644,7 +665,7 @@ def train(config: TrainConfig, *, model: torch.nn.Module | None = None, train_da
     created_group = not hdist.is_distributed()
     ctx = hdist.init_distributed(config.device)
     try:
-        result = _train(config, ctx, model, train_dataset, val_dataset, on_step, validate_fn or _validate)
+        result = _train(config, ctx, model, train_dataset, val_dataset, on_step, validate_fn or _validate, loss_fn)
     except KeyboardInterrupt:
         # A second Ctrl-C means now: the process exits anyway, and the teardown below is where a gloo run
         # can hang (a test's two-process run did, once in 240 s).
@@ -664,7 +685,7 @@ def train(config: TrainConfig, *, model: torch.nn.Module | None = None, train_da
 
 
 def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_dataset, val_dataset, on_step,
-           validate_fn) -> dict:
+           validate_fn, loss_fn=None) -> dict:
     from tqdm.auto import tqdm
 
     from hypertriton.checkpoint import save_checkpoint
@@ -834,7 +855,8 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
                 weights = _padding_episode_weights(ctx.rank, ctx.world_size, len(train_dataset), step * rank_bsz, size)
                 consistent = False
                 loss = training_step(train_model, batch, optimizer, scaler, amp_dtype, step_meter,
-                                     episode_weights=None if weights is None else weights.to(device))
+                                     episode_weights=None if weights is None else weights.to(device),
+                                     loss_fn=loss_fn)
                 step += 1
                 global_step += 1
                 if weights is not None:  # this rank's loss sum and count over its real episodes

@@ -929,6 +929,34 @@ def test_a_model_without_the_validation_method_is_refused_before_training(tmp_pa
     assert trained["global_step"] == 3
 
 
+def test_a_loss_of_ones_own_replaces_the_original_cross_entropy(tmp_path):
+    # The loss was fixed (an extension audit changed it by monkeypatching compute_loss).
+    import torch.nn.functional as F
+
+    def per_episode_cross_entropy(logits, query_mask):
+        return F.cross_entropy(logits.float(), query_mask.long(), reduction="none").flatten(1).mean(dim=1)
+
+    def object_weighted(logits, query_mask):
+        weights = torch.tensor([1.0, 3.0], device=logits.device)
+        pixels = F.cross_entropy(logits.float(), query_mask.long(), weight=weights, reduction="none")
+        return pixels.flatten(1).mean(dim=1)
+
+    states = {}
+    for name, loss_fn in (("default", None), ("same", per_episode_cross_entropy), ("weighted", object_weighted)):
+        trn, val = tiny_data()
+        torch.manual_seed(0)
+        train(tiny_config(tmp_path / name, epochs=1, val_episodes=0), train_dataset=trn, loss_fn=loss_fn)
+        states[name] = load_training_state(tmp_path / name / LAST_CHECKPOINT)["model"]
+    learner_keys = [key for key in states["default"] if key.startswith("hpn_learner.")]
+    for key in learner_keys:
+        torch.testing.assert_close(states["same"][key], states["default"][key], rtol=1e-5, atol=1e-6, msg=key)
+    assert any(not torch.allclose(states["weighted"][key], states["default"][key]) for key in learner_keys)
+    trn, _ = tiny_data()
+    with pytest.raises(ValueError, match=r"loss_fn: expected each episode's loss, a tensor \[B\] = \[2\], got \[\]"):
+        train(tiny_config(tmp_path / "scalar", epochs=1, val_episodes=0), train_dataset=trn,
+              loss_fn=lambda logits, mask: per_episode_cross_entropy(logits, mask).mean())
+
+
 def test_building_the_data_first_leaves_the_initial_model_as_seeded(tmp_path):
     # The datasets are built before the model now; they draw nothing from the global generators, so the
     # seed gives the model it gave when the model came first.
