@@ -132,7 +132,8 @@ def infer_backbone(state_dict: Mapping[str, torch.Tensor]) -> str:
     """
     from .backbones import BACKBONES
 
-    if any(key.startswith("backbone.features.") for key in state_dict):
+    # VGG16's features by their indices (a ConvNeXt's 'features.0.0.weight' is no VGG's).
+    if all(f"backbone.features.{index}.weight" in state_dict for index in (0, 28)):
         return "vgg16"
     if "backbone.layer3.0.conv1.weight" in state_dict:
         bottleneck = "backbone.layer3.0.conv3.weight" in state_dict
@@ -143,6 +144,12 @@ def infer_backbone(state_dict: Mapping[str, torch.Tensor]) -> str:
             raise CheckpointError(f"checkpoint: backbone with {depth} {'Bottleneck' if bottleneck else 'BasicBlock'} "
                                   f"blocks in layer3 matches none of {sorted(BACKBONES)}; pass backbone=")
         return name
+    if any(key.startswith("backbone.") for key in state_dict):
+        sample = [key for key in state_dict if key.startswith("backbone.")][:3]
+        raise CheckpointError(f"checkpoint: its 'backbone.*' keys are none of {sorted(BACKBONES)}'s (such as "
+                              f"{sample}); a model with a backbone of its own loads into the model built the same "
+                              "way: HSNet(module, spec=...), then hypertriton.checkpoint.load_into(model, "
+                              "strip_prefix(read_state_dict(path)))")
     key = "hpn_learner.encoder_layer{}.0.conv1.weight"
     if all(key.format(level) in state_dict for level in (4, 3, 2)):
         inch = tuple(int(state_dict[key.format(level)].shape[1]) for level in (4, 3, 2))

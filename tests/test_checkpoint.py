@@ -66,6 +66,33 @@ def test_save_checkpoint_round_trips_in_the_original_key_format(tmp_path):
         torch.testing.assert_close(loaded(query, support, mask), model(query, support, mask), rtol=0, atol=0)
 
 
+def test_a_backbone_of_ones_own_is_not_taken_for_a_known_one_and_the_way_to_load_it_is_said(tmp_path):
+    # A ConvNeXt's 'backbone.features.*' keys read as VGG16's; a custom backbone with resnet18's learner
+    # was taken for resnet18 by its learner's input channels. Both then failed on mismatched keys.
+    from hypertriton.backbones import BackboneSpec
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=8, padding=1)))
+
+        def forward(self, img):
+            x = self.features(img)
+            return [x] * 6
+
+    spec = BackboneSpec("tiny", "custom", (4,) * 6, (2, 2, 2), (8, 8, 8))
+    model = HSNet(Tiny(), spec=spec, backend="torch")
+    path = tmp_path / "mine.pt"
+    model.save_checkpoint(path)
+    with pytest.raises(ckpt.CheckpointError, match=r"its 'backbone.\*' keys are none of .* "
+                                                   r"HSNet\(module, spec=...\), then hypertriton.checkpoint.load_into"):
+        HSNet.from_checkpoint(path)
+    again = HSNet(Tiny(), spec=spec, backend="torch")
+    ckpt.load_into(again, ckpt.strip_prefix(ckpt.read_state_dict(path)))
+    for key, value in model.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
+
+
 @pytest.mark.parametrize("backbone", ["resnet50", "resnet101", "vgg16", "resnet18", "resnet34"])
 def test_backbone_is_inferred_from_the_keys_and_an_ambiguous_learner_is_refused(backbone):
     state = ckpt.strip_prefix(original_format_state_dict(backbone, device="meta"))
