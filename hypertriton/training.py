@@ -722,7 +722,7 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
 
     # The data first: a wrong datapath or splits folder is said before a backbone's ImageNet weights are
     # fetched (100+ MB). Building a dataset draws nothing from the global generators (each has its own).
-    own_data = train_dataset is not None
+    own_data, own_model = train_dataset is not None, model is not None
     if train_dataset is None:
         train_dataset = _build_dataset(config, "trn", config.nshot)
     if config.val_episodes == 0:
@@ -798,6 +798,9 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
             recorded = dataclasses.asdict(config)
             if own_data:  # the items come at the dataset's own size (None: unknown), which predict reads here
                 recorded["img_size"] = getattr(train_dataset, "img_size", None)
+            if own_model:  # config's backbone field then describes nothing that ran: say what did
+                recorded["model"] = f"{type(model).__module__}.{type(model).__qualname__}"
+                recorded["backbone"] = getattr(model, "backbone_name", None)
             with atomic_file(logdir / "config.json", "w") as handle:
                 json.dump(recorded, handle, indent=2)
         log.write("resume" if state is not None else "start", epoch=start_epoch, step=start_step,

@@ -284,7 +284,8 @@ def test_best_checkpoint_is_the_best_validated_model_in_original_format(tmp_path
     assert validation.saved_before == [((0, 1, 1), True), ((1, 1, 2), True), ((2, 1, 3), True)]
     # Only the final files: every temporary file was renamed into place.
     assert sorted(os.listdir(tmp_path)) == sorted([BEST_CHECKPOINT, LAST_CHECKPOINT, LOG_FILE, "config.json"])
-    assert json.loads((tmp_path / "config.json").read_text())["img_size"] == IMG
+    recorded = json.loads((tmp_path / "config.json").read_text())
+    assert recorded["img_size"] == IMG and "model" not in recorded
     from hypertriton.predict import load_model
     assert load_model(tmp_path / BEST_CHECKPOINT)[1] == IMG
 
@@ -927,6 +928,9 @@ def test_a_model_without_the_validation_method_is_refused_before_training(tmp_pa
     trained = train(tiny_config(tmp_path / "novalidation", val_episodes=0, epochs=1), model=ForwardOnly(),
                     train_dataset=trn)
     assert trained["global_step"] == 3
+    # config.json says what ran (the config's backbone field described a model that was not built)
+    recorded = json.loads((tmp_path / "novalidation" / "config.json").read_text())
+    assert recorded["model"].endswith("ForwardOnly") and recorded["backbone"] is None
 
 
 def test_a_loss_of_ones_own_replaces_the_original_cross_entropy(tmp_path):
