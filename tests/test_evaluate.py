@@ -520,8 +520,13 @@ def test_cli_evaluates_at_the_size_the_checkpoint_was_trained_at(tmp_path, capsy
 
 
 def _child_processes() -> list[int]:
-    tasks = Path(f"/proc/{os.getpid()}/task")
-    return [int(pid) for task in tasks.iterdir() for pid in (task / "children").read_text().split()]
+    pids = []
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        try:
+            pids += [int(pid) for pid in (task / "children").read_text().split()]
+        except FileNotFoundError:  # a thread that ended since the listing (loader threads shutting down)
+            continue
+    return pids
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the loader's workers in Linux's /proc")

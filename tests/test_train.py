@@ -539,18 +539,24 @@ def test_scheduled_lr_hand_computed_values():
         scheduled_lr(0.1, "linear", 0, 8)
 
 
-@posix_signals
 class _FineTuningHSNet(HSNet):
-    """A researcher's variant: the backbone's last stage trains, and its batch norms stay in training mode."""
+    """A researcher's variant: the backbone's last two stages train, and its batch norms stay in training
+    mode."""
 
     def __init__(self):
         super().__init__("resnet18")
-        for parameter in self.backbone.layer4.parameters():
-            parameter.requires_grad_(True)
+        for stage in (self.backbone.layer3, self.backbone.layer4):
+            for parameter in stage.parameters():
+                parameter.requires_grad_(True)
 
     def train(self, mode: bool = True):
         torch.nn.Module.train(self, mode)  # HSNet's own train() keeps the backbone in eval mode
         return self
+
+    def extract_features(self, img):  # with gradients (HSNet's runs the backbone under no_grad)
+        from hypertriton.backbones import extract_features
+
+        return extract_features(self.backbone, self.spec, img)
 
 
 @posix_signals
@@ -559,28 +565,30 @@ def test_stop_and_resume_keeps_what_a_fine_tuned_backbone_learned(tmp_path):
     # and the resumed run's backbones 7.5e-3 apart, their learners 2.6e-3), and from its built BN statistics.
     trn, val = tiny_data()
     torch.manual_seed(0)
+    built = _FineTuningHSNet().state_dict()
+    torch.manual_seed(0)
     whole = train(tiny_config(tmp_path / "whole"), model=_FineTuningHSNet(), train_dataset=trn, val_dataset=val)
     reference = load_training_state(tmp_path / "whole" / LAST_CHECKPOINT)["model"]
-    assert any(key.startswith("backbone.layer4.") and key.endswith("weight") for key in reference)
+    conv = "backbone.layer3.1.conv2.weight"
+    assert conv in reference and not torch.equal(reference[conv], built[conv])  # it trained
     assert any(key.startswith("backbone.layer1.") and key.endswith("running_mean") for key in reference)
     assert not any(key.startswith("backbone.layer1.") and key.endswith("weight") for key in reference)
 
-    trn, val = tiny_data()
-    torch.manual_seed(0)
-    stopped = train(tiny_config(tmp_path / "split"), model=_FineTuningHSNet(), train_dataset=trn, val_dataset=val,
-                    on_step=_stop_at(4))
-    assert stopped["interrupted"]
-    trn, val = tiny_data()
-    torch.manual_seed(0)
-    resumed = train(tiny_config(tmp_path / "split", resume="auto"), model=_FineTuningHSNet(), train_dataset=trn,
-                    val_dataset=val)
-    assert resumed["global_step"] == whole["global_step"]
+    # Stopped twice: a resumed run's own last.pt must resume too (its fingerprint is of the built backbone).
+    for stop_step, resume in ((2, None), (4, "auto"), (None, "auto")):
+        trn, val = tiny_data()
+        torch.manual_seed(0)
+        result = train(tiny_config(tmp_path / "split", resume=resume), model=_FineTuningHSNet(), train_dataset=trn,
+                       val_dataset=val, on_step=_stop_at(stop_step) if stop_step else None)
+        assert result["interrupted"] == (stop_step is not None)
+    assert result["global_step"] == whole["global_step"]
     final = load_training_state(tmp_path / "split" / LAST_CHECKPOINT)["model"]
     assert final.keys() == reference.keys()
     for key, value in reference.items():
         torch.testing.assert_close(final[key], value, rtol=0, atol=1e-6, msg=key)
 
 
+@posix_signals
 def test_cosine_schedule_is_followed_and_survives_a_stop(tmp_path):
     trn, val = tiny_data()
     reference_path = tmp_path / "reference"
@@ -955,7 +963,18 @@ def test_a_loss_of_ones_own_replaces_the_original_cross_entropy(tmp_path):
     for key in learner_keys:
         torch.testing.assert_close(states["same"][key], states["default"][key], rtol=1e-5, atol=1e-6, msg=key)
     assert any(not torch.allclose(states["weighted"][key], states["default"][key]) for key in learner_keys)
+    # Given what the original loss is given: float32 logits under autocast too, a mask checked to be 0/1.
+    from hypertriton.training import _own_loss
+
+    seen = []
+    logits, mask = torch.randn(2, 2, 4, 4, dtype=torch.bfloat16), torch.randint(0, 2, (2, 4, 4)).float()
+    _own_loss(lambda lg, m: seen.append(lg.dtype) or per_episode_cross_entropy(lg, m), logits, mask, None)
+    assert seen == [torch.float32]
+    with pytest.raises(ValueError, match=r"query_mask: expected values 0 \(background\) and 1"):
+        _own_loss(per_episode_cross_entropy, logits, mask * 255, None)
     trn, _ = tiny_data()
+    with pytest.raises(TypeError, match=r"loss_fn: expected a callable or None, got str"):
+        train(tiny_config(tmp_path / "named", epochs=1, val_episodes=0), train_dataset=trn, loss_fn="focal")
     with pytest.raises(ValueError, match=r"loss_fn: expected each episode's loss, a tensor \[B\] = \[2\], got \[\]"):
         train(tiny_config(tmp_path / "scalar", epochs=1, val_episodes=0), train_dataset=trn,
               loss_fn=lambda logits, mask: per_episode_cross_entropy(logits, mask).mean())
