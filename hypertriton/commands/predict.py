@@ -75,7 +75,8 @@ def _expand(paths: list[str], role: str) -> tuple[list[Path], bool]:
             found = _images_in(path)
             stems = {image.stem for image in found}
             companions = [image for image in found if image.suffix.lower() == ".png"
-                          and any(image.stem == f"{stem}{suffix}" for stem in stems for suffix in _OUTPUT_SUFFIXES)]
+                          and any(image.stem.endswith(suffix) and image.stem[:-len(suffix)] in stems
+                                  for suffix in _OUTPUT_SUFFIXES)]
             if companions:
                 listed = ", ".join(image.name for image in companions[:3]) + (
                     f" and {len(companions) - 3} more" if len(companions) > 3 else "")
