@@ -77,9 +77,9 @@ def _check_squeeze_design(channels, kernel_sizes, support_strides) -> None:
         return all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in values)
 
     channels = list(channels)
-    if not channels or not positive_ints(channels) or any(c % GROUPS for c in channels):
-        raise ValueError(f"squeeze_channels: expected positive ints divisible by {GROUPS} (the GroupNorm's groups), "
-                         f"got {tuple(channels)}")
+    if len(channels) < 2 or not positive_ints(channels) or any(c % GROUPS for c in channels):
+        raise ValueError(f"squeeze_channels: expected at least 2 positive ints (layers per squeezing block), each "
+                         f"divisible by {GROUPS} (the GroupNorm's groups), got {tuple(channels)}")
     for name, per_block in (("kernel_sizes", kernel_sizes), ("support_strides", support_strides)):
         blocks = [list(values) for values in per_block]
         if len(blocks) != 3 or any(len(values) != len(channels) or not positive_ints(values) for values in blocks):
@@ -157,7 +157,7 @@ class HPNLearner(nn.Module):
         backend: backend of the center-pivot convolutions (``"triton"``, ``"torch"``, ``"reference"``
             or None for automatic).
         squeeze_channels: output channels of each layer of a squeezing block (the original's
-            ``(16, 64, 128)``; each divisible by 4, the GroupNorm's groups). The last is the mixing
+            ``(16, 64, 128)``; at least two, each divisible by 4, the GroupNorm's groups). The last is the mixing
             blocks' and decoder's width, the one before it the decoder's second.
         kernel_sizes, support_strides: per squeezing block, deepest level first, each layer's odd kernel
             side and support-dim stride (the original's ``SQUEEZE_KERNELS``, ``SQUEEZE_STRIDES``); one
@@ -194,8 +194,7 @@ class HPNLearner(nn.Module):
         self.inch = tuple(inch)
         self.backend = check_backend_name(backend)
         channels = [int(c) for c in squeeze_channels]
-        ch3 = channels[-1]
-        ch2 = channels[-2] if len(channels) > 1 else ch3
+        ch2, ch3 = channels[-2:]
 
         def block(cin, couts, kernels, strides):
             return make_building_block(cin, couts, kernels, strides, backend=backend)
@@ -365,6 +364,8 @@ class HPNLearner(nn.Module):
     def encode(self, hypercorr_pyramid) -> torch.Tensor:
         """Squeeze and mix the pyramid, then average over the support dims: ``[B, 128, Hq_2, Wq_2]``."""
         self._check_pyramid(hypercorr_pyramid)
+        if self.hooks_inside():  # (a subclass's encode calling this one: every hook still runs once)
+            return self._encode_calling_each_module(hypercorr_pyramid)
         return self._mix([self.squeeze_rest(block, block[0](level))
                           for block, level in zip(self.squeeze_blocks, hypercorr_pyramid)])
 
@@ -405,22 +406,25 @@ class HPNLearner(nn.Module):
         """The original HSNet learner's forward; see :meth:`hooks_inside`. A subclass's own ``encode``,
         ``mix`` or ``decode`` is called in place of the original's step."""
         with calling_each_module():
-            if self._overrides("encode"):
-                encoded = self.encode(hypercorr_pyramid)
-            else:
-                sqz4, sqz3, sqz2 = (block(level) for block, level in zip(self.squeeze_blocks, hypercorr_pyramid))
-                if self._overrides("mix"):
-                    encoded = self.mix(sqz4, sqz3, sqz2)
-                else:
-                    mix43 = self.encoder_layer4to3(resize_4d(sqz4, sqz3.shape[2:4], sqz3.shape[4:6]) + sqz3)
-                    mix432 = self.encoder_layer3to2(resize_4d(mix43, sqz2.shape[2:4], sqz2.shape[4:6]) + sqz2)
-                    encoded = mix432.flatten(4).mean(dim=-1)
+            encoded = (self.encode(hypercorr_pyramid) if self._overrides("encode")
+                       else self._encode_calling_each_module(hypercorr_pyramid))
             if self._overrides("decode"):
                 return self.decode(encoded)
             decoded = self.decoder1(encoded)
             decoded = F.interpolate(decoded, (2 * decoded.shape[-2], 2 * decoded.shape[-1]), mode="bilinear",
                                     align_corners=True)
             return self.decoder2(decoded).contiguous()
+
+    def _encode_calling_each_module(self, hypercorr_pyramid) -> torch.Tensor:
+        """The original's squeezing and mixing, each block called as a module (a subclass's own ``mix`` in
+        place of the mixing); see :meth:`hooks_inside`."""
+        with calling_each_module():
+            sqz4, sqz3, sqz2 = (block(level) for block, level in zip(self.squeeze_blocks, hypercorr_pyramid))
+            if self._overrides("mix"):
+                return self.mix(sqz4, sqz3, sqz2)
+            mix43 = self.encoder_layer4to3(resize_4d(sqz4, sqz3.shape[2:4], sqz3.shape[4:6]) + sqz3)
+            mix432 = self.encoder_layer3to2(resize_4d(mix43, sqz2.shape[2:4], sqz2.shape[4:6]) + sqz2)
+            return mix432.flatten(4).mean(dim=-1)
 
     def forward_fused(self, levels, support_mask, lean: bool = False, rows_per_step: int | None = None
                       ) -> torch.Tensor:

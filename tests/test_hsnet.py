@@ -532,6 +532,14 @@ def test_a_subclasss_own_correlation_encode_mix_and_decode_run_on_every_path():
             calls.clear()
             for path, logits in outputs.items():
                 torch.testing.assert_close(logits, base + shift, atol=1e-4, rtol=1e-4, msg=f"{name}, {path}")
+            # A hook on a whole block runs once per call, an own encode calling the original's too.
+            fired = []
+            handle = learner.encoder_layer4.register_forward_hook(lambda module, args, output: fired.append(1))
+            learner(pyramid)
+            learner.forward_fused(levels, mask)
+            handle.remove()
+            assert fired == [1, 1], name
+            calls.clear()
 
 
 class _TinyPyramid(torch.nn.Module):

@@ -565,7 +565,10 @@ def test_a_squeeze_design_of_ones_own_runs_alike_on_every_path(design):
     assert dense.shape == (1, 2, 18, 18)
     for got in (fused, lean):
         torch.testing.assert_close(got, dense, rtol=1e-9, atol=1e-9 * float(dense.abs().max()))
-    with pytest.raises(ValueError, match=r"squeeze_channels: expected positive ints divisible by 4"):
+    with pytest.raises(ValueError, match=r"squeeze_channels: expected at least 2 positive ints .* each divisible "
+                                         r"by 4 .* got \(6, 16\)"):
         HPNLearner([2, 3, 1], squeeze_channels=(6, 16))
+    with pytest.raises(ValueError, match=r"squeeze_channels: expected at least 2 .* got \(128,\)"):
+        HPNLearner([2, 3, 1], squeeze_channels=(128,), kernel_sizes=((3,),) * 3, support_strides=((2,),) * 3)
     with pytest.raises(ValueError, match=r"support_strides: expected 3 blocks .* of 2 positive ints"):
         HPNLearner([2, 3, 1], squeeze_channels=(8, 16), kernel_sizes=((3, 3),) * 3, support_strides=((2,),) * 3)
