@@ -294,6 +294,14 @@ def compute_loss(logits: torch.Tensor, query_mask: torch.Tensor,
         logits ``[B, 2, H, W]``; query_mask ``[B, H, W]`` with values in {0, 1} (PASCAL boundary pixels
         are background here, as in the original: no ignore index). Returns a 0-dim float32 tensor.
     """
+    _check_logits_and_mask(logits, query_mask)
+    if episode_weights is None:
+        return F.cross_entropy(logits.float(), query_mask.long())
+    per_episode = F.cross_entropy(logits.float(), query_mask.long(), reduction="none").flatten(1).mean(dim=1)
+    return (per_episode * episode_weights.to(per_episode)).sum()
+
+
+def _check_logits_and_mask(logits: torch.Tensor, query_mask: torch.Tensor) -> None:
     if logits.dim() != 4 or logits.shape[1] != 2:
         raise ValueError(f"logits: expected shape [B, 2, H, W], got {tuple(logits.shape)}")
     if query_mask.shape != (logits.shape[0], *logits.shape[2:]):
@@ -306,16 +314,14 @@ def compute_loss(logits: torch.Tensor, query_mask: torch.Tensor,
         raise ValueError(f"query_mask: expected values 0 (background) and 1 (object) only, found "
                          f"{values[:6].tolist()}{' ...' if values.numel() > 6 else ''}; a 0/255 mask needs "
                          "(mask > 0), a soft one thresholding")
-    if episode_weights is None:
-        return F.cross_entropy(logits.float(), query_mask.long())
-    per_episode = F.cross_entropy(logits.float(), query_mask.long(), reduction="none").flatten(1).mean(dim=1)
-    return (per_episode * episode_weights.to(per_episode)).sum()
 
 
 def _own_loss(loss_fn, logits: torch.Tensor, query_mask: torch.Tensor,
               episode_weights: torch.Tensor | None) -> torch.Tensor:
-    """A caller's per-episode loss, reduced as :func:`compute_loss` reduces the original's."""
-    per_episode = loss_fn(logits, query_mask)
+    """A caller's per-episode loss, reduced as :func:`compute_loss` reduces the original's: given the same
+    checked inputs (float32 logits, also under autocast; a 0/1 mask)."""
+    _check_logits_and_mask(logits, query_mask)
+    per_episode = loss_fn(logits.float(), query_mask)
     if not isinstance(per_episode, torch.Tensor) or per_episode.shape != (logits.shape[0],):
         got = list(per_episode.shape) if isinstance(per_episode, torch.Tensor) else type(per_episode).__name__
         raise ValueError(f"loss_fn: expected each episode's loss, a tensor [B] = [{logits.shape[0]}], got {got}")
@@ -563,7 +569,9 @@ def backbone_fingerprint(model: torch.nn.Module) -> str:
 def _load_trainable_state(model: torch.nn.Module, state: dict, path) -> None:
     if state.get("backbone_sha256") != backbone_fingerprint(model):
         raise ValueError(f"resume: the backbone differs from the one {path} was trained with (other "
-                         "--backbone-weights or ImageNet weights file?); resume with the same weights")
+                         "--backbone-weights or ImageNet weights file?); resume with the same weights. (For a model "
+                         "that trains its backbone: a last.pt that an older hypertriton, from before last.pt kept the "
+                         "trained backbone, resumed and saved holds the wrong fingerprint and cannot be resumed.)")
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
     missing = [key for key in missing if not key.startswith(FROZEN_PREFIX)]
     if missing or unexpected:
@@ -649,7 +657,8 @@ def train(config: TrainConfig, *, model: torch.nn.Module | None = None, train_da
             callable to pass on to ``evaluate(stop_requested=...)``, as the default one does), else it
             runs to its end there.
         loss_fn: ``loss_fn(logits [B, 2, H, W], query_mask [B, H, W]) -> [B]``, each episode's loss,
-            instead of the original's cross-entropy (:func:`compute_loss`); the step takes their mean
+            instead of the original's cross-entropy (:func:`compute_loss`), given float32 logits (also
+            under autocast) and a mask checked to hold 0 and 1; the step takes their mean
             (under torchrun the sampler's padding episodes weigh 0). Not saved: pass it again to resume.
 
     Returns:
@@ -662,6 +671,9 @@ def train(config: TrainConfig, *, model: torch.nn.Module | None = None, train_da
     """
     refuse_while_a_spawned_process_imports("train()")
     config.validate()
+    for name, value in (("loss_fn", loss_fn), ("validate_fn", validate_fn), ("on_step", on_step)):
+        if value is not None and not callable(value):
+            raise TypeError(f"{name}: expected a callable or None, got {type(value).__name__}")
     created_group = not hdist.is_distributed()
     ctx = hdist.init_distributed(config.device)
     try:

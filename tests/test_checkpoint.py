@@ -391,6 +391,16 @@ def test_bundle_refuses_settings_it_cannot_record_truthfully(trained_run, capsys
     assert re.search(message, err) and err.rstrip().endswith("nothing was written") and "Traceback" not in err
 
 
+def test_bundle_refuses_a_backbone_of_no_known_kind(trained_run, capsys):
+    # Its keys decide nothing known, but they are a backbone's: bundled as the config's resnet18, the file
+    # then failed to load on 102 missing keys.
+    state = torch.load(trained_run / "best_model.pt", weights_only=True)
+    state["module.backbone.stem.weight"] = torch.ones(8, 3, 3, 3)
+    torch.save(state, trained_run / "best_model.pt")
+    assert _bundle(trained_run) == (2, None)
+    assert "its 'backbone.*' keys are none of" in capsys.readouterr().err
+
+
 def test_loading_a_checkpoint_leaves_the_global_generator_alone(resnet18_file, monkeypatch):
     """Nothing is drawn, and the state is not saved and restored either: a restore would rewind the draws
     other threads made meanwhile (a data thread repeating its random crops)."""

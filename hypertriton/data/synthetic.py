@@ -606,8 +606,10 @@ def _bundle(args) -> int:
         return refuse(f"fold {fold!r} ({origins['fold']}) is not an integer >= 0; pass --fold")
     try:
         from_keys = infer_backbone(state_dict)
-    except CheckpointError:  # e.g. a learner-only file: the keys do not decide, so the given name stands
-        from_keys = backbone
+    except CheckpointError as error:
+        if any(key.startswith("backbone.") for key in state_dict):  # a backbone of no known kind: no bundle
+            return refuse(str(error))
+        from_keys = backbone  # a learner-only file: the keys do not decide, so the given name stands
     if backbone != from_keys:
         return refuse(f"backbone {backbone!r} ({origins['backbone']}) does not fit {args.checkpoint!r}, whose keys "
                       f"are those of {from_keys!r}, so the bundle could not be loaded; pass --backbone {from_keys}")
