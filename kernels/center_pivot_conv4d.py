@@ -499,9 +499,10 @@ def _center_pivot_conv4d_grad_weight_kernel(
 def _from_taps(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """fp32 ``[KH*KW, Cout, Cin]`` -> ``[Cout, Cin, KH, KW]`` in ``weight``'s dtype."""
     cout, cin, kh, kw = weight.shape
-    # A copy always: for 1x1 kernels the permuted view is already contiguous, and both weight gradients
-    # were then views of one buffer, which a custom op may not return (it raised).
-    return grad.view(kh, kw, cout, cin).permute(2, 3, 0, 1).to(weight.dtype, copy=True).contiguous()
+    # Into a tensor of its own, in one copy: for 1x1 kernels the permuted view is already contiguous, and
+    # both weight gradients were then views of one buffer, which a custom op may not return (it raised).
+    out = torch.empty((cout, cin, kh, kw), dtype=weight.dtype, device=grad.device)
+    return out.copy_(grad.view(kh, kw, cout, cin).permute(2, 3, 0, 1))
 
 
 MIN_SPLIT = 4096  # reduction elements per split of the weight gradient at least

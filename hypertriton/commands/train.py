@@ -52,10 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone-weights", metavar="FILE", help="torchvision ImageNet weights file for the "
                         "backbone (default: torch hub's cache, downloaded if missing)")
     parser.add_argument("--backend", help="hypertriton op backend (triton, torch, reference; default: automatic)")
-    parser.add_argument("--datapath", metavar="DIR", help="data root holding VOC2012/, COCO2014/ or FSS-1000/ (required for "
-                        "pascal, coco and fss)")
-    parser.add_argument("--splits", metavar="DIR", help="folder with the original split files (pascal/, coco/, fss/; required "
-                        "for pascal, coco and fss)")
+    parser.add_argument("--datapath", metavar="DIR", help="data root holding VOC2012/, COCO2014/ or FSS-1000/ "
+                        "(required for pascal, coco and fss)")
+    parser.add_argument("--splits", metavar="DIR", help="folder with the original split files (pascal/, coco/, "
+                        "fss/; required for pascal, coco and fss)")
     parser.add_argument("--logpath", metavar="DIR", help="output folder for checkpoints and logs "
                         "(default: logs/<benchmark>-fold<fold>-<backbone>)")
     parser.add_argument("--epochs", type=_positive_int, default=_DEFAULTS.epochs,
