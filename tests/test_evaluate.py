@@ -438,6 +438,7 @@ def test_cli_with_a_real_tiny_model(tmp_path):
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["backbone"] == "resnet18" and result["episodes"] == 2
     assert list(result["per_class_iou"]) == ["760", "761"]
+    assert result["class_names"] == {"760": "bus", "761": "cat"}  # the FSS-1000 folders
     # the two first episodes are both of class 760 ("bus/1.jpg", "bus/10.jpg"); 761 never seen counts 0
     assert result["per_class_iou"]["761"] == 0.0
     assert result["miou"] == pytest.approx(result["per_class_iou"]["760"] / 2)

@@ -26,6 +26,12 @@ from hypertriton.commands import print_error
 __all__ = ["add_arguments", "run"]
 
 
+def _class_name(dataset, class_id: int) -> str | None:
+    """The dataset's name for ``class_id`` (None where its files give none: COCO)."""
+    name_of = getattr(dataset, "class_name", None)
+    return name_of(class_id) if callable(name_of) else None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--benchmark", required=True, choices=["pascal", "coco", "fss", "synthetic"])
     parser.add_argument("--fold", type=int, default=0, help="0..3 (ignored for fss; default: %(default)s)")
@@ -179,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
                     "use_original_imgsize": args.use_original_imgsize, "amp": args.amp, "episodes": result["episodes"],
                     "miou": result["miou"], "fb_iou": result["fb_iou"],
                     "per_class_iou": {str(c): v for c, v in result["per_class_iou"].items()},
+                    "class_names": {str(c): _class_name(dataset, c) for c in result["per_class_iou"]},
                     "classes_evaluated": result["classes_evaluated"],
                     "miou_of_evaluated_classes": result["miou_of_evaluated_classes"],
                 }, args.json)
