@@ -147,9 +147,8 @@ def infer_backbone(state_dict: Mapping[str, torch.Tensor]) -> str:
     if any(key.startswith("backbone.") for key in state_dict):
         sample = [key for key in state_dict if key.startswith("backbone.")][:3]
         raise CheckpointError(f"checkpoint: its 'backbone.*' keys are none of {sorted(BACKBONES)}'s (such as "
-                              f"{sample}); a model with a backbone of its own loads into the model built the same "
-                              "way: HSNet(module, spec=...), then hypertriton.checkpoint.load_into(model, "
-                              "strip_prefix(read_state_dict(path)))")
+                              f"{sample}); a model with a backbone of its own loads with that module and its spec: "
+                              "HSNet.from_checkpoint(path, backbone=module, spec=BackboneSpec(...))")
     key = "hpn_learner.encoder_layer{}.0.conv1.weight"
     if all(key.format(level) in state_dict for level in (4, 3, 2)):
         inch = tuple(int(state_dict[key.format(level)].shape[1]) for level in (4, 3, 2))

@@ -440,7 +440,9 @@ class HSNet(nn.Module):
         Args:
             source: path of the file, or a state_dict; keys may carry DataParallel's ``module.``
                 prefix; tensors saved on a GPU load on the CPU.
-            backbone: the backbone name; inferred from the keys when None.
+            backbone: the backbone name; inferred from the keys when None. A backbone module of one's own
+                (with ``spec=`` among ``kwargs``, as for :class:`HSNet`) receives the file's backbone
+                weights; what it holds outside its state_dict (non-persistent buffers) is kept.
             backend: as for :class:`HSNet`.
             strict: when False, weights missing from the checkpoint keep their initial values
                 (e.g. a learner-only file with ``pretrained=True``).
@@ -462,7 +464,10 @@ class HSNet(nn.Module):
             # would rewind what other threads drew meanwhile).
             with torch.device("meta"):
                 model = cls(name, backend=backend, **kwargs)
-            model = model.to_empty(device="cpu")
+            if isinstance(name, nn.Module):  # real already: emptied, its non-persistent buffers would be garbage
+                model.hpn_learner.to_empty(device="cpu")
+            else:
+                model = model.to_empty(device="cpu")
             for buffer_name, buffer in model.named_buffers():
                 if buffer_name.endswith("num_batches_tracked"):  # a file may lack them: 0, as a new model's
                     buffer.zero_()

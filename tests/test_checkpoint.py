@@ -75,9 +75,10 @@ def test_a_backbone_of_ones_own_is_not_taken_for_a_known_one_and_the_way_to_load
         def __init__(self):
             super().__init__()
             self.features = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=8, padding=1)))
+            self.register_buffer("offset", torch.full((1, 4, 1, 1), 0.5), persistent=False)  # not in the file
 
         def forward(self, img):
-            x = self.features(img)
+            x = self.features(img) + self.offset
             return [x] * 6
 
     spec = BackboneSpec("tiny", "custom", (4,) * 6, (2, 2, 2), (8, 8, 8))
@@ -85,12 +86,16 @@ def test_a_backbone_of_ones_own_is_not_taken_for_a_known_one_and_the_way_to_load
     path = tmp_path / "mine.pt"
     model.save_checkpoint(path)
     with pytest.raises(ckpt.CheckpointError, match=r"its 'backbone.\*' keys are none of .* "
-                                                   r"HSNet\(module, spec=...\), then hypertriton.checkpoint.load_into"):
+                                                   r"HSNet.from_checkpoint\(path, backbone=module, spec="):
         HSNet.from_checkpoint(path)
-    again = HSNet(Tiny(), spec=spec, backend="torch")
-    ckpt.load_into(again, ckpt.strip_prefix(ckpt.read_state_dict(path)))
+    torch.manual_seed(1)
+    again = HSNet.from_checkpoint(path, backbone=Tiny(), spec=spec, backend="torch")
     for key, value in model.state_dict().items():
         assert torch.equal(again.state_dict()[key], value), key
+    assert torch.equal(again.backbone.offset, torch.full((1, 4, 1, 1), 0.5))  # kept, not emptied
+    query, support, mask = torch.randn(2, 1, 3, 64, 64)[0], torch.randn(1, 3, 64, 64), torch.ones(1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(again(query, support, mask), model.eval()(query, support, mask))
 
 
 @pytest.mark.parametrize("backbone", ["resnet50", "resnet101", "vgg16", "resnet18", "resnet34"])
