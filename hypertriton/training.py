@@ -801,8 +801,8 @@ def _train(config: TrainConfig, ctx: hdist.DistributedContext, model, train_data
 
     if ctx.is_main:
         # What a writer killed mid-save left (a best_model.pt's temporary is the whole model, and is otherwise
-        # removed only by the next best, which may never come).
-        for name in (LAST_CHECKPOINT, BEST_CHECKPOINT, "config.json"):
+        # removed only by the next best, which may never come; last.pt's go at its first save).
+        for name in (BEST_CHECKPOINT, "config.json"):
             remove_stale_temporaries(logdir / name)
     log = _RunLog(logdir, ctx.is_main, config.tensorboard, resumed_at=global_step if state is not None else None)
     try:  # (the loop's own try closes it from there on)

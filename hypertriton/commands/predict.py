@@ -270,7 +270,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-_OUTPUT_SUFFIXES = ("_mask", "_overlay")
+_OUTPUT_SUFFIXES = ("_mask", "_overlay")  # what a query NAME writes: NAME_mask.png, NAME_overlay.png
 
 
 def _count(number: int, singular: str, plural: str | None = None) -> str:
@@ -279,7 +279,7 @@ def _count(number: int, singular: str, plural: str | None = None) -> str:
 
 def _targets(out: Path, stem: str, with_overlay: bool) -> list[Path]:
     """The files a query named ``stem`` writes: its mask, then (``with_overlay``) its overlay."""
-    return [out / f"{stem}_mask.png"] + ([out / f"{stem}_overlay.png"] if with_overlay else [])
+    return [out / f"{stem}{suffix}.png" for suffix in _OUTPUT_SUFFIXES[:2 if with_overlay else 1]]
 
 
 def _name_limit(folder: Path) -> int:
